@@ -1,0 +1,157 @@
+"""Node configuration: one frozen dataclass, defaults in one place.
+
+A node is configured from an INI-style file (``ops/nodes/*.conf``), command
+line flags, or both (flags win). Every timeout lives here, and ``validate``
+checks that they fit together as SPEC section 6 requires:
+
+* a backup suspects a silent primary after ``suspect_timeout``;
+* an election then takes at most about ``election_timeout``;
+* a backup counts itself confirmed in the sync set for ``confirm_window`` after
+  the last frame from the primary naming it, which is ``sync_timeout`` minus
+  ``safety_margin``: the primary drops a silent backup only after
+  ``sync_timeout``, so a backup that believes it is a member really is one;
+* suspicion plus election must end inside the confirm window, or a frozen
+  primary would leave nobody eligible to take over (R5).
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import InvalidInput
+
+
+@dataclass(frozen=True)
+class Peer:
+    node_id: int
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"not a HOST:PORT address: {text!r}")
+    return host, int(port)
+
+
+def parse_peers(text: str) -> tuple[Peer, ...]:
+    """Parse ``1=127.0.0.1:7001,2=127.0.0.1:7002``."""
+    peers = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        node, sep, address = item.partition("=")
+        if not sep or not node.strip().isdigit():
+            raise InvalidInput(f"not a NODE=HOST:PORT entry: {item!r}")
+        host, port = parse_address(address)
+        peers.append(Peer(int(node), host, port))
+    return tuple(peers)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: int
+    data_dir: Path
+    # Every node of the cluster, this one included: its own entry is its listen address.
+    nodes: tuple[Peer, ...]
+    secret_file: Path
+    # FULL: a commit is on disk before it is acknowledged, even if the power fails.
+    # NORMAL keeps WAL consistency but may lose the last commits on power loss.
+    synchronous: str = "FULL"
+    heartbeat_interval: float = 0.1
+    suspect_timeout: float = 0.6
+    election_timeout: float = 0.3
+    sync_timeout: float = 1.5
+    safety_margin: float = 0.3
+    # A tick later than this after the previous one means the node was frozen.
+    clock_gap: float = 0.5
+    log_retention: int = 100_000
+    max_batch: int = 512
+    max_frame: int = 8 * 1024 * 1024
+    idle_client_timeout: float = 300.0
+    handshake_timeout: float = 5.0
+    extra: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @property
+    def confirm_window(self) -> float:
+        return self.sync_timeout - self.safety_margin
+
+    @property
+    def me(self) -> Peer:
+        for peer in self.nodes:
+            if peer.node_id == self.node_id:
+                return peer
+        raise InvalidInput(f"node {self.node_id} is not in the node list")
+
+    @property
+    def peers(self) -> tuple[Peer, ...]:
+        return tuple(p for p in self.nodes if p.node_id != self.node_id)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "chat.db"
+
+    def validate(self) -> NodeConfig:
+        ids = [p.node_id for p in self.nodes]
+        if len(set(ids)) != len(ids):
+            raise InvalidInput("node ids must be unique")
+        self.me  # noqa: B018  (raises when this node is missing from the list)
+        if self.synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise InvalidInput("synchronous must be FULL, EXTRA or NORMAL")
+        if self.confirm_window <= self.suspect_timeout + self.election_timeout:
+            raise InvalidInput(
+                "timeouts do not fit: suspect_timeout + election_timeout must be less "
+                "than sync_timeout - safety_margin"
+            )
+        if self.heartbeat_interval * 3 > self.suspect_timeout:
+            raise InvalidInput("suspect_timeout must be at least three heartbeats")
+        if self.log_retention < 1 or self.max_batch < 1:
+            raise InvalidInput("log_retention and max_batch must be positive")
+        return self
+
+
+_FLOAT_FIELDS = {f.name for f in dataclasses.fields(NodeConfig) if f.type in ("float", float)}
+_INT_FIELDS = {f.name for f in dataclasses.fields(NodeConfig) if f.type in ("int", int)}
+
+
+def load(path: Path | None, overrides: dict[str, str]) -> NodeConfig:
+    """Build a config from an INI file's ``[node]`` section and flag overrides."""
+    values: dict[str, str] = {}
+    base = Path.cwd()
+    if path is not None:
+        parser = configparser.ConfigParser()
+        if not parser.read(path):
+            raise InvalidInput(f"cannot read config file {path}")
+        values.update(parser["node"] if parser.has_section("node") else {})
+        base = path.parent
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        kwargs: dict[str, object] = {
+            "node_id": int(values.pop("node_id")),
+            "data_dir": base / values.pop("data_dir"),
+            "nodes": parse_peers(values.pop("nodes")),
+        }
+    except KeyError as missing:
+        raise InvalidInput(f"missing setting {missing}") from None
+    except ValueError as bad:
+        raise InvalidInput(f"bad setting: {bad}") from None
+    kwargs["secret_file"] = base / values.pop("secret_file", "cluster.secret")
+    for name, text in values.items():
+        try:
+            if name in _FLOAT_FIELDS:
+                kwargs[name] = float(text)
+            elif name in _INT_FIELDS:
+                kwargs[name] = int(text)
+            elif name == "synchronous":
+                kwargs[name] = text.upper()
+            else:
+                raise InvalidInput(f"unknown setting {name!r}")
+        except ValueError:
+            raise InvalidInput(f"bad value for {name}: {text!r}") from None
+    return NodeConfig(**kwargs).validate()  # type: ignore[arg-type]

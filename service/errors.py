@@ -1,0 +1,131 @@
+"""The error tree of the service, with stable wire codes.
+
+Every failure a user or a peer can see is one of these classes. Each has a
+stable ``code`` (sent in error frames, documented in ``service/PROTOCOL.md``),
+a ``retriable`` flag (a client may send the same request again, with the same
+request id, and expect a different outcome) and the ``chatctl`` exit status it
+maps to. Exceptions from libraries (apsw, asyncio, json) are translated into
+this tree at the boundary where they occur; a traceback never reaches a user.
+
+    ChatError
+    ├── Refused                       exit 1: the service said no
+    │   ├── InvalidInput   invalid        a field has the wrong type, size or characters
+    │   ├── AuthFailed     auth_failed    bad credentials, unknown or ended session
+    │   ├── NotFound       not_found      no such user or message
+    │   ├── Conflict       conflict       the name is taken, the request id was reused
+    │   └── Gone           gone           the account was deleted
+    ├── Unavailable        unavailable    retriable: no primary yet, or writes waiting
+    │   └── NotPrimary     not_primary    retriable: ask the primary (``primary`` field)
+    ├── ProtocolViolation  protocol       the peer broke the wire protocol
+    │   └── FrameTooLarge  too_large      a frame longer than the maximum
+    └── Internal           internal       a bug or a storage failure on the node
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+EXIT_OK = 0
+EXIT_REFUSED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+class ChatError(Exception):
+    """Base of every error the service reports."""
+
+    code: ClassVar[str] = "internal"
+    retriable: ClassVar[bool] = False
+    exit_code: ClassVar[int] = EXIT_REFUSED
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_wire(self) -> dict[str, Any]:
+        """The fields of an error frame (without ``type`` and ``request_id``)."""
+        body: dict[str, Any] = {
+            "code": self.code,
+            "message": self.message,
+            "retriable": self.retriable,
+        }
+        body.update(self.details)
+        return body
+
+
+class Refused(ChatError):
+    code = "refused"
+
+
+class InvalidInput(Refused):
+    code = "invalid"
+
+
+class AuthFailed(Refused):
+    code = "auth_failed"
+
+
+class NotFound(Refused):
+    code = "not_found"
+
+
+class Conflict(Refused):
+    code = "conflict"
+
+
+class Gone(Refused):
+    code = "gone"
+
+
+class Unavailable(ChatError):
+    code = "unavailable"
+    retriable = True
+    exit_code = EXIT_UNAVAILABLE
+
+
+class NotPrimary(Unavailable):
+    """Sent by a backup or an electing node; ``primary`` names the primary if known."""
+
+    code = "not_primary"
+
+
+class ProtocolViolation(ChatError):
+    code = "protocol"
+
+
+class FrameTooLarge(ProtocolViolation):
+    code = "too_large"
+
+
+class Internal(ChatError):
+    code = "internal"
+
+
+_BY_CODE: dict[str, type[ChatError]] = {
+    cls.code: cls
+    for cls in (
+        Refused,
+        InvalidInput,
+        AuthFailed,
+        NotFound,
+        Conflict,
+        Gone,
+        Unavailable,
+        NotPrimary,
+        ProtocolViolation,
+        FrameTooLarge,
+        Internal,
+    )
+}
+
+
+def from_wire(frame: dict[str, Any]) -> ChatError:
+    """Rebuild the exception an error frame describes (unknown codes become Internal)."""
+    cls = _BY_CODE.get(str(frame.get("code")), Internal)
+    details = {
+        k: v
+        for k, v in frame.items()
+        if k not in ("type", "request_id", "code", "message", "retriable")
+    }
+    return cls(str(frame.get("message", "unknown error")), **details)

@@ -1,0 +1,319 @@
+"""The wire protocol: frames, the hello handshake, and message shapes. No I/O.
+
+Theory of operation
+-------------------
+A connection carries *frames*: a 4-byte big-endian unsigned length N followed
+by N bytes of UTF-8 JSON encoding one object with a string field ``type``.
+N is at most the node's ``max_frame`` (default 8 MiB); a longer length is a
+protocol violation and the connection is closed after an error frame.
+
+The server speaks first with ``hello`` (its version range and a random
+nonce). The dialer answers with ``hello`` naming the version it chose and its
+role: ``client`` for users, ``peer`` for another node, which must prove it
+holds the cluster secret with an HMAC over the server's nonce. The server
+answers ``welcome`` (for a peer, with its own HMAC over the dialer's nonce, so
+both sides are authenticated) or an error frame, and closes on error.
+
+After the handshake a client sends ``request`` frames, each with a
+client-chosen ``request_id`` that the reply echoes. For writes the request id
+is also the idempotency key: a retry with the same id returns the first
+result. Replies are ``reply`` or ``error`` frames; a ``listen`` request is
+followed by any number of ``message`` frames carrying the same request id.
+
+The full text, with every operation and error code, is ``PROTOCOL.md``.
+
+Invariants
+----------
+* ``FrameDecoder`` never raises for a short read: it buffers until a frame is
+  whole, so input split at any offset decodes to the same frames.
+* Decoding bad bytes raises ``ProtocolViolation`` (the peer broke the
+  protocol); encoding a bad object raises ``TypeError`` (we did).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import struct
+from typing import Any
+
+from .errors import FrameTooLarge, ProtocolViolation
+
+PROTOCOL_MIN_VERSION = 1
+PROTOCOL_MAX_VERSION = 1
+SERVICE_NAME = "replicated-chat"
+DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+HEADER = struct.Struct(">I")
+
+Frame = dict[str, Any]
+
+# Client operations. Writes are replicated and idempotent by request id.
+WRITE_OPS = frozenset(
+    {
+        "register",
+        "login",
+        "logout",
+        "send",
+        "read",
+        "mark_read",
+        "delete_messages",
+        "delete_account",
+    }
+)
+READ_OPS = frozenset({"whoami", "search", "status", "listen"})
+CLIENT_OPS = WRITE_OPS | READ_OPS
+MAX_REQUEST_ID = 64
+
+
+def encode_frame(frame: Frame) -> bytes:
+    """Serialise one frame; raises TypeError if it is not JSON-encodable."""
+    if not isinstance(frame.get("type"), str):
+        raise TypeError("a frame needs a string 'type'")
+    body = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+    return HEADER.pack(len(body)) + body
+
+
+def decode_body(body: bytes) -> Frame:
+    try:
+        frame = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise ProtocolViolation("frame is not valid UTF-8 JSON") from None
+    if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
+        raise ProtocolViolation("frame is not a JSON object with a string 'type'")
+    return frame
+
+
+class FrameDecoder:
+    """Bytes in, frames out. Keeps partial input between calls."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        self.max_frame = max_frame
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buffer += data
+        frames: list[Frame] = []
+        while len(self._buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer)
+            if length > self.max_frame:
+                raise FrameTooLarge(
+                    f"frame of {length} bytes exceeds the maximum of {self.max_frame}"
+                )
+            end = HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            body = bytes(self._buffer[HEADER.size : end])
+            del self._buffer[:end]
+            frames.append(decode_body(body))
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buffer)
+
+
+# ---- handshake ---------------------------------------------------------------------
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def server_hello(node_id: int, nonce: str) -> Frame:
+    return {
+        "type": "hello",
+        "service": SERVICE_NAME,
+        "min_version": PROTOCOL_MIN_VERSION,
+        "max_version": PROTOCOL_MAX_VERSION,
+        "node": node_id,
+        "nonce": nonce,
+    }
+
+
+def choose_version(hello: Frame) -> int:
+    """The version a dialer uses with a server that sent ``hello``."""
+    if hello.get("type") != "hello" or hello.get("service") != SERVICE_NAME:
+        raise ProtocolViolation("the server did not greet with a chat hello")
+    low, high = hello.get("min_version"), hello.get("max_version")
+    if not isinstance(low, int) or not isinstance(high, int):
+        raise ProtocolViolation("hello without a version range")
+    version = min(high, PROTOCOL_MAX_VERSION)
+    if version < max(low, PROTOCOL_MIN_VERSION):
+        raise ProtocolViolation(f"no common protocol version (server speaks {low}..{high})")
+    return version
+
+
+def client_hello(version: int) -> Frame:
+    return {"type": "hello", "version": version, "role": "client"}
+
+
+def peer_mac(secret: bytes, purpose: str, nonce: str, sender: int, receiver: int) -> str:
+    message = f"{purpose}|{nonce}|{sender}|{receiver}".encode()
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def peer_hello(
+    version: int, secret: bytes, server_nonce: str, me: int, server: int, my_nonce: str
+) -> Frame:
+    return {
+        "type": "hello",
+        "version": version,
+        "role": "peer",
+        "node": me,
+        "nonce": my_nonce,
+        "mac": peer_mac(secret, "peer-hello", server_nonce, me, server),
+    }
+
+
+def check_peer_hello(frame: Frame, secret: bytes, server_nonce: str, me: int) -> int:
+    """Return the dialing node's id if its MAC proves it holds the cluster secret."""
+    node, mac = frame.get("node"), frame.get("mac")
+    if not isinstance(node, int) or not isinstance(mac, str):
+        raise ProtocolViolation("peer hello needs 'node' and 'mac'")
+    expected = peer_mac(secret, "peer-hello", server_nonce, node, me)
+    if not hmac.compare_digest(mac, expected):
+        raise ProtocolViolation("peer hello failed authentication")
+    if not isinstance(frame.get("nonce"), str):
+        raise ProtocolViolation("peer hello needs a 'nonce'")
+    return node
+
+
+def check_peer_welcome(frame: Frame, secret: bytes, my_nonce: str, me: int, server: int) -> None:
+    mac = frame.get("mac")
+    expected = peer_mac(secret, "peer-welcome", my_nonce, server, me)
+    if frame.get("type") != "welcome" or not isinstance(mac, str):
+        raise ProtocolViolation("peer was not welcomed")
+    if not hmac.compare_digest(mac, expected):
+        raise ProtocolViolation("peer welcome failed authentication")
+
+
+# ---- client frames -----------------------------------------------------------------
+
+
+def request(op: str, request_id: str, args: dict[str, Any], token: str | None = None) -> Frame:
+    frame: Frame = {"type": "request", "request_id": request_id, "op": op, "args": args}
+    if token is not None:
+        frame["token"] = token
+    return frame
+
+
+def reply(request_id: str, result: dict[str, Any]) -> Frame:
+    return {"type": "reply", "request_id": request_id, "result": result}
+
+
+def error(request_id: str | None, body: dict[str, Any]) -> Frame:
+    return {"type": "error", "request_id": request_id, **body}
+
+
+def event(request_id: str, message: dict[str, Any]) -> Frame:
+    return {"type": "message", "request_id": request_id, "message": message}
+
+
+def parse_request(frame: Frame) -> tuple[str, str, dict[str, Any], str | None]:
+    """Validate the envelope of a client request: (request_id, op, args, token)."""
+    if frame.get("type") != "request":
+        raise ProtocolViolation(f"unexpected frame type {frame.get('type')!r}")
+    request_id = frame.get("request_id")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID:
+        raise ProtocolViolation("request_id must be a string of 1 to 64 characters")
+    op = frame.get("op")
+    if not isinstance(op, str):
+        raise ProtocolViolation("request needs a string 'op'")
+    args = frame.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolViolation("'args' must be an object")
+    token = frame.get("token")
+    if token is not None and not isinstance(token, str):
+        raise ProtocolViolation("'token' must be a string")
+    return request_id, op, args, token
+
+
+# ---- binary fields -----------------------------------------------------------------
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: object) -> bytes:
+    if not isinstance(text, str):
+        raise ProtocolViolation("expected a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ProtocolViolation("invalid base64") from None
+
+
+# ---- node-to-node messages ---------------------------------------------------------
+#
+# Each peer message is a frame whose ``type`` names it; PEER_SCHEMAS lists the
+# required fields and their JSON types. ``parse_peer_message`` checks a frame
+# against it, so the replication core only ever sees well-formed messages.
+# Positions are [epoch, seq]; records are [epoch, seq, base64 changeset].
+
+_INT = (int,)
+_LIST = (list,)
+_DICT = (dict,)
+_BOOL = (bool,)
+_STR = (str,)
+_OPT_INT = (int, type(None))
+
+PEER_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
+    # primary -> backup: records (possibly none: a heartbeat) and the primary's view
+    "append": {
+        "epoch": _INT,
+        "seq": _INT,
+        "watermark": _INT,
+        "records": _LIST,
+        "sync_set": _DICT,
+        "in_sync": _LIST,
+        "echo": _INT,
+    },
+    # backup -> primary: durable position, numbered so the primary can echo it
+    "ack": {"epoch": _INT, "seq": _INT, "ack_no": _INT},
+    # backup -> primary: where my history stands, before any record is streamed
+    "join": {"epoch": _INT, "position": _LIST, "history": _LIST},
+    # primary -> backup: keep records up to ``diverge``, rewind the rest, or take a snapshot
+    "join_reply": {"epoch": _INT, "diverge": _INT, "snapshot": _BOOL},
+    # primary -> backup: one chunk of a snapshot file
+    "snapshot": {"epoch": _INT, "position": _LIST, "offset": _INT, "data": _STR, "done": _BOOL},
+    # any -> stale sender: my epoch is higher than yours
+    "reject": {"epoch": _INT},
+    # electing node -> all: who is there, and what do you know?
+    "probe": {"epoch": _INT, "round": _INT},
+    "probe_reply": {
+        "epoch": _INT,
+        "round": _INT,
+        "role": _STR,
+        "primary": _OPT_INT,
+        "position": _LIST,
+        "eligible": _BOOL,
+        "sync_set": _DICT,
+    },
+    "vote_request": {"epoch": _INT, "position": _LIST, "force": _BOOL},
+    "vote": {"epoch": _INT, "granted": _BOOL, "reason": _STR},
+    # operator tool -> node: become primary even though R5/R6 do not allow it
+    "force_promote": {},
+}
+
+
+def parse_peer_message(frame: Frame) -> Frame:
+    """Check a peer frame against its schema; raises ProtocolViolation."""
+    kind = frame.get("type")
+    schema = PEER_SCHEMAS.get(kind) if isinstance(kind, str) else None
+    if schema is None:
+        raise ProtocolViolation(f"unknown peer message type {kind!r}")
+    for name, types in schema.items():
+        value = frame.get(name)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ProtocolViolation(f"peer message {kind!r} has a bad field {name!r}")
+    for name in ("position",):
+        if name in schema:
+            pair = frame[name]
+            if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
+                raise ProtocolViolation(f"peer message {kind!r} has a bad position")
+    return frame

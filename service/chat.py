@@ -1,0 +1,599 @@
+"""The chat rules (SPEC section 3) as deterministic functions over a storage ``Db``.
+
+Theory of operation
+-------------------
+Nothing here touches sockets, clocks or apsw. The server passes the time
+(``now``), and a write operation's whole effect is the rows it changes inside
+the primary's batch, so every node ends with the same rows whatever order it
+learns of them in. Work that must not hold the single writer is split out:
+the server hashes and verifies passwords (``hash_password``; ``verify_login``
+on the answer of ``user_auth``, which costs the same for an unknown user) in a
+thread, and makes session tokens (``new_token``), then calls the write
+operation with the hashes only.
+
+Write operations go through ``apply_write``, which makes them idempotent: the
+first result of a request id is stored in ``requests`` in the same transaction
+as the change, and a retry with the same id (after a timeout or a failover)
+returns it and changes nothing more. Arguments are checked strictly: a missing
+field, a field of the wrong type or an unknown field is ``InvalidInput``, never
+a ``KeyError`` or ``TypeError``. A failed operation raises; the caller rolls
+back its savepoint, so nothing of it, not even the request id, is stored.
+
+Decisions a user can see
+------------------------
+* Sending to yourself is allowed: a note to self lands in your own inbox.
+* ``read`` lists newest first unless ``oldest_first``; ``limit`` takes the
+  first messages of that order within the ``before``/``after`` id range. Each
+  message's ``read`` says whether it had been read *before* this request, so a
+  client can mark the new ones; the inbox messages shown are then marked read.
+  ``unread`` keeps the messages their recipient has not read yet.
+* A deleted message, or one that never existed, is "not found" to a later
+  delete; all the ids of one request are deleted or none is.
+* ``mark_read`` quietly skips ids that are not the caller's unread messages
+  (``listen`` marks what it showed, and a message may have been deleted since).
+* A search with no pattern, or an empty one, lists every account.
+
+Invariants
+----------
+* Tokens and passwords are stored only as hashes.
+* A user name's ``name_key`` (lower case) is unique over every account ever
+  made, deleted ones included, so a name is never reused.
+* Message ids come from the replicated ``messages`` table (``max + 1``) and a
+  deleted message stays as a tombstone (empty body, ``deleted_at`` set), so ids
+  are never reused and catch-up never brings a deleted message back.
+* A stored request can be replayed only by the caller that made it (the same
+  session, or for ``register``/``login`` the same user name), so a guessed
+  request id reveals nothing and cannot take over another user's login.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import unicodedata
+from collections.abc import Callable
+from typing import Any
+
+from .errors import AuthFailed, Conflict, Gone, Internal, InvalidInput, NotFound
+from .protocol import MAX_REQUEST_ID
+from .storage import ConstraintViolation, Db
+
+MAX_USERNAME = 50
+MIN_PASSWORD, MAX_PASSWORD = 8, 256
+MAX_BODY = 4000
+MAX_PATTERN = 100
+MAX_LIMIT = 1000
+MAX_IDS = 1000
+DEFAULT_READ_LIMIT = 20
+DEFAULT_SEARCH_LIMIT = 50
+MAX_HASH = 512
+
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
+SCRYPT_SALT_BYTES, SCRYPT_KEY_BYTES = 16, 32
+
+GENERIC_LOGIN_FAILURE = "wrong username or password"
+SESSION_ENDED = "your session has ended; log in again"
+NOT_LOGGED_IN = "you are not logged in; log in first"
+
+_USERNAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_TOKEN_HASH = re.compile(r"[0-9a-f]{64}")
+_BODY_CONTROLS_ALLOWED = frozenset("\n\t")
+
+Args = dict[str, Any]
+Result = dict[str, Any]
+WriteOp = Callable[[Db, float, Args, str | None, str], Result]
+
+
+# ---- passwords, tokens, validation -----------------------------------------------------
+
+
+def hash_password(password: str) -> str:
+    """A salted scrypt hash: ``scrypt$n$r$p$salt_hex$key_hex`` (slow on purpose)."""
+    salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
+    key = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${key.hex()}"
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Constant-time check of ``password`` against a ``hash_password`` string."""
+    try:
+        scheme, n, r, p, salt_hex, key_hex = stored.split("$")
+        if scheme != "scrypt":
+            return False
+        salt, expected = bytes.fromhex(salt_hex), bytes.fromhex(key_hex)
+        key = _scrypt(password, salt, int(n), int(r), int(p), len(expected))
+    except ValueError:
+        return False
+    return hmac.compare_digest(key, expected)
+
+
+def verify_login(password: str, auth: tuple[int, str] | None) -> bool:
+    """``verify_password`` for a ``user_auth`` answer; an unknown user costs the same
+    time as a wrong password, so the delay does not tell whether the user exists."""
+    if auth is None:
+        verify_password(password, _dummy_hash())
+        return False
+    return verify_password(password, auth[1])
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return hash_password(secrets.token_hex(16))
+
+
+def _scrypt(
+    password: str, salt: bytes, n: int, r: int, p: int, length: int = SCRYPT_KEY_BYTES
+) -> bytes:
+    memory = 128 * n * r * p + 2**20
+    return hashlib.scrypt(
+        password.encode("utf-8", "surrogatepass"),
+        salt=salt,
+        n=n,
+        r=r,
+        p=p,
+        maxmem=memory,
+        dklen=length,
+    )
+
+
+def new_token() -> tuple[str, str]:
+    """A fresh session token and the hash under which it is stored."""
+    token = secrets.token_urlsafe(32)
+    return token, hash_token(token)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def validate_username(name: object) -> str:
+    if not isinstance(name, str):
+        raise InvalidInput("the username must be a string")
+    if not 1 <= len(name) <= MAX_USERNAME or not _USERNAME.fullmatch(name):
+        raise InvalidInput(f"a username has 1 to {MAX_USERNAME} characters among A-Z a-z 0-9 _ . -")
+    return name
+
+
+def validate_password(password: object) -> str:
+    if not isinstance(password, str):
+        raise InvalidInput("the password must be a string")
+    if not MIN_PASSWORD <= len(password) <= MAX_PASSWORD:
+        raise InvalidInput(f"a password has {MIN_PASSWORD} to {MAX_PASSWORD} characters")
+    return password
+
+
+def validate_body(body: object) -> str:
+    if not isinstance(body, str):
+        raise InvalidInput("the message body must be a string")
+    if not 1 <= len(body) <= MAX_BODY:
+        raise InvalidInput(f"a message has 1 to {MAX_BODY} characters")
+    for char in body:
+        # Control characters other than newline and tab; a lone surrogate is not text.
+        if char not in _BODY_CONTROLS_ALLOWED and unicodedata.category(char) in ("Cc", "Cs"):
+            raise InvalidInput(f"a message may not contain the control character U+{ord(char):04X}")
+    return body
+
+
+def _name_key(name: str) -> str:
+    return name.lower()
+
+
+# ---- argument checks ---------------------------------------------------------------------
+
+
+def _optional(args: Args, field: str, default: Any) -> Any:
+    """An optional field's value; JSON null counts as absent."""
+    value = args.get(field)
+    return default if value is None else value
+
+
+def _required_str(args: Args, field: str) -> str:
+    value = args.get(field)
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"the field '{field}' must be a non-empty string")
+    return value
+
+
+def _optional_str(args: Args, field: str) -> str | None:
+    return None if args.get(field) is None else _required_str(args, field)
+
+
+def _bool(args: Args, field: str) -> bool:
+    value = _optional(args, field, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"the field '{field}' must be true or false")
+    return value
+
+
+def _int(value: object, field: str, low: int, high: int) -> int:
+    # bool is an int in Python but never a count or an id on the wire.
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidInput(f"the field '{field}' must be a whole number from {low} to {high}")
+    return value
+
+
+def _optional_id(args: Args, field: str) -> int | None:
+    value = args.get(field)
+    return None if value is None else _int(value, field, 0, 2**63 - 1)
+
+
+def _ids(args: Args) -> list[int]:
+    ids = args.get("ids")
+    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_IDS:
+        raise InvalidInput(f"the field 'ids' must be a list of 1 to {MAX_IDS} message ids")
+    return sorted({_int(i, "ids", 1, 2**63 - 1) for i in ids})
+
+
+def _token_hash_arg(args: Args) -> str:
+    value = args.get("token_hash")
+    if not isinstance(value, str) or not _TOKEN_HASH.fullmatch(value):
+        raise InvalidInput("the field 'token_hash' must be 64 lower-case hex digits")
+    return value
+
+
+def _password_hash_arg(args: Args) -> str:
+    value = args.get("password_hash")
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_HASH:
+        raise InvalidInput("the field 'password_hash' must be a password hash")
+    return value
+
+
+# ---- lookups -----------------------------------------------------------------------------
+
+
+def session_user(db: Db, token_hash: str | None) -> tuple[int, str]:
+    """The (user_id, name) of a live session, or AuthFailed."""
+    if token_hash is None:
+        raise AuthFailed(NOT_LOGGED_IN)
+    row = db.one(
+        "SELECT u.id, u.name FROM sessions s JOIN users u ON u.id = s.user_id "
+        "WHERE s.token_hash = ? AND u.deleted_at IS NULL",
+        (token_hash,),
+    )
+    if row is None:
+        raise AuthFailed(SESSION_ENDED)
+    return int(row[0]), str(row[1])
+
+
+def user_auth(db: Db, username: str) -> tuple[int, str] | None:
+    """(user_id, password_hash) of a live account, for the server to verify a password."""
+    if not isinstance(username, str):
+        return None
+    row = db.one(
+        "SELECT id, password_hash FROM users WHERE name_key = ? AND deleted_at IS NULL",
+        (_name_key(username),),
+    )
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
+def _find_user(db: Db, name: str) -> tuple[int, str, bool]:
+    """(id, stored name, deleted) of any account, deleted ones included, or NotFound."""
+    row = db.one(
+        "SELECT id, name, deleted_at IS NOT NULL FROM users WHERE name_key = ?",
+        (_name_key(name),),
+    )
+    if row is None:
+        raise NotFound(f"no user named {name}")
+    return int(row[0]), str(row[1]), bool(row[2])
+
+
+def _unread_count(db: Db, user_id: int) -> int:
+    return int(
+        db.value(
+            "SELECT count(*) FROM messages "
+            "WHERE recipient_id = ? AND read_at IS NULL AND deleted_at IS NULL",
+            (user_id,),
+            default=0,
+        )
+    )
+
+
+_MESSAGE_SELECT = (
+    "SELECT m.id, s.name, r.name, m.body, m.sent_at, m.read_at IS NOT NULL "
+    "FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id "
+)
+
+
+def _message_dicts(
+    db: Db, where: str, params: list[Any], order: str = "m.id", limit: int = -1
+) -> list[Result]:
+    rows = db.execute(f"{_MESSAGE_SELECT} WHERE {where} ORDER BY {order} LIMIT ?", [*params, limit])
+    return [
+        {
+            "id": row[0],
+            "from": row[1],
+            "to": row[2],
+            "body": row[3],
+            "sent_at": row[4],
+            "read": bool(row[5]),
+        }
+        for row in rows
+    ]
+
+
+# ---- read operations ---------------------------------------------------------------------
+
+
+def whoami(db: Db, token_hash: str | None) -> Result:
+    user_id, name = session_user(db, token_hash)
+    return {"user": name, "user_id": user_id, "unread": _unread_count(db, user_id)}
+
+
+def search(db: Db, token_hash: str | None, pattern: str | None, limit: int | None = None) -> Result:
+    """Live accounts whose name matches a ``*``/``?`` glob, without regard to case."""
+    session_user(db, token_hash)
+    if pattern is not None and not isinstance(pattern, str):
+        raise InvalidInput("the search pattern must be a string")
+    if pattern is not None and len(pattern) > MAX_PATTERN:
+        raise InvalidInput(f"a search pattern has at most {MAX_PATTERN} characters")
+    limit = _int(DEFAULT_SEARCH_LIMIT if limit is None else limit, "limit", 1, MAX_LIMIT)
+    # GLOB on the lower-cased key; '[' is GLOB's only other special character.
+    glob = (pattern or "*").lower().replace("[", "[[]")
+    rows = db.execute(
+        "SELECT name FROM users WHERE deleted_at IS NULL AND name_key GLOB ? "
+        "ORDER BY name_key LIMIT ?",
+        (glob, limit + 1),
+    )
+    return {"users": [str(row[0]) for row in rows[:limit]], "more": len(rows) > limit}
+
+
+def messages_after(db: Db, user_id: int, after_id: int) -> list[Result]:
+    """Messages received by ``user_id`` with an id above ``after_id``, oldest first."""
+    return _message_dicts(
+        db, "m.recipient_id = ? AND m.deleted_at IS NULL AND m.id > ?", [user_id, after_id]
+    )
+
+
+def backlog(db: Db, user_id: int, after: int | None) -> list[Result]:
+    """What ``listen`` shows first: unread messages, or everything after ``after``."""
+    if after is not None:
+        return messages_after(db, user_id, after)
+    return _message_dicts(
+        db, "m.recipient_id = ? AND m.deleted_at IS NULL AND m.read_at IS NULL", [user_id]
+    )
+
+
+# ---- write operations --------------------------------------------------------------------
+
+
+def register(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+    name = validate_username(args.get("username"))
+    password_hash = _password_hash_arg(args)
+    # Deleted accounts still hold their name_key: a name is never reused.
+    if db.one("SELECT 1 FROM users WHERE name_key = ?", (_name_key(name),)) is not None:
+        raise Conflict(f"the username {name} is taken")
+    try:
+        row = db.one(
+            "INSERT INTO users(name, name_key, password_hash, created_at) "
+            "VALUES (?, ?, ?, ?) RETURNING id",
+            (name, _name_key(name), password_hash, now),
+        )
+    except ConstraintViolation:
+        raise Conflict(f"the username {name} is taken") from None
+    assert row is not None
+    return {"user": name, "user_id": int(row[0])}
+
+
+def login(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+    """Open a session; the server has already checked the password."""
+    name = _required_str(args, "username")
+    new_hash = _token_hash_arg(args)
+    row = db.one(
+        "SELECT id, name FROM users WHERE name_key = ? AND deleted_at IS NULL",
+        (_name_key(name),),
+    )
+    if row is None:
+        raise AuthFailed(GENERIC_LOGIN_FAILURE)
+    user_id, stored_name = int(row[0]), str(row[1])
+    db.execute(
+        "INSERT INTO sessions(token_hash, user_id, request_id, created_at) VALUES (?, ?, ?, ?)",
+        (new_hash, user_id, request_id, now),
+    )
+    return {"user": stored_name, "user_id": user_id, "unread": _unread_count(db, user_id)}
+
+
+def logout(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+    _, name = session_user(db, token_hash)
+    db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
+    return {"user": name}
+
+
+def send(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+    sender_id, _ = session_user(db, token_hash)
+    to = _required_str(args, "to")
+    body = validate_body(args.get("body"))
+    recipient_id, recipient, deleted = _find_user(db, to)
+    if deleted:
+        raise Gone(f"the account {recipient} was deleted")
+    row = db.one(
+        "INSERT INTO messages(sender_id, recipient_id, body, sent_at) VALUES (?, ?, ?, ?) "
+        "RETURNING id",
+        (sender_id, recipient_id, body, now),
+    )
+    assert row is not None
+    (message,) = _message_dicts(db, "m.id = ?", [row[0]])
+    return {"message": message, "recipient_id": recipient_id}
+
+
+def read(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+    """List messages (see the module docstring for the order) and mark the inbox read."""
+    user_id, _ = session_user(db, token_hash)
+    where, params, marks = _read_filter(db, args, user_id)
+    limit = _int(_optional(args, "limit", DEFAULT_READ_LIMIT), "limit", 1, MAX_LIMIT)
+    order = "m.id" if _bool(args, "oldest_first") else "m.id DESC"
+    rows = _message_dicts(db, where, params, order, limit + 1)
+    shown = rows[:limit]
+    if marks:
+        _mark_read(db, user_id, [m["id"] for m in shown if not m["read"]], now)
+    return {"messages": shown, "more": len(rows) > limit}
+
+
+def _read_filter(db: Db, args: Args, user_id: int) -> tuple[str, list[Any], bool]:
+    """WHERE clause, its parameters, and whether shown messages become read."""
+    box = _optional(args, "box", "inbox")
+    if box not in ("inbox", "sent"):
+        raise InvalidInput("the field 'box' must be 'inbox' or 'sent'")
+    with_name, from_name = _optional_str(args, "with"), _optional_str(args, "from")
+    if box == "sent" and (with_name is not None or from_name is not None):
+        raise InvalidInput("'with' and 'from' cannot be combined with the sent box")
+    if with_name is not None and from_name is not None:
+        raise InvalidInput("use either 'with' or 'from', not both")
+    conditions, params = ["m.deleted_at IS NULL"], []
+    if with_name is not None:
+        other = _find_user(db, with_name)[0]
+        conditions.append(
+            "((m.sender_id = ? AND m.recipient_id = ?) OR (m.sender_id = ? AND m.recipient_id = ?))"
+        )
+        params += [user_id, other, other, user_id]
+    elif box == "sent":
+        conditions.append("m.sender_id = ?")
+        params.append(user_id)
+    else:
+        conditions.append("m.recipient_id = ?")
+        params.append(user_id)
+        if from_name is not None:
+            conditions.append("m.sender_id = ?")
+            params.append(_find_user(db, from_name)[0])
+    if _bool(args, "unread"):
+        conditions.append("m.read_at IS NULL")
+    for field, operator in (("before", "<"), ("after", ">")):
+        bound = _optional_id(args, field)
+        if bound is not None:
+            conditions.append(f"m.id {operator} ?")
+            params.append(bound)
+    return " AND ".join(conditions), params, box != "sent"
+
+
+def _mark_read(db: Db, user_id: int, ids: list[int], now: float) -> int:
+    if not ids:
+        return 0
+    marks = ",".join("?" * len(ids))
+    db.execute(
+        f"UPDATE messages SET read_at = ? WHERE id IN ({marks}) "
+        "AND recipient_id = ? AND read_at IS NULL AND deleted_at IS NULL",
+        [now, *ids, user_id],
+    )
+    return db.changes()
+
+
+def mark_read(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+    user_id, _ = session_user(db, token_hash)
+    return {"marked": _mark_read(db, user_id, _ids(args), now)}
+
+
+def delete_messages(
+    db: Db, now: float, args: Args, token_hash: str | None, request_id: str
+) -> Result:
+    """Tombstone messages the caller sent or received: all of them, or none."""
+    user_id, _ = session_user(db, token_hash)
+    ids = _ids(args)
+    marks = ",".join("?" * len(ids))
+    found = {
+        int(row[0])
+        for row in db.execute(
+            f"SELECT id FROM messages WHERE id IN ({marks}) AND deleted_at IS NULL "
+            "AND (sender_id = ? OR recipient_id = ?)",
+            [*ids, user_id, user_id],
+        )
+    }
+    missing = [i for i in ids if i not in found]
+    if missing:
+        listed = ", ".join(str(i) for i in missing)
+        raise NotFound(f"you have no message with id {listed}", ids=missing)
+    db.execute(f"UPDATE messages SET body = '', deleted_at = ? WHERE id IN ({marks})", [now, *ids])
+    return {"deleted": ids}
+
+
+def delete_account(
+    db: Db, now: float, args: Args, token_hash: str | None, request_id: str
+) -> Result:
+    """End every session, empty the inbox; messages already sent stay with their readers."""
+    user_id, name = session_user(db, token_hash)
+    db.execute("UPDATE users SET deleted_at = ?, password_hash = '' WHERE id = ?", (now, user_id))
+    db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
+    db.execute(
+        "UPDATE messages SET body = '', deleted_at = ? "
+        "WHERE recipient_id = ? AND deleted_at IS NULL",
+        (now, user_id),
+    )
+    return {"user": name, "deleted": True}
+
+
+# ---- dispatch ----------------------------------------------------------------------------
+
+WRITE_OPS: dict[str, tuple[WriteOp, frozenset[str]]] = {
+    "register": (register, frozenset({"username", "password_hash"})),
+    "login": (login, frozenset({"username", "token_hash"})),
+    "logout": (logout, frozenset()),
+    "send": (send, frozenset({"to", "body"})),
+    "read": (
+        read,
+        frozenset({"box", "with", "from", "unread", "limit", "before", "after", "oldest_first"}),
+    ),
+    "mark_read": (mark_read, frozenset({"ids"})),
+    "delete_messages": (delete_messages, frozenset({"ids"})),
+    "delete_account": (delete_account, frozenset()),
+}
+
+# Operations without a session: a stored result belongs to the user name they name.
+_BY_NAME = frozenset({"register", "login"})
+
+
+def request_caller(op: str, args: Args, token_hash: str | None) -> str:
+    """Who made a request: only the same caller may replay its stored result."""
+    if op in _BY_NAME:
+        return "user:" + _name_key(_required_str(args, "username"))
+    if token_hash is None:
+        raise AuthFailed(NOT_LOGGED_IN)
+    return "session:" + token_hash
+
+
+def apply_write(
+    db: Db, op: str, args: Args, token_hash: str | None, request_id: str, now: float
+) -> Result:
+    """Run one write operation once per request id (see the module docstring)."""
+    if op not in WRITE_OPS:
+        raise InvalidInput(f"unknown operation {op!r}")
+    if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID:
+        raise InvalidInput(f"a request id has 1 to {MAX_REQUEST_ID} characters")
+    if not isinstance(args, dict):
+        raise InvalidInput("the arguments must be an object")
+    handler, fields = WRITE_OPS[op]
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise InvalidInput(f"unknown field '{unknown[0]}' for {op}")
+    caller = request_caller(op, args, token_hash)
+    stored = db.one("SELECT op, result, caller FROM requests WHERE request_id = ?", (request_id,))
+    if stored is not None:
+        return _replay(db, op, args, request_id, caller, stored)
+    try:
+        result = handler(db, now, args, token_hash, request_id)
+    except ConstraintViolation as exc:
+        # Every constraint a user can hit is checked first (a taken name is Conflict).
+        raise Internal(f"{op} broke a database constraint: {exc}") from None
+    db.execute(
+        "INSERT INTO requests(request_id, op, result, caller, created_at) VALUES (?, ?, ?, ?, ?)",
+        (request_id, op, json.dumps(result, separators=(",", ":")), caller, now),
+    )
+    return result
+
+
+def _replay(
+    db: Db, op: str, args: Args, request_id: str, caller: str, stored: tuple[Any, ...]
+) -> Result:
+    stored_op, result_json, stored_caller = stored
+    if stored_op != op or not hmac.compare_digest(str(stored_caller), caller):
+        raise Conflict(f"request id {request_id} was already used for another operation")
+    if op == "login":
+        # A retried login: the first token may never have reached the client, and it
+        # exists nowhere in clear, so the session now answers to the retry's token.
+        db.execute(
+            "UPDATE sessions SET token_hash = ? WHERE request_id = ?",
+            (_token_hash_arg(args), request_id),
+        )
+    result: Result = json.loads(result_json)
+    return result

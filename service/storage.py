@@ -1,0 +1,679 @@
+"""Storage: the only module that imports apsw.
+
+Theory of operation
+-------------------
+Each node keeps one SQLite database in WAL mode. Its tables come in two kinds:
+
+* *replicated* tables (``users``, ``sessions``, ``messages``, ``requests``,
+  ``cluster``) hold the chat state and the sync set. They change only inside a
+  ``Batch`` on the primary, or through ``apply_records`` / ``rewind`` /
+  ``install_snapshot`` on a backup, so every node holds the same rows;
+* *node-local* tables (``txlog``, ``epochs``, ``node_state``) describe this
+  node's copy: its log of transactions, the epoch in which each run of seqs
+  began, its votes and its position. They are never part of a changeset.
+
+A write transaction on the primary is a ``Batch``: ``BEGIN IMMEDIATE`` and an
+SQLite session (the session extension) recording the replicated tables. The
+chat layer runs any number of operations in it, each in a savepoint, then
+``seal`` turns the recorded rows into a changeset and appends it to ``txlog``
+with the next seq, in the same SQLite transaction as the data change (R2), and
+``commit`` makes both durable together. A backup applies the same changesets
+with ``apply_records``; a conflict means its rows are not the primary's and the
+whole call is refused (``Diverged``) without changing anything.
+
+A session per batch costs about half a microsecond to create, attach and
+close; recording the rows is the real cost, and any other mechanism would pay
+it too, so a fresh session per batch is kept for its simplicity.
+
+Invariants
+----------
+* seqs in ``txlog`` are gapless and +1 each; the data change, the txlog row,
+  the epochs row of a new epoch and ``node_state['last_position']`` commit in
+  one SQLite transaction. ``position()`` reads ``last_position``, so pruning
+  the log, rewinding past its start or installing a snapshot never loses it.
+* ``epochs`` holds, for each epoch that wrote at least one record here, the
+  seq of its first record; epochs grow with seqs.
+* Every PRIMARY KEY is explicit (the session extension ignores tables without
+  one) and no table uses AUTOINCREMENT: ids are ``max + 1`` of replicated rows,
+  and rows are never deleted where reuse would matter (tombstones stay).
+* apsw errors never leave this module: a constraint failure becomes
+  ``ConstraintViolation`` (the chat layer maps it to a user error), anything
+  else ``errors.Internal``.
+
+Public API (the replication runtime and the chat layer depend on exactly this):
+
+    Position(epoch, seq)                      ordered dataclass; (0, 0) for an empty node
+    LogRecord(epoch, seq, changeset: bytes)   one replicated write transaction
+    NodeState(current_epoch, voted_epoch, voted_for)   node-local, not replicated
+    SyncSet(version, members: tuple[int, ...], epoch)  replicated (table ``cluster``)
+    Diverged(Exception)                       apply_records found a gap or a conflict
+    ConstraintViolation(Exception)            a UNIQUE or NOT NULL constraint failed
+
+    Storage(path, synchronous="FULL")
+        .position() -> Position
+        .epoch_history() -> list[tuple[int, int]]          (epoch, first seq), ascending
+        .node_state() / .save_node_state(state)             durable on return
+        .sync_set() -> SyncSet
+        .begin_batch() -> Batch
+        .apply_records(records) -> Position                 backup: one transaction
+        .log_range(after_seq, limit) -> list[LogRecord]
+        .first_log_seq() -> int | None
+        .prune_log(keep) -> int
+        .rewind(to_seq, rollback_path) -> int
+        .make_snapshot(dest) -> Position
+        .install_snapshot(src) -> Position
+        .checksums() -> dict[str, str]
+        .integrity_check() -> str
+        .db -> Db                                           queries outside a batch
+        .close()
+
+    Batch
+        .db -> Db
+        .savepoint() -> context manager (rolls back one op's changes if it raises)
+        .set_sync_set(members, epoch)                       writes the replicated row
+        .seal(epoch) -> LogRecord | None                    None: nothing changed
+        .commit() / .rollback()
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import apsw
+
+from .errors import Internal
+
+Params = Sequence[Any] | Mapping[str, Any]
+
+REPLICATED_TABLES: dict[str, str] = {
+    # table -> primary key column, in the order checksums() reports them
+    "users": "id",
+    "sessions": "token_hash",
+    "messages": "id",
+    "requests": "request_id",
+    "cluster": "key",
+}
+
+BUSY_TIMEOUT_MS = 5000
+SYNCHRONOUS_LEVELS = ("FULL", "EXTRA", "NORMAL")
+
+_SCHEMA_V1 = """
+CREATE TABLE users (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    name_key TEXT NOT NULL UNIQUE,          -- lower(name): names are unique without case
+    password_hash TEXT NOT NULL,            -- '' once the account is deleted
+    created_at REAL NOT NULL,
+    deleted_at REAL
+);
+CREATE TABLE sessions (
+    token_hash TEXT NOT NULL PRIMARY KEY,   -- sha256 of the token; the token is never stored
+    user_id INTEGER NOT NULL,
+    request_id TEXT NOT NULL,               -- the login request, to rotate the token on retry
+    created_at REAL NOT NULL
+);
+CREATE INDEX sessions_by_user ON sessions (user_id);
+CREATE INDEX sessions_by_request ON sessions (request_id);
+CREATE TABLE messages (
+    id INTEGER PRIMARY KEY,
+    sender_id INTEGER NOT NULL,
+    recipient_id INTEGER NOT NULL,
+    body TEXT NOT NULL,                     -- '' for a tombstone
+    sent_at REAL NOT NULL,
+    read_at REAL,
+    deleted_at REAL                         -- set: a tombstone, kept forever
+);
+CREATE INDEX messages_by_recipient ON messages (recipient_id, id);
+CREATE INDEX messages_by_sender ON messages (sender_id, id);
+CREATE TABLE requests (
+    request_id TEXT NOT NULL PRIMARY KEY,
+    op TEXT NOT NULL,
+    result TEXT NOT NULL,                   -- JSON of the first result
+    caller TEXT NOT NULL,                   -- who may replay it (chat.py: request_caller)
+    created_at REAL NOT NULL
+);
+CREATE TABLE cluster (
+    key TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE txlog (
+    seq INTEGER PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    changeset BLOB NOT NULL
+);
+CREATE TABLE epochs (
+    epoch INTEGER PRIMARY KEY,
+    start_seq INTEGER NOT NULL
+);
+CREATE TABLE node_state (
+    key TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL                     -- JSON
+);
+"""
+
+# Migration i (0-based) takes the schema from user_version i to i + 1. Append only.
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+
+
+class Diverged(Exception):
+    """Records do not continue this node's history: a gap, a stale epoch, a conflict,
+    or a rewind that needs records already pruned. Nothing was changed."""
+
+
+class ConstraintViolation(Exception):
+    """A UNIQUE, NOT NULL or PRIMARY KEY constraint refused a write."""
+
+
+@dataclass(frozen=True, order=True)
+class Position:
+    epoch: int
+    seq: int
+
+    ZERO: ClassVar[Position]
+
+
+Position.ZERO = Position(0, 0)
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    epoch: int
+    seq: int
+    changeset: bytes
+
+
+@dataclass(frozen=True)
+class NodeState:
+    current_epoch: int = 0
+    voted_epoch: int = 0
+    voted_for: int | None = None
+
+
+@dataclass(frozen=True)
+class SyncSet:
+    version: int
+    members: tuple[int, ...]
+    epoch: int
+
+
+NO_SYNC_SET = SyncSet(0, (), 0)
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """Map apsw errors into this module's and the service's error tree."""
+    try:
+        yield
+    except apsw.ConstraintError as exc:
+        raise ConstraintViolation(str(exc)) from None
+    except apsw.Error as exc:
+        raise Internal(f"storage error: {exc}") from exc
+
+
+class Db:
+    """Typed queries on one connection; the chat layer sees only this."""
+
+    def __init__(self, conn: apsw.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
+        with _translated():
+            return [tuple(row) for row in self._conn.execute(sql, params)]
+
+    def one(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
+        rows = self.execute(sql, params)
+        return rows[0] if rows else None
+
+    def value(self, sql: str, params: Params = (), default: Any = None) -> Any:
+        """The first column of the first row; ``default`` when there is no row or it is NULL."""
+        row = self.one(sql, params)
+        return default if row is None or row[0] is None else row[0]
+
+    def changes(self) -> int:
+        """Rows changed by the last INSERT, UPDATE or DELETE."""
+        return int(self._conn.changes())
+
+
+def _connect(path: Path, synchronous: str) -> apsw.Connection:
+    """Open a connection with every PRAGMA this project relies on."""
+    with _translated():
+        conn = apsw.Connection(str(path))
+        # Two connections in this process (snapshots read beside the writer) wait
+        # for each other briefly instead of failing at once with SQLITE_BUSY.
+        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+        # WAL: readers never block the single writer, and a commit is one append.
+        conn.execute("PRAGMA journal_mode=WAL").fetchall()
+        # FULL: a commit is on disk before it is acknowledged, even if the power
+        # fails (G1). NORMAL (opt-in) keeps the database consistent but may lose
+        # the last commits on power loss.
+        conn.execute(f"PRAGMA synchronous={synchronous}")
+        # Off: changesets are applied row by row in any order; the schema has no
+        # foreign keys and the chat layer checks references itself.
+        conn.execute("PRAGMA foreign_keys=OFF")
+        return conn
+
+
+def _migrate(conn: apsw.Connection) -> None:
+    with _translated():
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(Db(conn).value("PRAGMA user_version", default=0))
+            for number in range(version, len(MIGRATIONS)):
+                conn.execute(MIGRATIONS[number])
+            conn.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+
+def _read_json(db: Db, table: str, key: str) -> Any:
+    text = db.value(f"SELECT value FROM {table} WHERE key = ?", (key,))
+    return None if text is None else json.loads(text)
+
+
+def _write_json(db: Db, table: str, key: str, value: Any) -> None:
+    db.execute(
+        f"INSERT INTO {table}(key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, json.dumps(value)),
+    )
+
+
+def _read_position(db: Db) -> Position:
+    stored = _read_json(db, "node_state", "last_position")
+    return Position.ZERO if stored is None else Position(int(stored[0]), int(stored[1]))
+
+
+def _read_node_state(db: Db) -> NodeState:
+    voted_for = _read_json(db, "node_state", "voted_for")
+    return NodeState(
+        current_epoch=int(_read_json(db, "node_state", "current_epoch") or 0),
+        voted_epoch=int(_read_json(db, "node_state", "voted_epoch") or 0),
+        voted_for=None if voted_for is None else int(voted_for),
+    )
+
+
+def _read_sync_set(db: Db) -> SyncSet:
+    stored = _read_json(db, "cluster", "sync_set")
+    if stored is None:
+        return NO_SYNC_SET
+    members = tuple(int(m) for m in stored["members"])
+    return SyncSet(int(stored["version"]), members, int(stored["epoch"]))
+
+
+def _write_node_state(db: Db, state: NodeState) -> None:
+    _write_json(db, "node_state", "current_epoch", state.current_epoch)
+    _write_json(db, "node_state", "voted_epoch", state.voted_epoch)
+    _write_json(db, "node_state", "voted_for", state.voted_for)
+
+
+def _append_record(db: Db, record: LogRecord, position: Position) -> Position:
+    """Add one record after ``position`` (same transaction as its data change)."""
+    if record.epoch > position.epoch:
+        db.execute("INSERT INTO epochs(epoch, start_seq) VALUES (?, ?)", (record.epoch, record.seq))
+    db.execute(
+        "INSERT INTO txlog(seq, epoch, changeset) VALUES (?, ?, ?)",
+        (record.seq, record.epoch, record.changeset),
+    )
+    new = Position(record.epoch, record.seq)
+    _write_json(db, "node_state", "last_position", [new.epoch, new.seq])
+    return new
+
+
+def _abort_on_conflict(reason: int, change: Any) -> int:
+    return int(apsw.SQLITE_CHANGESET_ABORT)
+
+
+def _apply_changeset(conn: apsw.Connection, changeset: bytes, seq: int) -> None:
+    if not changeset:
+        return
+    try:
+        apsw.Changeset.apply(changeset, conn, conflict=_abort_on_conflict)
+    except apsw.Error as exc:
+        raise Diverged(f"the changeset of seq {seq} does not apply here: {exc}") from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_db_files(path: Path) -> None:
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _copy_database(src: apsw.Connection, dest: apsw.Connection) -> None:
+    """Online backup of all of ``src`` into ``dest`` in one step (one read snapshot)."""
+    with _translated(), dest.backup("main", src, "main") as backup:
+        backup.step(-1)
+
+
+class Batch:
+    """One write transaction on the primary; see the module docstring."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._conn = storage._conn
+        self._db = Db(self._conn)
+        self._savepoints = 0
+        self._sealed = False
+        self._open = True
+        with _translated():
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._session: apsw.Session | None = apsw.Session(self._conn, "main")
+                for table in REPLICATED_TABLES:
+                    self._session.attach(table)
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+
+    @property
+    def db(self) -> Db:
+        self._check_writable()
+        return self._db
+
+    @contextlib.contextmanager
+    def savepoint(self) -> Iterator[Db]:
+        """Undo only the body's changes if it raises (one chat operation that failed)."""
+        self._check_writable()
+        self._savepoints += 1
+        name = f"op{self._savepoints}"
+        self._db.execute(f"SAVEPOINT {name}")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute(f"ROLLBACK TO {name}")
+            self._db.execute(f"RELEASE {name}")
+            raise
+        self._db.execute(f"RELEASE {name}")
+
+    def set_sync_set(self, members: tuple[int, ...], epoch: int) -> SyncSet:
+        self._check_writable()
+        old = _read_sync_set(self._db)
+        new = SyncSet(old.version + 1, tuple(sorted(set(members))), epoch)
+        value = {"version": new.version, "members": list(new.members), "epoch": new.epoch}
+        _write_json(self._db, "cluster", "sync_set", value)
+        return new
+
+    def seal(self, epoch: int) -> LogRecord | None:
+        """Append the batch's changeset to the log as the next seq (still uncommitted)."""
+        self._check_writable()
+        assert self._session is not None
+        with _translated():
+            changeset = self._session.changeset()
+        self._close_session()
+        self._sealed = True
+        if not changeset:
+            return None
+        position = _read_position(self._db)
+        if epoch < position.epoch:
+            raise Internal(f"cannot seal in epoch {epoch}: the log is at epoch {position.epoch}")
+        record = LogRecord(epoch, position.seq + 1, changeset)
+        _append_record(self._db, record, position)
+        return record
+
+    def commit(self) -> None:
+        """Make the batch durable (with synchronous=FULL, on disk on return)."""
+        if not self._open:
+            raise Internal("the batch is already finished")
+        self._close_session()
+        try:
+            with _translated():
+                self._conn.execute("COMMIT")
+        except BaseException:
+            self.rollback()
+            raise
+        self._open = False
+
+    def rollback(self) -> None:
+        self._close_session()
+        if self._open:
+            self._open = False
+            with _translated():
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+
+    def _check_writable(self) -> None:
+        if not self._open or self._sealed:
+            raise Internal("the batch is sealed or finished")
+
+    def _close_session(self) -> None:
+        if self._session is not None:
+            self._session.close()
+            self._session = None
+
+
+class Storage:
+    """One node's database; a single writer (the node's event loop) uses it."""
+
+    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+        synchronous = synchronous.upper()
+        if synchronous not in SYNCHRONOUS_LEVELS:
+            raise ValueError(f"synchronous must be one of {SYNCHRONOUS_LEVELS}")
+        self.path = Path(path)
+        self._synchronous = synchronous
+        self._conn = _connect(self.path, synchronous)
+        self._db = Db(self._conn)
+        _migrate(self._conn)
+
+    @property
+    def db(self) -> Db:
+        return self._db
+
+    def close(self) -> None:
+        with _translated():
+            self._conn.close()
+
+    # ---- position, epochs, node state ----------------------------------------------
+
+    def position(self) -> Position:
+        return _read_position(self._db)
+
+    def epoch_history(self) -> list[tuple[int, int]]:
+        rows = self._db.execute("SELECT epoch, start_seq FROM epochs ORDER BY epoch")
+        return [(int(epoch), int(start)) for epoch, start in rows]
+
+    def node_state(self) -> NodeState:
+        return _read_node_state(self._db)
+
+    def save_node_state(self, state: NodeState) -> None:
+        """Durable on return even with synchronous=NORMAL: a vote must survive power loss."""
+        with self._transaction(durable=True):
+            _write_node_state(self._db, state)
+
+    def sync_set(self) -> SyncSet:
+        return _read_sync_set(self._db)
+
+    # ---- writing ---------------------------------------------------------------------
+
+    def begin_batch(self) -> Batch:
+        if self._conn.in_transaction:
+            raise Internal("a batch is already open")
+        return Batch(self)
+
+    def apply_records(self, records: list[LogRecord]) -> Position:
+        """Backup path: apply the primary's records after our position, all or nothing."""
+        with self._transaction():
+            position = _read_position(self._db)
+            for record in records:
+                if record.seq != position.seq + 1:
+                    raise Diverged(
+                        f"record seq {record.seq} does not follow position seq {position.seq}"
+                    )
+                if record.epoch < position.epoch:
+                    raise Diverged(
+                        f"record epoch {record.epoch} is older than position epoch {position.epoch}"
+                    )
+                _apply_changeset(self._conn, record.changeset, record.seq)
+                position = _append_record(self._db, record, position)
+            return position
+
+    def rewind(self, to_seq: int, rollback_path: Path) -> int:
+        """Undo every record after ``to_seq``; keep them in ``rollback_path`` (JSON lines)."""
+        with self._transaction():
+            position = _read_position(self._db)
+            if to_seq >= position.seq:
+                return 0
+            removed = self.log_range(to_seq, position.seq - to_seq) if to_seq >= 0 else []
+            if len(removed) != position.seq - to_seq:
+                raise Diverged(f"the log no longer holds the records after seq {to_seq}")
+            for record in reversed(removed):
+                _apply_changeset(self._conn, apsw.Changeset.invert(record.changeset), record.seq)
+            self._db.execute("DELETE FROM txlog WHERE seq > ?", (to_seq,))
+            self._db.execute("DELETE FROM epochs WHERE start_seq > ?", (to_seq,))
+            epoch = self._db.value(
+                "SELECT max(epoch) FROM epochs WHERE start_seq <= ?", (to_seq,), default=0
+            )
+            _write_json(self._db, "node_state", "last_position", [int(epoch), to_seq])
+            # The rollback file is on disk before the rows disappear from the database.
+            _append_rollback_file(rollback_path, removed)
+            return len(removed)
+
+    # ---- the log ---------------------------------------------------------------------
+
+    def log_range(self, after_seq: int, limit: int) -> list[LogRecord]:
+        rows = self._db.execute(
+            "SELECT epoch, seq, changeset FROM txlog WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [LogRecord(int(epoch), int(seq), bytes(cs)) for epoch, seq, cs in rows]
+
+    def first_log_seq(self) -> int | None:
+        value = self._db.value("SELECT min(seq) FROM txlog")
+        return None if value is None else int(value)
+
+    def prune_log(self, keep: int) -> int:
+        """Delete all but the newest ``keep`` records; the position is kept regardless."""
+        with self._transaction():
+            newest = int(self._db.value("SELECT max(seq) FROM txlog", default=0))
+            self._db.execute("DELETE FROM txlog WHERE seq <= ?", (newest - max(keep, 0),))
+            return self._db.changes()
+
+    # ---- snapshots -------------------------------------------------------------------
+
+    def make_snapshot(self, dest: Path) -> Position:
+        """Copy the committed database into the new file ``dest``; return its position.
+
+        Reads through a connection of its own, so a batch open on the writer is not
+        copied and the call may run in a thread while the writer keeps committing.
+        """
+        dest = Path(dest)
+        partial = dest.with_name(dest.name + ".partial")
+        _remove_db_files(partial)
+        source = _connect(self.path, self._synchronous)
+        try:
+            copy = _connect(partial, "FULL")
+            try:
+                _copy_database(source, copy)
+                position = _read_position(Db(copy))
+            finally:
+                copy.close()
+        finally:
+            source.close()
+        os.replace(partial, dest)
+        _fsync_dir(dest.parent)
+        return position
+
+    def install_snapshot(self, src: Path) -> Position:
+        """Replace all of this database with ``src``, keeping this node's own votes.
+
+        The snapshot is first copied aside and given this node's node_state, so the
+        final copy into the live database is one transaction: a crash leaves either
+        the old database or the new one, never the sender's votes in ours.
+        """
+        if self._conn.in_transaction:
+            raise Internal("cannot install a snapshot while a batch is open")
+        own = self.node_state()
+        staging = self.path.with_name(self.path.name + ".installing")
+        _remove_db_files(staging)
+        try:
+            copy = _connect(staging, "OFF")
+            try:
+                source = _connect(Path(src), self._synchronous)
+                try:
+                    _copy_database(source, copy)
+                finally:
+                    source.close()
+                _migrate(copy)
+                copy_db = Db(copy)
+                theirs = _read_node_state(copy_db)
+                merged = NodeState(
+                    max(own.current_epoch, theirs.current_epoch), own.voted_epoch, own.voted_for
+                )
+                _write_node_state(copy_db, merged)
+                _copy_database(copy, self._conn)
+            finally:
+                copy.close()
+        finally:
+            _remove_db_files(staging)
+        return self.position()
+
+    # ---- checks ----------------------------------------------------------------------
+
+    def checksums(self) -> dict[str, str]:
+        """sha256 of each replicated table's rows in primary key order."""
+        sums = {}
+        for table, key in REPLICATED_TABLES.items():
+            digest = hashlib.sha256()
+            for row in self._db.execute(f"SELECT * FROM {table} ORDER BY {key}"):
+                digest.update(repr(row).encode())
+                digest.update(b"\n")
+            sums[table] = digest.hexdigest()
+        return sums
+
+    def integrity_check(self) -> str:
+        rows = self._db.execute("PRAGMA integrity_check")
+        return "\n".join(str(row[0]) for row in rows)
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self, durable: bool = False) -> Iterator[None]:
+        """One write transaction; ``durable`` forces a synced commit in NORMAL mode."""
+        if self._conn.in_transaction:
+            raise Internal("a batch is open")
+        relaxed = durable and self._synchronous == "NORMAL"
+        if relaxed:
+            self._db.execute("PRAGMA synchronous=FULL")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        finally:
+            if relaxed:
+                self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+
+
+def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:
+    path = Path(path)
+    created = not path.exists()
+    with path.open("a", encoding="utf-8") as out:
+        for record in records:
+            line = {
+                "epoch": record.epoch,
+                "seq": record.seq,
+                "changeset": base64.b64encode(record.changeset).decode("ascii"),
+            }
+            out.write(json.dumps(line) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+    if created:
+        _fsync_dir(path.parent)

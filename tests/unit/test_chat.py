@@ -1,0 +1,810 @@
+"""The chat rules of SPEC section 3, run through real batches on a real database."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service import chat
+from service.errors import AuthFailed, ChatError, Conflict, Gone, InvalidInput, NotFound
+from service.storage import Storage
+
+PASSWORD = "correct horse"
+# Computed once: the write operations take the hash, so tests need no slow hashing.
+PASSWORD_HASH = chat.hash_password(PASSWORD)
+
+
+class Service:
+    """What the server does around chat: one batch per write, the savepoint, the clock."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.db = storage.db
+        self.clock = itertools.count(1000)
+        self.request_ids = itertools.count(1)
+        self.sealed: list[bool] = []
+
+    def write(
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        token: str | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, Any]:
+        request_id = request_id or f"r{next(self.request_ids)}"
+        batch = self.storage.begin_batch()
+        try:
+            with batch.savepoint() as db:
+                result = chat.apply_write(
+                    db, op, args or {}, token, request_id, float(next(self.clock))
+                )
+            self.sealed.append(batch.seal(1) is not None)
+            batch.commit()
+        except BaseException:
+            batch.rollback()
+            raise
+        return result
+
+    def register(self, name: str) -> int:
+        result = self.write("register", {"username": name, "password_hash": PASSWORD_HASH})
+        return int(result["user_id"])
+
+    def login(self, name: str, request_id: str | None = None) -> str:
+        """A new session; returns its token hash (what the server passes as ``token``)."""
+        _, token_hash = chat.new_token()
+        self.write("login", {"username": name, "token_hash": token_hash}, request_id=request_id)
+        return token_hash
+
+    def user(self, name: str) -> str:
+        self.register(name)
+        return self.login(name)
+
+    def send(self, token: str, to: str, body: str = "hi") -> int:
+        return int(self.write("send", {"to": to, "body": body}, token)["message"]["id"])
+
+    def read(self, token: str, **args: Any) -> dict[str, Any]:
+        return self.write("read", args, token)
+
+    def ids(self, token: str, **args: Any) -> list[int]:
+        return [m["id"] for m in self.read(token, **args)["messages"]]
+
+
+@pytest.fixture
+def svc(tmp_path: Path) -> Iterator[Service]:
+    storage = Storage(tmp_path / "chat.db")
+    yield Service(storage)
+    storage.close()
+
+
+@pytest.fixture
+def ann(svc: Service) -> str:
+    return svc.user("ann")
+
+
+@pytest.fixture
+def bob(svc: Service) -> str:
+    return svc.user("bob")
+
+
+# ---- passwords and tokens ----------------------------------------------------------------
+
+
+def test_password_hash_is_salted_scrypt_and_verifies() -> None:
+    other = chat.hash_password(PASSWORD)
+    assert PASSWORD_HASH.startswith("scrypt$16384$8$1$")
+    assert other != PASSWORD_HASH
+    assert PASSWORD not in PASSWORD_HASH
+    assert chat.verify_password(PASSWORD, PASSWORD_HASH)
+    assert chat.verify_password(PASSWORD, other)
+    assert not chat.verify_password("wrong password", PASSWORD_HASH)
+
+
+@pytest.mark.parametrize("stored", ["", "scrypt$1$2", "bcrypt$1$1$1$00$00", "scrypt$x$8$1$00$00"])
+def test_malformed_stored_hashes_never_verify(stored: str) -> None:
+    assert not chat.verify_password(PASSWORD, stored)
+
+
+def test_verify_login_refuses_unknown_users(svc: Service) -> None:
+    svc.register("ann")
+    assert chat.verify_login(PASSWORD, chat.user_auth(svc.db, "ANN"))
+    assert not chat.verify_login("wrong password", chat.user_auth(svc.db, "ann"))
+    assert not chat.verify_login(PASSWORD, chat.user_auth(svc.db, "nobody"))
+
+
+def test_new_token_is_random_and_stored_as_its_sha256() -> None:
+    token, token_hash = chat.new_token()
+    assert len(token) >= 43
+    assert token_hash == hashlib.sha256(token.encode()).hexdigest() == chat.hash_token(token)
+    assert chat.new_token()[0] != token
+
+
+# ---- validation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "Ann", "a" * 50, "x_y.z-1", "0"])
+def test_valid_usernames(name: str) -> None:
+    assert chat.validate_username(name) == name
+
+
+@pytest.mark.parametrize("name", ["", "a" * 51, "ann smith", "ann\n", "é", "a/b", "a*", None, 5])
+def test_invalid_usernames(name: object) -> None:
+    with pytest.raises(InvalidInput, match="username"):
+        chat.validate_username(name)
+
+
+@pytest.mark.parametrize("password", ["x" * 8, "x" * 256, "pass wörd ✓"])
+def test_valid_passwords(password: str) -> None:
+    assert chat.validate_password(password) == password
+
+
+@pytest.mark.parametrize("password", ["x" * 7, "x" * 257, "", None, 12345678])
+def test_invalid_passwords(password: object) -> None:
+    with pytest.raises(InvalidInput, match="password"):
+        chat.validate_password(password)
+
+
+@pytest.mark.parametrize("body", ["x", "x" * 4000, "line\nline\ttab", "héllo 👋 世界"])
+def test_valid_bodies(body: str) -> None:
+    assert chat.validate_body(body) == body
+
+
+@pytest.mark.parametrize("body", ["", "x" * 4001, None, 7, ["x"]])
+def test_bodies_of_wrong_size_or_type(body: object) -> None:
+    with pytest.raises(InvalidInput, match="message"):
+        chat.validate_body(body)
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x07", "\x1b", "\r", "\x7f", "\x85", "\ud800"])
+def test_bodies_with_control_characters_or_lone_surrogates(char: str) -> None:
+    with pytest.raises(InvalidInput, match=f"U\\+{ord(char):04X}"):
+        chat.validate_body(f"a{char}b")
+
+
+# ---- register ----------------------------------------------------------------------------
+
+
+def test_register_returns_the_user_and_keeps_only_the_hash(svc: Service) -> None:
+    result = svc.write("register", {"username": "Ann", "password_hash": PASSWORD_HASH})
+    assert result == {"user": "Ann", "user_id": 1}
+    assert chat.user_auth(svc.db, "ann") == (1, PASSWORD_HASH)
+
+
+@pytest.mark.parametrize("other", ["ann", "ANN", "aNn"])
+def test_usernames_are_unique_without_regard_to_case(svc: Service, other: str) -> None:
+    svc.register("Ann")
+    with pytest.raises(Conflict, match=f"the username {other} is taken"):
+        svc.register(other)
+
+
+def test_a_deleted_accounts_name_is_never_reused(svc: Service, ann: str) -> None:
+    svc.write("delete_account", {}, ann)
+    with pytest.raises(Conflict, match="taken"):
+        svc.register("ANN")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"username": "ann"},
+        {"password_hash": PASSWORD_HASH},
+        {"username": "bad name", "password_hash": PASSWORD_HASH},
+        {"username": ["ann"], "password_hash": PASSWORD_HASH},
+        {"username": "ann", "password_hash": 5},
+        {"username": "ann", "password_hash": ""},
+        {"username": "ann", "password_hash": PASSWORD_HASH, "password": "x" * 8},
+    ],
+)
+def test_register_refuses_bad_arguments(svc: Service, args: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput):
+        svc.write("register", args)
+    assert svc.db.value("SELECT count(*) FROM users") == 0
+
+
+# ---- login, sessions, logout -------------------------------------------------------------
+
+
+def test_login_opens_a_session_and_reports_unread(svc: Service, bob: str) -> None:
+    svc.register("Ann")
+    svc.send(bob, "ann")
+    svc.send(bob, "ann")
+    _, token_hash = chat.new_token()
+    result = svc.write("login", {"username": "ANN", "token_hash": token_hash})
+    assert result == {"user": "Ann", "user_id": 2, "unread": 2}
+    assert chat.session_user(svc.db, token_hash) == (2, "Ann")
+
+
+def test_several_sessions_per_user(svc: Service) -> None:
+    svc.register("ann")
+    phone, laptop = svc.login("ann"), svc.login("ann")
+    assert chat.session_user(svc.db, phone) == chat.session_user(svc.db, laptop)
+
+
+def test_login_failures_do_not_say_whether_the_user_exists(svc: Service, ann: str) -> None:
+    svc.write("delete_account", {}, ann)
+    for name in ("nobody", "ann"):
+        with pytest.raises(AuthFailed) as failure:
+            svc.login(name)
+        assert failure.value.message == "wrong username or password"
+
+
+@pytest.mark.parametrize("token_hash", [None, "", "abc", "G" * 64, "A" * 64, 5])
+def test_login_needs_a_token_hash(svc: Service, token_hash: object) -> None:
+    svc.register("ann")
+    with pytest.raises(InvalidInput, match="token_hash"):
+        svc.write("login", {"username": "ann", "token_hash": token_hash})
+
+
+def test_user_auth_finds_live_accounts_only(svc: Service, ann: str) -> None:
+    svc.register("Bob")
+    assert chat.user_auth(svc.db, "BOB") == (2, PASSWORD_HASH)
+    assert chat.user_auth(svc.db, "nobody") is None
+    svc.write("delete_account", {}, ann)
+    assert chat.user_auth(svc.db, "ann") is None
+
+
+def test_session_user_without_or_with_an_unknown_token(svc: Service) -> None:
+    with pytest.raises(AuthFailed, match="not logged in"):
+        chat.session_user(svc.db, None)
+    with pytest.raises(AuthFailed, match="your session has ended; log in again"):
+        chat.session_user(svc.db, "0" * 64)
+
+
+def test_logout_ends_only_this_session(svc: Service, ann: str) -> None:
+    other = svc.login("ann")
+    assert svc.write("logout", {}, ann) == {"user": "ann"}
+    with pytest.raises(AuthFailed, match="session has ended"):
+        chat.whoami(svc.db, ann)
+    with pytest.raises(AuthFailed, match="session has ended"):
+        svc.write("logout", {}, ann)
+    assert chat.whoami(svc.db, other)["user"] == "ann"
+
+
+def test_whoami_reports_the_user_and_unread(svc: Service, ann: str, bob: str) -> None:
+    svc.send(bob, "ann")
+    assert chat.whoami(svc.db, ann) == {"user": "ann", "user_id": 1, "unread": 1}
+    with pytest.raises(AuthFailed):
+        chat.whoami(svc.db, None)
+
+
+@pytest.mark.parametrize(
+    ("op", "args"),
+    [
+        ("logout", {}),
+        ("send", {"to": "ann", "body": "hi"}),
+        ("read", {}),
+        ("mark_read", {"ids": [1]}),
+        ("delete_messages", {"ids": [1]}),
+        ("delete_account", {}),
+    ],
+)
+def test_session_operations_need_a_valid_token(
+    svc: Service, ann: str, op: str, args: dict[str, Any]
+) -> None:
+    with pytest.raises(AuthFailed, match="not logged in"):
+        svc.write(op, args, None)
+    with pytest.raises(AuthFailed, match="session has ended"):
+        svc.write(op, args, "f" * 64)
+
+
+# ---- send --------------------------------------------------------------------------------
+
+
+def test_send_returns_the_message_and_the_recipient(svc: Service, ann: str, bob: str) -> None:
+    result = svc.write("send", {"to": "BOB", "body": "hello\nthere"}, ann)
+    assert result == {
+        "message": {
+            "id": 1,
+            "from": "ann",
+            "to": "bob",
+            "body": "hello\nthere",
+            "sent_at": result["message"]["sent_at"],
+            "read": False,
+        },
+        "recipient_id": 2,
+    }
+    assert isinstance(result["message"]["sent_at"], float)
+    assert chat.whoami(svc.db, bob)["unread"] == 1
+
+
+def test_message_ids_grow_by_one(svc: Service, ann: str, bob: str) -> None:
+    assert [svc.send(ann, "bob") for _ in range(3)] == [1, 2, 3]
+
+
+def test_sending_to_yourself_is_a_note_to_self(svc: Service, ann: str) -> None:
+    svc.send(ann, "ann", "remember the milk")
+    assert [m["body"] for m in svc.read(ann)["messages"]] == ["remember the milk"]
+
+
+def test_send_to_an_unknown_user(svc: Service, ann: str) -> None:
+    with pytest.raises(NotFound, match="no user named carol"):
+        svc.send(ann, "carol")
+
+
+def test_send_to_a_deleted_account(svc: Service, ann: str, bob: str) -> None:
+    svc.write("delete_account", {}, bob)
+    with pytest.raises(Gone, match="the account bob was deleted"):
+        svc.send(ann, "BOB")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"body": "hi"},
+        {"to": "bob"},
+        {"to": "", "body": "hi"},
+        {"to": 2, "body": "hi"},
+        {"to": "bob", "body": ""},
+        {"to": "bob", "body": "x" * 4001},
+        {"to": "bob", "body": "bell\x07"},
+        {"to": "bob", "body": {"text": "hi"}},
+        {"to": "bob", "body": "hi", "subject": "x"},
+    ],
+)
+def test_send_refuses_bad_arguments(svc: Service, ann: str, bob: str, args: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput):
+        svc.write("send", args, ann)
+    assert svc.db.value("SELECT count(*) FROM messages") == 0
+
+
+# ---- read --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def talk(svc: Service, ann: str, bob: str) -> dict[str, list[int]]:
+    """ann and bob exchange messages; carol writes to ann once."""
+    carol = svc.user("carol")
+    ids: dict[str, list[int]] = {"ann_to_bob": [], "bob_to_ann": [], "carol_to_ann": []}
+    for _ in range(3):
+        ids["bob_to_ann"].append(svc.send(bob, "ann"))
+        ids["ann_to_bob"].append(svc.send(ann, "bob"))
+    ids["carol_to_ann"].append(svc.send(carol, "ann"))
+    return ids
+
+
+def test_read_inbox_newest_first_by_default(
+    svc: Service, ann: str, talk: dict[str, list[int]]
+) -> None:
+    inbox = sorted(talk["bob_to_ann"] + talk["carol_to_ann"], reverse=True)
+    assert svc.ids(ann) == inbox
+    assert svc.ids(ann, oldest_first=True) == sorted(inbox)
+
+
+def test_read_limit_and_more(svc: Service, ann: str, talk: dict[str, list[int]]) -> None:
+    page = svc.read(ann, limit=2)
+    assert len(page["messages"]) == 2
+    assert page["more"] is True
+    everything = svc.read(ann, limit=4)
+    assert everything["more"] is False
+
+
+def test_read_pages_by_message_id(svc: Service, ann: str, talk: dict[str, list[int]]) -> None:
+    inbox = sorted(talk["bob_to_ann"] + talk["carol_to_ann"], reverse=True)
+    first = svc.ids(ann, limit=2)
+    assert first == inbox[:2]
+    assert svc.ids(ann, limit=2, before=first[-1]) == inbox[2:4]
+    assert svc.ids(ann, oldest_first=True, after=inbox[-1]) == sorted(inbox[:-1])
+    assert svc.ids(ann, after=inbox[3], before=inbox[0]) == inbox[1:3]
+
+
+def test_read_sent_box(svc: Service, ann: str, talk: dict[str, list[int]]) -> None:
+    assert svc.ids(ann, box="sent") == sorted(talk["ann_to_bob"], reverse=True)
+
+
+def test_read_with_shows_one_conversation_both_ways(
+    svc: Service, ann: str, talk: dict[str, list[int]]
+) -> None:
+    both = sorted(talk["ann_to_bob"] + talk["bob_to_ann"])
+    assert svc.ids(ann, **{"with": "BOB", "oldest_first": True}) == both
+
+
+def test_read_from_one_sender(svc: Service, ann: str, talk: dict[str, list[int]]) -> None:
+    assert svc.ids(ann, **{"from": "carol"}) == talk["carol_to_ann"]
+
+
+def test_read_unread_only(svc: Service, ann: str, talk: dict[str, list[int]]) -> None:
+    svc.read(ann, limit=2)
+    inbox = sorted(talk["bob_to_ann"] + talk["carol_to_ann"], reverse=True)
+    assert svc.ids(ann, unread=True) == inbox[2:]
+    assert svc.ids(ann, unread=True) == []
+
+
+def test_read_marks_shown_inbox_messages_read(
+    svc: Service, ann: str, bob: str, talk: dict[str, list[int]]
+) -> None:
+    assert chat.whoami(svc.db, ann)["unread"] == 4
+    first = svc.read(ann, limit=1)["messages"]
+    # ``read`` tells whether the message had been read before this request.
+    assert [m["read"] for m in first] == [False]
+    assert chat.whoami(svc.db, ann)["unread"] == 3
+    again = svc.read(ann, limit=1)["messages"]
+    assert [m["read"] for m in again] == [True]
+
+
+def test_reading_sent_messages_does_not_mark_them(
+    svc: Service, ann: str, bob: str, talk: dict[str, list[int]]
+) -> None:
+    svc.read(ann, box="sent")
+    assert chat.whoami(svc.db, bob)["unread"] == 3
+    assert all(not m["read"] for m in svc.read(ann, box="sent")["messages"])
+
+
+def test_a_conversation_marks_only_what_the_reader_received(
+    svc: Service, ann: str, bob: str, talk: dict[str, list[int]]
+) -> None:
+    svc.read(ann, **{"with": "bob"})
+    assert chat.whoami(svc.db, ann)["unread"] == 1  # carol's message
+    assert chat.whoami(svc.db, bob)["unread"] == 3
+
+
+def test_read_excludes_deleted_messages(
+    svc: Service, ann: str, bob: str, talk: dict[str, list[int]]
+) -> None:
+    gone = talk["bob_to_ann"][0]
+    svc.write("delete_messages", {"ids": [gone]}, ann)
+    assert gone not in svc.ids(ann, limit=100)
+    assert gone not in svc.ids(bob, box="sent", limit=100)
+
+
+@pytest.mark.parametrize("field", ["with", "from"])
+def test_read_with_an_unknown_user(svc: Service, ann: str, field: str) -> None:
+    with pytest.raises(NotFound, match="no user named zed"):
+        svc.read(ann, **{field: "zed"})
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        {"box": "outbox"},
+        {"box": 1},
+        {"limit": 0},
+        {"limit": 1001},
+        {"limit": "5"},
+        {"limit": True},
+        {"limit": 2.5},
+        {"before": -1},
+        {"after": "3"},
+        {"unread": "yes"},
+        {"oldest_first": 1},
+        {"with": 5},
+        {"from": ""},
+        {"with": "bob", "from": "bob"},
+        {"box": "sent", "from": "bob"},
+        {"box": "sent", "with": "bob"},
+        {"sent": True},
+    ],
+)
+def test_read_refuses_bad_arguments(svc: Service, ann: str, bob: str, args: dict[str, Any]) -> None:
+    with pytest.raises(InvalidInput):
+        svc.read(ann, **args)
+
+
+def test_read_treats_null_options_as_absent(
+    svc: Service, ann: str, talk: dict[str, list[int]]
+) -> None:
+    nulls = dict.fromkeys(("box", "with", "from", "unread", "limit", "before", "after"))
+    assert svc.ids(ann, **nulls) == svc.ids(ann)
+
+
+def test_read_limits_range(svc: Service, ann: str) -> None:
+    for i in range(25):
+        svc.send(ann, "ann", f"note {i}")
+    assert len(svc.ids(ann)) == 20
+    assert len(svc.ids(ann, limit=1000)) == 25
+
+
+# ---- mark_read, backlog, messages_after (listen) -----------------------------------------
+
+
+def test_mark_read_marks_only_the_callers_unread_messages(
+    svc: Service, ann: str, bob: str, talk: dict[str, list[int]]
+) -> None:
+    mine = talk["bob_to_ann"]
+    theirs = talk["ann_to_bob"]
+    result = svc.write("mark_read", {"ids": [*mine[:2], *theirs, 999]}, ann)
+    assert result == {"marked": 2}
+    assert chat.whoami(svc.db, ann)["unread"] == 2
+    assert chat.whoami(svc.db, bob)["unread"] == 3
+    assert svc.write("mark_read", {"ids": mine[:2]}, ann) == {"marked": 0}
+
+
+@pytest.mark.parametrize(
+    "ids", [[], None, "1", [1, "2"], [True], [0], [-3], [1.0], list(range(1, 1002))]
+)
+def test_id_lists_are_checked(svc: Service, ann: str, ids: object) -> None:
+    for op in ("mark_read", "delete_messages"):
+        with pytest.raises(InvalidInput, match="ids"):
+            svc.write(op, {"ids": ids}, ann)
+
+
+def test_backlog_is_the_unread_inbox_oldest_first(
+    svc: Service, ann: str, talk: dict[str, list[int]]
+) -> None:
+    svc.read(ann, limit=1)  # marks the newest
+    inbox = sorted(talk["bob_to_ann"] + talk["carol_to_ann"])
+    assert [m["id"] for m in chat.backlog(svc.db, 1, None)] == inbox[:-1]
+
+
+def test_backlog_after_an_id_resumes_a_listen_stream(
+    svc: Service, ann: str, talk: dict[str, list[int]]
+) -> None:
+    svc.read(ann, limit=100)  # everything read: resuming still shows what came later
+    inbox = sorted(talk["bob_to_ann"] + talk["carol_to_ann"])
+    assert [m["id"] for m in chat.backlog(svc.db, 1, inbox[1])] == inbox[2:]
+    assert chat.messages_after(svc.db, 1, inbox[1]) == chat.backlog(svc.db, 1, inbox[1])
+    svc.write("delete_messages", {"ids": [inbox[-1]]}, ann)
+    assert [m["id"] for m in chat.messages_after(svc.db, 1, inbox[1])] == inbox[2:-1]
+
+
+def test_messages_after_has_the_pushed_shape(svc: Service, ann: str, bob: str) -> None:
+    sent = svc.write("send", {"to": "ann", "body": "yo"}, bob)["message"]
+    assert chat.messages_after(svc.db, 1, 0) == [sent]
+
+
+# ---- delete messages ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deleter", ["sender", "recipient"])
+def test_either_participant_deletes_for_both(
+    svc: Service, ann: str, bob: str, deleter: str
+) -> None:
+    message = svc.send(ann, "bob", "oops")
+    token = ann if deleter == "sender" else bob
+    assert svc.write("delete_messages", {"ids": [message]}, token) == {"deleted": [message]}
+    assert svc.ids(ann, box="sent") == []
+    assert svc.ids(bob) == []
+    assert chat.whoami(svc.db, bob)["unread"] == 0
+
+
+def test_a_deleted_message_is_a_tombstone_and_its_id_is_never_reused(
+    svc: Service, ann: str, bob: str
+) -> None:
+    message = svc.send(ann, "bob", "secret")
+    svc.write("delete_messages", {"ids": [message]}, bob)
+    row = svc.db.one("SELECT body, deleted_at FROM messages WHERE id = ?", (message,))
+    assert row is not None
+    assert row[0] == ""
+    assert row[1] is not None
+    assert svc.send(ann, "bob") == message + 1
+
+
+def test_delete_is_all_or_nothing(svc: Service, ann: str, bob: str) -> None:
+    carol = svc.user("carol")
+    mine = svc.send(ann, "bob")
+    not_mine = svc.send(carol, "bob")
+    sums = svc.storage.checksums()
+    with pytest.raises(NotFound, match=f"no message with id {not_mine}, 99") as failure:
+        svc.write("delete_messages", {"ids": [99, mine, not_mine]}, ann)
+    assert failure.value.details == {"ids": [not_mine, 99]}
+    assert svc.storage.checksums() == sums
+
+
+def test_deleting_twice_is_not_found(svc: Service, ann: str, bob: str) -> None:
+    message = svc.send(ann, "bob")
+    svc.write("delete_messages", {"ids": [message]}, ann)
+    with pytest.raises(NotFound):
+        svc.write("delete_messages", {"ids": [message]}, bob)
+
+
+def test_delete_reports_sorted_unique_ids(svc: Service, ann: str, bob: str) -> None:
+    first, second = svc.send(ann, "bob"), svc.send(bob, "ann")
+    result = svc.write("delete_messages", {"ids": [second, first, second]}, ann)
+    assert result == {"deleted": [first, second]}
+
+
+# ---- delete account ----------------------------------------------------------------------
+
+
+def test_delete_account(svc: Service, ann: str, bob: str) -> None:
+    second_session = svc.login("ann")
+    to_bob = svc.send(ann, "bob", "from ann")
+    to_ann = svc.send(bob, "ann", "to ann")
+    svc.send(ann, "ann", "note to self")
+    assert svc.write("delete_account", {}, ann) == {"user": "ann", "deleted": True}
+
+    # Every session ended; the hash is gone; login and sending fail clearly.
+    for token in (ann, second_session):
+        with pytest.raises(AuthFailed, match="session has ended"):
+            chat.whoami(svc.db, token)
+    assert svc.db.value("SELECT count(*) FROM sessions WHERE user_id = 1") == 0
+    assert svc.db.value("SELECT password_hash FROM users WHERE id = 1") == ""
+    with pytest.raises(AuthFailed, match="wrong username or password"):
+        svc.login("ann")
+    with pytest.raises(Gone):
+        svc.send(bob, "ann")
+
+    # The inbox is tombstoned; what ann sent stays with bob and shows her name.
+    live = svc.db.execute("SELECT id FROM messages WHERE deleted_at IS NULL")
+    assert live == [(to_bob,)]
+    assert to_ann not in svc.ids(bob, box="sent")
+    assert [(m["from"], m["body"]) for m in svc.read(bob)["messages"]] == [("ann", "from ann")]
+    assert chat.search(svc.db, bob, None)["users"] == ["bob"]
+
+
+def test_a_deleted_user_can_still_be_named_in_a_conversation(
+    svc: Service, ann: str, bob: str
+) -> None:
+    svc.send(ann, "bob", "kept")
+    svc.write("delete_account", {}, ann)
+    assert [m["body"] for m in svc.read(bob, **{"with": "ann"})["messages"]] == ["kept"]
+
+
+# ---- search ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def people(svc: Service) -> str:
+    for name in ("alice", "Albert", "al", "bob", "Bobby", "a_b", "axb", "x1"):
+        svc.register(name)
+    return svc.login("bob")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        (None, ["a_b", "al", "Albert", "alice", "axb", "bob", "Bobby", "x1"]),
+        ("", ["a_b", "al", "Albert", "alice", "axb", "bob", "Bobby", "x1"]),
+        ("al*", ["al", "Albert", "alice"]),
+        ("AL*", ["al", "Albert", "alice"]),
+        ("a?", ["al"]),
+        ("a?b", ["a_b", "axb"]),
+        ("a_b", ["a_b"]),
+        ("*b*", ["a_b", "Albert", "axb", "bob", "Bobby"]),
+        ("bob", ["bob"]),
+        ("a%", []),
+        ("[ab]*", []),
+        ("zzz", []),
+    ],
+)
+def test_search_glob(svc: Service, people: str, pattern: str | None, expected: list[str]) -> None:
+    assert chat.search(svc.db, people, pattern) == {"users": expected, "more": False}
+
+
+def test_search_limit_and_more(svc: Service, people: str) -> None:
+    assert chat.search(svc.db, people, "*", 3) == {
+        "users": ["a_b", "al", "Albert"],
+        "more": True,
+    }
+    assert chat.search(svc.db, people, "b*", 2)["more"] is False
+
+
+def test_search_default_limit_is_50(svc: Service) -> None:
+    for i in range(51):
+        svc.register(f"user{i:02d}")
+    token = svc.login("user00")
+    result = chat.search(svc.db, token, None)
+    assert len(result["users"]) == 50
+    assert result["more"] is True
+
+
+def test_search_needs_a_session(svc: Service, people: str) -> None:
+    with pytest.raises(AuthFailed):
+        chat.search(svc.db, None, "*")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "limit"), [("x" * 101, 10), ("*", 0), ("*", 1001), ("*", "5"), (5, 10)]
+)
+def test_search_refuses_bad_arguments(svc: Service, people: str, pattern: Any, limit: Any) -> None:
+    with pytest.raises(InvalidInput):
+        chat.search(svc.db, people, pattern, limit)
+
+
+# ---- dispatch and idempotency ------------------------------------------------------------
+
+
+def test_unknown_operation(svc: Service) -> None:
+    with pytest.raises(InvalidInput, match="unknown operation 'fly'"):
+        svc.write("fly", {})
+
+
+@pytest.mark.parametrize("request_id", ["", "x" * 65])
+def test_request_ids_have_a_size(svc: Service, ann: str, request_id: str) -> None:
+    with pytest.raises(InvalidInput, match="request id"):
+        chat.apply_write(svc.db, "logout", {}, ann, request_id, 1.0)
+
+
+@pytest.mark.parametrize("args", [None, [], "x", 5])
+def test_arguments_must_be_an_object(svc: Service, ann: str, args: Any) -> None:
+    with pytest.raises(InvalidInput, match="object"):
+        chat.apply_write(svc.db, "logout", args, ann, "r", 1.0)
+
+
+GARBAGE: list[Any] = [None, True, 0, -1, 2.5, "", "x", [], [None], {}, {"a": 1}]
+
+
+@pytest.mark.parametrize("op", sorted(chat.WRITE_OPS))
+def test_wrong_types_are_invalid_input_never_a_crash(svc: Service, ann: str, op: str) -> None:
+    fields = sorted(chat.WRITE_OPS[op][1])
+    for field, junk in itertools.product(fields, GARBAGE):
+        args = {field: junk}
+        # Refused with a message is fine; any other exception fails the test.
+        with contextlib.suppress(ChatError):
+            svc.write(op, args, ann)
+
+
+def test_a_retry_returns_the_first_result_and_changes_nothing(
+    svc: Service, ann: str, bob: str
+) -> None:
+    first = svc.write("send", {"to": "bob", "body": "once"}, ann, request_id="req-1")
+    sums = svc.storage.checksums()
+    position = svc.storage.position()
+    retry = svc.write("send", {"to": "bob", "body": "once"}, ann, request_id="req-1")
+    assert retry == first
+    assert svc.sealed[-1] is False
+    assert svc.storage.checksums() == sums
+    assert svc.storage.position() == position
+    assert svc.db.value("SELECT count(*) FROM messages") == 1
+
+
+def test_a_retried_read_shows_the_same_page(svc: Service, ann: str, bob: str) -> None:
+    svc.send(bob, "ann")
+    first = svc.write("read", {}, ann, request_id="read-1")
+    assert svc.write("read", {}, ann, request_id="read-1") == first
+    assert first["messages"][0]["read"] is False
+
+
+def test_a_request_id_reused_for_another_operation(svc: Service, ann: str, bob: str) -> None:
+    svc.write("send", {"to": "bob", "body": "x"}, ann, request_id="req-1")
+    with pytest.raises(Conflict, match="request id req-1 was already used"):
+        svc.write("read", {}, ann, request_id="req-1")
+
+
+def test_a_request_id_replays_only_for_its_caller(svc: Service, ann: str, bob: str) -> None:
+    svc.write("read", {}, ann, request_id="guessable")
+    with pytest.raises(Conflict):
+        svc.write("read", {}, bob, request_id="guessable")
+
+
+def test_a_failed_request_stores_nothing_and_may_be_retried(svc: Service, ann: str) -> None:
+    with pytest.raises(NotFound):
+        svc.write("send", {"to": "bob", "body": "x"}, ann, request_id="req-1")
+    svc.register("bob")
+    result = svc.write("send", {"to": "bob", "body": "x"}, ann, request_id="req-1")
+    assert result["message"]["to"] == "bob"
+
+
+def test_a_retried_register_returns_the_first_result(svc: Service) -> None:
+    args = {"username": "ann", "password_hash": PASSWORD_HASH}
+    first = svc.write("register", args, request_id="reg")
+    assert svc.write("register", args, request_id="reg") == first
+    with pytest.raises(Conflict):
+        svc.write("register", {**args, "username": "bob"}, request_id="reg")
+
+
+def test_a_retried_login_rotates_the_token(svc: Service) -> None:
+    svc.register("ann")
+    first_hash = svc.login("ann", request_id="login-1")
+    retry_hash = svc.login("ann", request_id="login-1")
+    assert retry_hash != first_hash
+    with pytest.raises(AuthFailed, match="session has ended"):
+        chat.session_user(svc.db, first_hash)
+    assert chat.session_user(svc.db, retry_hash) == (1, "ann")
+    assert svc.db.value("SELECT count(*) FROM sessions") == 1
+    stored = svc.db.value("SELECT result FROM requests WHERE request_id = 'login-1'")
+    assert first_hash not in stored
+    assert retry_hash not in stored
+
+
+def test_a_login_request_id_cannot_be_replayed_by_another_user(svc: Service) -> None:
+    svc.register("ann")
+    svc.register("mallory")
+    ann_session = svc.login("ann", request_id="login-1")
+    with pytest.raises(Conflict):
+        svc.login("mallory", request_id="login-1")
+    assert chat.session_user(svc.db, ann_session) == (1, "ann")
+
+
+@pytest.mark.parametrize("op", ["logout", "delete_account"])
+def test_retries_after_the_session_ended_return_the_first_result(
+    svc: Service, ann: str, op: str
+) -> None:
+    first = svc.write(op, {}, ann, request_id="end")
+    sums = svc.storage.checksums()
+    assert svc.write(op, {}, ann, request_id="end") == first
+    assert svc.storage.checksums() == sums

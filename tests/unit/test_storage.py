@@ -1,0 +1,475 @@
+"""Storage on real SQLite files: batches, the log, catch-up, rewind, snapshots."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.errors import Internal
+from service.storage import (
+    MIGRATIONS,
+    REPLICATED_TABLES,
+    ConstraintViolation,
+    Diverged,
+    LogRecord,
+    NodeState,
+    Position,
+    Storage,
+    SyncSet,
+)
+
+
+@pytest.fixture
+def primary(tmp_path: Path) -> Iterator[Storage]:
+    storage = Storage(tmp_path / "primary.db")
+    yield storage
+    storage.close()
+
+
+@pytest.fixture
+def backup(tmp_path: Path) -> Iterator[Storage]:
+    storage = Storage(tmp_path / "backup.db")
+    yield storage
+    storage.close()
+
+
+def add_user(storage: Storage, name: str, epoch: int = 1) -> LogRecord:
+    """One committed batch that inserts a user; returns its record."""
+    batch = storage.begin_batch()
+    batch.db.execute(
+        "INSERT INTO users(name, name_key, password_hash, created_at) VALUES (?, ?, 'h', 1.0)",
+        (name, name.lower()),
+    )
+    record = batch.seal(epoch)
+    batch.commit()
+    assert record is not None
+    return record
+
+
+def write(storage: Storage, sql: str, params: tuple[object, ...] = (), epoch: int = 1) -> LogRecord:
+    batch = storage.begin_batch()
+    batch.db.execute(sql, params)
+    record = batch.seal(epoch)
+    batch.commit()
+    assert record is not None
+    return record
+
+
+def names(storage: Storage) -> list[str]:
+    return [row[0] for row in storage.db.execute("SELECT name FROM users ORDER BY id")]
+
+
+# ---- opening -----------------------------------------------------------------------------
+
+
+def test_open_sets_wal_full_sync_and_schema(primary: Storage) -> None:
+    assert primary.db.value("PRAGMA journal_mode") == "wal"
+    assert primary.db.value("PRAGMA synchronous") == 2  # FULL
+    assert primary.db.value("PRAGMA foreign_keys") == 0
+    assert primary.db.value("PRAGMA user_version") == len(MIGRATIONS)
+    tables = {row[0] for row in primary.db.execute("SELECT name FROM sqlite_master")}
+    assert set(REPLICATED_TABLES) | {"txlog", "epochs", "node_state"} <= tables
+
+
+def test_synchronous_can_be_relaxed_to_normal(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "n.db", synchronous="normal")
+    assert storage.db.value("PRAGMA synchronous") == 1
+    storage.save_node_state(NodeState(3, 3, 1))
+    assert storage.db.value("PRAGMA synchronous") == 1
+    storage.close()
+
+
+def test_unknown_synchronous_level_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="synchronous"):
+        Storage(tmp_path / "x.db", synchronous="OFF")
+
+
+def test_empty_node_is_at_position_zero(primary: Storage) -> None:
+    assert primary.position() == Position.ZERO == Position(0, 0)
+    assert primary.epoch_history() == []
+    assert primary.sync_set() == SyncSet(0, (), 0)
+    assert primary.node_state() == NodeState()
+    assert primary.first_log_seq() is None
+
+
+def test_reopen_keeps_data_position_and_schema(tmp_path: Path) -> None:
+    path = tmp_path / "p.db"
+    storage = Storage(path)
+    add_user(storage, "ann")
+    storage.save_node_state(NodeState(1, 1, 1))
+    sums = storage.checksums()
+    storage.close()
+    again = Storage(path)
+    assert again.position() == Position(1, 1)
+    assert again.node_state() == NodeState(1, 1, 1)
+    assert again.checksums() == sums
+    assert again.db.value("PRAGMA user_version") == len(MIGRATIONS)
+    again.close()
+
+
+# ---- Db ----------------------------------------------------------------------------------
+
+
+def test_db_helpers(primary: Storage) -> None:
+    db = primary.db
+    assert db.execute("SELECT 1, 'a'") == [(1, "a")]
+    assert db.one("SELECT 1 WHERE 0") is None
+    assert db.value("SELECT NULL", default=7) == 7
+    assert db.value("SELECT 1 WHERE 0", default="none") == "none"
+    db.execute("INSERT INTO cluster(key, value) VALUES ('a', '1'), ('b', '2')")
+    assert db.changes() == 2
+
+
+def test_constraint_errors_become_constraint_violation(primary: Storage) -> None:
+    add_user(primary, "ann")
+    batch = primary.begin_batch()
+    with pytest.raises(ConstraintViolation):
+        batch.db.execute(
+            "INSERT INTO users(name, name_key, password_hash, created_at) "
+            "VALUES ('ANN', 'ann', 'h', 1)"
+        )
+    batch.rollback()
+
+
+def test_other_sqlite_errors_become_internal(primary: Storage) -> None:
+    with pytest.raises(Internal, match="no such table"):
+        primary.db.execute("SELECT * FROM nowhere")
+
+
+# ---- batches -----------------------------------------------------------------------------
+
+
+def test_batches_get_contiguous_seqs_and_positions(primary: Storage) -> None:
+    records = [add_user(primary, name) for name in ("ann", "bob", "cy")]
+    assert [r.seq for r in records] == [1, 2, 3]
+    assert {r.epoch for r in records} == {1}
+    assert primary.position() == Position(1, 3)
+    assert primary.log_range(0, 10) == records
+    assert primary.log_range(1, 1) == [records[1]]
+
+
+def test_empty_batch_seals_to_none_and_logs_nothing(primary: Storage) -> None:
+    batch = primary.begin_batch()
+    batch.db.execute("SELECT count(*) FROM users")
+    assert batch.seal(1) is None
+    batch.commit()
+    assert primary.position() == Position.ZERO
+    assert primary.log_range(0, 10) == []
+
+
+def test_rolled_back_batch_changes_nothing(primary: Storage) -> None:
+    add_user(primary, "ann")
+    batch = primary.begin_batch()
+    batch.db.execute("DELETE FROM users")
+    batch.rollback()
+    assert names(primary) == ["ann"]
+    assert primary.position() == Position(1, 1)
+
+
+def test_savepoint_undoes_only_the_failed_operation(primary: Storage) -> None:
+    batch = primary.begin_batch()
+    with batch.savepoint() as db:
+        db.execute("INSERT INTO cluster(key, value) VALUES ('kept', '1')")
+
+    def failing_operation() -> None:
+        with batch.savepoint() as db:
+            db.execute("INSERT INTO cluster(key, value) VALUES ('undone', '1')")
+            db.execute("UPDATE cluster SET value = '2' WHERE key = 'kept'")
+            raise RuntimeError("the operation failed")
+
+    with pytest.raises(RuntimeError):
+        failing_operation()
+    record = batch.seal(1)
+    batch.commit()
+    assert primary.db.execute("SELECT key, value FROM cluster") == [("kept", "1")]
+    # The changeset carries only what survived: a backup ends with the same rows.
+    assert record is not None
+    other = Storage(primary.path.with_name("other.db"))
+    other.apply_records([record])
+    assert other.checksums() == primary.checksums()
+    other.close()
+
+
+def test_a_second_batch_cannot_open_while_one_is_open(primary: Storage) -> None:
+    batch = primary.begin_batch()
+    with pytest.raises(Internal):
+        primary.begin_batch()
+    batch.rollback()
+
+
+def test_sealed_batch_refuses_more_writes(primary: Storage) -> None:
+    batch = primary.begin_batch()
+    batch.db.execute("INSERT INTO cluster(key, value) VALUES ('a', '1')")
+    batch.seal(1)
+    with pytest.raises(Internal):
+        batch.db.execute("INSERT INTO cluster(key, value) VALUES ('b', '1')")
+    batch.commit()
+
+
+def test_seal_refuses_an_epoch_older_than_the_log(primary: Storage) -> None:
+    add_user(primary, "ann", epoch=3)
+    batch = primary.begin_batch()
+    batch.db.execute("INSERT INTO cluster(key, value) VALUES ('a', '1')")
+    with pytest.raises(Internal, match="epoch"):
+        batch.seal(2)
+    batch.rollback()
+    assert primary.position() == Position(3, 1)
+
+
+def test_sync_set_versions_grow_and_replicate(primary: Storage, backup: Storage) -> None:
+    batch = primary.begin_batch()
+    first = batch.set_sync_set((3, 1, 2), epoch=1)
+    second = batch.set_sync_set((1, 2), epoch=1)
+    record = batch.seal(1)
+    batch.commit()
+    assert first == SyncSet(1, (1, 2, 3), 1)
+    assert second == primary.sync_set() == SyncSet(2, (1, 2), 1)
+    assert record is not None
+    backup.apply_records([record])
+    assert backup.sync_set() == SyncSet(2, (1, 2), 1)
+
+
+def test_epoch_history_records_the_first_seq_of_each_epoch(primary: Storage) -> None:
+    add_user(primary, "a", epoch=1)
+    add_user(primary, "b", epoch=1)
+    add_user(primary, "c", epoch=2)
+    add_user(primary, "d", epoch=5)
+    add_user(primary, "e", epoch=5)
+    assert primary.epoch_history() == [(1, 1), (2, 3), (5, 4)]
+    assert primary.position() == Position(5, 5)
+
+
+# ---- node state --------------------------------------------------------------------------
+
+
+def test_node_state_round_trip(primary: Storage) -> None:
+    primary.save_node_state(NodeState(current_epoch=4, voted_epoch=4, voted_for=2))
+    assert primary.node_state() == NodeState(4, 4, 2)
+    primary.save_node_state(NodeState(current_epoch=5, voted_epoch=4, voted_for=None))
+    assert primary.node_state() == NodeState(5, 4, None)
+
+
+def test_node_state_is_not_replicated(primary: Storage, backup: Storage) -> None:
+    batch = primary.begin_batch()
+    batch.db.execute("INSERT INTO cluster(key, value) VALUES ('a', '1')")
+    record = batch.seal(1)
+    batch.commit()
+    primary.save_node_state(NodeState(9, 9, 1))
+    assert record is not None
+    backup.apply_records([record])
+    assert backup.node_state() == NodeState()
+
+
+# ---- catch-up (apply_records) ------------------------------------------------------------
+
+
+def test_apply_records_makes_a_backup_identical(primary: Storage, backup: Storage) -> None:
+    records = [add_user(primary, n) for n in ("ann", "bob")]
+    records.append(write(primary, "UPDATE users SET name = 'Bob' WHERE name = 'bob'", epoch=2))
+    records.append(write(primary, "DELETE FROM users WHERE name = 'ann'", epoch=2))
+    assert backup.apply_records(records[:2]) == Position(1, 2)
+    assert backup.apply_records(records[2:]) == Position(2, 4)
+    assert backup.checksums() == primary.checksums()
+    assert backup.epoch_history() == primary.epoch_history() == [(1, 1), (2, 3)]
+    assert backup.log_range(0, 10) == records
+
+
+def test_apply_records_allows_empty_changesets(backup: Storage) -> None:
+    assert backup.apply_records([LogRecord(1, 1, b""), LogRecord(1, 2, b"")]) == Position(1, 2)
+    assert backup.epoch_history() == [(1, 1)]
+
+
+def test_apply_no_records_keeps_position(backup: Storage) -> None:
+    assert backup.apply_records([]) == Position.ZERO
+
+
+def test_apply_records_with_a_gap_diverges_and_changes_nothing(
+    primary: Storage, backup: Storage
+) -> None:
+    records = [add_user(primary, n) for n in ("ann", "bob", "cy")]
+    backup.apply_records(records[:1])
+    before = backup.checksums()
+    with pytest.raises(Diverged, match="seq"):
+        backup.apply_records([records[2]])
+    with pytest.raises(Diverged, match="seq"):
+        backup.apply_records([records[1], records[0]])
+    assert backup.checksums() == before
+    assert backup.position() == Position(1, 1)
+    assert len(backup.log_range(0, 10)) == 1
+
+
+def test_apply_records_from_an_older_epoch_diverges(backup: Storage) -> None:
+    backup.apply_records([LogRecord(3, 1, b"")])
+    with pytest.raises(Diverged, match="epoch"):
+        backup.apply_records([LogRecord(2, 2, b"")])
+
+
+def test_a_conflicting_changeset_diverges_and_rolls_back(primary: Storage, backup: Storage) -> None:
+    ann = add_user(primary, "ann")
+    bob = add_user(primary, "bob")
+    # The backup already has another row with bob's id: its history is not the primary's.
+    backup.apply_records([ann])
+    backup.db.execute(
+        "INSERT INTO users(id, name, name_key, password_hash, created_at) "
+        "VALUES (2, 'zed', 'zed', 'h', 1)"
+    )
+    before = backup.checksums()
+    with pytest.raises(Diverged, match="seq 2"):
+        backup.apply_records([bob])
+    assert backup.checksums() == before
+    assert backup.position() == Position(1, 1)
+
+
+# ---- rewind ------------------------------------------------------------------------------
+
+
+def test_rewind_restores_an_earlier_point_and_keeps_a_rollback_file(
+    primary: Storage, tmp_path: Path
+) -> None:
+    add_user(primary, "ann", epoch=1)
+    sums_at_1 = primary.checksums()
+    removed = [
+        add_user(primary, "bob", epoch=2),
+        write(primary, "UPDATE users SET name = 'Ann' WHERE id = 1", epoch=2),
+        write(primary, "DELETE FROM users WHERE id = 2", epoch=3),
+    ]
+    rollback = tmp_path / "rollback.jsonl"
+    assert primary.rewind(1, rollback) == 3
+    assert primary.checksums() == sums_at_1
+    assert primary.position() == Position(1, 1)
+    assert primary.epoch_history() == [(1, 1)]
+    lines = [json.loads(line) for line in rollback.read_text().splitlines()]
+    assert [(x["epoch"], x["seq"]) for x in lines] == [(2, 2), (2, 3), (3, 4)]
+    assert [base64.b64decode(x["changeset"]) for x in lines] == [r.changeset for r in removed]
+    # The log continues from the rewound point.
+    assert add_user(primary, "cy", epoch=4).seq == 2
+
+
+def test_rewind_to_zero_empties_the_node(primary: Storage, tmp_path: Path) -> None:
+    empty = primary.checksums()
+    add_user(primary, "ann", epoch=2)
+    assert primary.rewind(0, tmp_path / "rb") == 1
+    assert primary.checksums() == empty
+    assert primary.position() == Position.ZERO
+    assert primary.epoch_history() == []
+
+
+def test_rewind_at_or_past_the_position_removes_nothing(primary: Storage, tmp_path: Path) -> None:
+    add_user(primary, "ann")
+    assert primary.rewind(1, tmp_path / "rb") == 0
+    assert primary.rewind(5, tmp_path / "rb") == 0
+    assert not (tmp_path / "rb").exists()
+
+
+def test_rewind_past_a_pruned_log_diverges(primary: Storage, tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        add_user(primary, name)
+    primary.prune_log(keep=1)
+    sums = primary.checksums()
+    with pytest.raises(Diverged, match="no longer holds"):
+        primary.rewind(1, tmp_path / "rb")
+    assert primary.checksums() == sums
+    assert primary.position() == Position(1, 3)
+    assert not (tmp_path / "rb").exists()
+
+
+# ---- the log -----------------------------------------------------------------------------
+
+
+def test_prune_log_keeps_the_newest_records_and_the_position(primary: Storage) -> None:
+    records = [add_user(primary, f"u{i}") for i in range(5)]
+    assert primary.prune_log(keep=2) == 3
+    assert primary.first_log_seq() == 4
+    assert primary.log_range(0, 10) == records[3:]
+    assert primary.prune_log(keep=2) == 0
+    assert primary.prune_log(keep=0) == 2
+    assert primary.first_log_seq() is None
+    assert primary.position() == Position(1, 5)
+    assert add_user(primary, "next").seq == 6
+
+
+# ---- snapshots ---------------------------------------------------------------------------
+
+
+def test_snapshot_install_converges_and_keeps_own_node_state(
+    primary: Storage, backup: Storage, tmp_path: Path
+) -> None:
+    for name in ("ann", "bob"):
+        add_user(primary, name, epoch=2)
+    primary.save_node_state(NodeState(current_epoch=2, voted_epoch=2, voted_for=1))
+    backup.save_node_state(NodeState(current_epoch=5, voted_epoch=4, voted_for=3))
+    add_user(backup, "stale", epoch=1)
+
+    snapshot = tmp_path / "snap.db"
+    assert primary.make_snapshot(snapshot) == Position(2, 2)
+    assert backup.install_snapshot(snapshot) == Position(2, 2)
+
+    assert backup.checksums() == primary.checksums()
+    assert backup.position() == primary.position()
+    assert backup.epoch_history() == [(2, 1)]
+    assert backup.node_state() == NodeState(current_epoch=5, voted_epoch=4, voted_for=3)
+    assert backup.integrity_check() == "ok"
+    assert not list(tmp_path.glob("*.installing*")) + list(tmp_path.glob("*.partial*"))
+    # Catch-up continues from the snapshot's position.
+    backup.apply_records([add_user(primary, "cy", epoch=2)])
+    assert backup.checksums() == primary.checksums()
+
+
+def test_install_snapshot_takes_the_higher_current_epoch(
+    primary: Storage, backup: Storage, tmp_path: Path
+) -> None:
+    add_user(primary, "ann", epoch=7)
+    primary.save_node_state(NodeState(current_epoch=7, voted_epoch=7, voted_for=1))
+    backup.save_node_state(NodeState(current_epoch=3, voted_epoch=3, voted_for=2))
+    primary.make_snapshot(tmp_path / "s.db")
+    backup.install_snapshot(tmp_path / "s.db")
+    assert backup.node_state() == NodeState(current_epoch=7, voted_epoch=3, voted_for=2)
+
+
+def test_snapshot_leaves_out_an_open_batch(primary: Storage, tmp_path: Path) -> None:
+    add_user(primary, "ann")
+    batch = primary.begin_batch()
+    batch.db.execute("DELETE FROM users")
+    assert primary.make_snapshot(tmp_path / "s.db") == Position(1, 1)
+    batch.rollback()
+    copy = Storage(tmp_path / "s.db")
+    assert names(copy) == ["ann"]
+    copy.close()
+
+
+def test_snapshot_of_a_pruned_log_keeps_its_position(
+    primary: Storage, backup: Storage, tmp_path: Path
+) -> None:
+    for name in ("a", "b", "c"):
+        add_user(primary, name)
+    primary.prune_log(keep=0)
+    primary.make_snapshot(tmp_path / "s.db")
+    assert backup.install_snapshot(tmp_path / "s.db") == Position(1, 3)
+
+
+# ---- checks ------------------------------------------------------------------------------
+
+
+def test_checksums_cover_each_replicated_table(primary: Storage) -> None:
+    empty = primary.checksums()
+    assert set(empty) == set(REPLICATED_TABLES)
+    add_user(primary, "ann")
+    after = primary.checksums()
+    changed = {table for table in after if after[table] != empty[table]}
+    assert changed == {"users"}
+
+
+def test_checksums_ignore_node_local_tables(primary: Storage) -> None:
+    sums = primary.checksums()
+    primary.save_node_state(NodeState(1, 1, 1))
+    primary.db.execute("INSERT INTO txlog(seq, epoch, changeset) VALUES (99, 1, x'')")
+    assert primary.checksums() == sums
+
+
+def test_integrity_check(primary: Storage) -> None:
+    add_user(primary, "ann")
+    assert primary.integrity_check() == "ok"

@@ -1,0 +1,1086 @@
+"""The replication core: who is primary, epochs, the sync set, elections. No I/O.
+
+The core is a plain object. The runtime feeds it what happened (a peer message,
+a link going up or down, a local commit, the passing of time) together with the
+current monotonic time, and gets back a list of effects to carry out *in order*:
+persist before send, seal before broadcast. Nothing here touches a socket, a
+file or a clock, so every rule of SPEC section 6 is a unit test over a
+simulated network (``tests/unit/test_replication_state.py``).
+
+Roles. A node is ``electing`` until it knows a primary, ``backup`` while it
+follows one, ``primary`` after winning an election.
+
+Epochs (R1). ``epoch`` is the highest epoch this node has seen or voted in,
+persisted before it is acted on. Frames from a lower epoch are refused with
+``reject``; a primary that sees a higher epoch from a primary or a backup of
+a higher epoch steps down. A vote request alone does not move the epoch of a
+node that refuses it, so a node that wrongly suspected a live primary cannot
+depose it.
+
+Sync set (R2, R3, R4). The primary acknowledges seq s only when every member
+of the *ack set* has durably committed s. The ack set is the effective sync
+set plus the members of every change not yet effective: growing takes effect
+at once (the newcomer must have everything from then on), shrinking only once
+the remaining members hold the change record (until then the old, larger set
+still counts). A backup is dropped after ``sync_timeout`` without a counted
+ack; acks of a backup that lags more than ``lag_limit`` are not counted, so a
+slow backup is dropped too. A backup re-enters once it holds everything
+acknowledged.
+
+Confirmation (R5). A backup is *confirmed* until ``t + confirm_window``, where
+t is the time (by its own clock) at which it sent the ack that the primary
+echoes in a frame naming it a member. The primary sent that frame after it
+received the ack, and drops a backup only ``sync_timeout`` after the last ack
+it counted, so while a backup believes itself confirmed the primary has not
+acknowledged anything without it. A restart or a gap in the node's own clock
+(it was frozen) ends confirmation.
+
+Elections (R5, R6). An electing node probes its peers, then decides from what
+it hears: follow a live primary; or, among confirmed nodes, the highest
+position wins (ties: lowest id); or, if nobody reachable is confirmed, the
+newest sync set any reachable node knows is examined: once all its members
+answer, its member with the highest position wins. The winner asks every node
+that answered for its vote in a new epoch (one vote per epoch, persisted) and
+becomes primary unless one refuses.
+
+Freeze. A tick later than ``clock_gap`` after the previous one means this
+process was stopped. A backup then loses its confirmation; a primary may not
+drop any member until it has heard from that member again, so a thawed old
+primary never shrinks to itself and acknowledges alone in a stale epoch.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..storage import NodeState, Position, SyncSet
+
+
+class Role(enum.Enum):
+    ELECTING = "electing"
+    PRIMARY = "primary"
+    BACKUP = "backup"
+
+
+@dataclass(frozen=True)
+class Timing:
+    heartbeat_interval: float = 0.1
+    suspect_timeout: float = 0.6
+    election_timeout: float = 0.3
+    sync_timeout: float = 1.5
+    confirm_window: float = 1.2
+    clock_gap: float = 0.5
+
+    @property
+    def lag_limit(self) -> float:
+        return self.sync_timeout / 2
+
+
+# ---- effects ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    to: int
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Persist:
+    state: NodeState
+
+
+@dataclass(frozen=True)
+class BecomePrimary:
+    """Seal the first record of ``epoch`` with the sync set ``members``, then serve."""
+
+    epoch: int
+    members: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StepDown:
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChangeSyncSet:
+    """Seal a record that sets the sync set to ``members`` (R3 shrink, R4 grow)."""
+
+    members: tuple[int, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Acknowledge:
+    """Every seq up to ``seq`` is durable on the whole ack set: reply to clients."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
+class StartStream:
+    """Primary: stream records after ``after_seq`` to ``node`` (snapshot first if asked)."""
+
+    node: int
+    after_seq: int
+    snapshot: bool
+
+
+@dataclass(frozen=True)
+class StopStream:
+    node: int
+
+
+@dataclass(frozen=True)
+class ApplyRecords:
+    """Backup: durably apply these records, then call ``on_local_durable``."""
+
+    records: list[list[Any]]
+
+
+@dataclass(frozen=True)
+class Rewind:
+    """Backup: remove every record after ``to_seq`` (kept in a rollback file)."""
+
+    to_seq: int
+
+
+@dataclass(frozen=True)
+class ExpectSnapshot:
+    """Backup: the primary will send a snapshot; install it, then ``reset_log``."""
+
+
+@dataclass(frozen=True)
+class Log:
+    event: str
+    fields: dict[str, Any]
+
+
+Effect = (
+    Send
+    | Persist
+    | BecomePrimary
+    | StepDown
+    | ChangeSyncSet
+    | Acknowledge
+    | StartStream
+    | StopStream
+    | ApplyRecords
+    | Rewind
+    | ExpectSnapshot
+    | Log
+)
+
+
+# ---- pure decisions -------------------------------------------------------------------
+
+
+def epoch_end(history: list[tuple[int, int]], last_seq: int, epoch: int) -> int | None:
+    """The last seq a node holds in ``epoch``, or None if the epoch is not in its history."""
+    for index, (e, _start) in enumerate(history):
+        if e == epoch:
+            if index + 1 < len(history):
+                return history[index + 1][1] - 1
+            return last_seq
+    return None
+
+
+def divergence_point(
+    primary_history: list[tuple[int, int]],
+    primary_last: int,
+    backup_history: list[tuple[int, int]],
+    backup_last: int,
+) -> int:
+    """The last seq the backup may keep: the end of the newest epoch both share.
+
+    One primary per epoch writes the records of that epoch in order, so within
+    a shared epoch the two histories agree up to the shorter one; anything the
+    backup holds after that point was never acknowledged and is rewound (R4,
+    after Kafka's KIP-101).
+    """
+    primary_epochs = {e for e, _ in primary_history}
+    for epoch, _start in reversed(backup_history):
+        if epoch in primary_epochs:
+            ends = (
+                epoch_end(primary_history, primary_last, epoch),
+                epoch_end(backup_history, backup_last, epoch),
+            )
+            return min(end for end in ends if end is not None)
+    return 0
+
+
+def position_key(position: Position, node: int) -> tuple[int, int, int]:
+    """Sort key: higher position first wins, ties broken by the lowest node id."""
+    return (position.epoch, position.seq, -node)
+
+
+def sync_set_key(sync_set: SyncSet) -> tuple[int, int]:
+    return (sync_set.epoch, sync_set.version)
+
+
+def sync_set_to_wire(sync_set: SyncSet) -> dict[str, Any]:
+    return {"version": sync_set.version, "members": list(sync_set.members), "epoch": sync_set.epoch}
+
+
+def sync_set_from_wire(data: dict[str, Any]) -> SyncSet:
+    members = data.get("members", [])
+    version, epoch = data.get("version", 0), data.get("epoch", 0)
+    if not isinstance(members, list) or not all(isinstance(m, int) for m in members):
+        members = []
+    return SyncSet(
+        version if isinstance(version, int) else 0,
+        tuple(members),
+        epoch if isinstance(epoch, int) else 0,
+    )
+
+
+@dataclass
+class BackupProgress:
+    """What the primary knows of one backup."""
+
+    durable: int = -1
+    joined: bool = False
+    last_counted: float = 0.0
+    echo: int = -1
+    heard_since_gap: bool = True
+
+
+@dataclass
+class ProbeView:
+    """One peer's answer to this node's probe."""
+
+    node: int
+    epoch: int
+    role: str
+    primary: int | None
+    position: Position
+    eligible: bool
+    sync_set: SyncSet
+
+
+@dataclass
+class Campaign:
+    epoch: int
+    asked: set[int]
+    granted: set[int] = field(default_factory=set)
+    deadline: float = 0.0
+    force: bool = False
+
+
+# ---- the core -----------------------------------------------------------------------
+
+
+class ReplicaCore:
+    """The replication state of one node. Every public method returns effects."""
+
+    def __init__(
+        self,
+        node_id: int,
+        nodes: tuple[int, ...],
+        timing: Timing,
+        state: NodeState,
+        position: Position,
+        sync_set: SyncSet,
+        now: float,
+        history: list[tuple[int, int]] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.nodes = tuple(sorted(nodes))
+        self.peers = tuple(n for n in self.nodes if n != node_id)
+        self.timing = timing
+        self.state = state
+        self.position = position
+        self.history = list(history or [])
+        self.sync_set = sync_set
+        self.role = Role.ELECTING
+        self.primary: int | None = None
+        self.links: set[int] = set()
+        self.last_tick = now
+        # backup side
+        self.confirmed_until = 0.0
+        self.last_primary_frame = 0.0
+        self.joined = False
+        self.join_sent = 0.0
+        self.awaiting_snapshot = False
+        self.ack_no = 0
+        self.ack_times: deque[tuple[int, float]] = deque(maxlen=256)
+        # primary side
+        self.progress: dict[int, BackupProgress] = {}
+        self.effective: tuple[int, ...] = ()
+        self.pending_sets: list[tuple[int, tuple[int, ...]]] = []
+        self.changing = False
+        self.watermark = 0
+        self.epoch_start_seq = 0
+        self.sealed_at: deque[tuple[int, float]] = deque()
+        self.last_heartbeat = 0.0
+        # electing side
+        self.round = 0
+        self.round_started = 0.0
+        self.next_round_at = now
+        self.probes: dict[int, ProbeView] = {}
+        self.campaign: Campaign | None = None
+        self.waiting_for: tuple[int, ...] = ()
+        self.reason = "starting: probing peers"
+
+    # ---- inputs --------------------------------------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self.state.current_epoch
+
+    @property
+    def eligible(self) -> bool:
+        return self.last_tick < self.confirmed_until
+
+    def tick(self, now: float) -> list[Effect]:
+        out: list[Effect] = []
+        self._check_gap(now, out)
+        if self.role is Role.PRIMARY:
+            self._primary_tick(now, out)
+        elif self.role is Role.BACKUP:
+            if now - self.last_primary_frame > self.timing.suspect_timeout:
+                self._become_electing(now, "primary silent past the suspect timeout", out)
+            elif (
+                not self.joined
+                and not self.awaiting_snapshot
+                and now - self.join_sent > self.timing.election_timeout
+            ):
+                self._send_join(now, out)
+        else:
+            self._electing_tick(now, out)
+        return out
+
+    def on_link(self, now: float, peer: int, up: bool, closed_by_us: bool = False) -> list[Effect]:
+        out: list[Effect] = []
+        self._check_gap(now, out)
+        if up:
+            self.links.add(peer)
+            return out
+        self.links.discard(peer)
+        self.probes.pop(peer, None)
+        if self.role is Role.BACKUP and peer == self.primary:
+            if closed_by_us:
+                # We gave up on the link ourselves: the primary may count us as gone.
+                self.confirmed_until = 0.0
+            self._become_electing(now, "lost the link to the primary", out)
+        elif self.role is Role.PRIMARY and peer in self.progress:
+            progress = self.progress[peer]
+            progress.joined = False
+            out.append(StopStream(peer))
+            if peer in self._latest_members() and progress.heard_since_gap:
+                # A closed connection is an immediate signal: the backup died.
+                self._propose_change(
+                    tuple(m for m in self._latest_members() if m != peer),
+                    f"lost the link to node {peer}",
+                    out,
+                )
+        return out
+
+    def on_message(self, now: float, sender: int, msg: dict[str, Any]) -> list[Effect]:
+        out: list[Effect] = []
+        self._check_gap(now, out)
+        handler = getattr(self, "_on_" + msg["type"], None)
+        if handler is not None:
+            handler(now, sender, msg, out)
+        return out
+
+    def on_local_durable(
+        self, now: float, position: Position, sync_set: SyncSet | None = None
+    ) -> list[Effect]:
+        """The runtime committed records locally (primary: a batch; backup: applied records)."""
+        out: list[Effect] = []
+        self._note_position(position)
+        if sync_set is not None and self.role is not Role.PRIMARY:
+            self.sync_set = sync_set
+        if self.role is Role.PRIMARY:
+            self._advance_watermark(now, out)
+        elif self.role is Role.BACKUP and self.primary is not None:
+            self._send_ack(now, out)
+        return out
+
+    def on_sealed(self, now: float, seq: int, sync_set: SyncSet | None) -> list[Effect]:
+        """Primary: a record was sealed at ``seq`` (about to be broadcast and committed)."""
+        out: list[Effect] = []
+        self.sealed_at.append((seq, now))
+        if sync_set is not None:
+            self.sync_set = sync_set
+            self.pending_sets.append((seq, sync_set.members))
+            self.changing = False
+            out.append(
+                Log(
+                    "sync set changed",
+                    {
+                        "node": self.node_id,
+                        "version": sync_set.version,
+                        "members": ",".join(map(str, sync_set.members)),
+                        "seq": seq,
+                    },
+                )
+            )
+        return out
+
+    def reset_log(
+        self,
+        now: float,
+        position: Position,
+        sync_set: SyncSet,
+        history: list[tuple[int, int]],
+    ) -> list[Effect]:
+        """Backup: after a rewind or a snapshot install the local log is at ``position``."""
+        out: list[Effect] = []
+        self.position = position
+        self.history = list(history)
+        self.sync_set = sync_set
+        self.awaiting_snapshot = False
+        if self.role is Role.BACKUP and self.primary is not None:
+            self.joined = True
+            self._send_ack(now, out)
+        return out
+
+    def rejoin(self, now: float, why: str) -> list[Effect]:
+        """Backup: the stream did not fit our log (a gap); ask the primary where to resume."""
+        out: list[Effect] = [Log("rejoin", {"node": self.node_id, "why": why})]
+        if self.role is Role.BACKUP:
+            self._send_join(now, out)
+        return out
+
+    def _note_position(self, position: Position) -> None:
+        if position.epoch != self.position.epoch and (
+            not self.history or self.history[-1][0] < position.epoch
+        ):
+            # The first record of a new epoch: the history gains an entry. (Several
+            # epochs may have passed in one batch of records; the runtime resets the
+            # history from storage after every apply, so this is only a fast path.)
+            self.history.append((position.epoch, position.seq))
+        self.position = position
+
+    def force_promote(self, now: float) -> list[Effect]:
+        out: list[Effect] = [
+            Log("forced promotion requested", {"node": self.node_id, "epoch": self.epoch})
+        ]
+        if self.role is not Role.PRIMARY:
+            self._campaign(now, force=True, out=out)
+        return out
+
+    # ---- clock gaps ------------------------------------------------------------------
+
+    def _check_gap(self, now: float, out: list[Effect]) -> None:
+        gap = now - self.last_tick
+        self.last_tick = max(self.last_tick, now)
+        if gap <= self.timing.clock_gap:
+            return
+        out.append(Log("clock gap", {"node": self.node_id, "seconds": f"{gap:.3f}"}))
+        self.confirmed_until = 0.0
+        if self.role is Role.PRIMARY:
+            for progress in self.progress.values():
+                progress.heard_since_gap = False
+                progress.last_counted = now
+        elif self.role is Role.BACKUP:
+            self.last_primary_frame = now
+
+    # ---- primary -------------------------------------------------------------------
+
+    def _latest_members(self) -> tuple[int, ...]:
+        return self.sync_set.members
+
+    def _ack_set(self) -> set[int]:
+        members = set(self.effective)
+        for _seq, pending in self.pending_sets:
+            members.update(pending)
+        return members
+
+    def _primary_tick(self, now: float, out: list[Effect]) -> None:
+        if now - self.last_heartbeat >= self.timing.heartbeat_interval:
+            self.last_heartbeat = now
+            for peer in sorted(self.links):
+                out.append(Send(peer, self.stream_header(peer, [])))
+        latest = self._latest_members()
+        for peer in latest:
+            if peer == self.node_id:
+                continue
+            progress = self.progress.setdefault(peer, BackupProgress(last_counted=now))
+            if not progress.heard_since_gap:
+                continue
+            if (
+                peer not in self.links
+                and now - progress.last_counted > self.timing.heartbeat_interval
+            ):
+                self._propose_change(
+                    tuple(m for m in latest if m != peer), f"node {peer} is unreachable", out
+                )
+                return
+            if now - progress.last_counted > self.timing.sync_timeout:
+                self._propose_change(
+                    tuple(m for m in latest if m != peer),
+                    f"node {peer} silent or lagging past the sync timeout",
+                    out,
+                )
+                return
+
+    def stream_header(self, peer: int, records: list[list[Any]]) -> dict[str, Any]:
+        """The ``append`` frame for ``peer`` (a heartbeat when ``records`` is empty)."""
+        progress = self.progress.get(peer)
+        return {
+            "type": "append",
+            "epoch": self.epoch,
+            "seq": self.position.seq,
+            "watermark": self.watermark,
+            "records": records,
+            "sync_set": sync_set_to_wire(self.sync_set),
+            "in_sync": list(self.effective),
+            "echo": progress.echo if progress is not None else -1,
+        }
+
+    def _propose_change(self, members: tuple[int, ...], reason: str, out: list[Effect]) -> None:
+        if self.changing or tuple(sorted(members)) == tuple(sorted(self._latest_members())):
+            return
+        self.changing = True
+        out.append(ChangeSyncSet(tuple(sorted(members)), reason))
+
+    def _lagging(self, durable: int, now: float) -> bool:
+        for seq, sealed in self.sealed_at:
+            if seq > durable:
+                return now - sealed > self.timing.lag_limit
+        return False
+
+    def _on_ack(self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]) -> None:
+        if msg["epoch"] > self.epoch:
+            self._adopt_epoch(now, msg["epoch"], None, "an ack from a higher epoch", out)
+            return
+        if self.role is not Role.PRIMARY or msg["epoch"] < self.epoch:
+            return
+        progress = self.progress.setdefault(sender, BackupProgress(last_counted=now))
+        progress.durable = max(progress.durable, msg["seq"])
+        progress.heard_since_gap = True
+        if not self._lagging(progress.durable, now):
+            progress.last_counted = now
+            progress.echo = msg["ack_no"]
+        if (
+            progress.joined
+            and sender not in self._latest_members()
+            and progress.durable >= max(self.watermark, self.epoch_start_seq)
+        ):
+            if not self.changing:
+                out.append(
+                    Log(
+                        "catch-up end",
+                        {"node": self.node_id, "backup": sender, "seq": progress.durable},
+                    )
+                )
+            self._propose_change((*self._latest_members(), sender), f"node {sender} caught up", out)
+        self._advance_watermark(now, out)
+
+    def _advance_watermark(self, now: float, out: list[Effect]) -> None:
+        def durable(node: int) -> int:
+            if node == self.node_id:
+                return self.position.seq
+            progress = self.progress.get(node)
+            return progress.durable if progress is not None else -1
+
+        while self.pending_sets:
+            seq, members = self.pending_sets[0]
+            if all(durable(m) >= seq for m in members):
+                self.effective = members
+                self.pending_sets.pop(0)
+            else:
+                break
+        ack_set = self._ack_set() | {self.node_id}
+        watermark = min(durable(m) for m in ack_set)
+        if watermark > self.watermark:
+            self.watermark = watermark
+            while self.sealed_at and self.sealed_at[0][0] <= watermark:
+                self.sealed_at.popleft()
+            out.append(Acknowledge(watermark))
+
+    def _on_join(self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]) -> None:
+        # Handled by the runtime, which holds the log: see ``join_decision``.
+        pass
+
+    def join_decision(
+        self,
+        sender: int,
+        msg: dict[str, Any],
+        history: list[tuple[int, int]],
+        first_log_seq: int | None,
+        now: float,
+    ) -> list[Effect]:
+        """Primary: answer a returning backup's ``join`` (R4)."""
+        out: list[Effect] = []
+        if msg["epoch"] > self.epoch:
+            self._adopt_epoch(now, msg["epoch"], None, "a join from a higher epoch", out)
+            return out
+        if self.role is not Role.PRIMARY:
+            return out
+        backup_history = [
+            (int(e), int(s)) for e, s in msg["history"] if isinstance(e, int) and isinstance(s, int)
+        ]
+        backup_last = msg["position"][1]
+        diverge = divergence_point(history, self.position.seq, backup_history, backup_last)
+        diverge = min(diverge, backup_last)
+        # The log no longer reaches back to the first record the backup needs.
+        snapshot = first_log_seq is None or first_log_seq > diverge + 1
+        if self.position.seq == diverge:
+            snapshot = False
+        progress = self.progress.setdefault(sender, BackupProgress(last_counted=now))
+        progress.joined = True
+        progress.durable = -1 if snapshot else diverge
+        progress.heard_since_gap = True
+        out.append(
+            Send(
+                sender,
+                {
+                    "type": "join_reply",
+                    "epoch": self.epoch,
+                    "diverge": diverge,
+                    "snapshot": snapshot,
+                },
+            )
+        )
+        out.append(StartStream(sender, diverge, snapshot))
+        out.append(
+            Log(
+                "catch-up start",
+                {
+                    "node": self.node_id,
+                    "backup": sender,
+                    "from": backup_last,
+                    "to": self.position.seq,
+                    "rewind_to": diverge,
+                    "snapshot": str(snapshot).lower(),
+                },
+            )
+        )
+        return out
+
+    def _on_reject(self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]) -> None:
+        if msg["epoch"] > self.epoch:
+            self._adopt_epoch(now, msg["epoch"], None, f"node {sender} is in a higher epoch", out)
+
+    # ---- backup --------------------------------------------------------------------
+
+    def _send_ack(self, now: float, out: list[Effect]) -> None:
+        if self.primary is None:
+            return
+        self.ack_no += 1
+        self.ack_times.append((self.ack_no, now))
+        out.append(
+            Send(
+                self.primary,
+                {
+                    "type": "ack",
+                    "epoch": self.epoch,
+                    "seq": self.position.seq,
+                    "ack_no": self.ack_no,
+                },
+            )
+        )
+
+    def _on_append(self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]) -> None:
+        epoch = msg["epoch"]
+        if epoch < self.epoch:
+            out.append(Send(sender, {"type": "reject", "epoch": self.epoch}))
+            return
+        if epoch > self.epoch:
+            self._adopt_epoch(now, epoch, sender, "a primary of a higher epoch", out)
+        elif self.role is Role.PRIMARY:
+            # Two primaries in one epoch cannot happen: votes are one per epoch.
+            out.append(
+                Log("protocol anomaly", {"node": self.node_id, "from": sender, "epoch": epoch})
+            )
+            return
+        elif self.role is Role.ELECTING or self.primary != sender:
+            self._follow(now, sender, out)
+        self.last_primary_frame = now
+        self._confirm(now, msg)
+        if not self.joined:
+            return
+        if msg["records"]:
+            out.append(ApplyRecords(msg["records"]))
+        else:
+            self._send_ack(now, out)
+
+    def _confirm(self, now: float, msg: dict[str, Any]) -> None:
+        members = sync_set_from_wire(msg["sync_set"]).members
+        if self.node_id not in members or self.node_id not in msg["in_sync"]:
+            self.confirmed_until = 0.0
+            return
+        for ack_no, sent in self.ack_times:
+            if ack_no == msg["echo"]:
+                self.confirmed_until = max(self.confirmed_until, sent + self.timing.confirm_window)
+                return
+
+    def _follow(self, now: float, primary: int, out: list[Effect]) -> None:
+        was = self.role
+        self.role = Role.BACKUP
+        self.primary = primary
+        self.joined = False
+        self.awaiting_snapshot = False
+        self.campaign = None
+        self.waiting_for = ()
+        self.reason = ""
+        self.last_primary_frame = now
+        self.confirmed_until = 0.0
+        if was is Role.PRIMARY:
+            out.append(StepDown(f"node {primary} is primary in epoch {self.epoch}"))
+        out.append(
+            Log(
+                "became backup",
+                {
+                    "node": self.node_id,
+                    "primary": primary,
+                    "epoch": self.epoch,
+                    "seq": self.position.seq,
+                },
+            )
+        )
+        self._send_join(now, out)
+
+    def _send_join(self, now: float, out: list[Effect]) -> None:
+        if self.primary is None:
+            return
+        self.join_sent = now
+        out.append(
+            Send(
+                self.primary,
+                {
+                    "type": "join",
+                    "epoch": self.epoch,
+                    "position": [self.position.epoch, self.position.seq],
+                    "history": [list(entry) for entry in self.history],
+                },
+            )
+        )
+
+    def _on_join_reply(
+        self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]
+    ) -> None:
+        if sender != self.primary or msg["epoch"] != self.epoch:
+            return
+        if msg["snapshot"]:
+            self.awaiting_snapshot = True
+            out.append(ExpectSnapshot())
+            return
+        if self.position.seq > msg["diverge"]:
+            out.append(Rewind(msg["diverge"]))
+            return
+        self.joined = True
+        self._send_ack(now, out)
+
+    # ---- elections -----------------------------------------------------------------
+
+    def _adopt_epoch(
+        self, now: float, epoch: int, primary: int | None, why: str, out: list[Effect]
+    ) -> None:
+        self.state = NodeState(epoch, self.state.voted_epoch, self.state.voted_for)
+        out.append(Persist(self.state))
+        out.append(Log("epoch changed", {"node": self.node_id, "epoch": epoch, "why": why}))
+        if primary is not None:
+            self._follow(now, primary, out)
+        else:
+            self._become_electing(now, why, out)
+
+    def _become_electing(self, now: float, why: str, out: list[Effect]) -> None:
+        if self.role is Role.PRIMARY:
+            out.append(StepDown(why))
+            self.progress.clear()
+            self.pending_sets.clear()
+            self.effective = ()
+            self.changing = False
+        if self.role is not Role.ELECTING:
+            out.append(
+                Log("became electing", {"node": self.node_id, "epoch": self.epoch, "why": why})
+            )
+        self.role = Role.ELECTING
+        self.primary = None
+        self.joined = False
+        self.campaign = None
+        self.reason = why
+        self.next_round_at = now
+
+    def _electing_tick(self, now: float, out: list[Effect]) -> None:
+        if self.campaign is not None:
+            if now >= self.campaign.deadline:
+                self._finish_campaign(now, out)
+            return
+        if self.round_started and now < self.round_started + self.timing.election_timeout:
+            if self.peers_answered():
+                self._decide(now, out)
+            return
+        if self.round_started:
+            self._decide(now, out)
+            return
+        if now >= self.next_round_at:
+            self.round += 1
+            self.round_started = now
+            self.probes = {}
+            for peer in sorted(self.links):
+                out.append(Send(peer, {"type": "probe", "epoch": self.epoch, "round": self.round}))
+            if self.peers_answered():
+                self._decide(now, out)
+
+    def peers_answered(self) -> bool:
+        return all(peer in self.probes for peer in self.links)
+
+    def probe_reply(self) -> dict[str, Any]:
+        return {
+            "type": "probe_reply",
+            "epoch": self.epoch,
+            "round": 0,
+            "role": self.role.value,
+            "primary": self.primary if self.role is not Role.ELECTING else None,
+            "position": [self.position.epoch, self.position.seq],
+            "eligible": self.eligible and self.role is not Role.PRIMARY,
+            "sync_set": sync_set_to_wire(self.sync_set),
+        }
+
+    def _on_probe(self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]) -> None:
+        reply = self.probe_reply()
+        reply["round"] = msg["round"]
+        out.append(Send(sender, reply))
+
+    def _on_probe_reply(
+        self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]
+    ) -> None:
+        if msg["epoch"] > self.epoch and msg["role"] != Role.ELECTING.value:
+            primary = sender if msg["role"] == Role.PRIMARY.value else msg["primary"]
+            if self.role is Role.PRIMARY or self.role is Role.ELECTING:
+                self._adopt_epoch(
+                    now, msg["epoch"], primary, f"node {sender} is in a higher epoch", out
+                )
+            return
+        if self.role is not Role.ELECTING or msg["round"] != self.round:
+            return
+        self.probes[sender] = ProbeView(
+            sender,
+            msg["epoch"],
+            msg["role"],
+            msg["primary"],
+            Position(msg["position"][0], msg["position"][1]),
+            msg["eligible"],
+            sync_set_from_wire(msg["sync_set"]),
+        )
+
+    def _my_view(self) -> ProbeView:
+        return ProbeView(
+            self.node_id,
+            self.epoch,
+            self.role.value,
+            None,
+            self.position,
+            self.eligible,
+            self.sync_set,
+        )
+
+    def _decide(self, now: float, out: list[Effect]) -> None:
+        self.round_started = 0.0
+        # Retry soon; stagger by node id so two nodes rarely campaign at once.
+        self.next_round_at = now + self.timing.heartbeat_interval * (1 + 0.2 * self.node_id)
+        views = {self.node_id: self._my_view(), **self.probes}
+        for view in self.probes.values():
+            if view.role == Role.PRIMARY.value and view.epoch >= self.epoch:
+                self._adopt_or_follow(now, view.epoch, view.node, out)
+                return
+        for view in self.probes.values():
+            if (
+                view.role == Role.BACKUP.value
+                and view.primary is not None
+                and view.epoch >= self.epoch
+            ):
+                self.reason = f"node {view.node} still follows node {view.primary}"
+                return
+        winner = self._winner(views)
+        if winner == self.node_id:
+            self._campaign(now, force=False, out=out)
+
+    def _adopt_or_follow(self, now: float, epoch: int, primary: int, out: list[Effect]) -> None:
+        if epoch > self.epoch:
+            self._adopt_epoch(now, epoch, primary, f"node {primary} is primary", out)
+        else:
+            self._follow(now, primary, out)
+
+    def _winner(self, views: dict[int, ProbeView]) -> int | None:
+        """R5 then R6: the node that should become primary, or None (and why)."""
+        eligible = [v for v in views.values() if v.eligible]
+        if eligible:
+            best = max(eligible, key=lambda v: position_key(v.position, v.node))
+            self.waiting_for = ()
+            self.reason = f"electing: node {best.node} is the most current confirmed node"
+            return best.node
+        newest = max(views.values(), key=lambda v: sync_set_key(v.sync_set)).sync_set
+        # A fresh cluster has no sync set yet: all configured nodes form the first one.
+        members = newest.members or self.nodes
+        missing = tuple(m for m in members if m not in views)
+        if missing:
+            self.waiting_for = missing
+            self.reason = (
+                f"members of the newest sync set (version {newest.version}) must return "
+                "before anyone can prove it is current"
+            )
+            return None
+        candidates = [views[m] for m in members]
+        best = max(candidates, key=lambda v: position_key(v.position, v.node))
+        self.waiting_for = ()
+        self.reason = f"electing: full restart, node {best.node} holds the newest position"
+        return best.node
+
+    def _campaign(self, now: float, force: bool, out: list[Effect]) -> None:
+        epoch = (
+            max(self.epoch, self.state.voted_epoch, *(v.epoch for v in self.probes.values())) + 1
+        )
+        self.state = NodeState(epoch, epoch, self.node_id)
+        out.append(Persist(self.state))
+        asked = set(self.probes) & self.links if not force else set(self.links)
+        self.campaign = Campaign(
+            epoch, asked, deadline=now + self.timing.election_timeout, force=force
+        )
+        out.append(
+            Log(
+                "campaign",
+                {
+                    "node": self.node_id,
+                    "epoch": epoch,
+                    "seq": self.position.seq,
+                    "force": str(force).lower(),
+                },
+            )
+        )
+        for peer in sorted(asked):
+            out.append(
+                Send(
+                    peer,
+                    {
+                        "type": "vote_request",
+                        "epoch": epoch,
+                        "position": [self.position.epoch, self.position.seq],
+                        "force": force,
+                    },
+                )
+            )
+        if not asked:
+            self._finish_campaign(now, out)
+
+    def _on_vote_request(
+        self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]
+    ) -> None:
+        epoch = msg["epoch"]
+        candidate = Position(msg["position"][0], msg["position"][1])
+        reason = ""
+        if epoch < self.epoch:
+            reason = f"stale epoch {epoch}, mine is {self.epoch}"
+        elif self.state.voted_epoch == epoch and self.state.voted_for != sender:
+            reason = f"already voted for node {self.state.voted_for} in epoch {epoch}"
+        elif self.role is Role.PRIMARY and not msg["force"]:
+            reason = "I am the primary"
+        elif (
+            self.role is Role.BACKUP
+            and not msg["force"]
+            and now - self.last_primary_frame <= self.timing.suspect_timeout
+        ):
+            reason = f"node {self.primary} is a live primary"
+        elif candidate < self.position and not msg["force"]:
+            reason = "my position is newer"
+        granted = not reason
+        if granted:
+            was_primary = self.role is Role.PRIMARY
+            self.state = NodeState(epoch, epoch, sender)
+            out.append(Persist(self.state))
+            if was_primary or self.role is Role.BACKUP:
+                self._become_electing(now, f"voted for node {sender} in epoch {epoch}", out)
+            self.campaign = None
+            self.next_round_at = now + self.timing.election_timeout
+        out.append(
+            Send(
+                sender,
+                {"type": "vote", "epoch": epoch, "granted": granted, "reason": reason or "granted"},
+            )
+        )
+
+    def _on_vote(self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]) -> None:
+        campaign = self.campaign
+        if campaign is None or msg["epoch"] != campaign.epoch:
+            return
+        if not msg["granted"]:
+            out.append(
+                Log(
+                    "campaign lost",
+                    {
+                        "node": self.node_id,
+                        "epoch": campaign.epoch,
+                        "refused_by": sender,
+                        "why": msg["reason"],
+                    },
+                )
+            )
+            self.campaign = None
+            self.next_round_at = now + self.timing.election_timeout * (0.5 + 0.3 * self.node_id)
+            return
+        campaign.granted.add(sender)
+        if campaign.granted >= campaign.asked:
+            self._finish_campaign(now, out)
+
+    def _finish_campaign(self, now: float, out: list[Effect]) -> None:
+        campaign = self.campaign
+        if campaign is None:
+            return
+        self.campaign = None
+        if not (campaign.granted >= campaign.asked) and not campaign.force:
+            # A peer answered the probe but not the vote: it is frozen or died. If it
+            # thaws it restarts its own reasoning (clock gap), so we proceed without it.
+            pass
+        self.role = Role.PRIMARY
+        self.primary = self.node_id
+        self.waiting_for = ()
+        self.reason = ""
+        self.confirmed_until = 0.0
+        self.progress = {}
+        self.watermark = self.position.seq if campaign.force else 0
+        self.sealed_at.clear()
+        members = [self.node_id]
+        for peer in sorted(campaign.granted):
+            view = self.probes.get(peer)
+            if view is not None and view.position == self.position:
+                members.append(peer)
+        for peer in self.peers:
+            self.progress[peer] = BackupProgress(last_counted=now)
+        self.effective = tuple(sorted(members))
+        self.pending_sets = []
+        self.changing = True
+        self.epoch_start_seq = self.position.seq + 1
+        out.append(
+            Log(
+                "became primary",
+                {
+                    "node": self.node_id,
+                    "epoch": campaign.epoch,
+                    "seq": self.position.seq,
+                    "force": str(campaign.force).lower(),
+                },
+            )
+        )
+        out.append(BecomePrimary(campaign.epoch, tuple(sorted(members))))
+
+    # ---- introspection -------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        lag = {}
+        if self.role is Role.PRIMARY:
+            for peer, progress in self.progress.items():
+                if progress.durable >= 0:
+                    lag[peer] = self.position.seq - progress.durable
+        return {
+            "role": self.role.value,
+            "epoch": self.epoch,
+            "primary": self.primary,
+            "position": [self.position.epoch, self.position.seq],
+            "sync_set": sync_set_to_wire(self.sync_set),
+            "in_sync": list(self.effective) if self.role is Role.PRIMARY else None,
+            "watermark": self.watermark if self.role is Role.PRIMARY else None,
+            "confirmed": self.eligible,
+            "waiting_for": list(self.waiting_for) or None,
+            "reason": self.reason or None,
+            "lag": lag,
+        }

@@ -1,0 +1,107 @@
+"""Force a node to become primary when the cluster cannot elect one by itself.
+
+    python -m ops.promote 2 --config ops/nodes/node2.conf
+    python -m ops.promote 2 --address 127.0.0.1:7002 --secret-file var/cluster.secret --yes
+
+When every node is back except a member of the newest sync set (G5: writes
+wait until it returns), an operator may decide that node is gone for good and
+promote another. The promoted node takes a new epoch without the usual proofs:
+acknowledged writes that only the missing node holds are lost, and when it
+returns it is rewound to the promoted node's history (its removed records go to
+a rollback file). The command says so and asks for confirmation.
+
+The tool connects as node 0, the operator, with the cluster secret: a client
+without the secret cannot promote anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+from pathlib import Path
+
+from service import config as config_module
+from service import protocol
+from service.errors import ProtocolViolation
+
+WARNING = (
+    "WARNING: forcing node {node} to become primary skips the checks that protect "
+    "acknowledged writes.\nWrites acknowledged while a missing node was the only other "
+    "member of the sync set may be lost for good; when that node returns it is rewound "
+    "to node {node}'s history (what it removes is kept in its rollback folder)."
+)
+
+
+def exchange(address: str, secret: bytes, frame: protocol.Frame, timeout: float) -> protocol.Frame:
+    host, port = config_module.parse_address(address)
+    decoder = protocol.FrameDecoder()
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+
+        def receive() -> protocol.Frame:
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("the node closed the connection")
+                frames = decoder.feed(data)
+                if frames:
+                    return frames[0]
+
+        hello = receive()
+        version = protocol.choose_version(hello)
+        server = int(hello["node"])
+        nonce = protocol.new_nonce()
+        sock.sendall(
+            protocol.encode_frame(
+                protocol.peer_hello(version, secret, str(hello["nonce"]), 0, server, nonce)
+            )
+        )
+        welcome = receive()
+        if welcome.get("type") == "error":
+            raise ConnectionError(str(welcome.get("message")))
+        protocol.check_peer_welcome(welcome, secret, nonce, 0, server)
+        sock.sendall(protocol.encode_frame(frame))
+        return receive()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.promote", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("node", type=int, help="id of the node to promote")
+    parser.add_argument("--config", type=Path, help="that node's config file")
+    parser.add_argument("--address", help="HOST:PORT of the node (instead of --config)")
+    parser.add_argument("--secret-file", type=Path, help="the cluster secret (instead of --config)")
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        config = config_module.load(args.config, {})
+        address = next(p.address for p in config.nodes if p.node_id == args.node)
+        secret_file = config.secret_file
+    elif args.address and args.secret_file:
+        address, secret_file = args.address, args.secret_file
+    else:
+        parser.error("give --config, or both --address and --secret-file")
+    print(WARNING.format(node=args.node), file=sys.stderr)
+    if not args.yes:
+        answer = input(f"Type 'promote {args.node}' to go on: ")
+        if answer.strip() != f"promote {args.node}":
+            print("not promoted", file=sys.stderr)
+            return 1
+    secret = secret_file.read_bytes().strip()
+    try:
+        reply = exchange(address, secret, {"type": "force_promote"}, args.timeout)
+    except (OSError, ProtocolViolation) as exc:
+        print(f"could not reach node {args.node} at {address}: {exc}", file=sys.stderr)
+        return 3
+    if reply.get("type") != "reply":
+        print(f"node {args.node} refused: {reply.get('message')}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply["result"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""``python -m service``: run one node.
+
+    python -m service --config ops/nodes/node1.conf
+    python -m service --node-id 1 --data-dir var/node1 \\
+        --nodes 1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003 --secret-file var/cluster.secret
+    python -m service --config FILE --set sync_timeout=2.0 --set synchronous=NORMAL
+
+Flags override the file. Logs go to stderr, one ``event key=value ...`` line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from . import config as config_module
+from .errors import ChatError
+from .node import Node
+
+
+def parse_args(argv: list[str]) -> tuple[Path | None, dict[str, str]]:
+    parser = argparse.ArgumentParser(prog="python -m service", description="Run one chat node.")
+    parser.add_argument("--config", type=Path, help="INI file with a [node] section")
+    parser.add_argument("--node-id")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--nodes", help="1=HOST:PORT,2=HOST:PORT,...")
+    parser.add_argument("--secret-file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other setting of the [node] section",
+    )
+    args = parser.parse_args(argv)
+    overrides = {
+        "node_id": args.node_id,
+        "data_dir": args.data_dir,
+        "nodes": args.nodes,
+        "secret_file": args.secret_file,
+    }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--set needs KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return args.config, {k: v for k, v in overrides.items() if v is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s.%(msecs)03d %(levelname)s %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    path, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        config = config_module.load(path, overrides)
+    except ChatError as exc:
+        print(f"bad configuration: {exc.message}", file=sys.stderr)
+        return 2
+    asyncio.run(Node(config).run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

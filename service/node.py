@@ -1,0 +1,81 @@
+"""The composition root: one node, built from one frozen config, read top to bottom.
+
+    config ─► secret ─► storage ─► replicator (core + runtime + peer links) ─► server
+
+``run`` starts everything, waits for SIGTERM or SIGINT, and shuts down in the
+reverse order: stop accepting, stop replicating, close the database. Nothing
+here decides anything; it only wires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+
+from .config import NodeConfig
+from .replication.runtime import Replicator
+from .server import Server
+from .storage import Storage
+
+log = logging.getLogger("service.node")
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The shared cluster secret; created atomically on the first start of any node.
+
+    Three nodes may start at once: each writes its own candidate file and links
+    it into place, which fails for all but the first, and then all read the winner.
+    """
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        candidate = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode() + b"\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.link(candidate, path)
+        candidate.unlink()
+    secret = path.read_bytes().strip()
+    if len(secret) < 16:
+        raise SystemExit(f"cluster secret in {path.name} is too short (at least 16 bytes)")
+    return secret
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.secret = load_or_create_secret(config.secret_file)
+        self.storage = Storage(config.db_path, config.synchronous)
+        self.replicator = Replicator(config, self.storage, self.secret)
+        self.server = Server(config, self.replicator)
+
+    async def run(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await self.server.start()
+        self.replicator.start()
+        position = self.storage.position()
+        log.info(
+            "listening node=%s address=%s epoch=%s seq=%s",
+            self.config.node_id,
+            self.config.me.address,
+            position.epoch,
+            position.seq,
+        )
+        await stop.wait()
+        log.info("stopping node=%s", self.config.node_id)
+        await self.server.close()
+        await self.replicator.close()
+        self.storage.close()
+        log.info("stopped node=%s", self.config.node_id)

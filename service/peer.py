@@ -1,0 +1,261 @@
+"""Node-to-node links: one authenticated TCP connection per pair of nodes.
+
+The node with the lower id dials, the other accepts (through the same port as
+clients: the hello frame says ``peer``). Both directions of the replication
+protocol share the one connection, so frames between two nodes arrive in the
+order they were sent, which the catch-up and snapshot streams rely on.
+
+Authentication: the dialer proves it holds the cluster secret with an HMAC
+over the acceptor's nonce, the acceptor answers with an HMAC over the dialer's
+nonce (see ``protocol``). A connection that fails either check is closed and
+logged; it never reaches the replication core.
+
+The dialer reconnects with exponential backoff (50 ms to 1 s) for as long as
+the node runs: a node never exits because a peer is unreachable. Link changes
+are reported to the owner as ``on_link(peer, up, closed_by_us)``: a peer's
+connection closing is an immediate failure signal, unless we closed it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from . import protocol
+from .config import NodeConfig
+from .errors import ProtocolViolation
+
+log = logging.getLogger("service.peer")
+
+OPERATOR_ID = 0
+READ_CHUNK = 256 * 1024
+# A peer that stops reading (frozen) must not make us buffer without bound.
+MAX_BUFFERED = 64 * 1024 * 1024
+
+FrameHandler = Callable[[int, protocol.Frame], None]
+LinkHandler = Callable[[int, bool, bool], None]
+
+
+class Link:
+    """One live, authenticated connection to a peer."""
+
+    def __init__(self, peer: int, writer: asyncio.StreamWriter) -> None:
+        self.peer = peer
+        self.writer = writer
+        self.closed_by_us = False
+
+    def send(self, frame: protocol.Frame) -> bool:
+        if self.writer.is_closing():
+            return False
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() > MAX_BUFFERED:
+            log.warning("peer not reading, closing link node=%s", self.peer)
+            self.close()
+            return False
+        self.writer.write(protocol.encode_frame(frame))
+        return True
+
+    def close(self) -> None:
+        self.closed_by_us = True
+        self.writer.close()
+
+    def buffered(self) -> int:
+        return self.writer.transport.get_write_buffer_size()
+
+
+class PeerLinks:
+    """All links of this node, keyed by peer id."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        secret: bytes,
+        on_frame: FrameHandler,
+        on_link: LinkHandler,
+        on_operator: Callable[[protocol.Frame], protocol.Frame],
+    ) -> None:
+        self.config = config
+        self.secret = secret
+        self.on_frame = on_frame
+        self.on_link = on_link
+        self.on_operator = on_operator
+        self.links: dict[int, Link] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = False
+
+    def start(self) -> None:
+        self._running = True
+        for peer in self.config.peers:
+            if peer.node_id > self.config.node_id:
+                self._spawn(self._dial_forever(peer.node_id, peer.host, peer.port))
+
+    async def close(self) -> None:
+        self._running = False
+        for link in list(self.links.values()):
+            link.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def send(self, peer: int, frame: protocol.Frame) -> bool:
+        link = self.links.get(peer)
+        return link.send(frame) if link is not None else False
+
+    def buffered(self, peer: int) -> int:
+        link = self.links.get(peer)
+        return link.buffered() if link is not None else 0
+
+    async def drain(self, peer: int) -> None:
+        link = self.links.get(peer)
+        if link is not None and not link.writer.is_closing():
+            with contextlib.suppress(ConnectionError):
+                await link.writer.drain()
+
+    def _spawn(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- dialing ---------------------------------------------------------------------
+
+    async def _dial_forever(self, peer: int, host: str, port: int) -> None:
+        delay = 0.05
+        while self._running:
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), self.config.handshake_timeout
+                )
+            except (OSError, TimeoutError):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            try:
+                frames = FrameReader(reader, self.config.max_frame)
+                await asyncio.wait_for(
+                    self._dial_handshake(peer, frames, writer),
+                    self.config.handshake_timeout,
+                )
+            except (OSError, TimeoutError, ProtocolViolation, EOFError) as exc:
+                log.warning("peer handshake failed node=%s error=%s", peer, _one_line(exc))
+                writer.close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            delay = 0.05
+            await self.run_link(peer, frames, writer)
+
+    async def _dial_handshake(
+        self,
+        peer: int,
+        frames: FrameReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        hello = await frames.expect()
+        version = protocol.choose_version(hello)
+        if hello.get("node") != peer:
+            raise ProtocolViolation(f"expected node {peer}, reached node {hello.get('node')}")
+        my_nonce = protocol.new_nonce()
+        writer.write(
+            protocol.encode_frame(
+                protocol.peer_hello(
+                    version, self.secret, str(hello["nonce"]), self.config.node_id, peer, my_nonce
+                )
+            )
+        )
+        welcome = await frames.expect()
+        if welcome.get("type") == "error":
+            raise ProtocolViolation(f"refused by node {peer}: {welcome.get('message')}")
+        protocol.check_peer_welcome(welcome, self.secret, my_nonce, self.config.node_id, peer)
+
+    # ---- accepting -------------------------------------------------------------------
+
+    def welcome(self, hello: protocol.Frame, server_nonce: str) -> tuple[int, protocol.Frame]:
+        """Check a peer's hello (raises ProtocolViolation) and build our welcome."""
+        node = protocol.check_peer_hello(hello, self.secret, server_nonce, self.config.node_id)
+        known = {p.node_id for p in self.config.peers}
+        if node != OPERATOR_ID and node not in known:
+            raise ProtocolViolation(f"node {node} is not a member of this cluster")
+        mac = protocol.peer_mac(
+            self.secret, "peer-welcome", str(hello["nonce"]), self.config.node_id, node
+        )
+        return node, {
+            "type": "welcome",
+            "version": hello.get("version"),
+            "node": self.config.node_id,
+            "mac": mac,
+        }
+
+    async def serve_operator(self, frames: FrameReader, writer: asyncio.StreamWriter) -> None:
+        """An operator tool holding the secret: one command, one answer."""
+        frame = await frames.expect()
+        writer.write(protocol.encode_frame(self.on_operator(frame)))
+        await writer.drain()
+        writer.close()
+
+    # ---- a live link -----------------------------------------------------------------
+
+    async def run_link(
+        self,
+        peer: int,
+        frames: FrameReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        old = self.links.get(peer)
+        if old is not None:
+            # The peer restarted and reconnected before we noticed the old link die.
+            old.close()
+            self.links.pop(peer, None)
+            self.on_link(peer, False, False)
+        link = Link(peer, writer)
+        self.links[peer] = link
+        log.info("peer link up node=%s peer=%s", self.config.node_id, peer)
+        self.on_link(peer, True, False)
+        try:
+            while (frame := await frames.next()) is not None:
+                self.on_frame(peer, protocol.parse_peer_message(frame))
+        except ProtocolViolation as exc:
+            log.warning("peer broke the protocol node=%s error=%s", peer, _one_line(exc))
+            link.close()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            if self.links.get(peer) is link:
+                del self.links[peer]
+                log.info("peer link down node=%s peer=%s", self.config.node_id, peer)
+                self.on_link(peer, False, link.closed_by_us)
+
+
+class FrameReader:
+    """Frames from a stream, one at a time, keeping any that arrived together."""
+
+    def __init__(self, reader: asyncio.StreamReader, max_frame: int) -> None:
+        self.reader = reader
+        self.decoder = protocol.FrameDecoder(max_frame)
+        self._ready: list[protocol.Frame] = []
+
+    async def next(self) -> protocol.Frame | None:
+        """The next frame, or None at a clean end of stream."""
+        while not self._ready:
+            data = await self.reader.read(READ_CHUNK)
+            if not data:
+                if self.decoder.pending:
+                    raise ProtocolViolation("connection closed in the middle of a frame")
+                return None
+            self._ready.extend(self.decoder.feed(data))
+        return self._ready.pop(0)
+
+    async def expect(self) -> protocol.Frame:
+        frame = await self.next()
+        if frame is None:
+            raise EOFError("connection closed during the handshake")
+        return frame
+
+
+def _one_line(exc: BaseException) -> str:
+    return (str(exc) or type(exc).__name__).replace("\n", " ")

@@ -1,0 +1,763 @@
+"""The replication runtime: the asyncio shell that carries out the core's effects.
+
+The core (``state.py``) decides; this module does. It owns the write path of
+the primary, the streams to backups, and the apply / rewind / snapshot work of
+a backup, and feeds every outcome back into the core.
+
+Write path (R2, R7). Client writes queue up while the previous batch is being
+made durable; the writer takes all of them (up to ``max_batch``) into one
+SQLite transaction, each in its own savepoint, seals one record (one seq),
+sends it to every backup streaming live *before* committing locally so the
+backups' fsync overlaps ours, then commits. Replies wait until the core's
+watermark (every member of the ack set durable) reaches that seq. The writer
+does not wait for acknowledgements before starting the next batch: records
+are pipelined and acknowledged in order. Reads are served from the primary's
+database and released, like writes, only when the watermark covers every seq
+they could have seen.
+
+Everything that touches the database runs on the event loop thread: a batch
+is one synchronous stretch from BEGIN to COMMIT, so reads never see a batch
+half done and the single apsw connection is never shared across threads.
+
+Streams. A backup that joined gets a ``Stream``: records after its divergence
+point, read from the in-memory tail or the log, then live. A stream never runs
+more than ``WINDOW`` records ahead of what the backup acknowledged, so a frozen
+backup costs bounded memory. When the log no longer reaches back far enough, a
+snapshot (SQLite online backup) is sent first, in chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import chat, protocol
+from ..config import NodeConfig
+from ..errors import ChatError, Internal, NotPrimary, Unavailable
+from ..peer import OPERATOR_ID, PeerLinks
+from ..storage import Diverged, LogRecord, Position, Storage, SyncSet
+from .state import (
+    Acknowledge,
+    ApplyRecords,
+    BecomePrimary,
+    ChangeSyncSet,
+    Effect,
+    ExpectSnapshot,
+    Log,
+    Persist,
+    ReplicaCore,
+    Rewind,
+    Role,
+    Send,
+    StartStream,
+    StepDown,
+    StopStream,
+    Timing,
+)
+
+log = logging.getLogger("service.replication")
+
+WINDOW = 4096
+CHUNK_RECORDS = 512
+SNAPSHOT_CHUNK = 1024 * 1024
+TAIL = 8192
+TICK = 0.02
+PRUNE_EVERY = 5.0
+
+MessageHook = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class PendingWrite:
+    op: str
+    args: dict[str, Any]
+    token_hash: str | None
+    request_id: str
+    future: asyncio.Future[dict[str, Any]]
+
+
+@dataclass
+class Stream:
+    peer: int
+    next_seq: int
+    snapshot: bool
+    live: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(order=True)
+class Waiter:
+    seq: int
+    order: int
+    future: asyncio.Future[None] = field(compare=False)
+
+
+def record_to_wire(record: LogRecord) -> list[Any]:
+    return [record.epoch, record.seq, protocol.b64(record.changeset)]
+
+
+def record_from_wire(item: Any) -> LogRecord:
+    if (
+        not isinstance(item, list)
+        or len(item) != 3
+        or not isinstance(item[0], int)
+        or not isinstance(item[1], int)
+    ):
+        raise Diverged("malformed record in the stream")
+    return LogRecord(item[0], item[1], protocol.unb64(item[2]))
+
+
+def timing_from(config: NodeConfig) -> Timing:
+    return Timing(
+        heartbeat_interval=config.heartbeat_interval,
+        suspect_timeout=config.suspect_timeout,
+        election_timeout=config.election_timeout,
+        sync_timeout=config.sync_timeout,
+        confirm_window=config.confirm_window,
+        clock_gap=config.clock_gap,
+    )
+
+
+def format_fields(event: str, fields: dict[str, Any]) -> str:
+    parts = [event]
+    for key, value in fields.items():
+        text = str(value)
+        if " " in text or not text:
+            text = '"' + text.replace('"', "'") + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+class Replicator:
+    """One node's replication: the core plus everything it asks for."""
+
+    def __init__(self, config: NodeConfig, storage: Storage, secret: bytes) -> None:
+        self.config = config
+        self.storage = storage
+        now = time.monotonic()
+        self.core = ReplicaCore(
+            config.node_id,
+            tuple(p.node_id for p in config.nodes),
+            timing_from(config),
+            storage.node_state(),
+            storage.position(),
+            storage.sync_set(),
+            now,
+            storage.epoch_history(),
+        )
+        self.links = PeerLinks(config, secret, self._on_frame, self._on_link, self._on_operator)
+        self.queue: deque[PendingWrite] = deque()
+        self.work = asyncio.Event()
+        self.waiters: list[Waiter] = []
+        self._order = 0
+        self.streams: dict[int, Stream] = {}
+        self.tail: deque[LogRecord] = deque(maxlen=TAIL)
+        self.message_hooks: list[MessageHook] = []
+        self.role_hooks: list[Callable[[Role], None]] = []
+        self.incoming_snapshot: tuple[Path, int] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._apply_buffer: list[LogRecord] = []
+        self._apply_scheduled = False
+        self._last_prune = now
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.links.start()
+        self._spawn(self._tick_loop())
+        self._spawn(self._writer_loop())
+
+    async def close(self) -> None:
+        await self.links.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._fail_all(Unavailable("the node is shutting down; retry"))
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("replication task failed error=%r", exc, exc_info=exc)
+            if isinstance(exc, Internal):
+                # A storage failure: the node cannot know what it holds. Exit, so that
+                # supervisord restarts it and it rejoins from what is on disk.
+                os._exit(70)
+
+    # ---- what the server asks ---------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        return self.core.role
+
+    def primary_address(self) -> str | None:
+        primary = self.core.primary
+        for peer in self.config.nodes:
+            if peer.node_id == primary:
+                return peer.address
+        return None
+
+    def require_primary(self) -> None:
+        if self.core.role is not Role.PRIMARY:
+            if self.core.role is Role.BACKUP:
+                raise NotPrimary(
+                    f"node {self.config.node_id} is a backup", primary=self.primary_address()
+                )
+            raise NotPrimary(
+                f"node {self.config.node_id} is electing: {self.core.reason}", primary=None
+            )
+
+    async def submit(
+        self, op: str, args: dict[str, Any], token_hash: str | None, request_id: str
+    ) -> dict[str, Any]:
+        """Run one write on the primary; returns once it is durable on the sync set."""
+        self.require_primary()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.queue.append(PendingWrite(op, args, token_hash, request_id, future))
+        self.work.set()
+        return await future
+
+    async def read(self, query: Callable[[], Any]) -> Any:
+        """Run a query on the primary and release it once nothing it saw is unacked (R7)."""
+        self.require_primary()
+        result = query()
+        await self.wait_acked(self.core.position.seq)
+        return result
+
+    async def wait_acked(self, seq: int) -> None:
+        if self.core.role is Role.PRIMARY and self.core.watermark >= seq:
+            return
+        self.require_primary()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._order += 1
+        self._insert_waiter(Waiter(seq, self._order, future))
+        await future
+
+    def _insert_waiter(self, waiter: Waiter) -> None:
+        import bisect
+
+        bisect.insort(self.waiters, waiter)
+
+    def status(self) -> dict[str, Any]:
+        stats = self.core.statistics()
+        addresses = {p.node_id: p.address for p in self.config.nodes}
+        return {
+            "id": self.config.node_id,
+            "address": self.config.me.address,
+            "role": stats["role"],
+            "epoch": stats["epoch"],
+            "seq": self.core.position.seq,
+            "position": stats["position"],
+            "primary": addresses.get(stats["primary"]) if stats["primary"] else None,
+            "primary_id": stats["primary"],
+            "sync_set": stats["sync_set"],
+            "in_sync": stats["in_sync"],
+            "watermark": stats["watermark"],
+            "confirmed": stats["confirmed"],
+            "waiting_for": stats["waiting_for"],
+            "reason": stats["reason"],
+            "lag": {str(k): v for k, v in stats["lag"].items()},
+            "links": sorted(self.core.links),
+        }
+
+    # ---- the effect loop ---------------------------------------------------------------
+
+    def _now(self) -> float:
+        return time.monotonic()
+
+    def _run(self, effects: list[Effect]) -> None:
+        pending = deque(effects)
+        while pending:
+            effect = pending.popleft()
+            more = self._carry_out(effect)
+            if more:
+                pending.extendleft(reversed(more))
+
+    def _carry_out(self, effect: Effect) -> list[Effect]:
+        if isinstance(effect, Send):
+            self.links.send(effect.to, effect.message)
+        elif isinstance(effect, Persist):
+            self.storage.save_node_state(effect.state)
+        elif isinstance(effect, Log):
+            log.info(format_fields(effect.event, effect.fields))
+        elif isinstance(effect, Acknowledge):
+            self._release(effect.seq)
+        elif isinstance(effect, BecomePrimary):
+            return self._become_primary(effect)
+        elif isinstance(effect, ChangeSyncSet):
+            log.info(
+                format_fields(
+                    "sync set change proposed",
+                    {
+                        "node": self.config.node_id,
+                        "members": ",".join(map(str, effect.members)),
+                        "why": effect.reason,
+                    },
+                )
+            )
+            return self._commit_batch([], effect.members)
+        elif isinstance(effect, StepDown):
+            self._step_down(effect.reason)
+        elif isinstance(effect, StartStream):
+            self._start_stream(effect)
+        elif isinstance(effect, StopStream):
+            self._stop_stream(effect.node)
+        elif isinstance(effect, ApplyRecords):
+            self._buffer_apply(effect.records)
+        elif isinstance(effect, Rewind):
+            return self._rewind(effect.to_seq)
+        elif isinstance(effect, ExpectSnapshot):
+            self._expect_snapshot()
+        return []
+
+    # ---- inputs from peers and time ------------------------------------------------------
+
+    def _on_frame(self, peer: int, frame: protocol.Frame) -> None:
+        now = self._now()
+        kind = frame["type"]
+        if kind == "join":
+            self._run(
+                self.core.join_decision(
+                    peer, frame, self.storage.epoch_history(), self.storage.first_log_seq(), now
+                )
+            )
+        elif kind == "snapshot":
+            self._on_snapshot_chunk(peer, frame)
+        else:
+            self._run(self.core.on_message(now, peer, frame))
+            if kind == "ack":
+                stream = self.streams.get(peer)
+                if stream is not None:
+                    stream.wake.set()
+
+    def _on_link(self, peer: int, up: bool, closed_by_us: bool) -> None:
+        if peer == OPERATOR_ID:
+            return
+        self._run(self.core.on_link(self._now(), peer, up, closed_by_us))
+        if not up:
+            self._stop_stream(peer)
+
+    def _on_operator(self, frame: protocol.Frame) -> protocol.Frame:
+        if frame.get("type") == "force_promote":
+            self._run(self.core.force_promote(self._now()))
+            return {"type": "reply", "request_id": None, "result": self.status()}
+        if frame.get("type") == "status":
+            return {"type": "reply", "request_id": None, "result": self.status()}
+        return {
+            "type": "error",
+            "request_id": None,
+            "code": "protocol",
+            "message": "unknown operator command",
+            "retriable": False,
+        }
+
+    async def _tick_loop(self) -> None:
+        while True:
+            now = self._now()
+            self._run(self.core.tick(now))
+            if now - self._last_prune > PRUNE_EVERY:
+                self._last_prune = now
+                self.storage.prune_log(self.config.log_retention)
+            await asyncio.sleep(TICK)
+
+    # ---- primary: write path -----------------------------------------------------------
+
+    def _become_primary(self, effect: BecomePrimary) -> list[Effect]:
+        self.tail.clear()
+        for hook in self.role_hooks:
+            hook(Role.PRIMARY)
+        return self._commit_batch([], effect.members)
+
+    async def _writer_loop(self) -> None:
+        while True:
+            await self.work.wait()
+            self.work.clear()
+            while self.queue:
+                if self.core.role is not Role.PRIMARY:
+                    self._fail_queue(
+                        NotPrimary(
+                            "this node is no longer the primary", primary=self.primary_address()
+                        )
+                    )
+                    break
+                items = [
+                    self.queue.popleft() for _ in range(min(len(self.queue), self.config.max_batch))
+                ]
+                self._run(self._commit_batch(items, None))
+                # Let acks and new requests in before the next batch.
+                await asyncio.sleep(0)
+
+    def _commit_batch(
+        self, items: list[PendingWrite], members: tuple[int, ...] | None
+    ) -> list[Effect]:
+        """One SQLite transaction = one seq: the writes in ``items`` and/or a sync set."""
+        now = self._now()
+        epoch = self.core.epoch
+        batch = self.storage.begin_batch()
+        outcomes: list[tuple[PendingWrite, dict[str, Any] | ChatError]] = []
+        try:
+            for item in items:
+                try:
+                    with batch.savepoint() as db:
+                        result = chat.apply_write(
+                            db, item.op, item.args, item.token_hash, item.request_id, time.time()
+                        )
+                    outcomes.append((item, result))
+                except ChatError as exc:
+                    outcomes.append((item, exc))
+            sync_set = batch.set_sync_set(members, epoch) if members is not None else None
+            record = batch.seal(epoch)
+            if record is None:
+                batch.rollback()
+                effects: list[Effect] = []
+                seq = self.core.position.seq
+            else:
+                effects = list(self.core.on_sealed(now, record.seq, sync_set))
+                self._broadcast(record)
+                batch.commit()
+                self.tail.append(record)
+                seq = record.seq
+                effects += self.core.on_local_durable(now, Position(record.epoch, record.seq))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                batch.rollback()
+            raise
+        for item, outcome in outcomes:
+            self._reply_after(seq, item, outcome)
+        return effects
+
+    def _reply_after(
+        self, seq: int, item: PendingWrite, outcome: dict[str, Any] | ChatError
+    ) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def done(_: asyncio.Future[None]) -> None:
+            if item.future.done():
+                return
+            if future.cancelled() or future.exception() is not None:
+                exc = future.exception() if not future.cancelled() else None
+                item.future.set_exception(exc or Unavailable("the primary changed; retry"))
+            elif isinstance(outcome, ChatError):
+                item.future.set_exception(outcome)
+            else:
+                if item.op == "send" and isinstance(outcome.get("message"), dict):
+                    for hook in self.message_hooks:
+                        hook(int(outcome.get("recipient_id", -1)), outcome["message"])
+                item.future.set_result(outcome)
+
+        future.add_done_callback(done)
+        if self.core.role is Role.PRIMARY and self.core.watermark >= seq:
+            future.set_result(None)
+        else:
+            self._order += 1
+            self._insert_waiter(Waiter(seq, self._order, future))
+
+    def _release(self, watermark: int) -> None:
+        while self.waiters and self.waiters[0].seq <= watermark:
+            waiter = self.waiters.pop(0)
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+
+    def _fail_queue(self, exc: ChatError) -> None:
+        while self.queue:
+            item = self.queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(exc)
+
+    def _fail_all(self, exc: ChatError) -> None:
+        self._fail_queue(exc)
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.future.done():
+                waiter.future.set_exception(exc)
+
+    def _step_down(self, reason: str) -> None:
+        log.info(
+            format_fields(
+                "stepped down",
+                {"node": self.config.node_id, "epoch": self.core.epoch, "why": reason},
+            )
+        )
+        # Writes not yet acknowledged may or may not survive: the client retries with
+        # the same request id, and the new primary answers from what it holds.
+        self._fail_all(
+            Unavailable(
+                "the primary changed before the write was acknowledged; "
+                "retry with the same request id"
+            )
+        )
+        for peer in list(self.streams):
+            self._stop_stream(peer)
+        for hook in self.role_hooks:
+            hook(self.core.role)
+
+    # ---- primary: streams to backups -------------------------------------------------------
+
+    def _broadcast(self, record: LogRecord) -> None:
+        wire = record_to_wire(record)
+        for stream in self.streams.values():
+            if stream.live and stream.next_seq == record.seq and self._in_window(stream):
+                self.links.send(stream.peer, self.core.stream_header(stream.peer, [wire]))
+                stream.next_seq += 1
+            else:
+                stream.live = False
+                stream.wake.set()
+
+    def _in_window(self, stream: Stream) -> bool:
+        progress = self.core.progress.get(stream.peer)
+        durable = progress.durable if progress is not None else -1
+        return stream.next_seq - max(durable, 0) <= WINDOW
+
+    def _start_stream(self, effect: StartStream) -> None:
+        self._stop_stream(effect.node)
+        stream = Stream(effect.node, effect.after_seq + 1, effect.snapshot)
+        self.streams[effect.node] = stream
+        stream.task = self._spawn(self._stream_loop(stream))
+
+    def _stop_stream(self, peer: int) -> None:
+        stream = self.streams.pop(peer, None)
+        if stream is not None and stream.task is not None:
+            stream.task.cancel()
+
+    def _records_from(self, seq: int, limit: int) -> list[LogRecord]:
+        if self.tail and self.tail[0].seq <= seq:
+            start = seq - self.tail[0].seq
+            return [self.tail[i] for i in range(start, min(len(self.tail), start + limit))]
+        return self.storage.log_range(seq - 1, limit)
+
+    async def _stream_loop(self, stream: Stream) -> None:
+        if stream.snapshot:
+            await self._send_snapshot(stream)
+        while True:
+            last = self.core.position.seq
+            if stream.next_seq > last:
+                stream.live = True
+                stream.wake.clear()
+                await stream.wake.wait()
+                continue
+            stream.live = False
+            if not self._in_window(stream):
+                stream.wake.clear()
+                await stream.wake.wait()
+                continue
+            records = self._records_from(stream.next_seq, CHUNK_RECORDS)
+            if not records or records[0].seq != stream.next_seq:
+                log.info(
+                    format_fields(
+                        "log pruned past backup, sending snapshot",
+                        {
+                            "node": self.config.node_id,
+                            "backup": stream.peer,
+                            "needed": stream.next_seq,
+                        },
+                    )
+                )
+                await self._send_snapshot(stream)
+                continue
+            header = self.core.stream_header(stream.peer, [record_to_wire(r) for r in records])
+            if not self.links.send(stream.peer, header):
+                return
+            stream.next_seq = records[-1].seq + 1
+            await self.links.drain(stream.peer)
+
+    async def _send_snapshot(self, stream: Stream) -> None:
+        path = self.config.data_dir / f"snapshot-out-{stream.peer}.db"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        started = time.monotonic()
+        position = self.storage.make_snapshot(path)
+        size = path.stat().st_size
+        log.info(
+            format_fields(
+                "snapshot start",
+                {
+                    "node": self.config.node_id,
+                    "backup": stream.peer,
+                    "epoch": position.epoch,
+                    "seq": position.seq,
+                    "bytes": size,
+                },
+            )
+        )
+        try:
+            with path.open("rb") as source:
+                offset = 0
+                while True:
+                    data = source.read(SNAPSHOT_CHUNK)
+                    done = len(data) < SNAPSHOT_CHUNK
+                    frame = {
+                        "type": "snapshot",
+                        "epoch": self.core.epoch,
+                        "position": [position.epoch, position.seq],
+                        "offset": offset,
+                        "data": protocol.b64(data),
+                        "done": done,
+                    }
+                    if not self.links.send(stream.peer, frame):
+                        raise ConnectionError("link lost during the snapshot")
+                    offset += len(data)
+                    await self.links.drain(stream.peer)
+                    if done:
+                        break
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        stream.next_seq = position.seq + 1
+        stream.snapshot = False
+        log.info(
+            format_fields(
+                "snapshot sent",
+                {
+                    "node": self.config.node_id,
+                    "backup": stream.peer,
+                    "seq": position.seq,
+                    "seconds": f"{time.monotonic() - started:.3f}",
+                },
+            )
+        )
+
+    # ---- backup: apply, rewind, snapshot ------------------------------------------------------
+
+    def _buffer_apply(self, items: list[Any]) -> None:
+        try:
+            self._apply_buffer.extend(record_from_wire(item) for item in items)
+        except (Diverged, ChatError) as exc:
+            self._apply_buffer.clear()
+            self._run(self.core.rejoin(self._now(), str(exc)))
+            return
+        if not self._apply_scheduled:
+            # Records that arrived together are applied in one transaction: one fsync.
+            self._apply_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_apply)
+
+    def _flush_apply(self) -> None:
+        self._apply_scheduled = False
+        records, self._apply_buffer = self._apply_buffer, []
+        if self.core.role is not Role.BACKUP or not self.core.joined:
+            return
+        position = self.core.position
+        records = [r for r in records if r.seq > position.seq]
+        if not records:
+            self._run(self.core.on_local_durable(self._now(), position))
+            return
+        was_epoch = position.epoch
+        try:
+            new_position = self.storage.apply_records(records)
+        except Diverged as exc:
+            self._run(self.core.rejoin(self._now(), str(exc)))
+            return
+        if new_position.epoch != was_epoch:
+            self.core.history = self.storage.epoch_history()
+        self._run(self.core.on_local_durable(self._now(), new_position, self.storage.sync_set()))
+
+    def _rewind(self, to_seq: int) -> list[Effect]:
+        position = self.storage.position()
+        rollback = self.config.data_dir / "rollback" / f"rewind-{int(time.time() * 1000)}.jsonl"
+        rollback.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            removed = self.storage.rewind(to_seq, rollback)
+        except Diverged as exc:
+            log.info(
+                format_fields(
+                    "rewind impossible, asking for a snapshot",
+                    {"node": self.config.node_id, "to": to_seq, "why": str(exc)},
+                )
+            )
+            # Our own log does not reach back to the divergence point: start empty so
+            # that the primary sends a snapshot.
+            return self._request_snapshot()
+        new_position = self.storage.position()
+        log.info(
+            format_fields(
+                "rewind",
+                {
+                    "node": self.config.node_id,
+                    "from": position.seq,
+                    "to": new_position.seq,
+                    "removed": removed,
+                    "rollback": rollback.name,
+                },
+            )
+        )
+        return self.core.reset_log(
+            self._now(), new_position, self.storage.sync_set(), self.storage.epoch_history()
+        )
+
+    def _request_snapshot(self) -> list[Effect]:
+        self.core.history = []
+        self.core.position = Position(0, 0)
+        return self.core.rejoin(self._now(), "own log too short to rewind")
+
+    def _expect_snapshot(self) -> None:
+        path = self.config.data_dir / "snapshot-in.db"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.incoming_snapshot = (path, 0)
+        log.info(
+            format_fields(
+                "snapshot expected", {"node": self.config.node_id, "from": self.core.primary}
+            )
+        )
+
+    def _on_snapshot_chunk(self, peer: int, frame: protocol.Frame) -> None:
+        if self.incoming_snapshot is None or peer != self.core.primary:
+            return
+        if frame["epoch"] != self.core.epoch:
+            return
+        path, expected = self.incoming_snapshot
+        if frame["offset"] != expected:
+            self.incoming_snapshot = None
+            self._run(self.core.rejoin(self._now(), "snapshot chunk out of order"))
+            return
+        data = protocol.unb64(frame["data"])
+        with path.open("ab") as target:
+            target.write(data)
+            if frame["done"]:
+                target.flush()
+                os.fsync(target.fileno())
+        self.incoming_snapshot = (path, expected + len(data))
+        if not frame["done"]:
+            return
+        self.incoming_snapshot = None
+        started = time.monotonic()
+        position = self.storage.install_snapshot(path)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.tail.clear()
+        log.info(
+            format_fields(
+                "snapshot installed",
+                {
+                    "node": self.config.node_id,
+                    "epoch": position.epoch,
+                    "seq": position.seq,
+                    "seconds": f"{time.monotonic() - started:.3f}",
+                },
+            )
+        )
+        self._run(
+            self.core.reset_log(
+                self._now(), position, self.storage.sync_set(), self.storage.epoch_history()
+            )
+        )
+
+
+def sync_set_fields(sync_set: SyncSet) -> dict[str, Any]:
+    return {"version": sync_set.version, "members": list(sync_set.members)}

@@ -1,0 +1,69 @@
+"""Fixtures for tests that run real node processes.
+
+``cluster_factory`` builds ``Cluster`` objects in the test's ``tmp_path`` and,
+whatever happens, kills every node process at teardown, so a failed test
+never leaves a node holding a port. When a test fails while its nodes are
+still up, the tail of every node log is attached to the failure report (a
+"node logs" section), because the log is where a cluster failure is
+explained. Any test using these fixtures gets the ``cluster`` marker, so
+``pytest -m 'not cluster'`` is the quick loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.cluster import Cluster
+
+ClusterFactory = Callable[..., Cluster]
+_CLUSTERS = pytest.StashKey[list[Cluster]]()
+LOG_TAIL_LINES = 60
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "cluster_factory" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        for cluster in item.stash.get(_CLUSTERS, []):
+            for node in cluster.nodes.values():
+                if not node.starts:
+                    continue
+                header = f"node {node.node_id} log ({node.state}): {node.log_path}"
+                report.sections.append((header, node.log_tail(LOG_TAIL_LINES)))
+    return report
+
+
+@pytest.fixture
+def cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ClusterFactory]:
+    """``cluster_factory(n=3, **settings)`` returns a new, not yet started, Cluster."""
+    clusters: list[Cluster] = []
+    request.node.stash[_CLUSTERS] = clusters
+
+    def make(n: int = 3, **settings: object) -> Cluster:
+        cluster = Cluster(tmp_path, n, **settings)
+        clusters.append(cluster)
+        return cluster
+
+    yield make
+    for cluster in clusters:
+        cluster.kill_all()
+
+
+@pytest.fixture
+def single_node(cluster_factory: ClusterFactory) -> Cluster:
+    """A one-node cluster, started and primary."""
+    cluster = cluster_factory(n=1)
+    cluster.start()
+    cluster.wait_for_primary()
+    return cluster

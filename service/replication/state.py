@@ -322,6 +322,8 @@ class ReplicaCore:
         self.round_started = 0.0
         self.next_round_at = now
         self.probes: dict[int, ProbeView] = {}
+        self.last_primary: int | None = None
+        self.logged_waiting: tuple[int, ...] = ()
         self.campaign: Campaign | None = None
         self.waiting_for: tuple[int, ...] = ()
         self.reason = "starting: probing peers"
@@ -359,6 +361,8 @@ class ReplicaCore:
         self._check_gap(now, out)
         if up:
             self.links.add(peer)
+            if self.role is Role.ELECTING and self.round_started and self.campaign is None:
+                out.append(Send(peer, {"type": "probe", "epoch": self.epoch, "round": self.round}))
             return out
         self.links.discard(peer)
         self.probes.pop(peer, None)
@@ -532,8 +536,17 @@ class ReplicaCore:
             "records": records,
             "sync_set": sync_set_to_wire(self.sync_set),
             "in_sync": list(self.effective),
-            "echo": progress.echo if progress is not None else -1,
+            "echo": progress.echo if progress is not None and self._may_confirm() else -1,
         }
+
+    def _may_confirm(self) -> bool:
+        """After a clock gap the primary confirms nobody until it has heard from its
+        whole ack set again: it may be a stale primary that a newer epoch replaced."""
+        return all(
+            self.progress[m].heard_since_gap
+            for m in self._ack_set()
+            if m != self.node_id and m in self.progress
+        )
 
     def _propose_change(self, members: tuple[int, ...], reason: str, out: list[Effect]) -> None:
         if self.changing or tuple(sorted(members)) == tuple(sorted(self._latest_members())):
@@ -794,12 +807,18 @@ class ReplicaCore:
             out.append(
                 Log("became electing", {"node": self.node_id, "epoch": self.epoch, "why": why})
             )
+        if self.primary is not None and self.primary != self.node_id:
+            self.last_primary = self.primary
         self.role = Role.ELECTING
         self.primary = None
         self.joined = False
         self.campaign = None
         self.reason = why
         self.next_round_at = now
+        # A round begun in an earlier electing spell (or answers to it) says nothing
+        # about now: start afresh.
+        self.round_started = 0.0
+        self.probes = {}
 
     def _electing_tick(self, now: float, out: list[Effect]) -> None:
         if self.campaign is not None:
@@ -893,8 +912,36 @@ class ReplicaCore:
                 self.reason = f"node {view.node} still follows node {view.primary}"
                 return
         winner = self._winner(views)
-        if winner == self.node_id:
-            self._campaign(now, force=False, out=out)
+        self._log_waiting(out)
+        if winner != self.node_id:
+            return
+        silent = [p for p in self.links if p not in self.probes and p != self.last_primary]
+        if silent:
+            # A linked peer that has not answered may be slow, not gone: deciding
+            # without it could let it decide alone too. Keep the round open. (The last
+            # primary is not waited for: when it is frozen, that is the failover.)
+            self.round_started = now
+            self.reason = "waiting for node " + ", ".join(map(str, sorted(silent))) + " to answer"
+            for peer in sorted(silent):
+                out.append(Send(peer, {"type": "probe", "epoch": self.epoch, "round": self.round}))
+            return
+        self._campaign(now, force=False, out=out)
+
+    def _log_waiting(self, out: list[Effect]) -> None:
+        if self.waiting_for == self.logged_waiting:
+            return
+        self.logged_waiting = self.waiting_for
+        if self.waiting_for:
+            out.append(
+                Log(
+                    "waiting for sync set members",
+                    {
+                        "node": self.node_id,
+                        "missing": ",".join(map(str, self.waiting_for)),
+                        "version": self.sync_set.version,
+                    },
+                )
+            )
 
     def _adopt_or_follow(self, now: float, epoch: int, primary: int, out: list[Effect]) -> None:
         if epoch > self.epoch:
@@ -981,7 +1028,11 @@ class ReplicaCore:
             and now - self.last_primary_frame <= self.timing.suspect_timeout
         ):
             reason = f"node {self.primary} is a live primary"
-        elif candidate < self.position and not msg["force"]:
+        elif not msg["force"] and (
+            candidate.epoch < self.position.epoch or (candidate < self.position and self.eligible)
+        ):
+            # An unconfirmed node's extra records were never acknowledged (the
+            # confirmed candidate holds every acknowledged one): they do not block R5.
             reason = "my position is newer"
         granted = not reason
         if granted:

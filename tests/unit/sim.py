@@ -1,0 +1,911 @@
+"""An in-memory fake of the replication runtime: cores, logs, a network and a clock.
+
+Theory of operation
+-------------------
+``ReplicaCore`` has no I/O: it takes inputs (a tick, a message, a link event, a
+local commit) with the current time and returns effects. ``SimNetwork`` plays
+the asyncio runtime for several cores at once, entirely in memory and in
+simulated time, so a scenario of minutes of faults runs in milliseconds and the
+same way every time:
+
+* each ``SimNode`` holds one core, a log of records ``(epoch, seq, payload)``
+  (``SimLog``, the stand-in for SQLite's ``txlog`` + ``epochs`` + ``cluster``
+  tables) and the persisted ``NodeState``; it carries out the core's effects in
+  order, exactly as the runtime does (persist before send, seal before
+  broadcast, broadcast before the local commit is reported);
+* messages travel through a queue with a per-link delay (1 ms by default) and
+  arrive in order per link; every message a core sends must pass
+  ``protocol.parse_peer_message`` and survive JSON encoding, and a message's
+  epoch may not run ahead of the sender's persisted epoch (R1);
+* ``advance(seconds)`` moves the shared clock: messages are delivered at their
+  exact time and every running node gets a ``tick`` every ``step`` (10 ms);
+* faults: ``kill`` (a crash: peers see the connection close at once, in-flight
+  messages are lost, volatile state is gone), ``restart`` (a new core from the
+  persisted state and the log), ``freeze``/``thaw`` (SIGSTOP/SIGCONT: nothing
+  is signalled, messages wait; on thaw the node sees a jump in its clock),
+  ``slow`` (a per-link delay), ``partition``/``heal`` (messages across groups
+  are dropped; the product promises nothing under partitions);
+* a client write on the primary is ``write(node)``; its acknowledgement
+  (an ``Acknowledge`` effect covering its seq) is recorded in ``acked``.
+
+``check_invariants`` asserts what SPEC section 6 promises (G1, G3, G4, R1) over
+everything recorded; ``wait_for`` advances time until a predicate holds and
+raises with what it was still waiting for, never sleeping.
+
+A sync set change is a record like any other; its payload is
+``sync_set_payload(sync_set)``, so the sync set a log holds is the one named by
+its newest sync set record (``SimLog.sync_set``), as the replicated ``cluster``
+table is in storage.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from service import protocol
+from service.errors import ProtocolViolation
+from service.replication.state import (
+    Acknowledge,
+    ApplyRecords,
+    BecomePrimary,
+    ChangeSyncSet,
+    Effect,
+    ExpectSnapshot,
+    Log,
+    Persist,
+    ReplicaCore,
+    Rewind,
+    Role,
+    Send,
+    StartStream,
+    StepDown,
+    StopStream,
+    Timing,
+)
+from service.storage import NodeState, Position, SyncSet
+
+T = TypeVar("T")
+
+Record = tuple[int, int, str]
+"""One log record: (epoch, seq, payload). Client writes have unique payloads."""
+
+NO_SYNC_SET = SyncSet(0, (), 0)
+SYNC_SET_KEY = "sync_set"
+STREAM_CHUNK = 16
+"""Records per catch-up ``append`` frame: catch-up of a long tail takes several frames."""
+
+
+class SimError(AssertionError):
+    """The simulated runtime met something the real one would refuse (a core bug)."""
+
+
+def sync_set_payload(sync_set: SyncSet) -> str:
+    return json.dumps(
+        {SYNC_SET_KEY: [sync_set.version, list(sync_set.members), sync_set.epoch]},
+        separators=(",", ":"),
+    )
+
+
+def payload_sync_set(payload: str) -> SyncSet | None:
+    """The sync set a record sets, or None for a client write."""
+    if not payload.startswith("{"):
+        return None
+    version, members, epoch = json.loads(payload)[SYNC_SET_KEY]
+    return SyncSet(int(version), tuple(int(m) for m in members), int(epoch))
+
+
+# ---- the log of one node ----------------------------------------------------------------
+
+
+@dataclass
+class SimLog:
+    """What storage holds for replication: the records, the epochs, the sync set.
+
+    ``records`` are contiguous; after pruning they start at ``first_seq`` and
+    ``base_sync_set`` is the sync set as of the last pruned record. ``position``
+    survives pruning, as ``node_state['last_position']`` does in storage.
+    """
+
+    records: list[Record] = field(default_factory=list)
+    epochs: list[tuple[int, int]] = field(default_factory=list)
+    position: Position = Position.ZERO
+    base_sync_set: SyncSet = NO_SYNC_SET
+
+    @property
+    def first_seq(self) -> int | None:
+        return self.records[0][1] if self.records else None
+
+    @property
+    def sync_set(self) -> SyncSet:
+        for _epoch, _seq, payload in reversed(self.records):
+            sync_set = payload_sync_set(payload)
+            if sync_set is not None:
+                return sync_set
+        return self.base_sync_set
+
+    def get(self, seq: int) -> Record | None:
+        first = self.first_seq
+        if first is None or not first <= seq <= self.position.seq:
+            return None
+        return self.records[seq - first]
+
+    def after(self, seq: int) -> list[Record]:
+        first = self.first_seq
+        if first is None:
+            return []
+        return self.records[max(seq + 1 - first, 0) :]
+
+    def append(self, record: Record) -> None:
+        epoch, seq, _payload = record
+        if seq != self.position.seq + 1 or epoch < self.position.epoch:
+            raise SimError(f"record {record[:2]} does not follow position {self.position}")
+        if epoch > self.position.epoch:
+            self.epochs.append((epoch, seq))
+        self.records.append(record)
+        self.position = Position(epoch, seq)
+
+    def truncate(self, to_seq: int) -> list[Record]:
+        """Rewind: remove every record after ``to_seq`` and return them."""
+        if to_seq >= self.position.seq:
+            return []
+        first = self.first_seq
+        if first is None or to_seq + 1 < first:
+            raise SimError(f"cannot rewind to seq {to_seq}: the log starts at {first}")
+        removed = self.records[to_seq + 1 - first :]
+        del self.records[to_seq + 1 - first :]
+        self.epochs = [(e, s) for e, s in self.epochs if s <= to_seq]
+        self.position = Position(self.epochs[-1][0] if self.epochs else 0, to_seq)
+        return removed
+
+    def prune(self, keep: int) -> None:
+        """Drop all but the newest ``keep`` records (the primary's log retention)."""
+        cut = max(len(self.records) - keep, 0)
+        if cut:
+            pruned = SimLog(self.records[:cut], base_sync_set=self.base_sync_set)
+            self.base_sync_set = pruned.sync_set
+            del self.records[:cut]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "records": [list(r) for r in self.records],
+                "epochs": [list(e) for e in self.epochs],
+                "position": [self.position.epoch, self.position.seq],
+                "base": sync_set_payload(self.base_sync_set),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SimLog:
+        data = json.loads(text)
+        return cls(
+            [(int(e), int(s), str(p)) for e, s, p in data["records"]],
+            [(int(e), int(s)) for e, s in data["epochs"]],
+            Position(*data["position"]),
+            payload_sync_set(data["base"]) or NO_SYNC_SET,
+        )
+
+
+# ---- what the simulation records ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    time: float
+    node: int
+    event: str
+    fields: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Election:
+    """A node carried out ``BecomePrimary``."""
+
+    time: float
+    node: int
+    epoch: int
+    force: bool
+
+
+@dataclass(frozen=True)
+class AckEvent:
+    """A node carried out ``Acknowledge(seq)`` while in ``epoch``."""
+
+    time: float
+    node: int
+    epoch: int
+    seq: int
+
+
+@dataclass(frozen=True)
+class ClientWrite:
+    """A client write a primary sealed (acknowledged or not)."""
+
+    time: float
+    node: int
+    epoch: int
+    seq: int
+    payload: str
+
+
+@dataclass(frozen=True)
+class AckedWrite:
+    """A client write that was acknowledged: it must never be lost (G1)."""
+
+    time: float
+    node: int
+    epoch: int
+    seq: int
+    payload: str
+
+
+@dataclass(order=True)
+class _InFlight:
+    deliver_at: float
+    order: int
+    src: int = field(compare=False)
+    dst: int = field(compare=False)
+    message: dict[str, Any] = field(compare=False)
+
+
+# ---- one node -------------------------------------------------------------------------------
+
+
+class SimNode:
+    """One node: a core (None while down), its log and its persisted state."""
+
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+        self.core: ReplicaCore | None = None
+        self.log = SimLog()
+        self.state = NodeState()
+        self.status = "down"  # "up", "frozen" or "down"
+        self.streams: dict[int, int] = {}  # primary: peer -> last seq sent to it
+        self.expecting_snapshot = False
+        self.pending_writes: dict[int, str] = {}  # seq -> payload awaiting Acknowledge
+        self.acked_upto = 0
+        self.rolled_back: list[Record] = []
+        self.held: list[_InFlight] = []  # messages that arrived while frozen
+        self.held_link_down: list[int] = []  # peers whose connection closed while frozen
+
+    @property
+    def running(self) -> bool:
+        return self.status == "up"
+
+    @property
+    def role(self) -> Role | None:
+        return None if self.core is None else self.core.role
+
+    def __repr__(self) -> str:
+        role = self.role.value if self.role is not None else "-"
+        epoch, position = self.state.current_epoch, self.log.position
+        return f"<node {self.node_id} {self.status} {role} epoch={epoch} log={position}>"
+
+
+# ---- the network, the clock, and the runtime ------------------------------------------------
+
+
+class SimNetwork:
+    """Several nodes over an in-memory network in simulated time.
+
+    Construction starts every node (``started=False`` leaves them down). Time
+    starts at ``start`` (a monotonic clock is never zero).
+
+    Faults: ``kill``, ``restart``, ``freeze``, ``thaw``, ``slow``, ``set_delay``,
+    ``partition``, ``heal``. Time: ``advance``, ``wait_for``, ``wait_primary``,
+    ``wait_converged``. Clients and operators: ``write``, ``force_promote``,
+    ``prune``. Queries: ``core``, ``statistics``, ``primary``, ``primaries``,
+    ``converged``, ``holds``, ``is_acked``, ``acked_at``, ``logged``, ``describe``.
+    Records: ``events`` (every Log effect), ``elections``, ``acks``, ``acked``,
+    ``writes``, ``sent`` (every message, as decoded from the wire), ``durable_at``,
+    ``anomalies`` (rule breaches noticed while carrying out effects).
+    """
+
+    def __init__(
+        self,
+        nodes: int = 3,
+        timing: Timing | None = None,
+        *,
+        delay: float = 0.001,
+        step: float = 0.01,
+        jitter: float = 0.0,
+        seed: int = 0,
+        start: float = 100.0,
+        started: bool = True,
+    ) -> None:
+        self.ids = tuple(range(1, nodes + 1))
+        self.timing = timing or Timing()
+        self.delay = delay
+        self.step = step
+        self.jitter = jitter
+        self.random = random.Random(seed)
+        self.now = start
+        self._start = start
+        self._ticks = 0
+        self.nodes = {n: SimNode(n) for n in self.ids}
+        self._queue: list[_InFlight] = []
+        self._order = 0
+        self._link_delay: dict[tuple[int, int], float] = {}
+        self._link_last: dict[tuple[int, int], float] = {}
+        self._connected: set[frozenset[int]] = set()
+        self._groups: dict[int, int] = {}
+        self.events: list[LogEvent] = []
+        self.elections: list[Election] = []
+        self.acks: list[AckEvent] = []
+        self.acked: list[AckedWrite] = []
+        self.writes: list[ClientWrite] = []
+        self.durable_at: dict[tuple[int, int], float] = {}  # (node, seq) -> first commit
+        self.sent: list[tuple[float, int, int, dict[str, Any]]] = []
+        self.anomalies: list[str] = []
+        self.forced_at: float | None = None
+        self._writes = 0
+        if started:
+            for n in self.ids:
+                self.restart(n)
+
+    # ---- faults -----------------------------------------------------------------------
+
+    def kill(self, node_id: int) -> None:
+        """SIGKILL: volatile state is lost, peers see the connection close at once."""
+        node = self.nodes[node_id]
+        node.status = "down"
+        node.core = None
+        node.streams.clear()
+        node.pending_writes.clear()
+        node.expecting_snapshot = False
+        node.held.clear()
+        node.held_link_down.clear()
+        self._queue = [m for m in self._queue if node_id not in (m.src, m.dst)]
+        heapq.heapify(self._queue)
+        for other in self.nodes.values():
+            other.held = [m for m in other.held if m.src != node_id]
+        for peer in self.ids:
+            pair = frozenset((node_id, peer))
+            if pair not in self._connected:
+                continue
+            self._connected.discard(pair)
+            other = self.nodes[peer]
+            if other.status == "frozen":
+                other.held_link_down.append(node_id)
+            elif other.running:
+                self._link_down(other, node_id)
+
+    def restart(self, node_id: int) -> None:
+        """Start a (down) node: a brand-new core from the persisted state and the log."""
+        node = self.nodes[node_id]
+        if node.status != "down":
+            raise SimError(f"node {node_id} is {node.status}, not down")
+        node.core = ReplicaCore(
+            node_id,
+            self.ids,
+            self.timing,
+            node.state,
+            node.log.position,
+            node.log.sync_set,
+            self.now,
+            history=list(node.log.epochs),
+        )
+        node.status = "up"
+        self._connect_links()
+
+    def freeze(self, node_id: int) -> None:
+        """SIGSTOP: nothing is signalled; the node gets no ticks and its messages wait."""
+        node = self.nodes[node_id]
+        if not node.running:
+            raise SimError(f"node {node_id} is {node.status}, not up")
+        node.status = "frozen"
+
+    def thaw(self, node_id: int) -> None:
+        """SIGCONT: the node resumes and sees the jump in its clock."""
+        node = self.nodes[node_id]
+        if node.status != "frozen":
+            raise SimError(f"node {node_id} is {node.status}, not frozen")
+        node.status = "up"
+        for message in node.held:
+            message.deliver_at = max(message.deliver_at, self.now)
+            heapq.heappush(self._queue, message)
+        node.held.clear()
+        closed, node.held_link_down = node.held_link_down, []
+        for peer in closed:
+            if node.running:
+                self._link_down(node, peer)
+
+    def slow(self, node_id: int, seconds: float) -> None:
+        """Every message to and from ``node_id`` takes ``seconds``."""
+        for peer in self.ids:
+            if peer != node_id:
+                self.set_delay(node_id, peer, seconds)
+                self.set_delay(peer, node_id, seconds)
+
+    def set_delay(self, src: int, dst: int, seconds: float) -> None:
+        self._link_delay[(src, dst)] = seconds
+
+    def partition(self, *groups: Iterable[int]) -> None:
+        """Drop messages between the groups (nodes not named form one more group)."""
+        self._groups = {n: len(groups) for n in self.ids}
+        for index, group in enumerate(groups):
+            for n in group:
+                self._groups[n] = index
+
+    def heal(self) -> None:
+        self._groups = {}
+
+    def reachable(self, a: int, b: int) -> bool:
+        return self._groups.get(a, 0) == self._groups.get(b, 0)
+
+    # ---- client and operator actions ----------------------------------------------------
+
+    def write(self, node_id: int, payload: str | None = None) -> ClientWrite | None:
+        """A client write on ``node_id``; None if the node is not a running primary."""
+        node = self.nodes[node_id]
+        core = node.core
+        if not node.running or core is None or core.role is not Role.PRIMARY:
+            return None
+        self._writes += 1
+        payload = payload if payload is not None else f"write-{self._writes}"
+        if payload.startswith("{"):
+            raise ValueError("client payloads must not look like sync set records")
+        write = ClientWrite(self.now, node_id, core.epoch, node.log.position.seq + 1, payload)
+        self.writes.append(write)
+        node.pending_writes[write.seq] = payload  # the client waits from the seal on
+        self._seal(node, core.epoch, payload, None)
+        return write
+
+    def is_acked(self, write: ClientWrite) -> bool:
+        return self.acked_at(write) is not None
+
+    def acked_at(self, write: ClientWrite) -> float | None:
+        """When ``write`` was acknowledged, or None."""
+        return next((a.time for a in self.acked if a.payload == write.payload), None)
+
+    def holds(self, node_id: int, write: ClientWrite) -> bool:
+        """Whether ``node_id``'s log holds ``write`` at its seq."""
+        return self.nodes[node_id].log.get(write.seq) == (write.epoch, write.seq, write.payload)
+
+    def force_promote(self, node_id: int) -> None:
+        """The operator's explicit, warned command (G5)."""
+        node = self.nodes[node_id]
+        self.forced_at = self.now
+        self._run(node, self._core(node).force_promote(self.now))
+
+    def prune(self, node_id: int, keep: int) -> None:
+        self.nodes[node_id].log.prune(keep)
+
+    # ---- time ---------------------------------------------------------------------------
+
+    def advance(self, seconds: float) -> None:
+        """Move the clock; deliver messages at their time and tick every ``step``."""
+        end = self.now + seconds
+        while True:
+            next_tick = self._start + (self._ticks + 1) * self.step
+            next_message = self._queue[0].deliver_at if self._queue else float("inf")
+            at = min(next_tick, next_message)
+            if at > end + 1e-9:
+                break
+            self.now = max(self.now, at)
+            if next_message <= next_tick:
+                self._deliver(heapq.heappop(self._queue))
+            else:
+                self._ticks += 1
+                self._connect_links()
+                for node in self.nodes.values():
+                    if node.running:
+                        self._run(node, self._core(node).tick(self.now))
+        self.now = end
+
+    def wait_for(self, predicate: Callable[[], T | None], timeout: float, what: str) -> T:
+        """Advance time until ``predicate`` is truthy; return its value.
+
+        Raises AssertionError naming what was awaited and the state of every node.
+        """
+        __tracebackhide__ = True
+        deadline = self.now + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if self.now >= deadline - 1e-9:
+                raise AssertionError(
+                    f"simulated {timeout}s passed waiting for {what}\n{self.describe()}"
+                )
+            self.advance(min(self.step, deadline - self.now))
+
+    # ---- queries ------------------------------------------------------------------------
+
+    def core(self, node_id: int) -> ReplicaCore:
+        return self._core(self.nodes[node_id])
+
+    def statistics(self, node_id: int) -> dict[str, Any]:
+        return self.core(node_id).statistics()
+
+    def primaries(self) -> list[int]:
+        """Running nodes whose core is primary (a thawed stale one may still think so)."""
+        return [n.node_id for n in self.nodes.values() if n.running and n.role is Role.PRIMARY]
+
+    def primary(self) -> int | None:
+        """The primary of the highest epoch among running nodes, if any."""
+        primaries = self.primaries()
+        if not primaries:
+            return None
+        return max(primaries, key=lambda n: self.nodes[n].state.current_epoch)
+
+    def wait_primary(self, timeout: float = 5.0, among: Iterable[int] | None = None) -> int:
+        """Wait until one running node is the only primary; return it."""
+        allowed = set(among) if among is not None else set(self.ids)
+
+        def single() -> int | None:
+            primaries = self.primaries()
+            if len(primaries) == 1 and primaries[0] in allowed:
+                return primaries[0]
+            return None
+
+        return self.wait_for(single, timeout, "exactly one primary")
+
+    def converged(self) -> bool:
+        """One primary; every other running node follows it, holds its log, is in sync."""
+        running = [n for n in self.nodes.values() if n.running]
+        primaries = self.primaries()
+        if len(primaries) != 1:
+            return False
+        primary = self.nodes[primaries[0]]
+        core = self._core(primary)
+        if core.pending_sets or primary.pending_writes:
+            return False
+        if set(core.effective) != {n.node_id for n in running}:
+            return False
+        if core.watermark != primary.log.position.seq:
+            return False
+        for node in running:
+            if node is primary:
+                continue
+            other = self._core(node)
+            if other.role is not Role.BACKUP or other.primary != primary.node_id:
+                return False
+            if node.log.position != primary.log.position or not other.joined:
+                return False
+        return True
+
+    def wait_converged(self, timeout: float = 10.0) -> int:
+        """Wait until ``converged()``, check every invariant, return the primary."""
+        self.wait_for(self.converged, timeout, "the running nodes to converge")
+        self.check_invariants(converged=True)
+        primary = self.primary()
+        assert primary is not None
+        return primary
+
+    def logged(self, event: str, node: int | None = None) -> list[LogEvent]:
+        return [e for e in self.events if e.event == event and node in (None, e.node)]
+
+    def describe(self) -> str:
+        lines = [f"t={self.now - self._start:.3f}"]
+        for node in self.nodes.values():
+            stats = node.core.statistics() if node.core is not None else {}
+            lines.append(f"  {node!r} {stats}")
+        lines.extend(f"  anomaly: {a}" for a in self.anomalies)
+        return "\n".join(lines)
+
+    # ---- invariants ---------------------------------------------------------------------
+
+    def check_invariants(self, converged: bool = False) -> None:
+        """Assert R1, G1, G3 (and G4 when ``converged``) over everything recorded.
+
+        A forced promotion may lose acknowledged writes by design (G5): G1 is
+        checked only for writes acknowledged after the last one.
+        """
+        problems = list(self.anomalies)
+        problems += self._epoch_problems()
+        primary = self.primary()
+        holders = [n for n in self.nodes.values() if n.running] if converged else []
+        newest = max((e.epoch for e in self.elections), default=0)
+        if primary is not None and self.nodes[primary].state.current_epoch >= newest:
+            # The primary of the newest epoch (a thawed stale one may not know yet).
+            holders.append(self.nodes[primary])
+        for write in self.acked:
+            if self.forced_at is not None and write.time < self.forced_at:
+                continue
+            for node in holders:
+                record = node.log.get(write.seq)
+                first = node.log.first_seq
+                if first is not None and write.seq < first:
+                    continue  # pruned: no longer in the log, still in the data
+                if record != (write.epoch, write.seq, write.payload):
+                    problems.append(
+                        f"G1: acked write {write} is not in node {node.node_id}'s log "
+                        f"(holds {record})"
+                    )
+        for node in self.nodes.values():
+            payloads = [p for _e, _s, p in node.log.records if not p.startswith("{")]
+            if len(payloads) != len(set(payloads)):
+                problems.append(f"G3: node {node.node_id}'s log holds a write twice")
+        if converged:
+            logs = {n.node_id: n.log for n in self.nodes.values() if n.running}
+            reference = next(iter(logs.values()))
+            for node_id, log in logs.items():
+                if log.position != reference.position or log.epochs != reference.epochs:
+                    problems.append(f"G4: node {node_id} at {log.position} {log.epochs}")
+                for record in log.records:
+                    other = reference.get(record[1])
+                    if other is not None and other != record:
+                        problems.append(
+                            f"G4: seq {record[1]} is {record} on node {node_id}, {other} elsewhere"
+                        )
+        if problems:
+            raise AssertionError("\n".join(problems) + "\n" + self.describe())
+
+    def _epoch_problems(self) -> list[str]:
+        problems = []
+        by_epoch: dict[int, set[int]] = {}
+        for election in self.elections:
+            by_epoch.setdefault(election.epoch, set()).add(election.node)
+        for epoch, winners in by_epoch.items():
+            if len(winners) > 1 or sum(e.epoch == epoch for e in self.elections) > 1:
+                problems.append(f"R1: epoch {epoch} had several primaries: {sorted(winners)}")
+        epochs = [e.epoch for e in self.elections]
+        if any(b <= a for a, b in itertools.pairwise(epochs)):
+            problems.append(f"R1: epochs of successive primaries do not increase: {epochs}")
+        return problems
+
+    # ---- the network underneath ---------------------------------------------------------
+
+    def _core(self, node: SimNode) -> ReplicaCore:
+        if node.core is None or node.status == "down":
+            raise SimError(f"node {node.node_id} is down")
+        return node.core
+
+    def _connect_links(self) -> None:
+        """A connection comes up between two running nodes that can reach each other."""
+        for a in self.ids:
+            for b in self.ids:
+                pair = frozenset((a, b))
+                if a >= b or pair in self._connected or not self.reachable(a, b):
+                    continue
+                if self.nodes[a].running and self.nodes[b].running:
+                    self._connected.add(pair)
+                    for here, there in ((a, b), (b, a)):
+                        node = self.nodes[here]
+                        self._run(node, self._core(node).on_link(self.now, there, up=True))
+
+    def _link_down(self, node: SimNode, peer: int) -> None:
+        self._run(node, self._core(node).on_link(self.now, peer, up=False))
+        node.streams.pop(peer, None)
+
+    def _send(self, src: int, dst: int, message: dict[str, Any]) -> None:
+        try:
+            wire = protocol.decode_body(protocol.encode_frame(message)[protocol.HEADER.size :])
+            protocol.parse_peer_message(wire)
+        except (TypeError, ValueError, ProtocolViolation) as error:
+            raise SimError(f"node {src} sent a bad message {message!r}: {error}") from error
+        self._check_epoch_persisted(src, wire)
+        self.sent.append((self.now, src, dst, wire))
+        if frozenset((src, dst)) not in self._connected or not self.reachable(src, dst):
+            return
+        delay = self._link_delay.get((src, dst), self.delay)
+        if self.jitter:
+            delay += self.random.uniform(0, self.jitter)
+        at = max(self.now + delay, self._link_last.get((src, dst), 0.0))
+        self._link_last[(src, dst)] = at
+        self._order += 1
+        heapq.heappush(self._queue, _InFlight(at, self._order, src, dst, wire))
+
+    def _check_epoch_persisted(self, src: int, message: dict[str, Any]) -> None:
+        """R1: an epoch is persisted before anything is sent in it."""
+        if message["type"] == "vote" and not message["granted"]:
+            return  # a refusal names the candidate's epoch, not ours
+        persisted = self.nodes[src].state.current_epoch
+        if message.get("epoch", 0) > persisted:
+            self.anomalies.append(
+                f"R1: node {src} sent {message['type']} in epoch {message['epoch']} "
+                f"but persisted only epoch {persisted}"
+            )
+
+    def _deliver(self, message: _InFlight) -> None:
+        node = self.nodes[message.dst]
+        if node.status == "down" or not self.reachable(message.src, message.dst):
+            return
+        if node.status == "frozen":
+            node.held.append(message)
+            return
+        core = self._core(node)
+        kind = message.message["type"]
+        if kind == "join":
+            # The runtime answers a join itself: only it knows the log's history and start.
+            log = node.log
+            effects = core.join_decision(
+                message.src, message.message, list(log.epochs), log.first_seq, self.now
+            )
+        elif kind == "snapshot":
+            effects = self._install_snapshot(node, message.src, message.message)
+        else:
+            effects = core.on_message(self.now, message.src, message.message)
+        self._run(node, effects)
+
+    # ---- carrying out effects, as the runtime does ----------------------------------------
+
+    def _run(self, node: SimNode, effects: list[Effect]) -> None:
+        for effect in effects:
+            self._carry_out(node, effect)
+
+    def _carry_out(self, node: SimNode, effect: Effect) -> None:
+        core = self._core(node)
+        if isinstance(effect, Send):
+            self._send(node.node_id, effect.to, effect.message)
+        elif isinstance(effect, Persist):
+            node.state = effect.state
+        elif isinstance(effect, BecomePrimary):
+            if node.state.current_epoch < effect.epoch:
+                self.anomalies.append(
+                    f"R1: node {node.node_id} serves epoch {effect.epoch} before persisting it"
+                )
+            announced = [
+                e for e in self.events if e.node == node.node_id and e.event == "became primary"
+            ]
+            force = bool(announced) and announced[-1].fields.get("force") == "true"
+            self.elections.append(Election(self.now, node.node_id, effect.epoch, force))
+            node.pending_writes.clear()
+            node.acked_upto = 0
+            self._change_sync_set(node, effect.epoch, effect.members)
+        elif isinstance(effect, ChangeSyncSet):
+            self._change_sync_set(node, core.epoch, effect.members)
+        elif isinstance(effect, StepDown):
+            node.streams.clear()
+            node.pending_writes.clear()  # their clients get an error and retry
+        elif isinstance(effect, Acknowledge):
+            self._acknowledge(node, core.epoch, effect.seq)
+        elif isinstance(effect, StartStream):
+            self._start_stream(node, effect)
+        elif isinstance(effect, StopStream):
+            node.streams.pop(effect.node, None)
+        elif isinstance(effect, ApplyRecords):
+            self._apply(node, effect.records)
+        elif isinstance(effect, Rewind):
+            self._rewind(node, effect.to_seq)
+        elif isinstance(effect, ExpectSnapshot):
+            node.expecting_snapshot = True
+        elif isinstance(effect, Log):
+            self.events.append(LogEvent(self.now, node.node_id, effect.event, dict(effect.fields)))
+        else:  # pragma: no cover - a new effect type the simulator does not know
+            raise SimError(f"unknown effect {effect!r}")
+
+    def _seal(self, node: SimNode, epoch: int, payload: str, sync_set: SyncSet | None) -> int:
+        """One batch on the primary: seal, broadcast, commit, report (as ``_commit_batch``)."""
+        core = self._core(node)
+        seq = node.log.position.seq + 1
+        node.log.append((epoch, seq, payload))
+        self.durable_at.setdefault((node.node_id, seq), self.now)
+        effects = list(core.on_sealed(self.now, seq, sync_set))
+        for peer in sorted(node.streams):
+            self._flush_stream(node, peer)
+        effects += core.on_local_durable(self.now, node.log.position)
+        self._run(node, effects)
+        return seq
+
+    def _change_sync_set(self, node: SimNode, epoch: int, members: tuple[int, ...]) -> None:
+        old = node.log.sync_set
+        sync_set = SyncSet(old.version + 1, tuple(sorted(set(members))), epoch)
+        self._seal(node, epoch, sync_set_payload(sync_set), sync_set)
+
+    def _acknowledge(self, node: SimNode, epoch: int, seq: int) -> None:
+        if seq <= node.acked_upto:
+            self.anomalies.append(f"node {node.node_id} acknowledged {seq} after {node.acked_upto}")
+        if seq > node.log.position.seq:
+            self.anomalies.append(f"node {node.node_id} acknowledged {seq} beyond its log")
+        node.acked_upto = seq
+        self.acks.append(AckEvent(self.now, node.node_id, epoch, seq))
+        self._check_ack_set_holds(node, seq)
+        for write_seq in sorted(s for s in node.pending_writes if s <= seq):
+            payload = node.pending_writes.pop(write_seq)
+            record = node.log.get(write_seq)
+            if record is None or record[2] != payload:
+                raise SimError(f"node {node.node_id} acknowledged seq {write_seq}: not its write")
+            self.acked.append(AckedWrite(self.now, node.node_id, record[0], write_seq, payload))
+
+    def _check_ack_set_holds(self, node: SimNode, seq: int) -> None:
+        """R2: every member of the ack set holds what the primary acknowledges."""
+        core = self._core(node)
+        members = set(core.effective)
+        for _seq, pending in core.pending_sets:
+            members.update(pending)
+        expected = node.log.get(seq)
+        for member in sorted(members - {node.node_id}):
+            held = self.nodes[member].log.get(seq)
+            if held != expected:
+                self.anomalies.append(
+                    f"R2: node {node.node_id} acknowledged seq {seq} ({expected}) but "
+                    f"ack set member {member} holds {held}"
+                )
+
+    def _start_stream(self, node: SimNode, effect: StartStream) -> None:
+        if effect.snapshot:
+            log = node.log
+            snapshot = {
+                "type": "snapshot",
+                "epoch": self._core(node).epoch,
+                "position": [log.position.epoch, log.position.seq],
+                "offset": 0,
+                "data": log.to_json(),
+                "done": True,
+            }
+            self._send(node.node_id, effect.node, snapshot)
+            node.streams[effect.node] = log.position.seq
+        else:
+            first = node.log.first_seq
+            if first is not None and effect.after_seq + 1 < first:
+                self.anomalies.append(
+                    f"node {node.node_id} streams after seq {effect.after_seq} to node "
+                    f"{effect.node} but its log starts at {first}: a snapshot was needed"
+                )
+            node.streams[effect.node] = effect.after_seq
+        self._flush_stream(node, effect.node)
+
+    def _flush_stream(self, node: SimNode, peer: int) -> None:
+        """Send ``peer`` every record after the last one it was sent."""
+        core = self._core(node)
+        records = node.log.after(node.streams[peer])
+        for start in range(0, len(records), STREAM_CHUNK):
+            chunk = [list(r) for r in records[start : start + STREAM_CHUNK]]
+            self._send(node.node_id, peer, core.stream_header(peer, chunk))
+        node.streams[peer] = node.log.position.seq
+
+    def _apply(self, node: SimNode, wire_records: list[list[Any]]) -> None:
+        """A backup applies a frame's records in one transaction (``_flush_apply``)."""
+        core = self._core(node)
+        if core.role is not Role.BACKUP or not core.joined:
+            return
+        log = node.log
+        records = [(int(e), int(s), str(p)) for e, s, p in wire_records]
+        for record in records:
+            held = log.get(record[1])
+            if held is not None and held != record:
+                self.anomalies.append(
+                    f"G4: node {node.node_id} holds {held} and was sent {record} by "
+                    f"node {core.primary}"
+                )
+        fresh = [r for r in records if r[1] > log.position.seq]
+        if not fresh:
+            self._run(node, core.on_local_durable(self.now, log.position))
+            return
+        position = log.position
+        for epoch, seq, _payload in fresh:
+            if seq != position.seq + 1 or epoch < position.epoch:
+                # storage.apply_records refuses the whole frame (Diverged).
+                why = f"record seq {seq} does not follow position seq {position.seq}"
+                self._run(node, core.rejoin(self.now, why))
+                return
+            position = Position(epoch, seq)
+        was_epoch = log.position.epoch
+        for record in fresh:
+            log.append(record)
+            self.durable_at.setdefault((node.node_id, record[1]), self.now)
+        if log.position.epoch != was_epoch:
+            core.history = list(log.epochs)  # as the runtime does: history from storage
+        self._run(node, core.on_local_durable(self.now, log.position, log.sync_set))
+
+    def _rewind(self, node: SimNode, to_seq: int) -> None:
+        core = self._core(node)
+        log = node.log
+        first = log.first_seq
+        if to_seq < log.position.seq and (first is None or to_seq + 1 < first):
+            # Our own log was pruned past the point: forget the position, get a snapshot.
+            core.history = []
+            core.position = Position.ZERO
+            self._run(node, core.rejoin(self.now, "own log too short to rewind"))
+            return
+        node.rolled_back += log.truncate(to_seq)
+        self._run(node, core.reset_log(self.now, log.position, log.sync_set, list(log.epochs)))
+
+    def _install_snapshot(
+        self, node: SimNode, sender: int, message: dict[str, Any]
+    ) -> list[Effect]:
+        core = self._core(node)
+        if not node.expecting_snapshot or sender != core.primary or message["epoch"] != core.epoch:
+            return []
+        node.expecting_snapshot = False
+        node.log = SimLog.from_json(message["data"])
+        log = node.log
+        return self._core(node).reset_log(self.now, log.position, log.sync_set, list(log.epochs))

@@ -36,6 +36,7 @@ from .replication.state import Role
 log = logging.getLogger("service.server")
 
 MAX_IN_FLIGHT = 256
+MAX_UNREAD = 16 * 1024 * 1024
 LISTEN_QUEUE = 10_000
 
 
@@ -158,15 +159,21 @@ class ClientSession:
         self.writer.close()
 
     def send(self, frame: protocol.Frame) -> None:
-        if not self.writer.is_closing():
-            self.writer.write(protocol.encode_frame(frame))
+        if self.writer.is_closing():
+            return
+        if self.writer.transport.get_write_buffer_size() > MAX_UNREAD:
+            # The client does not read its replies: drop it rather than buffer forever.
+            log.info("closing a client that does not read its replies")
+            self.close()
+            return
+        self.writer.write(protocol.encode_frame(frame))
 
     async def run(self) -> None:
         try:
             while True:
-                frame = await asyncio.wait_for(
-                    self.frames.next(), self.server.config.idle_client_timeout
-                )
+                # A listening client may stay silent for as long as it likes.
+                idle = None if self.listeners else self.server.config.idle_client_timeout
+                frame = await asyncio.wait_for(self.frames.next(), idle)
                 if frame is None:
                     break
                 self._dispatch(frame)

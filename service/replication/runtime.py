@@ -43,7 +43,7 @@ from .. import chat, protocol
 from ..config import NodeConfig
 from ..errors import ChatError, Internal, NotPrimary, Unavailable
 from ..peer import OPERATOR_ID, PeerLinks
-from ..storage import Diverged, LogRecord, Position, Storage, SyncSet
+from ..storage import Diverged, LogRecord, Position, Storage
 from .state import (
     Acknowledge,
     ApplyRecords,
@@ -194,12 +194,7 @@ class Replicator:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            exc = task.exception()
-            log.error("replication task failed error=%r", exc, exc_info=exc)
-            if isinstance(exc, Internal):
-                # A storage failure: the node cannot know what it holds. Exit, so that
-                # supervisord restarts it and it rejoins from what is on disk.
-                os._exit(70)
+            fatal(task.exception())
 
     # ---- what the server asks ---------------------------------------------------------
 
@@ -330,6 +325,12 @@ class Replicator:
     # ---- inputs from peers and time ------------------------------------------------------
 
     def _on_frame(self, peer: int, frame: protocol.Frame) -> None:
+        try:
+            self._handle_frame(peer, frame)
+        except Exception as exc:
+            fatal(exc)
+
+    def _handle_frame(self, peer: int, frame: protocol.Frame) -> None:
         now = self._now()
         kind = frame["type"]
         if kind == "join":
@@ -350,9 +351,12 @@ class Replicator:
     def _on_link(self, peer: int, up: bool, closed_by_us: bool) -> None:
         if peer == OPERATOR_ID:
             return
-        self._run(self.core.on_link(self._now(), peer, up, closed_by_us))
-        if not up:
-            self._stop_stream(peer)
+        try:
+            self._run(self.core.on_link(self._now(), peer, up, closed_by_us))
+            if not up:
+                self._stop_stream(peer)
+        except Exception as exc:
+            fatal(exc)
 
     def _on_operator(self, frame: protocol.Frame) -> protocol.Frame:
         if frame.get("type") == "force_promote":
@@ -422,6 +426,11 @@ class Replicator:
                     outcomes.append((item, result))
                 except ChatError as exc:
                     outcomes.append((item, exc))
+                except Exception as exc:
+                    # A bug in one operation fails that request only; its savepoint
+                    # was rolled back, the rest of the batch goes on.
+                    log.exception("write failed op=%s", item.op)
+                    outcomes.append((item, Internal(f"internal error: {exc}")))
             sync_set = batch.set_sync_set(members, epoch) if members is not None else None
             record = batch.seal(epoch)
             if record is None:
@@ -543,6 +552,17 @@ class Replicator:
         return self.storage.log_range(seq - 1, limit)
 
     async def _stream_loop(self, stream: Stream) -> None:
+        try:
+            await self._stream(stream)
+        except (ConnectionError, OSError) as exc:
+            log.info(
+                format_fields(
+                    "stream to backup ended",
+                    {"node": self.config.node_id, "backup": stream.peer, "why": str(exc)},
+                )
+            )
+
+    async def _stream(self, stream: Stream) -> None:
         if stream.snapshot:
             await self._send_snapshot(stream)
         while True:
@@ -648,6 +668,12 @@ class Replicator:
             asyncio.get_running_loop().call_soon(self._flush_apply)
 
     def _flush_apply(self) -> None:
+        try:
+            self._apply_buffered()
+        except Exception as exc:
+            fatal(exc)
+
+    def _apply_buffered(self) -> None:
         self._apply_scheduled = False
         records, self._apply_buffer = self._apply_buffer, []
         if self.core.role is not Role.BACKUP or not self.core.joined:
@@ -759,5 +785,12 @@ class Replicator:
         )
 
 
-def sync_set_fields(sync_set: SyncSet) -> dict[str, Any]:
-    return {"version": sync_set.version, "members": list(sync_set.members)}
+def fatal(exc: BaseException | None) -> None:
+    """A bug or a storage failure: this node cannot trust its in-memory state.
+
+    It logs the cause and exits at once; supervisord restarts it, and it rejoins
+    from what is durable on disk, which is what the replication rules are built on.
+    """
+    log.critical("fatal error, exiting error=%r", exc, exc_info=exc)
+    logging.shutdown()
+    os._exit(70)

@@ -72,13 +72,18 @@ def encode_frame(frame: Frame) -> bytes:
     """Serialise one frame; raises TypeError if it is not JSON-encodable."""
     if not isinstance(frame.get("type"), str):
         raise TypeError("a frame needs a string 'type'")
-    body = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+    try:
+        body = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (sent to us as a \ud800 escape and echoed back) has no
+        # UTF-8 form: escape everything, which is still valid JSON in plain ASCII.
+        body = json.dumps(frame, separators=(",", ":")).encode()
     return HEADER.pack(len(body)) + body
 
 
 def decode_body(body: bytes) -> Frame:
     try:
-        frame = json.loads(body)
+        frame = json.loads(body.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise ProtocolViolation("frame is not valid UTF-8 JSON") from None
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):

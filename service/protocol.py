@@ -36,6 +36,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import struct
 from typing import Any
@@ -73,19 +74,31 @@ def encode_frame(frame: Frame) -> bytes:
     if not isinstance(frame.get("type"), str):
         raise TypeError("a frame needs a string 'type'")
     try:
-        body = json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode()
-    except UnicodeEncodeError:
-        # A lone surrogate (sent to us as a \ud800 escape and echoed back) has no
-        # UTF-8 form: escape everything, which is still valid JSON in plain ASCII.
-        body = json.dumps(frame, separators=(",", ":")).encode()
+        text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        body = text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise TypeError(f"frame is not encodable as RFC 8259 JSON: {exc}") from None
     return HEADER.pack(len(body)) + body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+# A \uD800-\uDFFF escape may encode a lone surrogate, which no UTF-8 string (nor
+# SQLite, nor a client in another language) can hold.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def decode_body(body: bytes) -> Frame:
     try:
-        frame = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise ProtocolViolation("frame is not valid UTF-8 JSON") from None
+        text = body.decode("utf-8")
+        frame = json.loads(text, parse_constant=_reject_constant)
+        if _SURROGATE_ESCAPE.search(text):
+            json.dumps(frame, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError):
+        # ValueError covers JSONDecodeError and integers too long to convert.
+        raise ProtocolViolation("frame is not valid UTF-8 JSON (RFC 8259)") from None
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise ProtocolViolation("frame is not a JSON object with a string 'type'")
     return frame
@@ -97,22 +110,33 @@ class FrameDecoder:
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self.max_frame = max_frame
         self._buffer = bytearray()
+        self._error: ProtocolViolation | None = None
 
     def feed(self, data: bytes) -> list[Frame]:
+        """Frames completed by ``data``. A bad frame raises, but only after the good
+        frames before it were returned (on the next call), so how TCP split the
+        bytes never changes which frames are served."""
+        if self._error is not None:
+            raise self._error
         self._buffer += data
         frames: list[Frame] = []
-        while len(self._buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buffer)
-            if length > self.max_frame:
-                raise FrameTooLarge(
-                    f"frame of {length} bytes exceeds the maximum of {self.max_frame}"
-                )
-            end = HEADER.size + length
-            if len(self._buffer) < end:
-                break
-            body = bytes(self._buffer[HEADER.size : end])
-            del self._buffer[:end]
-            frames.append(decode_body(body))
+        try:
+            while len(self._buffer) >= HEADER.size:
+                (length,) = HEADER.unpack_from(self._buffer)
+                if length > self.max_frame:
+                    raise FrameTooLarge(
+                        f"frame of {length} bytes exceeds the maximum of {self.max_frame}"
+                    )
+                end = HEADER.size + length
+                if len(self._buffer) < end:
+                    break
+                body = bytes(self._buffer[HEADER.size : end])
+                del self._buffer[:end]
+                frames.append(decode_body(body))
+        except ProtocolViolation as exc:
+            if not frames:
+                raise
+            self._error = exc
         return frames
 
     @property
@@ -314,11 +338,14 @@ def parse_peer_message(frame: Frame) -> Frame:
         raise ProtocolViolation(f"unknown peer message type {kind!r}")
     for name, types in schema.items():
         value = frame.get(name)
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        if (
+            name not in frame
+            or not isinstance(value, types)
+            or (isinstance(value, bool) and bool not in types)
+        ):
             raise ProtocolViolation(f"peer message {kind!r} has a bad field {name!r}")
-    for name in ("position",):
-        if name in schema:
-            pair = frame[name]
-            if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-                raise ProtocolViolation(f"peer message {kind!r} has a bad position")
+    if "position" in schema:
+        pair = frame["position"]
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            raise ProtocolViolation(f"peer message {kind!r} has a bad position")
     return frame

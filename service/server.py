@@ -256,7 +256,9 @@ class ClientSession:
             )
             return {**result, "token": new_token}
         if op in chat.WRITE_OPS:
-            return await replicator.submit(op, args, token_hash, request_id)
+            result = await replicator.submit(op, args, token_hash, request_id)
+            # recipient_id is for the listen pushes only; clients see names.
+            return {k: v for k, v in result.items() if k != "recipient_id"}
         if op == "whoami":
             return dict(await replicator.read(lambda: chat.whoami(db, token_hash)))
         if op == "search":

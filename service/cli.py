@@ -1,0 +1,900 @@
+"""chatctl: the one-shot command-line tool of the chat service (SPEC section 4).
+
+Theory of operation
+-------------------
+Each command parses its arguments (typer), loads the session if it needs one,
+runs one or two operations through ``client.Client`` (which finds the
+primary, follows redirects and retries with the same request id), prints the
+result and exits. ``execute`` wraps every command and is the only place that
+turns failures into exit codes and one-sentence messages on stderr:
+
+    0  done
+    1  refused by the service (``errors.Refused`` and the other non-retriable
+       errors), or an unexpected failure ("internal error: ...")
+    2  bad usage (typer's own usage errors, bad --servers/--timeout, no way to
+       read a password, mismatched passwords, a non-UTF-8 message on stdin)
+    3  no primary reachable within --timeout (``errors.Unavailable``)
+    130  interrupted by Ctrl-C (except ``listen``, for which Ctrl-C is the normal end: 0)
+
+Choices a user can see
+----------------------
+* The common options (``--servers``, ``--timeout``, ``--json``) are accepted
+  before the command name and after it; after it wins.
+* Servers: ``--servers``, else ``CHAT_SERVERS``, else the servers stored in
+  the session at login, else the three local nodes of ``supervisord.conf``.
+* The session is ``$CHATCTL_HOME/session.json`` (default
+  ``$XDG_CONFIG_HOME/chatctl``, else ``~/.config/chatctl``): ``{"user",
+  "token", "servers"}``, written atomically with mode 0600 in a 0700 folder.
+  The token never appears on stdout. ``login`` replaces the session (and
+  ends the one it replaces); ``logout`` removes the file even when the service
+  says the session had already ended; it keeps it when no primary answers, so
+  the logout can be retried.
+* Passwords come from ``--password-stdin`` (the first line of stdin), else
+  ``CHATCTL_PASSWORD``, else a hidden prompt (twice for ``register``) when
+  stdin is a terminal; never from an argument.
+* ``--json``: on success exactly one JSON object on stdout (``listen``: one
+  message object per line), ASCII-only so any terminal encoding round-trips;
+  on failure nothing on stdout. The objects are documented in README.md
+  ("chatctl" section); field names there are stable.
+
+Invariants
+----------
+* A traceback never reaches the user; every error is one line on stderr.
+* A command that needs a session and has none exits 1 with
+  "not logged in; run chatctl login USER" before contacting any node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from . import errors
+from .client import DEFAULT_SERVERS, DEFAULT_TIMEOUT, Client, Result, SyncClient
+from .config import parse_address
+
+T = TypeVar("T")
+
+MESSAGE_FIELDS = ("id", "from", "to", "body", "sent_at", "read")
+EXIT_INTERRUPTED = 130
+# chatctl status and the unread count it shows must stay quick even when nodes are down.
+STATUS_WHOAMI_TIMEOUT = 2.0
+
+# The client class commands use; tests replace it with an in-memory fake.
+client_factory: Callable[[list[str], float, str | None], Client] = Client
+
+app = typer.Typer(
+    name="chatctl",
+    help="Talk to the replicated chat service.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class UsageProblem(Exception):
+    """Bad usage found after parsing (exit 2)."""
+
+
+# ---- common options --------------------------------------------------------------------
+
+ServersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--servers",
+        envvar="CHAT_SERVERS",
+        metavar="HOST:PORT,...",
+        help="Nodes to contact (any node; default: the session's, else the 3 local nodes).",
+        show_default=False,
+    ),
+]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        metavar="SECONDS",
+        help=f"Give up when no primary answers within this long [default: {DEFAULT_TIMEOUT:g}].",
+        show_default=False,
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (see README).")]
+PasswordStdinOpt = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+]
+
+
+@dataclass(frozen=True)
+class Options:
+    """The common options of one run, after merging global and per-command values."""
+
+    servers: list[str] | None  # from --servers or CHAT_SERVERS; None: not given
+    timeout: float
+    json: bool
+
+    def addresses(self, session: Session | None = None) -> list[str]:
+        if self.servers:
+            return self.servers
+        if session is not None and session.servers:
+            return list(session.servers)
+        return list(DEFAULT_SERVERS)
+
+
+@dataclass(frozen=True)
+class _Given:
+    servers: str | None
+    timeout: float | None
+    json: bool
+
+
+@app.callback()
+def _common(
+    ctx: typer.Context,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    ctx.obj = _Given(servers, timeout, json_out)
+
+
+def _options(
+    ctx: typer.Context, servers: str | None, timeout: float | None, json_out: bool
+) -> Options:
+    given = ctx.obj if isinstance(ctx.obj, _Given) else _Given(None, None, False)
+    text = servers if servers is not None else given.servers
+    seconds = timeout if timeout is not None else given.timeout
+    seconds = DEFAULT_TIMEOUT if seconds is None else seconds
+    if not seconds > 0:
+        raise UsageProblem("--timeout must be a positive number of seconds")
+    return Options(parse_servers(text), seconds, json_out or given.json)
+
+
+def parse_servers(text: str | None) -> list[str] | None:
+    """``HOST:PORT,HOST:PORT`` into a list; None or blank means "not given"."""
+    if text is None or not text.strip():
+        return None
+    addresses = [part.strip() for part in text.split(",") if part.strip()]
+    for address in addresses:
+        try:
+            parse_address(address)
+        except errors.InvalidInput:
+            raise UsageProblem(f"--servers: {address!r} is not a HOST:PORT address") from None
+    return addresses
+
+
+# ---- the session file ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Session:
+    user: str
+    token: str
+    servers: list[str] | None = None
+
+
+def session_dir() -> Path:
+    home = os.environ.get("CHATCTL_HOME")
+    if home:
+        return Path(home).expanduser()
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".config"
+    return base / "chatctl"
+
+
+def session_path() -> Path:
+    return session_dir() / "session.json"
+
+
+def load_session() -> Session | None:
+    """The stored session, or None when there is none (or it is unreadable)."""
+    try:
+        data = json.loads(session_path().read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    user, token, servers = data.get("user"), data.get("token"), data.get("servers")
+    if not isinstance(user, str) or not isinstance(token, str):
+        return None
+    if not (isinstance(servers, list) and all(isinstance(s, str) for s in servers)):
+        servers = None
+    return Session(user, token, servers)
+
+
+def require_session() -> Session:
+    session = load_session()
+    if session is None:
+        raise errors.AuthFailed("not logged in; run chatctl login USER")
+    return session
+
+
+def save_session(session: Session) -> Path:
+    """Write the session atomically; the file is 0600 whatever the umask."""
+    folder = session_dir()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / "session.json"
+    temporary = folder / f".session.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    data = json.dumps({"user": session.user, "token": session.token, "servers": session.servers})
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data.encode("utf-8") + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    return path
+
+
+def remove_session() -> None:
+    with contextlib.suppress(FileNotFoundError):
+        session_path().unlink()
+
+
+# ---- passwords -------------------------------------------------------------------------
+
+
+def read_password(from_stdin: bool, confirm: bool) -> str:
+    """The password from stdin, CHATCTL_PASSWORD, or a hidden prompt (in that order)."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        return line.removesuffix("\n").removesuffix("\r")
+    from_env = os.environ.get("CHATCTL_PASSWORD")
+    if from_env is not None:
+        return from_env
+    if not sys.stdin.isatty():
+        raise UsageProblem(
+            "no password: use --password-stdin or CHATCTL_PASSWORD when stdin is not a terminal"
+        )
+    password: str = typer.prompt("Password", hide_input=True)
+    if confirm:
+        again: str = typer.prompt("Password again", hide_input=True)
+        if again != password:
+            raise UsageProblem("the two passwords do not match")
+    return password
+
+
+# ---- output ----------------------------------------------------------------------------
+
+
+def emit_json(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=True, sort_keys=False) + "\n")
+    sys.stdout.flush()
+
+
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+def message_view(message: Result) -> Result:
+    """A message with exactly the documented fields."""
+    return {field: message.get(field) for field in MESSAGE_FIELDS}
+
+
+def format_time(value: object) -> str:
+    """``sent_at`` (seconds since the Unix epoch) in local time."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return str(value)
+
+
+def format_message(message: Result, id_width: int = 0) -> str:
+    """``id  time  from → to  body``, continuation lines of the body indented."""
+    head = (
+        f"{message.get('id')!s:>{id_width}}  {format_time(message.get('sent_at'))}  "
+        f"{message.get('from')} → {message.get('to')}  "
+    )
+    lines = str(message.get("body", "")).split("\n")
+    indent = " " * len(head)
+    return head + lines[0] + "".join(f"\n{indent}{line}" for line in lines[1:])
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain text table, columns padded to their widest cell."""
+    widths = [
+        max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)
+    ]
+    lines = [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in (headers, *rows)
+    ]
+    return "\n".join(lines)
+
+
+# ---- running a command -----------------------------------------------------------------
+
+
+def with_client(
+    opts: Options,
+    action: Callable[[Client], Coroutine[Any, Any, T]],
+    session: Session | None = None,
+    *,
+    servers: list[str] | None = None,
+    timeout: float | None = None,
+) -> T:
+    """Run ``action`` with a client for these options and the session's token."""
+    token = session.token if session is not None else None
+    client = client_factory(servers or opts.addresses(session), timeout or opts.timeout, token)
+    with SyncClient(client) as chat:
+        return chat.run(action(client))
+
+
+def fail(message: str) -> None:
+    sys.stderr.write(f"chatctl: {message}\n")
+    sys.stderr.flush()
+
+
+def execute(
+    ctx: typer.Context,
+    common: tuple[str | None, float | None, bool],
+    action: Callable[[Options], int | None],
+    *,
+    interrupt_ok: bool = False,
+) -> None:
+    """Run a command's ``action`` and exit with the code its outcome maps to."""
+    try:
+        code = action(_options(ctx, *common)) or errors.EXIT_OK
+    except UsageProblem as exc:
+        fail(str(exc))
+        code = errors.EXIT_USAGE
+    except errors.ChatError as exc:
+        fail(exc.message)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = errors.EXIT_OK if interrupt_ok else EXIT_INTERRUPTED
+        if not interrupt_ok:
+            fail("interrupted")
+    except BrokenPipeError:
+        # The reader went away (``chatctl listen | head``): stop quietly.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = errors.EXIT_REFUSED
+    except Exception as exc:  # the last line of defence: never a traceback
+        fail(f"internal error: {type(exc).__name__}: {exc}")
+        code = errors.EXIT_REFUSED
+    raise typer.Exit(code)
+
+
+def session_error(exc: errors.ChatError, session: Session) -> errors.ChatError:
+    """Add the way out to an ended session's message."""
+    if isinstance(exc, errors.AuthFailed):
+        return errors.AuthFailed(f"{exc.message}; run chatctl login {session.user}")
+    return exc
+
+
+def with_session(
+    opts: Options, action: Callable[[Client], Coroutine[Any, Any, T]]
+) -> tuple[Session, T]:
+    """Run ``action`` as the logged-in user."""
+    session = require_session()
+    try:
+        return session, with_client(opts, action, session)
+    except errors.ChatError as exc:
+        replaced = session_error(exc, session)
+        if replaced is exc:
+            raise
+        raise replaced from None
+
+
+# ---- commands --------------------------------------------------------------------------
+
+
+@app.command()
+def register(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(metavar="USER", help="The new user name.")],
+    password_stdin: PasswordStdinOpt = False,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create an account (then log in with `chatctl login USER`)."""
+
+    def action(opts: Options) -> None:
+        password = read_password(password_stdin, confirm=True)
+        servers = opts.addresses(load_session())
+        result = with_client(opts, lambda c: c.register(user, password), servers=servers)
+        if opts.json:
+            emit_json({"user": result.get("user"), "user_id": result.get("user_id")})
+        else:
+            say(f"registered {result.get('user')} (user id {result.get('user_id')})")
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+@app.command()
+def login(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(metavar="USER", help="Your user name.")],
+    password_stdin: PasswordStdinOpt = False,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Log in and store the session; reports the unread count."""
+
+    def action(opts: Options) -> None:
+        password = read_password(password_stdin, confirm=False)
+        previous = load_session()
+
+        async def run(client: Client) -> Result:
+            result = await client.login(user, password)
+            if previous is not None and previous.token != client.token:
+                # The stored session is being replaced: end it rather than orphan it.
+                with contextlib.suppress(errors.ChatError):
+                    await client.logout(previous.token)
+            return result
+
+        result = with_client(opts, run, servers=opts.addresses(previous))
+        name = str(result.get("user", user))
+        servers = opts.servers or (previous.servers if previous is not None else None)
+        save_session(Session(name, str(result["token"]), servers))
+        unread = result.get("unread")
+        if opts.json:
+            emit_json({"user": name, "user_id": result.get("user_id"), "unread": unread})
+        else:
+            say(f"logged in as {name}; {plural(int(unread or 0), 'unread message')}")
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+@app.command()
+def logout(
+    ctx: typer.Context,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """End the session on every node and forget it here."""
+
+    def action(opts: Options) -> None:
+        session = require_session()
+        try:
+            with_client(opts, lambda c: c.logout(), session)
+            ended = True
+        except (errors.AuthFailed, errors.Gone):
+            ended = False  # already over on the service: forget it all the same
+        remove_session()
+        if opts.json:
+            emit_json({"user": session.user, "ended": ended})
+        elif ended:
+            say(f"logged out {session.user}")
+        else:
+            say(f"logged out {session.user} (the session had already ended)")
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+@app.command()
+def whoami(
+    ctx: typer.Context,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show the logged-in user and the number of unread messages."""
+
+    def action(opts: Options) -> None:
+        _, result = with_session(opts, lambda c: c.whoami())
+        unread = int(result.get("unread") or 0)
+        if opts.json:
+            emit_json(
+                {"user": result.get("user"), "user_id": result.get("user_id"), "unread": unread}
+            )
+        else:
+            name, user_id = result.get("user"), result.get("user_id")
+            say(f"{name} (user id {user_id}), {plural(unread, 'unread message')}")
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+@app.command()
+def search(
+    ctx: typer.Context,
+    pattern: Annotated[
+        str | None,
+        typer.Argument(metavar="PATTERN", help="Glob with * and ?, any case (default: everyone)."),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option("--limit", metavar="N", min=1, help="At most N names.")
+    ] = 50,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List users whose name matches PATTERN, sorted."""
+
+    def action(opts: Options) -> None:
+        _, result = with_session(opts, lambda c: c.search(pattern, limit))
+        users = [str(name) for name in result.get("users", [])]
+        more = bool(result.get("more"))
+        if opts.json:
+            emit_json({"users": users, "more": more})
+            return
+        if not users:
+            say("no user matches")
+            return
+        say(table(["USER"], [[name] for name in users]))
+        if more:
+            say(f"(more users match; raise --limit above {limit} to see them)")
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+@app.command()
+def send(
+    ctx: typer.Context,
+    user: Annotated[str, typer.Argument(metavar="USER", help="The recipient.")],
+    message: Annotated[
+        str, typer.Argument(metavar="MESSAGE", help="The text; - reads it from stdin.")
+    ],
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Send MESSAGE to USER."""
+
+    def action(opts: Options) -> None:
+        body = read_body() if message == "-" else message
+        _, result = with_session(opts, lambda c: c.send(user, body))
+        sent = message_view(result.get("message") or {})
+        if opts.json:
+            emit_json({"message": sent})
+        else:
+            say(f"sent message {sent['id']} to {sent['to']}")
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+def read_body() -> str:
+    """The whole of stdin as UTF-8, without the one newline that ends a file."""
+    data = typer.get_binary_stream("stdin").read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageProblem("the message on stdin is not UTF-8 text") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
+@app.command()
+def read(
+    ctx: typer.Context,
+    sent: Annotated[bool, typer.Option("--sent", help="Messages you sent.")] = False,
+    with_user: Annotated[
+        str | None, typer.Option("--with", metavar="USER", help="One conversation, both ways.")
+    ] = None,
+    from_user: Annotated[
+        str | None, typer.Option("--from", metavar="USER", help="Only messages from USER.")
+    ] = None,
+    unread: Annotated[bool, typer.Option("--unread", help="Only unread messages.")] = False,
+    limit: Annotated[
+        int, typer.Option("--limit", metavar="N", min=1, help="At most N messages.")
+    ] = 20,
+    before: Annotated[
+        int | None, typer.Option("--before", metavar="ID", min=0, help="Ids below ID.")
+    ] = None,
+    after: Annotated[
+        int | None, typer.Option("--after", metavar="ID", min=0, help="Ids above ID.")
+    ] = None,
+    oldest_first: Annotated[
+        bool, typer.Option("--oldest-first", help="Oldest first (default: newest first).")
+    ] = False,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show messages, newest first; inbox messages shown become read."""
+
+    def action(opts: Options) -> None:
+        _, result = with_session(
+            opts,
+            lambda c: c.read(
+                sent=sent,
+                with_user=with_user,
+                from_user=from_user,
+                unread=unread,
+                limit=limit,
+                before=before,
+                after=after,
+                oldest_first=oldest_first,
+            ),
+        )
+        messages = [message_view(m) for m in result.get("messages", [])]
+        more = bool(result.get("more"))
+        if opts.json:
+            emit_json({"messages": messages, "more": more})
+            return
+        if not messages:
+            say("no messages")
+            return
+        width = max(len(str(m["id"])) for m in messages)
+        for message in messages:
+            say(format_message(message, width))
+        if more:
+            edge = (
+                max(m["id"] for m in messages) if oldest_first else min(m["id"] for m in messages)
+            )
+            flag = "--after" if oldest_first else "--before"
+            say(f"(more messages: add {flag} {edge})")
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+@app.command("delete-message")
+def delete_message(
+    ctx: typer.Context,
+    ids: Annotated[list[int], typer.Argument(metavar="ID", help="Message ids.")],
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete messages you sent or received, for both sides (all of them or none)."""
+
+    def action(opts: Options) -> None:
+        _, result = with_session(opts, lambda c: c.delete_messages(ids))
+        deleted = [int(i) for i in result.get("deleted", [])]
+        if opts.json:
+            emit_json({"deleted": deleted})
+        else:
+            listed = ", ".join(str(i) for i in deleted)
+            say(f"deleted {'message' if len(deleted) == 1 else 'messages'} {listed}")
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+@app.command("delete-account")
+def delete_account(
+    ctx: typer.Context,
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Delete your account and your inbox, and end all its sessions."""
+
+    def action(opts: Options) -> None:
+        session = require_session()
+        if not yes:
+            if not sys.stdin.isatty():
+                raise UsageProblem("confirm with --yes to delete an account without a terminal")
+            question = f"Delete the account {session.user} and every message in its inbox?"
+            if not typer.confirm(question, default=False):
+                raise errors.Refused("not confirmed; the account was not deleted")
+        _, result = with_session(opts, lambda c: c.delete_account())
+        remove_session()
+        name = result.get("user", session.user)
+        if opts.json:
+            emit_json({"user": name, "deleted": True})
+        else:
+            say(f"deleted the account {name}")
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+@app.command()
+def listen(
+    ctx: typer.Context,
+    after: Annotated[
+        int | None,
+        typer.Option(
+            "--after", metavar="ID", min=0, help="Start after message ID (default: unread)."
+        ),
+    ] = None,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Print messages as they arrive, until Ctrl-C; survives a failover."""
+
+    def action(opts: Options) -> None:
+        session = require_session()
+        if not opts.json and sys.stderr.isatty():
+            note(f"listening as {session.user}; Ctrl-C to stop")
+        try:
+            with_client(opts, lambda c: follow(c, session.user, after, opts.json), session)
+        except errors.ChatError as exc:
+            raise session_error(exc, session) from None
+
+    execute(ctx, (servers, timeout, json_out), action, interrupt_ok=True)
+
+
+def note(text: str) -> None:
+    """An informational line on stderr (stdout carries only messages)."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+async def follow(client: Client, user: str, after: int | None, as_json: bool) -> None:
+    """Print every message of ``client.listen`` and mark the shown ones read."""
+    unmarked: list[int] = []
+    marker: asyncio.Task[None] | None = None
+
+    async def mark() -> None:
+        # Best effort: a message left unread shows again in the next backlog.
+        while unmarked:
+            ids = unmarked[:]
+            unmarked.clear()
+            with contextlib.suppress(errors.ChatError):
+                await client.mark_read(ids)
+
+    async for message in client.listen(after):
+        view = message_view(message)
+        if as_json:
+            emit_json(view)
+        else:
+            say(format_message(view))
+        if view["to"] == user and not view["read"] and isinstance(view["id"], int):
+            unmarked.append(view["id"])
+            if marker is None or marker.done():
+                marker = asyncio.create_task(mark())
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show every configured node; exit 3 when no primary is known."""
+
+    def action(opts: Options) -> int:
+        session = load_session()
+        addresses = opts.addresses(session)
+        reports = with_client(opts, lambda c: c.status_all(), servers=addresses)
+        summary = summarize_status(reports)
+        primary = summary["primary"]
+        summary["session"] = session_summary(opts, session, primary) if session else None
+        if opts.json:
+            emit_json(summary)
+        else:
+            say(render_status(summary))
+        return errors.EXIT_OK if primary is not None else errors.EXIT_UNAVAILABLE
+
+    execute(ctx, (servers, timeout, json_out), action)
+
+
+def session_summary(opts: Options, session: Session, primary: str | None) -> Result:
+    """The logged-in user's unread count, if the primary tells it quickly."""
+    unread: int | None = None
+    if primary is not None:
+        with contextlib.suppress(errors.ChatError):
+            result = with_client(
+                opts,
+                lambda c: c.whoami(),
+                session,
+                servers=[primary],
+                timeout=min(opts.timeout, STATUS_WHOAMI_TIMEOUT),
+            )
+            unread = int(result.get("unread") or 0)
+    return {"user": session.user, "unread": unread}
+
+
+def summarize_status(reports: Sequence[Result]) -> Result:
+    """The ``status --json`` object (without ``session``) from ``status_all`` reports."""
+    primaries = [
+        r for r in reports if r.get("up") and (r.get("node") or {}).get("role") == "primary"
+    ]
+    leader = max(primaries, key=lambda r: r["node"].get("epoch") or 0, default=None)
+    primary: str | None = leader["address"] if leader else None
+    if primary is None:
+        named = [r["node"].get("primary") for r in reports if r.get("up") and r.get("node")]
+        primary = next((p for p in named if isinstance(p, str)), None)
+    primary_seq = leader["node"].get("seq") if leader else None
+    return {"primary": primary, "nodes": [_node_row(r, primary_seq) for r in reports]}
+
+
+def _node_row(report: Result, primary_seq: object) -> Result:
+    row: Result = {
+        "address": report.get("address"),
+        "up": bool(report.get("up")),
+        "id": None,
+        "role": None,
+        "epoch": None,
+        "seq": None,
+        "lag": None,
+        "primary": None,
+        "sync_set": None,
+        "waiting_for": None,
+        "reason": None,
+        "error": report.get("error"),
+    }
+    node = report.get("node")
+    if not row["up"] or not isinstance(node, dict):
+        return row
+    for field in ("id", "role", "epoch", "seq", "primary", "sync_set", "waiting_for", "reason"):
+        row[field] = node.get(field)
+    seq = node.get("seq")
+    if isinstance(seq, int) and isinstance(primary_seq, int):
+        row["lag"] = max(0, primary_seq - seq)
+    return row
+
+
+def render_status(summary: Result) -> str:
+    headers = ["ADDRESS", "NODE", "STATE", "ROLE", "EPOCH", "SEQ", "LAG", "SYNC SET", "NOTE"]
+    rows = []
+    for node in summary["nodes"]:
+        if not node["up"]:
+            rows.append(
+                [node["address"], "-", "down", "-", "-", "-", "-", "-", node.get("error") or ""]
+            )
+            continue
+        rows.append(
+            [
+                node["address"],
+                _cell(node["id"]),
+                "up",
+                _cell(node["role"]),
+                _cell(node["epoch"]),
+                _cell(node["seq"]),
+                _cell(node["lag"]),
+                _sync_set(node["sync_set"]),
+                _waiting(node),
+            ]
+        )
+    lines = [table(headers, rows), ""]
+    lines.append(f"primary: {summary['primary'] or 'none known'}")
+    session = summary.get("session")
+    if session:
+        unread = session.get("unread")
+        count = "unread count unavailable" if unread is None else plural(unread, "unread message")
+        lines.append(f"logged in as {session['user']}: {count}")
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _sync_set(value: object) -> str:
+    if not isinstance(value, dict):
+        return "-"
+    members = ",".join(str(m) for m in value.get("members") or [])
+    return f"v{value.get('version')} [{members}]"
+
+
+def _waiting(node: Result) -> str:
+    """Why a node waits: ``waiting for node 2,3: <reason>``."""
+    reason, waiting_for = node.get("reason"), node.get("waiting_for")
+    if waiting_for:
+        ids = ",".join(str(i) for i in waiting_for)
+        return f"waiting for node {ids}: {reason}" if reason else f"waiting for node {ids}"
+    return f"waiting: {reason}" if reason else ""
+
+
+def main() -> None:
+    """The ``chatctl`` console script."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(Exception):
+                reconfigure(errors="replace")
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C while typer was still parsing
+        fail("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

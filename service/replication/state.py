@@ -594,12 +594,13 @@ class ReplicaCore:
             progress = self.progress.get(node)
             return progress.durable if progress is not None else -1
 
-        while self.pending_sets:
-            seq, members = self.pending_sets[0]
+        # The newest change whose members all hold it takes effect and supersedes the
+        # ones before it: "drop 3" waiting on a frozen 2 must not block "drop 2".
+        for index in range(len(self.pending_sets) - 1, -1, -1):
+            seq, members = self.pending_sets[index]
             if all(durable(m) >= seq for m in members):
                 self.effective = members
-                self.pending_sets.pop(0)
-            else:
+                del self.pending_sets[: index + 1]
                 break
         ack_set = self._ack_set() | {self.node_id}
         watermark = min(durable(m) for m in ack_set)

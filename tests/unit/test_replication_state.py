@@ -230,6 +230,20 @@ def test_r7_watermark_stays_below_unacknowledged_writes() -> None:
     assert sim.statistics(1)["watermark"] >= written.seq
 
 
+def test_r3_a_later_shrink_is_not_blocked_by_an_earlier_one_waiting_on_a_frozen_member() -> None:
+    """Freeze 2, kill 3: "drop 3" needs the frozen 2 to hold it and never takes effect;
+    "drop 2" after the sync timeout must still let the primary acknowledge alone (G2)."""
+    sim = started()
+    write_acked(sim, 1, count=2)
+    sim.freeze(2)
+    sim.kill(3)
+    written = write(sim, 1)
+    sim.wait_for(
+        lambda: sim.is_acked(written), TIMING.sync_timeout + 1.0, "the primary acked alone"
+    )
+    assert sync_members(sim, 1) == (1,)
+
+
 def test_r3_frozen_backup_holds_acks_until_the_sync_timeout_drops_it() -> None:
     sim = started()
     write_acked(sim, 1, count=2)

@@ -35,11 +35,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
-import re
 import secrets
 import struct
 from typing import Any
+
+import orjson
 
 from .errors import FrameTooLarge, ProtocolViolation
 
@@ -73,31 +73,17 @@ def encode_frame(frame: Frame) -> bytes:
     """Serialise one frame; raises TypeError if it is not JSON-encodable."""
     if not isinstance(frame.get("type"), str):
         raise TypeError("a frame needs a string 'type'")
-    try:
-        text = json.dumps(frame, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-        body = text.encode("utf-8")
-    except (ValueError, UnicodeEncodeError) as exc:
-        raise TypeError(f"frame is not encodable as RFC 8259 JSON: {exc}") from None
+    body = orjson.dumps(frame)
     return HEADER.pack(len(body)) + body
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-# A \uD800-\uDFFF escape may encode a lone surrogate, which no UTF-8 string (nor
-# SQLite, nor a client in another language) can hold.
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
 def decode_body(body: bytes) -> Frame:
+    # orjson is strict RFC 8259: it refuses invalid UTF-8, lone surrogates (which no
+    # UTF-8 string, nor SQLite, nor a client in another language can hold), NaN and
+    # Infinity, nesting deeper than 1024, and integers too long for a double.
     try:
-        text = body.decode("utf-8")
-        frame = json.loads(text, parse_constant=_reject_constant)
-        if _SURROGATE_ESCAPE.search(text):
-            json.dumps(frame, ensure_ascii=False).encode("utf-8")
-    except (UnicodeError, ValueError, RecursionError):
-        # ValueError covers JSONDecodeError and integers too long to convert.
+        frame = orjson.loads(body)
+    except orjson.JSONDecodeError:
         raise ProtocolViolation("frame is not valid UTF-8 JSON (RFC 8259)") from None
     if not isinstance(frame, dict) or not isinstance(frame.get("type"), str):
         raise ProtocolViolation("frame is not a JSON object with a string 'type'")

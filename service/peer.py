@@ -10,7 +10,7 @@ over the acceptor's nonce, the acceptor answers with an HMAC over the dialer's
 nonce (see ``protocol``). A connection that fails either check is closed and
 logged; it never reaches the replication core.
 
-The dialer reconnects with exponential backoff (50 ms to 1 s) for as long as
+The dialer reconnects with jittered exponential backoff (50 to 250 ms) for as long as
 the node runs: a node never exits because a peer is unreachable. Link changes
 are reported to the owner as ``on_link(peer, up, closed_by_us)``: a peer's
 connection closing is an immediate failure signal, unless we closed it.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,9 @@ from .errors import ProtocolViolation
 log = logging.getLogger("service.peer")
 
 OPERATOR_ID = 0
+# A restarted peer must be linked again quickly: until it is linked to every other
+# member, the primary does not confirm it (R5), so redial often.
+MAX_REDIAL = 0.25
 READ_CHUNK = 256 * 1024
 # A peer that stops reading (frozen) must not make us buffer without bound.
 MAX_BUFFERED = 64 * 1024 * 1024
@@ -131,8 +135,8 @@ class PeerLinks:
                     asyncio.open_connection(host, port), self.config.handshake_timeout
                 )
             except (OSError, TimeoutError):
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, MAX_REDIAL)
                 continue
             try:
                 frames = FrameReader(reader, self.config.max_frame)
@@ -143,8 +147,8 @@ class PeerLinks:
             except (OSError, TimeoutError, ProtocolViolation, EOFError) as exc:
                 log.warning("peer handshake failed node=%s error=%s", peer, _one_line(exc))
                 writer.close()
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, MAX_REDIAL)
                 continue
             delay = 0.05
             await self.run_link(peer, frames, writer)

@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -70,6 +71,7 @@ CHUNK_RECORDS = 512
 SNAPSHOT_CHUNK = 1024 * 1024
 TAIL = 8192
 TICK = 0.02
+YIELDS_BETWEEN_BATCHES = 3
 PRUNE_EVERY = 5.0
 
 MessageHook = Callable[[int, dict[str, Any]], None]
@@ -153,6 +155,7 @@ class Replicator:
             storage.sync_set(),
             now,
             storage.epoch_history(),
+            incarnation=random.getrandbits(30),
         )
         self.links = PeerLinks(config, secret, self._on_frame, self._on_link, self._on_operator)
         self.queue: deque[PendingWrite] = deque()
@@ -168,6 +171,9 @@ class Replicator:
         self._apply_buffer: list[LogRecord] = []
         self._apply_scheduled = False
         self._last_prune = now
+        self.batches = 0
+        self.writes = 0
+        self.closing = False
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -177,6 +183,10 @@ class Replicator:
         self._spawn(self._writer_loop())
 
     async def close(self) -> None:
+        # Stop reacting first: closing our own links must not look, to the core, like
+        # backups dying (a stopping primary would shrink its sync set to itself, then
+        # restart believing it was the last to fail).
+        self.closing = True
         await self.links.close()
         for task in list(self._tasks):
             task.cancel()
@@ -270,6 +280,8 @@ class Replicator:
             "reason": stats["reason"],
             "lag": {str(k): v for k, v in stats["lag"].items()},
             "links": sorted(self.core.links),
+            "batches": self.batches,
+            "writes": self.writes,
         }
 
     # ---- the effect loop ---------------------------------------------------------------
@@ -325,6 +337,8 @@ class Replicator:
     # ---- inputs from peers and time ------------------------------------------------------
 
     def _on_frame(self, peer: int, frame: protocol.Frame) -> None:
+        if self.closing:
+            return
         try:
             self._handle_frame(peer, frame)
         except Exception as exc:
@@ -349,7 +363,7 @@ class Replicator:
                     stream.wake.set()
 
     def _on_link(self, peer: int, up: bool, closed_by_us: bool) -> None:
-        if peer == OPERATOR_ID:
+        if peer == OPERATOR_ID or self.closing:
             return
         try:
             self._run(self.core.on_link(self._now(), peer, up, closed_by_us))
@@ -405,8 +419,11 @@ class Replicator:
                     self.queue.popleft() for _ in range(min(len(self.queue), self.config.max_batch))
                 ]
                 self._run(self._commit_batch(items, None))
-                # Let acks and new requests in before the next batch.
-                await asyncio.sleep(0)
+                # A request needs a few loop turns from its socket to this queue (read,
+                # decode, dispatch): give them, so the next batch groups every request
+                # that arrived during this commit (group commit) instead of a few.
+                for _ in range(YIELDS_BETWEEN_BATCHES):
+                    await asyncio.sleep(0)
 
     def _commit_batch(
         self, items: list[PendingWrite], members: tuple[int, ...] | None
@@ -442,6 +459,8 @@ class Replicator:
                 self._broadcast(record)
                 batch.commit()
                 self.tail.append(record)
+                self.batches += 1
+                self.writes += len(items)
                 seq = record.seq
                 effects += self.core.on_local_durable(now, Position(record.epoch, record.seq))
         except BaseException:

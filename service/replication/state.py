@@ -247,6 +247,9 @@ class BackupProgress:
     last_counted: float = 0.0
     echo: int = -1
     heard_since_gap: bool = True
+    # The backup closed our link (it died): an immediate signal. A link we closed
+    # ourselves is not, since the backup may still believe it is confirmed.
+    lost_by_peer: bool = False
 
 
 @dataclass
@@ -287,6 +290,7 @@ class ReplicaCore:
         sync_set: SyncSet,
         now: float,
         history: list[tuple[int, int]] | None = None,
+        incarnation: int = 0,
     ) -> None:
         self.node_id = node_id
         self.nodes = tuple(sorted(nodes))
@@ -306,7 +310,9 @@ class ReplicaCore:
         self.joined = False
         self.join_sent = 0.0
         self.awaiting_snapshot = False
-        self.ack_no = 0
+        # Ack numbers of different incarnations of this node must not collide: a stale
+        # echo would confirm a restarted backup on its previous life's word.
+        self.ack_no = incarnation << 32
         self.ack_times: deque[tuple[int, float]] = deque(maxlen=256)
         # primary side
         self.progress: dict[int, BackupProgress] = {}
@@ -361,22 +367,31 @@ class ReplicaCore:
         self._check_gap(now, out)
         if up:
             self.links.add(peer)
+            if peer in self.progress:
+                self.progress[peer].lost_by_peer = False
             if self.role is Role.ELECTING and self.round_started and self.campaign is None:
                 out.append(Send(peer, {"type": "probe", "epoch": self.epoch, "round": self.round}))
             return out
         self.links.discard(peer)
         self.probes.pop(peer, None)
+        if closed_by_us:
+            # We gave up on a link ourselves: its other end may count us as gone, or
+            # believe us unreachable while it decides an election alone. Either way
+            # we can no longer vouch for being a current member (R5).
+            self.confirmed_until = 0.0
         if self.role is Role.BACKUP and peer == self.primary:
-            if closed_by_us:
-                # We gave up on the link ourselves: the primary may count us as gone.
-                self.confirmed_until = 0.0
             self._become_electing(now, "lost the link to the primary", out)
         elif self.role is Role.PRIMARY and peer in self.progress:
             progress = self.progress[peer]
             progress.joined = False
+            progress.lost_by_peer = not closed_by_us
             out.append(StopStream(peer))
-            if peer in self._latest_members() and progress.heard_since_gap:
-                # A closed connection is an immediate signal: the backup died.
+            if (
+                peer in self._latest_members()
+                and progress.lost_by_peer
+                and progress.heard_since_gap
+            ):
+                # The backup closed the connection: it died, an immediate signal.
                 self._propose_change(
                     tuple(m for m in self._latest_members() if m != peer),
                     f"lost the link to node {peer}",
@@ -509,10 +524,7 @@ class ReplicaCore:
             progress = self.progress.setdefault(peer, BackupProgress(last_counted=now))
             if not progress.heard_since_gap:
                 continue
-            if (
-                peer not in self.links
-                and now - progress.last_counted > self.timing.heartbeat_interval
-            ):
+            if peer not in self.links and progress.lost_by_peer:
                 self._propose_change(
                     tuple(m for m in latest if m != peer), f"node {peer} is unreachable", out
                 )
@@ -571,7 +583,12 @@ class ReplicaCore:
         progress.heard_since_gap = True
         if not self._lagging(progress.durable, now):
             progress.last_counted = now
-            progress.echo = msg["ack_no"]
+            others = self._ack_set() - {self.node_id, sender}
+            if others <= set(msg["links"]):
+                # Confirm (echo) a backup only while it is linked to every other member:
+                # two confirmed backups then always hear each other in an election, so
+                # they cannot both decide alone (R5, one primary per epoch).
+                progress.echo = msg["ack_no"]
         if (
             progress.joined
             and sender not in self._latest_members()
@@ -641,6 +658,8 @@ class ReplicaCore:
             snapshot = False
         progress = self.progress.setdefault(sender, BackupProgress(last_counted=now))
         progress.joined = True
+        # A join starts a new incarnation of the backup: nothing it acked before counts.
+        progress.echo = -1
         progress.durable = -1 if snapshot else diverge
         progress.heard_since_gap = True
         out.append(
@@ -689,6 +708,7 @@ class ReplicaCore:
                     "epoch": self.epoch,
                     "seq": self.position.seq,
                     "ack_no": self.ack_no,
+                    "links": sorted(self.links),
                 },
             )
         )

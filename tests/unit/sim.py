@@ -335,6 +335,7 @@ class SimNetwork:
         self._link_last: dict[tuple[int, int], float] = {}
         self._connected: set[frozenset[int]] = set()
         self._groups: dict[int, int] = {}
+        self._held_links: set[frozenset[int]] = set()
         self.events: list[LogEvent] = []
         self.elections: list[Election] = []
         self.acks: list[AckEvent] = []
@@ -435,6 +436,16 @@ class SimNetwork:
 
     def heal(self) -> None:
         self._groups = {}
+
+    def hold_link(self, a: int, b: int) -> None:
+        """Keep the link between ``a`` and ``b`` from coming up (a dialer in backoff).
+
+        An existing link stays; only a new connection is held back."""
+        self._held_links.add(frozenset((a, b)))
+
+    def release_link(self, a: int, b: int) -> None:
+        self._held_links.discard(frozenset((a, b)))
+        self._connect_links()
 
     def reachable(self, a: int, b: int) -> bool:
         return self._groups.get(a, 0) == self._groups.get(b, 0)
@@ -663,7 +674,12 @@ class SimNetwork:
         for a in self.ids:
             for b in self.ids:
                 pair = frozenset((a, b))
-                if a >= b or pair in self._connected or not self.reachable(a, b):
+                if (
+                    a >= b
+                    or pair in self._connected
+                    or pair in self._held_links
+                    or not self.reachable(a, b)
+                ):
                     continue
                 if self.nodes[a].running and self.nodes[b].running:
                     self._connected.add(pair)

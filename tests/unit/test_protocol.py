@@ -549,7 +549,7 @@ PEER_EXAMPLES: dict[str, protocol.Frame] = {
         "in_sync": [1, 2],
         "echo": 0,
     },
-    "ack": {"type": "ack", "epoch": 2, "seq": 10, "ack_no": 4},
+    "ack": {"type": "ack", "epoch": 2, "seq": 10, "ack_no": 4, "links": [1, 3]},
     "join": {"type": "join", "epoch": 2, "position": [2, 10], "history": [[1, 1], [2, 5]]},
     "join_reply": {"type": "join_reply", "epoch": 2, "diverge": 7, "snapshot": False},
     "snapshot": {

@@ -680,6 +680,33 @@ def test_r1_new_election_probes_afresh_after_an_epoch_adopted_from_a_probe() -> 
 # ---- back-to-back failovers ----------------------------------------------------------------------
 
 
+def test_r5_backups_not_linked_to_each_other_are_not_confirmed_so_cannot_both_take_over() -> None:
+    """Node 3 restarts and links to the primary but not (yet) to node 2, whose dialer
+    is in backoff. Were both counted as confirmed, each would see only itself when the
+    primary dies and both would win the same epoch. Neither is confirmed while they
+    are not linked, so they wait for the primary (R6) and one primary is elected."""
+    sim = started()
+    write_acked(sim, 1, count=2)
+    sim.kill(3)
+    sim.hold_link(2, 3)
+    sim.restart(3)
+    sim.wait_for(lambda: sync_members(sim, 1) == (1, 2, 3), 3.0, "node 3 back in the sync set")
+    write_acked(sim, 1, count=3)
+    # Node 3 is never confirmed while unlinked to 2; node 2's confirmation from before
+    # node 3 rejoined runs out, and is not renewed while 2 is unlinked to a member.
+    assert not sim.statistics(3)["confirmed"]
+    sim.advance(TIMING.confirm_window + 0.3)
+    assert not sim.statistics(2)["confirmed"]
+    assert not sim.statistics(3)["confirmed"]
+    sim.kill(1)
+    sim.advance(2.0)
+    assert sim.primaries() == [], f"someone took over without proof\n{sim.describe()}"
+    sim.restart(1)
+    sim.wait_primary(timeout=3.0)
+    sim.release_link(2, 3)
+    sim.wait_converged(timeout=5.0)
+
+
 def test_r5_back_to_back_failovers() -> None:
     sim = started()
     acked: list[ClientWrite] = []

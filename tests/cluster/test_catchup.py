@@ -1,0 +1,250 @@
+"""Coming back behind or beside the primary: rewind, snapshot, tombstones (SPEC R4, G3).
+
+* An old primary that committed a write locally that never reached anyone
+  else is rewound when it rejoins (its removed records kept in a rollback
+  file), and the write, retried by its client with the same request id, is
+  stored once.
+* The same with the write already on its way to the frozen backups: they
+  apply it when thawed, so nothing needs rewinding, and it is still stored once.
+* A backup down past the log retention catches up from a snapshot.
+* Messages deleted while a node is down stay deleted once it catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+from service.client import Client
+from tests.conftest import ClusterFactory
+from tests.helpers.cluster import REPO_ROOT, Cluster, NodeProcess, NodeView
+from tests.helpers.waiting import wait_for
+from tests.helpers.workload import (
+    Ledger,
+    Outcome,
+    SendRecord,
+    Workload,
+    check_messages,
+    finish,
+    first_log_seq,
+    new_user,
+    read_inbox,
+    run,
+    send_recorded,
+    start_cluster,
+    stopped_storage,
+    stored_messages,
+    view_of,
+    wait_committed,
+    wait_logged,
+    wait_settled,
+    wait_view,
+    waiting_for,
+)
+
+pytestmark = pytest.mark.cluster
+
+# Room for the test to act while the backups are frozen: the primary drops them
+# (and would acknowledge alone) only after sync_timeout, and a backup frozen for
+# less than clock_gap does not count as frozen, so it stays confirmed (R5).
+SLOW_TO_SHRINK = {"sync_timeout": 5.0, "clock_gap": 2.0}
+
+
+class BackgroundSend:
+    """One ``send`` run to completion in a thread, retried by the client as it sees fit."""
+
+    def __init__(self, cluster: Cluster, token: str, body: str, ledger: Ledger) -> None:
+        self.record: SendRecord | None = None
+
+        async def send() -> None:
+            async with Client(cluster.servers, timeout=45.0, token=token) as client:
+                self.record = await send_recorded(client, "alice", "alice", body, ledger)
+
+        self._thread = threading.Thread(target=asyncio.run, args=(send(),), daemon=True)
+        self._thread.start()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def result(self, timeout: float = 60.0) -> SendRecord:
+        self._thread.join(timeout)
+        assert self.record is not None, "the send never returned"
+        return self.record
+
+
+def test_old_primary_with_an_unreplicated_write_is_rewound(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """The primary commits a write no backup ever receives, then crashes (R4, G3).
+
+    The backups are frozen while the primary commits (so nothing is
+    acknowledged), then crash too, which discards the records waiting in
+    their sockets: the write exists on the old primary only. Restarted, the
+    backups cannot prove they are current (R6) and wait for it (G5), until an
+    operator forces a promotion. The client's retry, with the same request
+    id, is then applied by the new primary; the old primary, back, must
+    rewind its own copy rather than keep it beside the new one.
+    """
+    cluster = cluster_factory(**SLOW_TO_SHRINK)
+    start_cluster(cluster)
+    old = wait_settled(cluster)
+    promoted, other = (n for n in cluster.nodes.values() if n is not old)
+    token = run(new_user(cluster.servers, "alice"))
+    ledger = Ledger()
+    seq = view_of(old).seq
+    for node in (promoted, other):
+        node.freeze()
+    send = BackgroundSend(cluster, token, "orphan", ledger)
+    wait_committed(old, seq, "the write committed on the primary alone")
+    assert send.running(), "a write was acknowledged while every backup was frozen"
+    old.kill()
+    for node in (promoted, other):
+        node.kill()
+    cluster.start([promoted.node_id, other.node_id])
+
+    def waits_for_old(view: NodeView) -> bool:
+        return view.role != "primary" and old.node_id in waiting_for(view)
+
+    for node in (promoted, other):
+        wait_view(node, waits_for_old, f"waiting for node {old.node_id} (G5)")
+    force_promotion(promoted)
+    assert cluster.wait_for_primary() is promoted
+    record = send.result()
+    assert record.outcome is Outcome.ACKED, record
+    old.start()
+    wait_settled(cluster)
+    wait_logged(old, f"rewind node={old.node_id}")
+    rollback = list((old.data_dir / "rollback").iterdir())
+    assert rollback, "no rollback file for the rewound records"
+    assert all(path.stat().st_size > 0 for path in rollback), rollback
+    finish(cluster, ledger)
+
+
+def force_promotion(node: NodeProcess) -> None:
+    """``python -m ops.promote`` as an operator runs it."""
+    command = [sys.executable, "-m", "ops.promote", str(node.node_id)]
+    command += ["--config", str(node.config_path), "--yes"]
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, f"promote failed: {done.stdout}{done.stderr}"
+
+
+def test_write_in_flight_to_frozen_backups_survives_the_primary_crash(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """The primary streams a record before it commits it: frozen backups still get it.
+
+    The backups thaw in time to be confirmed (R5) and elect one of themselves;
+    the client's retry is answered from the stored result: one message.
+    """
+    cluster = cluster_factory(**SLOW_TO_SHRINK)
+    start_cluster(cluster)
+    old = wait_settled(cluster)
+    backups = [n for n in cluster.nodes.values() if n is not old]
+    token = run(new_user(cluster.servers, "alice"))
+    ledger = Ledger()
+    seq = view_of(old).seq
+    for node in backups:
+        node.freeze()
+    send = BackgroundSend(cluster, token, "in flight", ledger)
+    wait_committed(old, seq, "the write committed on the primary alone")
+    assert send.running(), "a write was acknowledged while every backup was frozen"
+    old.kill()
+    for node in backups:
+        node.thaw()
+    assert cluster.wait_for_primary() in backups
+    assert send.result().outcome is Outcome.ACKED
+    old.start()
+    finish(cluster, ledger)
+
+
+def test_backup_down_past_the_log_retention_catches_up_from_a_snapshot(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory(log_retention=20)
+    start_cluster(cluster)
+    primary = wait_settled(cluster)
+    backup = next(n for n in cluster.nodes.values() if n is not primary)
+    with Workload(cluster.servers) as load:
+        load.wait_progress(20, "with every node up")
+        backup.kill()
+        with stopped_storage(backup) as storage:
+            behind = storage.position().seq
+        load.wait_progress(120, "with the backup down")
+
+        def pruned_past_it() -> bool:
+            first = first_log_seq(primary)
+            return first is not None and first > behind + 1
+
+        # The primary prunes its log every few seconds.
+        wait_for(pruned_past_it, 20.0, f"the primary's log to start after seq {behind + 1}")
+        backup.start()
+        wait_logged(backup, "snapshot installed")
+        assert wait_settled(cluster) is primary
+        load.wait_progress(20, "with the backup back")
+    finish(cluster, load.ledger)
+
+
+def test_messages_deleted_while_a_node_is_down_stay_deleted(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory()
+    start_cluster(cluster)
+    primary = wait_settled(cluster)
+    absent = next(n for n in cluster.nodes.values() if n is not primary)
+    ledger = Ledger()
+    alice, bob = run(conversation(cluster, ledger))
+    ids = [r.message_id for r in ledger.records]
+    absent.kill()
+    run(delete(cluster, alice, ids[:2]))  # the sender deletes two
+    run(delete(cluster, bob, ids[2:3]))  # the recipient deletes one
+    absent.start()
+    wait_settled(cluster)
+    # Leave the caught-up node alone as the primary: it must serve the deletions too.
+    for node in cluster.nodes.values():
+        if node is not absent:
+            node.kill()
+    assert cluster.wait_for_primary() is absent
+    inbox = run(inbox_with(cluster, bob))
+    assert [m["id"] for m in inbox] == ids[3:]
+    cluster.start()
+    finish(cluster)
+    deleted = set(ids[:3])
+    for message in stored_messages(absent):
+        assert message.deleted == (message.id in deleted), message
+        if message.deleted:
+            assert message.body == "", f"a tombstone keeps its body: {message}"
+    kept = [r for r in ledger.records if r.message_id not in deleted]
+    check_messages(cluster, _ledger_of(kept))
+
+
+async def conversation(cluster: Cluster, ledger: Ledger) -> tuple[str, str]:
+    """alice and bob registered and logged in; alice sent bob five messages."""
+    tokens = [await new_user(cluster.servers, user) for user in ("alice", "bob")]
+    async with Client(cluster.servers, token=tokens[0]) as client:
+        for n in range(5):
+            record = await send_recorded(client, "alice", "bob", f"note {n}", ledger)
+            assert record.outcome is Outcome.ACKED, record
+    return tokens[0], tokens[1]
+
+
+async def delete(cluster: Cluster, token: str, ids: list[int | None]) -> None:
+    async with Client(cluster.servers, token=token) as client:
+        result = await client.delete_messages([i for i in ids if i is not None])
+    assert result["deleted"] == ids
+
+
+async def inbox_with(cluster: Cluster, token: str) -> list[dict[str, Any]]:
+    async with Client(cluster.servers, token=token) as client:
+        return await read_inbox(client)
+
+
+def _ledger_of(records: list[SendRecord]) -> Ledger:
+    ledger = Ledger()
+    for record in records:
+        ledger.add(record)
+    return ledger

@@ -1,0 +1,110 @@
+"""Frozen nodes (SIGSTOP): alive to the kernel, silent to their peers (SPEC sections 6 and 8).
+
+* A primary frozen past the timeouts is replaced; thawed, it learns the new
+  epoch and steps down, and never acknowledges a write alone in its old
+  epoch (R1, the clock-gap rule of section 6).
+* A frozen backup is dropped from the sync set after about the sync timeout,
+  so writes go on being acknowledged (R3); thawed, it catches up and
+  re-enters the sync set (R4).
+* Both backups lost one after the other (one frozen, then the other killed):
+  the primary goes on alone (G2).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.conftest import ClusterFactory
+from tests.helpers.cluster import NodeView
+from tests.helpers.workload import (
+    Workload,
+    finish,
+    start_cluster,
+    view_of,
+    wait_settled,
+    wait_view,
+)
+
+pytestmark = pytest.mark.cluster
+
+SYNC_TIMEOUT = 1.5  # the NodeConfig default the clusters here run with
+
+
+def test_frozen_primary_is_replaced_and_steps_down_when_thawed(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory()
+    start_cluster(cluster)
+    old = wait_settled(cluster)
+    with Workload(cluster.servers) as load:
+        load.wait_progress(30, "before the freeze")
+        old.freeze()
+        new = cluster.wait_for_primary()
+        assert new is not old
+        epoch = view_of(new).epoch
+        load.wait_progress(30, "on the new primary while the old one is frozen")
+        old.thaw()
+
+        def stepped_down(view: NodeView) -> bool:
+            return view.role == "backup" and view.epoch >= epoch
+
+        wait_view(old, stepped_down, f"a backup in epoch {epoch} or later")
+        primary = wait_settled(cluster)  # every backup follows it, in its epoch
+        assert primary is new
+        assert view_of(old).epoch == view_of(new).epoch
+        load.wait_progress(30, "after the thaw")
+    after_thaw = old.log_text().split(f"SIGCONT node {old.node_id}")[-1]
+    assert "epoch changed" in after_thaw
+    assert "became primary" not in after_thaw
+    finish(cluster, load.ledger)
+
+
+def test_frozen_backup_is_dropped_then_rejoins(cluster_factory: ClusterFactory) -> None:
+    cluster = cluster_factory()
+    start_cluster(cluster)
+    primary = wait_settled(cluster)
+    backup = next(n for n in cluster.nodes.values() if n is not primary)
+    with Workload(cluster.servers) as load:
+        load.wait_progress(30, "before the freeze")
+        backup.freeze()
+        frozen_at = time.monotonic()
+
+        def dropped(view: NodeView) -> bool:
+            return backup.node_id not in view.sync_set and backup.node_id not in (
+                view.in_sync or ()
+            )
+
+        wait_view(primary, dropped, f"node {backup.node_id} out of the sync set")
+        waited = time.monotonic() - frozen_at
+        assert waited < SYNC_TIMEOUT + 2.0, f"the primary waited {waited:.1f} s for a frozen backup"
+        load.wait_progress(30, "with the backup frozen", timeout=SYNC_TIMEOUT + 5.0)
+        backup.thaw()
+        assert wait_settled(cluster) is primary  # the sync set is whole again
+        load.wait_progress(30, "with the backup back")
+    finish(cluster, load.ledger)
+
+
+def test_primary_serves_alone_when_its_backups_fail_one_after_the_other(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """G2: one backup freezes, the other is killed: the primary must go on alone.
+
+    Dropping the killed one is a sync-set change that the frozen one has to
+    hold before it takes effect; dropping the frozen one must not wait behind it.
+    """
+    cluster = cluster_factory()
+    start_cluster(cluster)
+    primary = wait_settled(cluster)
+    frozen, killed = (n for n in cluster.nodes.values() if n is not primary)
+    with Workload(cluster.servers) as load:
+        load.wait_progress(30, "with every node up")
+        frozen.freeze()
+        killed.kill()
+        load.wait_progress(30, "on the primary alone", timeout=SYNC_TIMEOUT + 10.0)
+        frozen.thaw()
+        killed.start()
+        assert wait_settled(cluster) is primary
+        load.wait_progress(10, "with every node back")
+    finish(cluster, load.ledger)

@@ -329,6 +329,7 @@ class ReplicaCore:
         self.next_round_at = now
         self.probes: dict[int, ProbeView] = {}
         self.last_primary: int | None = None
+        self.solo_blocked = False
         self.logged_waiting: tuple[int, ...] = ()
         self.campaign: Campaign | None = None
         self.waiting_for: tuple[int, ...] = ()
@@ -493,13 +494,24 @@ class ReplicaCore:
         if gap <= self.timing.clock_gap:
             return
         out.append(Log("clock gap", {"node": self.node_id, "seconds": f"{gap:.3f}"}))
-        self.confirmed_until = 0.0
+        # Confirmation is anchored to the send time of an ack, so it has run out on
+        # its own if the stop was long enough for the primary to drop us; a short
+        # stall (a busy machine) leaves it. What a thawed node must not do is decide
+        # alone on a stale view: it takes over only after a fresh probe round in
+        # which some peer answered.
+        self.solo_blocked = True
+        self.round += 1
+        self.round_started = 0.0
+        self.probes = {}
         if self.role is Role.PRIMARY:
             for progress in self.progress.values():
                 progress.heard_since_gap = False
                 progress.last_counted = now
         elif self.role is Role.BACKUP:
-            self.last_primary_frame = now
+            # A live primary's frames are already waiting in our socket: give them two
+            # heartbeats to arrive, rather than a whole suspect timeout.
+            grace = self.timing.suspect_timeout - 2 * self.timing.heartbeat_interval
+            self.last_primary_frame = max(self.last_primary_frame, now - grace)
 
     # ---- primary -------------------------------------------------------------------
 
@@ -863,7 +875,9 @@ class ReplicaCore:
                 self._decide(now, out)
 
     def peers_answered(self) -> bool:
-        return all(peer in self.probes for peer in self.links)
+        # The last primary is not waited for: when it is frozen, that is the failover,
+        # and every moment spent waiting eats into the backups' confirmation.
+        return all(peer in self.probes for peer in self.links if peer != self.last_primary)
 
     def probe_reply(self) -> dict[str, Any]:
         return {
@@ -894,6 +908,7 @@ class ReplicaCore:
             return
         if self.role is not Role.ELECTING or msg["round"] != self.round:
             return
+        self.solo_blocked = False
         self.probes[sender] = ProbeView(
             sender,
             msg["epoch"],
@@ -935,6 +950,9 @@ class ReplicaCore:
         winner = self._winner(views)
         self._log_waiting(out)
         if winner != self.node_id:
+            return
+        if self.solo_blocked and not self.probes:
+            self.reason = "heard from no peer since a gap in this node's clock"
             return
         silent = [p for p in self.links if p not in self.probes and p != self.last_primary]
         if silent:

@@ -707,6 +707,39 @@ def test_r5_backups_not_linked_to_each_other_are_not_confirmed_so_cannot_both_ta
     sim.wait_converged(timeout=5.0)
 
 
+def test_freeze_rule_a_short_machine_stall_of_the_backups_does_not_block_failover() -> None:
+    """The primary freezes, and both backups stall together for 0.8 s (a busy
+    machine): they see a gap in their clocks, but their confirmation, anchored to
+    their acks, still holds; having heard each other afresh they elect one of them."""
+    sim = started()
+    write_acked(sim, 1, count=2)
+    sim.freeze(1)
+    sim.advance(0.05)
+    sim.freeze(2)
+    sim.freeze(3)
+    sim.advance(0.8)
+    sim.thaw(2)
+    sim.thaw(3)
+    assert sim.wait_primary(timeout=1.0, among=(2, 3)) in (2, 3)
+    assert sim.logged("clock gap", 2)
+
+
+def test_freeze_rule_a_thawed_backup_never_takes_over_alone_without_hearing_a_peer() -> None:
+    """Node 2 stalls, and while it is stopped the primary and node 3 die. On thaw it
+    is still within its confirmation window, but it heard no peer since the gap: it
+    must not take over alone on that stale view."""
+    sim = started()
+    write_acked(sim, 1, count=2)
+    sim.freeze(2)
+    sim.advance(0.05)
+    sim.kill(1)
+    sim.kill(3)
+    sim.advance(0.6)
+    sim.thaw(2)
+    sim.advance(1.0)
+    assert sim.primaries() == []
+
+
 def test_r5_back_to_back_failovers() -> None:
     sim = started()
     acked: list[ClientWrite] = []

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUPERVISORD := $(BIN)/supervisord -c supervisord.conf
 SUPERVISORCTL := $(BIN)/supervisorctl -c supervisord.conf
 
-.PHONY: install run up down status test test-quick check lint typecheck clean
+.PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos
 
 install: $(STAMP)
 
@@ -39,6 +39,14 @@ test: install
 test-quick: install
 	$(BIN)/python -m pytest -m 'not cluster'
 
+# The benchmark (ops/bench): its own 3-node cluster in a temp folder, a table on
+# stdout, JSON under var/bench/. BENCH_ARGS passes options, e.g. BENCH_ARGS="--runs 5".
+bench: install
+	$(BIN)/python -m ops.bench $(BENCH_ARGS)
+
+bench-quick: install
+	$(BIN)/python -m ops.bench --quick $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check service ops tests
 	$(BIN)/ruff format --check service ops tests
@@ -47,6 +55,15 @@ typecheck: install
 	$(BIN)/mypy
 
 check: lint typecheck test
+
+# Fault injection against a three-node cluster of its own, then the history
+# checker (ops/chaos/README.md). Exit status 1 on any violation; the seed and
+# the fault schedule are printed so that a failure can be replayed:
+#   make chaos CHAOS_SEED=42 CHAOS_DURATION=120
+CHAOS_DURATION ?= 600
+CHAOS_SEED ?=
+chaos: install
+	$(BIN)/python -m ops.chaos --duration $(CHAOS_DURATION) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""Failover: from SIGKILL of the primary to the first write acknowledged after it.
+
+One writer (a ``Client`` of the library, default settings, as a user has)
+sends continuously and records when each send was acknowledged. Each round:
+
+1. wait until every node is in the sync set and the backups are confirmed
+   (otherwise R5 forbids a takeover and the round would measure a full
+   restart instead), and until the writer is acknowledged against this primary;
+2. SIGKILL the primary;
+3. ``ack``: the first acknowledgement the writer receives after the kill.
+   That is what a user sees: detection, election, and the client finding the
+   new primary (its retry backoff included) and retrying the same request id;
+4. ``elected``: the time of the new primary's ``became primary`` log line,
+   the server-side part of the same interval (log clock, millisecond lines);
+5. restart the killed node, and time until it is back in the sync set
+   (``rejoin``: start-up, rewind if any, catch-up, confirmation).
+
+A reply already on its way when the kill lands is read within microseconds,
+long before any new primary exists; the first acknowledgement after the kill
+is therefore the new primary's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import random
+import statistics
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from service import errors
+from service.client import Client
+
+from .cluster import Cluster, NotYet, wait_until
+from .load import Users, body
+
+WRITER_TIMEOUT = 60.0
+
+
+class Writer:
+    """One client sending one message at a time, for as long as it runs."""
+
+    def __init__(self, servers: Sequence[str], users: Users) -> None:
+        self.client = Client(servers, WRITER_TIMEOUT, users.tokens[0])
+        self.recipient = users.names[-1]
+        self.acks: list[float] = []  # perf_counter() of each acknowledgement, ascending
+        self.failures: Counter[str] = Counter()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Writer:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.client.close()
+
+    async def _run(self) -> None:
+        text = body(random.Random(7))
+        while True:
+            try:
+                await self.client.send(self.recipient, text)
+            except errors.ChatError as exc:
+                self.failures[exc.code] += 1
+                await asyncio.sleep(0.01)
+                continue
+            self.acks.append(time.perf_counter())
+
+    async def wait_acks(self, more: int, timeout: float) -> None:
+        target = len(self.acks) + more
+
+        async def check() -> None:
+            if len(self.acks) < target:
+                raise NotYet(f"{len(self.acks)} of {target} acknowledgements")
+
+        await wait_until(check, timeout, "the writer to be acknowledged", 0.005)
+
+    async def first_ack_after(self, t: float, timeout: float) -> float:
+        async def check() -> float:
+            i = bisect.bisect_right(self.acks, t)
+            if i == len(self.acks):
+                raise NotYet("no acknowledgement since the kill")
+            return self.acks[i]
+
+        return await wait_until(check, timeout, "an acknowledged write after the kill", 0.001)
+
+
+async def measure(cluster: Cluster, users: Users, kills: int) -> dict[str, Any]:
+    """``kills`` rounds of kill-the-primary; the figures and every round's raw times."""
+    rounds = []
+    async with Writer(cluster.servers, users) as writer:
+        for _ in range(kills):
+            rounds.append(await _one_round(cluster, writer))
+        failures = dict(writer.failures)
+    acks = [r["ack"] for r in rounds]
+    elected = [r["elected"] for r in rounds if r["elected"] is not None]
+    figures = {
+        "failover_median": statistics.median(acks),
+        "failover_max": max(acks),
+        "failover_elected_median": statistics.median(elected) if elected else None,
+        "rejoin_median": statistics.median(r["rejoin"] for r in rounds),
+    }
+    return {"figures": figures, "rounds": rounds, "writer_failures": failures}
+
+
+async def _one_round(cluster: Cluster, writer: Writer) -> dict[str, Any]:
+    primary = await cluster.wait_in_sync()
+    await writer.wait_acks(5, 30)
+    offsets = {i: node.log_offset() for i, node in cluster.nodes.items()}
+    wall, t_kill = time.time(), time.perf_counter()
+    primary.kill()
+    await asyncio.to_thread(primary.reap)
+    primary.note("SIGKILL (failover round)")
+    t_ack = await writer.first_ack_after(t_kill, WRITER_TIMEOUT)
+    new = await cluster.wait_primary()
+    became = new.events("became primary", offsets[new.node_id])
+    t_start = time.perf_counter()
+    primary.start()
+    await cluster.wait_in_sync()
+    return {
+        "killed": primary.node_id,
+        "new_primary": new.node_id,
+        "ack": t_ack - t_kill,
+        "elected": became[0].at - wall if became else None,
+        "rejoin": time.perf_counter() - t_start,
+    }

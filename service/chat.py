@@ -480,6 +480,22 @@ def _mark_read(db: Db, user_id: int, ids: list[int], now: float) -> int:
     return db.changes()
 
 
+def prune_requests(db: Db, before: float, limit: int) -> int:
+    """Forget up to ``limit`` request ids stored before ``before``.
+
+    A request id protects a retry of the same request (after a timeout or a
+    failover), which comes within seconds; an id kept for ever would only grow
+    the database. The primary runs this inside an ordinary batch, so the
+    deletions replicate like any write and every node forgets the same ids.
+    """
+    db.execute(
+        "DELETE FROM requests WHERE request_id IN "
+        "(SELECT request_id FROM requests WHERE created_at < ? ORDER BY created_at LIMIT ?)",
+        (before, limit),
+    )
+    return db.changes()
+
+
 def mark_read(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
     user_id, _ = session_user(db, token_hash)
     return {"marked": _mark_read(db, user_id, _ids(args), now)}

@@ -69,8 +69,9 @@ DEFAULT_SERVERS = ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")
 DEFAULT_TIMEOUT = 10.0
 # A node that does not answer one request within this long is treated as down.
 ATTEMPT_TIMEOUT = 2.0
-BACKOFF_START = 0.02
-BACKOFF_CAP = 0.25
+# An election takes tens of milliseconds: poll at that pace, not slower.
+BACKOFF_START = 0.01
+BACKOFF_CAP = 0.1
 # An idle listen stream checks its node this often (a frozen node sends nothing).
 KEEPALIVE = 1.0
 READ_CHUNK = 64 * 1024
@@ -391,6 +392,9 @@ class Client:
         backoff = _Backoff()
         problem = "no server answered"
         redirected = False
+        # A refused or closed connection means a dead node: try the others at once,
+        # and pause only after every server failed in a row.
+        unreachable = 0
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
@@ -428,6 +432,9 @@ class Client:
                 problem = str(exc)
                 self._hint = None
                 self._advance(address)
+                unreachable += 1
+                if unreachable % len(self.servers):
+                    continue
             else:
                 self._hint = address
                 return conn, result, queue

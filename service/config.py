@@ -72,6 +72,8 @@ class NodeConfig:
     # A tick later than this after the previous one means the node was frozen.
     clock_gap: float = 0.5
     log_retention: int = 100_000
+    # A retry with the same request id returns the first result within this window.
+    request_retention: float = 3600.0
     max_batch: int = 512
     max_frame: int = 8 * 1024 * 1024
     idle_client_timeout: float = 300.0

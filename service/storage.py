@@ -160,7 +160,12 @@ CREATE TABLE node_state (
 """
 
 # Migration i (0-based) takes the schema from user_version i to i + 1. Append only.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1,)
+# v2: request ids are forgotten after a retention period (see chat.prune_requests).
+_SCHEMA_V2 = """
+CREATE INDEX requests_by_age ON requests (created_at);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
 
 
 class Diverged(Exception):

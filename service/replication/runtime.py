@@ -44,7 +44,7 @@ from .. import chat, protocol
 from ..config import NodeConfig
 from ..errors import ChatError, Internal, NotPrimary, Unavailable
 from ..peer import OPERATOR_ID, PeerLinks
-from ..storage import Diverged, LogRecord, Position, Storage
+from ..storage import Batch, Diverged, LogRecord, Position, Storage
 from .state import (
     Acknowledge,
     ApplyRecords,
@@ -69,7 +69,7 @@ log = logging.getLogger("service.replication")
 WINDOW = 4096
 CHUNK_RECORDS = 512
 SNAPSHOT_CHUNK = 1024 * 1024
-TAIL = 8192
+TAIL_BYTES = 4 * 1024 * 1024
 TICK = 0.02
 YIELDS_BETWEEN_BATCHES = 3
 PRUNE_EVERY = 5.0
@@ -163,7 +163,10 @@ class Replicator:
         self.waiters: list[Waiter] = []
         self._order = 0
         self.streams: dict[int, Stream] = {}
-        self.tail: deque[LogRecord] = deque(maxlen=TAIL)
+        # The newest records, for streams to live backups without reading the log back.
+        # Bounded in bytes: with group commit a record may hold hundreds of writes.
+        self.tail: deque[LogRecord] = deque()
+        self.tail_bytes = 0
         self.message_hooks: list[MessageHook] = []
         self.role_hooks: list[Callable[[Role], None]] = []
         self.incoming_snapshot: tuple[Path, int] | None = None
@@ -398,7 +401,7 @@ class Replicator:
     # ---- primary: write path -----------------------------------------------------------
 
     def _become_primary(self, effect: BecomePrimary) -> list[Effect]:
-        self.tail.clear()
+        self._forget_tail()
         for hook in self.role_hooks:
             hook(Role.PRIMARY)
         return self._commit_batch([], effect.members)
@@ -448,6 +451,7 @@ class Replicator:
                     # was rolled back, the rest of the batch goes on.
                     log.exception("write failed op=%s", item.op)
                     outcomes.append((item, Internal(f"internal error: {exc}")))
+            self._prune_requests(batch, len(items))
             sync_set = batch.set_sync_set(members, epoch) if members is not None else None
             record = batch.seal(epoch)
             if record is None:
@@ -458,7 +462,7 @@ class Replicator:
                 effects = list(self.core.on_sealed(now, record.seq, sync_set))
                 self._broadcast(record)
                 batch.commit()
-                self.tail.append(record)
+                self._remember(record)
                 self.batches += 1
                 self.writes += len(items)
                 seq = record.seq
@@ -470,6 +474,12 @@ class Replicator:
         for item, outcome in outcomes:
             self._reply_after(seq, item, outcome)
         return effects
+
+    def _prune_requests(self, batch: Batch, writes: int) -> None:
+        """Forget expired request ids, twice as fast as this batch adds new ones."""
+        before = time.time() - self.config.request_retention
+        with batch.savepoint() as db:
+            chat.prune_requests(db, before, 2 * writes + 1)
 
     def _reply_after(
         self, seq: int, item: PendingWrite, outcome: dict[str, Any] | ChatError
@@ -563,6 +573,16 @@ class Replicator:
         stream = self.streams.pop(peer, None)
         if stream is not None and stream.task is not None:
             stream.task.cancel()
+
+    def _remember(self, record: LogRecord) -> None:
+        self.tail.append(record)
+        self.tail_bytes += len(record.changeset)
+        while self.tail_bytes > TAIL_BYTES and len(self.tail) > 1:
+            self.tail_bytes -= len(self.tail.popleft().changeset)
+
+    def _forget_tail(self) -> None:
+        self.tail.clear()
+        self.tail_bytes = 0
 
     def _records_from(self, seq: int, limit: int) -> list[LogRecord]:
         if self.tail and self.tail[0].seq <= seq:
@@ -785,7 +805,7 @@ class Replicator:
         position = self.storage.install_snapshot(path)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
-        self.tail.clear()
+        self._forget_tail()
         log.info(
             format_fields(
                 "snapshot installed",

@@ -808,3 +808,40 @@ def test_retries_after_the_session_ended_return_the_first_result(
     sums = svc.storage.checksums()
     assert svc.write(op, {}, ann, request_id="end") == first
     assert svc.storage.checksums() == sums
+
+
+# ---- request id retention ---------------------------------------------------------------
+
+
+def _prune(svc: Service, before: float, limit: int) -> int:
+    batch = svc.storage.begin_batch()
+    with batch.savepoint() as db:
+        removed = chat.prune_requests(db, before, limit)
+    batch.seal(1)
+    batch.commit()
+    return removed
+
+
+def test_prune_requests_forgets_only_ids_older_than_the_cutoff_oldest_first(
+    svc: Service, ann: str
+) -> None:
+    svc.send(ann, "ann", "first")
+    svc.write("send", {"to": "ann", "body": "second"}, ann, request_id="keep-me")
+    cutoff = float(svc.db.value("SELECT created_at FROM requests WHERE request_id = 'keep-me'"))
+    stored = svc.db.value("SELECT count(*) FROM requests")
+    older = svc.db.value("SELECT count(*) FROM requests WHERE created_at < ?", (cutoff,))
+    assert older >= 2  # the registration and login of ann, then "first"
+    assert _prune(svc, before=cutoff, limit=1) == 1
+    assert svc.db.value("SELECT count(*) FROM requests") == stored - 1
+    assert _prune(svc, before=cutoff, limit=100) == older - 1
+    assert svc.db.value("SELECT count(*) FROM requests WHERE request_id = 'keep-me'") == 1
+
+
+def test_a_retry_within_retention_returns_the_first_result_after_pruning_older_ids(
+    svc: Service, ann: str
+) -> None:
+    first = svc.write("send", {"to": "ann", "body": "once"}, ann, request_id="r-keep")
+    _prune(svc, before=float(first["message"]["sent_at"]), limit=1000)
+    again = svc.write("send", {"to": "ann", "body": "once"}, ann, request_id="r-keep")
+    assert again == first
+    assert svc.ids(ann) == [first["message"]["id"]]

@@ -32,6 +32,7 @@ from .errors import AuthFailed, ChatError, Internal, InvalidInput, ProtocolViola
 from .peer import OPERATOR_ID, FrameReader
 from .replication.runtime import Replicator
 from .replication.state import Role
+from .storage import Db
 
 log = logging.getLogger("service.server")
 
@@ -231,7 +232,6 @@ class ClientSession:
     ) -> dict[str, Any]:
         token_hash = chat.hash_token(token) if token is not None else None
         replicator = self.replicator
-        db = replicator.storage.db
         if op == "status":
             return {"node": replicator.status()}
         if op == "register":
@@ -247,7 +247,7 @@ class ClientSession:
             user, secret = args.get("username"), args.get("password")
             if not isinstance(user, str) or not isinstance(secret, str):
                 raise InvalidInput("login needs a username and a password")
-            auth = chat.user_auth(db, user)
+            auth = chat.user_auth(replicator.storage.reader, user)
             if not await asyncio.to_thread(chat.verify_login, secret, auth):
                 raise chat_auth_failed()
             new_token, new_hash = chat.new_token()
@@ -260,26 +260,31 @@ class ClientSession:
             # recipient_id is for the listen pushes only; clients see names.
             return {k: v for k, v in result.items() if k != "recipient_id"}
         if op == "whoami":
-            return dict(await replicator.read(lambda: chat.whoami(db, token_hash)))
+            return dict(await replicator.read(lambda db: chat.whoami(db, token_hash)))
         if op == "search":
             pattern, limit = args.get("pattern"), args.get("limit")
-            return dict(await replicator.read(lambda: chat.search(db, token_hash, pattern, limit)))
+            return dict(
+                await replicator.read(lambda db: chat.search(db, token_hash, pattern, limit))
+            )
         raise InvalidInput(f"unknown operation {op!r}")
 
     async def _listen(self, request_id: str, args: dict[str, Any], token: str | None) -> None:
         replicator = self.replicator
-        db = replicator.storage.db
         token_hash = chat.hash_token(token) if token is not None else None
         after = args.get("after")
         if after is not None and (not isinstance(after, int) or isinstance(after, bool)):
             raise InvalidInput("'after' must be a message id")
         replicator.require_primary()
-        user_id, _name = chat.session_user(db, token_hash)
-        listener = Listener(self, request_id, user_id)
+
+        def start(db: Db) -> tuple[int, list[dict[str, Any]]]:
+            user_id, _name = chat.session_user(db, token_hash)
+            return user_id, chat.backlog(db, user_id, after)
+
         # Read the backlog and register in one synchronous step: a message committed
-        # in between is either in the backlog or pushed, never lost.
-        backlog = chat.backlog(db, user_id, after)
-        seen = replicator.core.position.seq
+        # after the read is acknowledged (and pushed) only after we listen, so it is
+        # either in the backlog or pushed, never lost (duplicates are dropped by id).
+        (user_id, backlog), seen = replicator.storage.read(start)
+        listener = Listener(self, request_id, user_id)
         self.server.listeners.setdefault(user_id, set()).add(listener)
         self.listeners.append(listener)
         await replicator.wait_acked(seen)

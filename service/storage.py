@@ -82,10 +82,10 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import apsw
 
@@ -103,6 +103,7 @@ REPLICATED_TABLES: dict[str, str] = {
 }
 
 BUSY_TIMEOUT_MS = 5000
+T = TypeVar("T")
 SYNCHRONOUS_LEVELS = ("FULL", "EXTRA", "NORMAL")
 
 _SCHEMA_V1 = """
@@ -462,7 +463,19 @@ class Batch:
 
 
 class Storage:
-    """One node's database; a single writer (the node's event loop) uses it."""
+    """One node's database, through three connections with one job each.
+
+    * the **writer** runs batches, applies records, rewinds and installs
+      snapshots. Only one task uses it at a time, but a batch's COMMIT may run
+      in a worker thread, so nothing else may touch it meanwhile;
+    * the **reader** answers queries (chat reads, the log for streams, the
+      epoch history) from the last committed state; in WAL mode it never waits
+      for the writer;
+    * the **control** connection writes the node's own state (votes, epochs)
+      and prunes the log. Those writes may come while a batch commits in its
+      thread: SQLite's lock makes them wait for that commit (busy timeout)
+      instead of sharing the writer's connection across threads.
+    """
 
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
         synchronous = synchronous.upper()
@@ -473,34 +486,59 @@ class Storage:
         self._conn = _connect(self.path, synchronous)
         self._db = Db(self._conn)
         _migrate(self._conn)
+        self._reader = _connect(self.path, synchronous)
+        self._reader_db = Db(self._reader)
+        self._control = _connect(self.path, synchronous)
+        self._control_db = Db(self._control)
 
     @property
     def db(self) -> Db:
+        """The writer's connection (the write path and tests)."""
         return self._db
+
+    @property
+    def reader(self) -> Db:
+        return self._reader_db
+
+    def read(self, query: Callable[[Db], T]) -> tuple[T, int]:
+        """Run ``query`` on one consistent committed state; also return its seq.
+
+        The seq is read in the same read transaction, so a caller can hold the
+        answer back until that seq is acknowledged (R7)."""
+        with _translated():
+            self._reader.execute("BEGIN")
+            try:
+                result = query(self._reader_db)
+                seq = _read_position(self._reader_db).seq
+            finally:
+                self._reader.execute("COMMIT")
+        return result, seq
 
     def close(self) -> None:
         with _translated():
+            self._control.close()
+            self._reader.close()
             self._conn.close()
 
     # ---- position, epochs, node state ----------------------------------------------
 
     def position(self) -> Position:
-        return _read_position(self._db)
+        return _read_position(self._reader_db)
 
     def epoch_history(self) -> list[tuple[int, int]]:
-        rows = self._db.execute("SELECT epoch, start_seq FROM epochs ORDER BY epoch")
+        rows = self._reader_db.execute("SELECT epoch, start_seq FROM epochs ORDER BY epoch")
         return [(int(epoch), int(start)) for epoch, start in rows]
 
     def node_state(self) -> NodeState:
-        return _read_node_state(self._db)
+        return _read_node_state(self._reader_db)
 
     def save_node_state(self, state: NodeState) -> None:
         """Durable on return even with synchronous=NORMAL: a vote must survive power loss."""
-        with self._transaction(durable=True):
-            _write_node_state(self._db, state)
+        with self._transaction(durable=True, conn=self._control):
+            _write_node_state(self._control_db, state)
 
     def sync_set(self) -> SyncSet:
-        return _read_sync_set(self._db)
+        return _read_sync_set(self._reader_db)
 
     # ---- writing ---------------------------------------------------------------------
 
@@ -550,22 +588,23 @@ class Storage:
     # ---- the log ---------------------------------------------------------------------
 
     def log_range(self, after_seq: int, limit: int) -> list[LogRecord]:
-        rows = self._db.execute(
+        rows = self._reader_db.execute(
             "SELECT epoch, seq, changeset FROM txlog WHERE seq > ? ORDER BY seq LIMIT ?",
             (after_seq, limit),
         )
         return [LogRecord(int(epoch), int(seq), bytes(cs)) for epoch, seq, cs in rows]
 
     def first_log_seq(self) -> int | None:
-        value = self._db.value("SELECT min(seq) FROM txlog")
+        value = self._reader_db.value("SELECT min(seq) FROM txlog")
         return None if value is None else int(value)
 
     def prune_log(self, keep: int) -> int:
         """Delete all but the newest ``keep`` records; the position is kept regardless."""
-        with self._transaction():
-            newest = int(self._db.value("SELECT max(seq) FROM txlog", default=0))
-            self._db.execute("DELETE FROM txlog WHERE seq <= ?", (newest - max(keep, 0),))
-            return self._db.changes()
+        db = self._control_db
+        with self._transaction(conn=self._control):
+            newest = int(db.value("SELECT max(seq) FROM txlog", default=0))
+            db.execute("DELETE FROM txlog WHERE seq <= ?", (newest - max(keep, 0),))
+            return db.changes()
 
     # ---- snapshots -------------------------------------------------------------------
 
@@ -646,25 +685,30 @@ class Storage:
     # ---- helpers ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _transaction(self, durable: bool = False) -> Iterator[None]:
-        """One write transaction; ``durable`` forces a synced commit in NORMAL mode."""
-        if self._conn.in_transaction:
+    def _transaction(
+        self, durable: bool = False, conn: apsw.Connection | None = None
+    ) -> Iterator[None]:
+        """One write transaction (on the writer unless ``conn``); ``durable`` forces a
+        synced commit in NORMAL mode."""
+        conn = self._conn if conn is None else conn
+        db = Db(conn)
+        if conn.in_transaction:
             raise Internal("a batch is open")
         relaxed = durable and self._synchronous == "NORMAL"
         if relaxed:
-            self._db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA synchronous=FULL")
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             try:
                 yield
-                self._db.execute("COMMIT")
+                db.execute("COMMIT")
             except BaseException:
-                if self._conn.in_transaction:
-                    self._db.execute("ROLLBACK")
+                if conn.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         finally:
             if relaxed:
-                self._db.execute(f"PRAGMA synchronous={self._synchronous}")
+                db.execute(f"PRAGMA synchronous={self._synchronous}")
 
 
 def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:

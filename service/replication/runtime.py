@@ -38,13 +38,13 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import chat, protocol
 from ..config import NodeConfig
 from ..errors import ChatError, Internal, NotPrimary, Unavailable
 from ..peer import OPERATOR_ID, PeerLinks
-from ..storage import Batch, Diverged, LogRecord, Position, Storage
+from ..storage import Batch, Db, Diverged, LogRecord, Position, Storage
 from .state import (
     Acknowledge,
     ApplyRecords,
@@ -75,6 +75,7 @@ YIELDS_BETWEEN_BATCHES = 3
 PRUNE_EVERY = 5.0
 
 MessageHook = Callable[[int, dict[str, Any]], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -177,6 +178,9 @@ class Replicator:
         self.batches = 0
         self.writes = 0
         self.closing = False
+        self.committing = False
+        self.deferred: deque[Callable[[], None]] = deque()
+        self.sync_change: tuple[int, ...] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -242,11 +246,11 @@ class Replicator:
         self.work.set()
         return await future
 
-    async def read(self, query: Callable[[], Any]) -> Any:
+    async def read(self, query: Callable[[Db], T]) -> T:
         """Run a query on the primary and release it once nothing it saw is unacked (R7)."""
         self.require_primary()
-        result = query()
-        await self.wait_acked(self.core.position.seq)
+        result, seq = self.storage.read(query)
+        await self.wait_acked(seq)
         return result
 
     async def wait_acked(self, seq: int) -> None:
@@ -322,7 +326,7 @@ class Replicator:
                     },
                 )
             )
-            return self._commit_batch([], effect.members)
+            self._change_sync_set(effect.members)
         elif isinstance(effect, StepDown):
             self._step_down(effect.reason)
         elif isinstance(effect, StartStream):
@@ -341,6 +345,9 @@ class Replicator:
 
     def _on_frame(self, peer: int, frame: protocol.Frame) -> None:
         if self.closing:
+            return
+        if self.committing:
+            self.deferred.append(lambda: self._on_frame(peer, frame))
             return
         try:
             self._handle_frame(peer, frame)
@@ -368,6 +375,9 @@ class Replicator:
     def _on_link(self, peer: int, up: bool, closed_by_us: bool) -> None:
         if peer == OPERATOR_ID or self.closing:
             return
+        if self.committing:
+            self.deferred.append(lambda: self._on_link(peer, up, closed_by_us))
+            return
         try:
             self._run(self.core.on_link(self._now(), peer, up, closed_by_us))
             if not up:
@@ -393,7 +403,7 @@ class Replicator:
         while True:
             now = self._now()
             self._run(self.core.tick(now))
-            if now - self._last_prune > PRUNE_EVERY:
+            if now - self._last_prune > PRUNE_EVERY and not self.committing:
                 self._last_prune = now
                 self.storage.prune_log(self.config.log_retention)
             await asyncio.sleep(TICK)
@@ -404,14 +414,22 @@ class Replicator:
         self._forget_tail()
         for hook in self.role_hooks:
             hook(Role.PRIMARY)
-        return self._commit_batch([], effect.members)
+        self._change_sync_set(effect.members)
+        return []
+
+    def _change_sync_set(self, members: tuple[int, ...]) -> None:
+        """The writer loop seals the change in its next batch (it alone owns the
+        writer connection, whose COMMIT may be running in a thread right now)."""
+        self.sync_change = members
+        self.work.set()
 
     async def _writer_loop(self) -> None:
         while True:
             await self.work.wait()
             self.work.clear()
-            while self.queue:
+            while self.queue or self.sync_change is not None:
                 if self.core.role is not Role.PRIMARY:
+                    self.sync_change = None
                     self._fail_queue(
                         NotPrimary(
                             "this node is no longer the primary", primary=self.primary_address()
@@ -421,59 +439,85 @@ class Replicator:
                 items = [
                     self.queue.popleft() for _ in range(min(len(self.queue), self.config.max_batch))
                 ]
-                self._run(self._commit_batch(items, None))
+                members, self.sync_change = self.sync_change, None
+                await self._write_batch(items, members)
                 # A request needs a few loop turns from its socket to this queue (read,
                 # decode, dispatch): give them, so the next batch groups every request
                 # that arrived during this commit (group commit) instead of a few.
                 for _ in range(YIELDS_BETWEEN_BATCHES):
                     await asyncio.sleep(0)
 
-    def _commit_batch(
+    async def _write_batch(
         self, items: list[PendingWrite], members: tuple[int, ...] | None
-    ) -> list[Effect]:
-        """One SQLite transaction = one seq: the writes in ``items`` and/or a sync set."""
+    ) -> None:
+        """One SQLite transaction = one seq: the writes in ``items`` and/or a sync set.
+
+        The record goes to the live backups before the local COMMIT, and the COMMIT
+        (the fsync) runs in a worker thread so the loop keeps reading requests
+        meanwhile; those form the next batch."""
         now = self._now()
         epoch = self.core.epoch
         batch = self.storage.begin_batch()
-        outcomes: list[tuple[PendingWrite, dict[str, Any] | ChatError]] = []
         try:
-            for item in items:
-                try:
-                    with batch.savepoint() as db:
-                        result = chat.apply_write(
-                            db, item.op, item.args, item.token_hash, item.request_id, time.time()
-                        )
-                    outcomes.append((item, result))
-                except ChatError as exc:
-                    outcomes.append((item, exc))
-                except Exception as exc:
-                    # A bug in one operation fails that request only; its savepoint
-                    # was rolled back, the rest of the batch goes on.
-                    log.exception("write failed op=%s", item.op)
-                    outcomes.append((item, Internal(f"internal error: {exc}")))
+            outcomes = self._execute(batch, items)
             self._prune_requests(batch, len(items))
             sync_set = batch.set_sync_set(members, epoch) if members is not None else None
             record = batch.seal(epoch)
             if record is None:
                 batch.rollback()
-                effects: list[Effect] = []
                 seq = self.core.position.seq
             else:
-                effects = list(self.core.on_sealed(now, record.seq, sync_set))
+                self._run(self.core.on_sealed(now, record.seq, sync_set))
                 self._broadcast(record)
-                batch.commit()
+                await self._commit(batch)
                 self._remember(record)
                 self.batches += 1
                 self.writes += len(items)
                 seq = record.seq
-                effects += self.core.on_local_durable(now, Position(record.epoch, record.seq))
         except BaseException:
             with contextlib.suppress(Exception):
                 batch.rollback()
             raise
         for item, outcome in outcomes:
             self._reply_after(seq, item, outcome)
-        return effects
+        if record is not None:
+            self._run(self.core.on_local_durable(self._now(), Position(record.epoch, record.seq)))
+        self._drain_deferred()
+
+    async def _commit(self, batch: Batch) -> None:
+        """COMMIT in a worker thread. Meanwhile peer frames and link changes wait (see
+        ``_on_frame``): the core must not act, say join another primary, while its
+        own last record is neither committed nor abandoned."""
+        self.committing = True
+        try:
+            await asyncio.to_thread(batch.commit)
+        finally:
+            self.committing = False
+
+    def _drain_deferred(self) -> None:
+        while self.deferred and not self.committing:
+            event = self.deferred.popleft()
+            event()
+
+    def _execute(
+        self, batch: Batch, items: list[PendingWrite]
+    ) -> list[tuple[PendingWrite, dict[str, Any] | ChatError]]:
+        outcomes: list[tuple[PendingWrite, dict[str, Any] | ChatError]] = []
+        for item in items:
+            try:
+                with batch.savepoint() as db:
+                    result = chat.apply_write(
+                        db, item.op, item.args, item.token_hash, item.request_id, time.time()
+                    )
+                outcomes.append((item, result))
+            except ChatError as exc:
+                outcomes.append((item, exc))
+            except Exception as exc:
+                # A bug in one operation fails that request only; its savepoint
+                # was rolled back, the rest of the batch goes on.
+                log.exception("write failed op=%s", item.op)
+                outcomes.append((item, Internal(f"internal error: {exc}")))
+        return outcomes
 
     def _prune_requests(self, batch: Batch, writes: int) -> None:
         """Forget expired request ids, twice as fast as this batch adds new ones."""

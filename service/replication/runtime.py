@@ -68,6 +68,9 @@ log = logging.getLogger("service.replication")
 
 WINDOW = 4096
 CHUNK_RECORDS = 512
+# A catch-up frame stays far below max_frame: a group-committed record can hold
+# hundreds of writes, and base64 adds a third.
+CHUNK_BYTES = 1024 * 1024
 SNAPSHOT_CHUNK = 1024 * 1024
 TAIL_BYTES = 4 * 1024 * 1024
 TICK = 0.02
@@ -629,10 +632,18 @@ class Replicator:
         self.tail_bytes = 0
 
     def _records_from(self, seq: int, limit: int) -> list[LogRecord]:
+        """Records from ``seq`` on: at most ``limit``, and about CHUNK_BYTES (at least one)."""
         if self.tail and self.tail[0].seq <= seq:
             start = seq - self.tail[0].seq
-            return [self.tail[i] for i in range(start, min(len(self.tail), start + limit))]
-        return self.storage.log_range(seq - 1, limit)
+            records = [self.tail[i] for i in range(start, min(len(self.tail), start + limit))]
+        else:
+            records = self.storage.log_range(seq - 1, limit)
+        size = 0
+        for count, record in enumerate(records):
+            size += len(record.changeset)
+            if size > CHUNK_BYTES and count:
+                return records[:count]
+        return records
 
     async def _stream_loop(self, stream: Stream) -> None:
         try:

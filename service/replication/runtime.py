@@ -29,7 +29,9 @@ snapshot (SQLite online backup) is sent first, in chunks.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -182,6 +184,8 @@ class Replicator:
         self.writes = 0
         self.closing = False
         self.committing = False
+        self.inflight: concurrent.futures.Future[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, "commit")
         self.deferred: deque[Callable[[], None]] = deque()
         self.sync_change: tuple[int, ...] | None = None
 
@@ -203,6 +207,14 @@ class Replicator:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.inflight is not None:
+            # A COMMIT still running in its thread finishes before storage closes.
+            await asyncio.to_thread(concurrent.futures.wait, [self.inflight])
+            if self.inflight.exception() is not None:
+                log.warning(
+                    "the last commit failed at shutdown error=%r", self.inflight.exception()
+                )
+        self._executor.shutdown(wait=True)
         self._fail_all(Unavailable("the node is shutting down; retry"))
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
@@ -466,21 +478,23 @@ class Replicator:
             self._prune_requests(batch, len(items))
             sync_set = batch.set_sync_set(members, epoch) if members is not None else None
             record = batch.seal(epoch)
-            if record is None:
-                batch.rollback()
-                seq = self.core.position.seq
-            else:
-                self._run(self.core.on_sealed(now, record.seq, sync_set))
-                self._broadcast(record)
-                await self._commit(batch)
-                self._remember(record)
-                self.batches += 1
-                self.writes += len(items)
-                seq = record.seq
         except BaseException:
             with contextlib.suppress(Exception):
                 batch.rollback()
             raise
+        if record is None:
+            batch.rollback()
+            seq = self.core.position.seq
+        else:
+            self._run(self.core.on_sealed(now, record.seq, sync_set))
+            self._broadcast(record)
+            # From here the batch belongs to the commit thread: even if this task is
+            # cancelled (shutdown), the loop never touches it again.
+            await self._commit(batch)
+            self._remember(record)
+            self.batches += 1
+            self.writes += len(items)
+            seq = record.seq
         for item, outcome in outcomes:
             self._reply_after(seq, item, outcome)
         if record is not None:
@@ -492,8 +506,13 @@ class Replicator:
         ``_on_frame``): the core must not act, say join another primary, while its
         own last record is neither committed nor abandoned."""
         self.committing = True
+        # The thread's own future outlives a cancelled await: shutdown waits on it
+        # before the database is closed under it.
+        self.inflight = self._executor.submit(batch.commit)
         try:
-            await asyncio.to_thread(batch.commit)
+            # Shielded: cancelling the writer (at shutdown) must not cancel a COMMIT
+            # that has not started yet, which would leave the batch hanging open.
+            await asyncio.shield(asyncio.wrap_future(self.inflight))
         finally:
             self.committing = False
 
@@ -534,17 +553,27 @@ class Replicator:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def done(_: asyncio.Future[None]) -> None:
+            # Retrieve the waiter's outcome first, always: an exception nobody
+            # retrieves is logged by asyncio when the future is freed.
+            failed = future.cancelled() or future.exception() is not None
+            if (
+                not failed
+                and item.op == "send"
+                and not isinstance(outcome, ChatError)
+                and isinstance(outcome.get("message"), dict)
+            ):
+                # Pushed on acknowledgement even if the sender has gone away (its
+                # client timed out): a listener must not miss an acknowledged message.
+                for hook in self.message_hooks:
+                    hook(int(outcome.get("recipient_id", -1)), outcome["message"])
             if item.future.done():
                 return
-            if future.cancelled() or future.exception() is not None:
+            if failed:
                 exc = future.exception() if not future.cancelled() else None
                 item.future.set_exception(exc or Unavailable("the primary changed; retry"))
             elif isinstance(outcome, ChatError):
                 item.future.set_exception(outcome)
             else:
-                if item.op == "send" and isinstance(outcome.get("message"), dict):
-                    for hook in self.message_hooks:
-                        hook(int(outcome.get("recipient_id", -1)), outcome["message"])
                 item.future.set_result(outcome)
 
         future.add_done_callback(done)
@@ -564,14 +593,16 @@ class Replicator:
         while self.queue:
             item = self.queue.popleft()
             if not item.future.done():
-                item.future.set_exception(exc)
+                # A fresh exception per future: one instance raised in several tasks
+                # would carry one task's traceback into another's.
+                item.future.set_exception(copy.copy(exc))
 
     def _fail_all(self, exc: ChatError) -> None:
         self._fail_queue(exc)
         waiters, self.waiters = self.waiters, []
         for waiter in waiters:
             if not waiter.future.done():
-                waiter.future.set_exception(exc)
+                waiter.future.set_exception(copy.copy(exc))
 
     def _step_down(self, reason: str) -> None:
         log.info(

@@ -219,3 +219,72 @@ def test_listen_survives_a_failover_without_gap_or_duplicate(
     assert set(bodies) <= {r.body for r in ledger.records}
     primary.start()
     finish(cluster, ledger)
+
+
+def test_listen_gets_a_message_whose_sender_hung_up_before_the_acknowledgement(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """A send commits on the primary while its backups are frozen, and its client
+    hangs up before the acknowledgement (a client timeout). Once acknowledged the
+    message must still reach the recipient's listen stream: no gap (SPEC section 3)."""
+    cluster = cluster_factory()
+    start_cluster(cluster)
+    primary = wait_settled(cluster)
+    backups = [n for n in cluster.nodes.values() if n is not primary]
+    received: list[int] = []
+
+    async def raw_send_then_hang_up(token: str) -> None:
+        host, port = parse_address(primary.address)
+        reader, writer = await asyncio.open_connection(host, port)
+        decoder = protocol.FrameDecoder()
+        while not decoder.feed(await reader.read(65536)):
+            pass
+        writer.write(protocol.encode_frame(protocol.client_hello(1)))
+        while not decoder.feed(await reader.read(65536)):
+            pass
+        seq = primary.view()
+        assert seq is not None
+        before = seq.seq
+        request = protocol.request("send", new_request_id(), {"to": "alice", "body": "gap?"}, token)
+        writer.write(protocol.encode_frame(request))
+        await writer.drain()
+        await asyncio.to_thread(
+            wait_for,
+            lambda: (view := primary.view()) is not None and view.seq > before,
+            10.0,
+            "the primary to commit the send locally",
+        )
+        writer.close()
+
+    async def scenario() -> list[int]:
+        listener_token = await new_user(cluster.servers, "alice")
+        sender_token = await new_user(cluster.servers, "bob")
+        async with (
+            Client(cluster.servers, token=listener_token) as listener,
+            Client(cluster.servers, token=sender_token) as sender,
+        ):
+
+            async def listen() -> None:
+                async for message in listener.listen():
+                    received.append(int(message["id"]))
+
+            stream = asyncio.create_task(listen())
+            first = (await sender.send("alice", "one"))["message"]["id"]
+            await asyncio.to_thread(wait_for, lambda: first in received, 10.0, "message one")
+            for node in backups:
+                node.freeze()
+            await raw_send_then_hang_up(sender_token)
+            # The primary notices the hang-up before anything is acknowledged.
+            await asyncio.to_thread(wait_for, primary.status, 10.0, "the primary to answer")
+            for node in backups:
+                node.thaw()
+            last = (await sender.send("alice", "three"))["message"]["id"]
+            await asyncio.to_thread(wait_for, lambda: last in received, 20.0, "message three")
+            inbox = await listener.read(limit=10, oldest_first=True)
+            stream.cancel()
+            return [int(m["id"]) for m in inbox["messages"]]
+
+    inbox = asyncio.run(scenario())
+    assert len(inbox) == 3, inbox
+    assert received == inbox, f"listen got {received}, the inbox holds {inbox}"
+    finish(cluster, Ledger())

@@ -1,0 +1,196 @@
+"""The fault schedule: every fault of a run, drawn from the seed before the run starts.
+
+Theory of operation
+-------------------
+``generate(seed, duration, timing)`` draws, with ``random.Random(seed)`` only,
+the list of faults the nemesis will inject: when (seconds after the workload
+starts), which kind, which role it targets, and how long each node stays
+down or frozen. Nothing observed at run time feeds back into the draw, so the
+same seed always prints the same schedule and a failing run is replayed with
+``--seed``. What *is* decided at run time is which node id holds a role
+(``primary`` is whoever is primary when the fault fires); ``pick`` makes that
+choice deterministic among the candidates, and the nemesis logs the ids it
+actually hit.
+
+The kinds (SPEC section 8's scenarios, at random):
+
+* ``kill-primary``: SIGKILL the primary; restart it after ``down``;
+* ``kill-backup``: SIGKILL a backup; restart it after ``down`` (a long one
+  needs a log or snapshot catch-up);
+* ``kill-two``: SIGKILL two nodes (``primary+backup`` or ``backups``); restart
+  them ``spread`` apart, in an order drawn from ``pick``;
+* ``kill-all``: SIGKILL one node, ``lag`` later the other two (so the first is
+  the stalest); restart all three after ``down``, ``spread`` apart, in
+  ``order``: ``stalest-first``, ``stalest-last`` or ``random``;
+* ``freeze``: SIGSTOP a node for ``down``, then SIGCONT; ``down`` is drawn
+  below the suspect timeout (nobody notices), between it and the sync timeout
+  (a frozen primary is replaced, a frozen backup kept), or past the sync
+  timeout (dropped from the sync set);
+* ``freeze-all``: SIGSTOP all three, SIGCONT them ``spread`` apart after
+  ``down``: every node sees a gap in its clock at once;
+* ``freeze-and-kill``: SIGSTOP one node (``target``), ``lag`` later SIGKILL
+  another (``victim``: the primary, or a backup when the frozen node is the
+  primary); after ``down`` restart the killed node and thaw the frozen one,
+  in an order drawn from ``pick``;
+* ``kill-during-catch-up``: SIGKILL a backup, restart it after ``down``, and as
+  soon as its catch-up (or snapshot) starts, SIGKILL ``victim``: the joining
+  node or the primary feeding it; restart that one after ``spread``.
+
+Invariants
+----------
+* Faults do not overlap: each one ends with every node running and thawed,
+  and the next starts ``gap`` later (the nemesis starts a fault late, never
+  early, when the one before ran long).
+* Every fault starts before ``duration``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+KINDS = (
+    "kill-primary",
+    "kill-backup",
+    "kill-two",
+    "kill-all",
+    "freeze",
+    "freeze-all",
+    "freeze-and-kill",
+    "kill-during-catch-up",
+)
+WEIGHTS = (4, 3, 2, 2, 4, 1, 2, 2)
+# Seconds of quiet load before the first fault and between faults.
+WARMUP = (1.0, 3.0)
+GAP = (0.2, 4.0)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """The node timeouts the fault durations are drawn around (service.config defaults)."""
+
+    suspect_timeout: float = 0.6
+    sync_timeout: float = 1.5
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One planned fault; see the module docstring for the fields of each kind."""
+
+    index: int
+    at: float
+    kind: str
+    target: str  # primary | backup | any | primary+backup | backups | all
+    down: float  # seconds down (kills) or frozen (freeze)
+    lag: float = 0.0  # kill-all: the stalest node is down this much longer
+    order: str = ""  # kill-all: restart order
+    spread: float = 0.0  # seconds between successive restarts
+    victim: str = ""  # kill-during-catch-up: joiner | primary; freeze-and-kill: primary | backup
+    pick: int = 0  # chooses among the nodes that hold ``target`` at run time
+
+    def describe(self) -> str:
+        parts = [f"#{self.index:<3d} t={self.at:7.2f}s {self.kind:<20s} target={self.target}"]
+        parts.append(f"down={self.down:.2f}s")
+        if self.kind in ("kill-all", "freeze-and-kill"):
+            parts.append(f"lag={self.lag:.2f}s")
+        if self.order:
+            parts.append(f"order={self.order}")
+        if self.kind in ("kill-two", "kill-all", "freeze-all", "kill-during-catch-up"):
+            parts.append(f"spread={self.spread:.2f}s")
+        if self.victim:
+            parts.append(f"victim={self.victim}")
+        parts.append(f"pick={self.pick}")
+        return " ".join(parts)
+
+    def length(self) -> float:
+        """About how long the fault takes, to space the next one."""
+        if self.kind == "kill-all":
+            return self.lag + self.down + 2 * self.spread
+        if self.kind == "freeze-all":
+            return self.down + 2 * self.spread
+        if self.kind == "freeze-and-kill":
+            return self.lag + self.down
+        if self.kind == "kill-during-catch-up":
+            return self.down + self.spread + 1.0
+        return self.down + self.spread
+
+
+def generate(seed: int, duration: float, timing: Timing | None = None) -> list[Fault]:
+    """The whole schedule of a run of ``duration`` seconds, from ``seed`` alone."""
+    timing = timing or Timing()
+    rng = random.Random(seed)
+    faults: list[Fault] = []
+    at = rng.uniform(*WARMUP)
+    while at < duration:
+        kind = rng.choices(KINDS, WEIGHTS)[0]
+        fault = _draw(rng, len(faults), at, kind, timing)
+        faults.append(fault)
+        at += fault.length() + rng.uniform(*GAP)
+    return faults
+
+
+def _draw(rng: random.Random, index: int, at: float, kind: str, timing: Timing) -> Fault:
+    pick = rng.randrange(1 << 16)
+    at = round(at, 2)
+    if kind == "kill-primary":
+        return Fault(index, at, kind, "primary", _r(rng, 0.1, 4.0), pick=pick)
+    if kind == "kill-backup":
+        return Fault(index, at, kind, "backup", _r(rng, 0.1, 8.0), pick=pick)
+    if kind == "kill-two":
+        target = rng.choice(("primary+backup", "backups"))
+        return Fault(
+            index, at, kind, target, _r(rng, 0.2, 4.0), spread=_r(rng, 0.0, 1.5), pick=pick
+        )
+    if kind == "kill-all":
+        order = rng.choice(("stalest-first", "stalest-first", "stalest-last", "random"))
+        return Fault(
+            index,
+            at,
+            kind,
+            "all",
+            _r(rng, 0.2, 6.0),  # past the client deadline (5 s) at times: unknown outcomes
+            lag=_r(rng, 0.0, 3.0),
+            order=order,
+            spread=_r(rng, 0.0, 1.5),
+            pick=pick,
+        )
+    if kind == "freeze":
+        target = rng.choice(("primary", "primary", "backup", "any"))
+        band = rng.choice(("short", "middle", "long"))
+        if band == "short":  # the peers never suspect it
+            down = _r(rng, 0.05, timing.suspect_timeout * 0.7)
+        elif band == "middle":  # suspected (a primary is replaced), but not dropped
+            down = _r(rng, timing.suspect_timeout * 1.2, timing.sync_timeout * 0.9)
+        else:  # past the sync timeout: dropped from the sync set
+            down = _r(rng, timing.sync_timeout * 1.2, timing.sync_timeout * 4)
+        return Fault(index, at, kind, target, down, pick=pick)
+    if kind == "freeze-all":
+        down = _r(rng, 0.1, timing.sync_timeout * 3)
+        return Fault(index, at, kind, "all", down, spread=_r(rng, 0.0, 1.0), pick=pick)
+    if kind == "freeze-and-kill":
+        return Fault(
+            index,
+            at,
+            kind,
+            rng.choice(("primary", "backup")),
+            _r(rng, 0.3, 5.0),
+            lag=_r(rng, 0.0, timing.sync_timeout * 2),
+            victim=rng.choice(("primary", "backup")),
+            pick=pick,
+        )
+    if kind == "kill-during-catch-up":
+        return Fault(
+            index,
+            at,
+            kind,
+            "backup",
+            _r(rng, 0.5, 10.0),
+            spread=_r(rng, 0.1, 2.0),
+            victim=rng.choice(("joiner", "primary")),
+            pick=pick,
+        )
+    raise ValueError(f"unknown fault kind {kind!r}")
+
+
+def _r(rng: random.Random, low: float, high: float) -> float:
+    return round(rng.uniform(low, high), 2)

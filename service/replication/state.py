@@ -43,6 +43,11 @@ answer, its member with the highest position wins. The winner asks every node
 that answered for its vote in a new epoch (one vote per epoch, persisted) and
 becomes primary unless one refuses.
 
+Size. This is the project's one large module, on purpose: every rule that
+decides who may act reads and writes the same few fields (role, epoch,
+confirmation, progress, pending sync sets), and keeping them in one class with
+no I/O is what lets the simulator check the rules together.
+
 Freeze. A tick later than ``clock_gap`` after the previous one means this
 process was stopped. A backup then loses its confirmation; a primary may not
 drop any member until it has heard from that member again, so a thawed old

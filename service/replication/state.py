@@ -644,10 +644,6 @@ class ReplicaCore:
                 self.sealed_at.popleft()
             out.append(Acknowledge(watermark))
 
-    def _on_join(self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]) -> None:
-        # Handled by the runtime, which holds the log: see ``join_decision``.
-        pass
-
     def join_decision(
         self,
         sender: int,
@@ -1122,10 +1118,8 @@ class ReplicaCore:
         if campaign is None:
             return
         self.campaign = None
-        if not (campaign.granted >= campaign.asked) and not campaign.force:
-            # A peer answered the probe but not the vote: it is frozen or died. If it
-            # thaws it restarts its own reasoning (clock gap), so we proceed without it.
-            pass
+        # A peer that answered the probe but not the vote is frozen or died; when it
+        # comes back it has a clock gap or a restart, so we proceed without it.
         self.role = Role.PRIMARY
         self.primary = self.node_id
         self.waiting_for = ()

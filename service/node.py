@@ -55,6 +55,8 @@ class Node:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.secret = load_or_create_secret(config.secret_file)
         self.storage = Storage(config.db_path, config.synchronous)
+        # Commits return before the fsync; the replicator's group sync does it.
+        self.storage.defer_sync()
         self.replicator = Replicator(config, self.storage, self.secret)
         self.server = Server(config, self.replicator)
 

@@ -21,6 +21,17 @@ with the next seq, in the same SQLite transaction as the data change (R2), and
 with ``apply_records``; a conflict means its rows are not the primary's and the
 whole call is refused (``Diverged``) without changing anything.
 
+Durability. By default every COMMIT is synced (``synchronous=FULL``). The
+replication runtime instead calls ``defer_sync()``: the writer then commits
+with ``synchronous=NORMAL`` (the WAL is written to the OS, not synced) and
+``sync()``, called from a thread of its own, fdatasyncs the WAL: every commit
+that returned before ``sync()`` started is then on disk, as if committed with
+FULL. The writer can run the next batch while the previous one reaches the
+disk. Checkpoints move with it: the writer no longer checkpoints inside its
+COMMIT; ``sync()`` runs a passive checkpoint on a connection of its own once
+the WAL has grown. Rare writes that must be durable on return (votes, a
+rewind, an installed snapshot) still are.
+
 A session per batch costs about half a microsecond to create, attach and
 close; recording the rows is the real cost, and any other mechanism would pay
 it too, so a fresh session per batch is kept for its simplicity.
@@ -65,6 +76,7 @@ Public API (the replication runtime and the chat layer depend on exactly this):
         .checksums() -> dict[str, str]
         .integrity_check() -> str
         .db -> Db                                           queries outside a batch
+        .defer_sync() / .sync()                             group fsync (see Durability)
         .close()
 
     Batch
@@ -103,6 +115,9 @@ REPLICATED_TABLES: dict[str, str] = {
 }
 
 BUSY_TIMEOUT_MS = 5000
+# With deferred sync, sync() checkpoints once the WAL holds this many pages
+# (SQLite's own automatic checkpoint threshold).
+CHECKPOINT_WAL_PAGES = 1000
 T = TypeVar("T")
 SYNCHRONOUS_LEVELS = ("FULL", "EXTRA", "NORMAL")
 
@@ -231,8 +246,13 @@ class Db:
         self._conn = conn
 
     def execute(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
-        with _translated():
-            return [tuple(row) for row in self._conn.execute(sql, params)]
+        # _translated() inlined: this is the hot path of every write and read.
+        try:
+            return self._conn.execute(sql, params).fetchall()
+        except apsw.ConstraintError as exc:
+            raise ConstraintViolation(str(exc)) from None
+        except apsw.Error as exc:
+            raise Internal(f"storage error: {exc}") from exc
 
     def one(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
         rows = self.execute(sql, params)
@@ -504,6 +524,70 @@ class Storage:
         self._reader_db = Db(self._reader)
         self._control = _connect(self.path, synchronous)
         self._control_db = Db(self._control)
+        self.wal_path = self.path.with_name(self.path.name + "-wal")
+        self._writer_synchronous = synchronous
+        self._checkpointer: apsw.Connection | None = None
+        self._wal_pages = 0
+        # What a crash left in the OS page cache is put on disk before this node
+        # reports any of it as durable.
+        self._sync_files()
+
+    def defer_sync(self) -> None:
+        """Commits on the writer return before they are on disk; ``sync()`` puts
+        them there (see Durability). With synchronous=NORMAL there is nothing to
+        defer: commits are never synced."""
+        if self._synchronous == "NORMAL":
+            return
+        with _translated():
+            self._checkpointer = _connect(self.path, self._synchronous)
+            # A WAL hook replaces SQLite's automatic checkpoint (which is one): the
+            # writers only count the WAL's pages, sync() checkpoints.
+            for conn in (self._conn, self._control):
+                conn.set_wal_hook(self._count_wal_pages)
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._writer_synchronous = "NORMAL"
+
+    @property
+    def deferred(self) -> bool:
+        return self._checkpointer is not None
+
+    def sync(self, checkpoint: bool = True) -> bool:
+        """Make every commit that returned before this call durable. Safe in a
+        thread beside the writer: it touches only the WAL file and, to checkpoint,
+        a connection of its own. Returns whether the WAL is due for a checkpoint
+        (one was not run)."""
+        if self._synchronous == "NORMAL":
+            return False
+        self._fdatasync(self.wal_path)
+        due = self._wal_pages >= CHECKPOINT_WAL_PAGES
+        if due and checkpoint and self._checkpointer is not None:
+            with _translated():
+                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            return False
+        return due
+
+    def _count_wal_pages(self, _conn: apsw.Connection, _name: str, pages: int) -> int:
+        # After each commit, on the committing thread; read by sync() in its thread
+        # (a stale count only moves a checkpoint by one sync).
+        self._wal_pages = pages
+        return apsw.SQLITE_OK
+
+    def _sync_files(self) -> None:
+        self._fdatasync(self.wal_path)
+        self._fdatasync(self.path)
+
+    @staticmethod
+    def _fdatasync(path: Path) -> None:
+        """fdatasync ``path`` if it exists. (By path each time: SQLite may delete
+        and recreate the WAL when the last connection closes.)"""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        try:
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
 
     @property
     def db(self) -> Db:
@@ -530,6 +614,8 @@ class Storage:
 
     def close(self) -> None:
         with _translated():
+            if self._checkpointer is not None:
+                self._checkpointer.close()
             self._control.close()
             self._reader.close()
             self._conn.close()
@@ -580,8 +666,10 @@ class Storage:
             return position
 
     def rewind(self, to_seq: int, rollback_path: Path) -> int:
-        """Undo every record after ``to_seq``; keep them in ``rollback_path`` (JSON lines)."""
-        with self._transaction():
+        """Undo every record after ``to_seq``; keep them in ``rollback_path`` (JSON lines).
+
+        Durable on return: what the node acknowledges next builds on it."""
+        with self._transaction(durable=True):
             position = _read_position(self._db)
             if to_seq >= position.seq:
                 return 0
@@ -678,6 +766,8 @@ class Storage:
                 copy.close()
         finally:
             _remove_db_files(staging)
+        if self._writer_synchronous == "NORMAL":
+            self._sync_files()
         return self.position()
 
     # ---- checks ----------------------------------------------------------------------
@@ -703,27 +793,24 @@ class Storage:
     def _transaction(
         self, durable: bool = False, conn: apsw.Connection | None = None
     ) -> Iterator[None]:
-        """One write transaction (on the writer unless ``conn``); ``durable`` forces a
-        synced commit in NORMAL mode."""
+        """One write transaction (on the writer unless ``conn``); ``durable``: on disk
+        when this returns, whatever the connection's synchronous setting."""
         conn = self._conn if conn is None else conn
         db = Db(conn)
         if conn.in_transaction:
             raise Internal("a batch is open")
-        relaxed = durable and self._synchronous == "NORMAL"
-        if relaxed:
-            db.execute("PRAGMA synchronous=FULL")
+        level = self._writer_synchronous if conn is self._conn else self._synchronous
+        db.execute("BEGIN IMMEDIATE")
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-                db.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    db.execute("ROLLBACK")
-                raise
-        finally:
-            if relaxed:
-                db.execute(f"PRAGMA synchronous={self._synchronous}")
+            yield
+            db.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if durable and level == "NORMAL":
+            # The WAL holds the commit; syncing it is what FULL would have done.
+            self._sync_files()
 
 
 def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:

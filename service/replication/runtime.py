@@ -4,20 +4,24 @@ The core (``state.py``) decides; this module does. It owns the write path of
 the primary, the streams to backups, and the apply / rewind / snapshot work of
 a backup, and feeds every outcome back into the core.
 
-Write path (R2, R7). Client writes queue up while the previous batch is being
-made durable; the writer takes all of them (up to ``max_batch``) into one
-SQLite transaction, each in its own savepoint, seals one record (one seq),
-sends it to every backup streaming live *before* committing locally so the
-backups' fsync overlaps ours, then commits. Replies wait until the core's
-watermark (every member of the ack set durable) reaches that seq. The writer
-does not wait for acknowledgements before starting the next batch: records
-are pipelined and acknowledged in order. Reads are served from the primary's
-database and released, like writes, only when the watermark covers every seq
-they could have seen.
+Write path (R2, R7). Client writes queue up while the previous batch runs;
+the writer takes all of them (up to ``max_batch``) into one SQLite transaction,
+each in its own savepoint, seals one record (one seq), sends it to every
+backup streaming live, then commits without syncing and asks the group sync
+(``groupsync.py``) to put it on disk. Replies wait until the core's watermark
+(every member of the ack set durable, this node included) reaches that seq.
+The writer waits neither for the disk nor for acknowledgements before the next
+batch: records are pipelined, made durable in groups, and acknowledged in
+order. Reads are served from the primary's database and released, like
+writes, only when the watermark covers every seq they could have seen.
+
+A backup applies the records that arrived together in one transaction, also
+without syncing, and acknowledges a seq once the group sync reports it on disk.
 
 Everything that touches the database runs on the event loop thread: a batch
 is one synchronous stretch from BEGIN to COMMIT, so reads never see a batch
-half done and the single apsw connection is never shared across threads.
+half done and the writer connection is never shared across threads. (The group
+sync thread touches only the WAL file and a checkpoint connection of its own.)
 
 Streams. A backup that joined gets a ``Stream``: records after its divergence
 point, read from the in-memory tail or the log, then live. A stream never runs
@@ -29,9 +33,9 @@ snapshot (SQLite online backup) is sent first, in chunks.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import copy
+import heapq
 import logging
 import os
 import random
@@ -46,7 +50,8 @@ from .. import chat, protocol
 from ..config import NodeConfig
 from ..errors import ChatError, Internal, NotPrimary, Unavailable
 from ..peer import OPERATOR_ID, PeerLinks
-from ..storage import Batch, Db, Diverged, LogRecord, Position, Storage
+from ..storage import Batch, Db, Diverged, LogRecord, Position, Storage, SyncSet
+from .groupsync import GroupSync
 from .state import (
     Acknowledge,
     ApplyRecords,
@@ -104,9 +109,11 @@ class Stream:
 
 @dataclass(order=True)
 class Waiter:
+    """Something to do once ``seq`` is acknowledged (``None``) or never will be."""
+
     seq: int
     order: int
-    future: asyncio.Future[None] = field(compare=False)
+    fire: Callable[[ChatError | None], None] = field(compare=False)
 
 
 def record_to_wire(record: LogRecord) -> list[Any]:
@@ -166,7 +173,7 @@ class Replicator:
         self.links = PeerLinks(config, secret, self._on_frame, self._on_link, self._on_operator)
         self.queue: deque[PendingWrite] = deque()
         self.work = asyncio.Event()
-        self.waiters: list[Waiter] = []
+        self.waiters: list[Waiter] = []  # a heap
         self._order = 0
         self.streams: dict[int, Stream] = {}
         # The newest records, for streams to live backups without reading the log back.
@@ -183,15 +190,18 @@ class Replicator:
         self.batches = 0
         self.writes = 0
         self.closing = False
-        self.committing = False
-        self.inflight: concurrent.futures.Future[None] | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, "commit")
-        self.deferred: deque[Callable[[], None]] = deque()
         self.sync_change: tuple[int, ...] | None = None
+        # Commits not yet reported durable: (group-sync ticket, position), in order.
+        self.unsynced: deque[tuple[int, Position]] = deque()
+        self.group_sync: GroupSync | None = None
+        if storage.deferred:
+            self.group_sync = GroupSync(storage.sync, self._on_durable, fatal)
 
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        if self.group_sync is not None:
+            self.group_sync.start()
         self.links.start()
         self._spawn(self._tick_loop())
         self._spawn(self._writer_loop())
@@ -207,14 +217,9 @@ class Replicator:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.inflight is not None:
-            # A COMMIT still running in its thread finishes before storage closes.
-            await asyncio.to_thread(concurrent.futures.wait, [self.inflight])
-            if self.inflight.exception() is not None:
-                log.warning(
-                    "the last commit failed at shutdown error=%r", self.inflight.exception()
-                )
-        self._executor.shutdown(wait=True)
+        if self.group_sync is not None:
+            # Its last fsync finishes before storage closes under it.
+            await asyncio.to_thread(self.group_sync.close)
         self._fail_all(Unavailable("the node is shutting down; retry"))
 
     def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
@@ -273,14 +278,21 @@ class Replicator:
             return
         self.require_primary()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._order += 1
-        self._insert_waiter(Waiter(seq, self._order, future))
+
+        def fire(exc: ChatError | None) -> None:
+            if future.done():
+                return
+            if exc is None:
+                future.set_result(None)
+            else:
+                future.set_exception(exc)
+
+        self._wait(seq, fire)
         await future
 
-    def _insert_waiter(self, waiter: Waiter) -> None:
-        import bisect
-
-        bisect.insort(self.waiters, waiter)
+    def _wait(self, seq: int, fire: Callable[[ChatError | None], None]) -> None:
+        self._order += 1
+        heapq.heappush(self.waiters, Waiter(seq, self._order, fire))
 
     def status(self) -> dict[str, Any]:
         stats = self.core.statistics()
@@ -361,9 +373,6 @@ class Replicator:
     def _on_frame(self, peer: int, frame: protocol.Frame) -> None:
         if self.closing:
             return
-        if self.committing:
-            self.deferred.append(lambda: self._on_frame(peer, frame))
-            return
         try:
             self._handle_frame(peer, frame)
         except Exception as exc:
@@ -390,9 +399,6 @@ class Replicator:
     def _on_link(self, peer: int, up: bool, closed_by_us: bool) -> None:
         if peer == OPERATOR_ID or self.closing:
             return
-        if self.committing:
-            self.deferred.append(lambda: self._on_link(peer, up, closed_by_us))
-            return
         try:
             self._run(self.core.on_link(self._now(), peer, up, closed_by_us))
             if not up:
@@ -418,7 +424,7 @@ class Replicator:
         while True:
             now = self._now()
             self._run(self.core.tick(now))
-            if now - self._last_prune > PRUNE_EVERY and not self.committing:
+            if now - self._last_prune > PRUNE_EVERY:
                 self._last_prune = now
                 self.storage.prune_log(self.config.log_retention)
             await asyncio.sleep(TICK)
@@ -455,21 +461,18 @@ class Replicator:
                     self.queue.popleft() for _ in range(min(len(self.queue), self.config.max_batch))
                 ]
                 members, self.sync_change = self.sync_change, None
-                await self._write_batch(items, members)
+                self._write_batch(items, members)
                 # A request needs a few loop turns from its socket to this queue (read,
                 # decode, dispatch): give them, so the next batch groups every request
                 # that arrived during this commit (group commit) instead of a few.
                 for _ in range(YIELDS_BETWEEN_BATCHES):
                     await asyncio.sleep(0)
 
-    async def _write_batch(
-        self, items: list[PendingWrite], members: tuple[int, ...] | None
-    ) -> None:
+    def _write_batch(self, items: list[PendingWrite], members: tuple[int, ...] | None) -> None:
         """One SQLite transaction = one seq: the writes in ``items`` and/or a sync set.
 
-        The record goes to the live backups before the local COMMIT, and the COMMIT
-        (the fsync) runs in a worker thread so the loop keeps reading requests
-        meanwhile; those form the next batch."""
+        The record goes to the live backups before the local COMMIT; the fsync
+        comes later, in a group (``_committed``)."""
         now = self._now()
         epoch = self.core.epoch
         batch = self.storage.begin_batch()
@@ -488,9 +491,7 @@ class Replicator:
         else:
             self._run(self.core.on_sealed(now, record.seq, sync_set))
             self._broadcast(record)
-            # From here the batch belongs to the commit thread: even if this task is
-            # cancelled (shutdown), the loop never touches it again.
-            await self._commit(batch)
+            batch.commit()
             self._remember(record)
             self.batches += 1
             self.writes += len(items)
@@ -498,28 +499,44 @@ class Replicator:
         for item, outcome in outcomes:
             self._reply_after(seq, item, outcome)
         if record is not None:
-            self._run(self.core.on_local_durable(self._now(), Position(record.epoch, record.seq)))
-        self._drain_deferred()
+            self._committed(Position(record.epoch, record.seq), more=bool(self.queue))
 
-    async def _commit(self, batch: Batch) -> None:
-        """COMMIT in a worker thread. Meanwhile peer frames and link changes wait (see
-        ``_on_frame``): the core must not act, say join another primary, while its
-        own last record is neither committed nor abandoned."""
-        self.committing = True
-        # The thread's own future outlives a cancelled await: shutdown waits on it
-        # before the database is closed under it.
-        self.inflight = self._executor.submit(batch.commit)
+    def _committed(
+        self, position: Position, sync_set: SyncSet | None = None, more: bool = False
+    ) -> None:
+        """Our database holds ``position``; it counts for acks once it is on disk.
+
+        ``more``: further work is waiting. Then the fsync goes to the group sync
+        thread and that work runs meanwhile. Otherwise, and when no group fsync
+        is under way, the fsync runs right here: nothing would overlap it, and a
+        hand-off to a thread and back only adds latency to a lone write."""
+        self.core.on_committed(position, sync_set)
+        group = self.group_sync
+        if group is not None and (more or group.busy):
+            self.unsynced.append((group.request(), position))
+            return
+        if group is not None:
+            if self.storage.sync(checkpoint=False):
+                group.request()  # the thread checkpoints
+            self.unsynced.clear()  # all of them are on disk now
+        self._run(self.core.on_local_durable(self._now(), position))
+
+    def _on_durable(self, ticket: int) -> None:
+        """The group sync put every commit up to ``ticket`` on disk."""
+        position = None
+        while self.unsynced and self.unsynced[0][0] <= ticket:
+            position = self.unsynced.popleft()[1]
+        if position is None or self.closing:
+            return
         try:
-            # Shielded: cancelling the writer (at shutdown) must not cancel a COMMIT
-            # that has not started yet, which would leave the batch hanging open.
-            await asyncio.shield(asyncio.wrap_future(self.inflight))
-        finally:
-            self.committing = False
+            self._run(self.core.on_local_durable(self._now(), position))
+        except Exception as exc:
+            fatal(exc)
 
-    def _drain_deferred(self) -> None:
-        while self.deferred and not self.committing:
-            event = self.deferred.popleft()
-            event()
+    def _forget_unsynced(self) -> None:
+        """A rewind or a snapshot install replaced the log, durably: pending
+        reports are about records that are gone."""
+        self.unsynced.clear()
 
     def _execute(
         self, batch: Batch, items: list[PendingWrite]
@@ -550,14 +567,9 @@ class Replicator:
     def _reply_after(
         self, seq: int, item: PendingWrite, outcome: dict[str, Any] | ChatError
     ) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def done(_: asyncio.Future[None]) -> None:
-            # Retrieve the waiter's outcome first, always: an exception nobody
-            # retrieves is logged by asyncio when the future is freed.
-            failed = future.cancelled() or future.exception() is not None
+        def fire(exc: ChatError | None) -> None:
             if (
-                not failed
+                exc is None
                 and item.op == "send"
                 and not isinstance(outcome, ChatError)
                 and isinstance(outcome.get("message"), dict)
@@ -568,26 +580,21 @@ class Replicator:
                     hook(int(outcome.get("recipient_id", -1)), outcome["message"])
             if item.future.done():
                 return
-            if failed:
-                exc = future.exception() if not future.cancelled() else None
-                item.future.set_exception(exc or Unavailable("the primary changed; retry"))
+            if exc is not None:
+                item.future.set_exception(exc)
             elif isinstance(outcome, ChatError):
                 item.future.set_exception(outcome)
             else:
                 item.future.set_result(outcome)
 
-        future.add_done_callback(done)
         if self.core.role is Role.PRIMARY and self.core.watermark >= seq:
-            future.set_result(None)
+            fire(None)
         else:
-            self._order += 1
-            self._insert_waiter(Waiter(seq, self._order, future))
+            self._wait(seq, fire)
 
     def _release(self, watermark: int) -> None:
         while self.waiters and self.waiters[0].seq <= watermark:
-            waiter = self.waiters.pop(0)
-            if not waiter.future.done():
-                waiter.future.set_result(None)
+            heapq.heappop(self.waiters).fire(None)
 
     def _fail_queue(self, exc: ChatError) -> None:
         while self.queue:
@@ -600,9 +607,8 @@ class Replicator:
     def _fail_all(self, exc: ChatError) -> None:
         self._fail_queue(exc)
         waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
-            if not waiter.future.done():
-                waiter.future.set_exception(copy.copy(exc))
+        for waiter in sorted(waiters):
+            waiter.fire(copy.copy(exc))
 
     def _step_down(self, reason: str) -> None:
         log.info(
@@ -806,7 +812,7 @@ class Replicator:
         position = self.core.position
         records = [r for r in records if r.seq > position.seq]
         if not records:
-            self._run(self.core.on_local_durable(self._now(), position))
+            self._run(self.core.resend_ack(self._now()))
             return
         was_epoch = position.epoch
         try:
@@ -816,7 +822,7 @@ class Replicator:
             return
         if new_position.epoch != was_epoch:
             self.core.history = self.storage.epoch_history()
-        self._run(self.core.on_local_durable(self._now(), new_position, self.storage.sync_set()))
+        self._committed(new_position, self.storage.sync_set(), more=bool(self._apply_buffer))
 
     def _rewind(self, to_seq: int) -> list[Effect]:
         position = self.storage.position()
@@ -835,6 +841,7 @@ class Replicator:
             # that the primary sends a snapshot.
             return self._request_snapshot()
         new_position = self.storage.position()
+        self._forget_unsynced()
         log.info(
             format_fields(
                 "rewind",
@@ -854,6 +861,8 @@ class Replicator:
     def _request_snapshot(self) -> list[Effect]:
         self.core.history = []
         self.core.position = Position(0, 0)
+        self.core.durable_seq = 0
+        self._forget_unsynced()
         return self.core.rejoin(self._now(), "own log too short to rewind")
 
     def _expect_snapshot(self) -> None:
@@ -892,6 +901,7 @@ class Replicator:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         self._forget_tail()
+        self._forget_unsynced()
         log.info(
             format_fields(
                 "snapshot installed",

@@ -303,6 +303,11 @@ class ReplicaCore:
         self.timing = timing
         self.state = state
         self.position = position
+        # ``position`` is what the database holds (committed); ``durable_seq`` how
+        # much of it is known to be on disk. They differ while a group fsync is
+        # pending. Acks and the watermark count only what is durable; elections,
+        # joins and divergence use the position, which is what a node will serve.
+        self.durable_seq = position.seq
         self.history = list(history or [])
         self.sync_set = sync_set
         self.role = Role.ELECTING
@@ -413,17 +418,31 @@ class ReplicaCore:
             handler(now, sender, msg, out)
         return out
 
+    def on_committed(self, position: Position, sync_set: SyncSet | None = None) -> None:
+        """The runtime committed records locally, not yet known to be on disk
+        (primary: a batch; backup: applied records). Nothing is acknowledged yet."""
+        if position.seq > self.position.seq:
+            self._note_position(position)
+        if sync_set is not None and self.role is not Role.PRIMARY:
+            self.sync_set = sync_set
+
     def on_local_durable(
         self, now: float, position: Position, sync_set: SyncSet | None = None
     ) -> list[Effect]:
-        """The runtime committed records locally (primary: a batch; backup: applied records)."""
+        """Records up to ``position`` are on disk here (committed and fsync'ed)."""
         out: list[Effect] = []
-        self._note_position(position)
-        if sync_set is not None and self.role is not Role.PRIMARY:
-            self.sync_set = sync_set
+        self.on_committed(position, sync_set)
+        self.durable_seq = max(self.durable_seq, min(position.seq, self.position.seq))
         if self.role is Role.PRIMARY:
             self._advance_watermark(now, out)
         elif self.role is Role.BACKUP and self.primary is not None:
+            self._send_ack(now, out)
+        return out
+
+    def resend_ack(self, now: float) -> list[Effect]:
+        """Backup: records arrived that we already hold; say again how far we are."""
+        out: list[Effect] = []
+        if self.role is Role.BACKUP:
             self._send_ack(now, out)
         return out
 
@@ -458,6 +477,7 @@ class ReplicaCore:
         """Backup: after a rewind or a snapshot install the local log is at ``position``."""
         out: list[Effect] = []
         self.position = position
+        self.durable_seq = position.seq
         self.history = list(history)
         self.sync_set = sync_set
         self.awaiting_snapshot = False
@@ -624,7 +644,7 @@ class ReplicaCore:
     def _advance_watermark(self, now: float, out: list[Effect]) -> None:
         def durable(node: int) -> int:
             if node == self.node_id:
-                return self.position.seq
+                return self.durable_seq
             progress = self.progress.get(node)
             return progress.durable if progress is not None else -1
 
@@ -719,7 +739,7 @@ class ReplicaCore:
                 {
                     "type": "ack",
                     "epoch": self.epoch,
-                    "seq": self.position.seq,
+                    "seq": self.durable_seq,
                     "ack_no": self.ack_no,
                     "links": sorted(self.links),
                 },
@@ -1126,7 +1146,7 @@ class ReplicaCore:
         self.reason = ""
         self.confirmed_until = 0.0
         self.progress = {}
-        self.watermark = self.position.seq if campaign.force else 0
+        self.watermark = self.durable_seq if campaign.force else 0
         self.sealed_at.clear()
         members = [self.node_id]
         for peer in sorted(campaign.granted):

@@ -499,20 +499,22 @@ class Replicator:
         for item, outcome in outcomes:
             self._reply_after(seq, item, outcome)
         if record is not None:
-            self._committed(Position(record.epoch, record.seq), more=bool(self.queue))
+            lone = len(items) <= 1 and not self.queue
+            self._committed(Position(record.epoch, record.seq), lone=lone)
 
     def _committed(
-        self, position: Position, sync_set: SyncSet | None = None, more: bool = False
+        self, position: Position, sync_set: SyncSet | None = None, lone: bool = False
     ) -> None:
         """Our database holds ``position``; it counts for acks once it is on disk.
 
-        ``more``: further work is waiting. Then the fsync goes to the group sync
-        thread and that work runs meanwhile. Otherwise, and when no group fsync
-        is under way, the fsync runs right here: nothing would overlap it, and a
-        hand-off to a thread and back only adds latency to a lone write."""
+        The fsync goes to the group sync thread, and the loop reads the next
+        requests or records meanwhile. Only a ``lone`` commit (one write, nothing
+        else waiting: a lightly loaded node) syncs right here, when no group fsync
+        is under way: nothing would overlap it, and the hand-off to a thread and
+        back would only add latency."""
         self.core.on_committed(position, sync_set)
         group = self.group_sync
-        if group is not None and (more or group.busy):
+        if group is not None and (not lone or group.busy):
             self.unsynced.append((group.request(), position))
             return
         if group is not None:
@@ -822,7 +824,8 @@ class Replicator:
             return
         if new_position.epoch != was_epoch:
             self.core.history = self.storage.epoch_history()
-        self._committed(new_position, self.storage.sync_set(), more=bool(self._apply_buffer))
+        lone = len(records) <= 1 and not self._apply_buffer
+        self._committed(new_position, self.storage.sync_set(), lone=lone)
 
     def _rewind(self, to_seq: int) -> list[Effect]:
         position = self.storage.position()

@@ -57,7 +57,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import uuid
+import secrets
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -81,8 +82,14 @@ T = TypeVar("T")
 
 
 def new_request_id() -> str:
-    """A fresh request id (32 hex characters; the protocol allows 1 to 64)."""
-    return uuid.uuid4().hex
+    """A fresh request id: 32 hex characters (the protocol allows 1 to 64), the
+    time in nanoseconds then 64 random bits.
+
+    Time first, so that ids sort roughly by age: the primary stores each write's
+    request id in an index, and ids that arrive in order land on the same few
+    index pages, where random ones would dirty one page of the index per write.
+    The random half keeps ids unique across clients."""
+    return f"{time.time_ns():016x}{secrets.token_hex(8)}"
 
 
 class ConnectionLost(Exception):

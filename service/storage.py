@@ -115,9 +115,11 @@ REPLICATED_TABLES: dict[str, str] = {
 }
 
 BUSY_TIMEOUT_MS = 5000
-# With deferred sync, sync() checkpoints once the WAL holds this many pages
-# (SQLite's own automatic checkpoint threshold).
-CHECKPOINT_WAL_PAGES = 1000
+# With deferred sync, sync() checkpoints once the WAL holds this many pages.
+# SQLite's own default is 1000; a longer WAL writes a page that many commits
+# touch (an index leaf) back to the database once instead of several times,
+# for a WAL of at most ~32 MiB to scan at start-up.
+CHECKPOINT_WAL_PAGES = 8000
 T = TypeVar("T")
 SYNCHRONOUS_LEVELS = ("FULL", "EXTRA", "NORMAL")
 

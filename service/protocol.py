@@ -291,7 +291,7 @@ PEER_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     # backup -> primary: durable position, numbered so the primary can echo it
     "ack": {"epoch": _INT, "seq": _INT, "ack_no": _INT, "links": _LIST},
     # backup -> primary: where my history stands, before any record is streamed
-    "join": {"epoch": _INT, "position": _LIST, "history": _LIST},
+    "join": {"epoch": _INT, "position": _LIST, "durable": _INT, "history": _LIST},
     # primary -> backup: keep records up to ``diverge``, rewind the rest, or take a snapshot
     "join_reply": {"epoch": _INT, "diverge": _INT, "snapshot": _BOOL},
     # primary -> backup: one chunk of a snapshot file

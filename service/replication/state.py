@@ -435,14 +435,16 @@ class ReplicaCore:
         self.durable_seq = max(self.durable_seq, min(position.seq, self.position.seq))
         if self.role is Role.PRIMARY:
             self._advance_watermark(now, out)
-        elif self.role is Role.BACKUP and self.primary is not None:
+        elif self.role is Role.BACKUP and self.primary is not None and self.joined:
+            # Not before the join is answered: the fsync may be of records from the
+            # previous primary that this one is about to have us rewind.
             self._send_ack(now, out)
         return out
 
     def resend_ack(self, now: float) -> list[Effect]:
         """Backup: records arrived that we already hold; say again how far we are."""
         out: list[Effect] = []
-        if self.role is Role.BACKUP:
+        if self.role is Role.BACKUP and self.joined:
             self._send_ack(now, out)
         return out
 
@@ -693,7 +695,9 @@ class ReplicaCore:
         progress.joined = True
         # A join starts a new incarnation of the backup: nothing it acked before counts.
         progress.echo = -1
-        progress.durable = -1 if snapshot else diverge
+        # Counted only for what it has on disk: records it applied under the
+        # previous primary may still wait for their fsync.
+        progress.durable = -1 if snapshot else min(diverge, msg["durable"])
         progress.heard_since_gap = True
         out.append(
             Send(
@@ -817,6 +821,7 @@ class ReplicaCore:
                     "type": "join",
                     "epoch": self.epoch,
                     "position": [self.position.epoch, self.position.seq],
+                    "durable": self.durable_seq,
                     "history": [list(entry) for entry in self.history],
                 },
             )
@@ -1089,10 +1094,16 @@ class ReplicaCore:
         ):
             reason = f"node {self.primary} is a live primary"
         elif not msg["force"] and (
-            candidate.epoch < self.position.epoch or (candidate < self.position and self.eligible)
+            (candidate.epoch < self.position.epoch and self.node_id in self.sync_set.members)
+            or (candidate < self.position and self.eligible)
         ):
             # An unconfirmed node's extra records were never acknowledged (the
             # confirmed candidate holds every acknowledged one): they do not block R5.
+            # Nor do a non-member's: a record is acknowledged only once every member
+            # holds it, and the R6 winner is the most current member. (A catching-up
+            # node may hold the first record of an epoch that its primary, alone in
+            # the sync set, lost in a power failure before its fsync: refusing that
+            # primary would leave the cluster without one for good.)
             reason = "my position is newer"
         granted = not reason
         if granted:

@@ -28,6 +28,28 @@ same way every time:
 * a client write on the primary is ``write(node)``; its acknowledgement
   (an ``Acknowledge`` effect covering its seq) is recorded in ``acked``.
 
+Durability (``fsync_delay``). With the default ``fsync_delay=0`` a commit is on
+disk when it returns, as with ``synchronous=FULL``: the core hears
+``on_local_durable`` at once. With ``fsync_delay > 0`` the sim plays the
+runtime's group fsync (``runtime._committed`` / ``_on_durable``): a commit (the
+primary's ``_seal``, a backup's ``_apply``) calls ``on_committed`` only, and the
+durability report (``on_local_durable``) comes ``fsync_delay`` simulated
+seconds later (``set_fsync_delay`` gives one node a slower disk). Each node
+tracks ``disk_seq``, how much of its log is on disk. As the runtime's ticket
+deque, reports scheduled before a rewind, a snapshot install, a kill or a
+restart of the node are dropped; a rewind and a snapshot install are durable
+at once, and so is what a restart finds (``Storage`` syncs the files it
+opens). A frozen node's fsync thread is stopped too: its reports wait for the
+thaw. ``power_loss`` cuts each node's log back to ``disk_seq`` (a SIGKILL keeps
+the committed log: it is in the OS page cache) and keeps its persisted state
+(votes are written durably), then restarts it unless ``restart=False``. The
+WAL sync that a vote's FULL commit implies is not counted for the log (the core
+does not count it either: the sim stays on the pessimistic side); a prune's is,
+since a log cut below its pruned start cannot exist. At one instant, messages
+are delivered first, then fsync reports, then the tick. R2 is checked against
+the disk: whatever a primary acknowledges is on disk on it and on every member
+of its ack set, and no core counts as durable more than its disk holds.
+
 ``check_invariants`` asserts what SPEC section 6 promises (G1, G3, G4, R1) over
 everything recorded; ``wait_for`` advances time until a predicate holds and
 raises with what it was still waiting for, never sleeping.
@@ -245,6 +267,26 @@ class AckedWrite:
     payload: str
 
 
+@dataclass(frozen=True)
+class PowerLoss:
+    """A node lost power: ``lost`` are the committed records that were not on disk."""
+
+    time: float
+    node: int
+    lost: list[Record]
+
+
+@dataclass(order=True)
+class _Fsync:
+    """A pending durability report: everything up to ``position`` reaches the disk."""
+
+    due: float
+    order: int
+    node: int = field(compare=False)
+    generation: int = field(compare=False)
+    position: Position = field(compare=False)
+
+
 @dataclass(order=True)
 class _InFlight:
     deliver_at: float
@@ -273,6 +315,11 @@ class SimNode:
         self.rolled_back: list[Record] = []
         self.held: list[_InFlight] = []  # messages that arrived while frozen
         self.held_link_down: list[int] = []  # peers whose connection closed while frozen
+        self.disk_seq = 0  # the log is on disk up to here (fsynced); the rest is in the cache
+        # Bumped when pending durability reports stop applying (rewind, snapshot,
+        # kill, restart), as the runtime clears its ``unsynced`` deque.
+        self.sync_generation = 0
+        self.held_syncs: list[_Fsync] = []  # reports due while frozen
 
     @property
     def running(self) -> bool:
@@ -285,7 +332,10 @@ class SimNode:
     def __repr__(self) -> str:
         role = self.role.value if self.role is not None else "-"
         epoch, position = self.state.current_epoch, self.log.position
-        return f"<node {self.node_id} {self.status} {role} epoch={epoch} log={position}>"
+        return (
+            f"<node {self.node_id} {self.status} {role} epoch={epoch} log={position} "
+            f"disk={self.disk_seq}>"
+        )
 
 
 # ---- the network, the clock, and the runtime ------------------------------------------------
@@ -295,16 +345,19 @@ class SimNetwork:
     """Several nodes over an in-memory network in simulated time.
 
     Construction starts every node (``started=False`` leaves them down). Time
-    starts at ``start`` (a monotonic clock is never zero).
+    starts at ``start`` (a monotonic clock is never zero). ``fsync_delay`` (0:
+    commits are durable on return) is how long a commit takes to reach the disk.
 
-    Faults: ``kill``, ``restart``, ``freeze``, ``thaw``, ``slow``, ``set_delay``,
-    ``partition``, ``heal``. Time: ``advance``, ``wait_for``, ``wait_primary``,
-    ``wait_converged``. Clients and operators: ``write``, ``force_promote``,
-    ``prune``. Queries: ``core``, ``statistics``, ``primary``, ``primaries``,
-    ``converged``, ``holds``, ``is_acked``, ``acked_at``, ``logged``, ``describe``.
+    Faults: ``kill``, ``power_loss``, ``restart``, ``freeze``, ``thaw``, ``slow``,
+    ``set_delay``, ``set_fsync_delay``, ``partition``, ``heal``. Time: ``advance``,
+    ``wait_for``, ``wait_primary``, ``wait_converged``. Clients and operators:
+    ``write``, ``force_promote``, ``prune``. Queries: ``core``, ``statistics``,
+    ``primary``, ``primaries``, ``converged``, ``holds``, ``is_acked``, ``acked_at``,
+    ``logged``, ``describe``.
     Records: ``events`` (every Log effect), ``elections``, ``acks``, ``acked``,
-    ``writes``, ``sent`` (every message, as decoded from the wire), ``durable_at``,
-    ``anomalies`` (rule breaches noticed while carrying out effects).
+    ``writes``, ``sent`` (every message, as decoded from the wire), ``durable_at``
+    (first commit), ``synced_at`` (first on disk), ``power_losses``, ``anomalies``
+    (rule breaches noticed while carrying out effects).
     """
 
     def __init__(
@@ -318,12 +371,17 @@ class SimNetwork:
         seed: int = 0,
         start: float = 100.0,
         started: bool = True,
+        fsync_delay: float = 0.0,
     ) -> None:
         self.ids = tuple(range(1, nodes + 1))
         self.timing = timing or Timing()
         self.delay = delay
         self.step = step
         self.jitter = jitter
+        self.fsync_delay = fsync_delay
+        self._fsync_delays: dict[int, float] = {}
+        self._fsyncs: list[_Fsync] = []
+        self._fsync_order = 0
         self.random = random.Random(seed)
         self.now = start
         self._start = start
@@ -342,6 +400,8 @@ class SimNetwork:
         self.acked: list[AckedWrite] = []
         self.writes: list[ClientWrite] = []
         self.durable_at: dict[tuple[int, int], float] = {}  # (node, seq) -> first commit
+        self.synced_at: dict[tuple[int, int], float] = {}  # (node, seq) -> first on disk
+        self.power_losses: list[PowerLoss] = []
         self.sent: list[tuple[float, int, int, dict[str, Any]]] = []
         self.anomalies: list[str] = []
         self.forced_at: float | None = None
@@ -362,6 +422,8 @@ class SimNetwork:
         node.expecting_snapshot = False
         node.held.clear()
         node.held_link_down.clear()
+        node.held_syncs.clear()
+        node.sync_generation += 1  # its group fsync thread died with it
         self._queue = [m for m in self._queue if node_id not in (m.src, m.dst)]
         heapq.heapify(self._queue)
         for other in self.nodes.values():
@@ -392,6 +454,9 @@ class SimNetwork:
             self.now,
             history=list(node.log.epochs),
         )
+        node.sync_generation += 1
+        # Storage syncs the files it opens: what a crash left in the cache is on disk.
+        self._on_disk(node, node.log.position.seq)
         node.status = "up"
         self._connect_links()
 
@@ -412,6 +477,10 @@ class SimNetwork:
             message.deliver_at = max(message.deliver_at, self.now)
             heapq.heappush(self._queue, message)
         node.held.clear()
+        for fsync in node.held_syncs:
+            fsync.due = max(fsync.due, self.now)
+            heapq.heappush(self._fsyncs, fsync)
+        node.held_syncs.clear()
         closed, node.held_link_down = node.held_link_down, []
         for peer in closed:
             if node.running:
@@ -426,6 +495,38 @@ class SimNetwork:
 
     def set_delay(self, src: int, dst: int, seconds: float) -> None:
         self._link_delay[(src, dst)] = seconds
+
+    def set_fsync_delay(self, node_id: int, seconds: float) -> None:
+        """Commits on ``node_id`` from now on take ``seconds`` to reach its disk.
+
+        Only with a deferred-durability sim (``fsync_delay > 0``): with
+        ``fsync_delay=0`` every commit is durable on return."""
+        if not self.fsync_delay:
+            raise SimError("set_fsync_delay needs SimNetwork(fsync_delay=...) > 0")
+        if seconds <= 0:
+            raise SimError("an fsync takes some time")
+        self._fsync_delays[node_id] = seconds
+
+    def power_loss(self, *node_ids: int, restart: bool = True) -> list[PowerLoss]:
+        """The power fails on ``node_ids`` at one instant (up, frozen or down).
+
+        Each loses its volatile state, as with ``kill``, and every committed
+        record that was not on disk: its log is cut back to ``disk_seq``. The
+        persisted node state (votes, epochs) survives: it is written durably.
+        With ``restart`` (the default) the nodes then start again, as ``restart``.
+        """
+        for node_id in node_ids:
+            self.kill(node_id)
+        losses = []
+        for node_id in node_ids:
+            node = self.nodes[node_id]
+            loss = PowerLoss(self.now, node_id, node.log.truncate(node.disk_seq))
+            losses.append(loss)
+            self.power_losses.append(loss)
+        if restart:
+            for node_id in node_ids:
+                self.restart(node_id)
+        return losses
 
     def partition(self, *groups: Iterable[int]) -> None:
         """Drop messages between the groups (nodes not named form one more group)."""
@@ -486,7 +587,11 @@ class SimNetwork:
         self._run(node, self._core(node).force_promote(self.now))
 
     def prune(self, node_id: int, keep: int) -> None:
-        self.nodes[node_id].log.prune(keep)
+        node = self.nodes[node_id]
+        node.log.prune(keep)
+        # ``prune_log`` commits with synchronous=FULL (the control connection): that
+        # fsyncs the WAL, so every earlier commit is on disk too.
+        self._on_disk(node, node.log.position.seq)
 
     # ---- time ---------------------------------------------------------------------------
 
@@ -496,12 +601,16 @@ class SimNetwork:
         while True:
             next_tick = self._start + (self._ticks + 1) * self.step
             next_message = self._queue[0].deliver_at if self._queue else float("inf")
-            at = min(next_tick, next_message)
+            next_fsync = self._fsyncs[0].due if self._fsyncs else float("inf")
+            at = min(next_tick, next_message, next_fsync)
             if at > end + 1e-9:
                 break
             self.now = max(self.now, at)
-            if next_message <= next_tick:
+            # At one instant: messages first, then fsync reports, then the tick.
+            if next_message <= min(next_tick, next_fsync):
                 self._deliver(heapq.heappop(self._queue))
+            elif next_fsync <= next_tick:
+                self._fsync_done(heapq.heappop(self._fsyncs))
             else:
                 self._ticks += 1
                 self._connect_links()
@@ -611,6 +720,12 @@ class SimNetwork:
         """
         problems = list(self.anomalies)
         problems += self._epoch_problems()
+        for node in self.nodes.values():
+            if node.core is not None and node.core.durable_seq > node.disk_seq:
+                problems.append(
+                    f"node {node.node_id} counts seq {node.core.durable_seq} as durable but "
+                    f"has only up to seq {node.disk_seq} on disk"
+                )
         primary = self.primary()
         holders = [n for n in self.nodes.values() if n.running] if converged else []
         newest = max((e.epoch for e in self.elections), default=0)
@@ -797,9 +912,54 @@ class SimNetwork:
         effects = list(core.on_sealed(self.now, seq, sync_set))
         for peer in sorted(node.streams):
             self._flush_stream(node, peer)
-        effects += core.on_local_durable(self.now, node.log.position)
+        effects += self._committed(node, None)
         self._run(node, effects)
         return seq
+
+    def _committed(self, node: SimNode, sync_set: SyncSet | None) -> list[Effect]:
+        """The node committed its log up to its position (``runtime._committed``).
+
+        Without an fsync delay the commit is on disk at once. With one, the core
+        hears ``on_committed`` now and ``on_local_durable`` when the fsync is done."""
+        core = self._core(node)
+        position = node.log.position
+        delay = self._fsync_delays.get(node.node_id, self.fsync_delay)
+        if not delay:
+            self._on_disk(node, position.seq)
+            return core.on_local_durable(self.now, position, sync_set)
+        core.on_committed(position, sync_set)
+        self._fsync_order += 1
+        fsync = _Fsync(
+            self.now + delay, self._fsync_order, node.node_id, node.sync_generation, position
+        )
+        heapq.heappush(self._fsyncs, fsync)
+        return []
+
+    def _fsync_done(self, fsync: _Fsync) -> None:
+        """A group fsync finished: report it to the core (``runtime._on_durable``)."""
+        node = self.nodes[fsync.node]
+        if node.status == "down" or fsync.generation != node.sync_generation:
+            return  # the process died, or a rewind / snapshot made the report moot
+        if node.status == "frozen":
+            node.held_syncs.append(fsync)  # the fsync thread is stopped too
+            return
+        if fsync.position.seq > node.log.position.seq:
+            raise SimError(f"node {node.node_id}: fsync of {fsync.position} past its log")
+        self._on_disk(node, fsync.position.seq)
+        self._run(node, self._core(node).on_local_durable(self.now, fsync.position))
+
+    def _on_disk(self, node: SimNode, seq: int) -> None:
+        """The node's log up to ``seq`` is on disk (it may have been already)."""
+        for on_disk in range(node.disk_seq + 1, seq + 1):
+            self.synced_at.setdefault((node.node_id, on_disk), self.now)
+        node.disk_seq = max(node.disk_seq, seq)
+
+    def _replaced_log(self, node: SimNode) -> None:
+        """A rewind or a snapshot install replaced the log, durably: pending
+        durability reports are about records that may be gone (``_forget_unsynced``)."""
+        node.sync_generation += 1
+        node.disk_seq = min(node.disk_seq, node.log.position.seq)
+        self._on_disk(node, node.log.position.seq)
 
     def _change_sync_set(self, node: SimNode, epoch: int, members: tuple[int, ...]) -> None:
         old = node.log.sync_set
@@ -811,6 +971,11 @@ class SimNetwork:
             self.anomalies.append(f"node {node.node_id} acknowledged {seq} after {node.acked_upto}")
         if seq > node.log.position.seq:
             self.anomalies.append(f"node {node.node_id} acknowledged {seq} beyond its log")
+        elif seq > node.disk_seq:
+            self.anomalies.append(
+                f"R2: node {node.node_id} acknowledged seq {seq} but has only up to seq "
+                f"{node.disk_seq} on disk"
+            )
         node.acked_upto = seq
         self.acks.append(AckEvent(self.now, node.node_id, epoch, seq))
         self._check_ack_set_holds(node, seq)
@@ -822,18 +987,24 @@ class SimNetwork:
             self.acked.append(AckedWrite(self.now, node.node_id, record[0], write_seq, payload))
 
     def _check_ack_set_holds(self, node: SimNode, seq: int) -> None:
-        """R2: every member of the ack set holds what the primary acknowledges."""
+        """R2: every member of the ack set holds what the primary acknowledges, on disk."""
         core = self._core(node)
         members = set(core.effective)
         for _seq, pending in core.pending_sets:
             members.update(pending)
         expected = node.log.get(seq)
         for member in sorted(members - {node.node_id}):
-            held = self.nodes[member].log.get(seq)
+            other = self.nodes[member]
+            held = other.log.get(seq)
             if held != expected:
                 self.anomalies.append(
                     f"R2: node {node.node_id} acknowledged seq {seq} ({expected}) but "
                     f"ack set member {member} holds {held}"
+                )
+            elif other.disk_seq < seq:
+                self.anomalies.append(
+                    f"R2: node {node.node_id} acknowledged seq {seq} but ack set member "
+                    f"{member} has only up to seq {other.disk_seq} on disk"
                 )
 
     def _start_stream(self, node: SimNode, effect: StartStream) -> None:
@@ -884,7 +1055,8 @@ class SimNetwork:
                 )
         fresh = [r for r in records if r[1] > log.position.seq]
         if not fresh:
-            self._run(node, core.on_local_durable(self.now, log.position))
+            # Nothing new to commit: say again how far we are (on disk), as the runtime.
+            self._run(node, core.resend_ack(self.now))
             return
         position = log.position
         for epoch, seq, _payload in fresh:
@@ -900,7 +1072,7 @@ class SimNetwork:
             self.durable_at.setdefault((node.node_id, record[1]), self.now)
         if log.position.epoch != was_epoch:
             core.history = list(log.epochs)  # as the runtime does: history from storage
-        self._run(node, core.on_local_durable(self.now, log.position, log.sync_set))
+        self._run(node, self._committed(node, log.sync_set))
 
     def _rewind(self, node: SimNode, to_seq: int) -> None:
         core = self._core(node)
@@ -910,9 +1082,12 @@ class SimNetwork:
             # Our own log was pruned past the point: forget the position, get a snapshot.
             core.history = []
             core.position = Position.ZERO
+            core.durable_seq = 0
+            node.sync_generation += 1
             self._run(node, core.rejoin(self.now, "own log too short to rewind"))
             return
         node.rolled_back += log.truncate(to_seq)
+        self._replaced_log(node)
         self._run(node, core.reset_log(self.now, log.position, log.sync_set, list(log.epochs)))
 
     def _install_snapshot(
@@ -923,5 +1098,6 @@ class SimNetwork:
             return []
         node.expecting_snapshot = False
         node.log = SimLog.from_json(message["data"])
+        self._replaced_log(node)
         log = node.log
         return self._core(node).reset_log(self.now, log.position, log.sync_set, list(log.epochs))

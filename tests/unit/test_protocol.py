@@ -550,7 +550,13 @@ PEER_EXAMPLES: dict[str, protocol.Frame] = {
         "echo": 0,
     },
     "ack": {"type": "ack", "epoch": 2, "seq": 10, "ack_no": 4, "links": [1, 3]},
-    "join": {"type": "join", "epoch": 2, "position": [2, 10], "history": [[1, 1], [2, 5]]},
+    "join": {
+        "type": "join",
+        "epoch": 2,
+        "position": [2, 10],
+        "durable": 9,
+        "history": [[1, 1], [2, 5]],
+    },
     "join_reply": {"type": "join_reply", "epoch": 2, "diverge": 7, "snapshot": False},
     "snapshot": {
         "type": "snapshot",

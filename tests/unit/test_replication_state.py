@@ -18,6 +18,12 @@ Several scenarios, and seeds of the random runs, reproduce bugs this suite
 found in the core (a stale probe round reused, a decision on partial probe
 answers, an unconfirmed voter blocking R5, a thawed primary confirming
 backups, waiting not logged); they stay as regression tests.
+
+The last section runs the simulator with an fsync delay (the runtime's group
+fsync: a commit reaches the disk later) and power losses, which keep only what
+was on disk; R2 is then checked against the disk. Scenarios that show a core
+bug found there are strict xfails naming it: fixing the bug makes them fail
+until the marker is removed.
 """
 
 from __future__ import annotations
@@ -25,10 +31,12 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
 from service.replication.state import (
+    Effect,
     Persist,
     ReplicaCore,
     Role,
@@ -44,9 +52,11 @@ from tests.unit.sim import ClientWrite, SimNetwork
 TIMING = Timing()
 
 
-def started(nodes: int = 3, jitter: float = 0.0, seed: int = 0) -> SimNetwork:
+def started(
+    nodes: int = 3, jitter: float = 0.0, seed: int = 0, fsync_delay: float = 0.0
+) -> SimNetwork:
     """A cluster that has elected its first primary and converged."""
-    sim = SimNetwork(nodes, jitter=jitter, seed=seed)
+    sim = SimNetwork(nodes, jitter=jitter, seed=seed, fsync_delay=fsync_delay)
     sim.wait_converged(timeout=2.0)
     return sim
 
@@ -822,3 +832,362 @@ def test_g1_g4_random_crashes_and_freezes(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(16))
 def test_r1_g1_random_faults_with_slow_links(seed: int) -> None:
     random_faults(seed, slow_links=True)
+
+
+# ---- deferred durability: the group fsync ------------------------------------------------------
+#
+# With ``fsync_delay`` the simulator plays the runtime's group fsync: a commit is
+# reported to the core (``on_committed``) at once and as durable (``on_local_durable``)
+# only ``fsync_delay`` later; ``power_loss`` keeps only what was on disk. R2 is then
+# checked against the disk (the simulator records an anomaly otherwise).
+
+FSYNC_DELAYS = (0.005, 0.02, 0.05)
+"""Durations of an fsync comparable to the heartbeat (0.1 s) and the message delay (1 ms)."""
+
+
+def backup_core(node: int = 3, position: Position = Position(1, 5)) -> ReplicaCore:
+    """A backup of node 1 in epoch 1 that has joined at ``position`` (on disk)."""
+    sync_set = SyncSet(1, (1, 2, 3), 1)
+    core = ReplicaCore(
+        node, (1, 2, 3), TIMING, NodeState(1, 1, 1), position, sync_set, 10.0, history=[(1, 1)]
+    )
+    core.on_message(10.0, 1, heartbeat(1, position.seq))
+    assert core.role is Role.BACKUP
+    assert not core.joined
+    join_reply = {"type": "join_reply", "epoch": 1, "diverge": position.seq, "snapshot": False}
+    assert acks(core.on_message(10.001, 1, join_reply)) == [position.seq]
+    assert core.joined
+    return core
+
+
+def heartbeat(epoch: int, seq: int) -> dict[str, Any]:
+    """An ``append`` frame without records (a primary's heartbeat)."""
+    return {
+        "type": "append",
+        "epoch": epoch,
+        "seq": seq,
+        "watermark": 0,
+        "records": [],
+        "sync_set": {"version": 1, "members": [1, 2, 3], "epoch": 1},
+        "in_sync": [1, 2, 3],
+        "echo": -1,
+    }
+
+
+def acks(effects: list[Effect]) -> list[int]:
+    """The seqs of the acks among ``effects``."""
+    return [e.message["seq"] for e in effects if isinstance(e, Send) and e.message["type"] == "ack"]
+
+
+def acked_missing_on(sim: SimNetwork, nodes: tuple[int, ...]) -> list[str]:
+    """Every acknowledged write one of ``nodes`` lacks (G1), as readable lines."""
+    return [
+        f"node {n} lacks {a}"
+        for a in sim.acked
+        for n in nodes
+        if sim.nodes[n].log.get(a.seq) != (a.epoch, a.seq, a.payload)
+    ]
+
+
+def test_simulator_fsync_delay_zero_keeps_every_commit_on_disk() -> None:
+    sim = started()
+    write_acked(sim, 1, count=5)
+    for node in sim.nodes.values():
+        assert node.disk_seq == node.log.position.seq
+    assert all(sim.synced_at[key] == at for key, at in sim.durable_at.items())
+
+
+def test_simulator_kill_keeps_the_committed_log_power_loss_keeps_the_disk() -> None:
+    sim = started(fsync_delay=0.05)
+    acked = write_acked(sim, 1, count=2)
+    sim.advance(0.5)
+    pending = [write(sim, 1) for _ in range(3)]
+    sim.advance(0.01)  # committed everywhere, on no disk yet
+    assert held_everywhere(sim, pending, (1, 2, 3))
+    assert not any(sim.is_acked(w) for w in pending)
+    on_disk = sim.nodes[2].disk_seq
+    assert on_disk < pending[0].seq
+    sim.kill(2)  # a crash: the page cache keeps the commits
+    assert held_everywhere(sim, pending, (2,))
+    sim.restart(2)  # and the restart syncs them
+    assert sim.nodes[2].disk_seq == sim.nodes[2].log.position.seq
+    (loss,) = sim.power_loss(3, restart=False)
+    assert [r[2] for r in loss.lost] == [w.payload for w in pending]
+    assert sim.nodes[3].log.position.seq == on_disk
+    assert not any(sim.holds(3, w) for w in pending)
+    assert held_everywhere(sim, acked, (3,))
+    sim.restart(3)
+    sim.wait_converged(timeout=3.0)
+    assert held_everywhere(sim, acked + pending, (1, 2, 3))
+
+
+def test_r2_backup_acks_only_what_its_fsync_reported_durable() -> None:
+    core = backup_core(position=Position(1, 5))
+    core.on_committed(Position(1, 8))  # it has no effects: nothing to say yet
+    assert (core.position, core.durable_seq) == (Position(1, 8), 5)
+    assert core.probe_reply()["position"] == [1, 8], "elections use what the database holds"
+    assert acks(core.on_message(10.1, 1, heartbeat(1, 8))) == [5]
+    assert acks(core.resend_ack(10.2)) == [5]
+    assert acks(core.on_local_durable(10.3, Position(1, 7))) == [7]
+    assert core.durable_seq == 7
+    assert acks(core.on_local_durable(10.4, Position(1, 6))) == [7], "never goes back"
+    assert core.durable_seq == 7
+    assert acks(core.on_local_durable(10.5, Position(1, 8))) == [8]
+    assert (core.position, core.durable_seq) == (Position(1, 8), 8)
+
+
+def test_r2_fsync_delay_holds_the_ack_until_every_member_has_the_write_on_disk() -> None:
+    delay = 0.02
+    sim = started(fsync_delay=delay)
+    written = write(sim, 1)
+    never(sim, delay, lambda: sim.is_acked(written), "acked before any fsync was done")
+    sim.wait_for(lambda: sim.is_acked(written), 0.5, "the write acked")
+    acked_at = ack_time(sim, written)
+    for node in (1, 2, 3):
+        committed = sim.durable_at[(node, written.seq)]
+        synced = sim.synced_at[(node, written.seq)]
+        assert committed + delay <= synced + 1e-9 <= acked_at + 1e-9
+    sim.check_invariants(converged=True)
+
+
+def test_r2_primary_counts_itself_only_once_its_own_fsync_is_done() -> None:
+    sim = started(fsync_delay=0.005)
+    sim.set_fsync_delay(1, 0.3)  # the primary's disk is slow, the backups' fast
+    written = write(sim, 1)
+    sim.advance(0.05)
+    for backup in (2, 3):
+        assert sim.nodes[backup].disk_seq >= written.seq
+        assert sim.core(1).progress[backup].durable >= written.seq, "the backups acked it"
+    assert sim.nodes[1].disk_seq < written.seq
+    assert sim.statistics(1)["watermark"] < written.seq
+    assert not sim.is_acked(written), "acked before it was on the primary's own disk"
+    sim.wait_for(lambda: sim.is_acked(written), 0.5, "the write acked")
+    assert ack_time(sim, written) - written.time >= 0.3 - 1e-9
+    sim.check_invariants(converged=True)
+
+
+@pytest.mark.parametrize("delay", FSYNC_DELAYS)
+@pytest.mark.parametrize("cut_after", [0.013, 0.031, 0.047])
+def test_g1_power_loss_of_all_three_nodes_under_load_keeps_every_acknowledged_write(
+    delay: float, cut_after: float
+) -> None:
+    """Writes stream in (several per step); the power fails on all three nodes at once,
+    with commits of every node not yet on disk. Every acknowledged write survives
+    and the cluster converges (G1, G4)."""
+    sim = started(fsync_delay=delay)
+    write_acked(sim, 1, count=3)
+    end = sim.now + 0.3 + cut_after
+    while sim.now < end - 1e-9:
+        for _ in range(3):
+            write(sim, 1)
+        sim.advance(0.004)
+    acked_before = len(sim.acked)
+    assert acked_before > 3, "nothing was acknowledged under load"
+    assert len(sim.writes) > acked_before, "every write was acknowledged: nothing in flight"
+    losses = sim.power_loss(1, 2, 3)
+    assert any(loss.lost for loss in losses), "nothing was lost: every commit was on disk"
+    assert acked_missing_on(sim, (1, 2, 3)) == []
+    primary = sim.wait_converged(timeout=5.0)
+    assert acked_missing_on(sim, (1, 2, 3)) == []
+    write_acked(sim, primary, count=2)
+    sim.check_invariants(converged=True)
+
+
+@pytest.mark.parametrize("primary_fsync", [None, 0.3], ids=["same-disks", "slow-primary-disk"])
+def test_g1_power_loss_of_the_primary_alone_with_records_only_the_backups_hold(
+    primary_fsync: float | None,
+) -> None:
+    """The primary loses records it had not yet synced that the backups hold; it
+    rejoins as a backup, and gets them back from the new primary. No acked write is lost."""
+    delay = 0.02
+    sim = started(fsync_delay=delay)
+    if primary_fsync is not None:
+        sim.set_fsync_delay(1, primary_fsync)
+    acked = write_acked(sim, 1, count=3, timeout=1.0)
+    sim.advance(0.5)
+    pending = [write(sim, 1) for _ in range(3)]
+    sim.advance(0.01 if primary_fsync is None else 0.05)
+    assert held_everywhere(sim, pending, (2, 3))
+    assert sim.nodes[1].disk_seq < pending[0].seq
+    assert not any(sim.is_acked(w) for w in pending)
+    (loss,) = sim.power_loss(1)
+    assert [r[2] for r in loss.lost] == [w.payload for w in pending]
+    assert not any(sim.holds(1, w) for w in pending)
+    primary = sim.wait_primary(timeout=2.0)
+    assert primary in (2, 3)
+    acked += write_acked(sim, primary, count=3, timeout=1.0)
+    sim.wait_converged(timeout=5.0)
+    assert sim.core(1).role is Role.BACKUP
+    assert held_everywhere(sim, acked + pending, (1, 2, 3))
+    assert acked_missing_on(sim, (1, 2, 3)) == []
+
+
+def test_g1_power_loss_of_both_backups_then_the_primary_keeps_acknowledged_writes() -> None:
+    """Power fails on the backups while their fsyncs are pending, then on the primary
+    before it learns anything: whatever was acknowledged was on the disks that
+    remain, and the full restart (R6) finds it."""
+    sim = started(fsync_delay=0.02)
+    for _ in range(10):
+        write(sim, 1)
+        sim.advance(0.007)
+    sim.power_loss(2, 3, restart=False)
+    sim.advance(0.003)
+    sim.power_loss(1, restart=False)
+    assert sim.acked, "nothing was acknowledged"
+    assert all(loss.lost for loss in sim.power_losses), "a node lost nothing"
+    for node in (3, 1, 2):
+        sim.restart(node)
+    sim.wait_converged(timeout=5.0)
+    assert acked_missing_on(sim, (1, 2, 3)) == []
+
+
+def faults_with_fsync_delay(seed: int) -> None:
+    """Crashes, power losses (of one node or of all three), freezes and thaws at
+    random, with commits that reach the disk only ``delay`` later; then all heals.
+
+    ``check_invariants`` (R2 against the disk, G1 on the newest primary) runs after
+    every step; at the end every node must converge and acknowledge writes again.
+    """
+    rng = random.Random(seed)
+    delay = rng.choice(FSYNC_DELAYS)
+    sim = started(jitter=0.002, seed=seed, fsync_delay=delay)
+    for _step in range(30):
+        primary = sim.primary()
+        if primary is not None:
+            for _ in range(rng.randint(0, 4)):
+                sim.write(primary)
+        action = rng.random()
+        node = rng.choice(sim.ids)
+        status = sim.nodes[node].status
+        if action < 0.12 and status == "up":
+            sim.kill(node)
+        elif action < 0.22:
+            sim.power_loss(node, restart=False)
+        elif action < 0.27:
+            sim.power_loss(*sim.ids, restart=False)
+        elif action < 0.35 and status == "up":
+            sim.freeze(node)
+        elif action < 0.6 and status == "down":
+            sim.restart(node)
+        elif action < 0.75 and status == "frozen":
+            sim.thaw(node)
+        sim.advance(rng.choice((0.003, 0.01, delay, 0.2, 0.7, 1.6)))
+        sim.check_invariants()
+    for node in sim.ids:
+        if sim.nodes[node].status == "frozen":
+            sim.thaw(node)
+        elif sim.nodes[node].status == "down":
+            sim.restart(node)
+    sim.wait_converged(timeout=10.0)
+    assert acked_missing_on(sim, sim.ids) == []
+    write_acked(sim, sim.wait_primary(), count=2)
+
+
+@pytest.mark.parametrize(
+    "seed",
+    [
+        *range(48),
+        58,  # a primary that lost its epoch's first record was refused votes
+        74,  # a joining backup was counted for records not yet on its disk
+        130,  # a joining backup was counted for records not yet on its disk
+        244,  # a joining backup was counted for records not yet on its disk
+    ],
+)
+def test_g1_g4_random_crashes_power_losses_and_freezes_with_fsync_delay(seed: int) -> None:
+    faults_with_fsync_delay(seed)
+
+
+# ---- deferred durability: regressions of bugs this section found in the core -------------------
+
+
+def test_r2_a_backup_joining_a_new_primary_is_counted_only_for_what_it_has_on_disk() -> None:
+    """The backups apply three records; before their fsync is done the primary dies.
+    Node 3 joins the new primary with its committed position: the primary must not
+    count it as durable up to there before node 3 reports it on disk (R2)."""
+    sim = started(fsync_delay=0.05)
+    write_acked(sim, 1, count=3)
+    sim.advance(0.5)
+    pending = [write(sim, 1) for _ in range(3)]
+    sim.advance(0.002)
+    assert held_everywhere(sim, pending, (2, 3))
+    assert sim.nodes[3].disk_seq < pending[0].seq
+    sim.kill(1)
+    assert sim.wait_primary(timeout=1.0) == 2
+    sim.wait_converged(timeout=3.0)  # check_invariants: R2 against the disk
+
+
+def test_r4_backup_does_not_ack_a_new_primary_before_joining_it() -> None:
+    """A durability report that arrives after the backup followed a new primary (and
+    before that primary answered its join) is about records of the old primary's log:
+    an ack then would tell the new primary that the backup holds its records up to there."""
+    core = backup_core(3, Position(1, 5))
+    core.on_committed(Position(1, 8))  # records from node 1, their fsync pending
+    core.on_message(10.2, 2, heartbeat(2, 6))  # node 2 is primary of epoch 2
+    assert (core.role, core.primary, core.joined) == (Role.BACKUP, 2, False)
+    assert acks(core.on_local_durable(10.25, Position(1, 8))) == []
+
+
+def test_r2_a_durability_report_from_before_a_join_is_not_counted_by_the_new_primary() -> None:
+    """Node 3 was dropped (its acks are slow) but holds three records node 2 lacks;
+    node 1 dies and node 2 takes over. Node 3's slow fsync of those records completes
+    after it sent its join and before node 2's answer (over a slow link) arrives: its
+    ack must not make node 2 count it for node 2's own, different, records."""
+    sim = started(fsync_delay=0.01)
+    sim.advance(0.5)
+    sim.set_delay(3, 1, 1.0)
+    deadline = sim.now + 5.0
+    while 3 in sim.core(1).effective:
+        assert sim.now < deadline, "the slow backup was never dropped"
+        write_for(sim, 1, 0.1)
+    write_for(sim, 1, 0.3)
+    sim.set_delay(1, 2, 0.05)
+    sim.set_fsync_delay(3, 0.38)
+    sim.set_fsync_delay(2, 0.19)
+    extra = [write(sim, 1) for _ in range(3)]
+    sim.advance(0.005)
+    assert held_everywhere(sim, extra, (3,))
+    assert not any(sim.holds(2, w) for w in extra)
+    sim.set_delay(2, 3, 0.1)
+    sim.kill(1)
+    assert sim.wait_primary(timeout=3.0) == 2
+    joined_at = sim.now
+    for _ in range(3):
+        write(sim, 2)
+    sim.advance(1.0)
+    late = [
+        (t, m["seq"])
+        for t, src, dst, m in sim.sent
+        if t >= joined_at and (src, dst, m["type"]) == (3, 2, "ack") and m["seq"] >= extra[0].seq
+    ]
+    assert late, "scenario drift: node 3 never acked beyond the divergence point"
+    sim.check_invariants()
+    sim.set_delay(2, 3, sim.delay)
+    sim.wait_converged(timeout=5.0)
+
+
+def test_g4_a_primary_that_lost_the_first_record_of_its_epoch_is_elected_again() -> None:
+    """Node 1 is alone in the sync set. After a full power loss it starts a new epoch
+    (R6) and seals that epoch's first record; node 3, catching up, applies it; then
+    node 1 loses power before its own fsync of it. Node 1 is still the only member of
+    the newest sync set, so only it can win, and node 3 holds an unacknowledged record
+    of a newer epoch: the cluster must still elect node 1 and converge (G4)."""
+    sim = started(fsync_delay=0.05)
+    sim.kill(3)
+    sim.kill(2)
+    sim.wait_for(lambda: sync_members(sim, 1) == (1,), 2.0, "node 1 alone in the sync set")
+    acked = write_acked(sim, 1, count=2, timeout=1.0)
+    sim.power_loss(1, 2, 3, restart=False)
+    sim.restart(3)
+    sim.restart(1)
+    assert sim.wait_primary(timeout=2.0, among=(1,)) == 1
+    sealed = sim.nodes[1].log.position
+    assert sealed.epoch == 2
+    sim.wait_for(
+        lambda: sim.nodes[3].log.position == sealed, 1.0, "node 3 holds the new epoch's record"
+    )
+    assert sim.nodes[1].disk_seq < sealed.seq
+    (loss,) = sim.power_loss(1)
+    assert [r[:2] for r in loss.lost] == [(sealed.epoch, sealed.seq)]
+    sim.restart(2)
+    sim.wait_converged(timeout=10.0)
+    assert held_everywhere(sim, acked, (1, 2, 3))

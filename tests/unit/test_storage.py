@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from service.storage import (
     MIGRATIONS,
     REPLICATED_TABLES,
     ConstraintViolation,
+    Db,
     Diverged,
     LogRecord,
     NodeState,
@@ -449,6 +451,195 @@ def test_snapshot_of_a_pruned_log_keeps_its_position(
     primary.prune_log(keep=0)
     primary.make_snapshot(tmp_path / "s.db")
     assert backup.install_snapshot(tmp_path / "s.db") == Position(1, 3)
+
+
+# ---- deferred durability: defer_sync / sync ------------------------------------------------
+
+
+@pytest.fixture
+def deferred(tmp_path: Path) -> Iterator[Storage]:
+    storage = Storage(tmp_path / "deferred.db")
+    storage.defer_sync()
+    yield storage
+    storage.close()
+
+
+BIG = "x" * 100_000
+"""A password hash about 25 pages long: a few dozen commits pass the checkpoint threshold."""
+
+
+def add_big_user(storage: Storage, name: str) -> LogRecord:
+    return write(
+        storage,
+        "INSERT INTO users(name, name_key, password_hash, created_at) VALUES (?, ?, ?, 1.0)",
+        (name, name.lower(), BIG),
+    )
+
+
+def fill_wal_until_checkpoint_due(storage: Storage) -> int:
+    """Commit big rows until ``sync(checkpoint=False)`` says a checkpoint is due.
+
+    Each commit is synced without checkpointing, as the runtime's inline sync
+    does; returns the number of commits it took."""
+    for commit in range(1, 200):
+        add_big_user(storage, f"big{commit}")
+        if storage.sync(checkpoint=False):
+            return commit
+    raise AssertionError("the WAL never reached the checkpoint threshold")
+
+
+def test_defer_sync_relaxes_only_the_writer(deferred: Storage) -> None:
+    assert deferred.deferred
+    assert deferred.db.value("PRAGMA synchronous") == 1  # NORMAL: commits are not synced
+    assert deferred.reader.value("PRAGMA synchronous") == 2
+    # Votes are written on the control connection, which still commits with FULL: a
+    # vote is on disk when save_node_state returns. (There is no public handle on it.)
+    control = Db(deferred._control)
+    assert control.value("PRAGMA synchronous") == 2
+    deferred.save_node_state(NodeState(4, 4, 2))
+    assert deferred.node_state() == NodeState(4, 4, 2)
+    assert deferred.db.value("PRAGMA synchronous") == 1, "save_node_state reset the writer"
+
+
+def test_defer_sync_survives_a_reopen_of_its_votes_and_commits(tmp_path: Path) -> None:
+    path = tmp_path / "d.db"
+    storage = Storage(path)
+    storage.defer_sync()
+    storage.save_node_state(NodeState(3, 3, 1))
+    add_user(storage, "ann")
+    assert storage.sync() is False
+    storage.close()
+    again = Storage(path)
+    assert not again.deferred, "deferring is a choice of the runtime, per open"
+    assert again.db.value("PRAGMA synchronous") == 2
+    assert (again.node_state(), again.position(), names(again)) == (
+        NodeState(3, 3, 1),
+        Position(1, 1),
+        ["ann"],
+    )
+    again.close()
+
+
+def test_deferred_commits_are_readable_before_any_sync(deferred: Storage) -> None:
+    record = add_user(deferred, "ann")
+    assert deferred.position() == Position(1, 1)  # through the reader connection
+    result, seq = deferred.read(lambda db: db.value("SELECT name FROM users"))
+    assert (result, seq) == ("ann", 1)
+    assert deferred.log_range(0, 10) == [record]
+    other = Storage(deferred.path)  # another process would see the same
+    assert names(other) == ["ann"]
+    other.close()
+
+
+def test_sync_on_a_normal_storage_is_a_no_op(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "n.db", synchronous="NORMAL")
+    storage.defer_sync()
+    assert not storage.deferred
+    add_user(storage, "ann")
+    assert storage.sync() is False
+    assert storage.sync(checkpoint=False) is False
+    storage.close()
+
+
+def test_sync_without_a_checkpoint_says_when_one_is_due(deferred: Storage) -> None:
+    add_user(deferred, "ann")
+    assert deferred.sync(checkpoint=False) is False, "a small WAL is not due"
+    commits = fill_wal_until_checkpoint_due(deferred)
+    assert commits > 1
+    # Nothing was checkpointed: the WAL is still due, after one more small commit too.
+    assert deferred.sync(checkpoint=False) is True
+    add_user(deferred, "bob")
+    assert deferred.sync(checkpoint=False) is True
+
+
+def test_sync_checkpoints_once_the_wal_passed_the_threshold(deferred: Storage) -> None:
+    fill_wal_until_checkpoint_due(deferred)
+    assert deferred.sync() is False, "sync() ran the checkpoint that was due"
+    # The WAL was checkpointed whole: the next commit starts it again from the
+    # beginning, so it holds a few pages, far below the threshold.
+    add_user(deferred, "after")
+    assert deferred.sync(checkpoint=False) is False
+    assert deferred.integrity_check() == "ok"
+    assert names(deferred)[-1] == "after"
+
+
+def test_deferred_writer_leaves_checkpoints_to_sync(deferred: Storage) -> None:
+    """SQLite's automatic checkpoint (at 1000 pages) would restart the WAL: the
+    deferred writer only counts pages, so without sync() the WAL keeps growing."""
+    page_size = int(deferred.db.value("PRAGMA page_size"))
+    fill_wal_until_checkpoint_due(deferred)
+    for commit in range(40):
+        add_big_user(deferred, f"more{commit}")
+    assert deferred.wal_path.stat().st_size > 1500 * page_size
+    assert deferred.sync(checkpoint=False) is True
+    assert deferred.sync() is False
+    add_user(deferred, "after")
+    assert deferred.sync(checkpoint=False) is False
+
+
+def test_rewind_after_defer_sync(deferred: Storage, tmp_path: Path) -> None:
+    add_user(deferred, "ann", epoch=1)
+    sums_at_1 = deferred.checksums()
+    add_user(deferred, "bob", epoch=2)
+    add_user(deferred, "cy", epoch=2)
+    assert deferred.rewind(1, tmp_path / "rollback.jsonl") == 2
+    assert deferred.checksums() == sums_at_1
+    assert deferred.position() == Position(1, 1)
+    assert deferred.epoch_history() == [(1, 1)]
+    assert deferred.db.value("PRAGMA synchronous") == 1, "the writer stays deferred"
+    assert add_user(deferred, "dan", epoch=3).seq == 2
+    assert deferred.sync() is False
+    assert names(deferred) == ["ann", "dan"]
+
+
+def test_apply_records_and_install_snapshot_after_defer_sync(
+    primary: Storage, deferred: Storage, tmp_path: Path
+) -> None:
+    records = [add_user(primary, n) for n in ("ann", "bob")]
+    assert deferred.apply_records(records) == Position(1, 2)
+    assert deferred.sync() is False
+    assert deferred.checksums() == primary.checksums()
+    add_user(primary, "cy", epoch=2)
+    primary.make_snapshot(tmp_path / "s.db")
+    assert deferred.install_snapshot(tmp_path / "s.db") == Position(2, 3)
+    assert deferred.checksums() == primary.checksums()
+    assert deferred.db.value("PRAGMA synchronous") == 1
+    deferred.apply_records([add_user(primary, "dan", epoch=2)])
+    assert deferred.sync() is False
+    assert deferred.checksums() == primary.checksums()
+
+
+def test_sync_in_a_thread_beside_the_writer(deferred: Storage) -> None:
+    """The runtime calls sync() from its group sync thread while the writer commits."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    syncs = 0
+
+    def syncer() -> None:
+        nonlocal syncs
+        try:
+            while not stop.is_set():
+                deferred.sync()
+                syncs += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=syncer)
+    thread.start()
+    try:
+        for commit in range(120):
+            add_big_user(deferred, f"u{commit}")
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert errors == []
+    assert syncs > 0
+    assert deferred.sync() is False
+    add_user(deferred, "last")
+    assert deferred.sync(checkpoint=False) is False, "the WAL did not restart after sync()"
+    assert deferred.position() == Position(1, 121)
+    assert deferred.integrity_check() == "ok"
 
 
 # ---- checks ------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUPERVISORD := $(BIN)/supervisord -c supervisord.conf
 SUPERVISORCTL := $(BIN)/supervisorctl -c supervisord.conf
 
-.PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos
+.PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos soak
 
 install: $(STAMP)
 
@@ -64,6 +64,10 @@ CHAOS_DURATION ?= 600
 CHAOS_SEED ?=
 chaos: install
 	$(BIN)/python -m ops.chaos --duration $(CHAOS_DURATION) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
+
+# A long soak: the same, for half an hour, keeping its work folder under var/.
+soak: install
+	$(BIN)/python -m ops.chaos --duration 1800 $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) --workdir var/soak-$$(date +%Y%m%d-%H%M%S)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -103,6 +103,13 @@ def _refused_but_stored(h: History, n: dict[int, NodeData]) -> None:
     n[1].messages[9] = MessageRow(9, "ann", "bob", "ann:9", deleted=False)
 
 
+def _refused_delete_applied(h: History, n: dict[int, NodeData]) -> None:
+    op = h.invoke("bob", "delete", {"ids": [1]})
+    h.complete(op, FAILED, error="not_found")
+    for node in n.values():
+        node.messages[1] = MessageRow(1, "ann", "bob", "", deleted=True)
+
+
 def _undeleted(h: History, n: dict[int, NodeData]) -> None:
     n[2].messages[2] = MessageRow(2, "ann", "bob", "ann:2", deleted=False)
 
@@ -179,6 +186,7 @@ PLANTED: dict[str, tuple[Plant, tuple[str, ...]]] = {
         _refused_but_stored,
         ("failed writes that appeared", "unexpected client errors"),
     ),
+    "refused delete applied": (_refused_delete_applied, ("failed writes that appeared",)),
     "undeleted": (_undeleted, ("deleted messages that came back",)),
     "registered twice": (_registered_twice, ("usernames registered twice",)),
     "checksum": (_checksum, ("per-table checksums equal",)),

@@ -448,6 +448,11 @@ class Client:
             redirected = False
             await backoff.sleep(deadline)
 
+    @property
+    def answered_by(self) -> str | None:
+        """The address of the node that answered the last successful call."""
+        return self._hint
+
     def _pick(self) -> str:
         if self._conn is not None and not self._conn.closed:
             return self._conn.address

@@ -7,17 +7,18 @@ sends continuously and records when each send was acknowledged. Each round:
    (otherwise R5 forbids a takeover and the round would measure a full
    restart instead), and until the writer is acknowledged against this primary;
 2. SIGKILL the primary;
-3. ``ack``: the first acknowledgement the writer receives after the kill.
-   That is what a user sees: detection, election, and the client finding the
-   new primary (its retry backoff included) and retrying the same request id;
+3. ``ack``: the first acknowledgement the writer receives after the kill from
+   another node than the killed one. That is what a user sees: detection,
+   election, and the client finding the new primary (its retry backoff
+   included) and retrying the same request id;
 4. ``elected``: the time of the new primary's ``became primary`` log line,
    the server-side part of the same interval (log clock, millisecond lines);
 5. restart the killed node, and time until it is back in the sync set
    (``rejoin``: start-up, rewind if any, catch-up, confirmation).
 
-A reply already on its way when the kill lands is read within microseconds,
-long before any new primary exists; the first acknowledgement after the kill
-is therefore the new primary's.
+A reply the killed primary sent just before the kill can still be read after
+it (it waits in the socket buffer): each acknowledgement is recorded with the
+address of the node that gave it, and only the new primary's count.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Writer:
         self.client = Client(servers, WRITER_TIMEOUT, users.tokens[0])
         self.recipient = users.names[-1]
         self.acks: list[float] = []  # perf_counter() of each acknowledgement, ascending
+        self.by: list[str | None] = []  # the node that gave each one
         self.failures: Counter[str] = Counter()
         self._task: asyncio.Task[None] | None = None
 
@@ -70,6 +72,7 @@ class Writer:
                 await asyncio.sleep(0.01)
                 continue
             self.acks.append(time.perf_counter())
+            self.by.append(self.client.answered_by)
 
     async def wait_acks(self, more: int, timeout: float) -> None:
         target = len(self.acks) + more
@@ -80,12 +83,12 @@ class Writer:
 
         await wait_until(check, timeout, "the writer to be acknowledged", 0.005)
 
-    async def first_ack_after(self, t: float, timeout: float) -> float:
+    async def first_ack_after(self, t: float, killed: str, timeout: float) -> float:
         async def check() -> float:
-            i = bisect.bisect_right(self.acks, t)
-            if i == len(self.acks):
-                raise NotYet("no acknowledgement since the kill")
-            return self.acks[i]
+            for i in range(bisect.bisect_right(self.acks, t), len(self.acks)):
+                if self.by[i] != killed:
+                    return self.acks[i]
+            raise NotYet("no acknowledgement by another node since the kill")
 
         return await wait_until(check, timeout, "an acknowledged write after the kill", 0.001)
 
@@ -116,7 +119,7 @@ async def _one_round(cluster: Cluster, writer: Writer) -> dict[str, Any]:
     primary.kill()
     await asyncio.to_thread(primary.reap)
     primary.note("SIGKILL (failover round)")
-    t_ack = await writer.first_ack_after(t_kill, WRITER_TIMEOUT)
+    t_ack = await writer.first_ack_after(t_kill, primary.address, WRITER_TIMEOUT)
     new = await cluster.wait_primary()
     became = new.events("became primary", offsets[new.node_id])
     t_start = time.perf_counter()

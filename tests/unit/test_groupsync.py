@@ -66,16 +66,21 @@ async def soon(awaitable: Awaitable[T]) -> T:
     return await asyncio.wait_for(awaitable, TIMEOUT)
 
 
+def gated_group() -> tuple[GatedSync, Reports, GroupSync]:
+    """A started GroupSync whose fsyncs wait for the test (inside a running loop)."""
+    sync, reports = GatedSync(asyncio.get_running_loop()), Reports()
+    group = GroupSync(sync, reports.on_durable, reports.on_error)
+    group.start()
+    return sync, reports, group
+
+
 def run(scenario: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(scenario())
 
 
 def test_a_report_covers_every_ticket_requested_before_its_fsync_started() -> None:
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        sync, reports = GatedSync(loop), Reports()
-        group = GroupSync(sync, reports.on_durable, reports.on_error)
-        group.start()
+        sync, reports, group = gated_group()
         try:
             assert not group.busy
             assert group.request() == 1
@@ -137,10 +142,7 @@ def test_reports_grow_and_the_last_one_covers_the_last_ticket() -> None:
 
 def test_close_runs_a_last_fsync_of_pending_requests() -> None:
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        sync, reports = GatedSync(loop), Reports()
-        group = GroupSync(sync, reports.on_durable, reports.on_error)
-        group.start()
+        sync, reports, group = gated_group()
         group.request()
         assert await soon(sync.entered.get()) == 1
         assert group.request() == 2  # pending when close() is called
@@ -160,10 +162,7 @@ def test_close_runs_a_last_fsync_of_pending_requests() -> None:
 
 def test_close_with_nothing_pending_does_not_sync() -> None:
     async def scenario() -> None:
-        loop = asyncio.get_running_loop()
-        sync, reports = GatedSync(loop), Reports()
-        group = GroupSync(sync, reports.on_durable, reports.on_error)
-        group.start()
+        sync, reports, group = gated_group()
         group.request()
         assert await soon(sync.entered.get()) == 1
         sync.release()

@@ -816,12 +816,18 @@ def random_faults(seed: int, slow_links: bool) -> None:
         sim.check_invariants()
     for node in sim.ids:
         sim.slow(node, sim.delay)
+    heal(sim)
+    write_acked(sim, sim.wait_primary(), count=2)
+
+
+def heal(sim: SimNetwork) -> None:
+    """Thaw every frozen node, restart every stopped one, and wait for convergence."""
+    for node in sim.ids:
         if sim.nodes[node].status == "frozen":
             sim.thaw(node)
         elif sim.nodes[node].status == "down":
             sim.restart(node)
     sim.wait_converged(timeout=10.0)
-    write_acked(sim, sim.wait_primary(), count=2)
 
 
 @pytest.mark.parametrize("seed", range(16))
@@ -1073,12 +1079,7 @@ def faults_with_fsync_delay(seed: int) -> None:
             sim.thaw(node)
         sim.advance(rng.choice((0.003, 0.01, delay, 0.2, 0.7, 1.6)))
         sim.check_invariants()
-    for node in sim.ids:
-        if sim.nodes[node].status == "frozen":
-            sim.thaw(node)
-        elif sim.nodes[node].status == "down":
-            sim.restart(node)
-    sim.wait_converged(timeout=10.0)
+    heal(sim)
     assert acked_missing_on(sim, sim.ids) == []
     write_acked(sim, sim.wait_primary(), count=2)
 

@@ -113,6 +113,10 @@ class User:
         self.ok("login", self.name, CHATCTL_PASSWORD=PASSWORD)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Stream:
     """A running ``chatctl listen``: its stdout lines, each awaited with a deadline."""
 
@@ -124,6 +128,10 @@ class Stream:
             stderr=subprocess.PIPE,
             env=user.env(),
             text=True,
+            # As a shell starts a foreground command: Ctrl-C interrupts it. A test
+            # run started in the background (`make test &`, nohup) inherits SIGINT
+            # ignored, and Python then keeps it ignored in the child.
+            preexec_fn=_default_sigint,
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.stderr: list[str] = []

@@ -307,17 +307,21 @@ def _message_dicts(
     db: Db, where: str, params: list[Any], order: str = "m.id", limit: int = -1
 ) -> list[Result]:
     rows = db.execute(f"{_MESSAGE_SELECT} WHERE {where} ORDER BY {order} LIMIT ?", [*params, limit])
-    return [
-        {
-            "id": row[0],
-            "from": row[1],
-            "to": row[2],
-            "body": row[3],
-            "sent_at": row[4],
-            "read": bool(row[5]),
-        }
-        for row in rows
-    ]
+    return [_message_dict(r[0], r[1], r[2], r[3], r[4], read=bool(r[5])) for r in rows]
+
+
+def _message_dict(
+    message_id: int, sender: str, recipient: str, body: str, sent_at: float, read: bool
+) -> Result:
+    """A message as every reply and push shows it."""
+    return {
+        "id": message_id,
+        "from": sender,
+        "to": recipient,
+        "body": body,
+        "sent_at": sent_at,
+        "read": read,
+    }
 
 
 # ---- read operations ---------------------------------------------------------------------
@@ -421,14 +425,7 @@ def send(db: Db, now: float, args: Args, token_hash: str | None, request_id: str
     )
     assert row is not None
     # The row as _message_dicts would read it back, without reading it back.
-    message = {
-        "id": row[0],
-        "from": sender,
-        "to": recipient,
-        "body": body,
-        "sent_at": now,
-        "read": False,
-    }
+    message = _message_dict(row[0], sender, recipient, body, now, read=False)
     return {"message": message, "recipient_id": recipient_id}
 
 

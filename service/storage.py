@@ -502,15 +502,15 @@ class Storage:
     """One node's database, through three connections with one job each.
 
     * the **writer** runs batches, applies records, rewinds and installs
-      snapshots. Only one task uses it at a time, but a batch's COMMIT may run
-      in a worker thread, so nothing else may touch it meanwhile;
+      snapshots, on the event loop's thread only;
     * the **reader** answers queries (chat reads, the log for streams, the
       epoch history) from the last committed state; in WAL mode it never waits
       for the writer;
     * the **control** connection writes the node's own state (votes, epochs)
-      and prunes the log. Those writes may come while a batch commits in its
-      thread: SQLite's lock makes them wait for that commit (busy timeout)
-      instead of sharing the writer's connection across threads.
+      and prunes the log, always synced on commit, whatever the writer does.
+
+    After ``defer_sync()`` a fourth connection, the checkpointer, is used only
+    by ``sync()`` in the group sync thread.
     """
 
     def __init__(self, path: Path, synchronous: str = "FULL") -> None:
@@ -527,7 +527,6 @@ class Storage:
         self._control = _connect(self.path, synchronous)
         self._control_db = Db(self._control)
         self.wal_path = self.path.with_name(self.path.name + "-wal")
-        self._writer_synchronous = synchronous
         self._checkpointer: apsw.Connection | None = None
         self._wal_pages = 0
         # What a crash left in the OS page cache is put on disk before this node
@@ -547,11 +546,14 @@ class Storage:
             for conn in (self._conn, self._control):
                 conn.set_wal_hook(self._count_wal_pages)
             self._conn.execute("PRAGMA synchronous=NORMAL")
-        self._writer_synchronous = "NORMAL"
 
     @property
     def deferred(self) -> bool:
         return self._checkpointer is not None
+
+    @property
+    def _writer_synchronous(self) -> str:
+        return "NORMAL" if self.deferred else self._synchronous
 
     def sync(self, checkpoint: bool = True) -> bool:
         """Make every commit that returned before this call durable. Safe in a

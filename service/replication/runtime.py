@@ -439,8 +439,8 @@ class Replicator:
         return []
 
     def _change_sync_set(self, members: tuple[int, ...]) -> None:
-        """The writer loop seals the change in its next batch (it alone owns the
-        writer connection, whose COMMIT may be running in a thread right now)."""
+        """The writer loop seals the change in its next batch: it alone opens
+        batches on the writer connection, and an effect may arrive mid-batch."""
         self.sync_change = members
         self.work.set()
 

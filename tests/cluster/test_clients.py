@@ -114,19 +114,19 @@ def test_one_name_registered_concurrently_across_a_failover_gives_one_account(
     passwords = [f"{PASSWORD}-{i}" for i in range(len(names))]
     outcomes: list[Any] = [None] * len(names)
 
-    async def register(i: int, ready: asyncio.Event) -> None:
+    async def register(i: int, gate: asyncio.Barrier) -> None:
         async with Client(cluster.servers, timeout=30.0) as client:
-            await ready.wait()
+            await gate.wait()
             try:
                 outcomes[i] = await client.register(names[i], passwords[i])
             except errors.ChatError as exc:
                 outcomes[i] = exc
 
     async def race(started: threading.Event) -> None:
-        ready = asyncio.Event()
-        tasks = [asyncio.create_task(register(i, ready)) for i in range(len(names))]
-        await asyncio.sleep(0)  # let every task reach the gate
-        ready.set()
+        # Every registration waits at the gate, and this task too: they leave together.
+        gate = asyncio.Barrier(len(names) + 1)
+        tasks = [asyncio.create_task(register(i, gate)) for i in range(len(names))]
+        await gate.wait()
         started.set()
         await asyncio.gather(*tasks)
 

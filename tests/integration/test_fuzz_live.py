@@ -317,9 +317,11 @@ class Bystander:
             self.failures.append(f"listen: {exc.code}: {exc.message}")
 
     async def wait_pushed(self, timeout: float) -> None:
-        async with asyncio.timeout(timeout):
-            while set(self.sent) - set(self.pushed):
-                await asyncio.sleep(0.05)
+        await _wait(
+            lambda: not set(self.sent) - set(self.pushed),
+            timeout,
+            "every message the bystander sent to be pushed to its listener",
+        )
 
     async def close(self) -> None:
         await self.sender.close()

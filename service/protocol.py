@@ -289,11 +289,17 @@ PEER_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "echo": _INT,
     },
     # backup -> primary: durable position, numbered so the primary can echo it
-    "ack": {"epoch": _INT, "seq": _INT, "ack_no": _INT, "links": _LIST},
+    "ack": {"epoch": _INT, "seq": _INT, "ack_no": _INT, "join_no": _INT, "links": _LIST},
     # backup -> primary: where my history stands, before any record is streamed
-    "join": {"epoch": _INT, "position": _LIST, "durable": _INT, "history": _LIST},
+    "join": {
+        "epoch": _INT,
+        "position": _LIST,
+        "durable": _INT,
+        "history": _LIST,
+        "join_no": _INT,
+    },
     # primary -> backup: keep records up to ``diverge``, rewind the rest, or take a snapshot
-    "join_reply": {"epoch": _INT, "diverge": _INT, "snapshot": _BOOL},
+    "join_reply": {"epoch": _INT, "diverge": _INT, "snapshot": _BOOL, "join_no": _INT},
     # primary -> backup: one chunk of a snapshot file
     "snapshot": {"epoch": _INT, "position": _LIST, "offset": _INT, "data": _STR, "done": _BOOL},
     # any -> stale sender: my epoch is higher than yours

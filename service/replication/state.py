@@ -251,6 +251,9 @@ class BackupProgress:
     joined: bool = False
     last_counted: float = 0.0
     echo: int = -1
+    # The join this backup last made (its ``join_no``): acks of an earlier join
+    # describe a log that the join's rewind or snapshot may have replaced.
+    join_no: int = -1
     heard_since_gap: bool = True
     # The backup closed our link (it died): an immediate signal. A link we closed
     # ourselves is not, since the backup may still believe it is confirmed.
@@ -323,6 +326,11 @@ class ReplicaCore:
         # Ack numbers of different incarnations of this node must not collide: a stale
         # echo would confirm a restarted backup on its previous life's word.
         self.ack_no = incarnation << 32
+        # Joins are numbered the same way; a join reply and every later ack carry the
+        # number of the join they belong to, so a reply to an earlier join (resent
+        # after a timeout, or made before a rejoin) never rewinds what the current
+        # one let us apply, and the primary never counts an ack from an earlier join.
+        self.join_no = incarnation << 32
         self.ack_times: deque[tuple[int, float]] = deque(maxlen=256)
         # primary side
         self.progress: dict[int, BackupProgress] = {}
@@ -617,7 +625,11 @@ class ReplicaCore:
             return
         if self.role is not Role.PRIMARY or msg["epoch"] < self.epoch:
             return
-        progress = self.progress.setdefault(sender, BackupProgress(last_counted=now))
+        progress = self.progress.get(sender)
+        if progress is None or not progress.joined or msg["join_no"] != progress.join_no:
+            # An ack of an earlier join (or from before this node became primary): the
+            # log it describes may since have been rewound or replaced.
+            return
         progress.durable = max(progress.durable, msg["seq"])
         progress.heard_since_gap = True
         if not self._lagging(progress.durable, now):
@@ -695,6 +707,7 @@ class ReplicaCore:
         progress.joined = True
         # A join starts a new incarnation of the backup: nothing it acked before counts.
         progress.echo = -1
+        progress.join_no = msg["join_no"]
         # Counted only for what it has on disk: records it applied under the
         # previous primary may still wait for their fsync.
         progress.durable = -1 if snapshot else min(diverge, msg["durable"])
@@ -707,6 +720,7 @@ class ReplicaCore:
                     "epoch": self.epoch,
                     "diverge": diverge,
                     "snapshot": snapshot,
+                    "join_no": msg["join_no"],
                 },
             )
         )
@@ -745,6 +759,7 @@ class ReplicaCore:
                     "epoch": self.epoch,
                     "seq": self.durable_seq,
                     "ack_no": self.ack_no,
+                    "join_no": self.join_no,
                     "links": sorted(self.links),
                 },
             )
@@ -814,6 +829,11 @@ class ReplicaCore:
         if self.primary is None:
             return
         self.join_sent = now
+        self.join_no += 1
+        # Until this join is answered, records of the previous stream are not applied
+        # and nothing is acknowledged: the answer may be a rewind or a snapshot.
+        self.joined = False
+        self.awaiting_snapshot = False
         out.append(
             Send(
                 self.primary,
@@ -823,6 +843,7 @@ class ReplicaCore:
                     "position": [self.position.epoch, self.position.seq],
                     "durable": self.durable_seq,
                     "history": [list(entry) for entry in self.history],
+                    "join_no": self.join_no,
                 },
             )
         )
@@ -830,7 +851,11 @@ class ReplicaCore:
     def _on_join_reply(
         self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]
     ) -> None:
-        if sender != self.primary or msg["epoch"] != self.epoch:
+        if sender != self.primary or msg["epoch"] != self.epoch or msg["join_no"] != self.join_no:
+            # The answer to an earlier join: its divergence point describes a log we
+            # have moved past (rewinding to it would undo acknowledged records).
+            return
+        if self.joined or self.awaiting_snapshot:
             return
         if msg["snapshot"]:
             self.awaiting_snapshot = True

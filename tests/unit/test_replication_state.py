@@ -860,7 +860,13 @@ def backup_core(node: int = 3, position: Position = Position(1, 5)) -> ReplicaCo
     core.on_message(10.0, 1, heartbeat(1, position.seq))
     assert core.role is Role.BACKUP
     assert not core.joined
-    join_reply = {"type": "join_reply", "epoch": 1, "diverge": position.seq, "snapshot": False}
+    join_reply = {
+        "type": "join_reply",
+        "epoch": 1,
+        "diverge": position.seq,
+        "snapshot": False,
+        "join_no": core.join_no,
+    }
     assert acks(core.on_message(10.001, 1, join_reply)) == [position.seq]
     assert core.joined
     return core
@@ -1192,3 +1198,69 @@ def test_g4_a_primary_that_lost_the_first_record_of_its_epoch_is_elected_again()
     sim.restart(2)
     sim.wait_converged(timeout=10.0)
     assert held_everywhere(sim, acked, (1, 2, 3))
+
+
+# ---- joins are numbered: a stale answer or ack never counts (R4) -----------------------------
+
+
+def test_r4_a_reply_to_an_earlier_join_never_rewinds_the_backup() -> None:
+    """The backup joined, applied records, then joined again (a gap in the stream).
+    An answer to its first join arriving now names a divergence point below what the
+    backup has since applied: obeying it would undo records the others acknowledged."""
+    core = backup_core(3, Position(1, 5))
+    first = core.join_no
+    core.on_committed(Position(1, 9))
+    core.on_local_durable(10.1, Position(1, 9))
+    effects = core.rejoin(10.2, "a gap in the stream")
+    assert not core.joined
+    assert core.join_no == first + 1
+    (join,) = [e.message for e in effects if isinstance(e, Send) and e.message["type"] == "join"]
+    assert join["join_no"] == core.join_no
+    stale = {"type": "join_reply", "epoch": 1, "diverge": 5, "snapshot": False, "join_no": first}
+    effects = core.on_message(10.25, 1, stale)
+    assert effects == [], f"a reply to join {first} was obeyed: {effects}"
+    assert not core.joined
+    current = {**stale, "diverge": 9, "join_no": core.join_no}
+    assert acks(core.on_message(10.3, 1, current)) == [9]
+    assert core.joined
+
+
+def test_r2_an_ack_of_an_earlier_join_is_not_counted() -> None:
+    """An ack sent before the backup's latest join describes a log that join may have
+    rewound: the primary must not count it toward the watermark or a sync set grow."""
+    sim = started()
+    sim.kill(3)
+    write_acked(sim, 1, count=5, timeout=0.5)
+    sim.restart(3)
+    sim.wait_converged(timeout=3.0)
+    primary = sim.core(1)
+    progress = primary.progress[3]
+    before = progress.durable
+    stale = {
+        "type": "ack",
+        "epoch": primary.epoch,
+        "seq": before + 50,
+        "ack_no": 1,
+        "join_no": progress.join_no - 1,
+        "links": [1, 2],
+    }
+    primary.on_message(sim.now, 3, stale)
+    assert progress.durable == before
+
+
+def test_r4_join_resent_before_its_answer_arrives_rewinds_nothing() -> None:
+    """A restarted backup far behind joins; the primary's answers reach it slowly, so
+    it joins again before the first answer arrives. The first answer lets it apply a
+    stream of records; the second (to the second join) must still not rewind them."""
+    sim = started()
+    sim.kill(3)
+    write_for(sim, 1, 0.5, every=0.01)
+    sim.set_delay(1, 3, TIMING.election_timeout * 1.5)
+    sim.restart(3)
+    sim.advance(TIMING.election_timeout * 4)
+    joins = [m for _t, src, dst, m in sim.sent if (src, dst, m["type"]) == (3, 1, "join")]
+    assert len(joins) >= 2, "scenario drift: the backup never joined twice"
+    sim.set_delay(1, 3, sim.delay)
+    sim.wait_converged(timeout=5.0)
+    assert sim.nodes[3].rolled_back == [], sim.describe()
+    sim.check_invariants(converged=True)

@@ -17,6 +17,7 @@ import secrets
 import signal
 from pathlib import Path
 
+from . import identity
 from .config import NodeConfig
 from .replication.runtime import Replicator
 from .server import Server
@@ -54,11 +55,29 @@ class Node:
         self.config = config
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.secret = load_or_create_secret(config.secret_file)
+        before = identity.observe(config.db_path)
         self.storage = Storage(config.db_path, config.synchronous)
         # Commits return before the fsync; the replicator's group sync does it.
         self.storage.defer_sync()
-        self.replicator = Replicator(config, self.storage, self.secret)
+        self.identity_path = config.data_dir / identity.FILE_NAME
+        suspect = identity.verdict(
+            identity.read(self.identity_path), self.storage.database_id, before
+        )
+        if suspect is not None:
+            log.warning(
+                "database suspect node=%s database=%s why=%s",
+                config.node_id,
+                self.storage.database_id,
+                suspect.replace(" ", "_"),
+            )
+        self._write_identity(clean=False, suspect=suspect)
+        self.replicator = Replicator(config, self.storage, self.secret, unproven=suspect)
+        self.replicator.proven_hooks.append(lambda: self._write_identity(False, None))
         self.server = Server(config, self.replicator)
+
+    def _write_identity(self, clean: bool, suspect: str | None) -> None:
+        record = identity.Identity(self.storage.database_id, clean, suspect)
+        identity.write(self.identity_path, record)
 
     async def run(self) -> None:
         stop = asyncio.Event()
@@ -79,5 +98,7 @@ class Node:
         log.info("stopping node=%s", self.config.node_id)
         await self.server.close()
         await self.replicator.close()
+        # Nothing writes any more: the WAL that close() removes is no loss.
+        self._write_identity(clean=True, suspect=self.replicator.core.unproven)
         self.storage.close()
         log.info("stopped node=%s", self.config.node_id)

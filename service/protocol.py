@@ -297,6 +297,7 @@ PEER_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "durable": _INT,
         "history": _LIST,
         "join_no": _INT,
+        "database": _STR,
     },
     # primary -> backup: keep records up to ``diverge``, rewind the rest, or take a snapshot
     "join_reply": {"epoch": _INT, "diverge": _INT, "snapshot": _BOOL, "join_no": _INT},
@@ -314,6 +315,8 @@ PEER_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "position": _LIST,
         "eligible": _BOOL,
         "sync_set": _DICT,
+        "database": _STR,
+        "unproven": (str, type(None)),
     },
     "vote_request": {"epoch": _INT, "position": _LIST, "force": _BOOL},
     "vote": {"epoch": _INT, "granted": _BOOL, "reason": _STR},

@@ -56,11 +56,12 @@ Public API (the replication runtime and the chat layer depend on exactly this):
     Position(epoch, seq)                      ordered dataclass; (0, 0) for an empty node
     LogRecord(epoch, seq, changeset: bytes)   one replicated write transaction
     NodeState(current_epoch, voted_epoch, voted_for)   node-local, not replicated
-    SyncSet(version, members: tuple[int, ...], epoch)  replicated (table ``cluster``)
+    SyncSet(version, members, epoch, databases)         replicated (table ``cluster``)
     Diverged(Exception)                       apply_records found a gap or a conflict
     ConstraintViolation(Exception)            a UNIQUE or NOT NULL constraint failed
 
     Storage(path, synchronous="FULL")
+        .database_id -> str                                 made when the database is created
         .position() -> Position
         .epoch_history() -> list[tuple[int, int]]          (epoch, first seq), ascending
         .node_state() / .save_node_state(state)             durable on return
@@ -82,7 +83,7 @@ Public API (the replication runtime and the chat layer depend on exactly this):
     Batch
         .db -> Db
         .savepoint() -> context manager (rolls back one op's changes if it raises)
-        .set_sync_set(members, epoch)                       writes the replicated row
+        .set_sync_set(members, epoch, databases)            writes the replicated row
         .seal(epoch) -> LogRecord | None                    None: nothing changed
         .commit() / .rollback()
 """
@@ -94,6 +95,7 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +227,16 @@ class SyncSet:
     version: int
     members: tuple[int, ...]
     epoch: int
+    # (member, database id) for each member whose database was known when the set
+    # was written: a node whose database is another one (its disk was wiped or
+    # replaced since) is not that member. Empty in sets written before ids existed.
+    databases: tuple[tuple[int, str], ...] = ()
+
+    def database_of(self, member: int) -> str | None:
+        for node, database in self.databases:
+            if node == member:
+                return database
+        return None
 
 
 NO_SYNC_SET = SyncSet(0, (), 0)
@@ -335,7 +347,13 @@ def _read_sync_set(db: Db) -> SyncSet:
     if stored is None:
         return NO_SYNC_SET
     members = tuple(int(m) for m in stored["members"])
-    return SyncSet(int(stored["version"]), members, int(stored["epoch"]))
+    databases = tuple((int(node), str(db)) for node, db in stored.get("databases", []))
+    return SyncSet(int(stored["version"]), members, int(stored["epoch"]), databases)
+
+
+def _read_database_id(db: Db) -> str | None:
+    value = _read_json(db, "node_state", "database_id")
+    return None if value is None else str(value)
 
 
 def _write_node_state(db: Db, state: NodeState) -> None:
@@ -442,11 +460,23 @@ class Batch:
             raise
         self._db.execute(f"RELEASE {name}")
 
-    def set_sync_set(self, members: tuple[int, ...], epoch: int) -> SyncSet:
+    def set_sync_set(
+        self,
+        members: tuple[int, ...],
+        epoch: int,
+        databases: tuple[tuple[int, str], ...] = (),
+    ) -> SyncSet:
         self._check_writable()
         old = _read_sync_set(self._db)
-        new = SyncSet(old.version + 1, tuple(sorted(set(members))), epoch)
-        value = {"version": new.version, "members": list(new.members), "epoch": new.epoch}
+        members = tuple(sorted(set(members)))
+        known = tuple(sorted((node, db) for node, db in databases if node in members))
+        new = SyncSet(old.version + 1, members, epoch, known)
+        value = {
+            "version": new.version,
+            "members": list(new.members),
+            "epoch": new.epoch,
+            "databases": [list(pair) for pair in new.databases],
+        }
         _write_json(self._db, "cluster", "sync_set", value)
         return new
 
@@ -532,6 +562,20 @@ class Storage:
         # What a crash left in the OS page cache is put on disk before this node
         # reports any of it as durable.
         self._sync_files()
+        self.database_id = self._ensure_database_id()
+
+    def _ensure_database_id(self) -> str:
+        """This database's id, made once when it is created (E4, after Kafka's rule
+        that an unclean shutdown loses eligibility): a sync set names its members'
+        databases, and a node whose disk was wiped or replaced is not that member.
+        Node-local (never replicated); a snapshot install keeps it."""
+        existing = _read_database_id(self._db)
+        if existing is not None:
+            return existing
+        made = secrets.token_hex(16)
+        with self._transaction(durable=True):
+            _write_json(self._db, "node_state", "database_id", made)
+        return made
 
     def defer_sync(self) -> None:
         """Commits on the writer return before they are on disk; ``sync()`` puts
@@ -765,6 +809,8 @@ class Storage:
                     max(own.current_epoch, theirs.current_epoch), own.voted_epoch, own.voted_for
                 )
                 _write_node_state(copy_db, merged)
+                # The copy holds the sender's database id: this database stays ours.
+                _write_json(copy_db, "node_state", "database_id", self.database_id)
                 _copy_database(copy, self._conn)
             finally:
                 copy.close()

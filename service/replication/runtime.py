@@ -57,6 +57,7 @@ from .state import (
     ApplyRecords,
     BecomePrimary,
     ChangeSyncSet,
+    DatabaseProven,
     Effect,
     ExpectSnapshot,
     Log,
@@ -155,7 +156,9 @@ def format_fields(event: str, fields: dict[str, Any]) -> str:
 class Replicator:
     """One node's replication: the core plus everything it asks for."""
 
-    def __init__(self, config: NodeConfig, storage: Storage, secret: bytes) -> None:
+    def __init__(
+        self, config: NodeConfig, storage: Storage, secret: bytes, unproven: str | None = None
+    ) -> None:
         self.config = config
         self.storage = storage
         now = time.monotonic()
@@ -169,6 +172,8 @@ class Replicator:
             now,
             storage.epoch_history(),
             incarnation=random.getrandbits(30),
+            database=storage.database_id,
+            unproven=unproven,
         )
         self.links = PeerLinks(config, secret, self._on_frame, self._on_link, self._on_operator)
         self.queue: deque[PendingWrite] = deque()
@@ -182,6 +187,7 @@ class Replicator:
         self.tail_bytes = 0
         self.message_hooks: list[MessageHook] = []
         self.role_hooks: list[Callable[[Role], None]] = []
+        self.proven_hooks: list[Callable[[], None]] = []
         self.incoming_snapshot: tuple[Path, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._apply_buffer: list[LogRecord] = []
@@ -312,6 +318,8 @@ class Replicator:
             "confirmed": stats["confirmed"],
             "waiting_for": stats["waiting_for"],
             "reason": stats["reason"],
+            "database": stats["database"],
+            "unproven": stats["unproven"],
             "lag": {str(k): v for k, v in stats["lag"].items()},
             "links": sorted(self.core.links),
             "batches": self.batches,
@@ -366,6 +374,9 @@ class Replicator:
             return self._rewind(effect.to_seq)
         elif isinstance(effect, ExpectSnapshot):
             self._expect_snapshot()
+        elif isinstance(effect, DatabaseProven):
+            for hook in self.proven_hooks:
+                hook()
         return []
 
     # ---- inputs from peers and time ------------------------------------------------------
@@ -479,7 +490,11 @@ class Replicator:
         try:
             outcomes = self._execute(batch, items)
             self._prune_requests(batch, len(items))
-            sync_set = batch.set_sync_set(members, epoch) if members is not None else None
+            sync_set = (
+                batch.set_sync_set(members, epoch, self.core.member_databases(members))
+                if members is not None
+                else None
+            )
             record = batch.seal(epoch)
         except BaseException:
             with contextlib.suppress(Exception):

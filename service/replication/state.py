@@ -155,6 +155,12 @@ class Rewind:
 
 
 @dataclass(frozen=True)
+class DatabaseProven:
+    """This node's database, suspect since start (see ``ReplicaCore.unproven``), now
+    continues a primary's history: forget the suspicion durably."""
+
+
+@dataclass(frozen=True)
 class ExpectSnapshot:
     """Backup: the primary will send a snapshot; install it, then ``reset_log``."""
 
@@ -177,6 +183,7 @@ Effect = (
     | ApplyRecords
     | Rewind
     | ExpectSnapshot
+    | DatabaseProven
     | Log
 )
 
@@ -228,7 +235,12 @@ def sync_set_key(sync_set: SyncSet) -> tuple[int, int]:
 
 
 def sync_set_to_wire(sync_set: SyncSet) -> dict[str, Any]:
-    return {"version": sync_set.version, "members": list(sync_set.members), "epoch": sync_set.epoch}
+    return {
+        "version": sync_set.version,
+        "members": list(sync_set.members),
+        "epoch": sync_set.epoch,
+        "databases": [list(pair) for pair in sync_set.databases],
+    }
 
 
 def sync_set_from_wire(data: dict[str, Any]) -> SyncSet:
@@ -236,11 +248,37 @@ def sync_set_from_wire(data: dict[str, Any]) -> SyncSet:
     version, epoch = data.get("version", 0), data.get("epoch", 0)
     if not isinstance(members, list) or not all(isinstance(m, int) for m in members):
         members = []
+    databases = data.get("databases", [])
+    if not isinstance(databases, list) or not all(
+        isinstance(pair, list)
+        and len(pair) == 2
+        and isinstance(pair[0], int)
+        and isinstance(pair[1], str)
+        for pair in databases
+    ):
+        databases = []
     return SyncSet(
         version if isinstance(version, int) else 0,
         tuple(members),
         epoch if isinstance(epoch, int) else 0,
+        tuple((int(node), str(db)) for node, db in databases),
     )
+
+
+def member_problem(sync_set: SyncSet, view: ProbeView) -> str | None:
+    """Why the node of ``view`` cannot count as the member ``sync_set`` names (E4/G5),
+    or None. A node whose database is not the one the set recorded (wiped, replaced)
+    or that itself found its database rolled back is not that member: counting it
+    could elect a node that lost acknowledged writes."""
+    if view.unproven is not None:
+        return view.unproven
+    recorded = sync_set.database_of(view.node)
+    if recorded is not None and view.database and view.database != recorded:
+        return (
+            f"its database is not the one sync set version {sync_set.version} names "
+            "(wiped or replaced)"
+        )
+    return None
 
 
 @dataclass
@@ -271,6 +309,8 @@ class ProbeView:
     position: Position
     eligible: bool
     sync_set: SyncSet
+    database: str = ""
+    unproven: str | None = None
 
 
 @dataclass
@@ -299,8 +339,19 @@ class ReplicaCore:
         now: float,
         history: list[tuple[int, int]] | None = None,
         incarnation: int = 0,
+        database: str = "",
+        unproven: str | None = None,
     ) -> None:
         self.node_id = node_id
+        # This node's database id, and the ids it learned of its peers' (probes and
+        # joins): a sync set records its members' databases (E4).
+        self.database = database
+        self.databases: dict[int, str] = {node_id: database} if database else {}
+        # Why this node cannot prove its database holds what it committed (it was
+        # wiped, replaced or rolled back since the last run: ``identity.py``), or
+        # None. Such a node never counts as a sync set member in an election until it
+        # has joined a primary and continues its history.
+        self.unproven = unproven
         self.nodes = tuple(sorted(nodes))
         self.peers = tuple(n for n in self.nodes if n != node_id)
         self.timing = timing
@@ -361,7 +412,7 @@ class ReplicaCore:
 
     @property
     def eligible(self) -> bool:
-        return self.last_tick < self.confirmed_until
+        return self.last_tick < self.confirmed_until and self.unproven is None
 
     def tick(self, now: float) -> list[Effect]:
         out: list[Effect] = []
@@ -493,6 +544,7 @@ class ReplicaCore:
         self.awaiting_snapshot = False
         if self.role is Role.BACKUP and self.primary is not None:
             self.joined = True
+            self._proven(out)
             self._send_ack(now, out)
         return out
 
@@ -708,6 +760,7 @@ class ReplicaCore:
         # A join starts a new incarnation of the backup: nothing it acked before counts.
         progress.echo = -1
         progress.join_no = msg["join_no"]
+        self.databases[sender] = msg["database"]
         # Counted only for what it has on disk: records it applied under the
         # previous primary may still wait for their fsync.
         progress.durable = -1 if snapshot else min(diverge, msg["durable"])
@@ -844,6 +897,7 @@ class ReplicaCore:
                     "durable": self.durable_seq,
                     "history": [list(entry) for entry in self.history],
                     "join_no": self.join_no,
+                    "database": self.database,
                 },
             )
         )
@@ -865,7 +919,15 @@ class ReplicaCore:
             out.append(Rewind(msg["diverge"]))
             return
         self.joined = True
+        self._proven(out)
         self._send_ack(now, out)
+
+    def _proven(self, out: list[Effect]) -> None:
+        if self.unproven is None:
+            return
+        out.append(Log("database proven", {"node": self.node_id, "primary": self.primary}))
+        out.append(DatabaseProven())
+        self.unproven = None
 
     # ---- elections -----------------------------------------------------------------
 
@@ -940,6 +1002,8 @@ class ReplicaCore:
             "position": [self.position.epoch, self.position.seq],
             "eligible": self.eligible and self.role is not Role.PRIMARY,
             "sync_set": sync_set_to_wire(self.sync_set),
+            "database": self.database,
+            "unproven": self.unproven,
         }
 
     def _on_probe(self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]) -> None:
@@ -968,7 +1032,11 @@ class ReplicaCore:
             Position(msg["position"][0], msg["position"][1]),
             msg["eligible"],
             sync_set_from_wire(msg["sync_set"]),
+            msg["database"],
+            msg["unproven"],
         )
+        if msg["database"]:
+            self.databases[sender] = msg["database"]
 
     def _my_view(self) -> ProbeView:
         return ProbeView(
@@ -979,6 +1047,8 @@ class ReplicaCore:
             self.position,
             self.eligible,
             self.sync_set,
+            self.database,
+            self.unproven,
         )
 
     def _decide(self, now: float, out: list[Effect]) -> None:
@@ -1056,6 +1126,20 @@ class ReplicaCore:
             self.reason = (
                 f"members of the newest sync set (version {newest.version}) must return "
                 "before anyone can prove it is current"
+            )
+            return None
+        problems = {m: member_problem(newest, views[m]) for m in members}
+        unproven = tuple(m for m in members if problems[m] is not None)
+        if unproven:
+            # G5: the member may have held acknowledged writes nobody else has (it was
+            # alone in the set when it lost them). Wait for it to be restored, or for an
+            # operator's forced promotion.
+            self.waiting_for = unproven
+            first = unproven[0]
+            self.reason = (
+                f"node {first} cannot count as a member of sync set version "
+                f"{newest.version}: {problems[first]}; restore its data, or force a "
+                "promotion (python -m ops.promote) accepting the loss"
             )
             return None
         candidates = [views[m] for m in members]
@@ -1169,6 +1253,10 @@ class ReplicaCore:
         if campaign.granted >= campaign.asked:
             self._finish_campaign(now, out)
 
+    def member_databases(self, members: tuple[int, ...]) -> tuple[tuple[int, str], ...]:
+        """The database ids of ``members`` that this node knows, for a sync set record."""
+        return tuple((m, self.databases[m]) for m in sorted(members) if self.databases.get(m))
+
     def _finish_campaign(self, now: float, out: list[Effect]) -> None:
         campaign = self.campaign
         if campaign is None:
@@ -1227,5 +1315,7 @@ class ReplicaCore:
             "confirmed": self.eligible,
             "waiting_for": list(self.waiting_for) or None,
             "reason": self.reason or None,
+            "database": self.database,
+            "unproven": self.unproven,
             "lag": lag,
         }

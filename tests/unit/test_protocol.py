@@ -557,6 +557,7 @@ PEER_EXAMPLES: dict[str, protocol.Frame] = {
         "durable": 9,
         "history": [[1, 1], [2, 5]],
         "join_no": 1,
+        "database": "5f0c1d2e3a4b5c6d7e8f90a1b2c3d4e5",
     },
     "join_reply": {
         "type": "join_reply",
@@ -584,6 +585,8 @@ PEER_EXAMPLES: dict[str, protocol.Frame] = {
         "position": [2, 10],
         "eligible": True,
         "sync_set": SYNC_SET,
+        "database": "5f0c1d2e3a4b5c6d7e8f90a1b2c3d4e5",
+        "unproven": None,
     },
     "vote_request": {"type": "vote_request", "epoch": 3, "position": [2, 10], "force": False},
     "vote": {"type": "vote", "epoch": 3, "granted": True, "reason": "up to date"},

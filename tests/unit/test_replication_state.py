@@ -38,6 +38,7 @@ import pytest
 from service.replication.state import (
     Effect,
     Persist,
+    ProbeView,
     ReplicaCore,
     Role,
     Send,
@@ -45,6 +46,7 @@ from service.replication.state import (
     Timing,
     divergence_point,
     epoch_end,
+    member_problem,
 )
 from service.storage import NodeState, Position, SyncSet
 from tests.unit.sim import ClientWrite, SimNetwork
@@ -1264,3 +1266,42 @@ def test_r4_join_resent_before_its_answer_arrives_rewinds_nothing() -> None:
     sim.wait_converged(timeout=5.0)
     assert sim.nodes[3].rolled_back == [], sim.describe()
     sim.check_invariants(converged=True)
+
+
+# ---- E4/G5: a member is its database -----------------------------------------------------------
+
+
+def probe_view(node: int, database: str, unproven: str | None = None) -> ProbeView:
+    return ProbeView(
+        node, 3, "electing", None, Position(3, 9), False, SyncSet(4, (1, 2), 3), database, unproven
+    )
+
+
+def test_g5_a_member_whose_database_is_not_the_recorded_one_does_not_count() -> None:
+    newest = SyncSet(4, (1, 2), 3, ((1, "db-one"), (2, "db-two")))
+    assert member_problem(newest, probe_view(1, "db-one")) is None
+    assert "wiped or replaced" in str(member_problem(newest, probe_view(1, "db-new")))
+    assert member_problem(newest, probe_view(1, "db-one", "its WAL is gone")) == "its WAL is gone"
+    # A set written before database ids existed names none: nothing to compare.
+    assert member_problem(SyncSet(4, (1, 2), 3), probe_view(1, "db-new")) is None
+
+
+def test_g5_r6_waits_for_a_member_that_lost_its_database() -> None:
+    core = ReplicaCore(
+        2,
+        (1, 2, 3),
+        TIMING,
+        NodeState(3, 3, 1),
+        Position(3, 7),
+        SyncSet(4, (1, 2), 3),
+        0.0,
+        database="db-two",
+    )
+    newest = SyncSet(5, (1, 2), 3, ((1, "db-one"), (2, "db-two")))
+    views = {
+        1: ProbeView(1, 3, "electing", None, Position(0, 0), False, newest, "db-new"),
+        2: ProbeView(2, 3, "electing", None, Position(3, 7), False, newest, "db-two"),
+    }
+    assert core._winner(views) is None
+    assert core.waiting_for == (1,)
+    assert "wiped or replaced" in core.reason

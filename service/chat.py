@@ -14,7 +14,16 @@ operation with the hashes only.
 Write operations go through ``apply_write``, which makes them idempotent: the
 first result of a request id is stored in ``requests`` in the same transaction
 as the change, and a retry with the same id (after a timeout or a failover)
-returns it and changes nothing more. Arguments are checked strictly: a missing
+returns it and changes nothing more. A stored result holds no message body (a
+replayed ``send`` reads it back, so a deleted body replays empty), and a
+session that has ended replays nothing but the request that ended it.
+
+``read`` is a query, not a write: its listing would make a replicated record of
+up to 1,000 bodies. It returns the ids it shows unread, and the server marks
+them with a ``mark_read`` write. Every write is bounded so that the record of
+a batch stays within the stream's budget: at most ``MAX_DELETE_IDS`` bodies per
+delete, and a deleted account's inbox tombstoned ``PURGE_CHUNK`` messages per
+record (``purge_deleted_inboxes``), hidden from every read meanwhile. Arguments are checked strictly: a missing
 field, a field of the wrong type or an unknown field is ``InvalidInput``, never
 a ``KeyError`` or ``TypeError``. A failed operation raises; the caller rolls
 back its savepoint, so nothing of it, not even the request id, is stored.
@@ -70,6 +79,15 @@ MAX_BODY = 4000
 MAX_PATTERN = 100
 MAX_LIMIT = 1000
 MAX_IDS = 1000
+# A delete writes each message's old body into the replicated record (so a rewind
+# can undo it): at most 100 bodies of 4000 four-byte characters, 1.6 MB, keep one
+# request far inside the record budget of the replication stream.
+MAX_DELETE_IDS = 100
+# The bodies of one read reply add up to at most this many bytes (see read).
+READ_REPLY_BYTES = 2 * 1024 * 1024
+# An account's inbox is tombstoned this many messages per record (the rest in the
+# following batches, see purge_deleted_inboxes), for the same reason.
+PURGE_CHUNK = 64
 DEFAULT_READ_LIMIT = 20
 DEFAULT_SEARCH_LIMIT = 50
 MAX_HASH = 512
@@ -226,10 +244,10 @@ def _optional_id(args: Args, field: str) -> int | None:
     return None if value is None else _int(value, field, 0, 2**63 - 1)
 
 
-def _ids(args: Args) -> list[int]:
+def _ids(args: Args, most: int = MAX_IDS) -> list[int]:
     ids = args.get("ids")
-    if not isinstance(ids, list) or not 1 <= len(ids) <= MAX_IDS:
-        raise InvalidInput(f"the field 'ids' must be a list of 1 to {MAX_IDS} message ids")
+    if not isinstance(ids, list) or not 1 <= len(ids) <= most:
+        raise InvalidInput(f"the field 'ids' must be a list of 1 to {most} message ids")
     return sorted({_int(i, "ids", 1, 2**63 - 1) for i in ids})
 
 
@@ -429,17 +447,43 @@ def send(db: Db, now: float, args: Args, token_hash: str | None, request_id: str
     return {"message": message, "recipient_id": recipient_id}
 
 
-def read(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
-    """List messages (see the module docstring for the order) and mark the inbox read."""
+READ_FIELDS = frozenset(
+    {"box", "with", "from", "unread", "limit", "before", "after", "oldest_first"}
+)
+
+
+def read(db: Db, token_hash: str | None, args: Args) -> tuple[Result, list[int]]:
+    """List messages (see the module docstring for the order): a query, not a write.
+
+    Returns the reply and the ids of the inbox messages it shows that are unread:
+    the server marks those read with a small ``mark_read`` write of their ids, so
+    the replicated record holds ids, never the listing (a listing of 1,000 long
+    messages would not fit in one record of the replication stream)."""
+    if not isinstance(args, dict):
+        raise InvalidInput("the arguments must be an object")
+    unknown = sorted(set(args) - READ_FIELDS)
+    if unknown:
+        raise InvalidInput(f"unknown field '{unknown[0]}' for read")
     user_id, _ = session_user(db, token_hash)
     where, params, marks = _read_filter(db, args, user_id)
     limit = _int(_optional(args, "limit", DEFAULT_READ_LIMIT), "limit", 1, MAX_LIMIT)
     order = "m.id" if _bool(args, "oldest_first") else "m.id DESC"
     rows = _message_dicts(db, where, params, order, limit + 1)
-    shown = rows[:limit]
-    if marks:
-        _mark_read(db, user_id, [m["id"] for m in shown if not m["read"]], now)
-    return {"messages": shown, "more": len(rows) > limit}
+    shown = _within_reply_budget(rows[:limit])
+    to_mark = [m["id"] for m in shown if not m["read"]] if marks else []
+    return {"messages": shown, "more": len(rows) > len(shown)}, to_mark
+
+
+def _within_reply_budget(messages: list[Result]) -> list[Result]:
+    """The first messages whose bodies fit READ_REPLY_BYTES (at least one): a reply
+    must fit a frame a client takes, so a page of long messages ends early and says
+    ``more``; the client pages on with ``before``/``after``."""
+    size = 0
+    for count, message in enumerate(messages):
+        size += len(message["body"].encode("utf-8", "surrogatepass"))
+        if size > READ_REPLY_BYTES and count:
+            return messages[:count]
+    return messages
 
 
 def _read_filter(db: Db, args: Args, user_id: int) -> tuple[str, list[Any], bool]:
@@ -452,7 +496,9 @@ def _read_filter(db: Db, args: Args, user_id: int) -> tuple[str, list[Any], bool
         raise InvalidInput("'with' and 'from' cannot be combined with the sent box")
     if with_name is not None and from_name is not None:
         raise InvalidInput("use either 'with' or 'from', not both")
-    conditions, params = ["m.deleted_at IS NULL"], []
+    # A deleted account's inbox is gone for its senders too, even before the purge
+    # has tombstoned every message of it (purge_deleted_inboxes).
+    conditions, params = ["m.deleted_at IS NULL", "r.deleted_at IS NULL"], []
     if with_name is not None:
         other = _find_user(db, with_name)[0]
         conditions.append(
@@ -516,7 +562,7 @@ def delete_messages(
 ) -> Result:
     """Tombstone messages the caller sent or received: all of them, or none."""
     user_id, _ = session_user(db, token_hash)
-    ids = _ids(args)
+    ids = _ids(args, MAX_DELETE_IDS)
     marks = ",".join("?" * len(ids))
     found = {
         int(row[0])
@@ -541,12 +587,34 @@ def delete_account(
     user_id, name = session_user(db, token_hash)
     db.execute("UPDATE users SET deleted_at = ?, password_hash = '' WHERE id = ?", (now, user_id))
     db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
-    db.execute(
-        "UPDATE messages SET body = '', deleted_at = ? "
-        "WHERE recipient_id = ? AND deleted_at IS NULL",
-        (now, user_id),
-    )
+    # The inbox may be large: it is tombstoned PURGE_CHUNK messages per record, and
+    # hidden from every read from now on (_read_filter).
+    _tombstone_inbox(db, user_id, now, PURGE_CHUNK)
     return {"user": name, "deleted": True}
+
+
+def _tombstone_inbox(db: Db, user_id: int, now: float, limit: int) -> int:
+    db.execute(
+        "UPDATE messages SET body = '', deleted_at = ? WHERE id IN (SELECT id FROM messages "
+        "WHERE recipient_id = ? AND deleted_at IS NULL ORDER BY id LIMIT ?)",
+        (now, user_id, limit),
+    )
+    return db.changes()
+
+
+def purge_deleted_inboxes(db: Db, now: float, limit: int = PURGE_CHUNK) -> int:
+    """Tombstone up to ``limit`` messages still in deleted accounts' inboxes.
+
+    The primary runs this inside an ordinary batch while it returns a positive
+    count (after an account deletion, and once on becoming primary), so the
+    tombstones replicate like any write."""
+    done = 0
+    rows = db.execute("SELECT id FROM users WHERE deleted_at IS NOT NULL ORDER BY id")
+    for (user_id,) in rows:
+        done += _tombstone_inbox(db, int(user_id), now, limit - done)
+        if done >= limit:
+            break
+    return done
 
 
 # ---- dispatch ----------------------------------------------------------------------------
@@ -556,10 +624,6 @@ WRITE_OPS: dict[str, tuple[WriteOp, frozenset[str]]] = {
     "login": (login, frozenset({"username", "token_hash"})),
     "logout": (logout, frozenset()),
     "send": (send, frozenset({"to", "body"})),
-    "read": (
-        read,
-        frozenset({"box", "with", "from", "unread", "limit", "before", "after", "oldest_first"}),
-    ),
     "mark_read": (mark_read, frozenset({"ids"})),
     "delete_messages": (delete_messages, frozenset({"ids"})),
     "delete_account": (delete_account, frozenset()),
@@ -567,6 +631,8 @@ WRITE_OPS: dict[str, tuple[WriteOp, frozenset[str]]] = {
 
 # Operations without a session: a stored result belongs to the user name they name.
 _BY_NAME = frozenset({"register", "login"})
+# Operations that end their own session; their stored results hold no content.
+_ENDS_SESSION = frozenset({"logout", "delete_account"})
 
 
 def request_caller(op: str, args: Args, token_hash: str | None) -> str:
@@ -595,6 +661,10 @@ def apply_write(
     caller = request_caller(op, args, token_hash)
     stored = db.one("SELECT op, result, caller FROM requests WHERE request_id = ?", (request_id,))
     if stored is not None:
+        if op not in _BY_NAME and op not in _ENDS_SESSION:
+            # A session that has ended replays nothing, not even its own requests;
+            # only the request that ended it (its first reply may have been lost).
+            session_user(db, token_hash)
         return _replay(db, op, args, request_id, caller, stored)
     try:
         result = handler(db, now, args, token_hash, request_id)
@@ -603,9 +673,19 @@ def apply_write(
         raise Internal(f"{op} broke a database constraint: {exc}") from None
     db.execute(
         "INSERT INTO requests(request_id, op, result, caller, created_at) VALUES (?, ?, ?, ?, ?)",
-        (request_id, op, orjson.dumps(result).decode(), caller, now),
+        (request_id, op, orjson.dumps(_stored_form(op, result)).decode(), caller, now),
     )
     return result
+
+
+def _stored_form(op: str, result: Result) -> Result:
+    """What ``requests`` keeps of a result: a sent message without its body, which a
+    replay reads back from ``messages`` (so a message deleted since replays empty,
+    and no copy of a body outlives its deletion)."""
+    if op != "send":
+        return result
+    message = {k: v for k, v in result["message"].items() if k != "body"}
+    return {**result, "message": message}
 
 
 def _replay(
@@ -622,4 +702,7 @@ def _replay(
             (_token_hash_arg(args), request_id),
         )
     result: Result = json.loads(result_json)
+    if op == "send":
+        body = db.value("SELECT body FROM messages WHERE id = ?", (result["message"]["id"],))
+        result["message"]["body"] = "" if body is None else str(body)
     return result

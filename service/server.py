@@ -255,6 +255,13 @@ class ClientSession:
                 "login", {"username": user, "token_hash": new_hash}, None, request_id
             )
             return {**result, "token": new_token}
+        if op == "read":
+            # A query on the primary, released once acknowledged (R7); the inbox
+            # messages it shows become read through a small write of their ids.
+            shown, to_mark = await replicator.read(lambda db: chat.read(db, token_hash, args))
+            if to_mark:
+                await replicator.submit("mark_read", {"ids": to_mark}, token_hash, request_id)
+            return shown
         if op in chat.WRITE_OPS:
             result = await replicator.submit(op, args, token_hash, request_id)
             # recipient_id is for the listen pushes only; clients see names.

@@ -83,6 +83,7 @@ Public API (the replication runtime and the chat layer depend on exactly this):
     Batch
         .db -> Db
         .savepoint() -> context manager (rolls back one op's changes if it raises)
+        .size() -> int                                      upper bound of the changeset so far
         .set_sync_set(members, epoch, databases)            writes the replicated row
         .seal(epoch) -> LogRecord | None                    None: nothing changed
         .commit() / .rollback()
@@ -434,6 +435,9 @@ class Batch:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 self._session: apsw.Session | None = apsw.Session(self._conn, "main")
+                # Keep an upper bound of the changeset's size as rows are recorded, so
+                # the writer can end a batch before its record outgrows the stream.
+                self._session.config(apsw.SQLITE_SESSION_OBJCONFIG_SIZE, 1)
                 for table in REPLICATED_TABLES:
                     self._session.attach(table)
             except BaseException:
@@ -459,6 +463,13 @@ class Batch:
             self._db.execute(f"RELEASE {name}")
             raise
         self._db.execute(f"RELEASE {name}")
+
+    def size(self) -> int:
+        """An upper bound of the size of the changeset recorded so far (a rolled-back
+        savepoint's rows still count: it errs on the large side)."""
+        self._check_writable()
+        assert self._session is not None
+        return int(self._session.changeset_size)
 
     def set_sync_set(
         self,

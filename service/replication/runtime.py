@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 
 from .. import chat, protocol
 from ..config import NodeConfig
-from ..errors import ChatError, Internal, NotPrimary, Unavailable
+from ..errors import ChatError, Internal, InvalidInput, NotPrimary, Unavailable
 from ..peer import OPERATOR_ID, PeerLinks
 from ..storage import Batch, Db, Diverged, LogRecord, Position, Storage, SyncSet
 from .groupsync import GroupSync
@@ -76,6 +76,13 @@ log = logging.getLogger("service.replication")
 
 WINDOW = 4096
 CHUNK_RECORDS = 512
+# No record's changeset grows past this: the writer ends a batch before an operation
+# would take it further (that operation goes first into the next batch), and an
+# operation too large alone is refused. With base64 and a catch-up frame's other
+# records (CHUNK_BYTES) a frame stays far below the peer frame limit, so a backup
+# can always take what the primary sends (a record too large for the stream would
+# stop replication for good).
+RECORD_BUDGET = 2 * 1024 * 1024
 # A catch-up frame stays far below max_frame: a group-committed record can hold
 # hundreds of writes, and base64 adds a third.
 CHUNK_BYTES = 1024 * 1024
@@ -87,6 +94,10 @@ PRUNE_EVERY = 5.0
 
 MessageHook = Callable[[int, dict[str, Any]], None]
 T = TypeVar("T")
+
+
+class RecordFull(Exception):
+    """An operation would take the batch's record past RECORD_BUDGET."""
 
 
 @dataclass
@@ -197,6 +208,9 @@ class Replicator:
         self.writes = 0
         self.closing = False
         self.sync_change: tuple[int, ...] | None = None
+        # Deleted accounts may still have inbox messages to tombstone: checked once
+        # on becoming primary, then after every account deletion.
+        self.purge_due = False
         # Commits not yet reported durable: (group-sync ticket, position), in order.
         self.unsynced: deque[tuple[int, Position]] = deque()
         self.group_sync: GroupSync | None = None
@@ -444,6 +458,7 @@ class Replicator:
 
     def _become_primary(self, effect: BecomePrimary) -> list[Effect]:
         self._forget_tail()
+        self.purge_due = True
         for hook in self.role_hooks:
             hook(Role.PRIMARY)
         self._change_sync_set(effect.members)
@@ -459,9 +474,10 @@ class Replicator:
         while True:
             await self.work.wait()
             self.work.clear()
-            while self.queue or self.sync_change is not None:
+            while self.queue or self.sync_change is not None or self.purge_due:
                 if self.core.role is not Role.PRIMARY:
                     self.sync_change = None
+                    self.purge_due = False
                     self._fail_queue(
                         NotPrimary(
                             "this node is no longer the primary", primary=self.primary_address()
@@ -490,6 +506,7 @@ class Replicator:
         try:
             outcomes = self._execute(batch, items)
             self._prune_requests(batch, len(items))
+            self._purge_inboxes(batch)
             sync_set = (
                 batch.set_sync_set(members, epoch, self.core.member_databases(members))
                 if members is not None
@@ -559,13 +576,25 @@ class Replicator:
         self, batch: Batch, items: list[PendingWrite]
     ) -> list[tuple[PendingWrite, dict[str, Any] | ChatError]]:
         outcomes: list[tuple[PendingWrite, dict[str, Any] | ChatError]] = []
-        for item in items:
+        for index, item in enumerate(items):
             try:
                 with batch.savepoint() as db:
                     result = chat.apply_write(
                         db, item.op, item.args, item.token_hash, item.request_id, time.time()
                     )
+                    if batch.size() > RECORD_BUDGET:
+                        raise RecordFull
                 outcomes.append((item, result))
+                if item.op == "delete_account":
+                    self.purge_due = True
+            except RecordFull:
+                if index == 0:
+                    outcomes.append((item, InvalidInput("this request is too large to replicate")))
+                    continue
+                # The rest waits for the next batch, first in line, in order.
+                self.queue.extendleft(reversed(items[index:]))
+                self.work.set()
+                break
             except ChatError as exc:
                 outcomes.append((item, exc))
             except Exception as exc:
@@ -574,6 +603,15 @@ class Replicator:
                 log.exception("write failed op=%s", item.op)
                 outcomes.append((item, Internal(f"internal error: {exc}")))
         return outcomes
+
+    def _purge_inboxes(self, batch: Batch) -> None:
+        """Tombstone a bounded part of deleted accounts' inboxes (chat.purge_deleted_inboxes)."""
+        if not self.purge_due:
+            return
+        with batch.savepoint() as db:
+            self.purge_due = chat.purge_deleted_inboxes(db, time.time()) > 0
+        if self.purge_due:
+            self.work.set()
 
     def _prune_requests(self, batch: Batch, writes: int) -> None:
         """Forget expired request ids, twice as fast as this batch adds new ones."""

@@ -38,6 +38,8 @@ class Service:
         request_id: str | None = None,
     ) -> dict[str, Any]:
         request_id = request_id or f"r{next(self.request_ids)}"
+        if op == "read":
+            return self.read_as_server(args or {}, token, request_id)
         batch = self.storage.begin_batch()
         try:
             with batch.savepoint() as db:
@@ -50,6 +52,15 @@ class Service:
             batch.rollback()
             raise
         return result
+
+    def read_as_server(
+        self, args: dict[str, Any], token: str | None, request_id: str
+    ) -> dict[str, Any]:
+        """``read`` as the server runs it: a query, then a write of the ids it marks."""
+        shown, to_mark = chat.read(self.db, token, args)
+        if to_mark:
+            self.write("mark_read", {"ids": to_mark}, token, request_id)
+        return shown
 
     def register(self, name: str) -> int:
         result = self.write("register", {"username": name, "password_hash": PASSWORD_HASH})
@@ -742,23 +753,39 @@ def test_a_retry_returns_the_first_result_and_changes_nothing(
     assert svc.db.value("SELECT count(*) FROM messages") == 1
 
 
-def test_a_retried_read_shows_the_same_page(svc: Service, ann: str, bob: str) -> None:
+def test_a_retried_read_shows_the_page_again_and_writes_nothing_more(
+    svc: Service, ann: str, bob: str
+) -> None:
     svc.send(bob, "ann")
     first = svc.write("read", {}, ann, request_id="read-1")
-    assert svc.write("read", {}, ann, request_id="read-1") == first
     assert first["messages"][0]["read"] is False
+    sealed = len(svc.sealed)
+    retry = svc.write("read", {}, ann, request_id="read-1")
+    assert [m["id"] for m in retry["messages"]] == [m["id"] for m in first["messages"]]
+    assert retry["messages"][0]["read"] is True
+    assert svc.sealed[sealed:] == []
+
+
+def test_read_results_are_never_stored(svc: Service, ann: str, bob: str) -> None:
+    """A listing can be large: the replicated record of a read holds ids only."""
+    for _ in range(3):
+        svc.send(bob, "ann", "x" * 4000)
+    svc.write("read", {"limit": 1000}, ann, request_id="big-read")
+    stored = str(svc.db.value("SELECT result FROM requests WHERE request_id = 'big-read'"))
+    assert "x" * 100 not in stored
+    assert len(stored) < 100
 
 
 def test_a_request_id_reused_for_another_operation(svc: Service, ann: str, bob: str) -> None:
     svc.write("send", {"to": "bob", "body": "x"}, ann, request_id="req-1")
     with pytest.raises(Conflict, match="request id req-1 was already used"):
-        svc.write("read", {}, ann, request_id="req-1")
+        svc.write("delete_messages", {"ids": [1]}, ann, request_id="req-1")
 
 
 def test_a_request_id_replays_only_for_its_caller(svc: Service, ann: str, bob: str) -> None:
-    svc.write("read", {}, ann, request_id="guessable")
+    svc.write("mark_read", {"ids": [1]}, ann, request_id="guessable")
     with pytest.raises(Conflict):
-        svc.write("read", {}, bob, request_id="guessable")
+        svc.write("mark_read", {"ids": [1]}, bob, request_id="guessable")
 
 
 def test_a_failed_request_stores_nothing_and_may_be_retried(svc: Service, ann: str) -> None:
@@ -845,3 +872,27 @@ def test_a_retry_within_retention_returns_the_first_result_after_pruning_older_i
     again = svc.write("send", {"to": "ann", "body": "once"}, ann, request_id="r-keep")
     assert again == first
     assert svc.ids(ann) == [first["message"]["id"]]
+
+
+def test_a_logged_out_session_replays_nothing(svc: Service, ann: str, bob: str) -> None:
+    """A stolen, since logged-out token with an old request id gets no body back."""
+    svc.write("send", {"to": "bob", "body": "secret plans"}, ann, request_id="send-1")
+    svc.write("logout", {}, ann)
+    with pytest.raises(AuthFailed, match="session has ended"):
+        svc.write("send", {"to": "bob", "body": "secret plans"}, ann, request_id="send-1")
+
+
+def test_a_deleted_message_is_not_kept_for_replays(svc: Service, ann: str, bob: str) -> None:
+    first = svc.write("send", {"to": "bob", "body": "delete me"}, ann, request_id="send-1")
+    stored = str(svc.db.value("SELECT result FROM requests WHERE request_id = 'send-1'"))
+    assert "delete me" not in stored
+    svc.write("delete_messages", {"ids": [first["message"]["id"]]}, ann)
+    replay = svc.write("send", {"to": "bob", "body": "delete me"}, ann, request_id="send-1")
+    assert replay["message"]["id"] == first["message"]["id"]
+    assert replay["message"]["body"] == ""
+
+
+def test_a_delete_names_at_most_a_bounded_number_of_ids(svc: Service, ann: str) -> None:
+    ids = list(range(1, chat.MAX_DELETE_IDS + 2))
+    with pytest.raises(InvalidInput, match=f"1 to {chat.MAX_DELETE_IDS} message ids"):
+        svc.write("delete_messages", {"ids": ids}, ann)

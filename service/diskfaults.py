@@ -172,6 +172,7 @@ class Plan:
 
 
 OFF = Plan()
+_UNREADABLE = (-1, -1, -1)  # the signature of a control file that cannot be looked at
 
 
 def write_control(path: Path, plan: Plan) -> None:
@@ -286,6 +287,11 @@ class DiskFaults:
             if self._signature is not None:
                 self._signature = None
                 self._load(OFF, f"{self.control} (removed)")
+            return
+        except OSError as exc:
+            if self._signature != _UNREADABLE:  # logged once, not at every look
+                self._signature = _UNREADABLE
+                log.warning("disk faults control file ignored path=%s error=%r", self.control, exc)
             return
         signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if signature == self._signature:

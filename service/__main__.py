@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -64,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     except ChatError as exc:
         print(f"bad configuration: {exc.message}", file=sys.stderr)
         return 2
+    if "CHAT_DISK_FAULTS" in os.environ:
+        # Fault injection for tests and ops/chaos only: without the variable
+        # nothing of it is imported (service/diskfaults.py).
+        from . import diskfaults
+
+        diskfaults.install_from_environment()
     # uvloop: the same asyncio API over libuv, with a cheaper loop iteration and
     # socket path; the node's hot path is many small reads and writes.
     uvloop.run(Node(config).run())

@@ -23,10 +23,12 @@ up to 1,000 bodies. It returns the ids it shows unread, and the server marks
 them with a ``mark_read`` write. Every write is bounded so that the record of
 a batch stays within the stream's budget: at most ``MAX_DELETE_IDS`` bodies per
 delete, and a deleted account's inbox tombstoned ``PURGE_CHUNK`` messages per
-record (``purge_deleted_inboxes``), hidden from every read meanwhile. Arguments are checked strictly: a missing
-field, a field of the wrong type or an unknown field is ``InvalidInput``, never
-a ``KeyError`` or ``TypeError``. A failed operation raises; the caller rolls
-back its savepoint, so nothing of it, not even the request id, is stored.
+record (``purge_deleted_inboxes``), hidden from every read meanwhile.
+
+Arguments are checked strictly: a missing field, a field of the wrong type or
+an unknown field is ``InvalidInput``, never a ``KeyError`` or ``TypeError``. A
+failed operation raises; the caller rolls back its savepoint, so nothing of it,
+not even the request id, is stored.
 
 Decisions a user can see
 ------------------------

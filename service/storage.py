@@ -1,4 +1,4 @@
-"""Storage: the only module that imports apsw.
+"""Storage: the only module that imports apsw (besides diskfaults.py, a test facility).
 
 Theory of operation
 -------------------
@@ -60,7 +60,7 @@ Public API (the replication runtime and the chat layer depend on exactly this):
     Diverged(Exception)                       apply_records found a gap or a conflict
     ConstraintViolation(Exception)            a UNIQUE or NOT NULL constraint failed
 
-    Storage(path, synchronous="FULL")
+    Storage(path, synchronous="FULL", vfs=None)   vfs: a test VFS (service.diskfaults)
         .database_id -> str                                 made when the database is created
         .position() -> Position
         .epoch_history() -> list[tuple[int, int]]          (epoch, first seq), ascending
@@ -283,10 +283,11 @@ class Db:
         return int(self._conn.changes())
 
 
-def _connect(path: Path, synchronous: str) -> apsw.Connection:
-    """Open a connection with every PRAGMA this project relies on."""
+def _connect(path: Path, synchronous: str, vfs: str | None = None) -> apsw.Connection:
+    """Open a connection with every PRAGMA this project relies on; ``vfs`` None is
+    SQLite's default VFS (another one only in tests: ``service.diskfaults``)."""
     with _translated():
-        conn = apsw.Connection(str(path))
+        conn = apsw.Connection(str(path), vfs=vfs)
         # Two connections in this process (snapshots read beside the writer) wait
         # for each other briefly instead of failing at once with SQLITE_BUSY.
         conn.set_busy_timeout(BUSY_TIMEOUT_MS)
@@ -554,18 +555,20 @@ class Storage:
     by ``sync()`` in the group sync thread.
     """
 
-    def __init__(self, path: Path, synchronous: str = "FULL") -> None:
+    def __init__(self, path: Path, synchronous: str = "FULL", vfs: str | None = None) -> None:
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_LEVELS:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS_LEVELS}")
         self.path = Path(path)
         self._synchronous = synchronous
-        self._conn = _connect(self.path, synchronous)
+        # Every connection of this node's files opens on it (snapshots too).
+        self._vfs = vfs
+        self._conn = _connect(self.path, synchronous, self._vfs)
         self._db = Db(self._conn)
         _migrate(self._conn)
-        self._reader = _connect(self.path, synchronous)
+        self._reader = _connect(self.path, synchronous, self._vfs)
         self._reader_db = Db(self._reader)
-        self._control = _connect(self.path, synchronous)
+        self._control = _connect(self.path, synchronous, self._vfs)
         self._control_db = Db(self._control)
         self.wal_path = self.path.with_name(self.path.name + "-wal")
         self._checkpointer: apsw.Connection | None = None
@@ -595,7 +598,7 @@ class Storage:
         if self._synchronous == "NORMAL":
             return
         with _translated():
-            self._checkpointer = _connect(self.path, self._synchronous)
+            self._checkpointer = _connect(self.path, self._synchronous, self._vfs)
             # A WAL hook replaces SQLite's automatic checkpoint (which is one): the
             # writers only count the WAL's pages, sync() checkpoints.
             for conn in (self._conn, self._control):
@@ -779,9 +782,9 @@ class Storage:
         dest = Path(dest)
         partial = dest.with_name(dest.name + ".partial")
         _remove_db_files(partial)
-        source = _connect(self.path, self._synchronous)
+        source = _connect(self.path, self._synchronous, self._vfs)
         try:
-            copy = _connect(partial, "FULL")
+            copy = _connect(partial, "FULL", self._vfs)
             try:
                 _copy_database(source, copy)
                 position = _read_position(Db(copy))
@@ -806,9 +809,9 @@ class Storage:
         staging = self.path.with_name(self.path.name + ".installing")
         _remove_db_files(staging)
         try:
-            copy = _connect(staging, "OFF")
+            copy = _connect(staging, "OFF", self._vfs)
             try:
-                source = _connect(Path(src), self._synchronous)
+                source = _connect(Path(src), self._synchronous, self._vfs)
                 try:
                     _copy_database(source, copy)
                 finally:

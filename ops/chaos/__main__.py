@@ -3,6 +3,7 @@
     python -m ops.chaos --duration 600 --seed 42
     python -m ops.chaos --duration 120 --seed 7 --keep          # keep the work folder
     python -m ops.chaos --duration 300 --seed 9 --supervisord supervisord.conf
+    python -m ops.chaos --duration 120 --seed 5 --faults process,disk   # disk faults too
 
 Exit status: 0 every check passed; 1 a check found a violation; 2 bad usage;
 3 the run could not take place (the cluster or the workload never started).
@@ -15,6 +16,7 @@ import random
 import sys
 from pathlib import Path
 
+from . import schedule
 from .run import Options, run
 
 
@@ -57,9 +59,22 @@ def parse_args(argv: list[str]) -> Options:
         default=defaults.converge_timeout,
         help="how long the healed cluster may take to converge",
     )
+    parser.add_argument(
+        "--faults",
+        default=defaults.faults,
+        metavar="KINDS",
+        help="comma-separated fault kinds or groups to draw from: process (the default), "
+        "disk (disk-full, io-error, corrupt-backup), all, or single kinds",
+    )
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.writers < 1 or args.listeners < 0:
         parser.error("--duration and --writers must be positive, --listeners not negative")
+    try:
+        kinds = schedule.kinds_from_spec(args.faults)
+    except ValueError as exc:
+        parser.error(f"--faults: {exc}")
+    if args.supervisord is not None and set(kinds) & set(schedule.DISK_KINDS):
+        parser.error("disk faults need a cluster of this tool's own (not --supervisord)")
     return Options(
         duration=args.duration,
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31),
@@ -72,6 +87,7 @@ def parse_args(argv: list[str]) -> Options:
         op_timeout=args.op_timeout,
         log_retention=args.log_retention,
         converge_timeout=args.converge_timeout,
+        faults=",".join(name.strip() for name in args.faults.split(",") if name.strip()),
     )
 
 

@@ -19,10 +19,18 @@ restart of the lagging backup it follows the logs for the primary's
 coming) and strikes at once, mid catch-up. Catch-ups of a small database can be
 over in milliseconds; the event says when the strike came too late.
 
+The disk faults (``--faults disk``) write a plan into the node's disk fault
+control file (``service/diskfaults.py``) and, after ``down``, the plan
+``off``. ``corrupt-backup`` stops a backup with SIGTERM, damages one page of
+its database (``corrupt.py``) and starts it again; its event names the page
+and the rows on it: what that node can no longer read, and what the other
+nodes must still hold.
+
 Invariants
 ----------
-* Each fault leaves every node started and thawed, even when it fails half
-  way (``heal`` in a ``finally``), so faults never stack up unintentionally.
+* Each fault leaves every node started and thawed, with its disk back, even
+  when it fails half way (``heal`` in a ``finally``), so faults never stack
+  up unintentionally.
 * Waiting between actions is the nemesis's job (random down times); it never
   waits for the cluster to recover before the next fault: the cluster must
   cope with faults that arrive while it is still electing or catching up.
@@ -32,12 +40,16 @@ from __future__ import annotations
 
 import random
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
+from service import diskfaults
+
+from .corrupt import corrupt_page
 from .nodes import Nodes, View, primary_of, views
 from .schedule import Fault
 
@@ -143,6 +155,12 @@ class Nemesis:
             self._freeze_and_kill(fault, ids, primary, backups, seen)
         elif fault.kind == "kill-during-catch-up":
             self._kill_during_catch_up(fault, ids, primary, backups, seen)
+        elif fault.kind in ("disk-full", "io-error"):
+            (node,) = _choose(fault.target, fault.pick, ids, primary, backups)
+            self._disk_fault(fault, node, seen)
+        elif fault.kind == "corrupt-backup":
+            (node,) = _choose("backup", fault.pick, ids, primary, backups)
+            self._corrupt(fault, node, seen)
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
 
@@ -220,6 +238,36 @@ class Nemesis:
         self._kill(fault, victim, None, f"{fault.victim} {when}: {line}")
         self._down(fault.spread)
         self._start(fault, victim)
+
+    def _disk_fault(self, fault: Fault, node: int, seen: dict[int, View | None]) -> None:
+        if fault.kind == "disk-full":
+            plan = diskfaults.Plan("full", after_bytes=fault.size)
+            action, back = "disk full", "disk space back"
+        else:
+            plan = diskfaults.Plan(
+                "ioerror", after_bytes=fault.size, ops=tuple(fault.ops.split(","))
+            )
+            action, back = "I/O errors", "I/O errors over"
+        detail = f"{_role(seen, node)}; after {fault.size} bytes, for {fault.down:.2f}s"
+        self._event(fault, action, node, detail)
+        self.nodes.set_disk(node, plan)
+        self._pause(fault.down)
+        self._event(fault, back, node)
+        self.nodes.set_disk(node, diskfaults.OFF)
+
+    def _corrupt(self, fault: Fault, node: int, seen: dict[int, View | None]) -> None:
+        self._event(fault, "SIGTERM", node, _role(seen, node))
+        self.nodes.stop(node)
+        # The rows on the damaged page are lost on this node only: the others hold them.
+        try:
+            damage = corrupt_page(self.nodes.db_path(node), fault.pick, fault.size)
+        except (ValueError, sqlite3.Error) as exc:
+            self._event(fault, "error", node, f"nothing damaged: {type(exc).__name__}: {exc}")
+        else:
+            self._event(fault, "corrupt", node, damage.describe())
+            self.nodes.note(node, f"corrupt {damage.describe()}")
+        self._down(fault.down)
+        self._start(fault, node)
 
     def _wait_catch_up(self, joiner: int, marks: dict[int, int]) -> tuple[int, str] | None:
         pattern = re.compile(rf"catch-up start node=(\d+) backup={joiner}\b[^\n]*")

@@ -13,7 +13,9 @@ Two kinds of cluster, one interface (``Nodes``):
 
   Restarts happen exactly when the nemesis says, in the order it says. Every
   fault is also written into the node's log as a ``=== chaos: ... ===`` line,
-  so a log excerpt reads as the scenario.
+  so a log excerpt reads as the scenario. With ``disk_faults``, each node
+  runs on the disk fault VFS of ``service/diskfaults.py``, driven by its
+  ``<root>/nodeN/disk-faults.json`` (``set_disk``).
 
 * ``SupervisedCluster``: the three programs of a running ``supervisord`` (the
   repository's ``supervisord.conf``, or a copy). Pids come from
@@ -21,7 +23,10 @@ Two kinds of cluster, one interface (``Nodes``):
   killed node is restarted by supervisord, not by this tool, as soon as
   supervisord sees it die: the schedule's down times and restart orders are
   not applied there, and "start" only waits for supervisord's new process.
-  Only the part of each node log written during the run is checked.
+  Only the part of each node log written during the run is checked. Disk
+  faults and graceful stops are not available there (``set_disk`` and
+  ``stop`` raise ``OSError``): supervisord owns the nodes' environment and
+  lifecycle.
 
 Observation is the ``status`` operation of every node (``status_all`` of the
 client library) and, after the run, the database files and logs.
@@ -29,7 +34,8 @@ client library) and, after the run, the database files and logs.
 Invariants
 ----------
 * A node is never left frozen: ``heal`` thaws every frozen node and starts
-  every stopped one, and ``close`` of a ``LocalCluster`` kills what it started.
+  every stopped one (and gives every disk back), and ``close`` of a
+  ``LocalCluster`` kills what it started.
 * The tool signals only pids it started itself or that supervisord names for
   the cluster's own programs.
 """
@@ -54,6 +60,7 @@ from typing import Any, Protocol
 
 from service import client as client_module
 from service import config as config_module
+from service import diskfaults
 
 LOOPBACK = "127.0.0.1"
 NODE_IDS = (1, 2, 3)
@@ -80,7 +87,9 @@ class Nodes(Protocol):
     def log_text(self, node_id: int, since: int = 0) -> str: ...
     def log_size(self, node_id: int) -> int: ...
     def kill(self, node_id: int) -> None: ...
+    def stop(self, node_id: int) -> None: ...
     def start(self, node_id: int) -> None: ...
+    def set_disk(self, node_id: int, plan: diskfaults.Plan) -> None: ...
     def freeze(self, node_id: int) -> None: ...
     def thaw(self, node_id: int) -> None: ...
     def is_down(self, node_id: int) -> bool: ...
@@ -223,6 +232,8 @@ class _LocalNode:
         self.data_dir = self.dir / "data"
         self.config_path = self.dir / "node.conf"
         self.log_path = self.dir / "node.log"
+        self.disk_control = self.dir / "disk-faults.json"
+        self.disk_plan = diskfaults.OFF
         self.process: subprocess.Popen[bytes] | None = None
         self.frozen = False
 
@@ -240,8 +251,11 @@ class LocalCluster:
 
     controls_restarts = True
 
-    def __init__(self, root: Path, settings: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, root: Path, settings: dict[str, str] | None = None, disk_faults: bool = False
+    ) -> None:
         self.root = root
+        self.disk_faults = disk_faults
         self.node_ids: tuple[int, ...] = NODE_IDS
         self.secret_file = root / "cluster.secret"
         self._exits: list[str] = []
@@ -296,6 +310,9 @@ class LocalCluster:
             return
         self.note(node_id, "start")
         command = [sys.executable, "-m", "service", "--config", str(node.config_path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.disk_faults:
+            env[diskfaults.ENV_VAR] = str(node.disk_control)
         with node.log_path.open("ab") as log:
             node.process = subprocess.Popen(
                 command,
@@ -303,7 +320,7 @@ class LocalCluster:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=_PACKAGE_HOME,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=env,
             )
         node.frozen = False
 
@@ -317,6 +334,34 @@ class LocalCluster:
         node.process = None
         node.frozen = False
         self.note(node_id, "SIGKILL")
+
+    def stop(self, node_id: int) -> None:
+        """SIGTERM and wait, as an operator stops a node; a non-zero exit is a problem
+        (reported with the unexpected exits), a node that will not stop is killed."""
+        node = self._nodes[node_id]
+        self._check_exit(node)
+        if node.process is None:
+            return
+        self.thaw(node_id)
+        self.note(node_id, "SIGTERM")
+        node.process.terminate()
+        try:
+            code = node.process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            node.process.kill()
+            code = node.process.wait()
+        node.process = None
+        if code != 0:
+            self._exits.append(f"node {node_id} exited with status {code} on SIGTERM")
+
+    def set_disk(self, node_id: int, plan: diskfaults.Plan) -> None:
+        """Put a disk fault plan in effect on the node (it reads it within ~50 ms)."""
+        node = self._nodes[node_id]
+        if not self.disk_faults:
+            raise OSError("this cluster was started without disk faults")
+        self.note(node_id, f"disk {plan}")
+        diskfaults.write_control(node.disk_control, plan)
+        node.disk_plan = plan
 
     def freeze(self, node_id: int) -> None:
         node = self._nodes[node_id]
@@ -359,6 +404,8 @@ class LocalCluster:
 
     def heal(self) -> None:
         for node_id in self.node_ids:
+            if self._nodes[node_id].disk_plan != diskfaults.OFF:
+                self.set_disk(node_id, diskfaults.OFF)
             self.thaw(node_id)
             self.start(node_id)
 
@@ -526,6 +573,12 @@ class SupervisedCluster:
         program = self._programs[node_id]
         pid = self._pid(program)
         return not pid or pid == program.killed_pid
+
+    def stop(self, node_id: int) -> None:
+        raise OSError("a supervised node is not stopped by this tool")
+
+    def set_disk(self, node_id: int, plan: diskfaults.Plan) -> None:
+        raise OSError("disk faults need a local cluster (they set the node's environment)")
 
     def is_frozen(self, node_id: int) -> bool:
         return self._programs[node_id].frozen_pid is not None

@@ -50,6 +50,7 @@ class Options:
     op_timeout: float = 5.0
     log_retention: int = 200
     converge_timeout: float = 120.0
+    faults: str = schedule.DEFAULT_FAULTS  # --faults: the kinds drawn (schedule.kinds_from_spec)
 
     def replay(self) -> str:
         """The command line that runs the same schedule and workload shape again."""
@@ -67,19 +68,21 @@ _NOT_REPLAYED = frozenset({"duration", "seed", "workdir", "keep"})
 
 def run(options: Options, out: Callable[[str], None] = print) -> int:
     """Run the whole thing; returns the exit status (0 clean, 1 violations, 3 broken)."""
-    faults = schedule.generate(options.seed, options.duration)
+    kinds = schedule.kinds_from_spec(options.faults)
+    faults = schedule.generate(options.seed, options.duration, kinds=kinds)
     root = options.workdir or Path(tempfile.mkdtemp(prefix="chaos-"))
     root.mkdir(parents=True, exist_ok=True)
     # Names and bodies of this run; the random part keeps runs on one cluster apart.
     prefix = f"c{options.seed % 100000}x{secrets.token_hex(2)}"
     out(f"chaos: seed={options.seed} duration={options.duration:g}s prefix={prefix}")
+    out(f"chaos: fault kinds: {', '.join(kinds)}")
     out(f"chaos: replay with: {options.replay()}")
     out(f"chaos: work folder {root}")
     out(f"chaos: fault schedule ({len(faults)} faults):")
     for fault in faults:
         out(f"  {fault.describe()}")
     try:
-        cluster = _cluster(options, root)
+        cluster = _cluster(options, root, kinds)
     except (OSError, ValueError, RuntimeError, ChatError) as exc:
         out(f"chaos: BROKEN: no cluster to run against: {exc}")
         return EXIT_BROKEN
@@ -112,11 +115,13 @@ def run(options: Options, out: Callable[[str], None] = print) -> int:
     return status
 
 
-def _cluster(options: Options, root: Path) -> nodes.Nodes:
+def _cluster(options: Options, root: Path, kinds: tuple[str, ...]) -> nodes.Nodes:
     if options.supervisord is not None:
         return nodes.SupervisedCluster(options.supervisord)
     settings = {"log_retention": str(options.log_retention)}
-    return nodes.LocalCluster(root / "cluster", settings)
+    # Nodes run on the disk fault VFS only when a fault needs it.
+    disk = bool({"disk-full", "io-error"} & set(kinds))
+    return nodes.LocalCluster(root / "cluster", settings, disk_faults=disk)
 
 
 def _drive(

@@ -36,6 +36,20 @@ The kinds (SPEC section 8's scenarios, at random):
   soon as its catch-up (or snapshot) starts, SIGKILL ``victim``: the joining
   node or the primary feeding it; restart that one after ``spread``.
 
+Disk faults (``DISK_KINDS``), drawn only when ``--faults`` asks for them
+(``kinds_from_spec``); the first two need nodes started with a disk fault
+control file (``service/diskfaults.py``):
+
+* ``disk-full``: the ``target`` node's disk has ``size`` bytes left, then
+  refuses writes with SQLITE_FULL for ``down``; then the space is back;
+* ``io-error``: the ``target`` node's writes (and, when ``ops`` says so, its
+  SQLite fsyncs) fail with SQLITE_IOERR for ``down`` after ``size`` bytes:
+  a transient I/O error;
+* ``corrupt-backup``: stop a backup (SIGTERM), damage ``size`` bytes of one
+  b-tree page of its ``chat.db`` (a page of a table or index in the middle of
+  the file, drawn from ``pick``; ``corrupt.py``), start it again after
+  ``down``.
+
 Invariants
 ----------
 * Faults do not overlap: each one ends with every node running and thawed,
@@ -60,6 +74,12 @@ KINDS = (
     "kill-during-catch-up",
 )
 WEIGHTS = (4, 3, 2, 2, 4, 1, 2, 2)
+DISK_KINDS = ("disk-full", "io-error", "corrupt-backup")
+DISK_WEIGHTS = (3, 2, 2)
+_WEIGHT_OF = dict(zip(KINDS + DISK_KINDS, WEIGHTS + DISK_WEIGHTS, strict=True))
+# The names ``--faults`` takes besides single kinds; ``process`` is the default.
+GROUPS = {"process": KINDS, "disk": DISK_KINDS, "all": KINDS + DISK_KINDS}
+DEFAULT_FAULTS = "process"
 # Seconds of quiet load before the first fault and between faults.
 WARMUP = (1.0, 3.0)
 GAP = (0.2, 4.0)
@@ -87,6 +107,8 @@ class Fault:
     spread: float = 0.0  # seconds between successive restarts
     victim: str = ""  # kill-during-catch-up: joiner | primary; freeze-and-kill: primary | backup
     pick: int = 0  # chooses among the nodes that hold ``target`` at run time
+    size: int = 0  # disk-full, io-error: bytes written before the fault; corrupt-backup: bytes
+    ops: str = ""  # io-error: the failing operations, "write" or "write,sync"
 
     def describe(self) -> str:
         parts = [f"#{self.index:<3d} t={self.at:7.2f}s {self.kind:<20s} target={self.target}"]
@@ -99,6 +121,10 @@ class Fault:
             parts.append(f"spread={self.spread:.2f}s")
         if self.victim:
             parts.append(f"victim={self.victim}")
+        if self.kind in DISK_KINDS:
+            parts.append(f"size={self.size}")
+        if self.ops:
+            parts.append(f"ops={self.ops}")
         parts.append(f"pick={self.pick}")
         return " ".join(parts)
 
@@ -110,19 +136,43 @@ class Fault:
             return self.down + 2 * self.spread
         if self.kind == "freeze-and-kill":
             return self.lag + self.down
-        if self.kind == "kill-during-catch-up":
+        if self.kind in ("kill-during-catch-up", "corrupt-backup"):
             return self.down + self.spread + 1.0
         return self.down + self.spread
 
 
-def generate(seed: int, duration: float, timing: Timing | None = None) -> list[Fault]:
-    """The whole schedule of a run of ``duration`` seconds, from ``seed`` alone."""
+def kinds_from_spec(spec: str) -> tuple[str, ...]:
+    """The kinds a ``--faults`` value names: comma-separated kinds and groups (``GROUPS``).
+
+    ValueError names what is unknown; the order is that of ``KINDS + DISK_KINDS``.
+    """
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise ValueError("no fault kinds named")
+    chosen: set[str] = set()
+    for name in names:
+        if name in GROUPS:
+            chosen.update(GROUPS[name])
+        elif name in _WEIGHT_OF:
+            chosen.add(name)
+        else:
+            known = ", ".join([*GROUPS, *_WEIGHT_OF])
+            raise ValueError(f"unknown fault kind {name!r} (known: {known})")
+    return tuple(kind for kind in _WEIGHT_OF if kind in chosen)
+
+
+def generate(
+    seed: int, duration: float, timing: Timing | None = None, kinds: tuple[str, ...] = KINDS
+) -> list[Fault]:
+    """The whole schedule of a run of ``duration`` seconds, from ``seed`` and ``kinds`` alone
+    (the default kinds draw exactly the schedules they always drew)."""
     timing = timing or Timing()
+    weights = [_WEIGHT_OF[kind] for kind in kinds]
     rng = random.Random(seed)
     faults: list[Fault] = []
     at = rng.uniform(*WARMUP)
     while at < duration:
-        kind = rng.choices(KINDS, WEIGHTS)[0]
+        kind = rng.choices(kinds, weights)[0]
         fault = _draw(rng, len(faults), at, kind, timing)
         faults.append(fault)
         at += fault.length() + rng.uniform(*GAP)
@@ -189,7 +239,27 @@ def _draw(rng: random.Random, index: int, at: float, kind: str, timing: Timing) 
             victim=rng.choice(("joiner", "primary")),
             pick=pick,
         )
+    if kind in DISK_KINDS:
+        return _draw_disk(rng, index, at, kind, pick)
     raise ValueError(f"unknown fault kind {kind!r}")
+
+
+def _draw_disk(rng: random.Random, index: int, at: float, kind: str, pick: int) -> Fault:
+    if kind == "disk-full":
+        # No room at all, or room for a few commits first (a commit appends a few
+        # 4 KiB pages to the WAL).
+        size = rng.choice((0, 0, rng.randrange(1, 16) * 4096))
+        target = rng.choice(("primary", "backup", "any"))
+        return Fault(index, at, kind, target, _r(rng, 0.3, 6.0), size=size, pick=pick)
+    if kind == "io-error":
+        size = rng.choice((0, rng.randrange(1, 8) * 4096))
+        target = rng.choice(("primary", "backup", "any"))
+        ops = rng.choice(("write", "write,sync"))
+        return Fault(index, at, kind, target, _r(rng, 0.05, 2.0), size=size, ops=ops, pick=pick)
+    if kind == "corrupt-backup":
+        size = rng.randrange(8, 64)
+        return Fault(index, at, kind, "backup", _r(rng, 0.1, 3.0), size=size, pick=pick)
+    raise ValueError(f"unknown disk fault kind {kind!r}")
 
 
 def _r(rng: random.Random, low: float, high: float) -> float:

@@ -146,6 +146,9 @@ class NodeProcess:
         self.log_path = self.dir / "node.log"
         self.starts = 0
         self.returncode: int | None = None
+        # Extra environment of the node's process from its next start on
+        # (``CHAT_DISK_FAULTS``: service/diskfaults.py).
+        self.env: dict[str, str] = {}
         self._process: subprocess.Popen[bytes] | None = None
         self._frozen = False
         self.dir.mkdir(parents=True)
@@ -200,7 +203,7 @@ class NodeProcess:
             raise RuntimeError(f"node {self.node_id} is already started ({self.state})")
         self.starts += 1
         self._note(f"start {self.starts}")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         command = [sys.executable, "-m", "service", "--config", str(self.config_path)]
         with self.log_path.open("ab") as log:
             self._process = subprocess.Popen(

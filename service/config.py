@@ -99,6 +99,10 @@ class NodeConfig:
     def db_path(self) -> Path:
         return self.data_dir / "chat.db"
 
+    @property
+    def rollback_dir(self) -> Path:
+        return self.data_dir / "rollback"
+
     def validate(self) -> NodeConfig:
         ids = [p.node_id for p in self.nodes]
         if len(set(ids)) != len(ids):

@@ -1,6 +1,6 @@
 """The composition root: one node, built from one frozen config, read top to bottom.
 
-    config ─► secret ─► storage ─► replicator (core + runtime + peer links) ─► server
+    config ─► data dir ─► secret ─► storage ─► replicator (core + runtime + peer links) ─► server
 
 ``run`` starts everything, waits for SIGTERM or SIGINT, and shuts down in the
 reverse order: stop accepting, stop replicating, close the database. Nothing
@@ -17,6 +17,7 @@ import secrets
 import signal
 from pathlib import Path
 
+from . import datadir
 from .config import NodeConfig
 from .replication.runtime import Replicator
 from .server import Server
@@ -32,7 +33,7 @@ def load_or_create_secret(path: Path) -> bytes:
     it into place, which fails for all but the first, and then all read the winner.
     """
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        datadir.make_private_dirs(path.parent)
         candidate = path.with_name(f".{path.name}.{os.getpid()}")
         fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -43,6 +44,8 @@ def load_or_create_secret(path: Path) -> bytes:
         with contextlib.suppress(FileExistsError):
             os.link(candidate, path)
         candidate.unlink()
+    # A secret file made by hand, or before the node made its files private.
+    datadir.tighten(path)
     secret = path.read_bytes().strip()
     if len(secret) < 16:
         raise SystemExit(f"cluster secret in {path.name} is too short (at least 16 bytes)")
@@ -52,7 +55,8 @@ def load_or_create_secret(path: Path) -> bytes:
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        # Created 0700, or refused unless private (``python -m service`` waits for that).
+        datadir.prepare(config.data_dir)
         self.secret = load_or_create_secret(config.secret_file)
         self.storage = Storage(config.db_path, config.synchronous)
         # Commits return before the fsync; the replicator's group sync does it.

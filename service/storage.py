@@ -47,6 +47,8 @@ Invariants
 * Every PRIMARY KEY is explicit (the session extension ignores tables without
   one) and no table uses AUTOINCREMENT: ids are ``max + 1`` of replicated rows,
   and rows are never deleted where reuse would matter (tombstones stay).
+* Every file this module creates (the database, snapshots, rollback files) is
+  mode 0600; SQLite gives ``-wal`` and ``-shm`` their database's mode.
 * apsw errors never leave this module: a constraint failure becomes
   ``ConstraintViolation`` (the chat layer maps it to a user error), anything
   else ``errors.Internal``.
@@ -270,8 +272,19 @@ class Db:
         return int(self._conn.changes())
 
 
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists.
+
+    SQLite opens an empty file as a new database and gives its ``-wal`` and
+    ``-shm`` files the database file's mode, so all three hold the chat data
+    readable by this user only, whatever the process umask."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _connect(path: Path, synchronous: str) -> apsw.Connection:
     """Open a connection with every PRAGMA this project relies on."""
+    _create_private(path)
     with _translated():
         conn = apsw.Connection(str(path))
         # Two connections in this process (snapshots read beside the writer) wait
@@ -818,9 +831,13 @@ class Storage:
 
 
 def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:
+    """Append ``records`` to the rollback file ``path`` (0600, in a 0700 folder)."""
     path = Path(path)
+    if not path.parent.exists():
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     created = not path.exists()
-    with path.open("a", encoding="utf-8") as out:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with open(fd, "a", encoding="utf-8") as out:
         for record in records:
             line = {
                 "epoch": record.epoch,

@@ -829,8 +829,7 @@ class Replicator:
 
     def _rewind(self, to_seq: int) -> list[Effect]:
         position = self.storage.position()
-        rollback = self.config.data_dir / "rollback" / f"rewind-{int(time.time() * 1000)}.jsonl"
-        rollback.parent.mkdir(parents=True, exist_ok=True)
+        rollback = self.config.rollback_dir / f"rewind-{int(time.time() * 1000)}.jsonl"
         try:
             removed = self.storage.rewind(to_seq, rollback)
         except Diverged as exc:

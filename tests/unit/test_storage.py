@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,18 @@ def names(storage: Storage) -> list[str]:
     return [row[0] for row in storage.db.execute("SELECT name FROM users ORDER BY id")]
 
 
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """The usual umask of a shell: files 0644 and folders 0755 unless made private."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 # ---- opening -----------------------------------------------------------------------------
 
 
@@ -75,6 +89,19 @@ def test_open_sets_wal_full_sync_and_schema(primary: Storage) -> None:
     assert primary.db.value("PRAGMA user_version") == len(MIGRATIONS)
     tables = {row[0] for row in primary.db.execute("SELECT name FROM sqlite_master")}
     assert set(REPLICATED_TABLES) | {"txlog", "epochs", "node_state"} <= tables
+
+
+def test_the_database_and_its_wal_and_shm_are_private_whatever_the_umask(
+    tmp_path: Path, permissive_umask: None
+) -> None:
+    path = tmp_path / "chat.db"
+    storage = Storage(path)
+    add_user(storage, "ann")
+    snapshot = tmp_path / "snapshot.db"
+    storage.make_snapshot(snapshot)
+    files = [path, tmp_path / "chat.db-wal", tmp_path / "chat.db-shm", snapshot]
+    assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+    storage.close()
 
 
 def test_synchronous_can_be_relaxed_to_normal(tmp_path: Path) -> None:
@@ -377,6 +404,28 @@ def test_rewind_past_a_pruned_log_diverges(primary: Storage, tmp_path: Path) -> 
     assert primary.checksums() == sums
     assert primary.position() == Position(1, 3)
     assert not (tmp_path / "rb").exists()
+
+
+# ---- rollback files ----------------------------------------------------------------------
+
+
+def rewind_into(storage: Storage, path: Path, users: int = 1) -> int:
+    """Commit ``users`` users, then rewind them into the rollback file ``path``;
+    returns the file's size."""
+    start = storage.position().seq
+    for i in range(users):
+        add_user(storage, f"{path.stem}-{i}")
+    assert storage.rewind(start, path) == users
+    return path.stat().st_size
+
+
+def test_rollback_files_are_private(
+    primary: Storage, tmp_path: Path, permissive_umask: None
+) -> None:
+    path = tmp_path / "rollback" / "rewind-1.jsonl"
+    rewind_into(primary, path)
+    assert mode(path.parent) == 0o700
+    assert mode(path) == 0o600
 
 
 # ---- the log -----------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from . import datadir
 from .config import NodeConfig
 from .replication.runtime import Replicator
 from .server import Server
-from .storage import Storage
+from .storage import Storage, prune_rollback_files
 
 log = logging.getLogger("service.node")
 
@@ -59,6 +59,12 @@ class Node:
         datadir.prepare(config.data_dir)
         self.secret = load_or_create_secret(config.secret_file)
         self.storage = Storage(config.db_path, config.synchronous)
+        # Bounds lowered since the last run apply at once, not at the next rewind.
+        pruned = prune_rollback_files(
+            config.rollback_dir, config.rollback_max_files, config.rollback_max_bytes
+        )
+        if pruned:
+            log.info("rollback files pruned files=%s", ",".join(p.name for p in pruned))
         # Commits return before the fsync; the replicator's group sync does it.
         self.storage.defer_sync()
         self.replicator = Replicator(config, self.storage, self.secret)

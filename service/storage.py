@@ -81,6 +81,8 @@ Public API (the replication runtime and the chat layer depend on exactly this):
         .defer_sync() / .sync()                             group fsync (see Durability)
         .close()
 
+    prune_rollback_files(folder, max_files, max_bytes) -> list[Path]   the oldest go
+
     Batch
         .db -> Db
         .savepoint() -> context manager (rolls back one op's changes if it raises)
@@ -849,3 +851,26 @@ def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:
         os.fsync(out.fileno())
     if created:
         _fsync_dir(path.parent)
+
+
+def prune_rollback_files(folder: Path, max_files: int, max_bytes: int) -> list[Path]:
+    """Delete the oldest rollback files (``*.jsonl`` in ``folder``) beyond the newest
+    ``max_files`` or ``max_bytes`` in all; the newest file is always kept, whatever
+    its size. Returns the deleted paths, oldest first.
+
+    Rollback files hold removed records, deleted message bodies included, so the
+    bounds are also how long such content may outlive its deletion on disk."""
+    try:
+        entries = [(p.stat(), p) for p in Path(folder).glob("*.jsonl") if p.is_file()]
+    except FileNotFoundError:
+        return []
+    entries.sort(key=lambda entry: (entry[0].st_mtime_ns, entry[1].name), reverse=True)
+    kept_bytes = 0
+    doomed: list[Path] = []
+    for count, (info, path) in enumerate(entries, 1):
+        kept_bytes += info.st_size
+        if count > 1 and (count > max_files or kept_bytes > max_bytes):
+            doomed.append(path)
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed[::-1]

@@ -50,7 +50,16 @@ from .. import chat, protocol
 from ..config import NodeConfig
 from ..errors import ChatError, Internal, NotPrimary, Unavailable
 from ..peer import OPERATOR_ID, PeerLinks
-from ..storage import Batch, Db, Diverged, LogRecord, Position, Storage, SyncSet
+from ..storage import (
+    Batch,
+    Db,
+    Diverged,
+    LogRecord,
+    Position,
+    Storage,
+    SyncSet,
+    prune_rollback_files,
+)
 from .groupsync import GroupSync
 from .state import (
     Acknowledge,
@@ -844,6 +853,9 @@ class Replicator:
             return self._request_snapshot()
         new_position = self.storage.position()
         self._forget_unsynced()
+        pruned = prune_rollback_files(
+            rollback.parent, self.config.rollback_max_files, self.config.rollback_max_bytes
+        )
         log.info(
             format_fields(
                 "rewind",
@@ -853,6 +865,7 @@ class Replicator:
                     "to": new_position.seq,
                     "removed": removed,
                     "rollback": rollback.name,
+                    "pruned": ",".join(path.name for path in pruned) or "-",
                 },
             )
         )

@@ -7,6 +7,8 @@
   soon as the owner fixes the mode, and SIGTERM ends the wait at once.
 * Files of an older deployment that are open to others are tightened at start,
   and each change is logged.
+* Rollback files beyond ``rollback_max_files`` are pruned, oldest first, when
+  the node starts (and after each rewind: ``tests/cluster/test_catchup.py``).
 * A looked-up name outside the charset of names (a Kelvin sign for a ``k``) is
   refused by the node as ``invalid``, not matched to an account.
 """
@@ -126,6 +128,22 @@ def test_files_open_to_others_are_tightened_at_start_and_logged(
     log = node.log_text()
     assert f"tightened file mode path={node.db_path} from=0644 to=0600" in log
     assert f"tightened file mode path={cluster.secret_file} from=0644 to=0600" in log
+
+
+def test_rollback_files_beyond_the_bound_are_pruned_at_start(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory(n=1, rollback_max_files=2)
+    node = cluster[1]
+    folder = node.data_dir / "rollback"
+    folder.mkdir(mode=0o700, parents=True)
+    node.data_dir.chmod(0o700)
+    names = [f"rewind-{1763730000000 + i}.jsonl" for i in range(4)]
+    for name in names:
+        (folder / name).write_text('{"epoch": 1, "seq": 1, "changeset": ""}\n')
+    cluster.start()
+    assert sorted(p.name for p in folder.iterdir()) == names[2:]
+    assert f"rollback files pruned files={names[0]},{names[1]}" in node.log_text()
 
 
 def test_the_node_refuses_a_lookalike_name_as_invalid(cluster_factory: ClusterFactory) -> None:

@@ -24,6 +24,7 @@ from service.storage import (
     Position,
     Storage,
     SyncSet,
+    prune_rollback_files,
 )
 
 
@@ -426,6 +427,45 @@ def test_rollback_files_are_private(
     rewind_into(primary, path)
     assert mode(path.parent) == 0o700
     assert mode(path) == 0o600
+
+
+def test_rollback_files_beyond_the_count_are_pruned_oldest_first(
+    primary: Storage, tmp_path: Path
+) -> None:
+    folder = tmp_path / "rollback"
+    paths = [folder / f"rewind-{i:03d}.jsonl" for i in range(5)]
+    for path in paths:
+        rewind_into(primary, path)
+    (folder / "notes.txt").write_text("not a rollback file")
+    assert prune_rollback_files(folder, max_files=3, max_bytes=10**9) == paths[:2]
+    assert sorted(folder.iterdir()) == sorted([*paths[2:], folder / "notes.txt"])
+    assert prune_rollback_files(folder, max_files=3, max_bytes=10**9) == []
+
+
+def test_rollback_files_beyond_the_bytes_are_pruned(primary: Storage, tmp_path: Path) -> None:
+    folder = tmp_path / "rollback"
+    paths = [folder / f"rewind-{i:03d}.jsonl" for i in range(4)]
+    sizes = [rewind_into(primary, path, users=3) for path in paths]
+    # Room for the newest two files and not quite a third.
+    limit = sizes[3] + sizes[2] + sizes[1] - 1
+    assert prune_rollback_files(folder, max_files=100, max_bytes=limit) == paths[:2]
+    assert sorted(folder.iterdir()) == paths[2:]
+
+
+def test_the_newest_rollback_file_is_kept_whatever_its_size(
+    primary: Storage, tmp_path: Path
+) -> None:
+    folder = tmp_path / "rollback"
+    paths = [folder / f"rewind-{i:03d}.jsonl" for i in range(3)]
+    for path in paths:
+        rewind_into(primary, path, users=5)
+    assert prune_rollback_files(folder, max_files=20, max_bytes=1) == paths[:2]
+    assert list(folder.iterdir()) == [paths[2]]
+    assert len(paths[2].read_text().splitlines()) == 5
+
+
+def test_pruning_a_missing_rollback_folder_does_nothing(tmp_path: Path) -> None:
+    assert prune_rollback_files(tmp_path / "rollback", max_files=1, max_bytes=1) == []
 
 
 # ---- the log -----------------------------------------------------------------------------

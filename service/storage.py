@@ -835,8 +835,7 @@ class Storage:
 def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:
     """Append ``records`` to the rollback file ``path`` (0600, in a 0700 folder)."""
     path = Path(path)
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     with open(fd, "a", encoding="utf-8") as out:

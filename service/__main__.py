@@ -6,6 +6,9 @@
     python -m service --config FILE --set sync_timeout=2.0 --set synchronous=NORMAL
 
 Flags override the file. Logs go to stderr, one ``event key=value ...`` line each.
+
+Every file the node creates is private to its user (umask 077; see ``datadir``),
+and it starts only on a data dir that is.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from pathlib import Path
 import uvloop
 
 from . import config as config_module
+from . import datadir
 from .errors import ChatError
 from .node import Node
 
@@ -53,6 +57,9 @@ def parse_args(argv: list[str]) -> tuple[Path | None, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First: whatever this process creates (the database, its WAL, snapshots,
+    # rollback files, the secret) is 0600, folders 0700.
+    os.umask(datadir.PRIVATE_UMASK)
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import diskfaults
 
         diskfaults.install_from_environment()
+    if not datadir.wait_until_private(config.data_dir):
+        return 0
     # uvloop: the same asyncio API over libuv, with a cheaper loop iteration and
     # socket path; the node's hot path is many small reads and writes.
     uvloop.run(Node(config).run())

@@ -42,7 +42,14 @@ Decisions a user can see
   delete; all the ids of one request are deleted or none is.
 * ``mark_read`` quietly skips ids that are not the caller's unread messages
   (``listen`` marks what it showed, and a message may have been deleted since).
-* A search with no pattern, or an empty one, lists every account.
+* A search with no pattern, or an empty one, lists every account. Its
+  pattern is lower-cased in ASCII only, so a non-ASCII character matches no name.
+* Every name an operation looks up (``login``, ``send``'s ``to``, ``read``'s
+  ``with`` and ``from``) is checked against the charset of names before it is
+  lower-cased, so ``\u212aate`` (a Kelvin sign) is invalid, not ``kate``. A new
+  name must also hold a letter or a digit and not start with ``-`` (so not
+  ``-``, ``.``, ``..`` or ``_``); that rule is for registration only, so an
+  account made before it can still log in and receive messages.
 
 Invariants
 ----------
@@ -65,6 +72,7 @@ import hmac
 import json
 import re
 import secrets
+import string
 import unicodedata
 from collections.abc import Callable
 from typing import Any
@@ -102,6 +110,8 @@ SESSION_ENDED = "your session has ended; log in again"
 NOT_LOGGED_IN = "you are not logged in; log in first"
 
 _USERNAME = re.compile(r"[A-Za-z0-9_.\-]+")
+_HAS_ALNUM = re.compile(r"[A-Za-z0-9]")
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 _TOKEN_HASH = re.compile(r"[0-9a-f]{64}")
 _BODY_CONTROLS_ALLOWED = frozenset("\n\t")
 
@@ -172,11 +182,30 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def validate_username(name: object) -> str:
+def validate_name(name: object, field: str = "username") -> str:
+    """A user name as it may appear anywhere: the SPEC's ASCII charset, 1 to 50 long.
+
+    Every lookup goes through this before lower-casing (``_name_key``): Python's
+    ``lower`` maps some non-ASCII characters to ASCII letters (the Kelvin sign
+    U+212A to ``k``), which would let an invalid spelling reach an account."""
     if not isinstance(name, str):
-        raise InvalidInput("the username must be a string")
+        raise InvalidInput(f"the field '{field}' must be a user name")
     if not 1 <= len(name) <= MAX_USERNAME or not _USERNAME.fullmatch(name):
-        raise InvalidInput(f"a username has 1 to {MAX_USERNAME} characters among A-Z a-z 0-9 _ . -")
+        raise InvalidInput(
+            f"the field '{field}' is not a user name: a user name has 1 to {MAX_USERNAME} "
+            "characters among A-Z a-z 0-9 _ . -"
+        )
+    return name
+
+
+def validate_username(name: object) -> str:
+    """A new account's name: ``validate_name``, and not made only of ``_ . -`` nor
+    starting with ``-`` (it would read as an option, or as a path like ``..``).
+    Applied at registration only, so an older account with such a name can still
+    log in and be written to."""
+    name = validate_name(name)
+    if not _HAS_ALNUM.search(name) or name.startswith("-"):
+        raise InvalidInput("a username needs a letter or a digit and may not start with '-'")
     return name
 
 
@@ -203,8 +232,9 @@ def validate_body(body: object) -> str:
     return body
 
 
-def _name_key(name: str) -> str:
-    return name.lower()
+def _name_key(name: object, field: str = "username") -> str:
+    """The unique key of a name: validated first (see ``validate_name``), then lower case."""
+    return validate_name(name, field).lower()
 
 
 # ---- argument checks ---------------------------------------------------------------------
@@ -285,7 +315,10 @@ def session_user(db: Db, token_hash: str | None) -> tuple[int, str]:
 
 
 def user_auth(db: Db, username: str) -> tuple[int, str] | None:
-    """(user_id, password_hash) of a live account, for the server to verify a password."""
+    """(user_id, password_hash) of a live account, for the server to verify a password.
+
+    A string that is not a user name is InvalidInput: no account can have it, so
+    saying so tells nothing about which accounts exist."""
     if not isinstance(username, str):
         return None
     row = db.one(
@@ -295,11 +328,11 @@ def user_auth(db: Db, username: str) -> tuple[int, str] | None:
     return None if row is None else (int(row[0]), str(row[1]))
 
 
-def _find_user(db: Db, name: str) -> tuple[int, str, bool]:
+def _find_user(db: Db, name: str, field: str) -> tuple[int, str, bool]:
     """(id, stored name, deleted) of any account, deleted ones included, or NotFound."""
     row = db.one(
         "SELECT id, name, deleted_at IS NOT NULL FROM users WHERE name_key = ?",
-        (_name_key(name),),
+        (_name_key(name, field),),
     )
     if row is None:
         raise NotFound(f"no user named {name}")
@@ -360,8 +393,9 @@ def search(db: Db, token_hash: str | None, pattern: str | None, limit: int | Non
     if pattern is not None and len(pattern) > MAX_PATTERN:
         raise InvalidInput(f"a search pattern has at most {MAX_PATTERN} characters")
     limit = _int(DEFAULT_SEARCH_LIMIT if limit is None else limit, "limit", 1, MAX_LIMIT)
-    # GLOB on the lower-cased key; '[' is GLOB's only other special character.
-    glob = (pattern or "*").lower().replace("[", "[[]")
+    # GLOB on the lower-cased key; '[' is GLOB's only other special character. Only
+    # ASCII is lower-cased: str.lower() would turn a Kelvin sign into a 'k'.
+    glob = (pattern or "*").translate(_ASCII_LOWER).replace("[", "[[]")
     rows = db.execute(
         "SELECT name FROM users WHERE deleted_at IS NULL AND name_key GLOB ? "
         "ORDER BY name_key LIMIT ?",
@@ -435,7 +469,7 @@ def send(db: Db, now: float, args: Args, token_hash: str | None, request_id: str
     sender_id, sender = session_user(db, token_hash)
     to = _required_str(args, "to")
     body = validate_body(args.get("body"))
-    recipient_id, recipient, deleted = _find_user(db, to)
+    recipient_id, recipient, deleted = _find_user(db, to, "to")
     if deleted:
         raise Gone(f"the account {recipient} was deleted")
     row = db.one(
@@ -502,7 +536,7 @@ def _read_filter(db: Db, args: Args, user_id: int) -> tuple[str, list[Any], bool
     # has tombstoned every message of it (purge_deleted_inboxes).
     conditions, params = ["m.deleted_at IS NULL", "r.deleted_at IS NULL"], []
     if with_name is not None:
-        other = _find_user(db, with_name)[0]
+        other = _find_user(db, with_name, "with")[0]
         conditions.append(
             "((m.sender_id = ? AND m.recipient_id = ?) OR (m.sender_id = ? AND m.recipient_id = ?))"
         )
@@ -515,7 +549,7 @@ def _read_filter(db: Db, args: Args, user_id: int) -> tuple[str, list[Any], bool
         params.append(user_id)
         if from_name is not None:
             conditions.append("m.sender_id = ?")
-            params.append(_find_user(db, from_name)[0])
+            params.append(_find_user(db, from_name, "from")[0])
     if _bool(args, "unread"):
         conditions.append("m.read_at IS NULL")
     for field, operator in (("before", "<"), ("after", ">")):

@@ -12,7 +12,8 @@ turns failures into exit codes and one-sentence messages on stderr:
     1  refused by the service (``errors.Refused`` and the other non-retriable
        errors), or an unexpected failure ("internal error: ...")
     2  bad usage (typer's own usage errors, bad --servers/--timeout, no way to
-       read a password, mismatched passwords, a non-UTF-8 message on stdin)
+       read a password, mismatched passwords, a non-UTF-8 message on stdin, a
+       session folder that another user owns or every user may write to)
     3  no primary reachable within --timeout (``errors.Unavailable``)
     130  interrupted by Ctrl-C (except ``listen``, for which Ctrl-C is the normal end: 0)
 
@@ -24,7 +25,9 @@ Choices a user can see
   the session at login, else the three local nodes of ``supervisord.conf``.
 * The session is ``$CHATCTL_HOME/session.json`` (default
   ``$XDG_CONFIG_HOME/chatctl``, else ``~/.config/chatctl``): ``{"user",
-  "token", "servers"}``, written atomically with mode 0600 in a 0700 folder.
+  "token", "servers"}``, written atomically with mode 0600 in a 0700 folder
+  (missing parents are made 0700 too). A session folder that another user
+  owns or every user may write to is refused: it could hold a planted session.
   The token never appears on stdout. ``login`` replaces the session (and
   ends the one it replaces); ``logout`` removes the file even when the service
   says the session had already ended; it keeps it when no primary answers, so
@@ -36,6 +39,9 @@ Choices a user can see
   message object per line), ASCII-only so any terminal encoding round-trips;
   on failure nothing on stdout. The objects are documented in README.md
   ("chatctl" section); field names there are stable.
+* Text output shows message bodies (and every other line) with invisible and
+  direction-changing characters escaped (``visible``): what a terminal shows
+  is what was sent. ``--json`` carries the exact text.
 
 Invariants
 ----------
@@ -50,8 +56,10 @@ import asyncio
 import contextlib
 import json
 import os
+import stat
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +70,7 @@ import typer
 from . import errors
 from .client import DEFAULT_SERVERS, DEFAULT_TIMEOUT, Client, Result, SyncClient
 from .config import parse_address
+from .datadir import make_private_dirs
 
 T = TypeVar("T")
 
@@ -192,8 +201,30 @@ def session_dir() -> Path:
     return base / "chatctl"
 
 
+def checked_session_dir() -> Path:
+    """``session_dir()``, refused (exit 2) when it exists and another user owns it or
+    every user may write to it: whoever can write there could plant a session that
+    sends the next login's password to their own server, or read the token."""
+    folder = session_dir()
+    try:
+        info = folder.stat()
+    except FileNotFoundError:
+        return folder
+    if info.st_uid != os.geteuid():
+        raise UsageProblem(
+            f"the session folder {folder} belongs to another user; "
+            "set CHATCTL_HOME to a folder of your own"
+        )
+    if info.st_mode & stat.S_IWOTH:
+        raise UsageProblem(
+            f"the session folder {folder} is writable by every user; "
+            "set CHATCTL_HOME to a folder of your own"
+        )
+    return folder
+
+
 def session_path() -> Path:
-    return session_dir() / "session.json"
+    return checked_session_dir() / "session.json"
 
 
 def load_session() -> Session | None:
@@ -222,9 +253,10 @@ def require_session() -> Session:
 
 
 def save_session(session: Session) -> Path:
-    """Write the session atomically; the file is 0600 whatever the umask."""
-    folder = session_dir()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    """Write the session atomically; the file is 0600 whatever the umask, and any
+    folder made for it 0700."""
+    folder = checked_session_dir()
+    make_private_dirs(folder)
     path = folder / "session.json"
     temporary = folder / f".session.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
@@ -278,8 +310,49 @@ def emit_json(obj: object) -> None:
 
 
 def say(text: str) -> None:
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(visible(text) + "\n")
     sys.stdout.flush()
+
+
+def visible(text: str) -> str:
+    """``text`` as a terminal should show it: every character that would be invisible
+    or would change what the rest looks like is escaped, U+202E as ``\\u202e``.
+
+    Escaped: format characters (bidi overrides and isolates, zero-width spaces and
+    joiners, tags), controls other than newline and tab (a terminal escape would
+    be one), private-use, unassigned, line and paragraph separators and lone
+    surrogates. A zero-width joiner inside an emoji sequence is kept: it draws
+    one emoji out of several. ``--json`` shows the exact text instead."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char
+        if char in _SHOWN_AS_IS
+        or unicodedata.category(char) not in _INVISIBLE
+        or _joins_emoji(text, index)
+        else _escape(char)
+        for index, char in enumerate(text)
+    )
+
+
+_SHOWN_AS_IS = frozenset("\n\t")
+_INVISIBLE = frozenset({"Cc", "Cf", "Co", "Cn", "Cs", "Zl", "Zp"})
+_ZERO_WIDTH_JOINER = "\u200d"
+_EMOJI_PRESENTATION = "\ufe0f"
+
+
+def _joins_emoji(text: str, index: int) -> bool:
+    """Whether ``text[index]`` is a zero-width joiner between two emoji."""
+    if text[index] != _ZERO_WIDTH_JOINER or not 0 < index < len(text) - 1:
+        return False
+    before, after = text[index - 1], text[index + 1]
+    emoji_before = before == _EMOJI_PRESENTATION or unicodedata.category(before) in ("So", "Sk")
+    return emoji_before and unicodedata.category(after) == "So"
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def plural(count: int, word: str) -> str:
@@ -340,7 +413,7 @@ def with_client(
 
 
 def fail(message: str) -> None:
-    sys.stderr.write(f"chatctl: {message}\n")
+    sys.stderr.write(f"chatctl: {visible(message)}\n")
     sys.stderr.flush()
 
 
@@ -720,7 +793,7 @@ def listen(
 
 def note(text: str) -> None:
     """An informational line on stderr (stdout carries only messages)."""
-    sys.stderr.write(text + "\n")
+    sys.stderr.write(visible(text) + "\n")
     sys.stderr.flush()
 
 

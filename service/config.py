@@ -78,6 +78,11 @@ class NodeConfig:
     max_frame: int = 8 * 1024 * 1024
     idle_client_timeout: float = 300.0
     handshake_timeout: float = 5.0
+    # What a rewind removes is kept in rollback files for inspection; the oldest
+    # are deleted once there are more than this many or they hold more bytes.
+    # The newest file is always kept, even when it alone is larger.
+    rollback_max_files: int = 20
+    rollback_max_bytes: int = 64 * 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -99,6 +104,10 @@ class NodeConfig:
     def db_path(self) -> Path:
         return self.data_dir / "chat.db"
 
+    @property
+    def rollback_dir(self) -> Path:
+        return self.data_dir / "rollback"
+
     def validate(self) -> NodeConfig:
         ids = [p.node_id for p in self.nodes]
         if len(set(ids)) != len(ids):
@@ -115,6 +124,8 @@ class NodeConfig:
             raise InvalidInput("suspect_timeout must be at least three heartbeats")
         if self.log_retention < 1 or self.max_batch < 1:
             raise InvalidInput("log_retention and max_batch must be positive")
+        if self.rollback_max_files < 1 or self.rollback_max_bytes < 1:
+            raise InvalidInput("rollback_max_files and rollback_max_bytes must be positive")
         return self
 
 

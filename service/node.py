@@ -1,6 +1,6 @@
 """The composition root: one node, built from one frozen config, read top to bottom.
 
-    config ─► secret ─► storage ─► replicator (core + runtime + peer links) ─► server
+    config ─► data dir ─► secret ─► storage ─► replicator (core + runtime + peer links) ─► server
 
 ``run`` starts everything, waits for SIGTERM or SIGINT, and shuts down in the
 reverse order: stop accepting, stop replicating, close the database. Nothing
@@ -17,11 +17,11 @@ import secrets
 import signal
 from pathlib import Path
 
-from . import identity
+from . import datadir, identity
 from .config import NodeConfig
 from .replication.runtime import Replicator
 from .server import Server
-from .storage import Storage
+from .storage import Storage, prune_rollback_files
 
 log = logging.getLogger("service.node")
 
@@ -33,7 +33,7 @@ def load_or_create_secret(path: Path) -> bytes:
     it into place, which fails for all but the first, and then all read the winner.
     """
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
+        datadir.make_private_dirs(path.parent)
         candidate = path.with_name(f".{path.name}.{os.getpid()}")
         fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -44,6 +44,8 @@ def load_or_create_secret(path: Path) -> bytes:
         with contextlib.suppress(FileExistsError):
             os.link(candidate, path)
         candidate.unlink()
+    # A secret file made by hand, or before the node made its files private.
+    datadir.tighten(path)
     secret = path.read_bytes().strip()
     if len(secret) < 16:
         raise SystemExit(f"cluster secret in {path.name} is too short (at least 16 bytes)")
@@ -53,10 +55,17 @@ def load_or_create_secret(path: Path) -> bytes:
 class Node:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
-        config.data_dir.mkdir(parents=True, exist_ok=True)
+        # Created 0700, or refused unless private (``python -m service`` waits for that).
+        datadir.prepare(config.data_dir)
         self.secret = load_or_create_secret(config.secret_file)
         before = identity.observe(config.db_path)
         self.storage = Storage(config.db_path, config.synchronous)
+        # Bounds lowered since the last run apply at once, not at the next rewind.
+        pruned = prune_rollback_files(
+            config.rollback_dir, config.rollback_max_files, config.rollback_max_bytes
+        )
+        if pruned:
+            log.info("rollback files pruned files=%s", ",".join(p.name for p in pruned))
         # Commits return before the fsync; the replicator's group sync does it.
         self.storage.defer_sync()
         self.identity_path = config.data_dir / identity.FILE_NAME

@@ -47,6 +47,8 @@ Invariants
 * Every PRIMARY KEY is explicit (the session extension ignores tables without
   one) and no table uses AUTOINCREMENT: ids are ``max + 1`` of replicated rows,
   and rows are never deleted where reuse would matter (tombstones stay).
+* Every file this module creates (the database, snapshots, rollback files) is
+  mode 0600; SQLite gives ``-wal`` and ``-shm`` their database's mode.
 * apsw errors never leave this module: a constraint failure becomes
   ``ConstraintViolation`` (the chat layer maps it to a user error), anything
   else ``errors.Internal``.
@@ -79,6 +81,8 @@ Public API (the replication runtime and the chat layer depend on exactly this):
         .db -> Db                                           queries outside a batch
         .defer_sync() / .sync()                             group fsync (see Durability)
         .close()
+
+    prune_rollback_files(folder, max_files, max_bytes) -> list[Path]   the oldest go
 
     Batch
         .db -> Db
@@ -283,9 +287,20 @@ class Db:
         return int(self._conn.changes())
 
 
+def _create_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 unless it exists.
+
+    SQLite opens an empty file as a new database and gives its ``-wal`` and
+    ``-shm`` files the database file's mode, so all three hold the chat data
+    readable by this user only, whatever the process umask."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _connect(path: Path, synchronous: str, vfs: str | None = None) -> apsw.Connection:
     """Open a connection with every PRAGMA this project relies on; ``vfs`` None is
     SQLite's default VFS (another one only in tests: ``service.diskfaults``)."""
+    _create_private(path)
     with _translated():
         conn = apsw.Connection(str(path), vfs=vfs)
         # Two connections in this process (snapshots read beside the writer) wait
@@ -878,9 +893,12 @@ class Storage:
 
 
 def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:
+    """Append ``records`` to the rollback file ``path`` (0600, in a 0700 folder)."""
     path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     created = not path.exists()
-    with path.open("a", encoding="utf-8") as out:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with open(fd, "a", encoding="utf-8") as out:
         for record in records:
             line = {
                 "epoch": record.epoch,
@@ -892,3 +910,26 @@ def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:
         os.fsync(out.fileno())
     if created:
         _fsync_dir(path.parent)
+
+
+def prune_rollback_files(folder: Path, max_files: int, max_bytes: int) -> list[Path]:
+    """Delete the oldest rollback files (``*.jsonl`` in ``folder``) beyond the newest
+    ``max_files`` or ``max_bytes`` in all; the newest file is always kept, whatever
+    its size. Returns the deleted paths, oldest first.
+
+    Rollback files hold removed records, deleted message bodies included, so the
+    bounds are also how long such content may outlive its deletion on disk."""
+    try:
+        entries = [(p.stat(), p) for p in Path(folder).glob("*.jsonl") if p.is_file()]
+    except FileNotFoundError:
+        return []
+    entries.sort(key=lambda entry: (entry[0].st_mtime_ns, entry[1].name), reverse=True)
+    kept_bytes = 0
+    doomed: list[Path] = []
+    for count, (info, path) in enumerate(entries, 1):
+        kept_bytes += info.st_size
+        if count > 1 and (count > max_files or kept_bytes > max_bytes):
+            doomed.append(path)
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed[::-1]

@@ -50,7 +50,16 @@ from .. import chat, protocol
 from ..config import NodeConfig
 from ..errors import ChatError, Internal, InvalidInput, NotPrimary, Unavailable
 from ..peer import OPERATOR_ID, PeerLinks
-from ..storage import Batch, Db, Diverged, LogRecord, Position, Storage, SyncSet
+from ..storage import (
+    Batch,
+    Db,
+    Diverged,
+    LogRecord,
+    Position,
+    Storage,
+    SyncSet,
+    prune_rollback_files,
+)
 from .groupsync import GroupSync
 from .state import (
     Acknowledge,
@@ -882,8 +891,7 @@ class Replicator:
 
     def _rewind(self, to_seq: int) -> list[Effect]:
         position = self.storage.position()
-        rollback = self.config.data_dir / "rollback" / f"rewind-{int(time.time() * 1000)}.jsonl"
-        rollback.parent.mkdir(parents=True, exist_ok=True)
+        rollback = self.config.rollback_dir / f"rewind-{int(time.time() * 1000)}.jsonl"
         try:
             removed = self.storage.rewind(to_seq, rollback)
         except Diverged as exc:
@@ -898,6 +906,9 @@ class Replicator:
             return self._request_snapshot()
         new_position = self.storage.position()
         self._forget_unsynced()
+        pruned = prune_rollback_files(
+            rollback.parent, self.config.rollback_max_files, self.config.rollback_max_bytes
+        )
         log.info(
             format_fields(
                 "rewind",
@@ -907,6 +918,7 @@ class Replicator:
                     "to": new_position.seq,
                     "removed": removed,
                     "rollback": rollback.name,
+                    "pruned": ",".join(path.name for path in pruned) or "-",
                 },
             )
         )

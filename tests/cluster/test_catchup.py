@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import stat
 import subprocess
 import sys
 import threading
@@ -122,6 +123,7 @@ def test_old_primary_with_an_unreplicated_write_is_rewound(
     rollback = list((old.data_dir / "rollback").iterdir())
     assert rollback, "no rollback file for the rewound records"
     assert all(path.stat().st_size > 0 for path in rollback), rollback
+    assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in rollback), rollback
     finish(cluster, ledger)
 
 

@@ -149,6 +149,65 @@ def test_invalid_usernames(name: object) -> None:
         chat.validate_username(name)
 
 
+@pytest.mark.parametrize("name", ["-", ".", "..", "_", "._-", "-bob", "--help"])
+def test_new_names_need_a_letter_or_digit_and_no_leading_dash(svc: Service, name: str) -> None:
+    with pytest.raises(InvalidInput, match="letter or a digit"):
+        svc.register(name)
+    assert svc.db.value("SELECT count(*) FROM users") == 0
+
+
+@pytest.mark.parametrize("name", ["_bob", "bob-", ".x", "a..b", "0"])
+def test_names_with_punctuation_and_a_letter_or_digit_register(svc: Service, name: str) -> None:
+    svc.register(name)
+    assert chat.user_auth(svc.db, name) is not None
+
+
+# The Kelvin sign lower-cases to an ASCII 'k'; the others are simply not ASCII.
+LOOKALIKES = ["\u212aate", "\u212aATE", "kat\u0435", "kate\u200b", "ka\u0307te"]
+
+
+@pytest.mark.parametrize("name", LOOKALIKES)
+def test_login_refuses_a_name_outside_the_charset_before_lower_casing(
+    svc: Service, name: str
+) -> None:
+    svc.register("kate")
+    with pytest.raises(InvalidInput, match="not a user name"):
+        chat.user_auth(svc.db, name)
+    with pytest.raises(InvalidInput, match="not a user name"):
+        svc.login(name)
+    assert svc.db.value("SELECT count(*) FROM sessions") == 0
+
+
+@pytest.mark.parametrize("name", LOOKALIKES)
+def test_send_and_read_refuse_a_name_outside_the_charset(svc: Service, ann: str, name: str) -> None:
+    svc.register("kate")
+    with pytest.raises(InvalidInput, match="'to' is not a user name"):
+        svc.send(ann, name)
+    for field in ("with", "from"):
+        with pytest.raises(InvalidInput, match=f"'{field}' is not a user name"):
+            svc.read(ann, **{field: name})
+    assert svc.db.value("SELECT count(*) FROM messages") == 0
+
+
+def test_search_does_not_lower_case_a_kelvin_sign_into_k(svc: Service, ann: str) -> None:
+    svc.register("kate")
+    assert chat.search(svc.db, ann, "\u212a*")["users"] == []
+    assert chat.search(svc.db, ann, "K*")["users"] == ["kate"]
+
+
+def test_an_older_account_named_only_with_punctuation_still_works(svc: Service, ann: str) -> None:
+    # Registered before the stricter rule for new names: written as a node did then.
+    svc.db.execute(
+        "INSERT INTO users(id, name, name_key, password_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+        (99, "..", "..", PASSWORD_HASH, 1.0),
+    )
+    assert chat.user_auth(svc.db, "..") == (99, PASSWORD_HASH)
+    dots = svc.login("..")
+    svc.send(ann, "..", "still here")
+    assert [m["body"] for m in svc.read(dots)["messages"]] == ["still here"]
+    assert svc.ids(ann, **{"with": ".."}) == svc.ids(dots)
+
+
 @pytest.mark.parametrize("password", ["x" * 8, "x" * 256, "pass wörd ✓"])
 def test_valid_passwords(password: str) -> None:
     assert chat.validate_password(password) == password

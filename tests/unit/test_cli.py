@@ -306,6 +306,57 @@ def test_chatctl_home_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert cli.session_path() == tmp_path / "elsewhere" / "session.json"
 
 
+@pytest.mark.parametrize("wide", [0o777, 0o1777, 0o702])
+def test_a_session_folder_every_user_may_write_to_is_refused(
+    service: FakeService, home: Path, wide: int
+) -> None:
+    home.mkdir()
+    home.chmod(wide)
+    # A session someone else could have planted, pointing at their own server.
+    planted = {"user": "alice", "token": "t", "servers": ["203.0.113.9:7001"]}
+    (home / "session.json").write_text(json.dumps(planted))
+    expected = (
+        f"chatctl: the session folder {home} is writable by every user; "
+        "set CHATCTL_HOME to a folder of your own\n"
+    )
+    for args in (["login", "alice"], ["whoami"], ["status"], ["logout"]):
+        result = chatctl(*args, CHATCTL_PASSWORD=PASSWORD)
+        assert (result.exit_code, result.stdout, result.stderr) == (2, "", expected), args
+    assert service.calls == []
+    assert service.clients == []
+    assert json.loads((home / "session.json").read_text()) == planted
+
+
+def test_a_session_folder_of_another_user_is_refused(service: FakeService, home: Path) -> None:
+    home.mkdir(mode=0o700)
+    try:
+        os.chown(home, os.geteuid() + 4242, -1)
+    except PermissionError:
+        pytest.skip("only root can give a folder to another user")
+    result = chatctl("login", "alice", CHATCTL_PASSWORD=PASSWORD)
+    assert result.exit_code == 2
+    assert result.stderr == (
+        f"chatctl: the session folder {home} belongs to another user; "
+        "set CHATCTL_HOME to a folder of your own\n"
+    )
+    assert service.calls == []
+
+
+def test_missing_parents_of_the_session_folder_are_made_private(
+    service: FakeService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "config" / "chat" / "home"
+    monkeypatch.setenv("CHATCTL_HOME", str(home))
+    old = os.umask(0o022)
+    try:
+        chatctl("register", "alice", CHATCTL_PASSWORD=PASSWORD)
+        assert chatctl("login", "alice", CHATCTL_PASSWORD=PASSWORD).exit_code == 0
+    finally:
+        os.umask(old)
+    made = [tmp_path / "config", home.parent, home]
+    assert [stat.S_IMODE(p.stat().st_mode) for p in made] == [0o700] * 3
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -410,6 +461,51 @@ def test_text_output(alice: FakeService) -> None:
     assert lines[1].startswith(" ")
     assert chatctl("read").stdout.splitlines()[0].endswith("two")
     assert chatctl("delete-message", "1").stdout == "deleted message 1\n"
+
+
+# What a body may carry, and how text output shows it.
+SNEAKY = [
+    ("\u202e", "\\u202e"),  # right-to-left override
+    ("\u2066", "\\u2066"),  # left-to-right isolate
+    ("\u200b", "\\u200b"),  # zero-width space
+    ("\ufeff", "\\ufeff"),  # zero-width no-break space
+    ("\x1b[2J", "\\u001b[2J"),  # a terminal escape: clear the screen
+    ("\r", "\\u000d"),
+    ("\x85", "\\u0085"),  # next line (C1 control)
+    ("\ue000", "\\ue000"),  # private use
+    ("\u2028", "\\u2028"),  # line separator
+    ("\U000e0041", "\\U000e0041"),  # tag latin capital A (hides text)
+    ("\ud800", "\\ud800"),  # a lone surrogate
+    ("\U0010fffe", "\\U0010fffe"),  # a noncharacter, unassigned
+]
+# Shown as they are: ordinary text, and a joiner that draws one emoji of three.
+PLAIN = ["héllo", "שלום", "tab\there", "👨\u200d👩\u200d👧", "❤\ufe0f\u200d🔥", "👍🏽"]
+
+
+@pytest.mark.parametrize(("char", "shown"), SNEAKY)
+def test_text_output_escapes_invisible_and_direction_changing_characters(
+    alice: FakeService, char: str, shown: str
+) -> None:
+    alice.handle("send", {"to": "alice", "body": f"pay {char}100"}, "token-0")
+    text = chatctl("read").stdout
+    assert text.splitlines()[0].endswith(f"alice → alice  pay {shown}100")
+    assert char not in text
+    # listen shows messages the same way; --json carries the exact text.
+    assert chatctl("listen", "--after", "0").stdout == text
+    assert as_json(chatctl("read", "--json"))["messages"][0]["body"] == f"pay {char}100"
+
+
+def test_text_output_keeps_ordinary_text_newlines_tabs_and_emoji(alice: FakeService) -> None:
+    body = "\n".join(PLAIN)
+    alice.handle("send", {"to": "alice", "body": body}, "token-0")
+    lines = chatctl("read").stdout.splitlines()
+    assert lines[0].endswith(f"alice → alice  {PLAIN[0]}")
+    assert [line.lstrip(" ") for line in lines[1:]] == PLAIN[1:]
+
+
+def test_errors_are_escaped_too(alice: FakeService) -> None:
+    alice.fail_with = errors.NotFound("no user named \u202eevil")
+    assert chatctl("whoami").stderr == "chatctl: no user named \\u202eevil\n"
 
 
 def test_send_dash_reads_the_message_from_stdin(alice: FakeService) -> None:

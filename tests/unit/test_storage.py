@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +24,7 @@ from service.storage import (
     Position,
     Storage,
     SyncSet,
+    prune_rollback_files,
 )
 
 
@@ -65,6 +68,18 @@ def names(storage: Storage) -> list[str]:
     return [row[0] for row in storage.db.execute("SELECT name FROM users ORDER BY id")]
 
 
+@pytest.fixture
+def permissive_umask() -> Iterator[None]:
+    """The usual umask of a shell: files 0644 and folders 0755 unless made private."""
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
 # ---- opening -----------------------------------------------------------------------------
 
 
@@ -75,6 +90,19 @@ def test_open_sets_wal_full_sync_and_schema(primary: Storage) -> None:
     assert primary.db.value("PRAGMA user_version") == len(MIGRATIONS)
     tables = {row[0] for row in primary.db.execute("SELECT name FROM sqlite_master")}
     assert set(REPLICATED_TABLES) | {"txlog", "epochs", "node_state"} <= tables
+
+
+def test_the_database_and_its_wal_and_shm_are_private_whatever_the_umask(
+    tmp_path: Path, permissive_umask: None
+) -> None:
+    path = tmp_path / "chat.db"
+    storage = Storage(path)
+    add_user(storage, "ann")
+    snapshot = tmp_path / "snapshot.db"
+    storage.make_snapshot(snapshot)
+    files = [path, tmp_path / "chat.db-wal", tmp_path / "chat.db-shm", snapshot]
+    assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+    storage.close()
 
 
 def test_synchronous_can_be_relaxed_to_normal(tmp_path: Path) -> None:
@@ -377,6 +405,67 @@ def test_rewind_past_a_pruned_log_diverges(primary: Storage, tmp_path: Path) -> 
     assert primary.checksums() == sums
     assert primary.position() == Position(1, 3)
     assert not (tmp_path / "rb").exists()
+
+
+# ---- rollback files ----------------------------------------------------------------------
+
+
+def rewind_into(storage: Storage, path: Path, users: int = 1) -> int:
+    """Commit ``users`` users, then rewind them into the rollback file ``path``;
+    returns the file's size."""
+    start = storage.position().seq
+    for i in range(users):
+        add_user(storage, f"{path.stem}-{i}")
+    assert storage.rewind(start, path) == users
+    return path.stat().st_size
+
+
+def test_rollback_files_are_private(
+    primary: Storage, tmp_path: Path, permissive_umask: None
+) -> None:
+    path = tmp_path / "rollback" / "rewind-1.jsonl"
+    rewind_into(primary, path)
+    assert mode(path.parent) == 0o700
+    assert mode(path) == 0o600
+
+
+def test_rollback_files_beyond_the_count_are_pruned_oldest_first(
+    primary: Storage, tmp_path: Path
+) -> None:
+    folder = tmp_path / "rollback"
+    paths = [folder / f"rewind-{i:03d}.jsonl" for i in range(5)]
+    for path in paths:
+        rewind_into(primary, path)
+    (folder / "notes.txt").write_text("not a rollback file")
+    assert prune_rollback_files(folder, max_files=3, max_bytes=10**9) == paths[:2]
+    assert sorted(folder.iterdir()) == sorted([*paths[2:], folder / "notes.txt"])
+    assert prune_rollback_files(folder, max_files=3, max_bytes=10**9) == []
+
+
+def test_rollback_files_beyond_the_bytes_are_pruned(primary: Storage, tmp_path: Path) -> None:
+    folder = tmp_path / "rollback"
+    paths = [folder / f"rewind-{i:03d}.jsonl" for i in range(4)]
+    sizes = [rewind_into(primary, path, users=3) for path in paths]
+    # Room for the newest two files and not quite a third.
+    limit = sizes[3] + sizes[2] + sizes[1] - 1
+    assert prune_rollback_files(folder, max_files=100, max_bytes=limit) == paths[:2]
+    assert sorted(folder.iterdir()) == paths[2:]
+
+
+def test_the_newest_rollback_file_is_kept_whatever_its_size(
+    primary: Storage, tmp_path: Path
+) -> None:
+    folder = tmp_path / "rollback"
+    paths = [folder / f"rewind-{i:03d}.jsonl" for i in range(3)]
+    for path in paths:
+        rewind_into(primary, path, users=5)
+    assert prune_rollback_files(folder, max_files=20, max_bytes=1) == paths[:2]
+    assert list(folder.iterdir()) == [paths[2]]
+    assert len(paths[2].read_text().splitlines()) == 5
+
+
+def test_pruning_a_missing_rollback_folder_does_nothing(tmp_path: Path) -> None:
+    assert prune_rollback_files(tmp_path / "rollback", max_files=1, max_bytes=1) == []
 
 
 # ---- the log -----------------------------------------------------------------------------

@@ -23,6 +23,11 @@ from pathlib import Path
 
 from .errors import InvalidInput
 
+# Descriptors a node holds besides its connections (see ``NodeConfig.client_limit``).
+RESERVED_FILES = 64
+# A client frame limit must hold the largest legal request (see ``max_client_frame``).
+MIN_CLIENT_FRAME = 64 * 1024
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -75,7 +80,19 @@ class NodeConfig:
     # A retry with the same request id returns the first result within this window.
     request_retention: float = 3600.0
     max_batch: int = 512
+    # The frame limit of authenticated peer links (catch-up chunks, snapshots).
     max_frame: int = 8 * 1024 * 1024
+    # The frame limit of a client after the handshake. The largest legal request is
+    # a send of 4000 characters that are each written as a JSON surrogate-pair escape
+    # (12 bytes: 48,000 bytes), or a delete of 1000 ids of 19 digits (20,000 bytes);
+    # 64 KiB holds either with room for the envelope, and is far below max_frame.
+    max_client_frame: int = 64 * 1024
+    # Client connections served at once; 0 derives it from the process's file limit
+    # (see ``client_limit``). Over the limit a client is refused with ``busy``.
+    max_clients: int = 0
+    # Connections that have not finished their hello; a new one beyond this closes
+    # the oldest (a stranger's stalled handshake must not lock out a peer).
+    max_handshakes: int = 256
     idle_client_timeout: float = 300.0
     handshake_timeout: float = 5.0
     # What a rewind removes is kept in rollback files for inspection; the oldest
@@ -83,6 +100,12 @@ class NodeConfig:
     # The newest file is always kept, even when it alone is larger.
     rollback_max_files: int = 20
     rollback_max_bytes: int = 64 * 1024 * 1024
+    # How often the primary re-checks the session of every listen stream, so that a
+    # session ended any other way than by logout or account deletion ends its stream.
+    listen_check_interval: float = 5.0
+    # Repeated connection refusals (busy, bad hello, bad peer MAC) are logged at most
+    # once per interval per kind, with a count of those left out.
+    log_interval: float = 10.0
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -108,6 +131,20 @@ class NodeConfig:
     def rollback_dir(self) -> Path:
         return self.data_dir / "rollback"
 
+    def client_limit(self, open_files: int) -> int:
+        """How many client connections to serve with ``open_files`` descriptors.
+
+        Clients get what is left once the descriptors a node needs anyway are set
+        aside: the database and its WAL, shared memory and snapshot files, logs,
+        stdio, the event loop's own, up to two links per peer (an old one and its
+        replacement) and every unfinished handshake. A node at its limit thus still
+        accepts peers and answers with an error frame instead of failing to accept.
+        """
+        if self.max_clients > 0:
+            return self.max_clients
+        reserved = RESERVED_FILES + 2 * len(self.nodes) + self.max_handshakes
+        return max(1, open_files - reserved)
+
     def validate(self) -> NodeConfig:
         ids = [p.node_id for p in self.nodes]
         if len(set(ids)) != len(ids):
@@ -126,6 +163,14 @@ class NodeConfig:
             raise InvalidInput("log_retention and max_batch must be positive")
         if self.rollback_max_files < 1 or self.rollback_max_bytes < 1:
             raise InvalidInput("rollback_max_files and rollback_max_bytes must be positive")
+        if not MIN_CLIENT_FRAME <= self.max_client_frame <= self.max_frame:
+            raise InvalidInput(
+                f"max_client_frame must be from {MIN_CLIENT_FRAME} to max_frame ({self.max_frame})"
+            )
+        if self.max_clients < 0 or self.max_handshakes < 1:
+            raise InvalidInput("max_clients must be 0 (derived) or more, max_handshakes positive")
+        if self.listen_check_interval <= 0 or self.log_interval <= 0:
+            raise InvalidInput("listen_check_interval and log_interval must be positive")
         return self
 
 

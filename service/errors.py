@@ -15,7 +15,8 @@ this tree at the boundary where they occur; a traceback never reaches a user.
     │   ├── Conflict       conflict       the name is taken, the request id was reused
     │   └── Gone           gone           the account was deleted
     ├── Unavailable        unavailable    retriable: no primary yet, or writes waiting
-    │   └── NotPrimary     not_primary    retriable: ask the primary (``primary`` field)
+    │   ├── NotPrimary     not_primary    retriable: ask the primary (``primary`` field)
+    │   └── Busy           busy           retriable: the node has all the connections it takes
     ├── ProtocolViolation  protocol       the peer broke the wire protocol
     │   └── FrameTooLarge  too_large      a frame longer than the maximum
     └── Internal           internal       a bug or a storage failure on the node
@@ -90,6 +91,12 @@ class NotPrimary(Unavailable):
     code = "not_primary"
 
 
+class Busy(Unavailable):
+    """The node refused a connection: it serves as many as its file limit allows."""
+
+    code = "busy"
+
+
 class ProtocolViolation(ChatError):
     code = "protocol"
 
@@ -113,6 +120,7 @@ _BY_CODE: dict[str, type[ChatError]] = {
         Gone,
         Unavailable,
         NotPrimary,
+        Busy,
         ProtocolViolation,
         FrameTooLarge,
         Internal,

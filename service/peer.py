@@ -8,7 +8,10 @@ order they were sent, which the catch-up and snapshot streams rely on.
 Authentication: the dialer proves it holds the cluster secret with an HMAC
 over the acceptor's nonce, the acceptor answers with an HMAC over the dialer's
 nonce (see ``protocol``). A connection that fails either check is closed and
-logged; it never reaches the replication core.
+logged (rate-limited: a peer with another secret redials forever); it never
+reaches the replication core. Until then a connection is a stranger's and
+carries frames of at most ``protocol.MAX_HELLO_FRAME`` bytes; only an
+authenticated link carries frames up to ``max_frame``.
 
 The dialer reconnects with jittered exponential backoff (50 to 250 ms) for as long as
 the node runs: a node never exits because a peer is unreachable. Link changes
@@ -28,6 +31,7 @@ from typing import Any
 from . import protocol
 from .config import NodeConfig
 from .errors import ProtocolViolation
+from .throttle import ThrottledLog
 
 log = logging.getLogger("service.peer")
 
@@ -129,6 +133,10 @@ class PeerLinks:
 
     async def _dial_forever(self, peer: int, host: str, port: int) -> None:
         delay = 0.05
+        # A peer with another secret fails every redial (4 a second): log it sparingly.
+        failures = ThrottledLog(
+            log, logging.WARNING, "peer handshake failed", self.config.log_interval
+        )
         while self._running:
             try:
                 reader, writer = await asyncio.wait_for(
@@ -139,13 +147,14 @@ class PeerLinks:
                 delay = min(delay * 2, MAX_REDIAL)
                 continue
             try:
-                frames = FrameReader(reader, self.config.max_frame)
+                # The other end is a stranger until its welcome proves it holds the secret.
+                frames = FrameReader(reader, protocol.MAX_HELLO_FRAME)
                 await asyncio.wait_for(
                     self._dial_handshake(peer, frames, writer),
                     self.config.handshake_timeout,
                 )
             except (OSError, TimeoutError, ProtocolViolation, EOFError) as exc:
-                log.warning("peer handshake failed node=%s error=%s", peer, _one_line(exc))
+                failures.note(node=peer, error=_one_line(exc))
                 writer.close()
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, MAX_REDIAL)
@@ -175,6 +184,7 @@ class PeerLinks:
         if welcome.get("type") == "error":
             raise ProtocolViolation(f"refused by node {peer}: {welcome.get('message')}")
         protocol.check_peer_welcome(welcome, self.secret, my_nonce, self.config.node_id, peer)
+        frames.limit(self.config.max_frame)
 
     # ---- accepting -------------------------------------------------------------------
 
@@ -236,29 +246,46 @@ class PeerLinks:
 
 
 class FrameReader:
-    """Frames from a stream, one at a time, keeping any that arrived together."""
+    """Frames from a stream, one at a time, under a limit that may change between frames.
+
+    Frames are decoded one by one (``FrameDecoder.pop``), never ahead: a dialer may
+    pipeline frames behind its hello, and those are checked against the limit of
+    what the connection turned out to be (``limit``), not the handshake's. Reads are
+    no bigger than a frame under the limit, so a connection holds at most about
+    twice its limit in our buffers.
+    """
 
     def __init__(self, reader: asyncio.StreamReader, max_frame: int) -> None:
         self.reader = reader
         self.decoder = protocol.FrameDecoder(max_frame)
-        self._ready: list[protocol.Frame] = []
+        self.chunk = _chunk(max_frame)
+
+    def limit(self, max_frame: int) -> None:
+        """Frames from now on may be up to ``max_frame`` bytes long."""
+        self.decoder.max_frame = max_frame
+        self.chunk = _chunk(max_frame)
 
     async def next(self) -> protocol.Frame | None:
-        """The next frame, or None at a clean end of stream."""
-        while not self._ready:
-            data = await self.reader.read(READ_CHUNK)
+        """The next frame, or None at a clean end of stream. Cancelling it loses
+        nothing: bytes read are in the decoder before any frame is taken."""
+        while (frame := self.decoder.pop()) is None:
+            data = await self.reader.read(self.chunk)
             if not data:
                 if self.decoder.pending:
                     raise ProtocolViolation("connection closed in the middle of a frame")
                 return None
-            self._ready.extend(self.decoder.feed(data))
-        return self._ready.pop(0)
+            self.decoder.push(data)
+        return frame
 
     async def expect(self) -> protocol.Frame:
         frame = await self.next()
         if frame is None:
             raise EOFError("connection closed during the handshake")
         return frame
+
+
+def _chunk(max_frame: int) -> int:
+    return min(READ_CHUNK, max_frame + protocol.HEADER.size)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -4,8 +4,12 @@ Theory of operation
 -------------------
 A connection carries *frames*: a 4-byte big-endian unsigned length N followed
 by N bytes of UTF-8 JSON encoding one object with a string field ``type``.
-N is at most the node's ``max_frame`` (default 8 MiB); a longer length is a
-protocol violation and the connection is closed after an error frame.
+N is bounded by what the connection is: ``MAX_HELLO_FRAME`` (4 KiB) until the
+handshake ends, then the node's ``max_client_frame`` (64 KiB) for a client and
+``max_frame`` (8 MiB) for an authenticated peer. A longer length is a protocol
+violation, refused from the header alone (the body is never buffered), and the
+connection is closed after an error frame. So a stranger can make a node hold
+no more than a few KiB, and only the cluster's own nodes may send big frames.
 
 The server speaks first with ``hello`` (its version range and a random
 nonce). The dialer answers with ``hello`` naming the version it chose and its
@@ -26,6 +30,11 @@ Invariants
 ----------
 * ``FrameDecoder`` never raises for a short read: it buffers until a frame is
   whole, so input split at any offset decodes to the same frames.
+* A length over the decoder's limit raises as soon as its 4 header bytes are
+  in, so at most ``max_frame`` + 4 bytes of one frame are ever held.
+* ``pop`` decodes one frame at a time, so a reader may change the limit
+  between two frames (at the end of the handshake) and the new limit applies
+  to every frame after it, however TCP split them.
 * Decoding bad bytes raises ``ProtocolViolation`` (the peer broke the
   protocol); encoding a bad object raises ``TypeError`` (we did).
 """
@@ -47,6 +56,8 @@ PROTOCOL_MIN_VERSION = 1
 PROTOCOL_MAX_VERSION = 1
 SERVICE_NAME = "replicated-chat"
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
+# Before the handshake ends nobody is known: a hello is about 250 bytes.
+MAX_HELLO_FRAME = 4 * 1024
 HEADER = struct.Struct(">I")
 
 Frame = dict[str, Any]
@@ -104,26 +115,43 @@ class FrameDecoder:
         bytes never changes which frames are served."""
         if self._error is not None:
             raise self._error
-        self._buffer += data
+        self.push(data)
         frames: list[Frame] = []
         try:
-            while len(self._buffer) >= HEADER.size:
-                (length,) = HEADER.unpack_from(self._buffer)
-                if length > self.max_frame:
-                    raise FrameTooLarge(
-                        f"frame of {length} bytes exceeds the maximum of {self.max_frame}"
-                    )
-                end = HEADER.size + length
-                if len(self._buffer) < end:
-                    break
-                body = bytes(self._buffer[HEADER.size : end])
-                del self._buffer[:end]
-                frames.append(decode_body(body))
-        except ProtocolViolation as exc:
+            while (frame := self.pop()) is not None:
+                frames.append(frame)
+        except ProtocolViolation:
             if not frames:
                 raise
-            self._error = exc
         return frames
+
+    def push(self, data: bytes) -> None:
+        """Buffer ``data`` without decoding anything (see ``pop``)."""
+        self._buffer += data
+
+    def pop(self) -> Frame | None:
+        """The next whole frame, or None until more bytes come. A bad frame raises,
+        and so does every later call: the stream cannot be resynchronised."""
+        if self._error is not None:
+            raise self._error
+        try:
+            return self._pop()
+        except ProtocolViolation as exc:
+            self._error = exc
+            raise
+
+    def _pop(self) -> Frame | None:
+        if len(self._buffer) < HEADER.size:
+            return None
+        (length,) = HEADER.unpack_from(self._buffer)
+        if length > self.max_frame:
+            raise FrameTooLarge(f"frame of {length} bytes exceeds the maximum of {self.max_frame}")
+        end = HEADER.size + length
+        if len(self._buffer) < end:
+            return None
+        body = bytes(self._buffer[HEADER.size : end])
+        del self._buffer[:end]
+        return decode_body(body)
 
     @property
     def pending(self) -> int:

@@ -13,10 +13,33 @@ cut short) gets an error frame and the connection is closed; nothing else on
 the node notices. A connection that does not finish its hello within the
 handshake timeout, or stays idle past the idle timeout, is closed.
 
+Connections are bounded so that a node never runs out of file descriptors or
+memory because of strangers (the limits are in ``NodeConfig``):
+
+* at most ``max_handshakes`` connections may be in their handshake; a new one
+  beyond that closes the oldest (with a ``busy`` error frame), so stalled
+  handshakes cannot lock out a peer, whose handshake takes one round trip;
+* a client hello beyond ``client_limit`` connected clients gets a ``busy``
+  error frame instead of a welcome (the client tries another node); peers are
+  never refused for capacity, they are authenticated by their hello instead;
+* frames are limited to ``MAX_HELLO_FRAME`` until the hello, then
+  ``max_client_frame`` for a client, ``max_frame`` for a peer; a declared
+  length over the limit is refused from its header, before any body is read.
+
+Refusals are logged with the dialer's address, at most once per
+``log_interval`` per kind, with a count of the others (``throttle``).
+
 ``listen`` registers the session for pushes: after the backlog (read on the
 primary and released once acknowledged), every message sent to the user is
 pushed when its write is acknowledged, never before (R7). When the node stops
 being primary, listening connections are closed so clients resume elsewhere.
+A stream lives only as long as its session: an acknowledged ``logout`` ends the
+streams opened with that token, an acknowledged ``delete_account`` every stream
+of the user, with an ``auth_failed`` error frame carrying the listen's request
+id; and the session is checked again before each push and every
+``listen_check_interval``, so a session that ends any other way ends its stream
+too. A live stream keeps its connection open however long the client is
+silent; once the stream has ended the idle timeout applies again.
 """
 
 from __future__ import annotations
@@ -24,32 +47,48 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
+from collections.abc import Iterable
 from typing import Any
 
 from . import chat, protocol
 from .config import NodeConfig
-from .errors import AuthFailed, ChatError, Internal, InvalidInput, ProtocolViolation
+from .errors import AuthFailed, Busy, ChatError, Internal, InvalidInput, ProtocolViolation
 from .peer import OPERATOR_ID, FrameReader
 from .replication.runtime import Replicator
 from .replication.state import Role
 from .storage import Db
+from .throttle import ThrottledLog
 
 log = logging.getLogger("service.server")
 
 MAX_IN_FLIGHT = 256
 MAX_UNREAD = 16 * 1024 * 1024
 LISTEN_QUEUE = 10_000
+# Every connection is read without pause, so the StreamReader's buffer only holds a
+# burst the event loop has not got to yet; the transport stops reading at twice this.
+STREAM_LIMIT = 256 * 1024
+MAX_ID = 2**63 - 1
 
 
 class Listener:
-    """One ``listen`` stream: messages for ``user_id`` after ``last_id``."""
+    """One ``listen`` stream: messages for ``user_id`` after ``last_id``, for as long
+    as the session of ``token_hash`` lives."""
 
-    def __init__(self, session: ClientSession, request_id: str, user_id: int) -> None:
+    def __init__(
+        self,
+        session: ClientSession,
+        request_id: str,
+        user: tuple[int, str],
+        token_hash: str | None,
+    ) -> None:
         self.session = session
         self.request_id = request_id
-        self.user_id = user_id
+        self.user_id, self.user_name = user
+        self.token_hash = token_hash
         self.last_id = 0
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(LISTEN_QUEUE)
+        # Messages to push; a ChatError ends the stream with that error.
+        self.queue: asyncio.Queue[dict[str, Any] | ChatError] = asyncio.Queue(LISTEN_QUEUE)
 
     def push(self, message: dict[str, Any]) -> None:
         try:
@@ -59,6 +98,33 @@ class Listener:
             # the last message it saw when it reconnects.
             self.session.close()
 
+    def end(self, reason: ChatError) -> None:
+        """Push nothing more; the stream ends with ``reason`` after what is queued."""
+        self.session.forget(self)
+        try:
+            self.queue.put_nowait(reason)
+        except asyncio.QueueFull:
+            self.session.close()
+
+
+def session_ended() -> ChatError:
+    return AuthFailed(chat.SESSION_ENDED)
+
+
+def ended_sessions(db: Db, token_hashes: Iterable[str | None]) -> set[str | None]:
+    """The token hashes among ``token_hashes`` whose session is no longer live."""
+    ended: set[str | None] = set()
+    for token_hash in token_hashes:
+        try:
+            chat.session_user(db, token_hash)
+        except AuthFailed:
+            ended.add(token_hash)
+    return ended
+
+
+def open_file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
 
 class Server:
     def __init__(self, config: NodeConfig, replicator: Replicator) -> None:
@@ -66,17 +132,45 @@ class Server:
         self.replicator = replicator
         self.listeners: dict[int, set[Listener]] = {}
         self.sessions: set[ClientSession] = set()
+        # Connections in their handshake, oldest first, with the dialer's address.
+        self.handshakes: dict[asyncio.StreamWriter, str] = {}
+        self.open_files = open_file_limit()
+        self.client_limit = config.client_limit(self.open_files)
         self._server: asyncio.Server | None = None
+        self._checker: asyncio.Task[None] | None = None
+        interval = config.log_interval
+        self._busy = ThrottledLog(log, logging.WARNING, "client refused: busy", interval)
+        self._crowded = ThrottledLog(
+            log, logging.WARNING, "closed the oldest unfinished handshake", interval
+        )
+        self._bad_hello = ThrottledLog(log, logging.INFO, "connection refused at hello", interval)
+        self._bad_peer = ThrottledLog(log, logging.WARNING, "peer hello refused", interval)
         replicator.message_hooks.append(self._on_message)
         replicator.role_hooks.append(self._on_role)
+        replicator.session_hooks.append(self._on_session_end)
 
     async def start(self) -> None:
         me = self.config.me
         self._server = await asyncio.start_server(
-            self._handle, me.host, me.port, reuse_address=True, limit=2**20
+            self._handle, me.host, me.port, reuse_address=True, limit=STREAM_LIMIT
         )
+        self._checker = asyncio.get_running_loop().create_task(self._check_listeners_forever())
+        log.info(
+            "connection limits node=%s max_clients=%s max_handshakes=%s open_files=%s",
+            self.config.node_id,
+            self.client_limit,
+            self.config.max_handshakes,
+            self.open_files,
+        )
+        if self.client_limit + self.config.max_handshakes >= self.open_files:
+            log.warning(
+                "max_clients and max_handshakes leave no descriptors for the database and "
+                "peers: raise the file limit (supervisord minfds, ulimit -n) or lower them"
+            )
 
     async def close(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
         if self._server is not None:
             self._server.close()
         for session in list(self.sessions):
@@ -85,55 +179,149 @@ class Server:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
+    def all_listeners(self) -> list[Listener]:
+        return [listener for group in self.listeners.values() for listener in group]
+
     def _on_message(self, recipient_id: int, message: dict[str, Any]) -> None:
         for listener in list(self.listeners.get(recipient_id, ())):
             listener.push(message)
 
     def _on_role(self, role: Role) -> None:
         if role is not Role.PRIMARY:
-            for listeners in list(self.listeners.values()):
-                for listener in list(listeners):
-                    listener.session.close()
+            for listener in self.all_listeners():
+                listener.session.close()
+
+    def _on_session_end(self, op: str, token_hash: str | None, result: dict[str, Any]) -> None:
+        """An acknowledged logout or delete_account: end the streams it left without a
+        session (logout: those of its token; delete_account: every one of the user)."""
+        for listener in self.all_listeners():
+            if op == "logout":
+                ended = listener.token_hash == token_hash
+            else:
+                ended = listener.user_name == result.get("user")
+            if ended:
+                listener.end(session_ended())
+
+    async def _check_listeners_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.listen_check_interval)
+            try:
+                await self._end_dead_listeners()
+            except ChatError:
+                pass  # no longer primary: the role hook closed the streams
+            except Exception:
+                log.exception("checking the sessions of listen streams failed")
+
+    async def _end_dead_listeners(self) -> None:
+        listeners = self.all_listeners()
+        if not listeners or self.replicator.role is not Role.PRIMARY:
+            return
+        hashes = {listener.token_hash for listener in listeners}
+        ended, seen = self.replicator.storage.read(lambda db: ended_sessions(db, hashes))
+        if ended:
+            # The end of a session is told only once it is acknowledged (R7).
+            await self.replicator.wait_acked(seen)
+            for listener in listeners:
+                if listener.token_hash in ended:
+                    listener.end(session_ended())
+
+    # ---- accepting connections -----------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        frames = FrameReader(reader, self.config.max_frame)
-        nonce = protocol.new_nonce()
+        address = _dialer_address(writer)
+        frames = FrameReader(reader, protocol.MAX_HELLO_FRAME)
+        self._make_room_for_a_handshake()
+        self.handshakes[writer] = address
         try:
-            writer.write(protocol.encode_frame(protocol.server_hello(self.config.node_id, nonce)))
-            hello = await asyncio.wait_for(frames.expect(), self.config.handshake_timeout)
-            role = hello.get("role")
-            if (
-                hello.get("type") != "hello"
-                or hello.get("version") != protocol.PROTOCOL_MAX_VERSION
-            ):
-                raise ProtocolViolation("expected a hello with a supported version first")
-            if role == "peer":
-                node, welcome = self.replicator.links.welcome(hello, nonce)
-                writer.write(protocol.encode_frame(welcome))
-                if node == OPERATOR_ID:
-                    await asyncio.wait_for(
-                        self.replicator.links.serve_operator(frames, writer),
-                        self.config.handshake_timeout,
-                    )
-                    return
-                await self.replicator.links.run_link(node, frames, writer)
-                return
-            if role != "client":
-                raise ProtocolViolation("hello 'role' must be 'client' or 'peer'")
-            writer.write(protocol.encode_frame(self._welcome()))
+            welcomed = await self._handshake(frames, writer, address)
         except (ProtocolViolation, EOFError, TimeoutError, ConnectionError, OSError) as exc:
             if isinstance(exc, ProtocolViolation):
-                log.info("connection refused at handshake error=%s", _one_line(exc))
-                with contextlib.suppress(Exception):
-                    writer.write(protocol.encode_frame(protocol.error(None, exc.to_wire())))
+                self._bad_hello.note(address=address, error=_one_line(exc))
+                _refuse(writer, exc)
             writer.close()
             return
+        finally:
+            self.handshakes.pop(writer, None)
+        if welcomed is None:
+            return
+        role, node = welcomed
+        if role == "peer":
+            frames.limit(self.config.max_frame)
+            await self._serve_peer(node, frames, writer)
+            return
+        frames.limit(self.config.max_client_frame)
         session = ClientSession(self, frames, writer)
         self.sessions.add(session)
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+
+    async def _handshake(
+        self, frames: FrameReader, writer: asyncio.StreamWriter, address: str
+    ) -> tuple[str, int] | None:
+        """Our hello, theirs, our welcome: ("peer", node) or ("client", 0) once
+        welcomed, None once refused (the error frame is sent and logged)."""
+        nonce = protocol.new_nonce()
+        writer.write(protocol.encode_frame(protocol.server_hello(self.config.node_id, nonce)))
+        hello = await asyncio.wait_for(frames.expect(), self.config.handshake_timeout)
+        if writer.is_closing():
+            raise EOFError("closed to make room for a newer handshake")
+        role = hello.get("role")
+        if hello.get("type") != "hello" or hello.get("version") != protocol.PROTOCOL_MAX_VERSION:
+            raise ProtocolViolation("expected a hello with a supported version first")
+        if role == "peer":
+            try:
+                node, welcome = self.replicator.links.welcome(hello, nonce)
+            except ProtocolViolation as exc:
+                claimed = hello.get("node")
+                self._bad_peer.note(
+                    address=address,
+                    node=claimed if isinstance(claimed, int) else "?",
+                    error=_one_line(exc),
+                )
+                _refuse(writer, exc)
+                return None
+            writer.write(protocol.encode_frame(welcome))
+            return "peer", node
+        if role != "client":
+            raise ProtocolViolation("hello 'role' must be 'client' or 'peer'")
+        if len(self.sessions) >= self.client_limit:
+            self._busy.note(address=address, clients=len(self.sessions))
+            _refuse(
+                writer,
+                Busy(
+                    f"node {self.config.node_id} serves as many clients as it can "
+                    f"({self.client_limit}); try another node or again later"
+                ),
+            )
+            return None
+        writer.write(protocol.encode_frame(self._welcome()))
+        return "client", 0
+
+    def _make_room_for_a_handshake(self) -> None:
+        if len(self.handshakes) < self.config.max_handshakes:
+            return
+        oldest, address = next(iter(self.handshakes.items()))
+        del self.handshakes[oldest]
+        self._crowded.note(address=address, handshakes=self.config.max_handshakes)
+        _refuse(oldest, Busy("too many connections are in their handshake; try again"))
+
+    async def _serve_peer(
+        self, node: int, frames: FrameReader, writer: asyncio.StreamWriter
+    ) -> None:
+        if node != OPERATOR_ID:
+            await self.replicator.links.run_link(node, frames, writer)
+            return
+        try:
+            await asyncio.wait_for(
+                self.replicator.links.serve_operator(frames, writer),
+                self.config.handshake_timeout,
+            )
+        except (ProtocolViolation, EOFError, TimeoutError, ConnectionError, OSError) as exc:
+            if isinstance(exc, ProtocolViolation):
+                _refuse(writer, exc)
+            writer.close()
 
     def _welcome(self) -> protocol.Frame:
         return {
@@ -159,6 +347,12 @@ class ClientSession:
     def close(self) -> None:
         self.writer.close()
 
+    def forget(self, listener: Listener) -> None:
+        """``listener`` gets no more pushes."""
+        self.server.listeners.get(listener.user_id, set()).discard(listener)
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
     def send(self, frame: protocol.Frame) -> None:
         if self.writer.is_closing():
             return
@@ -170,21 +364,34 @@ class ClientSession:
         self.writer.write(protocol.encode_frame(frame))
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self.server.config.idle_client_timeout
+        last_frame = loop.time()
         try:
             while True:
-                # A listening client may stay silent for as long as it likes.
-                idle = None if self.listeners else self.server.config.idle_client_timeout
-                frame = await asyncio.wait_for(self.frames.next(), idle)
+                # A client with a live listen stream may stay silent for as long as it
+                # likes; once its streams have ended (a session that ended, say), the
+                # idle timeout counts from its last frame again.
+                left = last_frame + idle - loop.time()
+                if left <= 0 and not self.listeners:
+                    break
+                try:
+                    frame = await asyncio.wait_for(
+                        self.frames.next(), idle if self.listeners else left
+                    )
+                except TimeoutError:
+                    continue
                 if frame is None:
                     break
+                last_frame = loop.time()
                 self._dispatch(frame)
         except ProtocolViolation as exc:
             self.send(protocol.error(None, exc.to_wire()))
-        except (TimeoutError, ConnectionError, OSError):
+        except (ConnectionError, OSError):
             pass
         finally:
-            for listener in self.listeners:
-                self.server.listeners.get(listener.user_id, set()).discard(listener)
+            for listener in list(self.listeners):
+                self.forget(listener)
             for task in list(self.tasks):
                 task.cancel()
             self.writer.close()
@@ -278,37 +485,89 @@ class ClientSession:
     async def _listen(self, request_id: str, args: dict[str, Any], token: str | None) -> None:
         replicator = self.replicator
         token_hash = chat.hash_token(token) if token is not None else None
-        after = args.get("after")
-        if after is not None and (not isinstance(after, int) or isinstance(after, bool)):
-            raise InvalidInput("'after' must be a message id")
+        after = _listen_after(args)
         replicator.require_primary()
 
-        def start(db: Db) -> tuple[int, list[dict[str, Any]]]:
-            user_id, _name = chat.session_user(db, token_hash)
-            return user_id, chat.backlog(db, user_id, after)
+        def start(db: Db) -> tuple[tuple[int, str], list[dict[str, Any]]]:
+            user = chat.session_user(db, token_hash)
+            return user, chat.backlog(db, user[0], after)
 
         # Read the backlog and register in one synchronous step: a message committed
         # after the read is acknowledged (and pushed) only after we listen, so it is
         # either in the backlog or pushed, never lost (duplicates are dropped by id).
-        (user_id, backlog), seen = replicator.storage.read(start)
-        listener = Listener(self, request_id, user_id)
-        self.server.listeners.setdefault(user_id, set()).add(listener)
+        (user, backlog), seen = replicator.storage.read(start)
+        listener = Listener(self, request_id, user, token_hash)
+        self.server.listeners.setdefault(listener.user_id, set()).add(listener)
         self.listeners.append(listener)
-        await replicator.wait_acked(seen)
-        self.send(protocol.reply(request_id, {"listening": True}))
-        if after is not None:
-            listener.last_id = after
-        for message in backlog:
-            self._push(listener, message)
-        while True:
-            message = await listener.queue.get()
-            self._push(listener, message)
+        try:
+            await replicator.wait_acked(seen)
+            self.send(protocol.reply(request_id, {"listening": True}))
+            if after is not None:
+                listener.last_id = after
+            for message in backlog:
+                self._push(listener, message)
+            while True:
+                await self._push_queued(listener)
+        finally:
+            self.forget(listener)
+
+    async def _push_queued(self, listener: Listener) -> None:
+        """Wait for pushes, then send every queued one, if the session still lives."""
+        items = [await listener.queue.get()]
+        while not listener.queue.empty():
+            items.append(listener.queue.get_nowait())
+        messages = [item for item in items if not isinstance(item, ChatError)]
+        if messages:
+            await self._require_session(listener)
+            for message in messages:
+                self._push(listener, message)
+        for item in items:
+            if isinstance(item, ChatError):
+                raise item
+
+    async def _require_session(self, listener: Listener) -> None:
+        """Raise ``auth_failed`` if the listener's session has ended (once that end is
+        acknowledged: a logout lost in a failover did not end anything)."""
+        ended, seen = self.replicator.storage.read(
+            lambda db: ended_sessions(db, [listener.token_hash])
+        )
+        if ended:
+            await self.replicator.wait_acked(seen)
+            raise session_ended()
 
     def _push(self, listener: Listener, message: dict[str, Any]) -> None:
         if int(message["id"]) <= listener.last_id:
             return
         listener.last_id = int(message["id"])
         self.send(protocol.event(listener.request_id, message))
+
+
+def _listen_after(args: dict[str, Any]) -> int | None:
+    """``listen``'s arguments: ``after``, null or a message id (SQLite's integers are
+    signed 64-bit: a larger one must be refused here, not overflow in a query)."""
+    unknown = sorted(set(args) - {"after"})
+    if unknown:
+        raise InvalidInput(f"unknown field '{unknown[0]}' for listen")
+    after = args.get("after")
+    if after is None:
+        return None
+    if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_ID:
+        raise InvalidInput(f"the field 'after' must be null or a whole number from 0 to {MAX_ID}")
+    return after
+
+
+def _refuse(writer: asyncio.StreamWriter, exc: ChatError) -> None:
+    """Send the error frame about a whole connection and close it."""
+    with contextlib.suppress(Exception):
+        writer.write(protocol.encode_frame(protocol.error(None, exc.to_wire())))
+    writer.close()
+
+
+def _dialer_address(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return f"{peer[0]}:{peer[1]}"
+    return "?"
 
 
 def chat_auth_failed() -> ChatError:

@@ -102,6 +102,9 @@ YIELDS_BETWEEN_BATCHES = 3
 PRUNE_EVERY = 5.0
 
 MessageHook = Callable[[int, dict[str, Any]], None]
+# (op, token hash, result) of an acknowledged write that ended sessions.
+SessionHook = Callable[[str, str | None, dict[str, Any]], None]
+SESSION_ENDING_OPS = frozenset({"logout", "delete_account"})
 T = TypeVar("T")
 
 
@@ -206,6 +209,7 @@ class Replicator:
         self.tail: deque[LogRecord] = deque()
         self.tail_bytes = 0
         self.message_hooks: list[MessageHook] = []
+        self.session_hooks: list[SessionHook] = []
         self.role_hooks: list[Callable[[Role], None]] = []
         self.proven_hooks: list[Callable[[], None]] = []
         self.incoming_snapshot: tuple[Path, int] | None = None
@@ -642,6 +646,9 @@ class Replicator:
                 # client timed out): a listener must not miss an acknowledged message.
                 for hook in self.message_hooks:
                     hook(int(outcome.get("recipient_id", -1)), outcome["message"])
+            if exc is None and item.op in SESSION_ENDING_OPS and not isinstance(outcome, ChatError):
+                for session_hook in self.session_hooks:
+                    session_hook(item.op, item.token_hash, outcome)
             if item.future.done():
                 return
             if exc is not None:

@@ -123,7 +123,11 @@ def test_the_repo_supervisord_conf_runs_the_three_repo_nodes(tmp_path: Path) -> 
         assert relative == Path("ops", "nodes", f"node{node_id}.conf")
         configs[node_id] = load(REPO_ROOT / relative, {})
 
+    # The nodes inherit supervisord's file limit: enough for their derived client
+    # limit to be well above a handful, with room for the database and the peers.
+    assert options.minfds >= 4096, "supervisord must raise the file limit (minfds)"
     for node_id, config in configs.items():
+        assert config.client_limit(options.minfds) >= 3000, config
         assert config.node_id == node_id
         assert config.nodes == configs[1].nodes, "every node knows the same cluster"
         assert config.secret_file.resolve() == (REPO_ROOT / "var" / "cluster.secret").resolve()

@@ -1,0 +1,188 @@
+"""The pieces of connection handling that need no node process.
+
+* ``FrameDecoder.pop`` decodes one frame at a time, so a limit changed between
+  two frames applies to the second even when both arrived in one read; a
+  declared length over the limit raises from the header alone.
+* The client frame limit holds the largest legal requests, written in the most
+  verbose JSON a client may send (every character escaped).
+* ``NodeConfig.client_limit`` leaves room for the database, peers and
+  handshakes under the file limit, and an explicit ``max_clients`` wins.
+* ``ThrottledLog`` writes the first event at once and then one line per
+  interval, and its lines account for every event.
+* ``ended_sessions`` names exactly the token hashes without a live session
+  (logged out, account deleted, never logged in), on a real database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service import chat, protocol
+from service.config import MIN_CLIENT_FRAME, RESERVED_FILES, NodeConfig, Peer
+from service.errors import FrameTooLarge, InvalidInput
+from service.server import ended_sessions
+from service.storage import Storage
+from service.throttle import ThrottledLog
+
+# ---- frames -------------------------------------------------------------------------------------
+
+
+def test_a_new_limit_applies_to_the_frames_after_it_even_if_they_arrived_together() -> None:
+    hello = protocol.encode_frame(protocol.client_hello(1))
+    big = protocol.encode_frame({"type": "request", "pad": "x" * 10_000})
+    decoder = protocol.FrameDecoder(protocol.MAX_HELLO_FRAME)
+    decoder.push(hello + big)
+    assert decoder.pop() == protocol.client_hello(1)
+    decoder.max_frame = MIN_CLIENT_FRAME
+    frame = decoder.pop()
+    assert frame is not None
+    assert frame["pad"] == "x" * 10_000
+    assert decoder.pop() is None
+
+
+def test_a_frame_over_the_limit_raises_from_its_header_and_ever_after() -> None:
+    decoder = protocol.FrameDecoder(protocol.MAX_HELLO_FRAME)
+    decoder.push(protocol.HEADER.pack(protocol.DEFAULT_MAX_FRAME))
+    with pytest.raises(FrameTooLarge):
+        decoder.pop()
+    decoder.push(b"{}")
+    with pytest.raises(FrameTooLarge):
+        decoder.pop()
+
+
+def _escaped(frame: protocol.Frame) -> bytes:
+    return json.dumps(frame, ensure_ascii=True).encode()
+
+
+def test_the_largest_legal_requests_fit_the_client_frame_limit() -> None:
+    limit = NodeConfig(1, Path("."), (Peer(1, "h", 1),), Path("s")).max_client_frame
+    request_id = "\U0001f600" * protocol.MAX_REQUEST_ID
+    token = "t" * 64
+    widest = protocol.request(
+        "send",
+        request_id,
+        {"to": "\u00e9" * chat.MAX_USERNAME, "body": "\U0001f600" * chat.MAX_BODY},
+        token,
+    )
+    most = protocol.request("mark_read", request_id, {"ids": [2**63 - 1] * chat.MAX_IDS}, token)
+    for request in (widest, most):
+        assert len(_escaped(request)) < limit
+    assert limit >= MIN_CLIENT_FRAME
+    assert limit * 100 < protocol.DEFAULT_MAX_FRAME
+
+
+# ---- the client limit ---------------------------------------------------------------------------
+
+
+def _config(**settings: int) -> NodeConfig:
+    nodes = tuple(Peer(i, "127.0.0.1", 7000 + i) for i in (1, 2, 3))
+    return NodeConfig(1, Path("."), nodes, Path("s"), **settings).validate()  # type: ignore[arg-type]
+
+
+def test_the_client_limit_leaves_room_under_the_file_limit() -> None:
+    config = _config()
+    limit = config.client_limit(1024)
+    assert limit == 1024 - RESERVED_FILES - 2 * 3 - config.max_handshakes
+    assert limit + config.max_handshakes + 2 * 3 < 1024
+    assert config.client_limit(4096) > 3000
+    assert config.client_limit(10) == 1  # a tiny limit still serves someone
+
+
+def test_an_explicit_max_clients_wins_and_bad_limits_are_refused() -> None:
+    assert _config(max_clients=7).client_limit(1024) == 7
+    with pytest.raises(InvalidInput):
+        _config(max_clients=-1)
+    with pytest.raises(InvalidInput):
+        _config(max_handshakes=0)
+    with pytest.raises(InvalidInput):
+        _config(max_client_frame=1024)
+    with pytest.raises(InvalidInput):
+        _config(max_client_frame=16 * 1024 * 1024)
+
+
+# ---- throttled log lines ------------------------------------------------------------------------
+
+_LINE = re.compile(r"refused address=(\S+) suppressed=(\d+)")
+
+
+def test_a_throttled_log_writes_one_line_per_interval_and_counts_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    interval = 0.2
+    logger = logging.getLogger("tests.throttle")
+
+    def lines() -> list[tuple[str, int]]:
+        return [(m[1], int(m[2])) for r in caplog.records if (m := _LINE.search(r.getMessage()))]
+
+    async def main() -> None:
+        throttle = ThrottledLog(logger, logging.WARNING, "refused", interval)
+        for index in range(10):
+            throttle.note(address=f"a{index}")
+        # The first at once, the others counted.
+        assert lines() == [("a0", 0)]
+        async with asyncio.timeout(5 * interval + 5):
+            while len(lines()) < 2:
+                await asyncio.sleep(interval / 4)
+        # The window closes with a line of its own: the last event, and the count.
+        assert lines() == [("a0", 0), ("a9", 8)]
+        # The next window: a later event is logged with nothing suppressed.
+        async with asyncio.timeout(5 * interval + 5):
+            while len(lines()) < 3:
+                throttle.note(address="late")
+                await asyncio.sleep(interval / 4)
+        assert lines()[2][0] == "late"
+
+    with caplog.at_level(logging.WARNING, logger="tests.throttle"):
+        asyncio.run(main())
+    assert lines()[:2] == [("a0", 0), ("a9", 8)]
+
+
+# ---- ended sessions -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Iterator[Storage]:
+    storage = Storage(tmp_path / "chat.db")
+    yield storage
+    storage.close()
+
+
+def test_ended_sessions_names_the_sessions_that_are_gone(storage: Storage) -> None:
+    request_ids = itertools.count(1)
+
+    def write(op: str, args: dict[str, object], token_hash: str | None = None) -> None:
+        batch = storage.begin_batch()
+        with batch.savepoint() as db:
+            chat.apply_write(db, op, args, token_hash, f"r{next(request_ids)}", 1000.0)
+        batch.seal(1)
+        batch.commit()
+
+    password_hash = chat.hash_password("correct horse")
+
+    def session(name: str) -> str:
+        _, token_hash = chat.new_token()
+        write("login", {"username": name, "token_hash": token_hash})
+        return token_hash
+
+    for name in ("ann", "bob"):
+        write("register", {"username": name, "password_hash": password_hash})
+    live, logged_out, deleted, other_deleted = (
+        session("ann"),
+        session("ann"),
+        session("bob"),
+        session("bob"),
+    )
+    write("logout", {}, logged_out)
+    write("delete_account", {}, deleted)
+    never = chat.new_token()[1]
+    hashes = [live, logged_out, other_deleted, never, None]
+    ended, _ = storage.read(lambda db: ended_sessions(db, hashes))
+    assert ended == {logged_out, other_deleted, never, None}

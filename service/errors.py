@@ -16,7 +16,8 @@ this tree at the boundary where they occur; a traceback never reaches a user.
     │   └── Gone           gone           the account was deleted
     ├── Unavailable        unavailable    retriable: no primary yet, or writes waiting
     │   ├── NotPrimary     not_primary    retriable: ask the primary (``primary`` field)
-    │   └── Busy           busy           retriable: the node has all the connections it takes
+    │   ├── Busy           busy           retriable: the node has all the connections it takes
+    │   └── StorageFault   storage_fault  retriable: the node's disk refuses writes (full, I/O)
     ├── ProtocolViolation  protocol       the peer broke the wire protocol
     │   └── FrameTooLarge  too_large      a frame longer than the maximum
     └── Internal           internal       a bug or a storage failure on the node
@@ -97,6 +98,13 @@ class Busy(Unavailable):
     code = "busy"
 
 
+class StorageFault(Unavailable):
+    """The node's storage refuses to write (disk full, read-only, I/O error). Never a
+    sign that the data disagrees with a peer's; it passes when the disk recovers."""
+
+    code = "storage_fault"
+
+
 class ProtocolViolation(ChatError):
     code = "protocol"
 
@@ -107,6 +115,11 @@ class FrameTooLarge(ProtocolViolation):
 
 class Internal(ChatError):
     code = "internal"
+
+
+class StorageCorrupt(Internal):
+    """The database file is damaged (SQLite found a malformed page). The node must
+    neither lead nor ship its pages: it moves the file aside and takes a snapshot."""
 
 
 _BY_CODE: dict[str, type[ChatError]] = {
@@ -121,6 +134,7 @@ _BY_CODE: dict[str, type[ChatError]] = {
         Unavailable,
         NotPrimary,
         Busy,
+        StorageFault,
         ProtocolViolation,
         FrameTooLarge,
         Internal,

@@ -345,6 +345,7 @@ PEER_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
         "sync_set": _DICT,
         "database": _STR,
         "unproven": (str, type(None)),
+        "fault": (str, type(None)),
     },
     "vote_request": {"epoch": _INT, "position": _LIST, "force": _BOOL},
     "vote": {"epoch": _INT, "granted": _BOOL, "reason": _STR},

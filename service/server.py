@@ -53,7 +53,15 @@ from typing import Any
 
 from . import chat, protocol
 from .config import NodeConfig
-from .errors import AuthFailed, Busy, ChatError, Internal, InvalidInput, ProtocolViolation
+from .errors import (
+    AuthFailed,
+    Busy,
+    ChatError,
+    Internal,
+    InvalidInput,
+    ProtocolViolation,
+    StorageFault,
+)
 from .peer import OPERATOR_ID, FrameReader
 from .replication.runtime import Replicator
 from .replication.state import Role
@@ -467,7 +475,10 @@ class ClientSession:
             # messages it shows become read through a small write of their ids.
             shown, to_mark = await replicator.read(lambda db: chat.read(db, token_hash, args))
             if to_mark:
-                await replicator.submit("mark_read", {"ids": to_mark}, token_hash, request_id)
+                # A primary whose disk refuses writes still serves reads; what they
+                # show stays unread until it can write again.
+                with contextlib.suppress(StorageFault):
+                    await replicator.submit("mark_read", {"ids": to_mark}, token_hash, request_id)
             return shown
         if op in chat.WRITE_OPS:
             result = await replicator.submit(op, args, token_hash, request_id)

@@ -108,7 +108,7 @@ from typing import Any, ClassVar, TypeVar
 
 import apsw
 
-from .errors import Internal
+from .errors import Internal, StorageCorrupt, StorageFault
 
 Params = Sequence[Any] | Mapping[str, Any]
 
@@ -247,6 +247,38 @@ class SyncSet:
 NO_SYNC_SET = SyncSet(0, (), 0)
 
 
+# apsw errors that say the disk, not the data, is at fault: a write may succeed
+# again once it recovers. Never a divergence from the primary (R4).
+_FAULTS: dict[type[apsw.Error], str] = {
+    apsw.FullError: "the disk is full",
+    apsw.IOError: "a disk I/O error",
+    apsw.ReadOnlyError: "the database or its file system is read-only",
+    apsw.CantOpenError: "the database file cannot be opened",
+}
+
+
+def storage_fault(exc: apsw.Error) -> StorageFault | None:
+    """The StorageFault an apsw error stands for, or None if it is not a disk fault."""
+    for kind, what in _FAULTS.items():
+        if isinstance(exc, kind):
+            return StorageFault(f"{what} ({exc})")
+    return None
+
+
+def _internal(exc: apsw.Error) -> Internal | StorageFault:
+    fault = storage_fault(exc)
+    if fault is not None:
+        return fault
+    if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
+        return StorageCorrupt(f"the database is damaged: {exc}")
+    return Internal(f"storage error: {exc}")
+
+
+def os_fault(exc: OSError, doing: str) -> StorageFault:
+    """A failed file write of ours (rollback file, snapshot) as a StorageFault."""
+    return StorageFault(f"{doing}: {exc.strerror or exc}")
+
+
 @contextlib.contextmanager
 def _translated() -> Iterator[None]:
     """Map apsw errors into this module's and the service's error tree."""
@@ -255,7 +287,7 @@ def _translated() -> Iterator[None]:
     except apsw.ConstraintError as exc:
         raise ConstraintViolation(str(exc)) from None
     except apsw.Error as exc:
-        raise Internal(f"storage error: {exc}") from exc
+        raise _internal(exc) from exc
 
 
 class Db:
@@ -271,7 +303,7 @@ class Db:
         except apsw.ConstraintError as exc:
             raise ConstraintViolation(str(exc)) from None
         except apsw.Error as exc:
-            raise Internal(f"storage error: {exc}") from exc
+            raise _internal(exc) from exc
 
     def one(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
         rows = self.execute(sql, params)
@@ -319,7 +351,11 @@ def _connect(path: Path, synchronous: str, vfs: str | None = None) -> apsw.Conne
 
 
 def _migrate(conn: apsw.Connection) -> None:
+    """Bring the schema up to date; writes nothing when it already is, so a node
+    whose disk is full or read-only still starts and reports it."""
     with _translated():
+        if int(Db(conn).value("PRAGMA user_version", default=0)) == len(MIGRATIONS):
+            return
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = int(Db(conn).value("PRAGMA user_version", default=0))
@@ -328,7 +364,9 @@ def _migrate(conn: apsw.Connection) -> None:
             conn.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            # A failed COMMIT (disk full) has already rolled the transaction back.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
 
@@ -416,6 +454,10 @@ def _apply_changeset(conn: apsw.Connection, changeset: bytes, seq: int) -> None:
             flags=apsw.SQLITE_CHANGESETAPPLY_NOSAVEPOINT,
         )
     except apsw.Error as exc:
+        problem = _internal(exc)
+        if not isinstance(problem, Internal) or isinstance(problem, StorageCorrupt):
+            # The disk, not the history, is at fault: never a reason to rewind (R4).
+            raise problem from exc
         raise Diverged(f"the changeset of seq {seq} does not apply here: {exc}") from None
 
 
@@ -638,8 +680,13 @@ class Storage:
         self._fdatasync(self.wal_path)
         due = self._wal_pages >= CHECKPOINT_WAL_PAGES
         if due and checkpoint and self._checkpointer is not None:
-            with _translated():
-                self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            try:
+                with _translated():
+                    self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            except StorageFault:
+                # The database file cannot grow (disk full): the WAL keeps the commits,
+                # which are durable all the same; a later sync checkpoints.
+                return False
             return False
         return due
 
@@ -714,6 +761,14 @@ class Storage:
         with self._transaction(durable=True, conn=self._control):
             _write_node_state(self._control_db, state)
 
+    def probe_write(self, state: NodeState) -> None:
+        """A small durable write that changes a page (and the node state, which a
+        failed Persist may have left behind): it goes through once the disk takes
+        writes again after a fault."""
+        with self._transaction(durable=True, conn=self._control):
+            _write_node_state(self._control_db, state)
+            _write_json(self._control_db, "node_state", "probed_at", secrets.token_hex(8))
+
     def sync_set(self) -> SyncSet:
         return _read_sync_set(self._reader_db)
 
@@ -762,7 +817,10 @@ class Storage:
             )
             _write_json(self._db, "node_state", "last_position", [int(epoch), to_seq])
             # The rollback file is on disk before the rows disappear from the database.
-            _append_rollback_file(rollback_path, removed)
+            try:
+                _append_rollback_file(rollback_path, removed)
+            except OSError as exc:
+                raise os_fault(exc, "cannot write the rollback file") from exc
             return len(removed)
 
     # ---- the log ---------------------------------------------------------------------
@@ -862,6 +920,12 @@ class Storage:
             sums[table] = digest.hexdigest()
         return sums
 
+    def check_file(self, path: Path) -> str | None:
+        """What is wrong with the database file ``path`` (a snapshot about to be sent
+        or installed), or None: SQLite's ``quick_check`` reads every page and checks
+        its structure, so a damaged page is never shipped or installed."""
+        return check_database_file(Path(path), self._vfs)
+
     def integrity_check(self) -> str:
         rows = self._db.execute("PRAGMA integrity_check")
         return "\n".join(str(row[0]) for row in rows)
@@ -890,6 +954,27 @@ class Storage:
         if durable and level == "NORMAL":
             # The WAL holds the commit; syncing it is what FULL would have done.
             self._sync_files()
+
+
+def check_database_file(path: Path, vfs: str | None = None) -> str | None:
+    """``PRAGMA quick_check`` of ``path`` through a read-only connection of its own:
+    None when it is sound, else the first problems SQLite names (one line)."""
+    try:
+        conn = apsw.Connection(
+            str(path), flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI, vfs=vfs or ""
+        )
+    except apsw.Error as exc:
+        return f"cannot open it: {exc}"
+    try:
+        rows = conn.execute("PRAGMA quick_check(5)").fetchall()
+    except apsw.Error as exc:
+        return f"unreadable: {exc}"
+    finally:
+        conn.close()
+    problems = [str(row[0]) for row in rows]
+    if problems == ["ok"]:
+        return None
+    return "; ".join(problems).replace("\n", " ")[:500]
 
 
 def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:

@@ -48,7 +48,15 @@ from typing import Any, TypeVar
 
 from .. import chat, protocol
 from ..config import NodeConfig
-from ..errors import ChatError, Internal, InvalidInput, NotPrimary, Unavailable
+from ..errors import (
+    ChatError,
+    Internal,
+    InvalidInput,
+    NotPrimary,
+    StorageCorrupt,
+    StorageFault,
+    Unavailable,
+)
 from ..peer import OPERATOR_ID, PeerLinks
 from ..storage import (
     Batch,
@@ -58,6 +66,7 @@ from ..storage import (
     Position,
     Storage,
     SyncSet,
+    os_fault,
     prune_rollback_files,
 )
 from .groupsync import GroupSync
@@ -92,6 +101,9 @@ CHUNK_RECORDS = 512
 # can always take what the primary sends (a record too large for the stream would
 # stop replication for good).
 RECORD_BUDGET = 2 * 1024 * 1024
+# A node whose disk refused a write tries again after this, doubling up to the max.
+RECOVER_FIRST = 0.2
+RECOVER_MAX = 10.0
 # A catch-up frame stays far below max_frame: a group-committed record can hold
 # hundreds of writes, and base64 adds a third.
 CHUNK_BYTES = 1024 * 1024
@@ -294,6 +306,10 @@ class Replicator:
     ) -> dict[str, Any]:
         """Run one write on the primary; returns once it is durable on the sync set."""
         self.require_primary()
+        if self.core.fault is not None:
+            raise StorageFault(
+                f"node {self.config.node_id} cannot write: {self.core.fault}; retry later"
+            )
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self.queue.append(PendingWrite(op, args, token_hash, request_id, future))
         self.work.set()
@@ -362,9 +378,53 @@ class Replicator:
         pending = deque(effects)
         while pending:
             effect = pending.popleft()
-            more = self._carry_out(effect)
+            try:
+                more = self._carry_out(effect)
+            except StorageFault as exc:
+                # Persist failed (a vote, an epoch): what follows it (its sends) must
+                # not happen. The core's view is ahead of the disk until it recovers,
+                # when the recovery write persists it (_recover).
+                self._fault(str(exc))
+                return
             if more:
                 pending.extendleft(reversed(more))
+
+    # ---- storage faults ------------------------------------------------------------
+
+    def _fault(self, why: str) -> StorageFault:
+        """The disk refused a write: tell the core (it steps aside or stops applying)
+        and try again with backoff until a write goes through. Returns the error
+        that waiting writes get (retriable)."""
+        first = self.core.fault is None
+        self._run(self.core.on_storage_fault(self._now(), why))
+        refusal = StorageFault(f"node {self.config.node_id} cannot write: {why}; retry later")
+        if self.core.role is Role.PRIMARY:
+            self._fail_queue(refusal)
+        if first:
+            self._spawn(self._recover())
+        return refusal
+
+    async def _recover(self) -> None:
+        delay, last_log = RECOVER_FIRST, self._now()
+        while self.core.fault is not None:
+            await asyncio.sleep(delay)
+            try:
+                # The vote and epoch the core holds, which a failed Persist may not
+                # have written: the probe write doubles as their recovery.
+                self.storage.probe_write(self.core.state)
+            except StorageFault as exc:
+                delay = min(delay * 2, RECOVER_MAX)
+                if self._now() - last_log >= RECOVER_MAX:
+                    last_log = self._now()
+                    log.info(
+                        format_fields(
+                            "storage still failing",
+                            {"node": self.config.node_id, "why": str(exc), "retry_in": delay},
+                        )
+                    )
+                continue
+            self._run(self.core.on_storage_recovered(self._now()))
+            self.work.set()
 
     def _carry_out(self, effect: Effect) -> list[Effect]:
         if isinstance(effect, Send):
@@ -464,7 +524,10 @@ class Replicator:
             self._run(self.core.tick(now))
             if now - self._last_prune > PRUNE_EVERY:
                 self._last_prune = now
-                self.storage.prune_log(self.config.log_retention)
+                with contextlib.suppress(StorageFault):
+                    # A disk that refuses this refuses the write path too, which
+                    # reports it; the log is pruned once it recovers.
+                    self.storage.prune_log(self.config.log_retention)
             await asyncio.sleep(TICK)
 
     # ---- primary: write path -----------------------------------------------------------
@@ -511,32 +574,47 @@ class Replicator:
     def _write_batch(self, items: list[PendingWrite], members: tuple[int, ...] | None) -> None:
         """One SQLite transaction = one seq: the writes in ``items`` and/or a sync set.
 
-        The record goes to the live backups before the local COMMIT; the fsync
-        comes later, in a group (``_committed``)."""
+        The record goes to the live backups once the local COMMIT returned (a commit
+        without fsync: a write to the OS); the fsync comes later, in a group
+        (``_committed``). A COMMIT the disk refuses (full, I/O error) thus never
+        leaves a backup holding a record this node does not have: the batch is
+        rolled back whole, its writes fail with a retriable error, and the seq
+        stays free (``_fault``)."""
         now = self._now()
         epoch = self.core.epoch
-        batch = self.storage.begin_batch()
         try:
-            outcomes = self._execute(batch, items)
-            self._prune_requests(batch, len(items))
-            self._purge_inboxes(batch)
-            sync_set = (
-                batch.set_sync_set(members, epoch, self.core.member_databases(members))
-                if members is not None
-                else None
-            )
-            record = batch.seal(epoch)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                batch.rollback()
-            raise
+            batch = self.storage.begin_batch()
+            try:
+                outcomes = self._execute(batch, items)
+                self._prune_requests(batch, len(items))
+                self._purge_inboxes(batch)
+                sync_set = (
+                    batch.set_sync_set(members, epoch, self.core.member_databases(members))
+                    if members is not None
+                    else None
+                )
+                record = batch.seal(epoch)
+                if record is not None:
+                    batch.commit()
+                else:
+                    batch.rollback()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    batch.rollback()
+                raise
+        except StorageFault as exc:
+            if members is not None and self.sync_change is None:
+                self.sync_change = members  # proposed again once the disk recovers
+            refusal = self._fault(str(exc))
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(copy.copy(refusal))
+            return
         if record is None:
-            batch.rollback()
             seq = self.core.position.seq
         else:
             self._run(self.core.on_sealed(now, record.seq, sync_set))
             self._broadcast(record)
-            batch.commit()
             self._remember(record)
             self.batches += 1
             self.writes += len(items)
@@ -598,6 +676,9 @@ class Replicator:
                     if batch.size() > RECORD_BUDGET:
                         raise RecordFull
                 outcomes.append((item, result))
+            except (StorageFault, StorageCorrupt):
+                # The disk, not this request, failed: the whole batch is abandoned.
+                raise
                 if item.op == "delete_account":
                     self.purge_due = True
             except RecordFull:
@@ -756,6 +837,18 @@ class Replicator:
     async def _stream_loop(self, stream: Stream) -> None:
         try:
             await self._stream(stream)
+        except (StorageFault, StorageCorrupt) as exc:
+            # No room (or no sound file) for the snapshot this backup needs: drop the
+            # link, so that it joins again and the snapshot is tried afresh.
+            log.info(
+                format_fields(
+                    "stream to backup failed",
+                    {"node": self.config.node_id, "backup": stream.peer, "why": str(exc)},
+                )
+            )
+            link = self.links.links.get(stream.peer)
+            if link is not None:
+                link.close()
         except (ConnectionError, OSError) as exc:
             log.info(
                 format_fields(
@@ -891,6 +984,10 @@ class Replicator:
         except Diverged as exc:
             self._run(self.core.rejoin(self._now(), str(exc)))
             return
+        except StorageFault as exc:
+            # A full or failing disk is never a divergence: stop applying, no rewind.
+            self._fault(str(exc))
+            return
         if new_position.epoch != was_epoch:
             self.core.history = self.storage.epoch_history()
         lone = len(records) <= 1 and not self._apply_buffer
@@ -901,6 +998,9 @@ class Replicator:
         rollback = self.config.rollback_dir / f"rewind-{int(time.time() * 1000)}.jsonl"
         try:
             removed = self.storage.rewind(to_seq, rollback)
+        except StorageFault as exc:
+            self._fault(str(exc))
+            return []
         except Diverged as exc:
             log.info(
                 format_fields(
@@ -951,6 +1051,18 @@ class Replicator:
             )
         )
 
+    @staticmethod
+    def _receive_chunk(path: Path, data: bytes, done: bool) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(fd, "ab") as target:
+                target.write(data)
+                if done:
+                    target.flush()
+                    os.fsync(target.fileno())
+        except OSError as exc:
+            raise os_fault(exc, "cannot write the snapshot received") from exc
+
     def _on_snapshot_chunk(self, peer: int, frame: protocol.Frame) -> None:
         if self.incoming_snapshot is None or peer != self.core.primary:
             return
@@ -962,19 +1074,33 @@ class Replicator:
             self._run(self.core.rejoin(self._now(), "snapshot chunk out of order"))
             return
         data = protocol.unb64(frame["data"])
-        with path.open("ab") as target:
-            target.write(data)
-            if frame["done"]:
-                target.flush()
-                os.fsync(target.fileno())
-        self.incoming_snapshot = (path, expected + len(data))
-        if not frame["done"]:
+        try:
+            self._receive_chunk(path, data, frame["done"])
+            self.incoming_snapshot = (path, expected + len(data))
+            if not frame["done"]:
+                return
+            self.incoming_snapshot = None
+            started = time.monotonic()
+            damage = self.storage.check_file(path)
+            if damage is not None:
+                # Damaged in transit or at the sender: never installed. Ask again.
+                log.warning(
+                    format_fields(
+                        "snapshot damaged, not installed",
+                        {"node": self.config.node_id, "from": peer, "why": damage},
+                    )
+                )
+                self._run(self.core.rejoin(self._now(), "the snapshot received was damaged"))
+                return
+            position = self.storage.install_snapshot(path)
+        except StorageFault as exc:
+            self.incoming_snapshot = None
+            self._fault(str(exc))
             return
-        self.incoming_snapshot = None
-        started = time.monotonic()
-        position = self.storage.install_snapshot(path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        finally:
+            if self.incoming_snapshot is None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         self._forget_tail()
         self._forget_unsynced()
         log.info(

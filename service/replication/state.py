@@ -311,6 +311,7 @@ class ProbeView:
     sync_set: SyncSet
     database: str = ""
     unproven: str | None = None
+    fault: str | None = None
 
 
 @dataclass
@@ -352,6 +353,11 @@ class ReplicaCore:
         # None. Such a node never counts as a sync set member in an election until it
         # has joined a primary and continues its history.
         self.unproven = unproven
+        # Why this node's storage refuses to write (disk full, read-only, I/O error),
+        # or None. Such a node takes no part in the sync set: a backup stops applying
+        # (the primary drops it), a primary steps aside or refuses writes, and no
+        # election makes it primary, until the runtime reports the disk writable.
+        self.fault: str | None = None
         self.nodes = tuple(sorted(nodes))
         self.peers = tuple(n for n in self.nodes if n != node_id)
         self.timing = timing
@@ -412,7 +418,9 @@ class ReplicaCore:
 
     @property
     def eligible(self) -> bool:
-        return self.last_tick < self.confirmed_until and self.unproven is None
+        return (
+            self.last_tick < self.confirmed_until and self.unproven is None and self.fault is None
+        )
 
     def tick(self, now: float) -> list[Effect]:
         out: list[Effect] = []
@@ -425,6 +433,7 @@ class ReplicaCore:
             elif (
                 not self.joined
                 and not self.awaiting_snapshot
+                and self.fault is None
                 and now - self.join_sent > self.timing.election_timeout
             ):
                 self._send_join(now, out)
@@ -564,6 +573,38 @@ class ReplicaCore:
             # history from storage after every apply, so this is only a fast path.)
             self.history.append((position.epoch, position.seq))
         self.position = position
+
+    def on_storage_fault(self, now: float, why: str) -> list[Effect]:
+        """The disk refused a write (it is full, read-only or failing): see ``fault``.
+
+        A backup stops applying and acknowledging; the primary drops it after the
+        sync timeout (R3) and goes on. A primary whose sync set holds another
+        member it is linked to steps aside for it (that member is confirmed, R5);
+        one with nobody to hand over to stays primary, refuses writes and serves
+        reads. Nothing here is a divergence: no rewind, no snapshot."""
+        out: list[Effect] = []
+        if self.fault is None:
+            out.append(Log("storage fault", {"node": self.node_id, "why": why}))
+        self.fault = why
+        if self.role is Role.PRIMARY:
+            heirs = [m for m in self.effective if m != self.node_id and m in self.links]
+            if heirs:
+                self._become_electing(now, f"stepping aside: {why}", out)
+        elif self.role is Role.BACKUP:
+            self.joined = False
+            self.awaiting_snapshot = False
+        return out
+
+    def on_storage_recovered(self, now: float) -> list[Effect]:
+        """A write went through again: take part as before (a backup joins afresh)."""
+        out: list[Effect] = []
+        if self.fault is None:
+            return out
+        self.fault = None
+        out.append(Log("storage recovered", {"node": self.node_id}))
+        if self.role is Role.BACKUP:
+            self._send_join(now, out)
+        return out
 
     def force_promote(self, now: float) -> list[Effect]:
         out: list[Effect] = [
@@ -879,7 +920,8 @@ class ReplicaCore:
         self._send_join(now, out)
 
     def _send_join(self, now: float, out: list[Effect]) -> None:
-        if self.primary is None:
+        if self.primary is None or self.fault is not None:
+            # A node that cannot write joins once its disk recovers (on_storage_recovered).
             return
         self.join_sent = now
         self.join_no += 1
@@ -905,7 +947,12 @@ class ReplicaCore:
     def _on_join_reply(
         self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]
     ) -> None:
-        if sender != self.primary or msg["epoch"] != self.epoch or msg["join_no"] != self.join_no:
+        if (
+            sender != self.primary
+            or msg["epoch"] != self.epoch
+            or msg["join_no"] != self.join_no
+            or self.fault is not None
+        ):
             # The answer to an earlier join: its divergence point describes a log we
             # have moved past (rewinding to it would undo acknowledged records).
             return
@@ -1004,6 +1051,7 @@ class ReplicaCore:
             "sync_set": sync_set_to_wire(self.sync_set),
             "database": self.database,
             "unproven": self.unproven,
+            "fault": self.fault,
         }
 
     def _on_probe(self, now: float, sender: int, msg: dict[str, Any], out: list[Effect]) -> None:
@@ -1034,6 +1082,7 @@ class ReplicaCore:
             sync_set_from_wire(msg["sync_set"]),
             msg["database"],
             msg["unproven"],
+            msg["fault"],
         )
         if msg["database"]:
             self.databases[sender] = msg["database"]
@@ -1049,6 +1098,7 @@ class ReplicaCore:
             self.sync_set,
             self.database,
             self.unproven,
+            self.fault,
         )
 
     def _decide(self, now: float, out: list[Effect]) -> None:
@@ -1071,6 +1121,10 @@ class ReplicaCore:
         winner = self._winner(views)
         self._log_waiting(out)
         if winner != self.node_id:
+            return
+        if self.fault is not None:
+            # G5: this node holds the newest data, but cannot write: wait for its disk.
+            self.reason = f"this node holds the newest data but cannot write: {self.fault}"
             return
         if self.solo_blocked and not self.probes:
             self.reason = "heard from no peer since a gap in this node's clock"
@@ -1146,6 +1200,9 @@ class ReplicaCore:
         best = max(candidates, key=lambda v: position_key(v.position, v.node))
         self.waiting_for = ()
         self.reason = f"electing: full restart, node {best.node} holds the newest position"
+        if best.fault is not None:
+            self.waiting_for = (best.node,)
+            self.reason = f"node {best.node} holds the newest data but cannot write: {best.fault}"
         return best.node
 
     def _campaign(self, now: float, force: bool, out: list[Effect]) -> None:
@@ -1314,8 +1371,10 @@ class ReplicaCore:
             "watermark": self.watermark if self.role is Role.PRIMARY else None,
             "confirmed": self.eligible,
             "waiting_for": list(self.waiting_for) or None,
-            "reason": self.reason or None,
+            # A storage fault is the first thing an operator must see, whatever the role.
+            "reason": (f"cannot write: {self.fault}" if self.fault else self.reason) or None,
             "database": self.database,
             "unproven": self.unproven,
+            "fault": self.fault,
             "lag": lag,
         }

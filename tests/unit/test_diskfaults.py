@@ -20,7 +20,7 @@ import pytest
 
 from service import diskfaults
 from service.diskfaults import DiskFaults, Plan, write_control
-from service.errors import Internal
+from service.errors import Internal, StorageFault
 from service.storage import Position, Storage
 from tests.helpers.waiting import wait_for
 
@@ -74,7 +74,7 @@ def test_a_full_disk_fails_the_commit_and_leaves_the_database_intact(
 ) -> None:
     send(storage, "before")
     faults.set(Plan("full"))
-    with pytest.raises(Internal, match="database or disk is full") as failure:
+    with pytest.raises(StorageFault, match="database or disk is full") as failure:
         send(storage, "refused")
     assert isinstance(failure.value.__cause__, apsw.FullError)
     assert faults.injected >= 1
@@ -104,14 +104,14 @@ def test_writes_go_through_until_the_space_left_is_used_up(
     for n in range(1000):
         try:
             send(storage, f"m{n}")
-        except Internal as error:
+        except StorageFault as error:
             refusal = str(error)
             break
         sent.append(f"m{n}")
     assert "database or disk is full" in refusal, f"no refusal after {len(sent)} writes"
     assert len(sent) >= 3, "the budget let too few writes through"
     # Full stays full: a smaller write fails as well, until a new plan.
-    with pytest.raises(Internal, match="database or disk is full"):
+    with pytest.raises(StorageFault, match="database or disk is full"):
         send(storage, "x")
     assert bodies(storage) == sent
     assert storage.integrity_check() == "ok"
@@ -125,7 +125,7 @@ def test_a_full_disk_fails_a_snapshot_and_keeps_the_source(
 ) -> None:
     send(storage, "kept")
     faults.set(Plan("full", files=("*.partial", "*.partial-wal")))
-    with pytest.raises(Internal, match="database or disk is full"):
+    with pytest.raises(StorageFault, match="database or disk is full"):
         storage.make_snapshot(tmp_path / "snapshot.db")
     assert not (tmp_path / "snapshot.db").exists()
     send(storage, "still writable")  # the node's own files are not the full ones
@@ -136,7 +136,7 @@ def test_only_the_named_files_fail(storage: Storage, faults: DiskFaults) -> None
     faults.set(Plan("full", files=("other.db*",)))
     send(storage, "not ours")
     faults.set(Plan("full", files=("*-wal",)))
-    with pytest.raises(Internal, match="full"):
+    with pytest.raises(StorageFault, match="full"):
         send(storage, "refused")
     assert bodies(storage) == ["not ours"]
 
@@ -149,7 +149,7 @@ def test_an_io_error_on_write_fails_the_commit_and_goes_away(
 ) -> None:
     send(storage, "before")
     faults.set(Plan("ioerror"))
-    with pytest.raises(Internal, match="disk I/O error") as failure:
+    with pytest.raises(StorageFault, match="disk I/O error") as failure:
         send(storage, "refused")
     cause = failure.value.__cause__
     assert isinstance(cause, apsw.IOError)
@@ -164,7 +164,7 @@ def test_an_io_error_on_write_fails_the_commit_and_goes_away(
 def test_a_failed_fsync_fails_a_synced_commit(storage: Storage, faults: DiskFaults) -> None:
     send(storage, "before")
     faults.set(Plan("ioerror", ops=("sync",)))
-    with pytest.raises(Internal, match="disk I/O error") as failure:
+    with pytest.raises(StorageFault, match="disk I/O error") as failure:
         send(storage, "unsynced")
     cause = failure.value.__cause__
     assert isinstance(cause, apsw.IOError)
@@ -180,7 +180,7 @@ def test_an_io_error_on_read_fails_a_query(tmp_path: Path, faults: DiskFaults) -
     send(first, "on disk")
     first.close()
     faults.set(Plan("ioerror", ops=("read",), files=("chat.db",)))
-    with pytest.raises(Internal, match="disk I/O error"):
+    with pytest.raises(StorageFault, match="disk I/O error"):
         Storage(path, vfs=faults.name).close()
 
 
@@ -302,7 +302,7 @@ def test_nothing_is_installed_without_the_variable() -> None:
 def _refused(storage: Storage) -> bool:
     try:
         send(storage, "probe")
-    except Internal as error:
+    except StorageFault as error:
         if "database or disk is full" in str(error):
             return True
         raise

@@ -587,6 +587,7 @@ PEER_EXAMPLES: dict[str, protocol.Frame] = {
         "sync_set": SYNC_SET,
         "database": "5f0c1d2e3a4b5c6d7e8f90a1b2c3d4e5",
         "unproven": None,
+        "fault": None,
     },
     "vote_request": {"type": "vote_request", "epoch": 3, "position": [2, 10], "force": False},
     "vote": {"type": "vote", "epoch": 3, "granted": True, "reason": "up to date"},

@@ -6,10 +6,22 @@ Nothing here touches sockets, clocks or apsw. The server passes the time
 (``now``), and a write operation's whole effect is the rows it changes inside
 the primary's batch, so every node ends with the same rows whatever order it
 learns of them in. Work that must not hold the single writer is split out:
-the server hashes and verifies passwords (``hash_password``; ``verify_login``
+the server hashes and verifies passwords (``hash_password``; ``check_login``
 on the answer of ``user_auth``, which costs the same for an unknown user) in a
 thread, and makes session tokens (``new_token``), then calls the write
-operation with the hashes only.
+operation with the hashes only. A password hash records its scrypt parameters;
+``check_login`` verifies with those and, when they are not the server's
+current ones, returns a new hash, which ``login`` stores in the same write.
+
+Sessions end. ``login`` stores, from the server's config, the absolute end
+(``expires_at``), the idle timeout and the end the session has now
+(``ends_at``, never past ``expires_at``); ``session_user`` compares ``ends_at``
+with the ``now`` its caller passes, so the same rows and the same ``now`` give
+the same answer on any node. A write that uses a session moves ``ends_at`` on
+(``_use_session``) at most once per ``IDLE_REFRESH_FRACTION`` of the idle
+timeout; reads cannot write, so the server asks ``session_refresh_due`` after
+one and then runs ``touch``. ``prune_sessions`` deletes ended sessions inside
+the primary's batches.
 
 Write operations go through ``apply_write``, which makes them idempotent: the
 first result of a request id is stored in ``requests`` in the same transaction
@@ -44,6 +56,8 @@ Decisions a user can see
   (``listen`` marks what it showed, and a message may have been deleted since).
 * A search with no pattern, or an empty one, lists every account. Its
   pattern is lower-cased in ASCII only, so a non-ASCII character matches no name.
+* A login beyond the user's ``session_cap`` live sessions ends the oldest ones
+  (by login time); the new session always stays.
 * Every name an operation looks up (``login``, ``send``'s ``to``, ``read``'s
   ``with`` and ``from``) is checked against the charset of names before it is
   lower-cased, so ``\u212aate`` (a Kelvin sign) is invalid, not ``kate``. A new
@@ -75,10 +89,12 @@ import secrets
 import string
 import unicodedata
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from .config import MAX_SCRYPT_N
 from .errors import AuthFailed, Conflict, Gone, Internal, InvalidInput, NotFound
 from .protocol import MAX_REQUEST_ID
 from .storage import ConstraintViolation, Db
@@ -102,13 +118,20 @@ DEFAULT_READ_LIMIT = 20
 DEFAULT_SEARCH_LIMIT = 50
 MAX_HASH = 512
 
-SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1
 SCRYPT_SALT_BYTES, SCRYPT_KEY_BYTES = 16, 32
+
+# A session's idle clock moves on at most once per this fraction of its idle timeout.
+IDLE_REFRESH_FRACTION = 10
+MAX_SESSION_SECONDS = 100 * 365 * 86400.0
+MAX_SESSION_CAP = 10_000
 
 GENERIC_LOGIN_FAILURE = "wrong username or password"
 SESSION_ENDED = "your session has ended; log in again"
 NOT_LOGGED_IN = "you are not logged in; log in first"
 
+# The end a session gets when used at ``?`` (now), and whether moving it there is due.
+_SESSION_END = "min(expires_at, ? + idle_timeout)"
+_REFRESH_DUE = f"{_SESSION_END} - ends_at >= idle_timeout / {IDLE_REFRESH_FRACTION}"
 _USERNAME = re.compile(r"[A-Za-z0-9_.\-]+")
 _HAS_ALNUM = re.compile(r"[A-Za-z0-9]")
 _ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
@@ -123,51 +146,110 @@ WriteOp = Callable[[Db, float, Args, str | None, str], Result]
 # ---- passwords, tokens, validation -----------------------------------------------------
 
 
-def hash_password(password: str) -> str:
+@dataclass(frozen=True)
+class ScryptParams:
+    """scrypt's cost. A hash string records the parameters it was made with, so a
+    change of cost applies to new hashes and to old ones at their next login."""
+
+    n: int = 2**17
+    r: int = 8
+    p: int = 1
+
+    @property
+    def memory(self) -> int:
+        """The bytes scrypt allocates (OpenSSL's own count), plus slack for its checks."""
+        return 128 * self.r * (self.n + 2 + self.p) + 2**20
+
+    def plausible(self) -> bool:
+        # A stored hash is ours, but its cost decides how much memory we give it.
+        return (
+            2 <= self.n <= MAX_SCRYPT_N
+            and self.n & (self.n - 1) == 0
+            and 0 < self.r <= 32
+            and 0 < self.p <= 16
+        )
+
+
+DEFAULT_SCRYPT = ScryptParams()
+
+
+@dataclass(frozen=True)
+class LoginCheck:
+    """What the server learns from a password check: whether it matched, and the
+    hash to store instead when the stored one was made with other parameters."""
+
+    ok: bool
+    new_hash: str | None = None
+
+
+def hash_password(password: str, params: ScryptParams = DEFAULT_SCRYPT) -> str:
     """A salted scrypt hash: ``scrypt$n$r$p$salt_hex$key_hex`` (slow on purpose)."""
     salt = secrets.token_bytes(SCRYPT_SALT_BYTES)
-    key = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P)
-    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${salt.hex()}${key.hex()}"
+    key = _scrypt(password, salt, params)
+    return f"scrypt${params.n}${params.r}${params.p}${salt.hex()}${key.hex()}"
+
+
+def hash_params(stored: str) -> ScryptParams | None:
+    """The parameters a ``hash_password`` string was made with; None if it is not one."""
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != "scrypt" or not all(x.isdigit() for x in parts[1:4]):
+        return None
+    params = ScryptParams(int(parts[1]), int(parts[2]), int(parts[3]))
+    return params if params.plausible() else None
 
 
 def verify_password(password: str, stored: str) -> bool:
-    """Constant-time check of ``password`` against a ``hash_password`` string."""
+    """Constant-time check of ``password`` against a ``hash_password`` string,
+    computed with the parameters the string records."""
+    params = hash_params(stored)
+    if params is None:
+        return False
     try:
-        scheme, n, r, p, salt_hex, key_hex = stored.split("$")
-        if scheme != "scrypt":
-            return False
+        salt_hex, key_hex = stored.split("$")[4:]
         salt, expected = bytes.fromhex(salt_hex), bytes.fromhex(key_hex)
-        key = _scrypt(password, salt, int(n), int(r), int(p), len(expected))
+        if not expected:
+            return False
+        key = _scrypt(password, salt, params, len(expected))
     except ValueError:
         return False
     return hmac.compare_digest(key, expected)
 
 
-def verify_login(password: str, auth: tuple[int, str] | None) -> bool:
-    """``verify_password`` for a ``user_auth`` answer; an unknown user costs the same
-    time as a wrong password, so the delay does not tell whether the user exists."""
+def check_login(
+    password: str, auth: tuple[int, str] | None, params: ScryptParams = DEFAULT_SCRYPT
+) -> LoginCheck:
+    """``verify_password`` for a ``user_auth`` answer, and the rehash when due.
+
+    An unknown user costs the same time as a wrong password (a dummy hash at the
+    current parameters), so the delay does not tell whether the user exists. A
+    right password under other parameters is hashed again with ``params``: the
+    login stores it, and the account moves to the current cost.
+    """
     if auth is None:
-        verify_password(password, _dummy_hash())
-        return False
-    return verify_password(password, auth[1])
+        verify_password(password, _dummy_hash(params))
+        return LoginCheck(False)
+    if not verify_password(password, auth[1]):
+        return LoginCheck(False)
+    if hash_params(auth[1]) == params:
+        return LoginCheck(True)
+    return LoginCheck(True, hash_password(password, params))
 
 
 @functools.cache
-def _dummy_hash() -> str:
-    return hash_password(secrets.token_hex(16))
+def _dummy_hash(params: ScryptParams) -> str:
+    return hash_password(secrets.token_hex(16), params)
 
 
 def _scrypt(
-    password: str, salt: bytes, n: int, r: int, p: int, length: int = SCRYPT_KEY_BYTES
+    password: str, salt: bytes, params: ScryptParams, length: int = SCRYPT_KEY_BYTES
 ) -> bytes:
-    memory = 128 * n * r * p + 2**20
     return hashlib.scrypt(
         password.encode("utf-8", "surrogatepass"),
         salt=salt,
-        n=n,
-        r=r,
-        p=p,
-        maxmem=memory,
+        n=params.n,
+        r=params.r,
+        p=params.p,
+        maxmem=params.memory,
         dklen=length,
     )
 
@@ -290,6 +372,17 @@ def _token_hash_arg(args: Args) -> str:
     return value
 
 
+def _seconds_arg(args: Args, field: str) -> float:
+    value = args.get(field)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= MAX_SESSION_SECONDS
+    ):
+        raise InvalidInput(f"the field '{field}' must be a number of seconds")
+    return float(value)
+
+
 def _password_hash_arg(args: Args) -> str:
     value = args.get("password_hash")
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_HASH:
@@ -300,18 +393,44 @@ def _password_hash_arg(args: Args) -> str:
 # ---- lookups -----------------------------------------------------------------------------
 
 
-def session_user(db: Db, token_hash: str | None) -> tuple[int, str]:
-    """The (user_id, name) of a live session, or AuthFailed."""
+def session_user(db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
+    """The (user_id, name) of a session live at ``now``, or AuthFailed."""
     if token_hash is None:
         raise AuthFailed(NOT_LOGGED_IN)
     row = db.one(
         "SELECT u.id, u.name FROM sessions s JOIN users u ON u.id = s.user_id "
-        "WHERE s.token_hash = ? AND u.deleted_at IS NULL",
-        (token_hash,),
+        "WHERE s.token_hash = ? AND s.ends_at > ? AND u.deleted_at IS NULL",
+        (token_hash, now),
     )
     if row is None:
         raise AuthFailed(SESSION_ENDED)
     return int(row[0]), str(row[1])
+
+
+def session_refresh_due(db: Db, token_hash: str | None, now: float) -> bool:
+    """Whether the session's idle clock is due a refresh (see ``_use_session``); for
+    the server, after a read that used the session."""
+    if token_hash is None:
+        return False
+    due = db.value(
+        f"SELECT {_REFRESH_DUE} FROM sessions WHERE token_hash = ? AND ends_at > ?",
+        (now, token_hash, now),
+    )
+    return bool(due)
+
+
+def _use_session(db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
+    """``session_user`` for a write op, which also moves the session's idle clock on.
+
+    Only when due (once per ``idle_timeout / IDLE_REFRESH_FRACTION``), so a busy
+    user costs no extra replicated row per request; the price is that a session may
+    end up to that fraction early after its last use."""
+    user = session_user(db, token_hash, now)
+    db.execute(
+        f"UPDATE sessions SET ends_at = {_SESSION_END} WHERE token_hash = ? AND {_REFRESH_DUE}",
+        (now, token_hash, now),
+    )
+    return user
 
 
 def user_auth(db: Db, username: str) -> tuple[int, str] | None:
@@ -380,14 +499,16 @@ def _message_dict(
 # ---- read operations ---------------------------------------------------------------------
 
 
-def whoami(db: Db, token_hash: str | None) -> Result:
-    user_id, name = session_user(db, token_hash)
+def whoami(db: Db, token_hash: str | None, now: float) -> Result:
+    user_id, name = session_user(db, token_hash, now)
     return {"user": name, "user_id": user_id, "unread": _unread_count(db, user_id)}
 
 
-def search(db: Db, token_hash: str | None, pattern: str | None, limit: int | None = None) -> Result:
+def search(
+    db: Db, token_hash: str | None, now: float, pattern: str | None, limit: int | None = None
+) -> Result:
     """Live accounts whose name matches a ``*``/``?`` glob, without regard to case."""
-    session_user(db, token_hash)
+    session_user(db, token_hash, now)
     if pattern is not None and not isinstance(pattern, str):
         raise InvalidInput("the search pattern must be a string")
     if pattern is not None and len(pattern) > MAX_PATTERN:
@@ -442,9 +563,18 @@ def register(db: Db, now: float, args: Args, token_hash: str | None, request_id:
 
 
 def login(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
-    """Open a session; the server has already checked the password."""
+    """Open a session; the server has already checked the password.
+
+    The server passes the session limits of its config, and a new ``password_hash``
+    when the stored one was made with other scrypt parameters: it replaces the old
+    one in this same write. Beyond ``session_cap`` live sessions, the user's oldest
+    ones end."""
     name = _required_str(args, "username")
     new_hash = _token_hash_arg(args)
+    lifetime = _seconds_arg(args, "session_lifetime")
+    idle = _seconds_arg(args, "session_idle")
+    cap = _int(args.get("session_cap"), "session_cap", 1, MAX_SESSION_CAP)
+    rehash = None if args.get("password_hash") is None else _password_hash_arg(args)
     row = db.one(
         "SELECT id, name FROM users WHERE name_key = ? AND deleted_at IS NULL",
         (_name_key(name),),
@@ -452,21 +582,43 @@ def login(db: Db, now: float, args: Args, token_hash: str | None, request_id: st
     if row is None:
         raise AuthFailed(GENERIC_LOGIN_FAILURE)
     user_id, stored_name = int(row[0]), str(row[1])
+    if rehash is not None:
+        db.execute("UPDATE users SET password_hash = ? WHERE id = ?", (rehash, user_id))
     db.execute(
-        "INSERT INTO sessions(token_hash, user_id, request_id, created_at) VALUES (?, ?, ?, ?)",
-        (new_hash, user_id, request_id, now),
+        "INSERT INTO sessions(token_hash, user_id, request_id, created_at, expires_at, "
+        "idle_timeout, ends_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (new_hash, user_id, request_id, now, now + lifetime, idle, now + min(lifetime, idle)),
     )
+    _end_surplus_sessions(db, user_id, new_hash, now, cap)
     return {"user": stored_name, "user_id": user_id, "unread": _unread_count(db, user_id)}
 
 
+def _end_surplus_sessions(db: Db, user_id: int, kept: str, now: float, cap: int) -> None:
+    """Delete the user's ended sessions, then the oldest live ones beyond ``cap``
+    (``kept``, the new one, counts as one of them and always stays)."""
+    db.execute("DELETE FROM sessions WHERE user_id = ? AND ends_at <= ?", (user_id, now))
+    db.execute(
+        "DELETE FROM sessions WHERE token_hash IN (SELECT token_hash FROM sessions "
+        "WHERE user_id = ? AND token_hash != ? ORDER BY created_at DESC, token_hash DESC "
+        "LIMIT -1 OFFSET ?)",
+        (user_id, kept, cap - 1),
+    )
+
+
+def touch(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+    """Keep a session alive: its idle clock moves on, when due, as with any write."""
+    _, name = _use_session(db, token_hash, now)
+    return {"user": name}
+
+
 def logout(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
-    _, name = session_user(db, token_hash)
+    _, name = session_user(db, token_hash, now)
     db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
     return {"user": name}
 
 
 def send(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
-    sender_id, sender = session_user(db, token_hash)
+    sender_id, sender = _use_session(db, token_hash, now)
     to = _required_str(args, "to")
     body = validate_body(args.get("body"))
     recipient_id, recipient, deleted = _find_user(db, to, "to")
@@ -488,7 +640,7 @@ READ_FIELDS = frozenset(
 )
 
 
-def read(db: Db, token_hash: str | None, args: Args) -> tuple[Result, list[int]]:
+def read(db: Db, token_hash: str | None, args: Args, now: float) -> tuple[Result, list[int]]:
     """List messages (see the module docstring for the order): a query, not a write.
 
     Returns the reply and the ids of the inbox messages it shows that are unread:
@@ -500,7 +652,7 @@ def read(db: Db, token_hash: str | None, args: Args) -> tuple[Result, list[int]]
     unknown = sorted(set(args) - READ_FIELDS)
     if unknown:
         raise InvalidInput(f"unknown field '{unknown[0]}' for read")
-    user_id, _ = session_user(db, token_hash)
+    user_id, _ = session_user(db, token_hash, now)
     where, params, marks = _read_filter(db, args, user_id)
     limit = _int(_optional(args, "limit", DEFAULT_READ_LIMIT), "limit", 1, MAX_LIMIT)
     order = "m.id" if _bool(args, "oldest_first") else "m.id DESC"
@@ -588,8 +740,22 @@ def prune_requests(db: Db, before: float, limit: int) -> int:
     return db.changes()
 
 
+def prune_sessions(db: Db, now: float, limit: int) -> int:
+    """Delete up to ``limit`` sessions that ended by ``now``, the longest ended first.
+
+    An ended session is refused anyway (``session_user`` compares with ``now``);
+    this only keeps the table small. Like ``prune_requests`` it runs inside the
+    primary's batches, with the batch's clock, so every node deletes the same rows."""
+    db.execute(
+        "DELETE FROM sessions WHERE token_hash IN "
+        "(SELECT token_hash FROM sessions WHERE ends_at <= ? ORDER BY ends_at LIMIT ?)",
+        (now, limit),
+    )
+    return db.changes()
+
+
 def mark_read(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
-    user_id, _ = session_user(db, token_hash)
+    user_id, _ = _use_session(db, token_hash, now)
     return {"marked": _mark_read(db, user_id, _ids(args), now)}
 
 
@@ -597,7 +763,7 @@ def delete_messages(
     db: Db, now: float, args: Args, token_hash: str | None, request_id: str
 ) -> Result:
     """Tombstone messages the caller sent or received: all of them, or none."""
-    user_id, _ = session_user(db, token_hash)
+    user_id, _ = _use_session(db, token_hash, now)
     ids = _ids(args, MAX_DELETE_IDS)
     marks = ",".join("?" * len(ids))
     found = {
@@ -620,7 +786,7 @@ def delete_account(
     db: Db, now: float, args: Args, token_hash: str | None, request_id: str
 ) -> Result:
     """End every session, empty the inbox; messages already sent stay with their readers."""
-    user_id, name = session_user(db, token_hash)
+    user_id, name = session_user(db, token_hash, now)
     db.execute("UPDATE users SET deleted_at = ?, password_hash = '' WHERE id = ?", (now, user_id))
     db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
     # The inbox may be large: it is tombstoned PURGE_CHUNK messages per record, and
@@ -657,12 +823,25 @@ def purge_deleted_inboxes(db: Db, now: float, limit: int = PURGE_CHUNK) -> int:
 
 WRITE_OPS: dict[str, tuple[WriteOp, frozenset[str]]] = {
     "register": (register, frozenset({"username", "password_hash"})),
-    "login": (login, frozenset({"username", "token_hash"})),
+    "login": (
+        login,
+        frozenset(
+            {
+                "username",
+                "token_hash",
+                "password_hash",
+                "session_lifetime",
+                "session_idle",
+                "session_cap",
+            }
+        ),
+    ),
     "logout": (logout, frozenset()),
     "send": (send, frozenset({"to", "body"})),
     "mark_read": (mark_read, frozenset({"ids"})),
     "delete_messages": (delete_messages, frozenset({"ids"})),
     "delete_account": (delete_account, frozenset()),
+    "touch": (touch, frozenset()),
 }
 
 # Operations without a session: a stored result belongs to the user name they name.
@@ -700,7 +879,7 @@ def apply_write(
         if op not in _BY_NAME and op not in _ENDS_SESSION:
             # A session that has ended replays nothing, not even its own requests;
             # only the request that ended it (its first reply may have been lost).
-            session_user(db, token_hash)
+            session_user(db, token_hash, now)
         return _replay(db, op, args, request_id, caller, stored)
     try:
         result = handler(db, now, args, token_hash, request_id)

@@ -14,7 +14,10 @@ turns failures into exit codes and one-sentence messages on stderr:
     2  bad usage (typer's own usage errors, bad --servers/--timeout, no way to
        read a password, mismatched passwords, a non-UTF-8 message on stdin, a
        session folder that another user owns or every user may write to)
-    3  no primary reachable within --timeout (``errors.Unavailable``)
+    3  no primary reachable within --timeout (``errors.Unavailable``), or the
+       service stays busy (``errors.Busy``: too many failed logins, or too many
+       logins at once) for longer than --timeout allows; the message says when
+       to try again
     130  interrupted by Ctrl-C (except ``listen``, for which Ctrl-C is the normal end: 0)
 
 Choices a user can see

@@ -30,6 +30,10 @@ at once, and replies are matched by ``request_id``.
   (``min(attempt_timeout, remaining)``; a frozen node accepts TCP connections
   but never answers): back off (20 ms doubling to 250 ms, with jitter) and
   retry, on another server when the connection was the problem.
+* ``busy`` (the primary will not hash a password now: too many failed logins,
+  or its hashing is full): wait the ``retry_after`` it names, times 1 to 1.5,
+  and retry; raise it at once when that wait would pass the deadline, and raise
+  it (not "no primary reachable") when the deadline passes after it.
 * any other error frame (the service refused the request): raise it at once.
 * when the deadline passes: raise ``errors.Unavailable("no primary reachable
   within N s ...")``.
@@ -402,12 +406,16 @@ class Client:
         # A refused or closed connection means a dead node: try the others at once,
         # and pause only after every server failed in a row.
         unreachable = 0
+        busy: errors.Busy | None = None  # the last answer, when it was busy
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
+                if busy is not None:
+                    raise busy
                 raise errors.Unavailable(
                     f"no primary reachable within {self.timeout:g} s (last: {problem})"
                 )
+            busy = None
             address = self._pick()
             try:
                 conn = await self._connection(address, min(self.attempt_timeout, remaining))
@@ -427,6 +435,16 @@ class Client:
                 else:
                     self._hint = None
                     self._advance(address)
+            except errors.Busy as exc:
+                # The primary would not spend a password hash now and said when to
+                # come back: wait that long (spread, so that clients told the same
+                # time do not all return at once), unless it is past the deadline.
+                if loop.time() + exc.retry_after >= deadline:
+                    raise
+                busy = exc
+                pause = max(exc.retry_after, BACKOFF_CAP) * random.uniform(1.0, 1.5)
+                await asyncio.sleep(min(pause, deadline - loop.time()))
+                continue
             except errors.Unavailable as exc:
                 # The node is the primary but cannot serve yet (e.g. waiting for
                 # its sync set): ask it again after a pause.

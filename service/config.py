@@ -27,6 +27,8 @@ from .errors import InvalidInput
 RESERVED_FILES = 64
 # A client frame limit must hold the largest legal request (see ``max_client_frame``).
 MIN_CLIENT_FRAME = 64 * 1024
+# scrypt's N: below 2**10 a hash guards nothing; 2**20 already takes 1 GiB per hash.
+MIN_SCRYPT_N, MAX_SCRYPT_N = 2**10, 2**20
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,26 @@ class NodeConfig:
     # Repeated connection refusals (busy, bad hello, bad peer MAC) are logged at most
     # once per interval per kind, with a count of those left out.
     log_interval: float = 10.0
+    # Passwords (see service/ratelimit.py for the bounds and why). scrypt's cost: a
+    # power of two; at 2**17 (OWASP) one hash takes ~0.5 s of a core and ~128 MiB.
+    scrypt_n: int = 2**17
+    # Hashes computed at once (each holds a core and scrypt's memory), and hashes
+    # that may wait for one; beyond that, register and login answer busy at once.
+    hash_workers: int = 2
+    hash_queue: int = 2
+    # Failed logins allowed before a backoff window, per account and per client address.
+    login_account_failures: int = 5
+    login_address_failures: int = 20
+    # The first window; each further failure doubles it, up to the cap.
+    login_backoff: float = 1.0
+    login_backoff_cap: float = 300.0
+    # Failures are forgotten after this long without one.
+    login_failure_memory: float = 900.0
+    # A session ends this long after its login, or after this long unused.
+    session_lifetime: float = 30 * 86400.0
+    session_idle: float = 7 * 86400.0
+    # A login beyond this many live sessions of the user ends the oldest one.
+    sessions_per_user: int = 20
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -171,7 +193,27 @@ class NodeConfig:
             raise InvalidInput("max_clients must be 0 (derived) or more, max_handshakes positive")
         if self.listen_check_interval <= 0 or self.log_interval <= 0:
             raise InvalidInput("listen_check_interval and log_interval must be positive")
+        self._validate_logins()
         return self
+
+    def _validate_logins(self) -> None:
+        n = self.scrypt_n
+        if n & (n - 1) or not MIN_SCRYPT_N <= n <= MAX_SCRYPT_N:
+            raise InvalidInput(
+                f"scrypt_n must be a power of two from {MIN_SCRYPT_N} to {MAX_SCRYPT_N}"
+            )
+        if self.hash_workers < 1 or self.hash_queue < 0:
+            raise InvalidInput("hash_workers must be positive and hash_queue not negative")
+        if min(self.login_account_failures, self.login_address_failures) < 1:
+            raise InvalidInput("login_account_failures and login_address_failures must be positive")
+        if not 0 < self.login_backoff <= self.login_backoff_cap <= self.login_failure_memory:
+            raise InvalidInput(
+                "login_backoff <= login_backoff_cap <= login_failure_memory must hold, all positive"
+            )
+        if min(self.session_lifetime, self.session_idle) <= 0 or self.sessions_per_user < 1:
+            raise InvalidInput(
+                "session_lifetime, session_idle and sessions_per_user must be positive"
+            )
 
 
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(NodeConfig) if f.type in ("float", float)}

@@ -16,7 +16,9 @@ this tree at the boundary where they occur; a traceback never reaches a user.
     │   └── Gone           gone           the account was deleted
     ├── Unavailable        unavailable    retriable: no primary yet, or writes waiting
     │   ├── NotPrimary     not_primary    retriable: ask the primary (``primary`` field)
-    │   ├── Busy           busy           retriable: the node has all the connections it takes
+    │   ├── Busy           busy           retriable after ``retry_after`` seconds: the node
+    │   │                                 has all the connections it takes, too many failed
+    │   │                                 logins, or the password hashing is full
     │   └── StorageFault   storage_fault  retriable: the node's disk refuses writes (full, I/O)
     ├── ProtocolViolation  protocol       the peer broke the wire protocol
     │   └── FrameTooLarge  too_large      a frame longer than the maximum
@@ -25,12 +27,15 @@ this tree at the boundary where they occur; a traceback never reaches a user.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+# A Busy answer never asks a client to wait longer than this.
+MAX_RETRY_AFTER = 3600.0
 
 
 class ChatError(Exception):
@@ -93,9 +98,28 @@ class NotPrimary(Unavailable):
 
 
 class Busy(Unavailable):
-    """The node refused a connection: it serves as many as its file limit allows."""
+    """Try again in ``retry_after`` seconds (a detail of the error frame).
+
+    Sent instead of doing costly work: a connection beyond what the node serves
+    (``retry_after`` 0: try another node), a login while its account or client
+    address is in a backoff window after failed logins, or a login or register
+    while the node's password hashing is at its bound. Nothing was changed."""
 
     code = "busy"
+
+    def __init__(self, message: str, retry_after: object = 0.0, **details: Any) -> None:
+        super().__init__(message, retry_after=_seconds(retry_after), **details)
+
+    @property
+    def retry_after(self) -> float:
+        return float(self.details["retry_after"])
+
+
+def _seconds(value: object) -> float:
+    """A sane ``retry_after``: from the wire the field may be anything."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return 0.0
+    return round(min(max(float(value), 0.0), MAX_RETRY_AFTER), 2)
 
 
 class StorageFault(Unavailable):

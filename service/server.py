@@ -29,6 +29,11 @@ memory because of strangers (the limits are in ``NodeConfig``):
 Refusals are logged with the dialer's address, at most once per
 ``log_interval`` per kind, with a count of the others (``throttle``).
 
+``register`` and ``login`` hash passwords in the bounded pool of
+``ratelimit.HashPool``, never on the event loop; a login is first checked
+against the backoff windows of ``ratelimit.LoginLimiter`` (keyed by the user
+name and the client's IP address). Either may answer ``busy`` at once instead.
+
 ``listen`` registers the session for pushes: after the backlog (read on the
 primary and released once acknowledged), every message sent to the user is
 pushed when its write is acknowledged, never before (R7). When the node stops
@@ -48,10 +53,12 @@ import asyncio
 import contextlib
 import logging
 import resource
+import secrets
+import time
 from collections.abc import Iterable
 from typing import Any
 
-from . import chat, protocol
+from . import chat, protocol, ratelimit
 from .config import NodeConfig
 from .errors import (
     AuthFailed,
@@ -119,12 +126,12 @@ def session_ended() -> ChatError:
     return AuthFailed(chat.SESSION_ENDED)
 
 
-def ended_sessions(db: Db, token_hashes: Iterable[str | None]) -> set[str | None]:
-    """The token hashes among ``token_hashes`` whose session is no longer live."""
+def ended_sessions(db: Db, token_hashes: Iterable[str | None], now: float) -> set[str | None]:
+    """The token hashes among ``token_hashes`` whose session is no longer live at ``now``."""
     ended: set[str | None] = set()
     for token_hash in token_hashes:
         try:
-            chat.session_user(db, token_hash)
+            chat.session_user(db, token_hash, now)
         except AuthFailed:
             ended.add(token_hash)
     return ended
@@ -153,6 +160,9 @@ class Server:
         )
         self._bad_hello = ThrottledLog(log, logging.INFO, "connection refused at hello", interval)
         self._bad_peer = ThrottledLog(log, logging.WARNING, "peer hello refused", interval)
+        self.scrypt = chat.ScryptParams(n=config.scrypt_n)
+        self.limiter = ratelimit.LoginLimiter.from_config(config)
+        self.hashing = ratelimit.HashPool(config.hash_workers, config.hash_queue)
         replicator.message_hooks.append(self._on_message)
         replicator.role_hooks.append(self._on_role)
         replicator.session_hooks.append(self._on_session_end)
@@ -186,6 +196,7 @@ class Server:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+        self.hashing.close()
 
     def all_listeners(self) -> list[Listener]:
         return [listener for group in self.listeners.values() for listener in group]
@@ -225,7 +236,9 @@ class Server:
         if not listeners or self.replicator.role is not Role.PRIMARY:
             return
         hashes = {listener.token_hash for listener in listeners}
-        ended, seen = self.replicator.storage.read(lambda db: ended_sessions(db, hashes))
+        ended, seen = self.replicator.storage.read(
+            lambda db: ended_sessions(db, hashes, time.time())
+        )
         if ended:
             # The end of a session is told only once it is acknowledged (R7).
             await self.replicator.wait_acked(seen)
@@ -351,6 +364,7 @@ class ClientSession:
         self.writer = writer
         self.tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[Listener] = []
+        self.address = client_address(writer)
 
     def close(self) -> None:
         self.writer.close()
@@ -450,48 +464,103 @@ class ClientSession:
         if op == "status":
             return {"node": replicator.status()}
         if op == "register":
-            replicator.require_primary()
-            name = chat.validate_username(args.get("username"))
-            password = chat.validate_password(args.get("password"))
-            password_hash = await asyncio.to_thread(chat.hash_password, password)
-            return await replicator.submit(
-                "register", {"username": name, "password_hash": password_hash}, None, request_id
-            )
+            return await self._register(args, request_id)
         if op == "login":
-            replicator.require_primary()
-            user, secret = args.get("username"), args.get("password")
-            if not isinstance(user, str) or not isinstance(secret, str):
-                raise InvalidInput("login needs a username and a password")
-            auth = chat.user_auth(replicator.storage.reader, user)
-            if not await asyncio.to_thread(chat.verify_login, secret, auth):
-                raise chat_auth_failed()
-            new_token, new_hash = chat.new_token()
-            result = await replicator.submit(
-                "login", {"username": user, "token_hash": new_hash}, None, request_id
-            )
-            return {**result, "token": new_token}
+            return await self._login(args, request_id)
         if op == "read":
             # A query on the primary, released once acknowledged (R7); the inbox
             # messages it shows become read through a small write of their ids.
-            shown, to_mark = await replicator.read(lambda db: chat.read(db, token_hash, args))
+            now = time.time()
+            shown, to_mark = await replicator.read(lambda db: chat.read(db, token_hash, args, now))
             if to_mark:
                 # A primary whose disk refuses writes still serves reads; what they
                 # show stays unread until it can write again.
                 with contextlib.suppress(StorageFault):
                     await replicator.submit("mark_read", {"ids": to_mark}, token_hash, request_id)
+            else:
+                await self._keep_alive(token_hash, now)
             return shown
         if op in chat.WRITE_OPS:
             result = await replicator.submit(op, args, token_hash, request_id)
             # recipient_id is for the listen pushes only; clients see names.
             return {k: v for k, v in result.items() if k != "recipient_id"}
+        now = time.time()
         if op == "whoami":
-            return dict(await replicator.read(lambda db: chat.whoami(db, token_hash)))
-        if op == "search":
+            result = await replicator.read(lambda db: chat.whoami(db, token_hash, now))
+        elif op == "search":
             pattern, limit = args.get("pattern"), args.get("limit")
-            return dict(
-                await replicator.read(lambda db: chat.search(db, token_hash, pattern, limit))
+            result = await replicator.read(
+                lambda db: chat.search(db, token_hash, now, pattern, limit)
             )
-        raise InvalidInput(f"unknown operation {op!r}")
+        else:
+            raise InvalidInput(f"unknown operation {op!r}")
+        await self._keep_alive(token_hash, now)
+        return dict(result)
+
+    async def _register(self, args: dict[str, Any], request_id: str) -> dict[str, Any]:
+        self.replicator.require_primary()
+        name = chat.validate_username(args.get("username"))
+        password = chat.validate_password(args.get("password"))
+        params = self.server.scrypt
+        password_hash = await self.server.hashing.run(
+            self.address,
+            lambda: chat.hash_password(password, params),
+            self.server.limiter.suspect(self.address),
+        )
+        return await self.replicator.submit(
+            "register", {"username": name, "password_hash": password_hash}, None, request_id
+        )
+
+    async def _login(self, args: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """Check the password (bounded: see service/ratelimit.py), then open a session.
+
+        The checks that cost nothing come first: the argument sizes, then the
+        backoff windows of the account and of the client's address."""
+        replicator, server, config = self.replicator, self.server, self.server.config
+        replicator.require_primary()
+        user, secret = args.get("username"), args.get("password")
+        if not isinstance(user, str) or not isinstance(secret, str):
+            raise InvalidInput("login needs a username and a password")
+        if not 1 <= len(user) <= chat.MAX_USERNAME:
+            # No account has such a name; and it would be a key of the limiter.
+            raise chat_auth_failed()
+        chat.validate_password(secret)
+        account = user.lower()
+        server.limiter.check(account, self.address, time.monotonic())
+        auth = chat.user_auth(replicator.storage.reader, user)
+        params = server.scrypt
+        check = await server.hashing.run(
+            self.address,
+            lambda: chat.check_login(secret, auth, params),
+            server.limiter.suspect(self.address),
+        )
+        if not check.ok:
+            server.limiter.failed(account, self.address, time.monotonic())
+            raise chat_auth_failed()
+        server.limiter.succeeded(account)
+        new_token, new_hash = chat.new_token()
+        write: dict[str, Any] = {
+            "username": user,
+            "token_hash": new_hash,
+            "session_lifetime": config.session_lifetime,
+            "session_idle": config.session_idle,
+            "session_cap": config.sessions_per_user,
+        }
+        if check.new_hash is not None:
+            write["password_hash"] = check.new_hash
+        result = await replicator.submit("login", write, None, request_id)
+        return {**result, "token": new_token}
+
+    async def _keep_alive(self, token_hash: str | None, now: float) -> None:
+        """After a read that used a session: move its idle clock on when due.
+
+        Writes do that themselves; a user who only reads (``whoami``, ``search``,
+        ``listen``) would otherwise see the session end while in use. Due at most
+        once per ``idle_timeout / chat.IDLE_REFRESH_FRACTION``, so this costs one
+        small replicated write per session and that much time, not one per read."""
+        due = chat.session_refresh_due(self.replicator.storage.reader, token_hash, now)
+        if due:
+            await self.replicator.submit("touch", {}, token_hash, f"touch-{secrets.token_hex(16)}")
 
     async def _listen(self, request_id: str, args: dict[str, Any], token: str | None) -> None:
         replicator = self.replicator
@@ -499,8 +568,10 @@ class ClientSession:
         after = _listen_after(args)
         replicator.require_primary()
 
+        now = time.time()
+
         def start(db: Db) -> tuple[tuple[int, str], list[dict[str, Any]]]:
-            user = chat.session_user(db, token_hash)
+            user = chat.session_user(db, token_hash, now)
             return user, chat.backlog(db, user[0], after)
 
         # Read the backlog and register in one synchronous step: a message committed
@@ -510,6 +581,7 @@ class ClientSession:
         listener = Listener(self, request_id, user, token_hash)
         self.server.listeners.setdefault(listener.user_id, set()).add(listener)
         self.listeners.append(listener)
+        await self._keep_alive(token_hash, now)
         try:
             await replicator.wait_acked(seen)
             self.send(protocol.reply(request_id, {"listening": True}))
@@ -540,7 +612,7 @@ class ClientSession:
         """Raise ``auth_failed`` if the listener's session has ended (once that end is
         acknowledged: a logout lost in a failover did not end anything)."""
         ended, seen = self.replicator.storage.read(
-            lambda db: ended_sessions(db, [listener.token_hash])
+            lambda db: ended_sessions(db, [listener.token_hash], time.time())
         )
         if ended:
             await self.replicator.wait_acked(seen)
@@ -579,6 +651,14 @@ def _dialer_address(writer: asyncio.StreamWriter) -> str:
     if isinstance(peer, tuple) and len(peer) >= 2:
         return f"{peer[0]}:{peer[1]}"
     return "?"
+
+
+def client_address(writer: asyncio.StreamWriter) -> str:
+    """The peer's IP address, the key of the per-address login limits."""
+    peer = writer.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
+        return peer[0]
+    return "unknown"
 
 
 def chat_auth_failed() -> ChatError:

@@ -190,7 +190,20 @@ _SCHEMA_V2 = """
 CREATE INDEX requests_by_age ON requests (created_at);
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2)
+# v3: sessions end (see chat.login): ``expires_at`` is the absolute end, ``ends_at``
+# the end the session has now (its idle clock, never past ``expires_at``). Sessions
+# from before get the defaults of 30 days' lifetime and 7 days' idle timeout, counted
+# from their login (nothing else is known that every node agrees on).
+_SCHEMA_V3 = """
+ALTER TABLE sessions ADD COLUMN expires_at REAL NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN idle_timeout REAL NOT NULL DEFAULT 0;
+ALTER TABLE sessions ADD COLUMN ends_at REAL NOT NULL DEFAULT 0;
+UPDATE sessions SET expires_at = created_at + 2592000, idle_timeout = 604800,
+    ends_at = created_at + 2592000;
+CREATE INDEX sessions_by_end ON sessions (ends_at);
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 
 class Diverged(Exception):
@@ -737,12 +750,18 @@ class Storage:
         return result, seq
 
     def close(self) -> None:
-        with _translated():
-            if self._checkpointer is not None:
-                self._checkpointer.close()
-            self._control.close()
-            self._reader.close()
-            self._conn.close()
+        connections = [self._control, self._reader, self._conn]
+        if self._checkpointer is not None:
+            connections.insert(0, self._checkpointer)
+        for conn in connections:
+            try:
+                with _translated():
+                    conn.close()
+            except StorageFault:
+                # The last connection's checkpoint found the disk full: the WAL keeps
+                # every commit, and the next open replays it.
+                with contextlib.suppress(apsw.Error):
+                    conn.close(True)
 
     # ---- position, epochs, node state ----------------------------------------------
 

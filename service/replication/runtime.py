@@ -708,10 +708,12 @@ class Replicator:
             self.work.set()
 
     def _prune_requests(self, batch: Batch, writes: int) -> None:
-        """Forget expired request ids, twice as fast as this batch adds new ones."""
-        before = time.time() - self.config.request_retention
+        """Forget expired request ids and ended sessions, twice as fast as this batch
+        adds new ones."""
+        now = time.time()
         with batch.savepoint() as db:
-            chat.prune_requests(db, before, 2 * writes + 1)
+            chat.prune_requests(db, now - self.config.request_retention, 2 * writes + 1)
+            chat.prune_sessions(db, now, 2 * writes + 1)
 
     def _reply_after(
         self, seq: int, item: PendingWrite, outcome: dict[str, Any] | ChatError

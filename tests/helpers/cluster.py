@@ -54,6 +54,7 @@ from .waiting import StopWaiting, wait_for
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+TEST_SCRYPT_N = 2**10
 # Settings the harness owns; a test passes any other NodeConfig field.
 _RESERVED = frozenset({"node_id", "data_dir", "nodes", "secret_file"})
 _BECAME_PRIMARY = re.compile(r"\bbecame primary\b.*?\bepoch=(\d+)")
@@ -334,6 +335,9 @@ class Cluster:
         reserved = _RESERVED & settings.keys()
         if reserved:
             raise ValueError(f"the harness sets {sorted(reserved)} itself")
+        # Password hashing at the production cost (~0.5 s each) would make every
+        # register and login of the suite slow; a test of the cost sets it itself.
+        settings = {"scrypt_n": TEST_SCRYPT_N, **settings}
         self.root = _fresh_dir(tmp_path, "cluster")
         self.secret_file = self.root / "cluster.secret"
         ports = free_ports(n)

@@ -596,6 +596,65 @@ def test_a_refusal_is_raised_at_once_without_retrying() -> None:
     asyncio.run(scenario())
 
 
+def busy(retry_after: object, then: Handler | None = None, times: int = 1 << 30) -> Handler:
+    """Answer ``busy`` with ``retry_after`` the first ``times`` requests, then ``then``."""
+    answered = 0
+
+    async def handler(frame: protocol.Frame, writer: asyncio.StreamWriter) -> None:
+        nonlocal answered
+        answered += 1
+        if then is not None and answered > times:
+            await then(frame, writer)
+            return
+        body = {"code": "busy", "message": "too busy; try again", "retriable": True}
+        body["retry_after"] = retry_after
+        writer.write(protocol.encode_frame(protocol.error(frame["request_id"], body)))
+
+    return handler
+
+
+def test_busy_is_retried_after_the_wait_it_names_with_the_same_request_id() -> None:
+    async def scenario() -> None:
+        handler = busy(0.2, then=answer({"ok": True}), times=2)
+        async with fake_nodes(handler) as (fake,), Client([fake.address], timeout=5) as client:
+            started = time.monotonic()
+            assert await client.call("login", {"username": "a", "password": "b"}) == {"ok": True}
+            assert time.monotonic() - started >= 0.4
+        assert len(fake.requests) == 3
+        assert len({frame["request_id"] for frame in fake.requests}) == 1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("retry_after", [0, -5, "soon", None, float("nan")])
+def test_busy_without_a_sane_wait_is_not_retried_in_a_tight_loop(retry_after: object) -> None:
+    async def scenario() -> None:
+        async with (
+            fake_nodes(busy(retry_after)) as (fake,),
+            Client([fake.address], timeout=0.5) as client,
+        ):
+            with pytest.raises(errors.Busy, match="too busy"):
+                await client.call("login", {"username": "a", "password": "b"})
+        # A pause of at least 0.1 s between attempts: a handful, not thousands.
+        assert 2 <= len(fake.requests) <= 6
+
+    asyncio.run(scenario())
+
+
+def test_busy_for_longer_than_the_deadline_is_raised_at_once() -> None:
+    async def scenario() -> None:
+        async with fake_nodes(busy(30)) as (fake,), Client([fake.address], timeout=5) as client:
+            started = time.monotonic()
+            with pytest.raises(errors.Busy, match="too busy; try again") as raised:
+                await client.call("login", {"username": "a", "password": "b"})
+            assert time.monotonic() - started < 1
+            assert raised.value.retry_after == 30
+            assert raised.value.exit_code == errors.EXIT_UNAVAILABLE
+        assert len(fake.requests) == 1
+
+    asyncio.run(scenario())
+
+
 def test_the_deadline_ends_the_retries() -> None:
     async def scenario() -> None:
         async with fake_nodes(drop, ignore) as (dropping, silent):

@@ -62,6 +62,7 @@ KNOWN_CODES = {
     "refused",
     "unavailable",
     "not_primary",
+    "busy",
     "protocol",
     "too_large",
 }

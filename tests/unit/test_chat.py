@@ -16,8 +16,12 @@ from service.errors import AuthFailed, ChatError, Conflict, Gone, InvalidInput, 
 from service.storage import Storage
 
 PASSWORD = "correct horse"
+# A cheap cost: the rules of the parameters do not depend on it, and tests stay fast.
+FAST = chat.ScryptParams(n=2**10)
 # Computed once: the write operations take the hash, so tests need no slow hashing.
-PASSWORD_HASH = chat.hash_password(PASSWORD)
+PASSWORD_HASH = chat.hash_password(PASSWORD, FAST)
+# What the server passes to login from its config (the defaults).
+SESSION_LIMITS = {"session_lifetime": 30 * 86400.0, "session_idle": 7 * 86400.0, "session_cap": 20}
 
 
 class Service:
@@ -26,7 +30,7 @@ class Service:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.db = storage.db
-        self.clock = itertools.count(1000)
+        self.now = 1000.0  # the clock of the last write; each write moves it on by 1 s
         self.request_ids = itertools.count(1)
         self.sealed: list[bool] = []
 
@@ -40,12 +44,11 @@ class Service:
         request_id = request_id or f"r{next(self.request_ids)}"
         if op == "read":
             return self.read_as_server(args or {}, token, request_id)
+        self.now += 1
         batch = self.storage.begin_batch()
         try:
             with batch.savepoint() as db:
-                result = chat.apply_write(
-                    db, op, args or {}, token, request_id, float(next(self.clock))
-                )
+                result = chat.apply_write(db, op, args or {}, token, request_id, self.now)
             self.sealed.append(batch.seal(1) is not None)
             batch.commit()
         except BaseException:
@@ -57,7 +60,7 @@ class Service:
         self, args: dict[str, Any], token: str | None, request_id: str
     ) -> dict[str, Any]:
         """``read`` as the server runs it: a query, then a write of the ids it marks."""
-        shown, to_mark = chat.read(self.db, token, args)
+        shown, to_mark = chat.read(self.db, token, args, self.now)
         if to_mark:
             self.write("mark_read", {"ids": to_mark}, token, request_id)
         return shown
@@ -66,10 +69,12 @@ class Service:
         result = self.write("register", {"username": name, "password_hash": PASSWORD_HASH})
         return int(result["user_id"])
 
-    def login(self, name: str, request_id: str | None = None) -> str:
-        """A new session; returns its token hash (what the server passes as ``token``)."""
+    def login(self, name: str, request_id: str | None = None, **limits: float) -> str:
+        """A new session; returns its token hash (what the server passes as ``token``).
+        ``limits`` replace the default session limits (``session_idle=100``, ...)."""
         _, token_hash = chat.new_token()
-        self.write("login", {"username": name, "token_hash": token_hash}, request_id=request_id)
+        args = {"username": name, "token_hash": token_hash, **SESSION_LIMITS, **limits}
+        self.write("login", args, request_id=request_id)
         return token_hash
 
     def user(self, name: str) -> str:
@@ -107,8 +112,8 @@ def bob(svc: Service) -> str:
 
 
 def test_password_hash_is_salted_scrypt_and_verifies() -> None:
-    other = chat.hash_password(PASSWORD)
-    assert PASSWORD_HASH.startswith("scrypt$16384$8$1$")
+    other = chat.hash_password(PASSWORD, FAST)
+    assert PASSWORD_HASH.startswith("scrypt$1024$8$1$")
     assert other != PASSWORD_HASH
     assert PASSWORD not in PASSWORD_HASH
     assert chat.verify_password(PASSWORD, PASSWORD_HASH)
@@ -116,16 +121,63 @@ def test_password_hash_is_salted_scrypt_and_verifies() -> None:
     assert not chat.verify_password("wrong password", PASSWORD_HASH)
 
 
-@pytest.mark.parametrize("stored", ["", "scrypt$1$2", "bcrypt$1$1$1$00$00", "scrypt$x$8$1$00$00"])
+def test_the_default_cost_is_owasps_and_fits_its_memory_bound() -> None:
+    # One hash at the real cost (~0.5 s): scrypt refuses to run past maxmem.
+    assert chat.ScryptParams(2**17, 8, 1) == chat.DEFAULT_SCRYPT
+    stored = chat.hash_password(PASSWORD)
+    assert stored.startswith("scrypt$131072$8$1$")
+    assert chat.hash_params(stored) == chat.DEFAULT_SCRYPT
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "",
+        "scrypt$1$2",
+        "bcrypt$1$1$1$00$00",
+        "scrypt$x$8$1$00$00",
+        "scrypt$1000$8$1$00$00",  # N is not a power of two
+        f"scrypt${2**21}$8$1$00$00",  # dearer than any node computes
+        "scrypt$1024$8$1$00$",  # no key
+        "scrypt$1024$8$1$0g$00",
+    ],
+)
 def test_malformed_stored_hashes_never_verify(stored: str) -> None:
     assert not chat.verify_password(PASSWORD, stored)
 
 
-def test_verify_login_refuses_unknown_users(svc: Service) -> None:
+def test_check_login_refuses_unknown_users_and_wrong_passwords(svc: Service) -> None:
     svc.register("ann")
-    assert chat.verify_login(PASSWORD, chat.user_auth(svc.db, "ANN"))
-    assert not chat.verify_login("wrong password", chat.user_auth(svc.db, "ann"))
-    assert not chat.verify_login(PASSWORD, chat.user_auth(svc.db, "nobody"))
+    assert chat.check_login(PASSWORD, chat.user_auth(svc.db, "ANN"), FAST) == chat.LoginCheck(True)
+    assert not chat.check_login("wrong password", chat.user_auth(svc.db, "ann"), FAST).ok
+    assert not chat.check_login(PASSWORD, chat.user_auth(svc.db, "nobody"), FAST).ok
+
+
+def test_check_login_rehashes_a_right_password_made_with_other_parameters(svc: Service) -> None:
+    svc.register("ann")
+    dearer = chat.ScryptParams(n=2**11)
+    check = chat.check_login(PASSWORD, chat.user_auth(svc.db, "ann"), dearer)
+    assert check.ok
+    assert check.new_hash is not None
+    assert chat.hash_params(check.new_hash) == dearer
+    assert chat.verify_password(PASSWORD, check.new_hash)
+    # A wrong password is never rehashed, whatever its parameters.
+    assert (
+        chat.check_login("wrong password", chat.user_auth(svc.db, "ann"), dearer).new_hash is None
+    )
+
+
+def test_a_login_with_a_new_hash_replaces_the_stored_one(svc: Service) -> None:
+    svc.register("ann")
+    new_hash = chat.hash_password(PASSWORD, chat.ScryptParams(n=2**11))
+    _, token_hash = chat.new_token()
+    svc.write(
+        "login",
+        {"username": "ann", "token_hash": token_hash, "password_hash": new_hash, **SESSION_LIMITS},
+    )
+    assert chat.user_auth(svc.db, "ann") == (1, new_hash)
+    svc.login("ann")
+    assert chat.user_auth(svc.db, "ann") == (1, new_hash)
 
 
 def test_new_token_is_random_and_stored_as_its_sha256() -> None:
@@ -191,8 +243,8 @@ def test_send_and_read_refuse_a_name_outside_the_charset(svc: Service, ann: str,
 
 def test_search_does_not_lower_case_a_kelvin_sign_into_k(svc: Service, ann: str) -> None:
     svc.register("kate")
-    assert chat.search(svc.db, ann, "\u212a*")["users"] == []
-    assert chat.search(svc.db, ann, "K*")["users"] == ["kate"]
+    assert chat.search(svc.db, ann, svc.now, "\u212a*")["users"] == []
+    assert chat.search(svc.db, ann, svc.now, "K*")["users"] == ["kate"]
 
 
 def test_an_older_account_named_only_with_punctuation_still_works(svc: Service, ann: str) -> None:
@@ -284,15 +336,165 @@ def test_login_opens_a_session_and_reports_unread(svc: Service, bob: str) -> Non
     svc.send(bob, "ann")
     svc.send(bob, "ann")
     _, token_hash = chat.new_token()
-    result = svc.write("login", {"username": "ANN", "token_hash": token_hash})
+    result = svc.write("login", {"username": "ANN", "token_hash": token_hash, **SESSION_LIMITS})
     assert result == {"user": "Ann", "user_id": 2, "unread": 2}
-    assert chat.session_user(svc.db, token_hash) == (2, "Ann")
+    assert chat.session_user(svc.db, token_hash, svc.now) == (2, "Ann")
 
 
 def test_several_sessions_per_user(svc: Service) -> None:
     svc.register("ann")
     phone, laptop = svc.login("ann"), svc.login("ann")
-    assert chat.session_user(svc.db, phone) == chat.session_user(svc.db, laptop)
+    assert chat.session_user(svc.db, phone, svc.now) == chat.session_user(svc.db, laptop, svc.now)
+
+
+# ---- session limits: driven by each write's clock (svc.now) -----------------------------
+
+
+def live(svc: Service, token_hash: str, now: float) -> bool:
+    try:
+        chat.session_user(svc.db, token_hash, now)
+    except AuthFailed as exc:
+        if exc.message != chat.SESSION_ENDED:
+            raise
+        return False
+    return True
+
+
+def ends_at(svc: Service, token_hash: str) -> float:
+    return float(svc.db.value("SELECT ends_at FROM sessions WHERE token_hash = ?", (token_hash,)))
+
+
+def test_a_session_unused_for_its_idle_timeout_ends(svc: Service) -> None:
+    svc.register("ann")
+    session = svc.login("ann", session_idle=100, session_lifetime=1000)
+    start = svc.now
+    assert live(svc, session, start + 99.9)
+    assert not live(svc, session, start + 100)
+    svc.now = start + 100
+    with pytest.raises(AuthFailed, match="session has ended"):
+        svc.send(session, "ann")
+    with pytest.raises(AuthFailed, match="session has ended"):
+        chat.whoami(svc.db, session, start + 100)
+
+
+def test_writes_move_the_idle_clock_on_at_most_once_per_tenth_of_it(svc: Service) -> None:
+    svc.register("ann")
+    session = svc.login("ann", session_idle=100, session_lifetime=1000)
+    start = svc.now
+    svc.now = start + 49  # the write runs at start + 50
+    svc.send(session, "ann")
+    assert ends_at(svc, session) == start + 150
+    # 5 s later the end would move by 5 s only: not worth a replicated row.
+    svc.now = start + 54
+    sums = svc.storage.checksums()["sessions"]
+    svc.read(session)
+    assert svc.storage.checksums()["sessions"] == sums
+    assert live(svc, session, start + 149.9)
+    assert not live(svc, session, start + 150)
+
+
+def test_a_used_session_still_ends_at_its_lifetime(svc: Service) -> None:
+    svc.register("ann")
+    session = svc.login("ann", session_idle=100, session_lifetime=250)
+    start = svc.now
+    for step in range(1, 5):
+        svc.now = start + 60 * step - 1
+        svc.send(session, "ann")
+    assert ends_at(svc, session) == start + 250
+    assert live(svc, session, start + 249)
+    assert not live(svc, session, start + 250)
+
+
+def test_reads_tell_when_a_refresh_is_due_and_touch_does_it(svc: Service) -> None:
+    svc.register("ann")
+    session = svc.login("ann", session_idle=100, session_lifetime=1000)
+    start = svc.now
+    assert not chat.session_refresh_due(svc.db, session, start + 9)
+    assert chat.session_refresh_due(svc.db, session, start + 10)
+    assert not chat.session_refresh_due(svc.db, session, start + 100)  # ended: nothing to keep
+    assert not chat.session_refresh_due(svc.db, None, start + 10)
+    svc.now = start + 29
+    assert svc.write("touch", {}, session) == {"user": "ann"}
+    assert ends_at(svc, session) == start + 130
+    assert not chat.session_refresh_due(svc.db, session, start + 30)
+    svc.now = start + 200
+    with pytest.raises(AuthFailed, match="session has ended"):
+        svc.write("touch", {}, session)
+
+
+def test_a_login_beyond_the_cap_ends_the_users_oldest_sessions(svc: Service) -> None:
+    svc.register("ann")
+    bob = svc.user("bob")
+    first, second, third = (svc.login("ann", session_cap=3) for _ in range(3))
+    assert all(live(svc, s, svc.now) for s in (first, second, third))
+    fourth = svc.login("ann", session_cap=3)
+    assert not live(svc, first, svc.now)
+    assert all(live(svc, s, svc.now) for s in (second, third, fourth, bob))
+    # A lower cap ends as many as needed; the new session always stays.
+    fifth = svc.login("ann", session_cap=1)
+    assert [live(svc, s, svc.now) for s in (second, third, fourth, fifth)] == [0, 0, 0, 1]
+    assert svc.db.value("SELECT count(*) FROM sessions WHERE user_id = 1") == 1
+
+
+def test_an_ended_session_does_not_count_against_the_cap(svc: Service) -> None:
+    svc.register("ann")
+    old = svc.login("ann", session_idle=10, session_cap=2)
+    kept = svc.login("ann", session_idle=1000, session_cap=2)
+    svc.now += 20  # old has ended
+    new = svc.login("ann", session_cap=2)
+    assert live(svc, kept, svc.now)
+    assert live(svc, new, svc.now)
+    assert svc.db.value("SELECT count(*) FROM sessions WHERE token_hash = ?", (old,)) == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("session_lifetime", 0),
+        ("session_lifetime", -1.0),
+        ("session_idle", True),
+        ("session_idle", "60"),
+        ("session_idle", float("inf")),
+        ("session_cap", 0),
+        ("session_cap", 1.5),
+        ("session_cap", None),
+        ("password_hash", ""),
+    ],
+)
+def test_login_refuses_bad_session_limits(svc: Service, field: str, value: object) -> None:
+    svc.register("ann")
+    _, token_hash = chat.new_token()
+    with pytest.raises(InvalidInput, match=field):
+        svc.write(
+            "login", {"username": "ann", "token_hash": token_hash, **SESSION_LIMITS, field: value}
+        )
+    assert svc.db.value("SELECT count(*) FROM sessions") == 0
+
+
+def _prune_sessions(svc: Service, now: float, limit: int) -> int:
+    batch = svc.storage.begin_batch()
+    with batch.savepoint() as db:
+        removed = chat.prune_sessions(db, now, limit)
+    batch.seal(1)
+    batch.commit()
+    return removed
+
+
+def test_prune_sessions_deletes_ended_sessions_longest_ended_first(svc: Service) -> None:
+    svc.register("ann")
+    start = svc.now
+    sessions = [svc.login("ann", session_idle=10 * (i + 1)) for i in range(4)]
+    # Logged in at start + 1..4, ending at start + 11, 22, 33, 44.
+    assert _prune_sessions(svc, start + 30, limit=1) == 1
+    assert [s for s in sessions if ends_at_or_none(svc, s)] == sessions[1:]
+    assert _prune_sessions(svc, start + 30, limit=10) == 1
+    assert _prune_sessions(svc, start + 30, limit=10) == 0
+    assert all(live(svc, s, start + 30) for s in sessions[2:])
+
+
+def ends_at_or_none(svc: Service, token_hash: str) -> float | None:
+    value = svc.db.value("SELECT ends_at FROM sessions WHERE token_hash = ?", (token_hash,))
+    return None if value is None else float(value)
 
 
 def test_login_failures_do_not_say_whether_the_user_exists(svc: Service, ann: str) -> None:
@@ -307,7 +509,7 @@ def test_login_failures_do_not_say_whether_the_user_exists(svc: Service, ann: st
 def test_login_needs_a_token_hash(svc: Service, token_hash: object) -> None:
     svc.register("ann")
     with pytest.raises(InvalidInput, match="token_hash"):
-        svc.write("login", {"username": "ann", "token_hash": token_hash})
+        svc.write("login", {"username": "ann", "token_hash": token_hash, **SESSION_LIMITS})
 
 
 def test_user_auth_finds_live_accounts_only(svc: Service, ann: str) -> None:
@@ -320,26 +522,26 @@ def test_user_auth_finds_live_accounts_only(svc: Service, ann: str) -> None:
 
 def test_session_user_without_or_with_an_unknown_token(svc: Service) -> None:
     with pytest.raises(AuthFailed, match="not logged in"):
-        chat.session_user(svc.db, None)
+        chat.session_user(svc.db, None, svc.now)
     with pytest.raises(AuthFailed, match="your session has ended; log in again"):
-        chat.session_user(svc.db, "0" * 64)
+        chat.session_user(svc.db, "0" * 64, svc.now)
 
 
 def test_logout_ends_only_this_session(svc: Service, ann: str) -> None:
     other = svc.login("ann")
     assert svc.write("logout", {}, ann) == {"user": "ann"}
     with pytest.raises(AuthFailed, match="session has ended"):
-        chat.whoami(svc.db, ann)
+        chat.whoami(svc.db, ann, svc.now)
     with pytest.raises(AuthFailed, match="session has ended"):
         svc.write("logout", {}, ann)
-    assert chat.whoami(svc.db, other)["user"] == "ann"
+    assert chat.whoami(svc.db, other, svc.now)["user"] == "ann"
 
 
 def test_whoami_reports_the_user_and_unread(svc: Service, ann: str, bob: str) -> None:
     svc.send(bob, "ann")
-    assert chat.whoami(svc.db, ann) == {"user": "ann", "user_id": 1, "unread": 1}
+    assert chat.whoami(svc.db, ann, svc.now) == {"user": "ann", "user_id": 1, "unread": 1}
     with pytest.raises(AuthFailed):
-        chat.whoami(svc.db, None)
+        chat.whoami(svc.db, None, svc.now)
 
 
 @pytest.mark.parametrize(
@@ -379,7 +581,7 @@ def test_send_returns_the_message_and_the_recipient(svc: Service, ann: str, bob:
         "recipient_id": 2,
     }
     assert isinstance(result["message"]["sent_at"], float)
-    assert chat.whoami(svc.db, bob)["unread"] == 1
+    assert chat.whoami(svc.db, bob, svc.now)["unread"] == 1
 
 
 def test_message_ids_grow_by_one(svc: Service, ann: str, bob: str) -> None:
@@ -487,11 +689,11 @@ def test_read_unread_only(svc: Service, ann: str, talk: dict[str, list[int]]) ->
 def test_read_marks_shown_inbox_messages_read(
     svc: Service, ann: str, bob: str, talk: dict[str, list[int]]
 ) -> None:
-    assert chat.whoami(svc.db, ann)["unread"] == 4
+    assert chat.whoami(svc.db, ann, svc.now)["unread"] == 4
     first = svc.read(ann, limit=1)["messages"]
     # ``read`` tells whether the message had been read before this request.
     assert [m["read"] for m in first] == [False]
-    assert chat.whoami(svc.db, ann)["unread"] == 3
+    assert chat.whoami(svc.db, ann, svc.now)["unread"] == 3
     again = svc.read(ann, limit=1)["messages"]
     assert [m["read"] for m in again] == [True]
 
@@ -500,7 +702,7 @@ def test_reading_sent_messages_does_not_mark_them(
     svc: Service, ann: str, bob: str, talk: dict[str, list[int]]
 ) -> None:
     svc.read(ann, box="sent")
-    assert chat.whoami(svc.db, bob)["unread"] == 3
+    assert chat.whoami(svc.db, bob, svc.now)["unread"] == 3
     assert all(not m["read"] for m in svc.read(ann, box="sent")["messages"])
 
 
@@ -508,8 +710,8 @@ def test_a_conversation_marks_only_what_the_reader_received(
     svc: Service, ann: str, bob: str, talk: dict[str, list[int]]
 ) -> None:
     svc.read(ann, **{"with": "bob"})
-    assert chat.whoami(svc.db, ann)["unread"] == 1  # carol's message
-    assert chat.whoami(svc.db, bob)["unread"] == 3
+    assert chat.whoami(svc.db, ann, svc.now)["unread"] == 1  # carol's message
+    assert chat.whoami(svc.db, bob, svc.now)["unread"] == 3
 
 
 def test_read_excludes_deleted_messages(
@@ -578,8 +780,8 @@ def test_mark_read_marks_only_the_callers_unread_messages(
     theirs = talk["ann_to_bob"]
     result = svc.write("mark_read", {"ids": [*mine[:2], *theirs, 999]}, ann)
     assert result == {"marked": 2}
-    assert chat.whoami(svc.db, ann)["unread"] == 2
-    assert chat.whoami(svc.db, bob)["unread"] == 3
+    assert chat.whoami(svc.db, ann, svc.now)["unread"] == 2
+    assert chat.whoami(svc.db, bob, svc.now)["unread"] == 3
     assert svc.write("mark_read", {"ids": mine[:2]}, ann) == {"marked": 0}
 
 
@@ -628,7 +830,7 @@ def test_either_participant_deletes_for_both(
     assert svc.write("delete_messages", {"ids": [message]}, token) == {"deleted": [message]}
     assert svc.ids(ann, box="sent") == []
     assert svc.ids(bob) == []
-    assert chat.whoami(svc.db, bob)["unread"] == 0
+    assert chat.whoami(svc.db, bob, svc.now)["unread"] == 0
 
 
 def test_a_deleted_message_is_a_tombstone_and_its_id_is_never_reused(
@@ -680,7 +882,7 @@ def test_delete_account(svc: Service, ann: str, bob: str) -> None:
     # Every session ended; the hash is gone; login and sending fail clearly.
     for token in (ann, second_session):
         with pytest.raises(AuthFailed, match="session has ended"):
-            chat.whoami(svc.db, token)
+            chat.whoami(svc.db, token, svc.now)
     assert svc.db.value("SELECT count(*) FROM sessions WHERE user_id = 1") == 0
     assert svc.db.value("SELECT password_hash FROM users WHERE id = 1") == ""
     with pytest.raises(AuthFailed, match="wrong username or password"):
@@ -693,7 +895,7 @@ def test_delete_account(svc: Service, ann: str, bob: str) -> None:
     assert live == [(to_bob,)]
     assert to_ann not in svc.ids(bob, box="sent")
     assert [(m["from"], m["body"]) for m in svc.read(bob)["messages"]] == [("ann", "from ann")]
-    assert chat.search(svc.db, bob, None)["users"] == ["bob"]
+    assert chat.search(svc.db, bob, svc.now, None)["users"] == ["bob"]
 
 
 def test_a_deleted_user_can_still_be_named_in_a_conversation(
@@ -732,29 +934,29 @@ def people(svc: Service) -> str:
     ],
 )
 def test_search_glob(svc: Service, people: str, pattern: str | None, expected: list[str]) -> None:
-    assert chat.search(svc.db, people, pattern) == {"users": expected, "more": False}
+    assert chat.search(svc.db, people, svc.now, pattern) == {"users": expected, "more": False}
 
 
 def test_search_limit_and_more(svc: Service, people: str) -> None:
-    assert chat.search(svc.db, people, "*", 3) == {
+    assert chat.search(svc.db, people, svc.now, "*", 3) == {
         "users": ["a_b", "al", "Albert"],
         "more": True,
     }
-    assert chat.search(svc.db, people, "b*", 2)["more"] is False
+    assert chat.search(svc.db, people, svc.now, "b*", 2)["more"] is False
 
 
 def test_search_default_limit_is_50(svc: Service) -> None:
     for i in range(51):
         svc.register(f"user{i:02d}")
     token = svc.login("user00")
-    result = chat.search(svc.db, token, None)
+    result = chat.search(svc.db, token, svc.now, None)
     assert len(result["users"]) == 50
     assert result["more"] is True
 
 
 def test_search_needs_a_session(svc: Service, people: str) -> None:
     with pytest.raises(AuthFailed):
-        chat.search(svc.db, None, "*")
+        chat.search(svc.db, None, svc.now, "*")
 
 
 @pytest.mark.parametrize(
@@ -762,7 +964,7 @@ def test_search_needs_a_session(svc: Service, people: str) -> None:
 )
 def test_search_refuses_bad_arguments(svc: Service, people: str, pattern: Any, limit: Any) -> None:
     with pytest.raises(InvalidInput):
-        chat.search(svc.db, people, pattern, limit)
+        chat.search(svc.db, people, svc.now, pattern, limit)
 
 
 # ---- dispatch and idempotency ------------------------------------------------------------
@@ -869,8 +1071,8 @@ def test_a_retried_login_rotates_the_token(svc: Service) -> None:
     retry_hash = svc.login("ann", request_id="login-1")
     assert retry_hash != first_hash
     with pytest.raises(AuthFailed, match="session has ended"):
-        chat.session_user(svc.db, first_hash)
-    assert chat.session_user(svc.db, retry_hash) == (1, "ann")
+        chat.session_user(svc.db, first_hash, svc.now)
+    assert chat.session_user(svc.db, retry_hash, svc.now) == (1, "ann")
     assert svc.db.value("SELECT count(*) FROM sessions") == 1
     stored = svc.db.value("SELECT result FROM requests WHERE request_id = 'login-1'")
     assert first_hash not in stored
@@ -883,7 +1085,7 @@ def test_a_login_request_id_cannot_be_replayed_by_another_user(svc: Service) -> 
     ann_session = svc.login("ann", request_id="login-1")
     with pytest.raises(Conflict):
         svc.login("mallory", request_id="login-1")
-    assert chat.session_user(svc.db, ann_session) == (1, "ann")
+    assert chat.session_user(svc.db, ann_session, svc.now) == (1, "ann")
 
 
 @pytest.mark.parametrize("op", ["logout", "delete_account"])

@@ -51,7 +51,13 @@ from service.errors import (
 )
 from service.storage import Storage
 
-PASSWORD_HASH = chat.hash_password("correct horse")
+PASSWORD_HASH = chat.hash_password("correct horse", chat.ScryptParams(n=2**10))
+# The model has no clock and no cap on sessions: neither ends one during a run.
+SESSION_LIMITS = {
+    "session_lifetime": chat.MAX_SESSION_SECONDS,
+    "session_idle": chat.MAX_SESSION_SECONDS,
+    "session_cap": chat.MAX_SESSION_CAP,
+}
 NAMES = ["ann", "Ann", "ANN", "bob", "Bob", "cy", "dee.e", "x_1", "bad name", "", "z" * 51]
 BODIES = ["hi", "line\nbreak", "tab\there", "é 🙂", "x" * 4000, "x" * 4001, "", "a\x00b", "\x1b"]
 
@@ -275,7 +281,7 @@ class ChatAgainstModel(RuleBasedStateMachine):
         # NORMAL: no fsync per batch; durability is not what this test is about.
         self.storage = Storage(self.folder / "chat.db", synchronous="NORMAL")
         self.model = Model()
-        self.clock = itertools.count(1000)
+        self.now = 1000.0  # the clock of the last write
         self.request_ids = itertools.count(1)
         self.done: list[tuple[str, dict[str, Any], str | None, str, dict[str, Any]]] = []
 
@@ -289,14 +295,15 @@ class ChatAgainstModel(RuleBasedStateMachine):
         request_id = request_id or f"r{next(self.request_ids)}"
         if op == "read":
             # As the server runs it: a query, then a write of the ids it marks read.
-            shown, to_mark = chat.read(self.storage.db, token, args)
+            shown, to_mark = chat.read(self.storage.db, token, args, self.now)
             if to_mark:
                 self.write("mark_read", {"ids": to_mark}, token, request_id)
             return shown
+        self.now += 1
         batch = self.storage.begin_batch()
         try:
             with batch.savepoint() as db:
-                result = chat.apply_write(db, op, args, token, request_id, float(next(self.clock)))
+                result = chat.apply_write(db, op, args, token, request_id, self.now)
             batch.seal(1)
             batch.commit()
         except BaseException:
@@ -320,7 +327,9 @@ class ChatAgainstModel(RuleBasedStateMachine):
         for name in ("ann", "bob", "cy"):
             self.register(name)
             _, token_hash = chat.new_token()
-            self.write("login", {"username": name, "token_hash": token_hash}, None)
+            self.write(
+                "login", {"username": name, "token_hash": token_hash, **SESSION_LIMITS}, None
+            )
             self.model.login(name, token_hash)
             tokens.append(token_hash)
         return multiple(*tokens)
@@ -338,7 +347,9 @@ class ChatAgainstModel(RuleBasedStateMachine):
     def login(self, name: str) -> str:
         _, token_hash = chat.new_token()
         self.agree(
-            lambda: self.write("login", {"username": name, "token_hash": token_hash}, None),
+            lambda: self.write(
+                "login", {"username": name, "token_hash": token_hash, **SESSION_LIMITS}, None
+            ),
             lambda: self.model.login(name, token_hash),
         )
         return token_hash
@@ -433,7 +444,9 @@ class ChatAgainstModel(RuleBasedStateMachine):
 
     @rule(token=tokens)
     def whoami(self, token: str) -> None:
-        self.agree(lambda: chat.whoami(self.storage.db, token), lambda: self.model.whoami(token))
+        self.agree(
+            lambda: chat.whoami(self.storage.db, token, self.now), lambda: self.model.whoami(token)
+        )
 
     @rule(
         token=tokens,
@@ -442,7 +455,7 @@ class ChatAgainstModel(RuleBasedStateMachine):
     )
     def search(self, token: str, pattern: str | None, limit: int) -> None:
         self.agree(
-            lambda: chat.search(self.storage.db, token, pattern, limit),
+            lambda: chat.search(self.storage.db, token, self.now, pattern, limit),
             lambda: self.model.search(token, pattern, limit),
         )
 

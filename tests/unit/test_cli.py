@@ -562,6 +562,7 @@ def test_listen_prints_one_json_object_per_line_and_marks_them_read(alice: FakeS
         (errors.Internal("disk I/O error"), 1),
         (errors.Unavailable("no primary reachable within 10 s"), 3),
         (errors.NotPrimary("no primary reachable within 10 s"), 3),
+        (errors.Busy("too many failed logins for this account; try again in 9 seconds", 9), 3),
     ],
 )
 def test_errors_map_to_exit_codes(alice: FakeService, error: errors.ChatError, code: int) -> None:

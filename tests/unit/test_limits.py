@@ -169,7 +169,16 @@ def test_ended_sessions_names_the_sessions_that_are_gone(storage: Storage) -> No
 
     def session(name: str) -> str:
         _, token_hash = chat.new_token()
-        write("login", {"username": name, "token_hash": token_hash})
+        write(
+            "login",
+            {
+                "username": name,
+                "token_hash": token_hash,
+                "session_lifetime": 86400.0,
+                "session_idle": 86400.0,
+                "session_cap": 20,
+            },
+        )
         return token_hash
 
     for name in ("ann", "bob"):
@@ -184,5 +193,5 @@ def test_ended_sessions_names_the_sessions_that_are_gone(storage: Storage) -> No
     write("delete_account", {}, deleted)
     never = chat.new_token()[1]
     hashes = [live, logged_out, other_deleted, never, None]
-    ended, _ = storage.read(lambda db: ended_sessions(db, hashes))
+    ended, _ = storage.read(lambda db: ended_sessions(db, hashes, 1001.0))
     assert ended == {logged_out, other_deleted, never, None}

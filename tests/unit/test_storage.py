@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import sqlite3
 import stat
 import threading
 from collections.abc import Iterator
@@ -139,6 +141,21 @@ def test_reopen_keeps_data_position_and_schema(tmp_path: Path) -> None:
     assert again.checksums() == sums
     assert again.db.value("PRAGMA user_version") == len(MIGRATIONS)
     again.close()
+
+
+def test_sessions_from_before_they_ended_get_the_default_ends(tmp_path: Path) -> None:
+    """The v3 migration, on a database made by the code before it (schema v2)."""
+    path = tmp_path / "v2.db"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript(MIGRATIONS[0] + MIGRATIONS[1])
+        old.execute("INSERT INTO sessions VALUES ('aa', 1, 'r1', 1000.0)")
+        old.execute("PRAGMA user_version=2")
+        old.commit()
+    storage = Storage(path)
+    row = storage.db.one("SELECT expires_at, idle_timeout, ends_at FROM sessions")
+    assert row == (1000.0 + 30 * 86400, 7 * 86400, 1000.0 + 30 * 86400)
+    assert storage.db.value("PRAGMA user_version") == len(MIGRATIONS)
+    storage.close()
 
 
 # ---- Db ----------------------------------------------------------------------------------

@@ -82,7 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     # uvloop: the same asyncio API over libuv, with a cheaper loop iteration and
     # socket path; the node's hot path is many small reads and writes.
-    uvloop.run(Node(config).run())
+    # A read-only file system or an unopenable database: one log line per new
+    # reason and a backoff, never an exit a second under supervisord.
+    node = datadir.retry_until_open(lambda: Node(config), f"the database {config.db_path}")
+    if node is None:
+        return 0
+    uvloop.run(node.run())
     return 0
 
 

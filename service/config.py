@@ -79,6 +79,9 @@ class NodeConfig:
     # A tick later than this after the previous one means the node was frozen.
     clock_gap: float = 0.5
     log_retention: int = 100_000
+    # Compare per-table checksums across the nodes at a quiet moment this often
+    # (replication/verify.py); 0 turns it off.
+    verify_interval: float = 300.0
     # A retry with the same request id returns the first result within this window.
     request_retention: float = 3600.0
     max_batch: int = 512

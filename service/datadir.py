@@ -32,11 +32,16 @@ import logging
 import os
 import signal
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+from .errors import StorageFault
 
 log = logging.getLogger("service.datadir")
 
 PRIVATE_UMASK = 0o077
+T = TypeVar("T")
 FIRST_RECHECK = 1.0
 MAX_RECHECK = 30.0
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -103,6 +108,34 @@ def prepare(path: Path) -> list[Path]:
                 if tighten(entry):
                     tightened.append(entry)
     return tightened
+
+
+def retry_until_open(open_it: Callable[[], T], what: str) -> T | None:
+    """Call ``open_it`` until its storage opens (a read-only file system, a database
+    that cannot be opened: a ``StorageFault``), logging each new reason once and
+    trying again with backoff, never exiting (supervisord would restart the node
+    every second). Returns None when SIGTERM or SIGINT arrived first."""
+    delay = FIRST_RECHECK
+    said = ""
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        while True:
+            try:
+                opened = open_it()
+            except StorageFault as exc:
+                if str(exc) != said:
+                    said = str(exc)
+                    log.error("cannot open %s: %s (trying again with backoff)", what, said)
+            else:
+                if said:
+                    log.info("opened %s", what)
+                return opened
+            if signal.sigtimedwait(_STOP_SIGNALS, delay) is not None:
+                log.info("stopped while %s could not be opened", what)
+                return None
+            delay = min(delay * 2, MAX_RECHECK)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
 def wait_until_private(path: Path) -> bool:

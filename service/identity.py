@@ -53,6 +53,9 @@ class Identity:
     database_id: str
     clean: bool
     suspect: str | None
+    # SQLite found a damaged page while the node ran: the next start moves the
+    # database aside (it never leads or ships those pages) and takes a snapshot.
+    damaged: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ def read(path: Path) -> Identity | None:
         data["database_id"],
         data.get("clean") is True,
         suspect if isinstance(suspect, str) else None,
+        data.get("damaged") is True,
     )
 
 
@@ -109,6 +113,7 @@ def write(path: Path, identity: Identity) -> None:
         "database_id": identity.database_id,
         "clean": identity.clean,
         "suspect": identity.suspect,
+        "damaged": identity.damaged,
     }
     partial = path.with_name(path.name + ".partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from . import datadir, identity
 from .config import NodeConfig
+from .errors import StorageCorrupt
 from .replication.runtime import Replicator
 from .server import Server
-from .storage import Storage, prune_rollback_files
+from .storage import Storage, move_aside, prune_rollback_files
 
 log = logging.getLogger("service.node")
 
@@ -58,8 +59,24 @@ class Node:
         # Created 0700, or refused unless private (``python -m service`` waits for that).
         datadir.prepare(config.data_dir)
         self.secret = load_or_create_secret(config.secret_file)
+        self.identity_path = config.data_dir / identity.FILE_NAME
+        recorded = identity.read(self.identity_path)
         before = identity.observe(config.db_path)
-        self.storage = Storage(config.db_path, config.synchronous)
+        damage = self._open_checked(recorded)
+        if damage is not None:
+            moved = move_aside(config.db_path, config.data_dir / "damaged")
+            log.critical(
+                "database damaged, moved aside node=%s to=%s why=%s",
+                config.node_id,
+                moved,
+                damage.replace(" ", "_"),
+            )
+            # A new, empty database: not the member any sync set names (E4). It
+            # rejoins by snapshot from a healthy primary, and never leads meanwhile.
+            self.storage = Storage(config.db_path, config.synchronous)
+            recorded = identity.Identity(
+                self.storage.database_id, True, f"its database was damaged ({damage})"
+            )
         # Bounds lowered since the last run apply at once, not at the next rewind.
         pruned = prune_rollback_files(
             config.rollback_dir, config.rollback_max_files, config.rollback_max_bytes
@@ -68,10 +85,7 @@ class Node:
             log.info("rollback files pruned files=%s", ",".join(p.name for p in pruned))
         # Commits return before the fsync; the replicator's group sync does it.
         self.storage.defer_sync()
-        self.identity_path = config.data_dir / identity.FILE_NAME
-        suspect = identity.verdict(
-            identity.read(self.identity_path), self.storage.database_id, before
-        )
+        suspect = identity.verdict(recorded, self.storage.database_id, before)
         if suspect is not None:
             log.warning(
                 "database suspect node=%s database=%s why=%s",
@@ -82,11 +96,36 @@ class Node:
         self._write_identity(clean=False, suspect=suspect)
         self.replicator = Replicator(config, self.storage, self.secret, unproven=suspect)
         self.replicator.proven_hooks.append(lambda: self._write_identity(False, None))
+        self.replicator.damage_hooks.append(self._mark_damaged)
         self.server = Server(config, self.replicator)
 
-    def _write_identity(self, clean: bool, suspect: str | None) -> None:
-        record = identity.Identity(self.storage.database_id, clean, suspect)
-        identity.write(self.identity_path, record)
+    def _open_checked(self, recorded: identity.Identity | None) -> str | None:
+        """Open the database and check its pages (``quick_check``); return what is
+        damaged (the database is then closed, for moving aside), or None."""
+        if recorded is not None and recorded.damaged:
+            return recorded.suspect or "damaged pages were found while it ran"
+        if not self.config.db_path.exists():
+            self.storage = Storage(self.config.db_path, self.config.synchronous)
+            return None
+        try:
+            self.storage = Storage(self.config.db_path, self.config.synchronous)
+        except StorageCorrupt as exc:
+            return str(exc)
+        damage = self.storage.quick_check()
+        if damage is not None:
+            self.storage.close()
+        return damage
+
+    def _write_identity(self, clean: bool, suspect: str | None, damaged: bool = False) -> None:
+        record = identity.Identity(self.storage.database_id, clean, suspect, damaged)
+        try:
+            identity.write(self.identity_path, record)
+        except OSError as exc:
+            # A full disk: the suspicion lives on in memory for this run.
+            log.warning("cannot write the identity file why=%s", exc.strerror or exc)
+
+    def _mark_damaged(self, why: str) -> None:
+        self._write_identity(False, why, damaged=True)
 
     async def run(self) -> None:
         stop = asyncio.Event()

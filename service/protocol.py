@@ -349,6 +349,12 @@ PEER_SCHEMAS: dict[str, dict[str, tuple[type, ...]]] = {
     },
     "vote_request": {"epoch": _INT, "position": _LIST, "force": _BOOL},
     "vote": {"epoch": _INT, "granted": _BOOL, "reason": _STR},
+    # primary -> backup: your per-table checksums at seq, please (replication/verify.py)
+    "verify": {"epoch": _INT, "seq": _INT, "round": _INT},
+    # backup -> primary: the checksums, or null when no longer at that seq
+    "verify_reply": {"epoch": _INT, "seq": _INT, "round": _INT, "sums": (dict, type(None))},
+    # primary -> backup: your data differs from the majority's; move it aside, resync
+    "resync": {"epoch": _INT, "why": _STR},
     # operator tool -> node: become primary even though R5/R6 do not allow it
     "force_promote": {},
 }

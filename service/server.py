@@ -67,6 +67,7 @@ from .errors import (
     Internal,
     InvalidInput,
     ProtocolViolation,
+    StorageCorrupt,
     StorageFault,
 )
 from .peer import OPERATOR_ID, FrameReader
@@ -448,6 +449,11 @@ class ClientSession:
                 return
             result = await self._execute(op, args, token, request_id)
             self.send(protocol.reply(request_id, result))
+        except StorageCorrupt as exc:
+            # A query found a damaged page: contain it (the node exits and, at its next
+            # start, moves the database aside and takes a snapshot).
+            self.send(protocol.error(request_id, Internal("internal error").to_wire()))
+            self.replicator.damaged(str(exc))
         except ChatError as exc:
             self.send(protocol.error(request_id, exc.to_wire()))
         except asyncio.CancelledError:

@@ -101,6 +101,7 @@ import hashlib
 import json
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -930,14 +931,34 @@ class Storage:
 
     def checksums(self) -> dict[str, str]:
         """sha256 of each replicated table's rows in primary key order."""
-        sums = {}
-        for table, key in REPLICATED_TABLES.items():
-            digest = hashlib.sha256()
-            for row in self._db.execute(f"SELECT * FROM {table} ORDER BY {key}"):
-                digest.update(repr(row).encode())
-                digest.update(b"\n")
-            sums[table] = digest.hexdigest()
-        return sums
+        return _table_checksums(self._db)
+
+    def checksums_at(self, seq: int) -> dict[str, str] | None:
+        """``checksums()`` of the committed state at exactly ``seq``, or None when the
+        database is elsewhere. Through a connection of its own: safe in a thread."""
+        conn = _connect(self.path, self._synchronous, self._vfs)
+        try:
+            db = Db(conn)
+            with _translated():
+                conn.execute("BEGIN")
+                try:
+                    if _read_position(db).seq != seq:
+                        return None
+                    return _table_checksums(db)
+                finally:
+                    conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def quick_check(self) -> str | None:
+        """What is wrong with this database (``PRAGMA quick_check``), or None."""
+        try:
+            with _translated():
+                rows = self._reader.execute("PRAGMA quick_check(5)").fetchall()
+        except StorageCorrupt as exc:
+            return str(exc)
+        problems = [str(row[0]) for row in rows]
+        return None if problems == ["ok"] else "; ".join(problems)[:500]
 
     def check_file(self, path: Path) -> str | None:
         """What is wrong with the database file ``path`` (a snapshot about to be sent
@@ -975,12 +996,40 @@ class Storage:
             self._sync_files()
 
 
+def _table_checksums(db: Db) -> dict[str, str]:
+    sums = {}
+    for table, key in REPLICATED_TABLES.items():
+        digest = hashlib.sha256()
+        for row in db.execute(f"SELECT * FROM {table} ORDER BY {key}"):
+            digest.update(repr(row).encode())
+            digest.update(b"\n")
+        sums[table] = digest.hexdigest()
+    return sums
+
+
+def move_aside(path: Path, folder: Path) -> Path:
+    """Move the database ``path`` and its WAL into ``folder`` (made 0700), under a
+    name with the time, for an operator to inspect; the node starts afresh."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = folder / f"{path.name}.{stamp}"
+    for suffix in ("-wal", "-shm", ""):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            os.replace(source, f"{target}{suffix}")
+    _fsync_dir(path.parent)
+    return target
+
+
 def check_database_file(path: Path, vfs: str | None = None) -> str | None:
     """``PRAGMA quick_check`` of ``path`` through a read-only connection of its own:
     None when it is sound, else the first problems SQLite names (one line)."""
     try:
-        conn = apsw.Connection(
-            str(path), flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI, vfs=vfs or ""
+        flags = apsw.SQLITE_OPEN_READONLY
+        conn = (
+            apsw.Connection(str(path), flags=flags, vfs=vfs)
+            if vfs
+            else apsw.Connection(str(path), flags=flags)
         )
     except apsw.Error as exc:
         return f"cannot open it: {exc}"

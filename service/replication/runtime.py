@@ -89,6 +89,7 @@ from .state import (
     StopStream,
     Timing,
 )
+from .verify import Verifier
 
 log = logging.getLogger("service.replication")
 
@@ -224,6 +225,7 @@ class Replicator:
         self.session_hooks: list[SessionHook] = []
         self.role_hooks: list[Callable[[Role], None]] = []
         self.proven_hooks: list[Callable[[], None]] = []
+        self.damage_hooks: list[Callable[[str], None]] = []
         self.incoming_snapshot: tuple[Path, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._apply_buffer: list[LogRecord] = []
@@ -239,6 +241,14 @@ class Replicator:
         # Commits not yet reported durable: (group-sync ticket, position), in order.
         self.unsynced: deque[tuple[int, Position]] = deque()
         self.group_sync: GroupSync | None = None
+        self.verifier = Verifier(
+            config.node_id,
+            config.verify_interval,
+            storage.checksums_at,
+            self.links.send,
+            self.damaged,
+            self._spawn,
+        )
         if storage.deferred:
             self.group_sync = GroupSync(storage.sync, self._on_durable, fatal)
 
@@ -276,7 +286,10 @@ class Replicator:
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            fatal(task.exception())
+            exc = task.exception()
+            if isinstance(exc, StorageCorrupt):
+                self.damaged(str(exc))
+            fatal(exc)
 
     # ---- what the server asks ---------------------------------------------------------
 
@@ -365,6 +378,7 @@ class Replicator:
             "unproven": stats["unproven"],
             "lag": {str(k): v for k, v in stats["lag"].items()},
             "links": sorted(self.core.links),
+            "checksums": None if self.verifier.last is None else self.verifier.last.to_status(),
             "batches": self.batches,
             "writes": self.writes,
         }
@@ -386,6 +400,8 @@ class Replicator:
                 # when the recovery write persists it (_recover).
                 self._fault(str(exc))
                 return
+            except StorageCorrupt as exc:
+                self.damaged(str(exc))
             if more:
                 pending.extendleft(reversed(more))
 
@@ -403,6 +419,18 @@ class Replicator:
         if first:
             self._spawn(self._recover())
         return refusal
+
+    def damaged(self, why: str) -> None:
+        """SQLite found a damaged page: this node must neither lead nor ship its data.
+        Marked for the next start (which moves the database aside and takes a
+        snapshot), then out at once: a crash, as far as the others can tell."""
+        for hook in self.damage_hooks:
+            hook(why)
+        log.critical(
+            format_fields("database damaged, exiting", {"node": self.config.node_id, "why": why})
+        )
+        logging.shutdown()
+        os._exit(71)
 
     async def _recover(self) -> None:
         delay, last_log = RECOVER_FIRST, self._now()
@@ -473,6 +501,8 @@ class Replicator:
             return
         try:
             self._handle_frame(peer, frame)
+        except StorageCorrupt as exc:
+            self.damaged(str(exc))
         except Exception as exc:
             fatal(exc)
 
@@ -487,12 +517,38 @@ class Replicator:
             )
         elif kind == "snapshot":
             self._on_snapshot_chunk(peer, frame)
+        elif kind in ("verify", "verify_reply", "resync"):
+            self._on_verify(peer, frame)
         else:
             self._run(self.core.on_message(now, peer, frame))
             if kind == "ack":
                 stream = self.streams.get(peer)
                 if stream is not None:
                     stream.wake.set()
+
+    def _on_verify(self, peer: int, frame: protocol.Frame) -> None:
+        core = self.core
+        from_primary = peer == core.primary and frame["epoch"] == core.epoch
+        if frame["type"] == "verify_reply" and core.role is Role.PRIMARY:
+            self.verifier.on_reply(peer, frame)
+        elif frame["type"] == "verify" and core.role is Role.BACKUP and from_primary:
+            self._spawn(self.verifier.answer(peer, frame))
+        elif frame["type"] == "resync" and core.role is Role.BACKUP and from_primary:
+            self.damaged(str(frame["why"]))
+
+    def _verify_tick(self, now: float) -> None:
+        core = self.core
+        if core.role is not Role.PRIMARY:
+            self.verifier.stop()
+            return
+        seq = core.position.seq
+        members = core.effective
+        quiet = (
+            not self.queue
+            and core.watermark == seq
+            and all(core.progress[m].durable == seq for m in members if m != self.config.node_id)
+        )
+        self.verifier.tick(now, core.epoch, seq, quiet, members)
 
     def _on_link(self, peer: int, up: bool, closed_by_us: bool) -> None:
         if peer == OPERATOR_ID or self.closing:
@@ -522,6 +578,7 @@ class Replicator:
         while True:
             now = self._now()
             self._run(self.core.tick(now))
+            self._verify_tick(now)
             if now - self._last_prune > PRUNE_EVERY:
                 self._last_prune = now
                 with contextlib.suppress(StorageFault):
@@ -602,6 +659,8 @@ class Replicator:
                 with contextlib.suppress(Exception):
                     batch.rollback()
                 raise
+        except StorageCorrupt as exc:
+            self.damaged(str(exc))
         except StorageFault as exc:
             if members is not None and self.sync_change is None:
                 self.sync_change = members  # proposed again once the disk recovers
@@ -900,6 +959,11 @@ class Replicator:
             path.unlink()
         started = time.monotonic()
         position = self.storage.make_snapshot(path)
+        damage = self.storage.check_file(path)
+        if damage is not None:
+            # The copy is of our own pages: never ship them (a backup would install
+            # them and the damage would spread to every node).
+            self.damaged(f"a snapshot of this database is damaged: {damage}")
         size = path.stat().st_size
         log.info(
             format_fields(
@@ -990,6 +1054,8 @@ class Replicator:
             # A full or failing disk is never a divergence: stop applying, no rewind.
             self._fault(str(exc))
             return
+        except StorageCorrupt as exc:
+            self.damaged(str(exc))
         if new_position.epoch != was_epoch:
             self.core.history = self.storage.epoch_history()
         lone = len(records) <= 1 and not self._apply_buffer

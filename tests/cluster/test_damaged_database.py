@@ -1,0 +1,118 @@
+"""A database damaged on disk is contained, never spread (the hardening of storage faults).
+
+Bytes overwritten in a stopped backup's ``chat.db`` (the b-tree header of one
+page) once went unnoticed: the node rejoined, was elected after the others
+were killed, crash-looped, and its snapshot shipped the damaged pages to both
+others, making acknowledged messages unreadable everywhere. Now the node
+checks its pages at start (``PRAGMA quick_check``), moves the damaged file
+aside for inspection, starts with an empty database (not the member its sync
+set names, so it cannot lead) and catches up from the healthy primary (its log,
+or a snapshot that is itself checked before it is sent and installed). After
+that it may lead, with sound data: every acknowledged message is readable from
+it alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+
+import pytest
+
+from ops.chaos.corrupt import corrupt_page
+from service.client import Client
+from tests.conftest import ClusterFactory
+from tests.helpers.waiting import wait_for
+from tests.helpers.workload import (
+    PASSWORD,
+    finish,
+    new_user,
+    read_inbox,
+    run,
+    start_cluster,
+    wait_logged,
+    wait_settled,
+)
+
+pytestmark = pytest.mark.cluster
+
+MESSAGES = 300
+
+
+async def send_many(servers: list[str], token: str) -> set[str]:
+    bodies = {f"message {i} " + "x" * 200 for i in range(MESSAGES)}
+    async with Client(servers, token=token) as client:
+        await asyncio.gather(*(client.send("bob", body) for body in bodies))
+    return bodies
+
+
+async def bobs_inbox(servers: list[str]) -> list[str]:
+    async with Client(servers) as client:
+        await client.login("bob", PASSWORD)
+        return [str(m["body"]) for m in await read_inbox(client)]
+
+
+def test_a_damaged_backup_moves_its_database_aside_and_rejoins_by_snapshot(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory()
+    start_cluster(cluster)
+    assert wait_settled(cluster) is cluster[1]
+    alice = run(new_user(cluster.servers, "alice"))
+    run(new_user(cluster.servers, "bob"))
+    sent = run(send_many(cluster.servers, alice))
+    cluster.wait_converged()
+    damaged = cluster[3]
+    damaged.stop()  # SIGTERM: checkpointed, so the damage is in the file SQLite reads
+    damage = corrupt_page(damaged.db_path, pick=7, size=16)
+    damaged.start()
+    wait_logged(damaged, "database damaged, moved aside")
+    # Empty now: it catches up from the primary's log (or a snapshot, were the log
+    # pruned), like a node whose disk was replaced.
+    wait_logged(damaged, "database proven")
+    assert list((damaged.db_path.parent / "damaged").glob("chat.db.*")), damage.describe()
+    assert wait_settled(cluster) is cluster[1]
+    cluster.wait_in_sync()
+    # The healed node alone serves every acknowledged message.
+    for node in (cluster[1], cluster[2]):
+        node.freeze()
+    for node in (cluster[1], cluster[2]):
+        node.kill()
+    assert cluster.wait_for_primary() is damaged
+    assert set(run(bobs_inbox([damaged.address]))) == sent
+    assert damaged.starts == 2, "the damaged node restarted more than once"
+    cluster.start()
+    finish(cluster)
+
+
+def test_a_backup_whose_rows_differ_is_found_by_checksums_and_resyncs(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """No damaged page this time: one row of a stopped backup is changed behind
+    SQLite's back, so every structural check passes. The primary's checksum round
+    finds it (two nodes against one), tells the backup, and the backup moves its
+    database aside and catches up."""
+    cluster = cluster_factory(verify_interval=0.3)
+    start_cluster(cluster)
+    assert wait_settled(cluster) is cluster[1]
+    alice = run(new_user(cluster.servers, "alice"))
+    run(new_user(cluster.servers, "bob"))
+    run(send_many(cluster.servers, alice))
+    cluster.wait_converged()
+    wait_logged(cluster[1], "checksums agree")
+    odd = cluster[3]
+    odd.stop()
+    with contextlib.closing(sqlite3.connect(odd.db_path)) as conn:
+        conn.execute(
+            "UPDATE messages SET body = 'tampered' WHERE id = (SELECT max(id) FROM messages)"
+        )
+        conn.commit()
+    odd.start()
+    wait_logged(cluster[1], "checksums differ")
+    wait_for(lambda: not odd.is_running, 20.0, "node 3 to exit on the primary's resync")
+    assert "database damaged, exiting" in odd.log_text()
+    odd.restart()  # as supervisord would
+    wait_logged(odd, "database damaged, moved aside")
+    cluster.wait_in_sync()
+    finish(cluster)

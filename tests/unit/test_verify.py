@@ -1,0 +1,128 @@
+"""Cross-node checksums (``service/replication/verify.py``) and the storage checks
+behind them: who is judged damaged, and what a snapshot check finds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.replication.verify import Verifier, judge
+from service.storage import Storage, check_database_file
+
+A = {"users": "a", "messages": "a"}
+B = {"users": "a", "messages": "b"}
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        pytest.param({1: A, 2: A, 3: A}, (True, ()), id="all-agree"),
+        pytest.param({1: A, 2: A, 3: B}, (False, (3,)), id="one-backup-differs"),
+        pytest.param({1: B, 2: A, 3: A}, (False, (1,)), id="the-primary-differs"),
+        pytest.param({1: A, 2: B}, (False, ()), id="two-differ-undecided"),
+        pytest.param({1: A}, (True, ()), id="alone"),
+    ],
+)
+def test_judge_names_the_nodes_outside_a_majority(
+    answers: dict[int, dict[str, str]], expected: tuple[bool, tuple[int, ...]]
+) -> None:
+    assert judge(answers) == expected
+
+
+class Wire:
+    def __init__(self) -> None:
+        self.sent: list[tuple[int, dict[str, Any]]] = []
+        self.damaged: list[str] = []
+        self.spawned: list[object] = []
+
+    def verifier(self, own: dict[str, str] | None) -> Verifier:
+        return Verifier(
+            1,
+            10.0,
+            lambda seq: own,
+            lambda peer, msg: self.sent.append((peer, msg)) is None,
+            self.damaged.append,
+            self.spawned.append,
+        )
+
+
+def test_a_round_waits_for_a_quiet_moment_then_tells_the_odd_backup_to_resync() -> None:
+    wire = Wire()
+    verifier = wire.verifier(A)
+    verifier.next_at = 0.0
+    verifier.tick(1.0, epoch=2, seq=7, quiet=False, members=(1, 2, 3))
+    assert verifier.round is None
+    assert wire.sent == []
+    verifier.tick(2.0, epoch=2, seq=7, quiet=True, members=(1, 2, 3))
+    assert [(peer, msg["type"], msg["seq"]) for peer, msg in wire.sent] == [
+        (2, "verify", 7),
+        (3, "verify", 7),
+    ]
+    for coro in wire.spawned:
+        coro.close()  # type: ignore[attr-defined]
+    number = verifier.numbers
+    verifier._record(number, 1, A)
+    verifier.on_reply(2, {"round": number, "sums": A})
+    verifier.on_reply(3, {"round": number, "sums": B})
+    assert wire.sent[-1][0] == 3
+    assert wire.sent[-1][1]["type"] == "resync"
+    assert wire.damaged == []
+    assert verifier.last is not None
+    assert verifier.last.damaged == (3,)
+
+
+def test_a_node_that_moved_on_drops_the_round() -> None:
+    wire = Wire()
+    verifier = wire.verifier(A)
+    verifier.next_at = 0.0
+    verifier.tick(1.0, epoch=2, seq=7, quiet=True, members=(1, 2))
+    for coro in wire.spawned:
+        coro.close()  # type: ignore[attr-defined]
+    verifier.on_reply(2, {"round": verifier.numbers, "sums": None})
+    assert verifier.round is None
+    assert verifier.last is None
+
+
+def test_checksums_at_a_seq_the_database_is_not_at_is_none(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "chat.db")
+    try:
+        batch = storage.begin_batch()
+        batch.db.execute(
+            "INSERT INTO users(name, name_key, password_hash, created_at) VALUES ('a','a','h',1)"
+        )
+        batch.seal(1)
+        batch.commit()
+        assert storage.checksums_at(1) == storage.checksums()
+        assert storage.checksums_at(2) is None
+    finally:
+        storage.close()
+
+
+def test_a_damaged_snapshot_file_is_found_before_it_is_sent_or_installed(
+    tmp_path: Path,
+) -> None:
+    storage = Storage(tmp_path / "chat.db")
+    try:
+        for i in range(300):
+            batch = storage.begin_batch()
+            batch.db.execute(
+                "INSERT INTO users(name, name_key, password_hash, created_at) "
+                "VALUES (?, ?, 'h', 1)",
+                (f"user{i}" + "x" * 40, f"user{i}" + "x" * 40),
+            )
+            batch.seal(1)
+            batch.commit()
+        snapshot = tmp_path / "snapshot.db"
+        storage.make_snapshot(snapshot)
+        assert storage.check_file(snapshot) is None
+        data = bytearray(snapshot.read_bytes())
+        page = 4096
+        middle = (len(data) // page // 2) * page
+        data[middle : middle + 16] = bytes(b ^ 0x5A for b in data[middle : middle + 16])
+        snapshot.write_bytes(bytes(data))
+        problem = check_database_file(snapshot)
+        assert problem is not None
+    finally:
+        storage.close()

@@ -591,6 +591,15 @@ PEER_EXAMPLES: dict[str, protocol.Frame] = {
     },
     "vote_request": {"type": "vote_request", "epoch": 3, "position": [2, 10], "force": False},
     "vote": {"type": "vote", "epoch": 3, "granted": True, "reason": "up to date"},
+    "verify": {"type": "verify", "epoch": 2, "seq": 10, "round": 1},
+    "verify_reply": {
+        "type": "verify_reply",
+        "epoch": 2,
+        "seq": 10,
+        "round": 1,
+        "sums": {"users": "0" * 64},
+    },
+    "resync": {"type": "resync", "epoch": 2, "why": "its checksums differ"},
     "force_promote": {"type": "force_promote"},
 }
 

@@ -37,12 +37,16 @@ class Wire:
         self.damaged: list[str] = []
         self.spawned: list[object] = []
 
+    def send(self, peer: int, msg: dict[str, Any]) -> bool:
+        self.sent.append((peer, msg))
+        return True
+
     def verifier(self, own: dict[str, str] | None) -> Verifier:
         return Verifier(
             1,
             10.0,
             lambda seq: own,
-            lambda peer, msg: self.sent.append((peer, msg)) is None,
+            self.send,
             self.damaged.append,
             self.spawned.append,
         )

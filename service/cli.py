@@ -893,12 +893,14 @@ def _node_row(report: Result, primary_seq: object) -> Result:
         "sync_set": None,
         "waiting_for": None,
         "reason": None,
+        "checksums": None,
         "error": report.get("error"),
     }
     node = report.get("node")
     if not row["up"] or not isinstance(node, dict):
         return row
-    for field in ("id", "role", "epoch", "seq", "primary", "sync_set", "waiting_for", "reason"):
+    fields = ("id", "role", "epoch", "seq", "primary", "sync_set", "waiting_for", "reason")
+    for field in (*fields, "checksums"):
         row[field] = node.get(field)
     seq = node.get("seq")
     if isinstance(seq, int) and isinstance(primary_seq, int):

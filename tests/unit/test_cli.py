@@ -644,7 +644,7 @@ def test_status_json_and_the_unread_count_of_the_session(
     assert [n["lag"] for n in summary["nodes"]] == [0, 3, None]
     assert set(summary["nodes"][0]) == {
         "address", "up", "id", "role", "epoch", "seq", "lag", "primary", "sync_set",
-        "waiting_for", "reason", "error",
+        "waiting_for", "reason", "checksums", "error",
     }  # fmt: skip
     assert summary["nodes"][2]["up"] is False
 

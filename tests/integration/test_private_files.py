@@ -161,3 +161,27 @@ def test_the_node_refuses_a_lookalike_name_as_invalid(cluster_factory: ClusterFa
                 await client.send("\u212aate", "hello")
 
     asyncio.run(scenario())
+
+
+def test_a_database_that_cannot_be_opened_is_retried_with_backoff_not_a_crash_loop(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """``chat.db`` is a folder (as unopenable as a file on a read-only mount or
+    with a wrong owner, which root would open anyway): one log line, the process
+    waits instead of exiting, and it starts by itself once the path is fixed."""
+    cluster = cluster_factory(n=1)
+    node = cluster[1]
+    node.data_dir.mkdir(mode=0o700)
+    blocker = node.data_dir / "chat.db"
+    blocker.mkdir()
+    node.start(wait=False)
+    what = "cannot open the database"
+    wait_for(lambda: what in node.log_text(), TIMEOUT, f"node 1 to log {what!r}")
+    assert node.is_running, "the node exited on an unopenable database"
+    assert node.status() is None
+    blocker.rmdir()
+    node.wait_serving()
+    cluster.wait_for_primary()
+    log = node.log_text()
+    assert log.count(what) == 1, "the same reason was logged again"
+    assert "opened the database" in log

@@ -1026,7 +1026,14 @@ def move_aside(path: Path, folder: Path) -> Path:
 
 def check_database_file(path: Path, vfs: str | None = None) -> str | None:
     """``PRAGMA quick_check`` of ``path`` through a read-only connection of its own:
-    None when it is sound, else the first problems SQLite names (one line)."""
+    None when it is sound, else the first problems SQLite names (one line). A disk
+    that fails the reads is a StorageFault, not damage of the file."""
+
+    def unless_fault(exc: apsw.Error) -> None:
+        fault = storage_fault(exc)
+        if fault is not None:
+            raise fault from exc
+
     try:
         flags = apsw.SQLITE_OPEN_READONLY
         conn = (
@@ -1035,13 +1042,16 @@ def check_database_file(path: Path, vfs: str | None = None) -> str | None:
             else apsw.Connection(str(path), flags=flags)
         )
     except apsw.Error as exc:
+        unless_fault(exc)
         return f"cannot open it: {exc}"
     try:
         rows = conn.execute("PRAGMA quick_check(5)").fetchall()
     except apsw.Error as exc:
+        unless_fault(exc)
         return f"unreadable: {exc}"
     finally:
-        conn.close()
+        with contextlib.suppress(apsw.Error):
+            conn.close()
     problems = [str(row[0]) for row in rows]
     if problems == ["ok"]:
         return None

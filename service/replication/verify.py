@@ -48,6 +48,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ChatError, StorageCorrupt
+
 log = logging.getLogger("service.replication")
 
 Sums = dict[str, str]
@@ -161,8 +163,19 @@ class Verifier:
             "round": current.number,
         }
 
+    async def _checksums(self, seq: int) -> Sums | None:
+        """This node's checksums at ``seq``; None when they cannot be had now (moved
+        on, or the disk fails the reads). A damaged page found on the way is damage."""
+        try:
+            return await asyncio.to_thread(self.checksums_at, seq)
+        except StorageCorrupt as exc:
+            self.damaged(str(exc))
+        except ChatError as exc:
+            log.info("checksums not computed node=%s seq=%s why=%s", self.node_id, seq, exc)
+        return None
+
     async def _answer_own(self, current: Round) -> None:
-        sums = await asyncio.to_thread(self.checksums_at, current.seq)
+        sums = await self._checksums(current.seq)
         self._record(current.number, self.node_id, sums)
 
     def on_reply(self, peer: int, msg: dict[str, Any]) -> None:
@@ -216,7 +229,7 @@ class Verifier:
     # ---- backup -----------------------------------------------------------------------
 
     async def answer(self, primary: int, msg: dict[str, Any]) -> None:
-        sums = await asyncio.to_thread(self.checksums_at, msg["seq"])
+        sums = await self._checksums(msg["seq"])
         self.send(
             primary,
             {

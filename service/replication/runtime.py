@@ -503,6 +503,9 @@ class Replicator:
             self._handle_frame(peer, frame)
         except StorageCorrupt as exc:
             self.damaged(str(exc))
+        except StorageFault as exc:
+            # A read the frame needed failed (the log, the epoch history).
+            self._fault(str(exc))
         except Exception as exc:
             fatal(exc)
 

@@ -9,7 +9,11 @@ SUPERVISORCTL := $(BIN)/supervisorctl -c supervisord.conf
 
 .PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos soak
 
-install: $(STAMP)
+# Besides the venv, the folder supervisord writes its own log and the nodes' logs
+# to: `supervisord -c supervisord.conf` refuses to start without it, so it must exist
+# right after the install. The node data dirs are not made here: each node creates
+# its own, private (0700).
+install: $(STAMP) var/log
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,13 +21,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-var:
+var/log:
 	mkdir -p var/log
 
-run: install var
+run: install
 	$(SUPERVISORD) -n
 
-up: install var
+up: install
 	$(SUPERVISORD)
 
 down: install

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import sys
 from pathlib import Path
 
 from service import config as config_module
 from service import protocol
 from service.errors import ProtocolViolation
+
+from .operator import OperatorLink
 
 WARNING = (
     "WARNING: forcing node {node} to become primary skips the checks that protect "
@@ -35,34 +36,9 @@ WARNING = (
 
 
 def exchange(address: str, secret: bytes, frame: protocol.Frame, timeout: float) -> protocol.Frame:
-    host, port = config_module.parse_address(address)
-    decoder = protocol.FrameDecoder()
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-
-        def receive() -> protocol.Frame:
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    raise ConnectionError("the node closed the connection")
-                frames = decoder.feed(data)
-                if frames:
-                    return frames[0]
-
-        hello = receive()
-        version = protocol.choose_version(hello)
-        server = int(hello["node"])
-        nonce = protocol.new_nonce()
-        sock.sendall(
-            protocol.encode_frame(
-                protocol.peer_hello(version, secret, str(hello["nonce"]), 0, server, nonce)
-            )
-        )
-        welcome = receive()
-        if welcome.get("type") == "error":
-            raise ConnectionError(str(welcome.get("message")))
-        protocol.check_peer_welcome(welcome, secret, nonce, 0, server)
-        sock.sendall(protocol.encode_frame(frame))
-        return receive()
+    with OperatorLink(address, secret, timeout) as link:
+        link.send(frame)
+        return link.receive()
 
 
 def main(argv: list[str] | None = None) -> int:

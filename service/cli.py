@@ -51,11 +51,19 @@ Invariants
 * A traceback never reaches the user; every error is one line on stderr.
 * A command that needs a session and has none exits 1 with
   "not logged in; run chatctl login USER" before contacting any node.
+
+Start-up time
+-------------
+chatctl is one process per command, and shell completion runs it on every
+TAB, so what it imports is paid each time. The client library (and with it
+asyncio, about a third of the start-up) is imported only when a command
+talks to the service; usage errors, ``--help``, completion and commands that
+stop before contacting a node never import it. What is left is the
+interpreter and typer (whose parameter parsing imports pydantic).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -66,14 +74,17 @@ import unicodedata
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 from . import errors
-from .client import DEFAULT_SERVERS, DEFAULT_TIMEOUT, Client, Result, SyncClient
 from .config import parse_address
 from .datadir import make_private_dirs
+
+if TYPE_CHECKING:
+    # Imported when a command runs (see "Start-up time").
+    from .client import Client, Result
 
 T = TypeVar("T")
 
@@ -81,14 +92,24 @@ MESSAGE_FIELDS = ("id", "from", "to", "body", "sent_at", "read")
 EXIT_INTERRUPTED = 130
 # chatctl status and the unread count it shows must stay quick even when nodes are down.
 STATUS_WHOAMI_TIMEOUT = 2.0
+# --timeout's default, the client library's too (client.DEFAULT_TIMEOUT).
+DEFAULT_TIMEOUT = 10.0
+
+
+def service_client(servers: list[str], timeout: float, token: str | None) -> Client:
+    """A ``client.Client``; the library is imported here, when a command needs it."""
+    from .client import Client
+
+    return Client(servers, timeout, token)
+
 
 # The client class commands use; tests replace it with an in-memory fake.
-client_factory: Callable[[list[str], float, str | None], Client] = Client
+client_factory: Callable[[list[str], float, str | None], Client] = service_client
 
 app = typer.Typer(
     name="chatctl",
     help="Talk to the replicated chat service.",
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -140,6 +161,8 @@ class Options:
             return self.servers
         if session is not None and session.servers:
             return list(session.servers)
+        from .client import DEFAULT_SERVERS
+
         return list(DEFAULT_SERVERS)
 
 
@@ -409,6 +432,8 @@ def with_client(
     timeout: float | None = None,
 ) -> T:
     """Run ``action`` with a client for these options and the session's token."""
+    from .client import SyncClient
+
     token = session.token if session is not None else None
     client = client_factory(servers or opts.addresses(session), timeout or opts.timeout, token)
     with SyncClient(client) as chat:
@@ -802,6 +827,8 @@ def note(text: str) -> None:
 
 async def follow(client: Client, user: str, after: int | None, as_json: bool) -> None:
     """Print every message of ``client.listen`` and mark the shown ones read."""
+    import asyncio
+
     unmarked: list[int] = []
     marker: asyncio.Task[None] | None = None
 

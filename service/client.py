@@ -34,6 +34,15 @@ at once, and replies are matched by ``request_id``.
   or its hashing is full): wait the ``retry_after`` it names, times 1 to 1.5,
   and retry; raise it at once when that wait would pass the deadline, and raise
   it (not "no primary reachable") when the deadline passes after it.
+* no reply yet after ``hedge_after`` (0.2 s, a small part of the attempt
+  timeout): while the attempt goes on waiting, ask the other nodes who leads
+  (``status`` over one connection each, every 0.1 s). The answer that counts
+  is the one in the highest epoch: a primary naming itself, or a backup naming
+  its primary. When that is another node than the one we wait for, the
+  attempt is abandoned (its connection closed) and the request goes there at
+  once, with the same request id. So a frozen primary costs a client about
+  the time the cluster takes to replace it, not the attempt timeout; a primary
+  that is merely slow is still the one the others name, and is waited for.
 * any other error frame (the service refused the request): raise it at once.
 * when the deadline passes: raise ``errors.Unavailable("no primary reachable
   within N s ...")``.
@@ -79,6 +88,11 @@ BACKOFF_START = 0.01
 BACKOFF_CAP = 0.1
 # An idle listen stream checks its node this often (a frozen node sends nothing).
 KEEPALIVE = 1.0
+# A request unanswered this long starts asking the other nodes who leads; then
+# again every HEDGE_INTERVAL, each node given HEDGE_PROBE_TIMEOUT to answer.
+HEDGE_AFTER = 0.2
+HEDGE_INTERVAL = 0.1
+HEDGE_PROBE_TIMEOUT = 0.5
 READ_CHUNK = 64 * 1024
 
 Result = dict[str, Any]
@@ -314,6 +328,35 @@ class Connection:
         self._writer.close()
 
 
+class _Elsewhere(Exception):
+    """While an attempt waited, the other nodes named another primary (``leader``)."""
+
+    def __init__(self, leader: str) -> None:
+        super().__init__(leader)
+        self.leader = leader
+
+
+def leader_of(reports: Sequence[Result]) -> str | None:
+    """The primary that ``status`` reports name in the highest epoch, or None.
+
+    A node claiming the role itself outranks hearsay in the same epoch. A node
+    that was primary in an older epoch (frozen and thawed, not yet told) loses
+    to any report of a newer one."""
+    best: tuple[tuple[int, bool], str] | None = None
+    for report in reports:
+        node = report.get("node") if report.get("up") else None
+        if not isinstance(node, dict) or not isinstance(node.get("epoch"), int):
+            continue
+        claims = node.get("role") == "primary"
+        named = report.get("address") if claims else node.get("primary")
+        if not _valid_address(named):
+            continue
+        key = (int(node["epoch"]), claims)
+        if best is None or key > best[0]:
+            best = (key, str(named))
+    return best[1] if best is not None else None
+
+
 class _Backoff:
     """Exponential backoff with jitter that never sleeps past a deadline."""
 
@@ -343,6 +386,7 @@ class Client:
         *,
         attempt_timeout: float = ATTEMPT_TIMEOUT,
         keepalive: float = KEEPALIVE,
+        hedge_after: float | None = HEDGE_AFTER,
     ) -> None:
         if not servers:
             raise errors.InvalidInput("no server addresses given")
@@ -353,6 +397,7 @@ class Client:
         self.token = token
         self.attempt_timeout = attempt_timeout
         self.keepalive = keepalive
+        self.hedge_after = hedge_after  # None: wait out every attempt
         self._conn: Connection | None = None
         self._hint: str | None = None  # the node that last answered as primary
         self._cursor = 0  # next configured server to try when there is no hint
@@ -418,11 +463,13 @@ class Client:
             busy = None
             address = self._pick()
             try:
-                conn = await self._connection(address, min(self.attempt_timeout, remaining))
-                remaining = max(0.001, deadline - loop.time())
-                result, queue = await conn.request(
-                    frame, min(self.attempt_timeout, remaining), stream=stream
-                )
+                conn, result, queue = await self._hedged(address, frame, deadline, stream)
+            except _Elsewhere as exc:
+                # The node we waited for is silent and the others follow another.
+                await self._drop(address)
+                problem = f"{address}: no answer, and the other nodes name {exc.leader}"
+                self._hint = exc.leader
+                continue
             except errors.NotPrimary as exc:
                 await self._drop(address)
                 problem = f"{address}: {exc.message}"
@@ -465,6 +512,70 @@ class Client:
                 return conn, result, queue
             redirected = False
             await backoff.sleep(deadline)
+
+    async def _attempt(
+        self, address: str, frame: protocol.Frame, deadline: float, stream: bool
+    ) -> tuple[Connection, Result, asyncio.Queue[Result | BaseException] | None]:
+        """One attempt on one node: connect if needed, send, wait for the reply."""
+        loop = asyncio.get_running_loop()
+        remaining = max(0.001, deadline - loop.time())
+        conn = await self._connection(address, min(self.attempt_timeout, remaining))
+        remaining = max(0.001, deadline - loop.time())
+        result, queue = await conn.request(
+            frame, min(self.attempt_timeout, remaining), stream=stream
+        )
+        return conn, result, queue
+
+    async def _hedged(
+        self, address: str, frame: protocol.Frame, deadline: float, stream: bool
+    ) -> tuple[Connection, Result, asyncio.Queue[Result | BaseException] | None]:
+        """``_attempt``, asking the other nodes who leads once it is slow to answer;
+        raises ``_Elsewhere`` when they name another node (see the module docstring)."""
+        attempt = asyncio.ensure_future(self._attempt(address, frame, deadline, stream))
+        others = [server for server in self.servers if server != address]
+        if self.hedge_after is None or not others:
+            return await attempt
+        search: asyncio.Future[str] | None = None
+        try:
+            await asyncio.wait({attempt}, timeout=self.hedge_after)
+            if not attempt.done():
+                search = asyncio.ensure_future(self._find_leader(address, others))
+                await asyncio.wait({attempt, search}, return_when=asyncio.FIRST_COMPLETED)
+            if attempt.done() or search is None:
+                return attempt.result()
+            raise _Elsewhere(search.result())
+        finally:
+            for task in (attempt, search):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+
+    async def _find_leader(self, waiting_on: str, others: list[str]) -> str:
+        """Ask ``others`` for their status until they name a leader other than
+        ``waiting_on``; return its address. Runs until cancelled otherwise."""
+        conns: dict[str, Connection] = {}
+        try:
+            while True:
+                reports = await asyncio.gather(*(self._ask_status(a, conns) for a in others))
+                leader = leader_of(reports)
+                if leader is not None and leader != waiting_on:
+                    return leader
+                await asyncio.sleep(HEDGE_INTERVAL)
+        finally:
+            for conn in conns.values():
+                await conn.aclose()
+
+    async def _ask_status(self, address: str, conns: dict[str, Connection]) -> Result:
+        """One node's status over a connection kept in ``conns``; ``up`` False on failure."""
+        try:
+            conn = conns.get(address)
+            if conn is None or conn.closed:
+                conn = conns[address] = await Connection.open(address, HEDGE_PROBE_TIMEOUT)
+            frame = protocol.request("status", new_request_id(), {})
+            result, _ = await conn.request(frame, HEDGE_PROBE_TIMEOUT)
+        except (ConnectionLost, errors.ChatError) as exc:
+            return {"address": address, "up": False, "error": _describe(exc)}
+        return {"address": address, "up": True, **result}
 
     @property
     def answered_by(self) -> str | None:

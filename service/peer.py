@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from . import protocol
@@ -45,6 +45,8 @@ MAX_BUFFERED = 64 * 1024 * 1024
 
 FrameHandler = Callable[[int, protocol.Frame], None]
 LinkHandler = Callable[[int, bool, bool], None]
+# An operator command's answer: one frame, or a stream of them (a backup's chunks).
+OperatorAnswer = protocol.Frame | AsyncIterator[protocol.Frame]
 
 
 class Link:
@@ -83,7 +85,7 @@ class PeerLinks:
         secret: bytes,
         on_frame: FrameHandler,
         on_link: LinkHandler,
-        on_operator: Callable[[protocol.Frame], protocol.Frame],
+        on_operator: Callable[[protocol.Frame], OperatorAnswer],
     ) -> None:
         self.config = config
         self.secret = secret
@@ -205,11 +207,32 @@ class PeerLinks:
         }
 
     async def serve_operator(self, frames: FrameReader, writer: asyncio.StreamWriter) -> None:
-        """An operator tool holding the secret: one command, one answer."""
+        """An operator tool holding the secret: one command, one answer. A streamed
+        answer is sent by a task of its own, so that the caller's handshake timeout
+        bounds reading the command, not the stream; it ends with the node."""
         frame = await frames.expect()
-        writer.write(protocol.encode_frame(self.on_operator(frame)))
-        await writer.drain()
-        writer.close()
+        answer = self.on_operator(frame)
+        if isinstance(answer, dict):
+            writer.write(protocol.encode_frame(answer))
+            await writer.drain()
+            writer.close()
+        else:
+            self._spawn(self._stream_to_operator(answer, writer))
+
+    async def _stream_to_operator(
+        self, answer: AsyncIterator[protocol.Frame], writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            async for frame in answer:
+                writer.write(protocol.encode_frame(frame))
+                await writer.drain()  # at the pace the operator reads
+        except (ConnectionError, OSError) as exc:
+            log.info("operator stream ended early node=%s error=%s", self.config.node_id, exc)
+        finally:
+            aclose = getattr(answer, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            writer.close()
 
     # ---- a live link -----------------------------------------------------------------
 

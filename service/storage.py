@@ -83,6 +83,7 @@ Public API (the replication runtime and the chat layer depend on exactly this):
         .close()
 
     prune_rollback_files(folder, max_files, max_bytes) -> list[Path]   the oldest go
+    prepare_restore(path, node_id) -> (Position, database_id)          a backup made node-local
 
     Batch
         .db -> Db
@@ -1099,3 +1100,57 @@ def prune_rollback_files(folder: Path, max_files: int, max_bytes: int) -> list[P
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed[::-1]
+
+
+def prepare_restore(path: Path, node_id: int) -> tuple[Position, str]:
+    """Turn ``path``, a copy of a backup (``python -m ops.backup``), into the database
+    of node ``node_id`` of a new cluster; return its position and new database id.
+
+    The replicated tables stay as the backup has them; what described the node it
+    was taken from goes (one transaction, durable on return):
+
+    * a new database id: the copy is not the database it came from (E4);
+    * no votes, the current epoch kept (never below the position's);
+    * an empty log: the new cluster's other nodes catch up by snapshot, and no
+      record of the old cluster is sent to anyone;
+    * the sync set becomes this node alone, naming its new database: the node
+      starts like the last survivor of a sync set (alone, R6) and takes the
+      others in as they catch up.
+
+    Raises ``Internal`` when the file is not a sound database of this schema."""
+    conn = _connect(path, "FULL")
+    try:
+        db = Db(conn)
+        with _translated():
+            problems = "\n".join(str(row[0]) for row in db.execute("PRAGMA integrity_check"))
+        if problems != "ok":
+            raise Internal(f"the backup fails its integrity check: {problems}")
+        _migrate(conn)
+        made = secrets.token_hex(16)
+        with _translated():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                position = _read_position(db)
+                if position == Position.ZERO:
+                    raise Internal("the file holds no position: not a backup of a node")
+                state = _read_node_state(db)
+                old = _read_sync_set(db)
+                db.execute("DELETE FROM node_state")
+                db.execute("DELETE FROM txlog")
+                _write_json(db, "node_state", "last_position", [position.epoch, position.seq])
+                _write_node_state(db, NodeState(max(state.current_epoch, position.epoch), 0, None))
+                _write_json(db, "node_state", "database_id", made)
+                sync_set = {
+                    "version": old.version + 1,
+                    "members": [node_id],
+                    "epoch": old.epoch,
+                    "databases": [[node_id, made]],
+                }
+                _write_json(db, "cluster", "sync_set", sync_set)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+    finally:
+        conn.close()
+    return position, made

@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--workers", type=int, default=2, help="load-generator processes")
     add("--users", type=int, default=16, help="registered users the clients log in as")
     add("--kills", type=int, help="primary kills per run (default 10, quick 3)")
+    add("--freezes", type=int, help="primary freezes (SIGSTOP) per run (default 5, quick 2)")
     add("--catchup", type=int, help="sends a stopped backup misses (default 20000, quick 2000)")
     add("--big", type=int, help="messages of the large state (default 1M, quick 50k; 0: skip)")
     add("--big-secs", type=float, help="stop loading the large state after this long "
@@ -68,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "secs": 3.0 if quick else 10.0,
         "warmup": 1.0 if quick else 2.0,
         "kills": 3 if quick else 10,
+        "freezes": 2 if quick else 5,
         "catchup": 2000 if quick else 20_000,
         "big": 50_000 if quick else 1_000_000,
         "big_secs": 90.0 if quick else 0.0,
@@ -144,7 +146,7 @@ class Bench:
         only, owned = self.args.only, self.cluster is not None
         if "throughput" in only:
             await self.throughput(run)
-        if owned and "failover" in only and self.args.kills > 0:
+        if owned and "failover" in only and self.args.kills + self.args.freezes > 0:
             await self.failover(run)
         if owned and "catchup" in only:
             await self.catchup(run)
@@ -218,13 +220,17 @@ class Bench:
 
     async def failover(self, run: Run) -> None:
         assert self.cluster is not None
-        f = await failover.measure(self.cluster, self.users, self.args.kills)
+        a = self.args
+        f = await failover.measure(self.cluster, self.users, a.kills, a.freezes)
         run.figures.update(f["figures"])
         run.details["failover"] = f
-        self.say(
-            f"failover: median {f['figures']['failover_median']:.3f} s, max "
-            f"{f['figures']['failover_max']:.3f} s over {self.args.kills} kills"
-        )
+        for word, key, count in (("kill", "failover", a.kills), ("freeze", "freeze", a.freezes)):
+            if count > 0:
+                self.say(
+                    f"{word} of the primary -> first ack: median "
+                    f"{f['figures'][f'{key}_median']:.3f} s, max "
+                    f"{f['figures'][f'{key}_max']:.3f} s over {count} {word}s"
+                )
 
     async def catchup(self, run: Run) -> None:
         assert self.cluster is not None

@@ -100,6 +100,7 @@ class Node:
         self.spec = spec
         self.settings = dict(settings)
         self.process: subprocess.Popen[bytes] | None = None
+        self.frozen = False  # SIGSTOP'ed: alive, but answers nothing
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -151,6 +152,15 @@ class Node:
         """SIGKILL (a crash) without waiting; ``reap`` collects the exit status."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
+
+    def freeze(self) -> None:
+        """SIGSTOP (a long pause): the kernel still accepts connections for it."""
+        self._process().send_signal(signal.SIGSTOP)
+        self.frozen = True
+
+    def thaw(self) -> None:
+        self._process().send_signal(signal.SIGCONT)
+        self.frozen = False
 
     def reap(self, timeout: float = STOP_TIMEOUT) -> int:
         process = self._process()
@@ -306,7 +316,7 @@ class Cluster:
 
     async def _running_views(self) -> dict[int, dict[str, Any]]:
         views = await self.statuses()
-        running = {i for i, node in self.nodes.items() if node.running}
+        running = {i for i, node in self.nodes.items() if node.running and not node.frozen}
         missing = sorted(i for i in running if views.get(i) is None)
         if missing:
             raise NotYet(f"nodes {missing} do not answer status")

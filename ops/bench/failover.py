@@ -1,4 +1,4 @@
-"""Failover: from SIGKILL of the primary to the first write acknowledged after it.
+"""Failover: from SIGKILL (or SIGSTOP) of the primary to the first write acknowledged after it.
 
 One writer (a ``Client`` of the library, default settings, as a user has)
 sends continuously and records when each send was acknowledged. Each round:
@@ -19,6 +19,13 @@ sends continuously and records when each send was acknowledged. Each round:
 A reply the killed primary sent just before the kill can still be read after
 it (it waits in the socket buffer): each acknowledgement is recorded with the
 address of the node that gave it, and only the new primary's count.
+
+Freeze rounds do the same with SIGSTOP instead of SIGKILL (``freeze``): the
+frozen primary's connections stay open and its kernel still accepts new ones,
+so the writer sees no error, only silence. What a user waits then is
+detection (``suspect_timeout``), the election, and how soon the client stops
+waiting for the silent node and finds the new primary. The frozen node is
+thawed after the acknowledgement and must step down and rejoin.
 """
 
 from __future__ import annotations
@@ -93,22 +100,28 @@ class Writer:
         return await wait_until(check, timeout, "an acknowledged write after the kill", 0.001)
 
 
-async def measure(cluster: Cluster, users: Users, kills: int) -> dict[str, Any]:
-    """``kills`` rounds of kill-the-primary; the figures and every round's raw times."""
-    rounds = []
+async def measure(cluster: Cluster, users: Users, kills: int, freezes: int = 0) -> dict[str, Any]:
+    """``kills`` rounds of kill-the-primary, then ``freezes`` rounds of freeze-the-primary;
+    the figures and every round's raw times."""
+    rounds, frozen = [], []
     async with Writer(cluster.servers, users) as writer:
         for _ in range(kills):
             rounds.append(await _one_round(cluster, writer))
+        for _ in range(freezes):
+            frozen.append(await _one_freeze(cluster, writer))
         failures = dict(writer.failures)
-    acks = [r["ack"] for r in rounds]
-    elected = [r["elected"] for r in rounds if r["elected"] is not None]
-    figures = {
-        "failover_median": statistics.median(acks),
-        "failover_max": max(acks),
-        "failover_elected_median": statistics.median(elected) if elected else None,
-        "rejoin_median": statistics.median(r["rejoin"] for r in rounds),
-    }
-    return {"figures": figures, "rounds": rounds, "writer_failures": failures}
+    figures: dict[str, float | None] = {}
+    if rounds:
+        acks = [r["ack"] for r in rounds]
+        elected = [r["elected"] for r in rounds if r["elected"] is not None]
+        figures["failover_median"] = statistics.median(acks)
+        figures["failover_max"] = max(acks)
+        figures["failover_elected_median"] = statistics.median(elected) if elected else None
+        figures["rejoin_median"] = statistics.median(r["rejoin"] for r in rounds)
+    if frozen:
+        figures["freeze_median"] = statistics.median(r["ack"] for r in frozen)
+        figures["freeze_max"] = max(r["ack"] for r in frozen)
+    return {"figures": figures, "rounds": rounds, "freezes": frozen, "writer_failures": failures}
 
 
 async def _one_round(cluster: Cluster, writer: Writer) -> dict[str, Any]:
@@ -132,3 +145,19 @@ async def _one_round(cluster: Cluster, writer: Writer) -> dict[str, Any]:
         "elected": became[0].at - wall if became else None,
         "rejoin": time.perf_counter() - t_start,
     }
+
+
+async def _one_freeze(cluster: Cluster, writer: Writer) -> dict[str, Any]:
+    primary = await cluster.wait_in_sync()
+    await writer.wait_acks(5, 30)
+    t_freeze = time.perf_counter()
+    primary.freeze()
+    primary.note("SIGSTOP (freeze round)")
+    try:
+        t_ack = await writer.first_ack_after(t_freeze, primary.address, WRITER_TIMEOUT)
+        new = await cluster.wait_primary()
+    finally:
+        primary.thaw()
+        primary.note("SIGCONT (freeze round)")
+    await cluster.wait_in_sync()
+    return {"frozen": primary.node_id, "new_primary": new.node_id, "ack": t_ack - t_freeze}

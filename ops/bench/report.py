@@ -54,6 +54,8 @@ _FAILOVER: list[Row] = [
     ("failover_median", "SIGKILL primary -> first ack, median", "s", 1, "base_restart"),
     ("failover_max", "SIGKILL primary -> first ack, max", "s", 1, "base_restart"),
     ("failover_elected_median", "SIGKILL -> new primary (log), median", "s", 1, "base_restart"),
+    ("freeze_median", "SIGSTOP primary -> first ack, median", "s", 1, "base_restart"),
+    ("freeze_max", "SIGSTOP primary -> first ack, max", "s", 1, "base_restart"),
     ("rejoin_median", "restarted node back in sync set, median", "s", 1, "base_restart"),
 ]
 _CATCHUP: list[Row] = [
@@ -148,7 +150,7 @@ def header(args: argparse.Namespace, env: dict[str, Any]) -> list[str]:
     if "throughput" in args.only:
         ran.append(f"{args.secs:g} s windows after {args.warmup:g} s warm-up")
     if "failover" in args.only:
-        ran.append(f"{args.kills} kills per run")
+        ran.append(f"{args.kills} kills and {args.freezes} freezes per run")
     if args.only & {"catchup", "snapshot"}:
         ran.append(f"catch-up of {args.catchup} sends")
     if "big" in args.only:

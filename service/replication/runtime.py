@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import chat, protocol
+from .. import backup, chat, protocol
 from ..config import NodeConfig
 from ..errors import (
     ChatError,
@@ -57,7 +57,7 @@ from ..errors import (
     StorageFault,
     Unavailable,
 )
-from ..peer import OPERATOR_ID, PeerLinks
+from ..peer import OPERATOR_ID, OperatorAnswer, PeerLinks
 from ..storage import (
     Batch,
     Db,
@@ -563,7 +563,9 @@ class Replicator:
         except Exception as exc:
             fatal(exc)
 
-    def _on_operator(self, frame: protocol.Frame) -> protocol.Frame:
+    def _on_operator(self, frame: protocol.Frame) -> OperatorAnswer:
+        if frame.get("type") == "backup":
+            return backup.frames(self.storage, self.config.data_dir, self.config.node_id)
         if frame.get("type") == "force_promote":
             self._run(self.core.force_promote(self._now()))
             return {"type": "reply", "request_id": None, "result": self.status()}

@@ -8,6 +8,8 @@
   re-enters the sync set (R4).
 * Both backups lost one after the other (one frozen, then the other killed):
   the primary goes on alone (G2).
+* A client's request that waits on a frozen primary moves to the new primary
+  without waiting out its attempt timeout, and happens once.
 """
 
 from __future__ import annotations
@@ -16,11 +18,13 @@ import time
 
 import pytest
 
+from service.client import Client
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import NodeView
 from tests.helpers.workload import (
     Workload,
     finish,
+    run,
     start_cluster,
     view_of,
     wait_settled,
@@ -30,6 +34,7 @@ from tests.helpers.workload import (
 pytestmark = pytest.mark.cluster
 
 SYNC_TIMEOUT = 1.5  # the NodeConfig default the clusters here run with
+PASSWORD = "frozen-password"
 
 
 def test_frozen_primary_is_replaced_and_steps_down_when_thawed(
@@ -108,3 +113,48 @@ def test_primary_serves_alone_when_its_backups_fail_one_after_the_other(
         assert wait_settled(cluster) is primary
         load.wait_progress(10, "with every node back")
     finish(cluster, load.ledger)
+
+
+def test_a_request_waiting_on_a_frozen_primary_moves_to_the_new_one(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """A frozen primary keeps its connections open and answers nothing. A client
+    whose per-attempt timeout is longer than its whole deadline can only finish
+    the send by asking the other nodes who leads while the attempt waits: it must
+    end on the new primary, with the same request id, the message stored once."""
+    cluster = cluster_factory()
+    start_cluster(cluster)
+    old = wait_settled(cluster)
+    deadline = 20.0
+
+    async def scenario() -> tuple[str | None, str | None, int]:
+        async with Client(cluster.servers, timeout=deadline) as setup:
+            await setup.register("alice", PASSWORD)
+            await setup.register("bob", PASSWORD)
+        async with Client(cluster.servers, deadline, attempt_timeout=10 * deadline) as alice:
+            await alice.login("alice", PASSWORD)
+            await alice.send("bob", "before the freeze")
+            before = alice.answered_by
+            old.freeze()
+            sent = await alice.send("bob", "while the primary is frozen")
+            return before, alice.answered_by, int(sent["message"]["id"])
+
+    before, after, message_id = run(scenario())
+    new = cluster.wait_for_primary()
+    assert before == old.address
+    assert new is not old
+    assert after == new.address, f"answered by {after}, not the new primary {new.address}"
+    old.thaw()
+    assert wait_settled(cluster) is new
+
+    async def inbox() -> list[tuple[int, str]]:
+        async with Client(cluster.servers, timeout=deadline) as bob:
+            await bob.login("bob", PASSWORD)
+            page = await bob.read(limit=10)
+        return [(int(m["id"]), str(m["body"])) for m in page["messages"]]
+
+    assert run(inbox()) == [
+        (message_id, "while the primary is frozen"),
+        (message_id - 1, "before the freeze"),
+    ]
+    finish(cluster)

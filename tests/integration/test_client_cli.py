@@ -736,3 +736,73 @@ def test_an_idle_listen_probes_its_node_and_moves_on_when_it_is_frozen() -> None
         assert ops[:3] == [("listen", None), ("whoami", None), ("listen", 1)]
 
     asyncio.run(scenario())
+
+
+# ---- start-up ------------------------------------------------------------------------------
+
+
+# What the console script does, as a program named chatctl (completion goes by the name).
+_AS_CHATCTL = "import sys; sys.argv[0] = 'chatctl'; from service.cli import main; main()"
+
+
+def _imported(args: list[str], home: Path, **env: str) -> set[str]:
+    """The modules a chatctl run imports (``-X importtime``), the run's output aside."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", _AS_CHATCTL, *args],
+        env={**os.environ, "CHATCTL_HOME": str(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.startswith("import time:")]
+    assert lines, f"no import trace: {done.stderr}"
+    return {line.rsplit("|", 1)[1].strip() for line in lines}
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--help"], {}),
+        (["whoami"], {}),  # no session: refused before any node is contacted
+        (["send", "bob", "hi", "--timeout", "-1"], {}),  # a usage error
+        ([], {"_CHATCTL_COMPLETE": "complete_bash", "COMP_WORDS": "chatctl se", "COMP_CWORD": "1"}),
+    ],
+    ids=["help", "no-session", "usage-error", "completion"],
+)
+def test_a_command_that_talks_to_no_node_does_not_load_the_client(
+    tmp_path: Path, args: list[str], env: dict[str, str]
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    imported = _imported(args, home, **env)
+    assert "service.cli" in imported
+    assert not {"service.client", "asyncio"} & imported, "start-up pays for the client"
+
+
+def test_shell_completion_can_be_shown_and_completes_commands(tmp_path: Path) -> None:
+    env = {**os.environ, "CHATCTL_HOME": str(tmp_path)}
+    shown = subprocess.run(
+        [*CHATCTL, "--show-completion", "bash"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "complete_bash" in shown.stdout
+    completed = subprocess.run(
+        [*CHATCTL],
+        env={
+            **env,
+            "_CHATCTL_COMPLETE": "complete_bash",
+            "COMP_WORDS": "chatctl se",
+            "COMP_CWORD": "1",
+        },
+        capture_output=True,
+        text=True,
+        timeout=COMMAND_TIMEOUT,
+        check=False,
+    )
+    assert completed.stdout.split() == ["search", "send"], completed.stderr

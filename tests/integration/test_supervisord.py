@@ -1,6 +1,6 @@
 """The cluster under supervisord, as an operator runs it (SPEC sections 1 and 7).
 
-Two tests:
+Three tests:
 
 * The repository's own ``supervisord.conf`` is realized by supervisor's own
   option parser (``supervisor.options.ServerOptions``, what ``supervisord``
@@ -16,6 +16,9 @@ Two tests:
   SIGKILLed, then the primary: each time supervisord must start the node again
   (a new pid, answering ``status``), the cluster must agree on one primary and
   converge, and every acknowledged message must still be there, once.
+* A fresh clone (the repository's tracked files) after ``make install``:
+  ``supervisord -c supervisord.conf`` starts the three nodes as they are, and
+  each node makes its own data dir, private.
 
 The node processes are supervisord's children, not the harness's, so the
 cluster is observed from outside: pids from ``supervisorctl pid``, roles and
@@ -30,6 +33,7 @@ import asyncio
 import configparser
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -159,6 +163,7 @@ class Supervised:
         self.addresses: dict[int, str] = {}
         self.seen_pids: set[int] = set()
         self.process: subprocess.Popen[bytes] | None = None
+        self.out = self.var / "supervisord.out"  # what supervisord prints
         self._socket_dir: tempfile.TemporaryDirectory[str] | None = None
 
     # ---- layout -----------------------------------------------------------------------
@@ -175,14 +180,55 @@ class Supervised:
                 _, arguments = program["command"].split(maxsplit=1)
                 program["command"] = f"{shlex.quote(sys.executable)} {arguments}"
                 program["directory"] = str(REPO_ROOT)  # where `python -m service` runs
-        socket = self.var / "supervisor.sock"
-        if len(str(socket)) > MAX_SOCKET_PATH:
-            self._socket_dir = tempfile.TemporaryDirectory(prefix="sv")
-            socket = Path(self._socket_dir.name) / "supervisor.sock"
-        supervisor["unix_http_server"]["file"] = str(socket)
-        supervisor["supervisorctl"]["serverurl"] = f"unix://{socket}"
+        self._shorten_socket(supervisor)
         with self.conf.open("w") as out:
             supervisor.write(out)
+
+    def write_fresh_clone(self) -> None:
+        """``root`` as a fresh clone after ``make install``: the repository's tracked
+        files, the venv, and whatever ``make install`` makes, nothing else. Only
+        the node configs' ports change (and the control socket when the temp path
+        is too long for one)."""
+        listed = subprocess.run(
+            ["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=False
+        )
+        if listed.returncode != 0:
+            pytest.skip("the repository is not a git checkout: no list of its files")
+        for name in filter(None, listed.stdout.decode().split("\0")):
+            if (REPO_ROOT / name).is_file():  # not deleted in the working tree
+                (self.root / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(REPO_ROOT / name, self.root / name)
+        assert not self.var.exists(), "a clone holds no var/"
+        # The venv this test runs in plays the one `make install` creates; `-o`
+        # keeps make from reinstalling into it: what is left is the rest of install.
+        (self.root / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+        make = subprocess.run(
+            ["make", "install", "-o", ".venv/.installed"],
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=CTL_TIMEOUT,
+            check=False,
+        )
+        assert make.returncode == 0, f"make install failed:\n{make.stdout}{make.stderr}"
+        ports = dict(zip(NODE_IDS, free_ports(len(NODE_IDS)), strict=True))
+        for node_id in NODE_IDS:
+            self._write_node_conf(node_id, ports)
+        supervisor = _read_ini(self.conf)
+        if self._shorten_socket(supervisor):
+            with self.conf.open("w") as out:
+                supervisor.write(out)
+
+    def _shorten_socket(self, supervisor: configparser.RawConfigParser) -> bool:
+        """Move the control socket to a short temp folder if its path is too long."""
+        socket = self.var / "supervisor.sock"
+        if len(str(socket)) <= MAX_SOCKET_PATH:
+            return False
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="sv")
+        socket = Path(self._socket_dir.name) / "supervisor.sock"
+        supervisor["unix_http_server"]["file"] = str(socket)
+        supervisor["supervisorctl"]["serverurl"] = f"unix://{socket}"
+        return True
 
     def _write_node_conf(self, node_id: int, ports: dict[int, int]) -> None:
         """The repository's node config, on free ports: relative paths now mean root/var."""
@@ -211,7 +257,7 @@ class Supervised:
     # ---- supervisord ------------------------------------------------------------------
 
     def start(self) -> None:
-        with (self.var / "supervisord.out").open("ab") as out:
+        with self.out.open("ab") as out:
             self.process = subprocess.Popen(
                 [str(SUPERVISORD), "-n", "-c", str(self.conf)],
                 stdin=subprocess.DEVNULL,
@@ -291,7 +337,7 @@ class Supervised:
             os.kill(pid, signal.SIGKILL)
 
     def tail(self, name: str, lines: int = 40) -> str:
-        path = self.var / "supervisord.out" if name == "supervisord" else self.var / f"{name}"
+        path = self.out if name == "supervisord" else self.var / f"{name}"
         if not path.exists():
             return "(no log)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -448,3 +494,24 @@ def test_supervisord_restarts_killed_nodes_and_no_acknowledged_message_is_lost(
         assert "Traceback" not in log, (
             f"node {node_id}:\n{supervised.tail(f'log/node{node_id}.log')}"
         )
+
+
+def test_supervisord_starts_the_cluster_of_a_fresh_clone_right_after_make_install(
+    tmp_path: Path,
+) -> None:
+    cluster = Supervised(tmp_path / "clone")
+    cluster.root.mkdir()
+    cluster.out = tmp_path / "supervisord.out"  # outside the clone: var/ is make's to create
+    cluster.write_fresh_clone()
+    try:
+        cluster.start()  # `supervisord -c supervisord.conf`, in the foreground (-n)
+        primary = cluster.wait_in_sync(START_TIMEOUT)
+        for node_id in NODE_IDS:
+            assert cluster.pid(node_id) is not None, f"node {node_id} is not running"
+            mode = cluster.db_path(node_id).parent.stat().st_mode & 0o777
+            assert mode == 0o700, f"node {node_id}'s data dir has mode {mode:o}, not 700"
+        assert primary in NODE_IDS
+    finally:
+        cluster.shutdown()
+        for name in ["supervisord", *(f"log/node{i}.log" for i in NODE_IDS)]:
+            print(f"---- {name} ----\n{cluster.tail(name)}")

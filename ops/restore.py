@@ -1,0 +1,113 @@
+"""Make a backup the database of the first node of a new cluster: ``python -m ops.restore``.
+
+    python -m ops.restore --from backups/chat.db --config ops/nodes/node1.conf
+    python -m ops.restore --from backups/chat.db --data-dir var/node1 --node-id 1
+
+Then start the cluster with the other nodes' data dirs empty: the restored
+node starts alone as primary, at the backup's position, and the others catch
+up from it by snapshot (README, Operations, "Backups").
+
+The data dir must hold no database (move an old one aside first); it is made
+private (0700) if missing. The backup is copied, never changed in place. The
+copy keeps every replicated table as it was and loses what described the
+node it came from (``storage.prepare_restore``): it gets a new database id,
+no votes, an empty log, and a sync set of this node alone. It is checked
+(``PRAGMA integrity_check``), prepared beside the data dir's ``chat.db``
+and renamed into place, so a failure leaves no database behind.
+
+Exit status: 0 done, 1 the backup is unusable, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from service import config as config_module
+from service import identity
+from service.datadir import make_private_dirs
+from service.errors import ChatError
+from service.storage import prepare_restore
+
+DB_NAME = "chat.db"  # what a node opens in its data dir
+
+
+def occupied(data_dir: Path) -> str | None:
+    """Why ``data_dir`` cannot take a restored database, or None."""
+    for name in (DB_NAME, f"{DB_NAME}-wal", identity.FILE_NAME):
+        if (data_dir / name).exists():
+            return f"{data_dir / name} exists"
+    return None
+
+
+def restore(source: Path, data_dir: Path, node_id: int) -> dict[str, object]:
+    make_private_dirs(data_dir)
+    staging = data_dir / f"{DB_NAME}.restoring"
+    try:
+        fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        position, database_id = prepare_restore(staging, node_id)
+        os.replace(staging, data_dir / DB_NAME)
+    finally:
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{staging}{suffix}").unlink()
+    folder = os.open(data_dir, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+    return {
+        "restored": str(data_dir / DB_NAME),
+        "node": node_id,
+        "position": [position.epoch, position.seq],
+        "database": database_id,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.restore", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--from", dest="source", type=Path, required=True, help="a backup file")
+    parser.add_argument("--config", type=Path, help="the config file of the node to restore")
+    parser.add_argument("--data-dir", type=Path, help="its data dir (instead of --config)")
+    parser.add_argument("--node-id", type=int, help="its node id (instead of --config)")
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        config = config_module.load(args.config, {})
+        data_dir, node_id = config.data_dir, config.node_id
+    elif args.data_dir is not None and args.node_id is not None:
+        data_dir, node_id = args.data_dir, args.node_id
+    else:
+        parser.error("give --config, or both --data-dir and --node-id")
+    if node_id < 1:
+        parser.error("node ids start at 1")
+    if not args.source.is_file():
+        parser.error(f"no backup file {args.source}")
+    problem = occupied(data_dir)
+    if problem is not None:
+        parser.error(f"{problem}: restore into an empty data dir (move the old one aside)")
+    try:
+        result = restore(args.source, data_dir, node_id)
+    except ChatError as exc:
+        print(f"not restored: {exc.message}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2))
+    print(
+        f"Start node {node_id} with the other nodes' data dirs empty: they catch up from it.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -64,14 +64,17 @@ check: lint typecheck test
 # checker (ops/chaos/README.md). Exit status 1 on any violation; the seed and
 # the fault schedule are printed so that a failure can be replayed:
 #   make chaos CHAOS_SEED=42 CHAOS_DURATION=120
+# Process faults and disk faults (a full disk, I/O errors, a damaged page):
+# CHAOS_FAULTS=process keeps to crashes and freezes.
 CHAOS_DURATION ?= 600
 CHAOS_SEED ?=
+CHAOS_FAULTS ?= all
 chaos: install
-	$(BIN)/python -m ops.chaos --duration $(CHAOS_DURATION) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
+	$(BIN)/python -m ops.chaos --duration $(CHAOS_DURATION) --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
 
 # A long soak: the same, for half an hour, keeping its work folder under var/.
 soak: install
-	$(BIN)/python -m ops.chaos --duration 1800 $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) --workdir var/soak-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/python -m ops.chaos --duration 1800 --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) --workdir var/soak-$$(date +%Y%m%d-%H%M%S)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -568,7 +568,14 @@ class ChatScreen(Screen[None]):
         self.app.push_screen(ConfirmScreen(question), confirmed)
 
     async def _delete_account(self) -> None:
-        result = await self.client.delete_account()
+        # Deleting the account ends its sessions, and so this app's stream, with
+        # auth_failed: that is the expected end here, not a reason to log in again.
+        self._ended = True
+        try:
+            result = await self.client.delete_account()
+        except BaseException:
+            self._ended = False
+            raise
         with contextlib.suppress(UsageProblem, OSError):
             remove_session()
         self.app.exit(f"deleted the account {result.get('user', self.user)}")

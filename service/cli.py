@@ -853,6 +853,22 @@ async def follow(client: Client, user: str, after: int | None, as_json: bool) ->
 
 
 @app.command()
+def chat(
+    ctx: typer.Context,
+    servers: ServersOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
+    """Chat interactively: conversations, live messages, a line to send (see README)."""
+
+    def action(opts: Options) -> None:
+        from . import tui  # Textual takes a while to import: only this command pays
+
+        tui.main(opts)
+
+    execute(ctx, (servers, timeout, False), action)
+
+
+@app.command()
 def status(
     ctx: typer.Context,
     servers: ServersOpt = None,

@@ -72,7 +72,7 @@ import contextlib
 import random
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -692,14 +692,20 @@ class Client:
         return await status_all(self.servers, self.timeout, attempt_timeout=self.attempt_timeout)
 
     async def listen(
-        self, after: int | None = None, token: str | None = None
+        self,
+        after: int | None = None,
+        token: str | None = None,
+        *,
+        on_stream: Callable[[str | None], None] | None = None,
     ) -> AsyncGenerator[Result, None]:
         """Yield each message for this user as it arrives, across failovers.
 
         First the backlog (unread messages, or every message after ``after``),
         then live ones. Raises ``errors.Unavailable`` when no primary can be
         reached within ``timeout`` of losing the stream, and a refusal (e.g.
-        ``auth_failed`` once the session ends) at once.
+        ``auth_failed`` once the session ends) at once. ``on_stream`` is told
+        the primary's address each time the stream starts, and None each time
+        it breaks (until the next start, there is no primary to listen to).
         """
         last = after
         while True:
@@ -708,6 +714,8 @@ class Client:
             )
             conn, _, queue = await self._exchange(frame, stream=True)
             assert queue is not None
+            if on_stream is not None:
+                on_stream(conn.address)
             try:
                 async for message in self._stream(conn, queue, token):
                     message_id = message.get("id")
@@ -717,6 +725,8 @@ class Client:
                     yield message
             finally:
                 conn.unsubscribe(str(frame["request_id"]))
+            if on_stream is not None:
+                on_stream(None)
 
     async def _stream(
         self,

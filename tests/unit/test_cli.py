@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +121,17 @@ class FakeClient(Client):
         return self.service.statuses
 
     async def listen(
-        self, after: int | None = None, token: str | None = None
+        self,
+        after: int | None = None,
+        token: str | None = None,
+        *,
+        on_stream: Callable[[str | None], None] | None = None,
     ) -> AsyncGenerator[dict[str, Any], None]:
         self.service.calls.append(("listen", {"after": after}, token or self.token))
         if self.service.fail_with is not None:
             raise self.service.fail_with
+        if on_stream is not None:
+            on_stream(self.servers[0])
         for message in list(self.service.messages):
             yield dict(message)
 

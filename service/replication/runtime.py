@@ -740,11 +740,11 @@ class Replicator:
                     if batch.size() > RECORD_BUDGET:
                         raise RecordFull
                 outcomes.append((item, result))
+                if item.op == "delete_account":
+                    self.purge_due = True
             except (StorageFault, StorageCorrupt):
                 # The disk, not this request, failed: the whole batch is abandoned.
                 raise
-                if item.op == "delete_account":
-                    self.purge_due = True
             except RecordFull:
                 if index == 0:
                     outcomes.append((item, InvalidInput("this request is too large to replicate")))

@@ -26,6 +26,9 @@ from .storage import Storage, move_aside, prune_rollback_files
 
 log = logging.getLogger("service.node")
 
+BIND_FIRST_RETRY = 0.5
+BIND_MAX_RETRY = 10.0
+
 
 def load_or_create_secret(path: Path) -> bytes:
     """The shared cluster secret; created atomically on the first start of any node.
@@ -116,6 +119,31 @@ class Node:
             self.storage.close()
         return damage
 
+    async def _listen(self, stop: asyncio.Event) -> bool:
+        """Bind the node's address, waiting while it is taken (an old process still
+        holds it): one log line per new reason and a backoff, never an exit (under
+        supervisord, an exit a second). False if told to stop first."""
+        delay, said = BIND_FIRST_RETRY, ""
+        while True:
+            try:
+                await self.server.start()
+                if said:
+                    log.info("bound address=%s", self.config.me.address)
+                return True
+            except OSError as exc:
+                why = exc.strerror or str(exc)
+                if why != said:
+                    said = why
+                    log.error(
+                        "cannot listen address=%s why=%s (trying again with backoff)",
+                        self.config.me.address,
+                        why.replace(" ", "_"),
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+                return False
+            delay = min(delay * 2, BIND_MAX_RETRY)
+
     def _write_identity(self, clean: bool, suspect: str | None, damaged: bool = False) -> None:
         record = identity.Identity(self.storage.database_id, clean, suspect, damaged)
         try:
@@ -132,7 +160,9 @@ class Node:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await self.server.start()
+        if not await self._listen(stop):
+            self.storage.close()
+            return
         self.replicator.start()
         position = self.storage.position()
         log.info(

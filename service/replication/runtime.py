@@ -255,6 +255,7 @@ class Replicator:
     # ---- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
+        self.core.started(self._now())
         if self.group_sync is not None:
             self.group_sync.start()
         self.links.start()

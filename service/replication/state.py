@@ -422,6 +422,13 @@ class ReplicaCore:
             self.last_tick < self.confirmed_until and self.unproven is None and self.fault is None
         )
 
+    def started(self, now: float) -> None:
+        """The runtime starts ticking now. Time since the core was made went to
+        starting up (opening the database, waiting for the address), not to a
+        freeze: it is no clock gap."""
+        self.last_tick = max(self.last_tick, now)
+        self.next_round_at = max(self.next_round_at, now)
+
     def tick(self, now: float) -> list[Effect]:
         out: list[Effect] = []
         self._check_gap(now, out)

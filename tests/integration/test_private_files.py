@@ -185,3 +185,31 @@ def test_a_database_that_cannot_be_opened_is_retried_with_backoff_not_a_crash_lo
     log = node.log_text()
     assert log.count(what) == 1, "the same reason was logged again"
     assert "opened the database" in log
+
+
+def test_a_taken_address_is_retried_with_backoff_not_a_crash_loop(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """An old process still holds the node's port: one log line, no traceback, no
+    exit; the node listens as soon as the port is free."""
+    import socket
+
+    cluster = cluster_factory(n=1)
+    node = cluster[1]
+    host, port = node.address.rsplit(":", 1)
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind((host, int(port)))
+    holder.listen()
+    try:
+        node.start(wait=False)
+        what = "cannot listen address="
+        wait_for(lambda: what in node.log_text(), TIMEOUT, f"node 1 to log {what!r}")
+        assert node.is_running, "the node exited on a taken address"
+    finally:
+        holder.close()
+    node.wait_serving()
+    cluster.wait_for_primary()
+    log = node.log_text()
+    assert log.count(what) == 1, "the same reason was logged again"
+    assert "Traceback" not in log

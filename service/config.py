@@ -131,6 +131,9 @@ class NodeConfig:
     session_idle: float = 7 * 86400.0
     # A login beyond this many live sessions of the user ends the oldest one.
     sessions_per_user: int = 20
+    # HOST:PORT where the node serves Prometheus metrics over HTTP (service/metrics.py);
+    # empty: not served.
+    metrics_address: str = ""
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -155,6 +158,14 @@ class NodeConfig:
     @property
     def rollback_dir(self) -> Path:
         return self.data_dir / "rollback"
+
+    @property
+    def metrics_endpoint(self) -> tuple[str, int] | None:
+        """Where to serve metrics, or None; an IPv6 host may be written ``[::1]``."""
+        if not self.metrics_address:
+            return None
+        host, port = parse_address(self.metrics_address)
+        return host.strip("[]"), port
 
     def client_limit(self, open_files: int) -> int:
         """How many client connections to serve with ``open_files`` descriptors.
@@ -197,7 +208,19 @@ class NodeConfig:
         if self.listen_check_interval <= 0 or self.log_interval <= 0:
             raise InvalidInput("listen_check_interval and log_interval must be positive")
         self._validate_logins()
+        self._validate_metrics()
         return self
+
+    def _validate_metrics(self) -> None:
+        try:
+            endpoint = self.metrics_endpoint
+        except InvalidInput as exc:
+            raise InvalidInput(f"metrics_address: {exc.message}") from None
+        if endpoint is not None and any((p.host, p.port) == endpoint for p in self.nodes):
+            raise InvalidInput(
+                f"metrics_address {self.metrics_address} is a node's address; "
+                "give metrics a port of their own"
+            )
 
     def _validate_logins(self) -> None:
         n = self.scrypt_n
@@ -253,6 +276,8 @@ def load(path: Path | None, overrides: dict[str, str]) -> NodeConfig:
                 kwargs[name] = int(text)
             elif name == "synchronous":
                 kwargs[name] = text.upper()
+            elif name == "metrics_address":
+                kwargs[name] = text.strip()
             else:
                 raise InvalidInput(f"unknown setting {name!r}")
         except ValueError:

@@ -1,6 +1,7 @@
 """The composition root: one node, built from one frozen config, read top to bottom.
 
     config ─► data dir ─► secret ─► storage ─► replicator (core + runtime + peer links) ─► server
+                                                  metrics ◄─ (events; state read when scraped)
 
 ``run`` starts everything, waits for SIGTERM or SIGINT, and shuts down in the
 reverse order: stop accepting, stop replicating, close the database. Nothing
@@ -20,6 +21,7 @@ from pathlib import Path
 from . import datadir, identity
 from .config import NodeConfig
 from .errors import StorageCorrupt
+from .metrics import Metrics, sample_node
 from .replication.runtime import Replicator
 from .server import Server
 from .storage import Storage, move_aside, prune_rollback_files
@@ -97,10 +99,14 @@ class Node:
                 suspect.replace(" ", "_"),
             )
         self._write_identity(clean=False, suspect=suspect)
-        self.replicator = Replicator(config, self.storage, self.secret, unproven=suspect)
+        self.metrics = Metrics()
+        self.replicator = Replicator(
+            config, self.storage, self.secret, unproven=suspect, metrics=self.metrics
+        )
         self.replicator.proven_hooks.append(lambda: self._write_identity(False, None))
         self.replicator.damage_hooks.append(self._mark_damaged)
         self.server = Server(config, self.replicator)
+        self.metrics.watch(lambda: sample_node(self.replicator, self.server))
 
     def _open_checked(self, recorded: identity.Identity | None) -> str | None:
         """Open the database and check its pages (``quick_check``); return what is
@@ -164,6 +170,8 @@ class Node:
             self.storage.close()
             return
         self.replicator.start()
+        endpoint = self.config.metrics_endpoint
+        metrics = None if endpoint is None else loop.create_task(self.metrics.serve(endpoint))
         position = self.storage.position()
         log.info(
             "listening node=%s address=%s epoch=%s seq=%s",
@@ -174,6 +182,11 @@ class Node:
         )
         await stop.wait()
         log.info("stopping node=%s", self.config.node_id)
+        if metrics is not None:
+            metrics.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await metrics
+            await self.metrics.close()
         await self.server.close()
         await self.replicator.close()
         # Nothing writes any more: the WAL that close() removes is no loss.

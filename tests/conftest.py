@@ -46,12 +46,13 @@ def pytest_runtest_makereport(
 
 @pytest.fixture
 def cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ClusterFactory]:
-    """``cluster_factory(n=3, **settings)`` returns a new, not yet started, Cluster."""
+    """``cluster_factory(n=3, metrics=False, **settings)`` returns a new, not yet
+    started, Cluster (``metrics``: each node serves Prometheus metrics)."""
     clusters: list[Cluster] = []
     request.node.stash[_CLUSTERS] = clusters
 
-    def make(n: int = 3, **settings: object) -> Cluster:
-        cluster = Cluster(tmp_path, n, **settings)
+    def make(n: int = 3, *, metrics: bool = False, **settings: object) -> Cluster:
+        cluster = Cluster(tmp_path, n, metrics=metrics, **settings)
         clusters.append(cluster)
         return cluster
 

@@ -57,6 +57,7 @@ from ..errors import (
     StorageFault,
     Unavailable,
 )
+from ..metrics import Metrics
 from ..peer import OPERATOR_ID, OperatorAnswer, PeerLinks
 from ..storage import (
     Batch,
@@ -193,10 +194,17 @@ class Replicator:
     """One node's replication: the core plus everything it asks for."""
 
     def __init__(
-        self, config: NodeConfig, storage: Storage, secret: bytes, unproven: str | None = None
+        self,
+        config: NodeConfig,
+        storage: Storage,
+        secret: bytes,
+        unproven: str | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
+        self.metrics = metrics or Metrics()
+        self._sync = self.metrics.timed(storage.sync)
         now = time.monotonic()
         self.core = ReplicaCore(
             config.node_id,
@@ -233,6 +241,7 @@ class Replicator:
         self._last_prune = now
         self.batches = 0
         self.writes = 0
+        self.reads = 0
         self.closing = False
         self.sync_change: tuple[int, ...] | None = None
         # Deleted accounts may still have inbox messages to tombstone: checked once
@@ -250,7 +259,7 @@ class Replicator:
             self._spawn,
         )
         if storage.deferred:
-            self.group_sync = GroupSync(storage.sync, self._on_durable, fatal)
+            self.group_sync = GroupSync(self._sync, self._on_durable, fatal)
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -332,6 +341,7 @@ class Replicator:
     async def read(self, query: Callable[[Db], T]) -> T:
         """Run a query on the primary and release it once nothing it saw is unacked (R7)."""
         self.require_primary()
+        self.reads += 1
         result, seq = self.storage.read(query)
         await self.wait_acked(seq)
         return result
@@ -418,6 +428,7 @@ class Replicator:
         if self.core.role is Role.PRIMARY:
             self._fail_queue(refusal)
         if first:
+            self.metrics.storage_faults.inc()
             self._spawn(self._recover())
         return refusal
 
@@ -462,6 +473,7 @@ class Replicator:
             self.storage.save_node_state(effect.state)
         elif isinstance(effect, Log):
             log.info(format_fields(effect.event, effect.fields))
+            self.metrics.logged(effect.event)
         elif isinstance(effect, Acknowledge):
             self._release(effect.seq)
         elif isinstance(effect, BecomePrimary):
@@ -597,6 +609,7 @@ class Replicator:
 
     def _become_primary(self, effect: BecomePrimary) -> list[Effect]:
         self._forget_tail()
+        self.metrics.forget_sealed()
         self.purge_due = True
         for hook in self.role_hooks:
             hook(Role.PRIMARY)
@@ -679,6 +692,7 @@ class Replicator:
             seq = self.core.position.seq
         else:
             self._run(self.core.on_sealed(now, record.seq, sync_set))
+            self.metrics.sealed(record.seq, len(items))
             self._broadcast(record)
             self._remember(record)
             self.batches += 1
@@ -706,7 +720,7 @@ class Replicator:
             self.unsynced.append((group.request(), position))
             return
         if group is not None:
-            if self.storage.sync(checkpoint=False):
+            if self._sync(checkpoint=False):
                 group.request()  # the thread checkpoints
             self.unsynced.clear()  # all of them are on disk now
         self._run(self.core.on_local_durable(self._now(), position))
@@ -812,6 +826,7 @@ class Replicator:
             self._wait(seq, fire)
 
     def _release(self, watermark: int) -> None:
+        self.metrics.acknowledged(watermark)
         while self.waiters and self.waiters[0].seq <= watermark:
             heapq.heappop(self.waiters).fire(None)
 
@@ -1008,6 +1023,7 @@ class Replicator:
                 path.unlink()
         stream.next_seq = position.seq + 1
         stream.snapshot = False
+        self.metrics.snapshots_sent.inc()
         log.info(
             format_fields(
                 "snapshot sent",
@@ -1064,6 +1080,7 @@ class Replicator:
             self.damaged(str(exc))
         if new_position.epoch != was_epoch:
             self.core.history = self.storage.epoch_history()
+        self.metrics.applied_records.observe(len(records))
         lone = len(records) <= 1 and not self._apply_buffer
         self._committed(new_position, self.storage.sync_set(), lone=lone)
 
@@ -1087,6 +1104,7 @@ class Replicator:
             return self._request_snapshot()
         new_position = self.storage.position()
         self._forget_unsynced()
+        self.metrics.rewound(removed)
         pruned = prune_rollback_files(
             rollback.parent, self.config.rollback_max_files, self.config.rollback_max_bytes
         )
@@ -1177,6 +1195,7 @@ class Replicator:
                     path.unlink()
         self._forget_tail()
         self._forget_unsynced()
+        self.metrics.snapshots_installed.inc()
         log.info(
             format_fields(
                 "snapshot installed",

@@ -125,6 +125,9 @@ class Verifier:
         self.numbers = 0
         self.next_at = time.monotonic() + interval
         self.last: Outcome | None = None
+        # Comparisons completed, and those in which some node differed (for metrics).
+        self.completed = 0
+        self.mismatches = 0
 
     # ---- primary ----------------------------------------------------------------------
 
@@ -204,6 +207,7 @@ class Verifier:
         agreed, odd = judge(answers)
         nodes = tuple(sorted(answers))
         self.last = Outcome(current.seq, nodes, agreed, odd, time.time())
+        self.completed += 1
         if agreed:
             log.info(
                 "checksums agree node=%s seq=%s nodes=%s",
@@ -212,6 +216,7 @@ class Verifier:
                 ",".join(map(str, nodes)),
             )
             return
+        self.mismatches += 1
         log.critical(
             "checksums differ node=%s seq=%s nodes=%s damaged=%s",
             self.node_id,

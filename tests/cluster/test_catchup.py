@@ -89,9 +89,10 @@ def test_old_primary_with_an_unreplicated_write_is_rewound(
     backups cannot prove they are current (R6) and wait for it (G5), until an
     operator forces a promotion. The client's retry, with the same request
     id, is then applied by the new primary; the old primary, back, must
-    rewind its own copy rather than keep it beside the new one.
+    rewind its own copy rather than keep it beside the new one (and count it in
+    its metrics).
     """
-    cluster = cluster_factory(**SLOW_TO_SHRINK)
+    cluster = cluster_factory(metrics=True, **SLOW_TO_SHRINK)
     start_cluster(cluster)
     old = wait_settled(cluster)
     promoted, other = (n for n in cluster.nodes.values() if n is not old)
@@ -124,6 +125,10 @@ def test_old_primary_with_an_unreplicated_write_is_rewound(
     assert rollback, "no rollback file for the rewound records"
     assert all(path.stat().st_size > 0 for path in rollback), rollback
     assert all(stat.S_IMODE(path.stat().st_mode) == 0o600 for path in rollback), rollback
+    seen = old.metrics()
+    assert seen is not None
+    assert seen.value("chat_rewinds_total") == 1
+    assert seen.value("chat_rewound_records_total") >= 1
     finish(cluster, ledger)
 
 
@@ -167,7 +172,7 @@ def test_write_in_flight_to_frozen_backups_survives_the_primary_crash(
 def test_backup_down_past_the_log_retention_catches_up_from_a_snapshot(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory(log_retention=20)
+    cluster = cluster_factory(log_retention=20, metrics=True)
     start_cluster(cluster)
     primary = wait_settled(cluster)
     backup = next(n for n in cluster.nodes.values() if n is not primary)
@@ -187,6 +192,15 @@ def test_backup_down_past_the_log_retention_catches_up_from_a_snapshot(
         backup.start()
         wait_logged(backup, "snapshot installed")
         assert wait_settled(cluster) is primary
+        installed = backup.metrics()
+        assert installed is not None
+        assert installed.value("chat_snapshots_installed_total") == 1
+
+        def sent() -> bool:
+            seen = primary.metrics()
+            return seen is not None and seen.value("chat_snapshots_sent_total") >= 1
+
+        wait_for(sent, 10.0, "the primary to count the snapshot it sent")
         load.wait_progress(20, "with the backup back")
     finish(cluster, load.ledger)
 

@@ -49,6 +49,7 @@ from service.storage import Storage
 
 from .ports import LOOPBACK, free_ports
 from .probe import Status, probe_status
+from .scrape import Scrape, scrape
 from .waiting import StopWaiting, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -138,9 +139,12 @@ class NodeProcess:
         nodes: str,
         secret_file: Path,
         settings: dict[str, str],
+        metrics_port: int | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = f"{LOOPBACK}:{port}"
+        # Where the node serves Prometheus metrics; None: it does not.
+        self.metrics_address = None if metrics_port is None else f"{LOOPBACK}:{metrics_port}"
         self.dir = root / f"node{node_id}"
         self.data_dir = self.dir / "data"
         self.config_path = self.dir / "node.conf"
@@ -161,6 +165,8 @@ class NodeProcess:
             f"secret_file = {secret_file}",
             *(f"{key} = {value}" for key, value in settings.items()),
         ]
+        if self.metrics_address is not None:
+            lines.append(f"metrics_address = {self.metrics_address}")
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def __repr__(self) -> str:
@@ -291,6 +297,15 @@ class NodeProcess:
         status = self.status()
         return NodeView.from_status(status) if status is not None else None
 
+    def metrics(self) -> Scrape | None:
+        """A scrape of the node's metrics, or None while nothing answers there."""
+        self.check_alive()
+        if self.metrics_address is None:
+            raise RuntimeError(f"node {self.node_id} serves no metrics (Cluster(metrics=True))")
+        if self._process is None or self._frozen:
+            return None
+        return scrape(self.metrics_address)
+
     def log_text(self) -> str:
         if not self.log_path.exists():
             return ""
@@ -328,10 +343,14 @@ class Cluster:
     """``n`` node processes that know each other, sharing one secret file.
 
     ``settings`` are extra NodeConfig fields written into every node's config
-    (``heartbeat_interval=0.05``, ``log_retention=50``, ...).
+    (``heartbeat_interval=0.05``, ``log_retention=50``, ...). With ``metrics``
+    each node also serves Prometheus metrics, on a free port of its own
+    (``NodeProcess.metrics``); by default none does.
     """
 
-    def __init__(self, tmp_path: Path, n: int = 3, **settings: object) -> None:
+    def __init__(
+        self, tmp_path: Path, n: int = 3, *, metrics: bool = False, **settings: object
+    ) -> None:
         reserved = _RESERVED & settings.keys()
         if reserved:
             raise ValueError(f"the harness sets {sorted(reserved)} itself")
@@ -340,11 +359,21 @@ class Cluster:
         settings = {"scrypt_n": TEST_SCRYPT_N, **settings}
         self.root = _fresh_dir(tmp_path, "cluster")
         self.secret_file = self.root / "cluster.secret"
-        ports = free_ports(n)
+        # One call, so that the metrics ports differ from the nodes' and each other's.
+        all_ports = free_ports(2 * n if metrics else n)
+        ports, metrics_ports = all_ports[:n], all_ports[n:]
         spec = ",".join(f"{i}={LOOPBACK}:{port}" for i, port in enumerate(ports, 1))
         text_settings = {key: str(value) for key, value in settings.items()}
         self.nodes: dict[int, NodeProcess] = {
-            i: NodeProcess(i, self.root, port, spec, self.secret_file, text_settings)
+            i: NodeProcess(
+                i,
+                self.root,
+                port,
+                spec,
+                self.secret_file,
+                text_settings,
+                metrics_ports[i - 1] if metrics else None,
+            )
             for i, port in enumerate(ports, 1)
         }
 

@@ -139,6 +139,8 @@ def test_the_repo_supervisord_conf_runs_the_three_repo_nodes(tmp_path: Path) -> 
     assert len({config.data_dir.resolve() for config in configs.values()}) == len(NODE_IDS)
     addresses = [peer.address for peer in configs[1].nodes]
     assert addresses == list(DEFAULT_SERVERS), "chatctl's default servers are these nodes"
+    metrics = [configs[node_id].metrics_address for node_id in NODE_IDS]
+    assert metrics == [f"127.0.0.1:910{node_id}" for node_id in NODE_IDS]
     ignored = (REPO_ROOT / ".gitignore").read_text().split()
     assert "var/" in ignored or "var" in ignored, "runtime state is git-ignored"
 
@@ -238,6 +240,10 @@ class Supervised:
         node["node"]["nodes"] = ",".join(
             f"{p.node_id}={LOOPBACK}:{ports[p.node_id]}" for p in peers
         )
+        # Metrics on a free port too (the fixed 910N may belong to a running cluster),
+        # one that is none of the nodes' (of n + 1 distinct ports, one is not).
+        metrics = next(p for p in free_ports(len(ports) + 1) if p not in ports.values())
+        node["node"]["metrics_address"] = f"{LOOPBACK}:{metrics}"
         path = self.root / "ops" / "nodes" / f"node{node_id}.conf"
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w") as out:

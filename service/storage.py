@@ -104,13 +104,21 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, TypeVar
 
 import apsw
 
 from .errors import Internal, StorageCorrupt, StorageFault
+from .replication.types import NO_SYNC_SET, LogRecord, NodeState, Position, SyncSet
+
+__all__ = [  # the replication types are re-exported: callers of storage use them too
+    "NO_SYNC_SET",
+    "LogRecord",
+    "NodeState",
+    "Position",
+    "SyncSet",
+]
 
 Params = Sequence[Any] | Mapping[str, Any]
 
@@ -215,51 +223,6 @@ class Diverged(Exception):
 
 class ConstraintViolation(Exception):
     """A UNIQUE, NOT NULL or PRIMARY KEY constraint refused a write."""
-
-
-@dataclass(frozen=True, order=True)
-class Position:
-    epoch: int
-    seq: int
-
-    ZERO: ClassVar[Position]
-
-
-Position.ZERO = Position(0, 0)
-
-
-@dataclass(frozen=True)
-class LogRecord:
-    epoch: int
-    seq: int
-    changeset: bytes
-
-
-@dataclass(frozen=True)
-class NodeState:
-    current_epoch: int = 0
-    voted_epoch: int = 0
-    voted_for: int | None = None
-
-
-@dataclass(frozen=True)
-class SyncSet:
-    version: int
-    members: tuple[int, ...]
-    epoch: int
-    # (member, database id) for each member whose database was known when the set
-    # was written: a node whose database is another one (its disk was wiped or
-    # replaced since) is not that member. Empty in sets written before ids existed.
-    databases: tuple[tuple[int, str], ...] = ()
-
-    def database_of(self, member: int) -> str | None:
-        for node, database in self.databases:
-            if node == member:
-                return database
-        return None
-
-
-NO_SYNC_SET = SyncSet(0, (), 0)
 
 
 # apsw errors that say the disk, not the data, is at fault: a write may succeed

@@ -61,7 +61,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..storage import NodeState, Position, SyncSet
+from .types import NodeState, Position, SyncSet
 
 
 class Role(enum.Enum):

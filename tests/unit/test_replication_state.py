@@ -1305,3 +1305,19 @@ def test_g5_r6_waits_for_a_member_that_lost_its_database() -> None:
     assert core._winner(views) is None
     assert core.waiting_for == (1,)
     assert "wiped or replaced" in core.reason
+
+
+def test_the_core_loads_without_storage_or_chat() -> None:
+    """The replication core is pure decisions: importing it pulls in neither apsw
+    nor the storage or chat modules (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, service.replication.state; "
+        "print([m for m in ('apsw', 'service.storage', 'service.chat') if m in sys.modules])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.strip() == "[]"

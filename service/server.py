@@ -482,7 +482,14 @@ class ClientSession:
                 # A primary whose disk refuses writes still serves reads; what they
                 # show stays unread until it can write again.
                 with contextlib.suppress(StorageFault):
-                    await replicator.submit("mark_read", {"ids": to_mark}, token_hash, request_id)
+                    await replicator.submit(
+                        "mark_read",
+                        {"ids": to_mark},
+                        token_hash,
+                        request_id,
+                        # The read's own: a reused id is told apart by what was read.
+                        chat.request_fingerprint("read", args),
+                    )
             else:
                 await self._keep_alive(token_hash, now)
             return shown

@@ -330,6 +330,32 @@ def test_a_second_listen_on_a_connection_is_refused(single_node: Cluster) -> Non
     scenario(single_node, body)
 
 
+def test_the_client_library_listens_again_after_giving_up_a_stream(single_node: Cluster) -> None:
+    """``Client.listen`` closes the connection of a stream it gives up, so listening
+    again through the same client is not a second listen on that connection."""
+    address = single_node.servers[0]
+
+    async def body() -> None:
+        ann = await user(address, "ann")
+        bob = await user(address, "bob")
+        async with (
+            Client([address], token=ann, timeout=ANSWER_TIMEOUT) as listener,
+            Client([address], token=bob, timeout=ANSWER_TIMEOUT) as sender,
+        ):
+            first_stream = listener.listen()
+            await sender.send("ann", "one")
+            first = await anext(first_stream)
+            await first_stream.aclose()
+            assert (await listener.whoami())["user"] == "ann"  # the client goes on
+            second_stream = listener.listen(after=first["id"])
+            await sender.send("ann", "two")
+            second = await anext(second_stream)
+            await second_stream.aclose()
+        assert (first["body"], second["body"]) == ("one", "two")
+
+    scenario(single_node, body)
+
+
 # ---- redirects and status ------------------------------------------------------------------
 
 

@@ -28,7 +28,15 @@ first result of a request id is stored in ``requests`` in the same transaction
 as the change, and a retry with the same id (after a timeout or a failover)
 returns it and changes nothing more. A stored result holds no message body (a
 replayed ``send`` reads it back, so a deleted body replays empty), and a
-session that has ended replays nothing but the request that ended it.
+session that has ended replays nothing but the request that ended it. With the
+result goes the request's *fingerprint* (``request_fingerprint``: a hash of its
+op and of the arguments the client sent), so a request id reused for other
+arguments is refused (``Conflict``) instead of answered with a result that is not
+its own, as payment APIs treat their idempotency keys.
+
+Only successes are stored. A refused write changed nothing, and its retry may
+rightly succeed (a ``send`` to a name registered since); storing refusals would
+also cost a replicated row for every bad request.
 
 ``read`` is a query, not a write: its listing would make a replicated record of
 up to 1,000 bodies. It returns the ids it shows unread, and the server marks
@@ -846,6 +854,9 @@ WRITE_OPS: dict[str, tuple[WriteOp, frozenset[str]]] = {
 
 # Operations without a session: a stored result belongs to the user name they name.
 _BY_NAME = frozenset({"register", "login"})
+# What a client sends of the operations whose arguments the server completes (hashes,
+# session limits): only these count for the fingerprint.
+_CLIENT_FIELDS = {"register": frozenset({"username"}), "login": frozenset({"username"})}
 # Operations that end their own session; their stored results hold no content.
 _ENDS_SESSION = frozenset({"logout", "delete_account"})
 
@@ -859,10 +870,35 @@ def request_caller(op: str, args: Args, token_hash: str | None) -> str:
     return "session:" + token_hash
 
 
+def request_fingerprint(op: str, args: Args) -> str:
+    """What a retry under the same request id must repeat: the sha256 of the canonical
+    JSON (sorted keys, null members dropped since null means absent) of ``op`` and
+    the arguments the client sent.
+
+    The same request gives the same fingerprint on any node, so it holds across a
+    failover. A password is never part of it: a fast hash of a password in a
+    replicated table is a dictionary attack away from the password itself
+    (``register`` and ``login`` are bound to their user name by ``request_caller``)."""
+    kept = _CLIENT_FIELDS.get(op)
+    fields = {k: v for k, v in args.items() if v is not None and (kept is None or k in kept)}
+    text = orjson.dumps({"op": op, "args": fields}, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(text).hexdigest()
+
+
 def apply_write(
-    db: Db, op: str, args: Args, token_hash: str | None, request_id: str, now: float
+    db: Db,
+    op: str,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    now: float,
+    fingerprint: str | None = None,
 ) -> Result:
-    """Run one write operation once per request id (see the module docstring)."""
+    """Run one write operation once per request id (see the module docstring).
+
+    ``fingerprint`` is the request's as the client made it, when the server wrote
+    other arguments for it (the marks of a ``read``); by default it is ``op``'s and
+    ``args``' own."""
     if op not in WRITE_OPS:
         raise InvalidInput(f"unknown operation {op!r}")
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID:
@@ -874,21 +910,27 @@ def apply_write(
     if unknown:
         raise InvalidInput(f"unknown field '{unknown[0]}' for {op}")
     caller = request_caller(op, args, token_hash)
-    stored = db.one("SELECT op, result, caller FROM requests WHERE request_id = ?", (request_id,))
+    if fingerprint is None:
+        fingerprint = request_fingerprint(op, args)
+    stored = db.one(
+        "SELECT op, result, caller, fingerprint FROM requests WHERE request_id = ?",
+        (request_id,),
+    )
     if stored is not None:
         if op not in _BY_NAME and op not in _ENDS_SESSION:
             # A session that has ended replays nothing, not even its own requests;
             # only the request that ended it (its first reply may have been lost).
             session_user(db, token_hash, now)
-        return _replay(db, op, args, request_id, caller, stored)
+        return _replay(db, op, args, request_id, (caller, fingerprint), stored)
     try:
         result = handler(db, now, args, token_hash, request_id)
     except ConstraintViolation as exc:
         # Every constraint a user can hit is checked first (a taken name is Conflict).
         raise Internal(f"{op} broke a database constraint: {exc}") from None
     db.execute(
-        "INSERT INTO requests(request_id, op, result, caller, created_at) VALUES (?, ?, ?, ?, ?)",
-        (request_id, op, orjson.dumps(_stored_form(op, result)).decode(), caller, now),
+        "INSERT INTO requests(request_id, op, result, caller, created_at, fingerprint) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (request_id, op, orjson.dumps(_stored_form(op, result)).decode(), caller, now, fingerprint),
     )
     return result
 
@@ -904,11 +946,23 @@ def _stored_form(op: str, result: Result) -> Result:
 
 
 def _replay(
-    db: Db, op: str, args: Args, request_id: str, caller: str, stored: tuple[Any, ...]
+    db: Db,
+    op: str,
+    args: Args,
+    request_id: str,
+    caller_and_fingerprint: tuple[str, str],
+    stored: tuple[Any, ...],
 ) -> Result:
-    stored_op, result_json, stored_caller = stored
+    caller, fingerprint = caller_and_fingerprint
+    stored_op, result_json, stored_caller, stored_fingerprint = stored
     if stored_op != op or not hmac.compare_digest(str(stored_caller), caller):
         raise Conflict(f"request id {request_id} was already used for another operation")
+    # '' for a request stored before fingerprints were kept: nothing to compare.
+    if stored_fingerprint and stored_fingerprint != fingerprint:
+        raise Conflict(
+            f"request id {request_id} was already used for a request with other arguments; "
+            "use a new id for a new request"
+        )
     if op == "login":
         # A retried login: the first token may never have reached the client, and it
         # exists nowhere in clear, so the session now answers to the retry's token.

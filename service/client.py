@@ -189,6 +189,9 @@ class Connection:
         self._pending: dict[str, asyncio.Future[Result]] = {}
         self._streams: dict[str, asyncio.Queue[Result | BaseException]] = {}
         self._failure: BaseException | None = None
+        # The node refuses a request beyond this many unanswered on a connection:
+        # more wait here for a slot instead.
+        self._slots = asyncio.Semaphore(protocol.MAX_IN_FLIGHT)
         self._task = asyncio.create_task(self._read_loop(), name=f"chat-client {address}")
 
     @classmethod
@@ -236,8 +239,8 @@ class Connection:
             queue = asyncio.Queue()
             self._streams[request_id] = queue
         try:
-            self._writer.write(protocol.encode_frame(frame))
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout), self._slots:
+                self._writer.write(protocol.encode_frame(frame))
                 await self._writer.drain()
                 result = await future
         except TimeoutError:
@@ -604,6 +607,14 @@ class Client:
             self._conn = await Connection.open(address, timeout)
             return self._conn
 
+    def _abandon(self, conn: Connection) -> None:
+        """Close a connection whose listen stream the caller gave up: the node ends a
+        stream only with its connection, and refuses a second one on it. Requests in
+        flight on it are retried on a new connection, under their ids."""
+        if self._conn is conn:
+            self._conn = None
+        conn.close()
+
     async def _drop(self, address: str) -> None:
         conn = self._conn
         if conn is not None and conn.address == address:
@@ -716,6 +727,7 @@ class Client:
             assert queue is not None
             if on_stream is not None:
                 on_stream(conn.address)
+            live = True
             try:
                 async for message in self._stream(conn, queue, token):
                     message_id = message.get("id")
@@ -723,8 +735,14 @@ class Client:
                         continue
                     last = message_id
                     yield message
+                live = False  # the stream broke: listen again, elsewhere if need be
+            except errors.ChatError:
+                live = False  # the node ended the stream
+                raise
             finally:
                 conn.unsubscribe(str(frame["request_id"]))
+                if live:
+                    self._abandon(conn)
             if on_stream is not None:
                 on_stream(None)
 

@@ -271,9 +271,10 @@ class PeerLinks:
 class FrameReader:
     """Frames from a stream, one at a time, under a limit that may change between frames.
 
-    Frames are decoded one by one (``FrameDecoder.pop``), never ahead: a dialer may
-    pipeline frames behind its hello, and those are checked against the limit of
-    what the connection turned out to be (``limit``), not the handshake's. Reads are
+    Frames are decoded one by one (``FrameDecoder.pop``), never ahead, so a new
+    ``limit`` applies to every frame after the one just taken, however TCP split
+    them (bytes that came with the hello are refused by the server anyway: nothing
+    may be sent before its welcome). Reads are
     no bigger than a frame under the limit, so a connection holds at most about
     twice its limit in our buffers.
     """

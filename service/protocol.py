@@ -78,6 +78,9 @@ WRITE_OPS = frozenset(
 READ_OPS = frozenset({"whoami", "search", "status", "listen"})
 CLIENT_OPS = WRITE_OPS | READ_OPS
 MAX_REQUEST_ID = 64
+# Requests of one client connection that a node holds unanswered at once (a listen
+# until its ``listening`` reply); one more is refused (PROTOCOL.md section 3).
+MAX_IN_FLIGHT = 256
 
 
 def encode_frame(frame: Frame) -> bytes:
@@ -256,17 +259,30 @@ def event(request_id: str, message: dict[str, Any]) -> Frame:
     return {"type": "message", "request_id": request_id, "message": message}
 
 
-def parse_request(frame: Frame) -> tuple[str, str, dict[str, Any], str | None]:
-    """Validate the envelope of a client request: (request_id, op, args, token)."""
+def request_id_of(frame: Frame) -> str:
+    """The request id of a client's frame after the handshake. A frame that is not a
+    request, or has no usable id, cannot be answered as a request: the node treats
+    it as a protocol violation of the connection (error with a null id, then close)."""
     if frame.get("type") != "request":
         raise ProtocolViolation(f"unexpected frame type {frame.get('type')!r}")
     request_id = frame.get("request_id")
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID:
         raise ProtocolViolation("request_id must be a string of 1 to 64 characters")
+    return request_id
+
+
+def parse_request(frame: Frame) -> tuple[str, str, dict[str, Any], str | None]:
+    """Validate the envelope of a client request: (request_id, op, args, token).
+
+    ``args`` and ``token`` are optional: omitted or null, as optional arguments are
+    (PROTOCOL.md section 3)."""
+    request_id = request_id_of(frame)
     op = frame.get("op")
     if not isinstance(op, str):
         raise ProtocolViolation("request needs a string 'op'")
-    args = frame.get("args", {})
+    args = frame.get("args")
+    if args is None:
+        args = {}
     if not isinstance(args, dict):
         raise ProtocolViolation("'args' must be an object")
     token = frame.get("token")

@@ -7,11 +7,19 @@ their ``hello`` naming a role. Peers (and the operator tool) are handed to
 A client session reads request frames and runs each as its own task, so a
 slow write never blocks a read on the same connection; replies carry the
 request id and may come back in any order. Bad input is answered with one
-error frame and changes nothing: an unknown op, wrong types, a bad token. A
-frame that breaks the protocol itself (garbage, an oversized length, a frame
-cut short) gets an error frame and the connection is closed; nothing else on
-the node notices. A connection that does not finish its hello within the
-handshake timeout, or stays idle past the idle timeout, is closed.
+error frame and changes nothing: an unknown op, wrong types, an unknown
+argument, a bad token. A frame that breaks the protocol itself (garbage, an
+oversized length, a frame cut short, a frame that is not a request or has no
+usable request id, a frame sent before our welcome) gets an error frame with a
+null request id and the connection is closed; nothing else on the node
+notices. A connection that does not finish its hello within the handshake
+timeout, or stays idle past the idle timeout, is closed.
+
+At most ``protocol.MAX_IN_FLIGHT`` requests of a connection are unanswered at
+once (a listen until its ``listening`` reply); one more is refused with
+``invalid``. The frames already received are all dispatched before any is
+served, so requests pipelined in one write count together, however fast the
+node would have answered the first ones.
 
 Connections are bounded so that a node never runs out of file descriptors or
 memory because of strangers (the limits are in ``NodeConfig``):
@@ -44,7 +52,9 @@ of the user, with an ``auth_failed`` error frame carrying the listen's request
 id; and the session is checked again before each push and every
 ``listen_check_interval``, so a session that ends any other way ends its stream
 too. A live stream keeps its connection open however long the client is
-silent; once the stream has ended the idle timeout applies again.
+silent; once the stream has ended the idle timeout applies again. A connection
+carries one live stream at most: a second ``listen`` would push every message
+twice, and is refused.
 """
 
 from __future__ import annotations
@@ -55,7 +65,7 @@ import logging
 import resource
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from . import chat, protocol, ratelimit
@@ -78,13 +88,23 @@ from .throttle import ThrottledLog
 
 log = logging.getLogger("service.server")
 
-MAX_IN_FLIGHT = 256
 MAX_UNREAD = 16 * 1024 * 1024
 LISTEN_QUEUE = 10_000
 # Every connection is read without pause, so the StreamReader's buffer only holds a
 # burst the event loop has not got to yet; the transport stops reading at twice this.
 STREAM_LIMIT = 256 * 1024
 MAX_ID = 2**63 - 1
+# The arguments of the operations the server reads itself (the writes it passes on
+# are checked by chat.apply_write): anything else is refused, as for writes.
+CLIENT_FIELDS: dict[str, frozenset[str]] = {
+    "status": frozenset(),
+    "whoami": frozenset(),
+    "search": frozenset({"pattern", "limit"}),
+    "listen": frozenset({"after"}),
+    "read": chat.READ_FIELDS,
+    "register": frozenset({"username", "password"}),
+    "login": frozenset({"username", "password"}),
+}
 
 
 class Listener:
@@ -304,10 +324,12 @@ class Server:
                 )
                 _refuse(writer, exc)
                 return None
+            _nothing_before_welcome(frames)
             writer.write(protocol.encode_frame(welcome))
             return "peer", node
         if role != "client":
             raise ProtocolViolation("hello 'role' must be 'client' or 'peer'")
+        _nothing_before_welcome(frames)
         if len(self.sessions) >= self.client_limit:
             self._busy.note(address=address, clients=len(self.sessions))
             _refuse(
@@ -365,6 +387,8 @@ class ClientSession:
         self.writer = writer
         self.tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[Listener] = []
+        # Requests read and not yet answered (a listen until its ``listening`` reply).
+        self.unanswered = 0
         self.address = client_address(writer)
 
     def close(self) -> None:
@@ -392,20 +416,24 @@ class ClientSession:
         last_frame = loop.time()
         try:
             while True:
-                # A client with a live listen stream may stay silent for as long as it
-                # likes; once its streams have ended (a session that ended, say), the
-                # idle timeout counts from its last frame again.
-                left = last_frame + idle - loop.time()
-                if left <= 0 and not self.listeners:
-                    break
-                try:
-                    frame = await asyncio.wait_for(
-                        self.frames.next(), idle if self.listeners else left
-                    )
-                except TimeoutError:
-                    continue
+                # Frames already received are dispatched before any request is served
+                # (see the module docstring: the in-flight limit).
+                frame = self.frames.decoder.pop()
                 if frame is None:
-                    break
+                    # A client with a live listen stream may stay silent for as long as
+                    # it likes; once its streams have ended (a session that ended, say),
+                    # the idle timeout counts from its last frame again.
+                    left = last_frame + idle - loop.time()
+                    if left <= 0 and not self.listeners:
+                        break
+                    try:
+                        frame = await asyncio.wait_for(
+                            self.frames.next(), idle if self.listeners else left
+                        )
+                    except TimeoutError:
+                        continue
+                    if frame is None:
+                        break
                 last_frame = loop.time()
                 self._dispatch(frame)
         except ProtocolViolation as exc:
@@ -420,22 +448,23 @@ class ClientSession:
             self.writer.close()
 
     def _dispatch(self, frame: protocol.Frame) -> None:
+        # Not a request, or no id to answer it under: a protocol violation that ends
+        # the connection (raised to ``run``).
+        request_id = protocol.request_id_of(frame)
         try:
-            request_id, op, args, token = protocol.parse_request(frame)
+            _, op, args, token = protocol.parse_request(frame)
         except ProtocolViolation as exc:
-            rid = frame.get("request_id")
-            self.send(protocol.error(rid if isinstance(rid, str) else None, exc.to_wire()))
+            self.send(protocol.error(request_id, exc.to_wire()))
             return
-        if len(self.tasks) >= MAX_IN_FLIGHT:
-            self.send(
-                protocol.error(
-                    request_id,
-                    InvalidInput(
-                        f"too many requests in flight on one connection (max {MAX_IN_FLIGHT})"
-                    ).to_wire(),
-                )
+        limit = protocol.MAX_IN_FLIGHT
+        if self.unanswered >= limit:
+            refusal = InvalidInput(
+                f"more than {limit} requests unanswered on one connection; "
+                "wait for answers before sending more"
             )
+            self.send(protocol.error(request_id, refusal.to_wire()))
             return
+        self.unanswered += 1
         task = asyncio.get_running_loop().create_task(self._serve(request_id, op, args, token))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -443,24 +472,38 @@ class ClientSession:
     async def _serve(
         self, request_id: str, op: str, args: dict[str, Any], token: str | None
     ) -> None:
+        unanswered = True
+
+        def answer(frame: protocol.Frame) -> None:
+            """The one reply or error to this request (a listen's stream comes after)."""
+            nonlocal unanswered
+            if unanswered:
+                unanswered = False
+                self.unanswered -= 1
+            self.send(frame)
+
         try:
+            _check_fields(op, args)
             if op == "listen":
-                await self._listen(request_id, args, token)
+                await self._listen(request_id, args, token, answer)
                 return
             result = await self._execute(op, args, token, request_id)
-            self.send(protocol.reply(request_id, result))
+            answer(protocol.reply(request_id, result))
         except StorageCorrupt as exc:
             # A query found a damaged page: contain it (the node exits and, at its next
             # start, moves the database aside and takes a snapshot).
-            self.send(protocol.error(request_id, Internal("internal error").to_wire()))
+            answer(protocol.error(request_id, Internal("internal error").to_wire()))
             self.replicator.damaged(str(exc))
         except ChatError as exc:
-            self.send(protocol.error(request_id, exc.to_wire()))
+            answer(protocol.error(request_id, exc.to_wire()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("request failed op=%s", op)
-            self.send(protocol.error(request_id, Internal(f"internal error: {exc}").to_wire()))
+            answer(protocol.error(request_id, Internal(f"internal error: {exc}").to_wire()))
+        finally:
+            if unanswered:  # cancelled: the connection is closing
+                self.unanswered -= 1
 
     async def _execute(
         self, op: str, args: dict[str, Any], token: str | None, request_id: str
@@ -482,7 +525,14 @@ class ClientSession:
                 # A primary whose disk refuses writes still serves reads; what they
                 # show stays unread until it can write again.
                 with contextlib.suppress(StorageFault):
-                    await replicator.submit("mark_read", {"ids": to_mark}, token_hash, request_id)
+                    await replicator.submit(
+                        "mark_read",
+                        {"ids": to_mark},
+                        token_hash,
+                        request_id,
+                        # The read's own: a reused id is told apart by what was read.
+                        chat.request_fingerprint("read", args),
+                    )
             else:
                 await self._keep_alive(token_hash, now)
             return shown
@@ -568,10 +618,23 @@ class ClientSession:
         if due:
             await self.replicator.submit("touch", {}, token_hash, f"touch-{secrets.token_hex(16)}")
 
-    async def _listen(self, request_id: str, args: dict[str, Any], token: str | None) -> None:
+    async def _listen(
+        self,
+        request_id: str,
+        args: dict[str, Any],
+        token: str | None,
+        answer: Callable[[protocol.Frame], None],
+    ) -> None:
         replicator = self.replicator
         token_hash = chat.hash_token(token) if token is not None else None
         after = _listen_after(args)
+        if self.listeners:
+            # Checked before the first await: of two listens pipelined, the first has
+            # registered before the second runs.
+            raise InvalidInput(
+                "this connection already carries a listen stream; "
+                "listen on another connection, or close this one first"
+            )
         replicator.require_primary()
 
         now = time.time()
@@ -590,7 +653,7 @@ class ClientSession:
         await self._keep_alive(token_hash, now)
         try:
             await replicator.wait_acked(seen)
-            self.send(protocol.reply(request_id, {"listening": True}))
+            answer(protocol.reply(request_id, {"listening": True}))
             if after is not None:
                 listener.last_id = after
             for message in backlog:
@@ -634,15 +697,29 @@ class ClientSession:
 def _listen_after(args: dict[str, Any]) -> int | None:
     """``listen``'s arguments: ``after``, null or a message id (SQLite's integers are
     signed 64-bit: a larger one must be refused here, not overflow in a query)."""
-    unknown = sorted(set(args) - {"after"})
-    if unknown:
-        raise InvalidInput(f"unknown field '{unknown[0]}' for listen")
     after = args.get("after")
     if after is None:
         return None
     if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_ID:
         raise InvalidInput(f"the field 'after' must be null or a whole number from 0 to {MAX_ID}")
     return after
+
+
+def _check_fields(op: str, args: dict[str, Any]) -> None:
+    """Refuse an argument ``op`` does not know (writes: chat.apply_write checks)."""
+    fields = CLIENT_FIELDS.get(op)
+    if fields is None:
+        return
+    unknown = sorted(set(args) - fields)
+    if unknown:
+        raise InvalidInput(f"unknown field '{unknown[0]}' for {op}")
+
+
+def _nothing_before_welcome(frames: FrameReader) -> None:
+    """Until the handshake ends each side sends one frame and waits for the answer:
+    bytes behind the hello, already here before our welcome, break that."""
+    if frames.decoder.pending:
+        raise ProtocolViolation("a frame came before the welcome; wait for it first")
 
 
 def _refuse(writer: asyncio.StreamWriter, exc: ChatError) -> None:

@@ -213,7 +213,14 @@ UPDATE sessions SET expires_at = created_at + 2592000, idle_timeout = 604800,
 CREATE INDEX sessions_by_end ON sessions (ends_at);
 """
 
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# v4: a stored request keeps the fingerprint of its arguments (chat.request_fingerprint),
+# so a request id reused for other arguments is refused. Older rows get '' (unknown:
+# not compared); every node runs the same migration, so the rows stay identical.
+_SCHEMA_V4 = """
+ALTER TABLE requests ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '';
+"""
+
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 
 
 class Diverged(Exception):

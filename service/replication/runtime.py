@@ -133,6 +133,8 @@ class PendingWrite:
     token_hash: str | None
     request_id: str
     future: asyncio.Future[dict[str, Any]]
+    # The client's request, when the server wrote other args for it (chat.apply_write).
+    fingerprint: str | None = None
 
 
 @dataclass
@@ -325,7 +327,12 @@ class Replicator:
             )
 
     async def submit(
-        self, op: str, args: dict[str, Any], token_hash: str | None, request_id: str
+        self,
+        op: str,
+        args: dict[str, Any],
+        token_hash: str | None,
+        request_id: str,
+        fingerprint: str | None = None,
     ) -> dict[str, Any]:
         """Run one write on the primary; returns once it is durable on the sync set."""
         self.require_primary()
@@ -334,7 +341,7 @@ class Replicator:
                 f"node {self.config.node_id} cannot write: {self.core.fault}; retry later"
             )
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.queue.append(PendingWrite(op, args, token_hash, request_id, future))
+        self.queue.append(PendingWrite(op, args, token_hash, request_id, future, fingerprint))
         self.work.set()
         return await future
 
@@ -750,7 +757,13 @@ class Replicator:
             try:
                 with batch.savepoint() as db:
                     result = chat.apply_write(
-                        db, item.op, item.args, item.token_hash, item.request_id, time.time()
+                        db,
+                        item.op,
+                        item.args,
+                        item.token_hash,
+                        item.request_id,
+                        time.time(),
+                        item.fingerprint,
                     )
                     if batch.size() > RECORD_BUDGET:
                         raise RecordFull

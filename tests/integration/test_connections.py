@@ -226,7 +226,7 @@ async def expect_busy(raw: Raw, answer: Frame | None, what: str) -> None:
 
 def operator_status(address: str, secret: bytes) -> dict[str, Any]:
     """``status`` over an operator (node 0) connection: a peer's way in, not a client's."""
-    frames = peer_attempt(address, secret, 0, [{"type": "status"}])
+    frames = peer_attempt(address, secret, 0, [{"type": "status"}], pipelined=False)
     assert [frame["type"] for frame in frames] == ["welcome", "reply"], frames
     node: dict[str, Any] = frames[1]["result"]
     return node

@@ -254,7 +254,15 @@ async def fuzz_connection(address: str, worker: int, answers: Answers) -> int:
                 assert data, f"{context}: the node closed before its hello"
                 frames = hello.feed(data)
             if rng.random() < 0.7:
+                # A proper handshake: the payloads only after the welcome (a frame
+                # sent before it is refused as such, and would reach nothing further).
                 writer.write(protocol.encode_frame(protocol.client_hello(1)))
+                welcome: list[Frame] = []
+                while not welcome:
+                    data = await asyncio.wait_for(reader.read(65536), 10)
+                    assert data, f"{context}: the node closed instead of a welcome"
+                    welcome = hello.feed(data)
+                answers.kinds[str(welcome[0].get("code") or welcome[0].get("type"))] += 1
             stream = b"".join(payload(rng, seeds) for _ in range(rng.randint(1, 4)))
             while stream:
                 cut = rng.randint(1, max(1, len(stream)))

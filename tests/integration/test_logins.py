@@ -73,6 +73,12 @@ async def flood(
     sent = 0
     try:
         writer.write(protocol.encode_frame(protocol.client_hello(protocol.PROTOCOL_MAX_VERSION)))
+        # Requests only after the welcome: one sent before it is a protocol violation.
+        greeting: list[protocol.Frame] = []
+        while not any(frame["type"] == "welcome" for frame in greeting):
+            data = await asyncio.wait_for(reader.read(65536), 30)
+            assert data, f"the node closed the flooding connection from {source} at once"
+            greeting += decoder.feed(data)
         while not stop.is_set():
             for _ in range(FLOOD_BURST):
                 guess = {"username": names[sent % len(names)], "password": f"wrong-{sent:06d}"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from service import chat
 from service.errors import AuthFailed, ChatError, Conflict, Gone, InvalidInput, NotFound
-from service.storage import Storage
+from service.storage import MIGRATIONS, Storage
 
 PASSWORD = "correct horse"
 # A cheap cost: the rules of the parameters do not depend on it, and tests stay fast.
@@ -40,6 +41,7 @@ class Service:
         args: dict[str, Any] | None = None,
         token: str | None = None,
         request_id: str | None = None,
+        fingerprint: str | None = None,
     ) -> dict[str, Any]:
         request_id = request_id or f"r{next(self.request_ids)}"
         if op == "read":
@@ -48,7 +50,9 @@ class Service:
         batch = self.storage.begin_batch()
         try:
             with batch.savepoint() as db:
-                result = chat.apply_write(db, op, args or {}, token, request_id, self.now)
+                result = chat.apply_write(
+                    db, op, args or {}, token, request_id, self.now, fingerprint
+                )
             self.sealed.append(batch.seal(1) is not None)
             batch.commit()
         except BaseException:
@@ -59,10 +63,12 @@ class Service:
     def read_as_server(
         self, args: dict[str, Any], token: str | None, request_id: str
     ) -> dict[str, Any]:
-        """``read`` as the server runs it: a query, then a write of the ids it marks."""
+        """``read`` as the server runs it: a query, then a write of the ids it marks,
+        under the read's request id and fingerprint."""
         shown, to_mark = chat.read(self.db, token, args, self.now)
         if to_mark:
-            self.write("mark_read", {"ids": to_mark}, token, request_id)
+            fingerprint = chat.request_fingerprint("read", args)
+            self.write("mark_read", {"ids": to_mark}, token, request_id, fingerprint)
         return shown
 
     def register(self, name: str) -> int:
@@ -1055,6 +1061,65 @@ def test_a_failed_request_stores_nothing_and_may_be_retried(svc: Service, ann: s
     svc.register("bob")
     result = svc.write("send", {"to": "bob", "body": "x"}, ann, request_id="req-1")
     assert result["message"]["to"] == "bob"
+
+
+def test_a_request_id_reused_with_other_arguments_is_a_conflict(
+    svc: Service, ann: str, bob: str
+) -> None:
+    first = svc.write("send", {"to": "bob", "body": "first"}, ann, request_id="s1")
+    sums = svc.storage.checksums()
+    for other in ({"to": "bob", "body": "second"}, {"to": "ann", "body": "first"}):
+        with pytest.raises(Conflict, match="other arguments"):
+            svc.write("send", other, ann, request_id="s1")
+    assert svc.storage.checksums() == sums
+    # The same request again, with its members in another order: the first result.
+    assert svc.write("send", {"body": "first", "to": "bob"}, ann, request_id="s1") == first
+
+
+def test_a_fingerprint_is_canonical_and_leaves_out_passwords_and_server_fields() -> None:
+    fp = chat.request_fingerprint
+    assert fp("send", {"to": "bob", "body": "x"}) == fp("send", {"body": "x", "to": "bob"})
+    assert fp("read", {"after": None, "limit": 5}) == fp("read", {"limit": 5})
+    assert fp("read", {"limit": 5}) != fp("read", {"limit": 6})
+    assert fp("read", {}) != fp("mark_read", {})
+    client = fp("login", {"username": "ann", "password": "correct horse"})
+    server = fp("login", {"username": "ann", "token_hash": "ab" * 32, **SESSION_LIMITS})
+    assert client == server == fp("login", {"username": "ann", "password": "other"})
+    assert client != fp("login", {"username": "Ann"})
+    digest = hashlib.sha256(b'{"args":{"username":"ann"},"op":"login"}').hexdigest()
+    assert client == digest
+
+
+def test_a_read_marks_under_its_own_fingerprint(svc: Service, ann: str, bob: str) -> None:
+    svc.send(bob, "ann")
+    first = svc.write("read", {"limit": 5}, ann, request_id="rd")
+    with pytest.raises(Conflict, match="other arguments"):
+        svc.write("mark_read", {"ids": [first["messages"][0]["id"]]}, ann, request_id="rd")
+
+
+def test_a_request_stored_before_fingerprints_replays_as_before(tmp_path: Path) -> None:
+    """The v4 migration: a request stored by the code before it has no fingerprint,
+    and its retry returns its result whatever its arguments, as it did then."""
+    path = tmp_path / "v3.db"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript("".join(MIGRATIONS[:3]))
+        old.execute(
+            "INSERT INTO requests VALUES ('old', 'logout', '{\"user\": \"ann\"}', "
+            "'session:' || ?, 1000.0)",
+            ("ab" * 32,),
+        )
+        old.execute("PRAGMA user_version=3")
+        old.commit()
+    storage = Storage(path)
+    try:
+        assert storage.db.value("SELECT fingerprint FROM requests") == ""
+        batch = storage.begin_batch()
+        with batch.savepoint() as db:
+            replay = chat.apply_write(db, "logout", {}, "ab" * 32, "old", 1001.0)
+        batch.rollback()
+        assert replay == {"user": "ann"}
+    finally:
+        storage.close()
 
 
 def test_a_retried_register_returns_the_first_result(svc: Service) -> None:

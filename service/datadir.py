@@ -110,58 +110,63 @@ def prepare(path: Path) -> list[Path]:
     return tightened
 
 
-def retry_until_open(open_it: Callable[[], T], what: str) -> T | None:
-    """Call ``open_it`` until its storage opens (a read-only file system, a database
-    that cannot be opened: a ``StorageFault``), logging each new reason once and
-    trying again with backoff, never exiting (supervisord would restart the node
-    every second). Returns None when SIGTERM or SIGINT arrived first."""
+def _until_done(
+    attempt: Callable[[], T],
+    refusal: type[Exception],
+    refused: str,
+    done: str,
+    stopped: str,
+) -> tuple[T] | None:
+    """Call ``attempt`` until it stops raising ``refusal``; log each new reason once
+    (``refused`` with ``{why}``), then ``done`` if it had been refused. Waits 1, 2,
+    4 ... 30 s between tries, never exiting (under supervisord an exit is a crash
+    loop that buries the reason). Runs before the event loop: the stop signals are
+    blocked and waited for, so the wait needs no handler and no sleep. None when
+    SIGTERM or SIGINT arrived first (the node should exit)."""
     delay = FIRST_RECHECK
     said = ""
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         while True:
             try:
-                opened = open_it()
-            except StorageFault as exc:
+                result = attempt()
+            except refusal as exc:
                 if str(exc) != said:
                     said = str(exc)
-                    log.error("cannot open %s: %s (trying again with backoff)", what, said)
+                    log.error(refused.replace("{why}", said))
             else:
                 if said:
-                    log.info("opened %s", what)
-                return opened
+                    log.info(done)
+                return (result,)
             if signal.sigtimedwait(_STOP_SIGNALS, delay) is not None:
-                log.info("stopped while %s could not be opened", what)
+                log.info(stopped)
                 return None
             delay = min(delay * 2, MAX_RECHECK)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
+def retry_until_open(open_it: Callable[[], T], what: str) -> T | None:
+    """Call ``open_it`` until its storage opens (a read-only file system, a database
+    that cannot be opened: a ``StorageFault``). None when told to stop first."""
+    opened = _until_done(
+        open_it,
+        StorageFault,
+        f"cannot open {what}: " + "{why} (trying again with backoff)",
+        f"opened {what}",
+        f"stopped while {what} could not be opened",
+    )
+    return None if opened is None else opened[0]
+
+
 def wait_until_private(path: Path) -> bool:
     """``prepare`` the data dir, waiting for its owner to fix it while it is refused.
-
-    Returns False when SIGTERM or SIGINT arrived first (the node should exit).
-    Runs before the event loop: the stop signals are blocked and waited for, so
-    the wait needs no handler and no sleep."""
-    delay = FIRST_RECHECK
-    said = ""
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        while True:
-            try:
-                prepare(path)
-            except NotPrivate as exc:
-                if str(exc) != said:
-                    said = str(exc)
-                    log.error("refusing to start: %s (checking again until it is)", said)
-            else:
-                if said:
-                    log.info("data dir is private now path=%s", path)
-                return True
-            if signal.sigtimedwait(_STOP_SIGNALS, delay) is not None:
-                log.info("stopped while the data dir was refused path=%s", path)
-                return False
-            delay = min(delay * 2, MAX_RECHECK)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    False when told to stop first (the node should exit)."""
+    done = _until_done(
+        lambda: prepare(path),
+        NotPrivate,
+        "refusing to start: {why} (checking again until it is)",
+        f"data dir is private now path={path}",
+        f"stopped while the data dir was refused path={path}",
+    )
+    return done is not None

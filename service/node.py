@@ -70,7 +70,9 @@ class Node:
         damage = self._open_checked(recorded)
         if damage is not None:
             moved = move_aside(config.db_path, config.data_dir / "damaged")
-            log.critical(
+            # WARNING, not an error: the node has contained it; nothing acknowledged
+            # is lost while the others hold it (and status says if they do not).
+            log.warning(
                 "database damaged, moved aside node=%s to=%s why=%s",
                 config.node_id,
                 moved,

@@ -669,7 +669,7 @@ def send(
 
 def read_body() -> str:
     """The whole of stdin as UTF-8, without the one newline that ends a file."""
-    data = typer.get_binary_stream("stdin").read()
+    data = sys.stdin.buffer.read()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -270,6 +270,15 @@ class Server:
     # ---- accepting connections -----------------------------------------------------------
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio's task for one connection. Cancelled when the node stops, it ends
+        quietly: Python 3.11's stream server logs a cancelled handler as an error
+        with a traceback (it asks the task for its exception)."""
+        try:
+            await self._connection(reader, writer)
+        except asyncio.CancelledError:
+            writer.close()
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = _dialer_address(writer)
         frames = FrameReader(reader, protocol.MAX_HELLO_FRAME)
         self._make_room_for_a_handshake()

@@ -932,7 +932,7 @@ class Storage:
         except StorageCorrupt as exc:
             return str(exc)
         problems = [str(row[0]) for row in rows]
-        return None if problems == ["ok"] else "; ".join(problems)[:500]
+        return None if problems == ["ok"] else _one_line(problems)
 
     def check_file(self, path: Path) -> str | None:
         """What is wrong with the database file ``path`` (a snapshot about to be sent
@@ -1026,7 +1026,12 @@ def check_database_file(path: Path, vfs: str | None = None) -> str | None:
     problems = [str(row[0]) for row in rows]
     if problems == ["ok"]:
         return None
-    return "; ".join(problems).replace("\n", " ")[:500]
+    return _one_line(problems)
+
+
+def _one_line(problems: list[str]) -> str:
+    """SQLite's findings as one line of a log (they hold newlines), at most 500 chars."""
+    return " ".join("; ".join(problems).split())[:500]
 
 
 def _append_rollback_file(path: Path, records: list[LogRecord]) -> None:

@@ -478,3 +478,23 @@ def test_bad_peer_macs_are_logged_with_the_address_once_per_interval(
     assert len(lines) <= 3 + elapsed / LOG_INTERVAL, lines
     assert "failed authentication" in node.log_text()
     assert "Traceback" not in node.log_text()
+
+
+def test_a_node_stopping_with_clients_connected_logs_no_error(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """SIGTERM while clients are connected (mid-handshake and after it): their
+    handlers are cancelled, and the node stops with no error or traceback."""
+    cluster = single(cluster_factory)
+    node = cluster[1]
+
+    async def connect_then_stop() -> None:
+        raws = [(await client_hello(node.address))[0] for _ in range(5)]
+        raws.append(await Raw.connect(node.address))  # still in its handshake
+        assert node.stop() == 0
+        await close_all(raws)
+
+    asyncio.run(connect_then_stop())
+    log = node.log_text()
+    assert "Traceback" not in log
+    assert " ERROR " not in log

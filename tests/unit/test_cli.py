@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner, Result
+from click.testing import Result
+from typer.testing import CliRunner
 
 from service import cli, errors
 from service.client import DEFAULT_SERVERS, Client

@@ -271,7 +271,9 @@ class Raw:
             while not self.ready:
                 try:
                     data = await self.reader.read(65536)
-                except ConnectionResetError:
+                except (ConnectionResetError, BrokenPipeError):
+                    # The node closed on us while we still had bytes to send: the
+                    # transport's failed write is how that close shows here.
                     return None
                 if not data:
                     return None

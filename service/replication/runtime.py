@@ -643,6 +643,17 @@ class Replicator:
                         )
                     )
                     break
+                if self.core.fault is not None:
+                    # A primary whose disk refuses writes: a sync set change or a purge
+                    # waits for the recovery (_recover sets ``work``), rather than
+                    # failing again at once, round after round.
+                    self._fail_queue(
+                        StorageFault(
+                            f"node {self.config.node_id} cannot write: {self.core.fault}; "
+                            "retry later"
+                        )
+                    )
+                    break
                 items = [
                     self.queue.popleft() for _ in range(min(len(self.queue), self.config.max_batch))
                 ]

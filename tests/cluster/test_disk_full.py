@@ -20,6 +20,7 @@ Nothing is acknowledged and lost (``finish`` checks every scenario's ledger).
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ from tests.helpers.workload import (
     run,
     send_recorded,
     start_cluster,
+    wait_logged,
     wait_settled,
     wait_view,
 )
@@ -168,11 +170,34 @@ def test_a_primary_alone_with_a_full_disk_refuses_writes_serves_reads_and_resume
     assert shown >= 4
     assert primary.is_running
     assert primary.starts == 1
+    # A backup comes back and catches up (reads only); the sync set grow it earns is
+    # a write the disk refuses: it waits for the disk, the primary does not spin.
+    cluster[2].start()
+    wait_logged(primary, "catch-up end node=1 backup=2")
+    pid = primary.pid
+    assert pid is not None
+    used = cpu_seconds(pid)
+    assert_stays(lambda: busy(pid, used, 2.0), 2.0, "node 1 retrying a refused write in a loop")
     write_control(control, OFF)
     wait_view(primary, lambda v: not cannot_write(v), "the primary writing again")
+    wait_view(primary, lambda v: v.sync_set == (1, 2), "node 2 back in the sync set")
     sender.acked(3)
     cluster.start()
     finish(cluster, sender.ledger)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def busy(pid: int, since: float, seconds: float) -> str | None:
+    """A breach once the process has used more than half of ``seconds`` of CPU since
+    ``since``: an idle read-only primary uses a few percent, a spinning one all."""
+    used = cpu_seconds(pid) - since
+    return f"it used {used:.2f} s of CPU" if used > seconds / 2 else None
 
 
 def test_a_primary_whose_disk_fills_steps_aside_for_a_backup(

@@ -569,7 +569,11 @@ class Replicator:
         quiet = (
             not self.queue
             and core.watermark == seq
-            and all(core.progress[m].durable == seq for m in members if m != self.config.node_id)
+            and all(
+                m in core.progress and core.progress[m].durable == seq
+                for m in members
+                if m != self.config.node_id
+            )
         )
         self.verifier.tick(now, core.epoch, seq, quiet, members)
 

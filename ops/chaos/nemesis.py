@@ -159,6 +159,13 @@ class Nemesis:
             (node,) = _choose(fault.target, fault.pick, ids, primary, backups)
             self._disk_fault(fault, node, seen)
         elif fault.kind == "corrupt-backup":
+            if primary is None:
+                # Damaging a node while nobody leads (after a kill-all, say) may take
+                # the newest data of a member the others need: the cluster then rightly
+                # waits for an operator (G5). That is a lost disk on top of the fault
+                # model's crashes, so the nemesis damages backups of a live primary only.
+                self._event(fault, "skipped", None, "no primary: no backup to damage")
+                return
             (node,) = _choose("backup", fault.pick, ids, primary, backups)
             self._corrupt(fault, node, seen)
         else:

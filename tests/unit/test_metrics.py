@@ -254,8 +254,9 @@ def test_a_taken_port_leaves_the_node_without_metrics_until_it_is_free(
         metrics.watch(sample)
         serving = asyncio.get_running_loop().create_task(metrics.serve((LOOPBACK, port), 0.05))
         try:
-            while "metrics not served" not in caplog.text:
-                await asyncio.sleep(0.01)
+            async with asyncio.timeout(10.0):  # a poll with a deadline
+                while "metrics not served" not in caplog.text:
+                    await asyncio.sleep(0.01)
             assert not serving.done()
             holder.close()
             await asyncio.wait_for(serving, 10.0)

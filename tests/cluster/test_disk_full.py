@@ -82,6 +82,19 @@ def with_faults(cluster: Cluster, node: NodeProcess) -> Path:
     return control
 
 
+def settled_with_faults(
+    cluster_factory: ClusterFactory, faulty: int, timeout: float = 3.0
+) -> tuple[Cluster, NodeProcess, Path, Sender]:
+    """A settled 3-node cluster (node 1 primary) whose node ``faulty`` runs on the
+    fault VFS; returns it, that node, its control file and a sender."""
+    cluster = cluster_factory()
+    node = cluster[faulty]
+    control = with_faults(cluster, node)
+    start_cluster(cluster)
+    assert wait_settled(cluster) is cluster[1]
+    return cluster, node, control, Sender(cluster, timeout=timeout)
+
+
 def cannot_write(view: NodeView) -> bool:
     return "cannot write" in str(view.reason or "")
 
@@ -107,12 +120,7 @@ def joins_logged(node: NodeProcess) -> int:
 def test_a_backup_whose_disk_fills_is_dropped_and_catches_up_when_space_returns(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory()
-    backup = cluster[3]
-    control = with_faults(cluster, backup)
-    start_cluster(cluster)
-    assert wait_settled(cluster) is cluster[1]
-    sender = Sender(cluster)
+    cluster, backup, control, sender = settled_with_faults(cluster_factory, 3)
     sender.acked(3)
     fill_disk(control, backup, sender)
     wait_view(cluster[1], lambda v: v.sync_set == (1, 2), "the primary dropping node 3")
@@ -138,12 +146,7 @@ def test_a_backup_whose_disk_fills_is_dropped_and_catches_up_when_space_returns(
 def test_a_primary_alone_with_a_full_disk_refuses_writes_serves_reads_and_resumes(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory()
-    primary = cluster[1]
-    control = with_faults(cluster, primary)
-    start_cluster(cluster)
-    assert wait_settled(cluster) is primary
-    sender = Sender(cluster, timeout=1.5)
+    cluster, primary, control, sender = settled_with_faults(cluster_factory, 1, timeout=1.5)
     sender.acked(2)
     cluster[2].kill()
     cluster[3].kill()
@@ -203,12 +206,7 @@ def busy(pid: int, since: float, seconds: float) -> str | None:
 def test_a_primary_whose_disk_fills_steps_aside_for_a_backup(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory()
-    old = cluster[1]
-    control = with_faults(cluster, old)
-    start_cluster(cluster)
-    assert wait_settled(cluster) is old
-    sender = Sender(cluster)
+    cluster, old, control, sender = settled_with_faults(cluster_factory, 1)
     sender.acked(3)
     fill_disk(control, old, sender)
     new = cluster.wait_for_primary()
@@ -223,12 +221,7 @@ def test_a_primary_whose_disk_fills_steps_aside_for_a_backup(
 def test_a_node_started_on_a_full_disk_reports_it_and_recovers(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory()
-    node = cluster[3]
-    control = with_faults(cluster, node)
-    start_cluster(cluster)
-    wait_settled(cluster)
-    sender = Sender(cluster)
+    cluster, node, control, sender = settled_with_faults(cluster_factory, 3)
     sender.acked(3)
     node.kill()
     sender.acked(3)

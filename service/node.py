@@ -18,7 +18,7 @@ import secrets
 import signal
 from pathlib import Path
 
-from . import datadir, identity
+from . import chat_schema, datadir, identity
 from .config import NodeConfig
 from .errors import StorageCorrupt
 from .metrics import Metrics, sample_node
@@ -80,7 +80,7 @@ class Node:
             )
             # A new, empty database: not the member any sync set names (E4). It
             # rejoins by snapshot from a healthy primary, and never leads meanwhile.
-            self.storage = Storage(config.db_path, config.synchronous)
+            self.storage = self._open_storage()
             recorded = identity.Identity(
                 self.storage.database_id, True, f"its database was damaged ({damage})"
             )
@@ -110,16 +110,22 @@ class Node:
         self.server = Server(config, self.replicator)
         self.metrics.watch(lambda: sample_node(self.replicator, self.server))
 
+    def _open_storage(self) -> Storage:
+        """The node's database with the chat's schema (made or migrated as needed)."""
+        return Storage(
+            self.config.db_path, self.config.synchronous, migrations=chat_schema.MIGRATIONS
+        )
+
     def _open_checked(self, recorded: identity.Identity | None) -> str | None:
         """Open the database and check its pages (``quick_check``); return what is
         damaged (the database is then closed, for moving aside), or None."""
         if recorded is not None and recorded.damaged:
             return recorded.suspect or "damaged pages were found while it ran"
         if not self.config.db_path.exists():
-            self.storage = Storage(self.config.db_path, self.config.synchronous)
+            self.storage = self._open_storage()
             return None
         try:
-            self.storage = Storage(self.config.db_path, self.config.synchronous)
+            self.storage = self._open_storage()
         except StorageCorrupt as exc:
             return str(exc)
         damage = self.storage.quick_check()

@@ -4,13 +4,19 @@ Theory of operation
 -------------------
 Each node keeps one SQLite database in WAL mode. Its tables come in two kinds:
 
-* *replicated* tables (``users``, ``sessions``, ``messages``, ``requests``,
-  ``cluster``) hold the chat state and the sync set. They change only inside a
+* *replicated* tables hold the application's state (the chat's tables, whose
+  schema the composition root passes in as ``migrations``: this module knows
+  none of them) and the sync set (``cluster``). They change only inside a
   ``Batch`` on the primary, or through ``apply_records`` / ``rewind`` /
   ``install_snapshot`` on a backup, so every node holds the same rows;
 * *node-local* tables (``txlog``, ``epochs``, ``node_state``) describe this
   node's copy: its log of transactions, the epoch in which each run of seqs
   began, its votes and its position. They are never part of a changeset.
+
+Every table that is not node-local is replicated (``replicated_tables`` reads
+them from the database), so an application table cannot be left out by
+mistake. The application's migrations are numbered by ``PRAGMA user_version``;
+this module's own tables are made with the first of them (``schema_migrations``).
 
 A write transaction on the primary is a ``Batch``: ``BEGIN IMMEDIATE`` and an
 SQLite session (the session extension) recording the replicated tables. The
@@ -45,25 +51,28 @@ Invariants
 * ``epochs`` holds, for each epoch that wrote at least one record here, the
   seq of its first record; epochs grow with seqs.
 * Every PRIMARY KEY is explicit (the session extension ignores tables without
-  one) and no table uses AUTOINCREMENT: ids are ``max + 1`` of replicated rows,
-  and rows are never deleted where reuse would matter (tombstones stay).
+  one; a replicated table without one is refused at open) and no table uses
+  AUTOINCREMENT: ids are ``max + 1`` of replicated rows, and rows are never
+  deleted where reuse would matter (tombstones stay).
 * Every file this module creates (the database, snapshots, rollback files) is
   mode 0600; SQLite gives ``-wal`` and ``-shm`` their database's mode.
 * apsw errors never leave this module: a constraint failure becomes
   ``ConstraintViolation`` (the chat layer maps it to a user error), anything
   else ``errors.Internal``.
 
-Public API (the replication runtime and the chat layer depend on exactly this):
+Public API (the replication runtime and the chat layer depend on exactly this;
+the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
+``SyncSet``, are ``replication.types``'):
 
-    Position(epoch, seq)                      ordered dataclass; (0, 0) for an empty node
-    LogRecord(epoch, seq, changeset: bytes)   one replicated write transaction
-    NodeState(current_epoch, voted_epoch, voted_for)   node-local, not replicated
-    SyncSet(version, members, epoch, databases)         replicated (table ``cluster``)
     Diverged(Exception)                       apply_records found a gap or a conflict
     ConstraintViolation(Exception)            a UNIQUE or NOT NULL constraint failed
 
-    Storage(path, synchronous="FULL", vfs=None)   vfs: a test VFS (service.diskfaults)
+    Storage(path, synchronous="FULL", vfs=None, *, migrations=None)
+                                              vfs: a test VFS (service.diskfaults);
+                                              migrations: the application's schema
+                                              (None: an existing database as it is)
         .database_id -> str                                 made when the database is created
+        .replicated_tables -> dict[str, str]                table -> primary key, in creation order
         .position() -> Position
         .epoch_history() -> list[tuple[int, int]]          (epoch, first seq), ascending
         .node_state() / .save_node_state(state)             durable on return
@@ -83,7 +92,9 @@ Public API (the replication runtime and the chat layer depend on exactly this):
         .close()
 
     prune_rollback_files(folder, max_files, max_bytes) -> list[Path]   the oldest go
-    prepare_restore(path, node_id) -> (Position, database_id)          a backup made node-local
+    prepare_restore(path, node_id, migrations=None) -> (Position, database_id)
+                                              a backup made node-local
+    schema_migrations(app_migrations) -> tuple[str, ...]    what user_version counts
 
     Batch
         .db -> Db
@@ -112,24 +123,7 @@ import apsw
 from .errors import Internal, StorageCorrupt, StorageFault
 from .replication.types import NO_SYNC_SET, LogRecord, NodeState, Position, SyncSet
 
-__all__ = [  # the replication types are re-exported: callers of storage use them too
-    "NO_SYNC_SET",
-    "LogRecord",
-    "NodeState",
-    "Position",
-    "SyncSet",
-]
-
 Params = Sequence[Any] | Mapping[str, Any]
-
-REPLICATED_TABLES: dict[str, str] = {
-    # table -> primary key column, in the order checksums() reports them
-    "users": "id",
-    "sessions": "token_hash",
-    "messages": "id",
-    "requests": "request_id",
-    "cluster": "key",
-}
 
 BUSY_TIMEOUT_MS = 5000
 # With deferred sync, sync() checkpoints once the WAL holds this many pages.
@@ -140,41 +134,12 @@ CHECKPOINT_WAL_PAGES = 8000
 T = TypeVar("T")
 SYNCHRONOUS_LEVELS = ("FULL", "EXTRA", "NORMAL")
 
-_SCHEMA_V1 = """
-CREATE TABLE users (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL,
-    name_key TEXT NOT NULL UNIQUE,          -- lower(name): names are unique without case
-    password_hash TEXT NOT NULL,            -- '' once the account is deleted
-    created_at REAL NOT NULL,
-    deleted_at REAL
-);
-CREATE TABLE sessions (
-    token_hash TEXT NOT NULL PRIMARY KEY,   -- sha256 of the token; the token is never stored
-    user_id INTEGER NOT NULL,
-    request_id TEXT NOT NULL,               -- the login request, to rotate the token on retry
-    created_at REAL NOT NULL
-);
-CREATE INDEX sessions_by_user ON sessions (user_id);
-CREATE INDEX sessions_by_request ON sessions (request_id);
-CREATE TABLE messages (
-    id INTEGER PRIMARY KEY,
-    sender_id INTEGER NOT NULL,
-    recipient_id INTEGER NOT NULL,
-    body TEXT NOT NULL,                     -- '' for a tombstone
-    sent_at REAL NOT NULL,
-    read_at REAL,
-    deleted_at REAL                         -- set: a tombstone, kept forever
-);
-CREATE INDEX messages_by_recipient ON messages (recipient_id, id);
-CREATE INDEX messages_by_sender ON messages (sender_id, id);
-CREATE TABLE requests (
-    request_id TEXT NOT NULL PRIMARY KEY,
-    op TEXT NOT NULL,
-    result TEXT NOT NULL,                   -- JSON of the first result
-    caller TEXT NOT NULL,                   -- who may replay it (chat.py: request_caller)
-    created_at REAL NOT NULL
-);
+# This module's own tables, made together with the application's first migration
+# (after its tables, as they always were: a database made now is the same, byte for
+# byte, as one made before the chat schema moved to ``chat_schema.py``). They have
+# not changed since; a change would need a version count of its own, apart from
+# ``user_version``, which counts the application's migrations.
+_OWN_TABLES = """
 CREATE TABLE cluster (
     key TEXT NOT NULL PRIMARY KEY,
     value TEXT NOT NULL
@@ -193,34 +158,19 @@ CREATE TABLE node_state (
     value TEXT NOT NULL                     -- JSON
 );
 """
+# Replicated although storage's: the sync set record (``Batch.set_sync_set``).
+OWN_REPLICATED: dict[str, str] = {"cluster": "key"}
+# Never in a changeset: they describe this node's copy, not the chat state.
+NODE_LOCAL_TABLES = frozenset({"txlog", "epochs", "node_state"})
 
-# Migration i (0-based) takes the schema from user_version i to i + 1. Append only.
-# v2: request ids are forgotten after a retention period (see chat.prune_requests).
-_SCHEMA_V2 = """
-CREATE INDEX requests_by_age ON requests (created_at);
-"""
 
-# v3: sessions end (see chat.login): ``expires_at`` is the absolute end, ``ends_at``
-# the end the session has now (its idle clock, never past ``expires_at``). Sessions
-# from before get the defaults of 30 days' lifetime and 7 days' idle timeout, counted
-# from their login (nothing else is known that every node agrees on).
-_SCHEMA_V3 = """
-ALTER TABLE sessions ADD COLUMN expires_at REAL NOT NULL DEFAULT 0;
-ALTER TABLE sessions ADD COLUMN idle_timeout REAL NOT NULL DEFAULT 0;
-ALTER TABLE sessions ADD COLUMN ends_at REAL NOT NULL DEFAULT 0;
-UPDATE sessions SET expires_at = created_at + 2592000, idle_timeout = 604800,
-    ends_at = created_at + 2592000;
-CREATE INDEX sessions_by_end ON sessions (ends_at);
-"""
-
-# v4: a stored request keeps the fingerprint of its arguments (chat.request_fingerprint),
-# so a request id reused for other arguments is refused. Older rows get '' (unknown:
-# not compared); every node runs the same migration, so the rows stay identical.
-_SCHEMA_V4 = """
-ALTER TABLE requests ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '';
-"""
-
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+def schema_migrations(app: Sequence[str]) -> tuple[str, ...]:
+    """The migrations a database of the application whose migrations are ``app`` runs:
+    migration i takes ``user_version`` from i to i + 1, and the first also makes
+    this module's tables."""
+    if not app:
+        raise ValueError("an application schema needs at least one migration")
+    return (app[0] + _OWN_TABLES, *app[1:])
 
 
 class Diverged(Exception):
@@ -338,24 +288,59 @@ def _connect(path: Path, synchronous: str, vfs: str | None = None) -> apsw.Conne
         return conn
 
 
-def _migrate(conn: apsw.Connection) -> None:
-    """Bring the schema up to date; writes nothing when it already is, so a node
-    whose disk is full or read-only still starts and reports it."""
+def _migrate(conn: apsw.Connection, app: Sequence[str] | None) -> None:
+    """Bring the schema up to the application's migrations ``app``; writes nothing
+    when it already is, so a node whose disk is full or read-only still starts and
+    reports it. ``app`` None: the database is taken as it is, but it must be one
+    (a database no node has made yet has no tables to take)."""
     with _translated():
-        if int(Db(conn).value("PRAGMA user_version", default=0)) == len(MIGRATIONS):
+        version = int(Db(conn).value("PRAGMA user_version", default=0))
+        if app is None:
+            if version == 0:
+                raise Internal("the database has no schema yet: open it with the application's")
             return
+        if version == len(app):
+            return
+        migrations = schema_migrations(app)
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = int(Db(conn).value("PRAGMA user_version", default=0))
-            for number in range(version, len(MIGRATIONS)):
-                conn.execute(MIGRATIONS[number])
-            conn.execute(f"PRAGMA user_version={len(MIGRATIONS)}")
+            for number in range(version, len(migrations)):
+                conn.execute(migrations[number])
+            conn.execute(f"PRAGMA user_version={len(migrations)}")
             conn.execute("COMMIT")
         except BaseException:
             # A failed COMMIT (disk full) has already rolled the transaction back.
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+
+def _replicated_tables(db: Db) -> dict[str, str]:
+    """Every table but the node-local ones, in the order they were made, each with
+    its primary key (``checksums`` orders rows by it): the application's tables and
+    ``cluster``. Read from the database itself, so a table the application adds is
+    replicated without being declared anywhere else, and a database opened without
+    its schema (a tool, a test) still knows them."""
+    tables: dict[str, str] = {}
+    rows = db.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' "
+        "AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\' ORDER BY rowid"
+    )
+    for (name,) in rows:
+        if name in NODE_LOCAL_TABLES:
+            continue
+        key = [
+            str(column)
+            for (column,) in db.execute(
+                "SELECT name FROM pragma_table_info(?) WHERE pk > 0 ORDER BY pk", (name,)
+            )
+        ]
+        if not key:
+            # The session extension ignores it: its rows would never reach a backup.
+            raise Internal(f"table {name} has no PRIMARY KEY, so it cannot be replicated")
+        tables[str(name)] = ", ".join(key)
+    return tables
 
 
 def _read_json(db: Db, table: str, key: str) -> Any:
@@ -484,7 +469,7 @@ class Batch:
                 # Keep an upper bound of the changeset's size as rows are recorded, so
                 # the writer can end a batch before its record outgrows the stream.
                 self._session.config(apsw.SQLITE_SESSION_OBJCONFIG_SIZE, 1)
-                for table in REPLICATED_TABLES:
+                for table in storage.replicated_tables:
                     self._session.attach(table)
             except BaseException:
                 self._conn.execute("ROLLBACK")
@@ -600,17 +585,31 @@ class Storage:
     by ``sync()`` in the group sync thread.
     """
 
-    def __init__(self, path: Path, synchronous: str = "FULL", vfs: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        synchronous: str = "FULL",
+        vfs: str | None = None,
+        *,
+        migrations: Sequence[str] | None = None,
+    ) -> None:
+        """``migrations``: the application's (see ``schema_migrations``), run on a
+        database that has not had them all; None takes an existing database as it
+        is (tools and tests that read a node's database) and never creates one."""
         synchronous = synchronous.upper()
         if synchronous not in SYNCHRONOUS_LEVELS:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS_LEVELS}")
         self.path = Path(path)
+        if migrations is None and not self.path.exists():
+            raise FileNotFoundError(f"no database at {self.path}")
         self._synchronous = synchronous
+        self._migrations = None if migrations is None else tuple(migrations)
         # Every connection of this node's files opens on it (snapshots too).
         self._vfs = vfs
         self._conn = _connect(self.path, synchronous, self._vfs)
         self._db = Db(self._conn)
-        _migrate(self._conn)
+        _migrate(self._conn, self._migrations)
+        self.replicated_tables = _replicated_tables(self._db)
         self._reader = _connect(self.path, synchronous, self._vfs)
         self._reader_db = Db(self._reader)
         self._control = _connect(self.path, synchronous, self._vfs)
@@ -883,7 +882,7 @@ class Storage:
                     _copy_database(source, copy)
                 finally:
                     source.close()
-                _migrate(copy)
+                _migrate(copy, self._migrations)
                 copy_db = Db(copy)
                 theirs = _read_node_state(copy_db)
                 merged = NodeState(
@@ -899,13 +898,14 @@ class Storage:
             _remove_db_files(staging)
         if self._writer_synchronous == "NORMAL":
             self._sync_files()
+        self.replicated_tables = _replicated_tables(self._db)
         return self.position()
 
     # ---- checks ----------------------------------------------------------------------
 
     def checksums(self) -> dict[str, str]:
         """sha256 of each replicated table's rows in primary key order."""
-        return _table_checksums(self._db)
+        return _table_checksums(self._db, self.replicated_tables)
 
     def checksums_at(self, seq: int) -> dict[str, str] | None:
         """``checksums()`` of the committed state at exactly ``seq``, or None when the
@@ -918,7 +918,7 @@ class Storage:
                 try:
                     if _read_position(db).seq != seq:
                         return None
-                    return _table_checksums(db)
+                    return _table_checksums(db, self.replicated_tables)
                 finally:
                     conn.execute("COMMIT")
         finally:
@@ -970,9 +970,9 @@ class Storage:
             self._sync_files()
 
 
-def _table_checksums(db: Db) -> dict[str, str]:
+def _table_checksums(db: Db, tables: Mapping[str, str]) -> dict[str, str]:
     sums = {}
-    for table, key in REPLICATED_TABLES.items():
+    for table, key in tables.items():
         digest = hashlib.sha256()
         for row in db.execute(f"SELECT * FROM {table} ORDER BY {key}"):
             digest.update(repr(row).encode())
@@ -1077,7 +1077,9 @@ def prune_rollback_files(folder: Path, max_files: int, max_bytes: int) -> list[P
     return doomed[::-1]
 
 
-def prepare_restore(path: Path, node_id: int) -> tuple[Position, str]:
+def prepare_restore(
+    path: Path, node_id: int, migrations: Sequence[str] | None = None
+) -> tuple[Position, str]:
     """Turn ``path``, a copy of a backup (``python -m ops.backup``), into the database
     of node ``node_id`` of a new cluster; return its position and new database id.
 
@@ -1092,6 +1094,9 @@ def prepare_restore(path: Path, node_id: int) -> tuple[Position, str]:
       starts like the last survivor of a sync set (alone, R6) and takes the
       others in as they catch up.
 
+    ``migrations``: the application's, run first (as ``Storage`` does); None leaves
+    that to the node's first start.
+
     Raises ``Internal`` when the file is not a sound database of this schema."""
     conn = _connect(path, "FULL")
     try:
@@ -1100,7 +1105,7 @@ def prepare_restore(path: Path, node_id: int) -> tuple[Position, str]:
             problems = "\n".join(str(row[0]) for row in db.execute("PRAGMA integrity_check"))
         if problems != "ok":
             raise Internal(f"the backup fails its integrity check: {problems}")
-        _migrate(conn)
+        _migrate(conn, migrations)
         made = secrets.token_hex(16)
         with _translated():
             conn.execute("BEGIN IMMEDIATE")
@@ -1129,3 +1134,14 @@ def prepare_restore(path: Path, node_id: int) -> tuple[Position, str]:
     finally:
         conn.close()
     return position, made
+
+
+def __getattr__(name: str) -> dict[str, str]:
+    """``REPLICATED_TABLES``, the old name of the chat's replicated tables (with
+    ``cluster``) from when the chat schema lived here: ``ops/chaos/snapshot.py``
+    still imports it. Transitional: once it reads ``chat_schema.TABLES``, this goes."""
+    if name == "REPLICATED_TABLES":
+        from . import chat_schema
+
+        return {**chat_schema.TABLES, **OWN_REPLICATED}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

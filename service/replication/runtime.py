@@ -63,10 +63,7 @@ from ..storage import (
     Batch,
     Db,
     Diverged,
-    LogRecord,
-    Position,
     Storage,
-    SyncSet,
     os_fault,
     prune_rollback_files,
 )
@@ -90,6 +87,7 @@ from .state import (
     StopStream,
     Timing,
 )
+from .types import LogRecord, Position, SyncSet
 from .verify import Verifier
 
 log = logging.getLogger("service.replication")

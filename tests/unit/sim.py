@@ -90,7 +90,7 @@ from service.replication.state import (
     StopStream,
     Timing,
 )
-from service.storage import NodeState, Position, SyncSet
+from service.replication.types import NodeState, Position, SyncSet
 
 T = TypeVar("T")
 

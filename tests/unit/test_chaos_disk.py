@@ -17,12 +17,13 @@ import pytest
 from ops.chaos import schedule
 from ops.chaos.__main__ import parse_args
 from ops.chaos.corrupt import corrupt_page
+from service.chat_schema import MIGRATIONS
 from service.storage import Storage
 
 
 def make_database(path: Path, messages: int = 600) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    storage = Storage(path)
+    storage = Storage(path, migrations=MIGRATIONS)
     try:
         for n in range(messages):
             batch = storage.begin_batch()
@@ -99,7 +100,7 @@ def test_the_same_pick_damages_the_same_bytes(pristine: Path, tmp_path: Path) ->
 def test_no_page_with_a_wal_frame_is_damaged(tmp_path: Path) -> None:
     """A page in the WAL would be read from there: damaging the file's copy proves nothing."""
     live = make_database(tmp_path / "live" / "chat.db", messages=200)
-    storage = Storage(live)
+    storage = Storage(live, migrations=MIGRATIONS)
     try:
         storage.db.execute("PRAGMA wal_autocheckpoint=0")
         batch = storage.begin_batch()

@@ -13,8 +13,9 @@ from typing import Any
 import pytest
 
 from service import chat
+from service.chat_schema import MIGRATIONS
 from service.errors import AuthFailed, ChatError, Conflict, Gone, InvalidInput, NotFound
-from service.storage import MIGRATIONS, Storage
+from service.storage import Storage, schema_migrations
 
 PASSWORD = "correct horse"
 # A cheap cost: the rules of the parameters do not depend on it, and tests stay fast.
@@ -99,7 +100,7 @@ class Service:
 
 @pytest.fixture
 def svc(tmp_path: Path) -> Iterator[Service]:
-    storage = Storage(tmp_path / "chat.db")
+    storage = Storage(tmp_path / "chat.db", migrations=MIGRATIONS)
     yield Service(storage)
     storage.close()
 
@@ -1102,7 +1103,7 @@ def test_a_request_stored_before_fingerprints_replays_as_before(tmp_path: Path) 
     and its retry returns its result whatever its arguments, as it did then."""
     path = tmp_path / "v3.db"
     with contextlib.closing(sqlite3.connect(path)) as old:
-        old.executescript("".join(MIGRATIONS[:3]))
+        old.executescript("".join(schema_migrations(MIGRATIONS)[:3]))
         old.execute(
             "INSERT INTO requests VALUES ('old', 'logout', '{\"user\": \"ann\"}', "
             "'session:' || ?, 1000.0)",
@@ -1110,7 +1111,7 @@ def test_a_request_stored_before_fingerprints_replays_as_before(tmp_path: Path) 
         )
         old.execute("PRAGMA user_version=3")
         old.commit()
-    storage = Storage(path)
+    storage = Storage(path, migrations=MIGRATIONS)
     try:
         assert storage.db.value("SELECT fingerprint FROM requests") == ""
         batch = storage.begin_batch()

@@ -41,6 +41,7 @@ from hypothesis.stateful import (
 )
 
 from service import chat
+from service.chat_schema import MIGRATIONS
 from service.errors import (
     AuthFailed,
     ChatError,
@@ -279,7 +280,7 @@ class ChatAgainstModel(RuleBasedStateMachine):
         super().__init__()
         self.folder = Path(tempfile.mkdtemp(prefix="chat-model-"))
         # NORMAL: no fsync per batch; durability is not what this test is about.
-        self.storage = Storage(self.folder / "chat.db", synchronous="NORMAL")
+        self.storage = Storage(self.folder / "chat.db", synchronous="NORMAL", migrations=MIGRATIONS)
         self.model = Model()
         self.now = 1000.0  # the clock of the last write
         self.request_ids = itertools.count(1)

@@ -19,9 +19,11 @@ import apsw
 import pytest
 
 from service import diskfaults
+from service.chat_schema import MIGRATIONS
 from service.diskfaults import DiskFaults, Plan, write_control
 from service.errors import Internal, StorageFault
-from service.storage import Position, Storage
+from service.replication.types import Position
+from service.storage import Storage
 from tests.helpers.waiting import wait_for
 
 _names = itertools.count(1)
@@ -37,7 +39,7 @@ def faults() -> Iterator[DiskFaults]:
 
 @pytest.fixture
 def storage(tmp_path: Path, faults: DiskFaults) -> Iterator[Storage]:
-    opened = Storage(tmp_path / "chat.db", vfs=faults.name)
+    opened = Storage(tmp_path / "chat.db", vfs=faults.name, migrations=MIGRATIONS)
     yield opened
     opened.close()
 
@@ -63,7 +65,7 @@ def bodies(storage: Storage) -> list[str]:
 
 def reopened(path: Path) -> Storage:
     """The same files on SQLite's default VFS: what is really on disk."""
-    return Storage(path)
+    return Storage(path, migrations=MIGRATIONS)
 
 
 # ---- full disk ---------------------------------------------------------------------------
@@ -176,12 +178,12 @@ def test_a_failed_fsync_fails_a_synced_commit(storage: Storage, faults: DiskFaul
 
 def test_an_io_error_on_read_fails_a_query(tmp_path: Path, faults: DiskFaults) -> None:
     path = tmp_path / "chat.db"
-    first = Storage(path)
+    first = Storage(path, migrations=MIGRATIONS)
     send(first, "on disk")
     first.close()
     faults.set(Plan("ioerror", ops=("read",), files=("chat.db",)))
     with pytest.raises(StorageFault, match="disk I/O error"):
-        Storage(path, vfs=faults.name).close()
+        Storage(path, vfs=faults.name, migrations=MIGRATIONS).close()
 
 
 # ---- corruption --------------------------------------------------------------------------
@@ -189,7 +191,7 @@ def test_an_io_error_on_read_fails_a_query(tmp_path: Path, faults: DiskFaults) -
 
 def test_flipped_read_bytes_are_seen_as_corruption(tmp_path: Path, faults: DiskFaults) -> None:
     path = tmp_path / "chat.db"
-    first = Storage(path)
+    first = Storage(path, migrations=MIGRATIONS)
     for n in range(400):
         send(first, f"message {n} " + "x" * 80)
     page_size = int(first.db.value("PRAGMA page_size"))
@@ -208,7 +210,7 @@ def test_flipped_read_bytes_are_seen_as_corruption(tmp_path: Path, faults: DiskF
     start = (page - 1) * page_size
     faults.set(Plan("flip_read", offsets=tuple(range(start, start + 5)), files=("chat.db",)))
 
-    seen = Storage(path, vfs=faults.name)
+    seen = Storage(path, vfs=faults.name, migrations=MIGRATIONS)
     try:
         try:
             verdict = seen.integrity_check()
@@ -231,7 +233,7 @@ def test_flipped_read_bytes_are_seen_as_corruption(tmp_path: Path, faults: DiskF
 def test_a_control_file_drives_the_plan(tmp_path: Path) -> None:
     control = tmp_path / "faults.json"
     faults = DiskFaults(f"test-diskfaults-{next(_names)}", control=control)
-    storage = Storage(tmp_path / "chat.db", vfs=faults.name)
+    storage = Storage(tmp_path / "chat.db", vfs=faults.name, migrations=MIGRATIONS)
     try:
         send(storage, "no file yet")
         write_control(control, Plan("full"))

@@ -14,8 +14,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from service.chat_schema import MIGRATIONS
 from service.replication.groupsync import GroupSync
-from service.storage import Position, Storage
+from service.replication.types import Position
+from service.storage import Storage
 
 TIMEOUT = 5.0
 T = TypeVar("T")
@@ -208,7 +210,7 @@ def test_a_failed_fsync_reaches_on_error_once_and_stops_the_thread() -> None:
 def test_group_sync_of_a_deferred_storage(tmp_path: Path) -> None:
     """The runtime's use: the loop commits without syncing and requests a ticket per
     commit; the thread runs Storage.sync (and its checkpoints) beside the writer."""
-    storage = Storage(tmp_path / "g.db")
+    storage = Storage(tmp_path / "g.db", migrations=MIGRATIONS)
     storage.defer_sync()
     big = "x" * 50_000
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from service import chat, protocol
+from service.chat_schema import MIGRATIONS
 from service.config import MIN_CLIENT_FRAME, RESERVED_FILES, NodeConfig, Peer
 from service.errors import FrameTooLarge, InvalidInput
 from service.server import ended_sessions
@@ -150,7 +151,7 @@ def test_a_throttled_log_writes_one_line_per_interval_and_counts_the_rest(
 
 @pytest.fixture
 def storage(tmp_path: Path) -> Iterator[Storage]:
-    storage = Storage(tmp_path / "chat.db")
+    storage = Storage(tmp_path / "chat.db", migrations=MIGRATIONS)
     yield storage
     storage.close()
 

@@ -48,7 +48,7 @@ from service.replication.state import (
     epoch_end,
     member_problem,
 )
-from service.storage import NodeState, Position, SyncSet
+from service.replication.types import NodeState, Position, SyncSet
 from tests.unit.sim import ClientWrite, SimNetwork
 
 TIMING = Timing()

@@ -15,14 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from service.chat_schema import MIGRATIONS
 from service.errors import Internal
-from service.storage import NodeState, Position, Storage, SyncSet, prepare_restore
+from service.replication.types import NodeState, Position, SyncSet
+from service.storage import Storage, prepare_restore
 from tests.helpers.cluster import REPO_ROOT
 
 
 def _source(path: Path) -> Storage:
     """A node's database: two users, a sync set naming three databases, a vote."""
-    storage = Storage(path)
+    storage = Storage(path, migrations=MIGRATIONS)
     for name in ("alice", "bob"):
         batch = storage.begin_batch()
         batch.db.execute(
@@ -50,7 +52,7 @@ def test_a_restored_database_keeps_the_rows_and_forgets_the_node(
     path, source = backup_file
     position, database_id = prepare_restore(path, 2)
     assert position == Position(3, 2)
-    restored = Storage(path)
+    restored = Storage(path, migrations=MIGRATIONS)
     try:
         assert restored.position() == position
         assert restored.database_id == database_id != source.database_id

@@ -14,32 +14,32 @@ from pathlib import Path
 
 import pytest
 
+from service.chat_schema import MIGRATIONS, TABLES
 from service.errors import Internal
+from service.replication.types import LogRecord, NodeState, Position, SyncSet
 from service.storage import (
-    MIGRATIONS,
-    REPLICATED_TABLES,
+    OWN_REPLICATED,
     ConstraintViolation,
     Db,
     Diverged,
-    LogRecord,
-    NodeState,
-    Position,
     Storage,
-    SyncSet,
     prune_rollback_files,
+    schema_migrations,
 )
+
+REPLICATED_TABLES = {**TABLES, **OWN_REPLICATED}
 
 
 @pytest.fixture
 def primary(tmp_path: Path) -> Iterator[Storage]:
-    storage = Storage(tmp_path / "primary.db")
+    storage = Storage(tmp_path / "primary.db", migrations=MIGRATIONS)
     yield storage
     storage.close()
 
 
 @pytest.fixture
 def backup(tmp_path: Path) -> Iterator[Storage]:
-    storage = Storage(tmp_path / "backup.db")
+    storage = Storage(tmp_path / "backup.db", migrations=MIGRATIONS)
     yield storage
     storage.close()
 
@@ -98,7 +98,7 @@ def test_the_database_and_its_wal_and_shm_are_private_whatever_the_umask(
     tmp_path: Path, permissive_umask: None
 ) -> None:
     path = tmp_path / "chat.db"
-    storage = Storage(path)
+    storage = Storage(path, migrations=MIGRATIONS)
     add_user(storage, "ann")
     snapshot = tmp_path / "snapshot.db"
     storage.make_snapshot(snapshot)
@@ -108,7 +108,7 @@ def test_the_database_and_its_wal_and_shm_are_private_whatever_the_umask(
 
 
 def test_synchronous_can_be_relaxed_to_normal(tmp_path: Path) -> None:
-    storage = Storage(tmp_path / "n.db", synchronous="normal")
+    storage = Storage(tmp_path / "n.db", synchronous="normal", migrations=MIGRATIONS)
     assert storage.db.value("PRAGMA synchronous") == 1
     storage.save_node_state(NodeState(3, 3, 1))
     assert storage.db.value("PRAGMA synchronous") == 1
@@ -117,7 +117,7 @@ def test_synchronous_can_be_relaxed_to_normal(tmp_path: Path) -> None:
 
 def test_unknown_synchronous_level_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="synchronous"):
-        Storage(tmp_path / "x.db", synchronous="OFF")
+        Storage(tmp_path / "x.db", synchronous="OFF", migrations=MIGRATIONS)
 
 
 def test_empty_node_is_at_position_zero(primary: Storage) -> None:
@@ -130,12 +130,12 @@ def test_empty_node_is_at_position_zero(primary: Storage) -> None:
 
 def test_reopen_keeps_data_position_and_schema(tmp_path: Path) -> None:
     path = tmp_path / "p.db"
-    storage = Storage(path)
+    storage = Storage(path, migrations=MIGRATIONS)
     add_user(storage, "ann")
     storage.save_node_state(NodeState(1, 1, 1))
     sums = storage.checksums()
     storage.close()
-    again = Storage(path)
+    again = Storage(path, migrations=MIGRATIONS)
     assert again.position() == Position(1, 1)
     assert again.node_state() == NodeState(1, 1, 1)
     assert again.checksums() == sums
@@ -147,11 +147,11 @@ def test_sessions_from_before_they_ended_get_the_default_ends(tmp_path: Path) ->
     """The v3 migration, on a database made by the code before it (schema v2)."""
     path = tmp_path / "v2.db"
     with contextlib.closing(sqlite3.connect(path)) as old:
-        old.executescript(MIGRATIONS[0] + MIGRATIONS[1])
+        old.executescript("".join(schema_migrations(MIGRATIONS)[:2]))
         old.execute("INSERT INTO sessions VALUES ('aa', 1, 'r1', 1000.0)")
         old.execute("PRAGMA user_version=2")
         old.commit()
-    storage = Storage(path)
+    storage = Storage(path, migrations=MIGRATIONS)
     row = storage.db.one("SELECT expires_at, idle_timeout, ends_at FROM sessions")
     assert row == (1000.0 + 30 * 86400, 7 * 86400, 1000.0 + 30 * 86400)
     assert storage.db.value("PRAGMA user_version") == len(MIGRATIONS)
@@ -235,7 +235,7 @@ def test_savepoint_undoes_only_the_failed_operation(primary: Storage) -> None:
     assert primary.db.execute("SELECT key, value FROM cluster") == [("kept", "1")]
     # The changeset carries only what survived: a backup ends with the same rows.
     assert record is not None
-    other = Storage(primary.path.with_name("other.db"))
+    other = Storage(primary.path.with_name("other.db"), migrations=MIGRATIONS)
     other.apply_records([record])
     assert other.checksums() == primary.checksums()
     other.close()
@@ -544,7 +544,7 @@ def test_snapshot_leaves_out_an_open_batch(primary: Storage, tmp_path: Path) -> 
     batch.db.execute("DELETE FROM users")
     assert primary.make_snapshot(tmp_path / "s.db") == Position(1, 1)
     batch.rollback()
-    copy = Storage(tmp_path / "s.db")
+    copy = Storage(tmp_path / "s.db", migrations=MIGRATIONS)
     assert names(copy) == ["ann"]
     copy.close()
 
@@ -564,7 +564,7 @@ def test_snapshot_of_a_pruned_log_keeps_its_position(
 
 @pytest.fixture
 def deferred(tmp_path: Path) -> Iterator[Storage]:
-    storage = Storage(tmp_path / "deferred.db")
+    storage = Storage(tmp_path / "deferred.db", migrations=MIGRATIONS)
     storage.defer_sync()
     yield storage
     storage.close()
@@ -609,13 +609,13 @@ def test_defer_sync_relaxes_only_the_writer(deferred: Storage) -> None:
 
 def test_defer_sync_survives_a_reopen_of_its_votes_and_commits(tmp_path: Path) -> None:
     path = tmp_path / "d.db"
-    storage = Storage(path)
+    storage = Storage(path, migrations=MIGRATIONS)
     storage.defer_sync()
     storage.save_node_state(NodeState(3, 3, 1))
     add_user(storage, "ann")
     assert storage.sync() is False
     storage.close()
-    again = Storage(path)
+    again = Storage(path, migrations=MIGRATIONS)
     assert not again.deferred, "deferring is a choice of the runtime, per open"
     assert again.db.value("PRAGMA synchronous") == 2
     assert (again.node_state(), again.position(), names(again)) == (
@@ -632,13 +632,13 @@ def test_deferred_commits_are_readable_before_any_sync(deferred: Storage) -> Non
     result, seq = deferred.read(lambda db: db.value("SELECT name FROM users"))
     assert (result, seq) == ("ann", 1)
     assert deferred.log_range(0, 10) == [record]
-    other = Storage(deferred.path)  # another process would see the same
+    other = Storage(deferred.path, migrations=MIGRATIONS)  # another process would see the same
     assert names(other) == ["ann"]
     other.close()
 
 
 def test_sync_on_a_normal_storage_is_a_no_op(tmp_path: Path) -> None:
-    storage = Storage(tmp_path / "n.db", synchronous="NORMAL")
+    storage = Storage(tmp_path / "n.db", synchronous="NORMAL", migrations=MIGRATIONS)
     storage.defer_sync()
     assert not storage.deferred
     add_user(storage, "ann")

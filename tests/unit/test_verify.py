@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from service.chat_schema import MIGRATIONS
 from service.replication.verify import Verifier, judge
 from service.storage import Storage, check_database_file
 
@@ -90,7 +91,7 @@ def test_a_node_that_moved_on_drops_the_round() -> None:
 
 
 def test_checksums_at_a_seq_the_database_is_not_at_is_none(tmp_path: Path) -> None:
-    storage = Storage(tmp_path / "chat.db")
+    storage = Storage(tmp_path / "chat.db", migrations=MIGRATIONS)
     try:
         batch = storage.begin_batch()
         batch.db.execute(
@@ -107,7 +108,7 @@ def test_checksums_at_a_seq_the_database_is_not_at_is_none(tmp_path: Path) -> No
 def test_a_damaged_snapshot_file_is_found_before_it_is_sent_or_installed(
     tmp_path: Path,
 ) -> None:
-    storage = Storage(tmp_path / "chat.db")
+    storage = Storage(tmp_path / "chat.db", migrations=MIGRATIONS)
     try:
         for i in range(300):
             batch = storage.begin_batch()

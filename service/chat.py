@@ -104,7 +104,7 @@ import orjson
 
 from .config import MAX_SCRYPT_N
 from .errors import AuthFailed, Conflict, Gone, Internal, InvalidInput, NotFound
-from .protocol import MAX_REQUEST_ID
+from .protocol import MAX_REQUEST_ID, OPS, SESSION_ENDING_OPS, WRITE_OPS
 from .storage import ConstraintViolation, Db
 
 MAX_USERNAME = 50
@@ -829,7 +829,9 @@ def purge_deleted_inboxes(db: Db, now: float, limit: int = PURGE_CHUNK) -> int:
 
 # ---- dispatch ----------------------------------------------------------------------------
 
-WRITE_OPS: dict[str, tuple[WriteOp, frozenset[str]]] = {
+# The handler and the arguments of each of ``protocol.WRITE_OPS`` (a unit test holds
+# the two to the same names).
+WRITE_HANDLERS: dict[str, tuple[WriteOp, frozenset[str]]] = {
     "register": (register, frozenset({"username", "password_hash"})),
     "login": (
         login,
@@ -853,12 +855,12 @@ WRITE_OPS: dict[str, tuple[WriteOp, frozenset[str]]] = {
 }
 
 # Operations without a session: a stored result belongs to the user name they name.
-_BY_NAME = frozenset({"register", "login"})
+_BY_NAME = frozenset(op for op in WRITE_OPS if not OPS[op].session)
 # What a client sends of the operations whose arguments the server completes (hashes,
 # session limits): only these count for the fingerprint.
 _CLIENT_FIELDS = {"register": frozenset({"username"}), "login": frozenset({"username"})}
 # Operations that end their own session; their stored results hold no content.
-_ENDS_SESSION = frozenset({"logout", "delete_account"})
+_ENDS_SESSION = SESSION_ENDING_OPS
 
 
 def request_caller(op: str, args: Args, token_hash: str | None) -> str:
@@ -899,13 +901,13 @@ def apply_write(
     ``fingerprint`` is the request's as the client made it, when the server wrote
     other arguments for it (the marks of a ``read``); by default it is ``op``'s and
     ``args``' own."""
-    if op not in WRITE_OPS:
+    if op not in WRITE_HANDLERS:
         raise InvalidInput(f"unknown operation {op!r}")
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID:
         raise InvalidInput(f"a request id has 1 to {MAX_REQUEST_ID} characters")
     if not isinstance(args, dict):
         raise InvalidInput("the arguments must be an object")
-    handler, fields = WRITE_OPS[op]
+    handler, fields = WRITE_HANDLERS[op]
     unknown = sorted(set(args) - fields)
     if unknown:
         raise InvalidInput(f"unknown field '{unknown[0]}' for {op}")
@@ -975,3 +977,4 @@ def _replay(
         body = db.value("SELECT body FROM messages WHERE id = ?", (result["message"]["id"],))
         result["message"]["body"] = "" if body is None else str(body)
     return result
+

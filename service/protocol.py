@@ -46,6 +46,7 @@ import hashlib
 import hmac
 import secrets
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -62,21 +63,43 @@ HEADER = struct.Struct(">I")
 
 Frame = dict[str, Any]
 
-# Client operations. Writes are replicated and idempotent by request id.
-WRITE_OPS = frozenset(
-    {
-        "register",
-        "login",
-        "logout",
-        "send",
-        "read",
-        "mark_read",
-        "delete_messages",
-        "delete_account",
-    }
-)
-READ_OPS = frozenset({"whoami", "search", "status", "listen"})
-CLIENT_OPS = WRITE_OPS | READ_OPS
+
+@dataclass(frozen=True)
+class Op:
+    """What the protocol says of one client operation (PROTOCOL.md sections 4 and 7)."""
+
+    # Replicated through the primary's log and idempotent by request id; else a read,
+    # which changes nothing a user can see (``read`` marks what it shows through a
+    # ``mark_read``, and a read may move its session's idle clock through ``touch``).
+    write: bool
+    # Needs a session token.
+    session: bool = True
+    # Ends the session it runs in (and a stream listening on it): its retry replays
+    # even though that session has ended.
+    ends_session: bool = False
+
+
+# Every client operation: the one list of op names. The others derive from it, and
+# the unit tests hold chat's handlers, the server's dispatch and PROTOCOL.md to it.
+OPS: dict[str, Op] = {
+    "register": Op(write=True, session=False),
+    "login": Op(write=True, session=False),
+    "logout": Op(write=True, ends_session=True),
+    "whoami": Op(write=False),
+    "search": Op(write=False),
+    "send": Op(write=True),
+    "read": Op(write=False),
+    "mark_read": Op(write=True),
+    "delete_messages": Op(write=True),
+    "delete_account": Op(write=True, ends_session=True),
+    "touch": Op(write=True),
+    "listen": Op(write=False),
+    "status": Op(write=False, session=False),
+}
+CLIENT_OPS = frozenset(OPS)
+WRITE_OPS = frozenset(name for name, op in OPS.items() if op.write)
+READ_OPS = CLIENT_OPS - WRITE_OPS
+SESSION_ENDING_OPS = frozenset(name for name, op in OPS.items() if op.ends_session)
 MAX_REQUEST_ID = 64
 # Requests of one client connection that a node holds unanswered at once (a listen
 # until its ``listening`` reply); one more is refused (PROTOCOL.md section 3).

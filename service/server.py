@@ -545,7 +545,7 @@ class ClientSession:
             else:
                 await self._keep_alive(token_hash, now)
             return shown
-        if op in chat.WRITE_OPS:
+        if op in protocol.WRITE_OPS:
             result = await replicator.submit(op, args, token_hash, request_id)
             # recipient_id is for the listen pushes only; clients see names.
             return {k: v for k, v in result.items() if k != "recipient_id"}

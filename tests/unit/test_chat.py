@@ -997,9 +997,9 @@ def test_arguments_must_be_an_object(svc: Service, ann: str, args: Any) -> None:
 GARBAGE: list[Any] = [None, True, 0, -1, 2.5, "", "x", [], [None], {}, {"a": 1}]
 
 
-@pytest.mark.parametrize("op", sorted(chat.WRITE_OPS))
+@pytest.mark.parametrize("op", sorted(chat.WRITE_HANDLERS))
 def test_wrong_types_are_invalid_input_never_a_crash(svc: Service, ann: str, op: str) -> None:
-    fields = sorted(chat.WRITE_OPS[op][1])
+    fields = sorted(chat.WRITE_HANDLERS[op][1])
     for field, junk in itertools.product(fields, GARBAGE):
         args = {field: junk}
         # Refused with a message is fine; any other exception fails the test.

@@ -978,3 +978,36 @@ def _replay(
         result["message"]["body"] = "" if body is None else str(body)
     return result
 
+
+# ---- the chat as the replicator's application -------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatApplication:
+    """The chat rules as ``replication.app.Application``: the composition root
+    (``node.py``) hands it to the replicator, which calls it in the primary's batches."""
+
+    request_retention: float  # seconds a request id is remembered (NodeConfig)
+
+    def apply_write(
+        self,
+        db: Db,
+        op: str,
+        args: Args,
+        token_hash: str | None,
+        request_id: str,
+        now: float,
+        fingerprint: str | None,
+    ) -> Result:
+        return apply_write(db, op, args, token_hash, request_id, now, fingerprint)
+
+    def starts_purge(self, op: str) -> bool:
+        # A deleted account's inbox is tombstoned in bounded steps after it.
+        return op == "delete_account"
+
+    def purge(self, db: Db, now: float) -> bool:
+        return purge_deleted_inboxes(db, now) > 0
+
+    def prune(self, db: Db, now: float, limit: int) -> None:
+        prune_requests(db, now - self.request_retention, limit)
+        prune_sessions(db, now, limit)

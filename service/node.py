@@ -3,6 +3,10 @@
     config ─► data dir ─► secret ─► storage ─► replicator (core + runtime + peer links) ─► server
                                                   metrics ◄─ (events; state read when scraped)
 
+Storage and the replicator know nothing of the chat: this is where they are
+handed its schema (``chat_schema.MIGRATIONS``) and what a client write does
+(``chat.ChatApplication``).
+
 ``run`` starts everything, waits for SIGTERM or SIGINT, and shuts down in the
 reverse order: stop accepting, stop replicating, close the database. Nothing
 here decides anything; it only wires.
@@ -18,7 +22,7 @@ import secrets
 import signal
 from pathlib import Path
 
-from . import chat_schema, datadir, identity
+from . import chat, chat_schema, datadir, identity
 from .config import NodeConfig
 from .errors import StorageCorrupt
 from .metrics import Metrics, sample_node
@@ -103,7 +107,12 @@ class Node:
         self._write_identity(clean=False, suspect=suspect)
         self.metrics = Metrics()
         self.replicator = Replicator(
-            config, self.storage, self.secret, unproven=suspect, metrics=self.metrics
+            config,
+            self.storage,
+            self.secret,
+            chat.ChatApplication(config.request_retention),
+            unproven=suspect,
+            metrics=self.metrics,
         )
         self.replicator.proven_hooks.append(lambda: self._write_identity(False, None))
         self.replicator.damage_hooks.append(self._mark_damaged)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .. import backup, chat, protocol
+from .. import backup, protocol
 from ..config import NodeConfig
 from ..errors import (
     ChatError,
@@ -67,6 +67,7 @@ from ..storage import (
     os_fault,
     prune_rollback_files,
 )
+from .app import Application
 from .groupsync import GroupSync
 from .state import (
     Acknowledge,
@@ -116,7 +117,6 @@ PRUNE_EVERY = 5.0
 MessageHook = Callable[[int, dict[str, Any]], None]
 # (op, token hash, result) of an acknowledged write that ended sessions.
 SessionHook = Callable[[str, str | None, dict[str, Any]], None]
-SESSION_ENDING_OPS = frozenset({"logout", "delete_account"})
 T = TypeVar("T")
 
 
@@ -131,7 +131,7 @@ class PendingWrite:
     token_hash: str | None
     request_id: str
     future: asyncio.Future[dict[str, Any]]
-    # The client's request, when the server wrote other args for it (chat.apply_write).
+    # The client's request, when the server wrote other args for it (Application.apply_write).
     fingerprint: str | None = None
 
 
@@ -198,11 +198,14 @@ class Replicator:
         config: NodeConfig,
         storage: Storage,
         secret: bytes,
+        app: Application,
         unproven: str | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.storage = storage
+        # What the client writes mean (the chat): applied in the primary's batches.
+        self.app = app
         self.metrics = metrics or Metrics()
         self._sync = self.metrics.timed(storage.sync)
         now = time.monotonic()
@@ -769,7 +772,7 @@ class Replicator:
         for index, item in enumerate(items):
             try:
                 with batch.savepoint() as db:
-                    result = chat.apply_write(
+                    result = self.app.apply_write(
                         db,
                         item.op,
                         item.args,
@@ -781,7 +784,7 @@ class Replicator:
                     if batch.size() > RECORD_BUDGET:
                         raise RecordFull
                 outcomes.append((item, result))
-                if item.op == "delete_account":
+                if self.app.starts_purge(item.op):
                     self.purge_due = True
             except (StorageFault, StorageCorrupt):
                 # The disk, not this request, failed: the whole batch is abandoned.
@@ -804,21 +807,20 @@ class Replicator:
         return outcomes
 
     def _purge_inboxes(self, batch: Batch) -> None:
-        """Tombstone a bounded part of deleted accounts' inboxes (chat.purge_deleted_inboxes)."""
+        """The work writes left, a bounded part per batch (``Application.purge``: the
+        chat tombstones deleted accounts' inboxes)."""
         if not self.purge_due:
             return
         with batch.savepoint() as db:
-            self.purge_due = chat.purge_deleted_inboxes(db, time.time()) > 0
+            self.purge_due = self.app.purge(db, time.time())
         if self.purge_due:
             self.work.set()
 
     def _prune_requests(self, batch: Batch, writes: int) -> None:
-        """Forget expired request ids and ended sessions, twice as fast as this batch
-        adds new ones."""
-        now = time.time()
+        """Forget expired rows (the chat: request ids and ended sessions), twice as fast
+        as this batch adds new ones."""
         with batch.savepoint() as db:
-            chat.prune_requests(db, now - self.config.request_retention, 2 * writes + 1)
-            chat.prune_sessions(db, now, 2 * writes + 1)
+            self.app.prune(db, time.time(), 2 * writes + 1)
 
     def _reply_after(
         self, seq: int, item: PendingWrite, outcome: dict[str, Any] | ChatError
@@ -834,7 +836,11 @@ class Replicator:
                 # client timed out): a listener must not miss an acknowledged message.
                 for hook in self.message_hooks:
                     hook(int(outcome.get("recipient_id", -1)), outcome["message"])
-            if exc is None and item.op in SESSION_ENDING_OPS and not isinstance(outcome, ChatError):
+            if (
+                exc is None
+                and item.op in protocol.SESSION_ENDING_OPS
+                and not isinstance(outcome, ChatError)
+            ):
                 for session_hook in self.session_hooks:
                     session_hook(item.op, item.token_hash, outcome)
             if item.future.done():

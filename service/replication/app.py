@@ -1,0 +1,52 @@
+"""What the replicator asks of the application whose writes it replicates.
+
+The replicator knows batches, records, seqs and acknowledgements; what a client
+write means is the application's (the chat, ``chat.ChatApplication``, which
+the composition root ``node.py`` hands in). As with the state machine of a Raft
+library, the application is a function the primary's writer calls inside its
+batch: whatever rows it changes there are the write's whole effect, recorded
+in the batch's changeset and applied as-is on every backup, so the application
+never runs on a backup and never needs to be deterministic across nodes beyond
+the rows it writes.
+
+Every call runs on the event loop thread, inside one savepoint of the open
+batch: raising rolls back that call's rows only. A ``ChatError`` refuses the
+write (the client gets it); any other exception is a bug in that one write,
+answered ``internal``; the batch goes on either way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..storage import Db
+
+
+class Application(Protocol):
+    def apply_write(
+        self,
+        db: Db,
+        op: str,
+        args: dict[str, Any],
+        token_hash: str | None,
+        request_id: str,
+        now: float,
+        fingerprint: str | None,
+    ) -> dict[str, Any]:
+        """Apply one client write (``op`` one of ``protocol.WRITE_OPS``); its result."""
+        ...
+
+    def starts_purge(self, op: str) -> bool:
+        """Whether a successful ``op`` leaves work for ``purge`` (checked once more
+        on becoming primary, whatever was written before)."""
+        ...
+
+    def purge(self, db: Db, now: float) -> bool:
+        """Do a bounded part of the work writes left (so one record stays small);
+        whether some is left for the next batch."""
+        ...
+
+    def prune(self, db: Db, now: float, limit: int) -> None:
+        """Forget up to ``limit`` rows of each kind that have expired by ``now``; run
+        in every batch, so the tables shrink as fast as the writes grow them."""
+        ...

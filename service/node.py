@@ -116,7 +116,7 @@ class Node:
         )
         self.replicator.proven_hooks.append(lambda: self._write_identity(False, None))
         self.replicator.damage_hooks.append(self._mark_damaged)
-        self.server = Server(config, self.replicator)
+        self.server = Server(config, self.replicator, self.storage, self.replicator.links)
         self.metrics.watch(lambda: sample_node(self.replicator, self.server))
 
     def _open_storage(self) -> Storage:

@@ -55,6 +55,12 @@ too. A live stream keeps its connection open however long the client is
 silent; once the stream has ended the idle timeout applies again. A connection
 carries one live stream at most: a second ``listen`` would push every message
 twice, and is refused.
+
+The server sees the rest of the node through three small interfaces, which
+the composition root (``node.py``) wires: ``Replica`` (the replicator: role,
+writes, acknowledged reads, hooks), ``CommittedState`` (the database, read at
+once, for what must be checked before an acknowledgement is awaited) and
+``PeerDoor`` (where peer and operator connections go).
 """
 
 from __future__ import annotations
@@ -66,7 +72,7 @@ import resource
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from . import chat, protocol, ratelimit
 from .config import NodeConfig
@@ -81,7 +87,6 @@ from .errors import (
     StorageFault,
 )
 from .peer import OPERATOR_ID, FrameReader
-from .replication.runtime import Replicator
 from .replication.state import Role
 from .storage import Db
 from .throttle import ThrottledLog
@@ -105,6 +110,71 @@ CLIENT_FIELDS: dict[str, frozenset[str]] = {
     "register": frozenset({"username", "password"}),
     "login": frozenset({"username", "password"}),
 }
+
+
+T = TypeVar("T")
+# A write acknowledged: (recipient id, message) of a ``send``; (op, token hash, result)
+# of a write that ended sessions.
+MessageHook = Callable[[int, dict[str, Any]], None]
+SessionHook = Callable[[str, str | None, dict[str, Any]], None]
+
+
+class Replica(Protocol):
+    """The node's replication as the server uses it (``replication.runtime.Replicator``):
+    its role, the primary's writes and acknowledged reads, and what it tells of
+    acknowledged writes and role changes."""
+
+    message_hooks: list[MessageHook]
+    session_hooks: list[SessionHook]
+    role_hooks: list[Callable[[Role], None]]
+
+    @property
+    def role(self) -> Role: ...
+
+    def primary_address(self) -> str | None: ...
+
+    def require_primary(self) -> None: ...
+
+    async def submit(
+        self,
+        op: str,
+        args: dict[str, Any],
+        token_hash: str | None,
+        request_id: str,
+        fingerprint: str | None = None,
+    ) -> dict[str, Any]: ...
+
+    async def read(self, query: Callable[[Db], T]) -> T: ...
+
+    async def wait_acked(self, seq: int) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+    def damaged(self, why: str) -> None: ...
+
+
+class CommittedState(Protocol):
+    """The node's database as the server reads it directly (``storage.Storage``):
+    what is committed here, not yet known to be acknowledged."""
+
+    @property
+    def reader(self) -> Db: ...
+
+    def read(self, query: Callable[[Db], T]) -> tuple[T, int]:
+        """``query``'s answer and the seq it saw, to wait for before telling it (R7)."""
+        ...
+
+
+class PeerDoor(Protocol):
+    """Where peer and operator connections go after our hello (``peer.PeerLinks``)."""
+
+    def welcome(self, hello: protocol.Frame, server_nonce: str) -> tuple[int, protocol.Frame]: ...
+
+    async def run_link(
+        self, peer: int, frames: FrameReader, writer: asyncio.StreamWriter
+    ) -> None: ...
+
+    async def serve_operator(self, frames: FrameReader, writer: asyncio.StreamWriter) -> None: ...
 
 
 class Listener:
@@ -163,9 +233,17 @@ def open_file_limit() -> int:
 
 
 class Server:
-    def __init__(self, config: NodeConfig, replicator: Replicator) -> None:
+    def __init__(
+        self,
+        config: NodeConfig,
+        replicator: Replica,
+        database: CommittedState,
+        peers: PeerDoor,
+    ) -> None:
         self.config = config
         self.replicator = replicator
+        self.database = database
+        self.peers = peers
         self.listeners: dict[int, set[Listener]] = {}
         self.sessions: set[ClientSession] = set()
         # Connections in their handshake, oldest first, with the dialer's address.
@@ -257,9 +335,7 @@ class Server:
         if not listeners or self.replicator.role is not Role.PRIMARY:
             return
         hashes = {listener.token_hash for listener in listeners}
-        ended, seen = self.replicator.storage.read(
-            lambda db: ended_sessions(db, hashes, time.time())
-        )
+        ended, seen = self.database.read(lambda db: ended_sessions(db, hashes, time.time()))
         if ended:
             # The end of a session is told only once it is acknowledged (R7).
             await self.replicator.wait_acked(seen)
@@ -323,7 +399,7 @@ class Server:
             raise ProtocolViolation("expected a hello with a supported version first")
         if role == "peer":
             try:
-                node, welcome = self.replicator.links.welcome(hello, nonce)
+                node, welcome = self.peers.welcome(hello, nonce)
             except ProtocolViolation as exc:
                 claimed = hello.get("node")
                 self._bad_peer.note(
@@ -364,11 +440,11 @@ class Server:
         self, node: int, frames: FrameReader, writer: asyncio.StreamWriter
     ) -> None:
         if node != OPERATOR_ID:
-            await self.replicator.links.run_link(node, frames, writer)
+            await self.peers.run_link(node, frames, writer)
             return
         try:
             await asyncio.wait_for(
-                self.replicator.links.serve_operator(frames, writer),
+                self.peers.serve_operator(frames, writer),
                 self.config.handshake_timeout,
             )
         except (ProtocolViolation, EOFError, TimeoutError, ConnectionError, OSError) as exc:
@@ -392,6 +468,7 @@ class ClientSession:
     def __init__(self, server: Server, frames: FrameReader, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.replicator = server.replicator
+        self.database = server.database
         self.frames = frames
         self.writer = writer
         self.tasks: set[asyncio.Task[None]] = set()
@@ -592,7 +669,7 @@ class ClientSession:
         chat.validate_password(secret)
         account = user.lower()
         server.limiter.check(account, self.address, time.monotonic())
-        auth = chat.user_auth(replicator.storage.reader, user)
+        auth = chat.user_auth(self.database.reader, user)
         params = server.scrypt
         check = await server.hashing.run(
             self.address,
@@ -623,7 +700,7 @@ class ClientSession:
         ``listen``) would otherwise see the session end while in use. Due at most
         once per ``idle_timeout / chat.IDLE_REFRESH_FRACTION``, so this costs one
         small replicated write per session and that much time, not one per read."""
-        due = chat.session_refresh_due(self.replicator.storage.reader, token_hash, now)
+        due = chat.session_refresh_due(self.database.reader, token_hash, now)
         if due:
             await self.replicator.submit("touch", {}, token_hash, f"touch-{secrets.token_hex(16)}")
 
@@ -655,7 +732,7 @@ class ClientSession:
         # Read the backlog and register in one synchronous step: a message committed
         # after the read is acknowledged (and pushed) only after we listen, so it is
         # either in the backlog or pushed, never lost (duplicates are dropped by id).
-        (user, backlog), seen = replicator.storage.read(start)
+        (user, backlog), seen = self.database.read(start)
         listener = Listener(self, request_id, user, token_hash)
         self.server.listeners.setdefault(listener.user_id, set()).add(listener)
         self.listeners.append(listener)
@@ -689,7 +766,7 @@ class ClientSession:
     async def _require_session(self, listener: Listener) -> None:
         """Raise ``auth_failed`` if the listener's session has ended (once that end is
         acknowledged: a logout lost in a failover did not end anything)."""
-        ended, seen = self.replicator.storage.read(
+        ended, seen = self.database.read(
             lambda db: ended_sessions(db, [listener.token_hash], time.time())
         )
         if ended:

@@ -5,7 +5,8 @@ Theory of operation
 Each command parses its arguments (typer), loads the session if it needs one,
 runs one or two operations through ``client.Client`` (which finds the
 primary, follows redirects and retries with the same request id), prints the
-result and exits. ``execute`` wraps every command and is the only place that
+result and exits. ``command`` registers each one with the common options,
+declared once, and ``execute`` wraps every command and is the only place that
 turns failures into exit codes and one-sentence messages on stderr:
 
     0  done
@@ -65,6 +66,7 @@ interpreter and typer (whose parameter parsing imports pydantic).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import stat
@@ -497,18 +499,62 @@ def with_session(
         raise replaced from None
 
 
+# What a command does once its options are merged; its exit code, None for 0.
+Action = Callable[[Options], int | None]
+_COMMON = (
+    inspect.Parameter(
+        "servers", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=ServersOpt
+    ),
+    inspect.Parameter(
+        "timeout", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=TimeoutOpt
+    ),
+    inspect.Parameter(
+        "json_out", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=JsonOpt
+    ),
+)
+_CONTEXT = inspect.Parameter(
+    "ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context
+)
+
+
+def command(
+    name: str | None = None, *, with_json: bool = True, interrupt_ok: bool = False
+) -> Callable[[Callable[..., Action]], Callable[..., Action]]:
+    """Register a command that takes its own arguments and returns its ``Action``.
+
+    The common options are declared here once: typer sees each command with its
+    own parameters followed by ``--servers``, ``--timeout`` and (unless
+    ``with_json`` is False) ``--json``, as ``--help`` lists them; their values, merged with those
+    given before the command name, reach the action as ``Options``, and
+    ``execute`` turns its outcome into the exit code."""
+
+    def register(build: Callable[..., Action]) -> Callable[..., Action]:
+        own = list(inspect.signature(build, eval_str=True).parameters.values())
+        common = _COMMON if with_json else _COMMON[:2]
+
+        def run(ctx: typer.Context, **given: Any) -> None:
+            values = (given.pop("servers"), given.pop("timeout"), given.pop("json_out", False))
+            execute(ctx, values, lambda opts: build(**given)(opts), interrupt_ok=interrupt_ok)
+
+        # typer reads the parameters from the signature (and the help from the docstring).
+        run.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [_CONTEXT, *own, *common], return_annotation=None
+        )
+        run.__name__, run.__doc__ = build.__name__, build.__doc__
+        app.command(name)(run)
+        return build
+
+    return register
+
+
 # ---- commands --------------------------------------------------------------------------
 
 
-@app.command()
+@command()
 def register(
-    ctx: typer.Context,
     user: Annotated[str, typer.Argument(metavar="USER", help="The new user name.")],
     password_stdin: PasswordStdinOpt = False,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+) -> Action:
     """Create an account (then log in with `chatctl login USER`)."""
 
     def action(opts: Options) -> None:
@@ -520,18 +566,14 @@ def register(
         else:
             say(f"registered {result.get('user')} (user id {result.get('user_id')})")
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
-@app.command()
+@command()
 def login(
-    ctx: typer.Context,
     user: Annotated[str, typer.Argument(metavar="USER", help="Your user name.")],
     password_stdin: PasswordStdinOpt = False,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+) -> Action:
     """Log in and store the session; reports the unread count."""
 
     def action(opts: Options) -> None:
@@ -556,16 +598,11 @@ def login(
         else:
             say(f"logged in as {name}; {plural(int(unread or 0), 'unread message')}")
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
-@app.command()
-def logout(
-    ctx: typer.Context,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+@command()
+def logout() -> Action:
     """End the session on every node and forget it here."""
 
     def action(opts: Options) -> None:
@@ -583,16 +620,11 @@ def logout(
         else:
             say(f"logged out {session.user} (the session had already ended)")
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
-@app.command()
-def whoami(
-    ctx: typer.Context,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+@command()
+def whoami() -> Action:
     """Show the logged-in user and the number of unread messages."""
 
     def action(opts: Options) -> None:
@@ -606,12 +638,11 @@ def whoami(
             name, user_id = result.get("user"), result.get("user_id")
             say(f"{name} (user id {user_id}), {plural(unread, 'unread message')}")
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
-@app.command()
+@command()
 def search(
-    ctx: typer.Context,
     pattern: Annotated[
         str | None,
         typer.Argument(metavar="PATTERN", help="Glob with * and ?, any case (default: everyone)."),
@@ -619,10 +650,7 @@ def search(
     limit: Annotated[
         int, typer.Option("--limit", metavar="N", min=1, help="At most N names.")
     ] = 50,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+) -> Action:
     """List users whose name matches PATTERN, sorted."""
 
     def action(opts: Options) -> None:
@@ -639,20 +667,16 @@ def search(
         if more:
             say(f"(more users match; raise --limit above {limit} to see them)")
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
-@app.command()
+@command()
 def send(
-    ctx: typer.Context,
     user: Annotated[str, typer.Argument(metavar="USER", help="The recipient.")],
     message: Annotated[
         str, typer.Argument(metavar="MESSAGE", help="The text; - reads it from stdin.")
     ],
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+) -> Action:
     """Send MESSAGE to USER."""
 
     def action(opts: Options) -> None:
@@ -664,7 +688,7 @@ def send(
         else:
             say(f"sent message {sent['id']} to {sent['to']}")
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
 def read_body() -> str:
@@ -677,9 +701,8 @@ def read_body() -> str:
     return text.removesuffix("\n").removesuffix("\r")
 
 
-@app.command()
+@command()
 def read(
-    ctx: typer.Context,
     sent: Annotated[bool, typer.Option("--sent", help="Messages you sent.")] = False,
     with_user: Annotated[
         str | None, typer.Option("--with", metavar="USER", help="One conversation, both ways.")
@@ -700,10 +723,7 @@ def read(
     oldest_first: Annotated[
         bool, typer.Option("--oldest-first", help="Oldest first (default: newest first).")
     ] = False,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+) -> Action:
     """Show messages, newest first; inbox messages shown become read."""
 
     def action(opts: Options) -> None:
@@ -738,17 +758,13 @@ def read(
             flag = "--after" if oldest_first else "--before"
             say(f"(more messages: add {flag} {edge})")
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
-@app.command("delete-message")
+@command("delete-message")
 def delete_message(
-    ctx: typer.Context,
     ids: Annotated[list[int], typer.Argument(metavar="ID", help="Message ids.")],
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+) -> Action:
     """Delete messages you sent or received, for both sides (all of them or none)."""
 
     def action(opts: Options) -> None:
@@ -760,17 +776,13 @@ def delete_message(
             listed = ", ".join(str(i) for i in deleted)
             say(f"deleted {'message' if len(deleted) == 1 else 'messages'} {listed}")
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
-@app.command("delete-account")
+@command("delete-account")
 def delete_account(
-    ctx: typer.Context,
     yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+) -> Action:
     """Delete your account and your inbox, and end all its sessions."""
 
     def action(opts: Options) -> None:
@@ -789,22 +801,18 @@ def delete_account(
         else:
             say(f"deleted the account {name}")
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
-@app.command()
+@command(interrupt_ok=True)
 def listen(
-    ctx: typer.Context,
     after: Annotated[
         int | None,
         typer.Option(
             "--after", metavar="ID", min=0, help="Start after message ID (default: unread)."
         ),
     ] = None,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+) -> Action:
     """Print messages as they arrive, until Ctrl-C; survives a failover."""
 
     def action(opts: Options) -> None:
@@ -816,7 +824,7 @@ def listen(
         except errors.ChatError as exc:
             raise session_error(exc, session) from None
 
-    execute(ctx, (servers, timeout, json_out), action, interrupt_ok=True)
+    return action
 
 
 def note(text: str) -> None:
@@ -852,12 +860,8 @@ async def follow(client: Client, user: str, after: int | None, as_json: bool) ->
                 marker = asyncio.create_task(mark())
 
 
-@app.command()
-def chat(
-    ctx: typer.Context,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-) -> None:
+@command(with_json=False)
+def chat() -> Action:
     """Chat interactively: conversations, live messages, a line to send (see README)."""
 
     def action(opts: Options) -> None:
@@ -865,16 +869,11 @@ def chat(
 
         tui.main(opts)
 
-    execute(ctx, (servers, timeout, False), action)
+    return action
 
 
-@app.command()
-def status(
-    ctx: typer.Context,
-    servers: ServersOpt = None,
-    timeout: TimeoutOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
+@command()
+def status() -> Action:
     """Show every configured node; exit 3 when no primary is known."""
 
     def action(opts: Options) -> int:
@@ -890,7 +889,7 @@ def status(
             say(render_status(summary))
         return errors.EXIT_OK if primary is not None else errors.EXIT_UNAVAILABLE
 
-    execute(ctx, (servers, timeout, json_out), action)
+    return action
 
 
 def session_summary(opts: Options, session: Session, primary: str | None) -> Result:

@@ -15,7 +15,9 @@ from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
+import typer
 from click.testing import Result
 from typer.testing import CliRunner
 
@@ -227,6 +229,19 @@ def test_help_offers_no_password_option() -> None:
         assert "--password-stdin" in text
         assert "--password " not in text
         assert "--password\n" not in text
+
+
+def test_every_command_ends_with_the_common_options() -> None:
+    group = typer.main.get_group(cli.app)
+    assert set(group.commands) == {
+        "register", "login", "logout", "whoami", "search", "send", "read",
+        "delete-message", "delete-account", "listen", "chat", "status",
+    }  # fmt: skip
+    for name, command in group.commands.items():
+        common = ["--servers", "--timeout"] + ([] if name == "chat" else ["--json"])
+        options = [p.opts[0] for p in command.params if isinstance(p, click.Option)]
+        assert options[-len(common) :] == common, name
+        assert next(p for p in command.params if p.name == "servers").envvar == "CHAT_SERVERS"
 
 
 def test_without_a_terminal_or_another_source_there_is_no_password(service: FakeService) -> None:

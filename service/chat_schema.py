@@ -14,9 +14,9 @@ PRIMARY KEY (the session extension ignores a table without one; storage
 refuses to open such a schema), and none uses AUTOINCREMENT (ids are ``max + 1``
 of replicated rows, and tombstones keep them from being reused).
 
-Kept apart from ``chat.py`` because it is data, not rules: a migration is
-reviewed against the ones before it, and the tests that build an old
-database from the first migrations import only this.
+Kept apart from ``chat.py`` because it is data, not rules (and ``chat.py`` is
+long): a migration is reviewed against the ones before it, and the storage
+tests take the schema without the chat rules.
 """
 
 from __future__ import annotations

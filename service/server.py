@@ -82,7 +82,7 @@ from .errors import (
 )
 from .peer import OPERATOR_ID, FrameReader
 from .replication.runtime import Replicator
-from .replication.state import Role
+from .replication.types import Role
 from .storage import Db
 from .throttle import ThrottledLog
 

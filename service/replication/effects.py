@@ -92,7 +92,7 @@ class DatabaseProven:
 
 @dataclass(frozen=True)
 class ExpectSnapshot:
-    """Backup: the primary will send a snapshot; install it, then ``reset_log``."""
+    """Backup: the primary will send a snapshot; install it, then ``on_log_replaced``."""
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,102 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .effects import Effect
 from .messages import Message
+from .types import Position, SyncSet
 
 if TYPE_CHECKING:
     from .state import ReplicaCore
+
+
+# ---- what an arbiter that stores its decisions reports back (inputs) -----------------------
+
+
+@dataclass(frozen=True)
+class MemberInfo:
+    """What a node publishes about itself under its leased member key."""
+
+    node: int
+    position: Position
+    database: str
+    fault: str | None = None
+    unproven: str | None = None
+
+
+@dataclass(frozen=True)
+class ArbiterView:
+    """The store as last read. Guidance only (whom to wait for, what to show): a read
+    may be stale, so every decision is a write whose conditions the store checks."""
+
+    leader: int | None
+    leader_epoch: int
+    epoch: int
+    sync_set: SyncSet | None
+    sync_revision: int
+    members: dict[int, MemberInfo] = field(default_factory=dict)
+    # Seconds the leader key's lease has left, as the store said (None: unknown).
+    leader_ttl: float | None = None
+
+
+@dataclass(frozen=True)
+class ArbiterUnreachable:
+    why: str
+
+
+@dataclass(frozen=True)
+class LeaseRenewed:
+    """Our lease was renewed by a request sent at ``sent_at`` (our monotonic clock)."""
+
+    sent_at: float
+
+
+@dataclass(frozen=True)
+class LeaseLost:
+    """The store no longer knows our lease: every key on it (the leader key) is gone."""
+
+    why: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    epoch: int
+
+
+@dataclass(frozen=True)
+class ClaimRefused:
+    why: str
+
+
+@dataclass(frozen=True)
+class SyncSetStored:
+    seq: int
+    revision: int
+
+
+@dataclass(frozen=True)
+class SyncSetRefused:
+    """The write of the change sealed at ``seq`` failed: the store refused its
+    compare (``retry`` False: someone else leads), or its outcome is unknown and the
+    I/O found the set not stored (``retry`` True: write it again)."""
+
+    seq: int
+    why: str
+    retry: bool = False
+
+
+ArbiterEvent = (
+    ArbiterView
+    | ArbiterUnreachable
+    | LeaseRenewed
+    | LeaseLost
+    | Claimed
+    | ClaimRefused
+    | SyncSetStored
+    | SyncSetRefused
+)
 
 
 class Arbiter(abc.ABC):
@@ -88,18 +177,30 @@ class Arbiter(abc.ABC):
         acks (``durable`` gives each node's durable seq)."""
 
     @abc.abstractmethod
-    def on_change_sealed(
-        self, now: float, seq: int, members: tuple[int, ...], out: list[Effect]
-    ) -> None:
+    def on_change_sealed(self, now: float, seq: int, sync_set: SyncSet, out: list[Effect]) -> None:
         """Primary: a change record was sealed (an arbiter that stores the set acts here)."""
 
-    # ---- fencing ----------------------------------------------------------------------
+    # ---- a primary's reign ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def primary_tick(self, now: float, out: list[Effect]) -> None:
+        """Every tick while primary (an arbiter with leases checks them here)."""
+
+    @abc.abstractmethod
+    def leaving_primary(self, out: list[Effect]) -> None:
+        """The node stops being primary (it steps down or follows a newer one)."""
 
     def serving_until(self) -> float:
         """Primary: the monotonic time past which it may acknowledge nothing and
         serve no read (E2); infinite when leadership is not leased."""
         return math.inf
 
-    def status(self) -> dict[str, Any]:
+    # ---- the store's answers ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def on_event(self, now: float, event: ArbiterEvent, out: list[Effect]) -> None:
+        """What the arbiter's I/O found: a read of the store, a renewal, a write's result."""
+
+    @abc.abstractmethod
+    def status(self, now: float) -> dict[str, Any]:
         """What ``status`` shows of the arbiter (empty when there is nothing to add)."""
-        return {}

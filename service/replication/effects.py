@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .messages import Message, Snapshot, Verify, VerifyReply
-from .types import NodeState
+from .types import NodeState, SyncSet
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,37 @@ class Resynchronize:
     why: str
 
 
+# ---- effects of an arbiter that stores its decisions (SPEC section 10) ---------------------
+
+
+@dataclass(frozen=True)
+class ClaimLeader:
+    """Take the leader key (absent → ours, on our lease) and advance the stored epoch
+    from ``expected_epoch`` to ``epoch``, provided the sync set is still at
+    ``sync_revision`` (None: a forced promotion, whatever the sync set). The result
+    comes back as ``Claimed`` or ``ClaimRefused``."""
+
+    epoch: int
+    expected_epoch: int
+    sync_revision: int | None
+
+
+@dataclass(frozen=True)
+class StoreSyncSet:
+    """Compare-and-swap the stored sync set (from ``expected_revision``) to the one
+    sealed at ``seq``, provided the leader key is still ours. The result comes back as
+    ``SyncSetStored`` or ``SyncSetRefused``."""
+
+    seq: int
+    sync_set: SyncSet
+    expected_revision: int
+
+
+@dataclass(frozen=True)
+class ReleaseLeader:
+    """Delete the leader key if it is still ours (a clean step-down or stop)."""
+
+
 Effect = (
     Send
     | Persist
@@ -148,5 +179,8 @@ Effect = (
     | AnswerVerify
     | VerifyAnswered
     | Resynchronize
+    | ClaimLeader
+    | StoreSyncSet
+    | ReleaseLeader
     | Log
 )

@@ -31,8 +31,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from .arbiter import Arbiter
+from .arbiter import Arbiter, ArbiterEvent
 from .effects import Effect, Log, Send
 from .messages import Message, Probe, ProbeReply, Vote, VoteRequest
 from .types import Position, Role, SyncSet
@@ -481,8 +482,20 @@ class PeerVoting(Arbiter):
     ) -> bool:
         return all(durable(m) >= seq for m in members)
 
-    def on_change_sealed(
-        self, now: float, seq: int, members: tuple[int, ...], out: list[Effect]
-    ) -> None:
+    def on_change_sealed(self, now: float, seq: int, sync_set: SyncSet, out: list[Effect]) -> None:
         """Nothing to store: the record itself, once durable on the members, is the
         decision (``change_in_effect``)."""
+
+    # ---- nothing stored, nothing leased ----------------------------------------------------
+
+    def primary_tick(self, now: float, out: list[Effect]) -> None:
+        """A primary serves until a higher epoch deposes it (R1): no lease to watch."""
+
+    def leaving_primary(self, out: list[Effect]) -> None:
+        """Nothing to release."""
+
+    def on_event(self, now: float, event: ArbiterEvent, out: list[Effect]) -> None:
+        """Peer voting has no store: no events."""
+
+    def status(self, now: float) -> dict[str, Any]:
+        return {}

@@ -359,7 +359,7 @@ class Replicator:
         return result
 
     async def wait_acked(self, seq: int) -> None:
-        if self.core.acknowledged(seq):
+        if self.core.acknowledged(seq, self._now()):
             return
         self.require_primary()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -844,7 +844,7 @@ class Replicator:
             else:
                 item.future.set_result(outcome)
 
-        if self.core.acknowledged(seq):
+        if self.core.acknowledged(seq, self._now()):
             fire(None)
         else:
             self._wait(seq, fire)

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .acks import AckTracker
-from .arbiter import Arbiter
+from .arbiter import Arbiter, ArbiterEvent
 from .effects import (
     Acknowledge,
     AnswerVerify,
@@ -159,6 +159,9 @@ class PrimaryState:
 
     acks: AckTracker
     last_heartbeat: float = 0.0
+    # The watermark clients were told (Acknowledge): the ack set's watermark, held
+    # back while the arbiter's fencing deadline has passed (E2).
+    released: int = 0
 
 
 @dataclass
@@ -295,9 +298,14 @@ class ReplicaCore:
         """Primary: sync-set changes sealed and not yet in effect, as (seq, members)."""
         return tuple(self._lead.acks.pending) if self._lead is not None else ()
 
-    def acknowledged(self, seq: int) -> bool:
-        """Primary: ``seq`` is durable on the whole ack set and may be released."""
-        return self._lead is not None and self._lead.acks.watermark >= seq
+    def acknowledged(self, seq: int, now: float) -> bool:
+        """Primary: ``seq`` is durable on the whole ack set and may be released now
+        (a leased primary past its fencing deadline releases nothing, E2)."""
+        return (
+            self._lead is not None
+            and self._lead.released >= seq
+            and now < self.arbiter.serving_until()
+        )
 
     def backup_durable(self, peer: int) -> int | None:
         """Primary: how far ``peer`` reported durable (None: not a backup we track)."""
@@ -354,7 +362,7 @@ class ReplicaCore:
             "unproven": self.unproven,
             "fault": self.fault,
             "lag": lead.acks.lag(self.position.seq) if lead is not None else {},
-            **self.arbiter.status(),
+            **self.arbiter.status(self.last_tick),
         }
 
     # ---- inputs: time and links ---------------------------------------------------------
@@ -496,6 +504,17 @@ class ReplicaCore:
             self._send_ack(now, out)
         return out
 
+    def on_arbiter(self, now: float, event: ArbiterEvent) -> list[Effect]:
+        """What the arbiter's I/O found (a read, a renewal, the result of a write)."""
+        out: list[Effect] = []
+        self._check_gap(now, out)
+        self.arbiter.on_event(now, event, out)
+        if self._lead is not None:
+            # A stored sync-set change may have taken effect, or a renewal moved the
+            # fencing deadline: acknowledge what waited for either.
+            self._advance_watermark(now, self._lead, out)
+        return out
+
     def on_log_pruned(self, first_log_seq: int | None) -> None:
         """The log was pruned: it now starts at ``first_log_seq``."""
         self.first_log_seq = first_log_seq
@@ -527,7 +546,7 @@ class ReplicaCore:
                     },
                 )
             )
-            self.arbiter.on_change_sealed(now, seq, sync_set.members, out)
+            self.arbiter.on_change_sealed(now, seq, sync_set, out)
         return out
 
     def on_log_replaced(
@@ -650,6 +669,9 @@ class ReplicaCore:
     # ---- primary -------------------------------------------------------------------
 
     def _primary_tick(self, now: float, lead: PrimaryState, out: list[Effect]) -> None:
+        self.arbiter.primary_tick(now, out)
+        if self._lead is not lead:
+            return  # the arbiter deposed this node (its lease ran out)
         if now - lead.last_heartbeat >= self.timing.heartbeat_interval:
             lead.last_heartbeat = now
             for peer in sorted(self.links):
@@ -724,9 +746,15 @@ class ReplicaCore:
         self._advance_watermark(now, lead, out)
 
     def _advance_watermark(self, now: float, lead: PrimaryState, out: list[Effect]) -> None:
-        watermark = lead.acks.advance(self.durable_seq, self.arbiter.change_in_effect)
-        if watermark is not None:
-            out.append(Acknowledge(watermark))
+        lead.acks.advance(self.durable_seq, self.arbiter.change_in_effect)
+        self._release(now, lead, out)
+
+    def _release(self, now: float, lead: PrimaryState, out: list[Effect]) -> None:
+        """Tell clients the watermark, unless the fencing deadline has passed (E2):
+        then it waits for the next renewal."""
+        if lead.acks.watermark > lead.released and now < self.arbiter.serving_until():
+            lead.released = lead.acks.watermark
+            out.append(Acknowledge(lead.released))
 
     def _on_join(self, now: float, sender: int, msg: Join, out: list[Effect]) -> None:
         """Primary: answer a returning backup's ``join`` (R4)."""
@@ -918,6 +946,7 @@ class ReplicaCore:
         self.confirmed_until = 0.0
         if was is Role.PRIMARY:
             out.append(StepDown(f"node {primary} is primary in epoch {self.epoch}"))
+            self.arbiter.leaving_primary(out)
         out.append(
             Log(
                 "became backup",
@@ -934,6 +963,7 @@ class ReplicaCore:
     def become_electing(self, now: float, why: str, out: list[Effect]) -> None:
         if self.role is Role.PRIMARY:
             out.append(StepDown(why))
+            self.arbiter.leaving_primary(out)
         if self.role is not Role.ELECTING:
             out.append(
                 Log("became electing", {"node": self.node_id, "epoch": self.epoch, "why": why})
@@ -945,11 +975,20 @@ class ReplicaCore:
         self.arbiter.enter_electing(now, previous)
 
     def become_primary(
-        self, now: float, epoch: int, members: tuple[int, ...], force: bool, out: list[Effect]
+        self,
+        now: float,
+        epoch: int,
+        members: tuple[int, ...],
+        force: bool,
+        out: list[Effect],
+        counted: tuple[int, ...] | None = None,
     ) -> None:
         """Won the election of ``epoch``: seal its first record with ``members`` as the
         sync set, then serve (after a forced promotion, what this node holds is
-        acknowledged at once: nobody else can vouch for it)."""
+        acknowledged at once: nobody else can vouch for it). Acks wait for
+        ``counted`` (default: ``members``) until the first record's change is in
+        effect: an arbiter that stores the sync set names the old members there
+        until its compare-and-swap lands."""
         self._leave_role()
         self.role = Role.PRIMARY
         self.waiting_for = ()
@@ -957,14 +996,14 @@ class ReplicaCore:
         self.confirmed_until = 0.0
         acks = AckTracker(
             self.node_id,
-            effective=members,
+            effective=members if counted is None else counted,
             epoch_start_seq=self.position.seq + 1,
             watermark=self.durable_seq if force else 0,
             changing=True,
         )
         for peer in self.peers:
             acks.backup(peer, now)
-        self._lead = PrimaryState(acks)
+        self._lead = PrimaryState(acks, released=acks.watermark)
         out.append(
             Log(
                 "became primary",

@@ -54,7 +54,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .replication.state import Role
+from .replication.types import Role
 from .replication.verify import Outcome
 
 if TYPE_CHECKING:
@@ -126,7 +126,7 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         durable_seq=core.durable_seq,
         sync_set=tuple(core.sync_set.members),
         sync_set_version=core.sync_set.version,
-        in_sync=tuple(core.effective) if core.role is Role.PRIMARY else None,
+        in_sync=core.in_sync if core.role is Role.PRIMARY else None,
         acknowledged_seq=stats["watermark"],
         lag=dict(stats["lag"]),
         links=tuple(sorted(core.links)),

@@ -254,7 +254,9 @@ class PeerLinks:
         self.on_link(peer, True, False)
         try:
             while (frame := await frames.next()) is not None:
-                self.on_frame(peer, protocol.parse_peer_message(frame))
+                # Decoded into a replication message by the owner, which raises
+                # ProtocolViolation for a malformed one.
+                self.on_frame(peer, frame)
         except ProtocolViolation as exc:
             log.warning("peer broke the protocol node=%s error=%s", peer, _one_line(exc))
             link.close()

@@ -87,7 +87,7 @@ from .errors import (
     StorageFault,
 )
 from .peer import OPERATOR_ID, FrameReader
-from .replication.state import Role
+from .replication.types import Role
 from .storage import Db
 from .throttle import ThrottledLog
 

@@ -68,9 +68,9 @@ from ..storage import (
     prune_rollback_files,
 )
 from .app import Application
-from .groupsync import GroupSync
-from .state import (
+from .effects import (
     Acknowledge,
+    AnswerVerify,
     ApplyRecords,
     BecomePrimary,
     ChangeSyncSet,
@@ -79,16 +79,19 @@ from .state import (
     ExpectSnapshot,
     Log,
     Persist,
-    ReplicaCore,
+    ReceiveSnapshot,
+    Resynchronize,
     Rewind,
-    Role,
     Send,
     StartStream,
     StepDown,
     StopStream,
-    Timing,
+    VerifyAnswered,
 )
-from .types import LogRecord, Position, SyncSet
+from .groupsync import GroupSync
+from .messages import Ack, Message, Snapshot, from_wire
+from .state import ReplicaCore, Timing
+from .types import LogRecord, Position, Role, SyncSet
 from .verify import Verifier
 
 log = logging.getLogger("service.replication")
@@ -221,6 +224,7 @@ class Replicator:
             incarnation=random.getrandbits(30),
             database=storage.database_id,
             unproven=unproven,
+            first_log_seq=storage.first_log_seq(),
         )
         self.links = PeerLinks(config, secret, self._on_frame, self._on_link, self._on_operator)
         self.queue: deque[PendingWrite] = deque()
@@ -257,7 +261,7 @@ class Replicator:
             config.node_id,
             config.verify_interval,
             storage.checksums_at,
-            self.links.send,
+            self._send,
             self.damaged,
             self._spawn,
         )
@@ -355,7 +359,7 @@ class Replicator:
         return result
 
     async def wait_acked(self, seq: int) -> None:
-        if self.core.role is Role.PRIMARY and self.core.watermark >= seq:
+        if self.core.acknowledged(seq, self._now()):
             return
         self.require_primary()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -476,7 +480,7 @@ class Replicator:
 
     def _carry_out(self, effect: Effect) -> list[Effect]:
         if isinstance(effect, Send):
-            self.links.send(effect.to, effect.message)
+            self._send(effect.to, effect.message)
         elif isinstance(effect, Persist):
             self.storage.save_node_state(effect.state)
         elif isinstance(effect, Log):
@@ -513,52 +517,42 @@ class Replicator:
         elif isinstance(effect, DatabaseProven):
             for hook in self.proven_hooks:
                 hook()
+        elif isinstance(effect, ReceiveSnapshot):
+            return self._receive_snapshot(effect.chunk)
+        elif isinstance(effect, AnswerVerify):
+            primary = self.core.primary
+            if primary is not None:
+                self._spawn(self.verifier.answer(primary, effect.request))
+        elif isinstance(effect, VerifyAnswered):
+            self.verifier.on_reply(effect.node, effect.reply)
+        elif isinstance(effect, Resynchronize):
+            self.damaged(effect.why)
         return []
+
+    def _send(self, peer: int, message: Message) -> bool:
+        return self.links.send(peer, message.to_wire())
 
     # ---- inputs from peers and time ------------------------------------------------------
 
     def _on_frame(self, peer: int, frame: protocol.Frame) -> None:
         if self.closing:
             return
+        # The edge: a malformed message raises ProtocolViolation here, and the peer
+        # link closes (peer.py); the core only ever sees well-formed messages.
+        message = from_wire(frame)
         try:
-            self._handle_frame(peer, frame)
-        except StorageCorrupt as exc:
-            self.damaged(str(exc))
-        except StorageFault as exc:
-            # A read the frame needed failed (the log, the epoch history).
-            self._fault(str(exc))
-        except Exception as exc:
-            fatal(exc)
-
-    def _handle_frame(self, peer: int, frame: protocol.Frame) -> None:
-        now = self._now()
-        kind = frame["type"]
-        if kind == "join":
-            self._run(
-                self.core.join_decision(
-                    peer, frame, self.storage.epoch_history(), self.storage.first_log_seq(), now
-                )
-            )
-        elif kind == "snapshot":
-            self._on_snapshot_chunk(peer, frame)
-        elif kind in ("verify", "verify_reply", "resync"):
-            self._on_verify(peer, frame)
-        else:
-            self._run(self.core.on_message(now, peer, frame))
-            if kind == "ack":
+            self._run(self.core.on_message(self._now(), peer, message))
+            if isinstance(message, Ack):
                 stream = self.streams.get(peer)
                 if stream is not None:
                     stream.wake.set()
-
-    def _on_verify(self, peer: int, frame: protocol.Frame) -> None:
-        core = self.core
-        from_primary = peer == core.primary and frame["epoch"] == core.epoch
-        if frame["type"] == "verify_reply" and core.role is Role.PRIMARY:
-            self.verifier.on_reply(peer, frame)
-        elif frame["type"] == "verify" and core.role is Role.BACKUP and from_primary:
-            self._spawn(self.verifier.answer(peer, frame))
-        elif frame["type"] == "resync" and core.role is Role.BACKUP and from_primary:
-            self.damaged(str(frame["why"]))
+        except StorageCorrupt as exc:
+            self.damaged(str(exc))
+        except StorageFault as exc:
+            # A read the message needed failed (the log, the snapshot file).
+            self._fault(str(exc))
+        except Exception as exc:
+            fatal(exc)
 
     def _verify_tick(self, now: float) -> None:
         core = self.core
@@ -566,15 +560,11 @@ class Replicator:
             self.verifier.stop()
             return
         seq = core.position.seq
-        members = core.effective
+        members = core.in_sync
         quiet = (
             not self.queue
             and core.watermark == seq
-            and all(
-                m in core.progress and core.progress[m].durable == seq
-                for m in members
-                if m != self.config.node_id
-            )
+            and all(core.backup_durable(m) == seq for m in members if m != self.config.node_id)
         )
         self.verifier.tick(now, core.epoch, seq, quiet, members)
 
@@ -615,6 +605,7 @@ class Replicator:
                     # A disk that refuses this refuses the write path too, which
                     # reports it; the log is pruned once it recovers.
                     self.storage.prune_log(self.config.log_retention)
+                    self.core.on_log_pruned(self.storage.first_log_seq())
             await asyncio.sleep(TICK)
 
     # ---- primary: write path -----------------------------------------------------------
@@ -728,7 +719,11 @@ class Replicator:
             self._committed(Position(record.epoch, record.seq), lone=lone)
 
     def _committed(
-        self, position: Position, sync_set: SyncSet | None = None, lone: bool = False
+        self,
+        position: Position,
+        sync_set: SyncSet | None = None,
+        lone: bool = False,
+        history: list[tuple[int, int]] | None = None,
     ) -> None:
         """Our database holds ``position``; it counts for acks once it is on disk.
 
@@ -737,7 +732,7 @@ class Replicator:
         else waiting: a lightly loaded node) syncs right here, when no group fsync
         is under way: nothing would overlap it, and the hand-off to a thread and
         back would only add latency."""
-        self.core.on_committed(position, sync_set)
+        self.core.on_committed(position, sync_set, history)
         group = self.group_sync
         if group is not None and (not lone or group.busy):
             self.unsynced.append((group.request(), position))
@@ -852,7 +847,7 @@ class Replicator:
             else:
                 item.future.set_result(outcome)
 
-        if self.core.role is Role.PRIMARY and self.core.watermark >= seq:
+        if self.core.acknowledged(seq, self._now()):
             fire(None)
         else:
             self._wait(seq, fire)
@@ -902,16 +897,15 @@ class Replicator:
         wire = record_to_wire(record)
         for stream in self.streams.values():
             if stream.live and stream.next_seq == record.seq and self._in_window(stream):
-                self.links.send(stream.peer, self.core.stream_header(stream.peer, [wire]))
+                self._send(stream.peer, self.core.stream_header(stream.peer, [wire]))
                 stream.next_seq += 1
             else:
                 stream.live = False
                 stream.wake.set()
 
     def _in_window(self, stream: Stream) -> bool:
-        progress = self.core.progress.get(stream.peer)
-        durable = progress.durable if progress is not None else -1
-        return stream.next_seq - max(durable, 0) <= WINDOW
+        durable = self.core.backup_durable(stream.peer)
+        return stream.next_seq - max(durable or 0, 0) <= WINDOW
 
     def _start_stream(self, effect: StartStream) -> None:
         self._stop_stream(effect.node)
@@ -1001,7 +995,7 @@ class Replicator:
                 await self._send_snapshot(stream)
                 continue
             header = self.core.stream_header(stream.peer, [record_to_wire(r) for r in records])
-            if not self.links.send(stream.peer, header):
+            if not self._send(stream.peer, header):
                 return
             stream.next_seq = records[-1].seq + 1
             await self.links.drain(stream.peer)
@@ -1036,15 +1030,8 @@ class Replicator:
                 while True:
                     data = source.read(SNAPSHOT_CHUNK)
                     done = len(data) < SNAPSHOT_CHUNK
-                    frame = {
-                        "type": "snapshot",
-                        "epoch": self.core.epoch,
-                        "position": [position.epoch, position.seq],
-                        "offset": offset,
-                        "data": protocol.b64(data),
-                        "done": done,
-                    }
-                    if not self.links.send(stream.peer, frame):
+                    chunk = Snapshot(self.core.epoch, position, offset, data, done)
+                    if not self._send(stream.peer, chunk):
                         raise ConnectionError("link lost during the snapshot")
                     offset += len(data)
                     await self.links.drain(stream.peer)
@@ -1110,11 +1097,11 @@ class Replicator:
             return
         except StorageCorrupt as exc:
             self.damaged(str(exc))
-        if new_position.epoch != was_epoch:
-            self.core.history = self.storage.epoch_history()
+        # Records that began an epoch: the core's epoch history is storage's again.
+        history = self.storage.epoch_history() if new_position.epoch != was_epoch else None
         self.metrics.applied_records.observe(len(records))
         lone = len(records) <= 1 and not self._apply_buffer
-        self._committed(new_position, self.storage.sync_set(), lone=lone)
+        self._committed(new_position, self.storage.sync_set(), lone=lone, history=history)
 
     def _rewind(self, to_seq: int) -> list[Effect]:
         position = self.storage.position()
@@ -1153,16 +1140,21 @@ class Replicator:
                 },
             )
         )
-        return self.core.reset_log(
-            self._now(), new_position, self.storage.sync_set(), self.storage.epoch_history()
+        return self._log_replaced(new_position)
+
+    def _log_replaced(self, position: Position) -> list[Effect]:
+        storage = self.storage
+        return self.core.on_log_replaced(
+            self._now(),
+            position,
+            storage.sync_set(),
+            storage.epoch_history(),
+            storage.first_log_seq(),
         )
 
     def _request_snapshot(self) -> list[Effect]:
-        self.core.history = []
-        self.core.position = Position(0, 0)
-        self.core.durable_seq = 0
         self._forget_unsynced()
-        return self.core.rejoin(self._now(), "own log too short to rewind")
+        return self.core.on_log_unusable(self._now(), "own log too short to rewind")
 
     def _expect_snapshot(self) -> None:
         path = self.config.data_dir / "snapshot-in.db"
@@ -1187,22 +1179,20 @@ class Replicator:
         except OSError as exc:
             raise os_fault(exc, "cannot write the snapshot received") from exc
 
-    def _on_snapshot_chunk(self, peer: int, frame: protocol.Frame) -> None:
-        if self.incoming_snapshot is None or peer != self.core.primary:
-            return
-        if frame["epoch"] != self.core.epoch:
-            return
+    def _receive_snapshot(self, chunk: Snapshot) -> list[Effect]:
+        """One chunk of the snapshot the core expects from the current primary."""
+        if self.incoming_snapshot is None:
+            return []
         path, expected = self.incoming_snapshot
-        if frame["offset"] != expected:
+        if chunk.offset != expected:
             self.incoming_snapshot = None
-            self._run(self.core.rejoin(self._now(), "snapshot chunk out of order"))
-            return
-        data = protocol.unb64(frame["data"])
+            return self.core.rejoin(self._now(), "snapshot chunk out of order")
+        data = chunk.data
         try:
-            self._receive_chunk(path, data, frame["done"])
+            self._receive_chunk(path, data, chunk.done)
             self.incoming_snapshot = (path, expected + len(data))
-            if not frame["done"]:
-                return
+            if not chunk.done:
+                return []
             self.incoming_snapshot = None
             started = time.monotonic()
             damage = self.storage.check_file(path)
@@ -1211,16 +1201,15 @@ class Replicator:
                 log.warning(
                     format_fields(
                         "snapshot damaged, not installed",
-                        {"node": self.config.node_id, "from": peer, "why": damage},
+                        {"node": self.config.node_id, "from": self.core.primary, "why": damage},
                     )
                 )
-                self._run(self.core.rejoin(self._now(), "the snapshot received was damaged"))
-                return
+                return self.core.rejoin(self._now(), "the snapshot received was damaged")
             position = self.storage.install_snapshot(path)
         except StorageFault as exc:
             self.incoming_snapshot = None
             self._fault(str(exc))
-            return
+            return []
         finally:
             if self.incoming_snapshot is None:
                 with contextlib.suppress(FileNotFoundError):
@@ -1239,11 +1228,7 @@ class Replicator:
                 },
             )
         )
-        self._run(
-            self.core.reset_log(
-                self._now(), position, self.storage.sync_set(), self.storage.epoch_history()
-            )
-        )
+        return self._log_replaced(position)
 
 
 def fatal(exc: BaseException | None) -> None:

@@ -1,4 +1,5 @@
-"""The replication vocabulary as plain values: position, log record, node state, sync set.
+"""The replication vocabulary as plain values: role, position, log record, node state,
+sync set.
 
 These are what the replication core (``state.py``) reasons about and what
 storage persists. They live here, apart from both, so that the core can be
@@ -8,8 +9,18 @@ them, never the other way round.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import ClassVar
+
+
+class Role(enum.Enum):
+    """A node is electing until it knows a primary, backup while it follows one,
+    primary after winning an election."""
+
+    ELECTING = "electing"
+    PRIMARY = "primary"
+    BACKUP = "backup"
 
 
 @dataclass(frozen=True, order=True)

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ChatError, StorageCorrupt
+from .messages import Message, Resync, Verify, VerifyReply
 
 log = logging.getLogger("service.replication")
 
@@ -111,7 +112,7 @@ class Verifier:
         node_id: int,
         interval: float,
         checksums_at: Callable[[int], Sums | None],
-        send: Callable[[int, dict[str, Any]], bool],
+        send: Callable[[int, Message], bool],
         damaged: Callable[[str], None],
         spawn: Callable[[Awaitable[None]], object],
     ) -> None:
@@ -158,13 +159,8 @@ class Verifier:
         self.round = None
 
     @staticmethod
-    def _request(current: Round) -> dict[str, Any]:
-        return {
-            "type": "verify",
-            "epoch": current.epoch,
-            "seq": current.seq,
-            "round": current.number,
-        }
+    def _request(current: Round) -> Verify:
+        return Verify(current.epoch, current.seq, current.number)
 
     async def _checksums(self, seq: int) -> Sums | None:
         """This node's checksums at ``seq``; None when they cannot be had now (moved
@@ -181,12 +177,12 @@ class Verifier:
         sums = await self._checksums(current.seq)
         self._record(current.number, self.node_id, sums)
 
-    def on_reply(self, peer: int, msg: dict[str, Any]) -> None:
-        sums = msg["sums"]
+    def on_reply(self, peer: int, msg: VerifyReply) -> None:
+        sums = msg.sums
         valid = isinstance(sums, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in sums.items()
         )
-        self._record(msg["round"], peer, sums if valid else None)
+        self._record(msg.round, peer, sums if valid else None)
 
     def _record(self, number: int, node: int, sums: Sums | None) -> None:
         current = self.round
@@ -227,21 +223,12 @@ class Verifier:
         why = f"its checksums at seq {current.seq} differ from the other nodes'"
         for node in odd:
             if node != self.node_id:
-                self.send(node, {"type": "resync", "epoch": current.epoch, "why": why})
+                self.send(node, Resync(current.epoch, why))
         if self.node_id in odd:
             self.damaged(why)
 
     # ---- backup -----------------------------------------------------------------------
 
-    async def answer(self, primary: int, msg: dict[str, Any]) -> None:
-        sums = await self._checksums(msg["seq"])
-        self.send(
-            primary,
-            {
-                "type": "verify_reply",
-                "epoch": msg["epoch"],
-                "seq": msg["seq"],
-                "round": msg["round"],
-                "sums": sums,
-            },
-        )
+    async def answer(self, primary: int, msg: Verify) -> None:
+        sums = await self._checksums(msg.seq)
+        self.send(primary, VerifyReply(msg.epoch, msg.seq, msg.round, sums))

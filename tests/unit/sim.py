@@ -14,8 +14,8 @@ same way every time:
   order, exactly as the runtime does (persist before send, seal before
   broadcast, broadcast before the local commit is reported);
 * messages travel through a queue with a per-link delay (1 ms by default) and
-  arrive in order per link; every message a core sends must pass
-  ``protocol.parse_peer_message`` and survive JSON encoding, and a message's
+  arrive in order per link; every message a core sends must survive JSON
+  encoding and ``messages.from_wire`` unchanged, and a message's
   epoch may not run ahead of the sender's persisted epoch (R1);
 * ``advance(seconds)`` moves the shared clock: messages are delivered at their
   exact time and every running node gets a ``tick`` every ``step`` (10 ms);
@@ -72,7 +72,8 @@ from typing import Any, TypeVar
 
 from service import protocol
 from service.errors import ProtocolViolation
-from service.replication.state import (
+from service.replication import messages
+from service.replication.effects import (
     Acknowledge,
     ApplyRecords,
     BecomePrimary,
@@ -81,16 +82,16 @@ from service.replication.state import (
     ExpectSnapshot,
     Log,
     Persist,
-    ReplicaCore,
+    ReceiveSnapshot,
     Rewind,
-    Role,
     Send,
     StartStream,
     StepDown,
     StopStream,
-    Timing,
 )
-from service.replication.types import NodeState, Position, SyncSet
+from service.replication.messages import Message, Snapshot
+from service.replication.state import ReplicaCore, Timing
+from service.replication.types import NodeState, Position, Role, SyncSet
 
 T = TypeVar("T")
 
@@ -293,7 +294,7 @@ class _InFlight:
     order: int
     src: int = field(compare=False)
     dst: int = field(compare=False)
-    message: dict[str, Any] = field(compare=False)
+    message: Message = field(compare=False)
 
 
 # ---- one node -------------------------------------------------------------------------------
@@ -453,6 +454,7 @@ class SimNetwork:
             node.log.sync_set,
             self.now,
             history=list(node.log.epochs),
+            first_log_seq=node.log.first_seq,
         )
         node.sync_generation += 1
         # Storage syncs the files it opens: what a crash left in the cache is on disk.
@@ -589,6 +591,8 @@ class SimNetwork:
     def prune(self, node_id: int, keep: int) -> None:
         node = self.nodes[node_id]
         node.log.prune(keep)
+        if node.core is not None:
+            node.core.on_log_pruned(node.log.first_seq)
         # ``prune_log`` commits with synchronous=FULL (the control connection): that
         # fsyncs the WAL, so every earlier commit is on disk too.
         self._on_disk(node, node.log.position.seq)
@@ -675,9 +679,9 @@ class SimNetwork:
             return False
         primary = self.nodes[primaries[0]]
         core = self._core(primary)
-        if core.pending_sets or primary.pending_writes:
+        if core.pending_changes or primary.pending_writes:
             return False
-        if set(core.effective) != {n.node_id for n in running}:
+        if set(core.in_sync) != {n.node_id for n in running}:
             return False
         if core.watermark != primary.log.position.seq:
             return False
@@ -806,12 +810,16 @@ class SimNetwork:
         self._run(node, self._core(node).on_link(self.now, peer, up=False))
         node.streams.pop(peer, None)
 
-    def _send(self, src: int, dst: int, message: dict[str, Any]) -> None:
+    def _send(self, src: int, dst: int, message: Message) -> None:
         try:
-            wire = protocol.decode_body(protocol.encode_frame(message)[protocol.HEADER.size :])
-            protocol.parse_peer_message(wire)
+            wire = message.to_wire()
+            decoded = messages.from_wire(
+                protocol.decode_body(protocol.encode_frame(wire)[protocol.HEADER.size :])
+            )
         except (TypeError, ValueError, ProtocolViolation) as error:
             raise SimError(f"node {src} sent a bad message {message!r}: {error}") from error
+        if decoded != message:
+            raise SimError(f"node {src} sent {message!r}, which arrives as {decoded!r}")
         self._check_epoch_persisted(src, wire)
         self.sent.append((self.now, src, dst, wire))
         if frozenset((src, dst)) not in self._connected or not self.reachable(src, dst):
@@ -822,7 +830,7 @@ class SimNetwork:
         at = max(self.now + delay, self._link_last.get((src, dst), 0.0))
         self._link_last[(src, dst)] = at
         self._order += 1
-        heapq.heappush(self._queue, _InFlight(at, self._order, src, dst, wire))
+        heapq.heappush(self._queue, _InFlight(at, self._order, src, dst, decoded))
 
     def _check_epoch_persisted(self, src: int, message: dict[str, Any]) -> None:
         """R1: an epoch is persisted before anything is sent in it."""
@@ -842,19 +850,7 @@ class SimNetwork:
         if node.status == "frozen":
             node.held.append(message)
             return
-        core = self._core(node)
-        kind = message.message["type"]
-        if kind == "join":
-            # The runtime answers a join itself: only it knows the log's history and start.
-            log = node.log
-            effects = core.join_decision(
-                message.src, message.message, list(log.epochs), log.first_seq, self.now
-            )
-        elif kind == "snapshot":
-            effects = self._install_snapshot(node, message.src, message.message)
-        else:
-            effects = core.on_message(self.now, message.src, message.message)
-        self._run(node, effects)
+        self._run(node, self._core(node).on_message(self.now, message.src, message.message))
 
     # ---- carrying out effects, as the runtime does ----------------------------------------
 
@@ -898,6 +894,8 @@ class SimNetwork:
             self._rewind(node, effect.to_seq)
         elif isinstance(effect, ExpectSnapshot):
             node.expecting_snapshot = True
+        elif isinstance(effect, ReceiveSnapshot):
+            self._run(node, self._install_snapshot(node, effect.chunk))
         elif isinstance(effect, Log):
             self.events.append(LogEvent(self.now, node.node_id, effect.event, dict(effect.fields)))
         else:  # pragma: no cover - a new effect type the simulator does not know
@@ -916,7 +914,12 @@ class SimNetwork:
         self._run(node, effects)
         return seq
 
-    def _committed(self, node: SimNode, sync_set: SyncSet | None) -> list[Effect]:
+    def _committed(
+        self,
+        node: SimNode,
+        sync_set: SyncSet | None,
+        history: list[tuple[int, int]] | None = None,
+    ) -> list[Effect]:
         """The node committed its log up to its position (``runtime._committed``).
 
         Without an fsync delay the commit is on disk at once. With one, the core
@@ -924,10 +927,10 @@ class SimNetwork:
         core = self._core(node)
         position = node.log.position
         delay = self._fsync_delays.get(node.node_id, self.fsync_delay)
+        core.on_committed(position, sync_set, history)
         if not delay:
             self._on_disk(node, position.seq)
             return core.on_local_durable(self.now, position, sync_set)
-        core.on_committed(position, sync_set)
         self._fsync_order += 1
         fsync = _Fsync(
             self.now + delay, self._fsync_order, node.node_id, node.sync_generation, position
@@ -989,9 +992,7 @@ class SimNetwork:
     def _check_ack_set_holds(self, node: SimNode, seq: int) -> None:
         """R2: every member of the ack set holds what the primary acknowledges, on disk."""
         core = self._core(node)
-        members = set(core.effective)
-        for _seq, pending in core.pending_sets:
-            members.update(pending)
+        members = core.ack_set
         expected = node.log.get(seq)
         for member in sorted(members - {node.node_id}):
             other = self.nodes[member]
@@ -1010,14 +1011,9 @@ class SimNetwork:
     def _start_stream(self, node: SimNode, effect: StartStream) -> None:
         if effect.snapshot:
             log = node.log
-            snapshot = {
-                "type": "snapshot",
-                "epoch": self._core(node).epoch,
-                "position": [log.position.epoch, log.position.seq],
-                "offset": 0,
-                "data": log.to_json(),
-                "done": True,
-            }
+            snapshot = Snapshot(
+                self._core(node).epoch, log.position, 0, log.to_json().encode(), True
+            )
             self._send(node.node_id, effect.node, snapshot)
             node.streams[effect.node] = log.position.seq
         else:
@@ -1070,9 +1066,9 @@ class SimNetwork:
         for record in fresh:
             log.append(record)
             self.durable_at.setdefault((node.node_id, record[1]), self.now)
-        if log.position.epoch != was_epoch:
-            core.history = list(log.epochs)  # as the runtime does: history from storage
-        self._run(node, self._committed(node, log.sync_set))
+        # As the runtime does: records that began an epoch come with storage's history.
+        history = list(log.epochs) if log.position.epoch != was_epoch else None
+        self._run(node, self._committed(node, log.sync_set, history))
 
     def _rewind(self, node: SimNode, to_seq: int) -> None:
         core = self._core(node)
@@ -1080,24 +1076,23 @@ class SimNetwork:
         first = log.first_seq
         if to_seq < log.position.seq and (first is None or to_seq + 1 < first):
             # Our own log was pruned past the point: forget the position, get a snapshot.
-            core.history = []
-            core.position = Position.ZERO
-            core.durable_seq = 0
             node.sync_generation += 1
-            self._run(node, core.rejoin(self.now, "own log too short to rewind"))
+            self._run(node, core.on_log_unusable(self.now, "own log too short to rewind"))
             return
         node.rolled_back += log.truncate(to_seq)
         self._replaced_log(node)
-        self._run(node, core.reset_log(self.now, log.position, log.sync_set, list(log.epochs)))
+        self._run(node, self._log_replaced(node))
 
-    def _install_snapshot(
-        self, node: SimNode, sender: int, message: dict[str, Any]
-    ) -> list[Effect]:
-        core = self._core(node)
-        if not node.expecting_snapshot or sender != core.primary or message["epoch"] != core.epoch:
+    def _log_replaced(self, node: SimNode) -> list[Effect]:
+        log = node.log
+        return self._core(node).on_log_replaced(
+            self.now, log.position, log.sync_set, list(log.epochs), log.first_seq
+        )
+
+    def _install_snapshot(self, node: SimNode, chunk: Snapshot) -> list[Effect]:
+        if not node.expecting_snapshot:
             return []
         node.expecting_snapshot = False
-        node.log = SimLog.from_json(message["data"])
+        node.log = SimLog.from_json(chunk.data.decode())
         self._replaced_log(node)
-        log = node.log
-        return self._core(node).reset_log(self.now, log.position, log.sync_set, list(log.epochs))
+        return self._log_replaced(node)

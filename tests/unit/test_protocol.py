@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 from service import protocol
 from service.errors import FrameTooLarge, ProtocolViolation
+from service.replication import messages
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 OTHER_SECRET = b"fedcba9876543210fedcba9876543210"
@@ -558,7 +559,7 @@ def test_base64_fields_round_trip_and_refuse_garbage() -> None:
 
 # ---- peer messages ---------------------------------------------------------------------
 
-SYNC_SET = {"version": 1, "members": [1, 2, 3], "epoch": 1}
+SYNC_SET = {"version": 1, "members": [1, 2, 3], "epoch": 1, "databases": [[1, "5f0c"]]}
 
 # A minimal valid example of every peer message type.
 PEER_EXAMPLES: dict[str, protocol.Frame] = {
@@ -649,7 +650,7 @@ def _json_type_allowed(value: object, types: tuple[type, ...]) -> bool:
 def _bad_variants(kind: str, field: str) -> dict[str, protocol.Frame]:
     """The example of ``kind`` with ``field`` missing, and with every JSON type it refuses."""
     example = PEER_EXAMPLES[kind]
-    types = protocol.PEER_SCHEMAS[kind][field]
+    types = messages.WIRE_TYPES[kind][field]
     variants = {"missing": {k: v for k, v in example.items() if k != field}}
     for label, value in JSON_VALUES.items():
         if not _json_type_allowed(value, types):
@@ -658,24 +659,25 @@ def _bad_variants(kind: str, field: str) -> dict[str, protocol.Frame]:
 
 
 def test_every_peer_message_type_has_an_example() -> None:
-    assert PEER_EXAMPLES.keys() == protocol.PEER_SCHEMAS.keys()
+    assert PEER_EXAMPLES.keys() == messages.WIRE_TYPES.keys()
 
 
 @pytest.mark.parametrize("kind", PEER_EXAMPLES)
 def test_a_minimal_peer_message_is_accepted(kind: str) -> None:
     frame = PEER_EXAMPLES[kind]
-    assert protocol.parse_peer_message(frame) == frame
+    message = messages.from_wire(frame)
+    assert message.to_wire() == frame
     [decoded] = decode_all(protocol.encode_frame(frame))
-    assert protocol.parse_peer_message(decoded) == frame
+    assert messages.from_wire(decoded) == message
 
 
 @pytest.mark.parametrize("kind", PEER_EXAMPLES)
 def test_unknown_members_of_a_peer_message_are_ignored(kind: str) -> None:
     frame = {**PEER_EXAMPLES[kind], "added_in_a_later_version": [1, "x"]}
-    assert protocol.parse_peer_message(frame) == frame
+    assert messages.from_wire(frame) == messages.from_wire(PEER_EXAMPLES[kind])
 
 
-PEER_FIELDS = [(kind, field) for kind, schema in protocol.PEER_SCHEMAS.items() for field in schema]
+PEER_FIELDS = [(kind, field) for kind, schema in messages.WIRE_TYPES.items() for field in schema]
 
 
 @pytest.mark.parametrize(("kind", "field"), PEER_FIELDS, ids=[f"{k}.{f}" for k, f in PEER_FIELDS])
@@ -683,7 +685,7 @@ def test_a_peer_message_with_a_missing_or_mistyped_field_is_refused(kind: str, f
     accepted = []
     for case, frame in _bad_variants(kind, field).items():
         try:
-            protocol.parse_peer_message(frame)
+            messages.from_wire(frame)
         except ProtocolViolation:
             continue
         accepted.append(case)
@@ -692,10 +694,10 @@ def test_a_peer_message_with_a_missing_or_mistyped_field_is_refused(kind: str, f
 
 def test_the_primary_of_a_probe_reply_may_be_unknown() -> None:
     frame = {**PEER_EXAMPLES["probe_reply"], "primary": None}
-    assert protocol.parse_peer_message(frame) == frame
+    assert messages.from_wire(frame).to_wire() == frame
 
 
-POSITION_KINDS = [kind for kind, schema in protocol.PEER_SCHEMAS.items() if "position" in schema]
+POSITION_KINDS = [kind for kind, schema in messages.WIRE_TYPES.items() if "position" in schema]
 
 
 @pytest.mark.parametrize(
@@ -717,7 +719,7 @@ def test_a_bad_position_is_refused(position: list[object]) -> None:
     accepted = []
     for kind in POSITION_KINDS:
         try:
-            protocol.parse_peer_message({**PEER_EXAMPLES[kind], "position": position})
+            messages.from_wire({**PEER_EXAMPLES[kind], "position": position})
         except ProtocolViolation:
             continue
         accepted.append(kind)
@@ -737,7 +739,7 @@ def test_a_bad_position_is_refused(position: list[object]) -> None:
 )
 def test_a_frame_that_is_no_peer_message_is_refused(frame: protocol.Frame) -> None:
     with pytest.raises(ProtocolViolation):
-        protocol.parse_peer_message(frame)
+        messages.from_wire(frame)
 
 
 # ---- properties ------------------------------------------------------------------------

@@ -31,24 +31,14 @@ from __future__ import annotations
 import itertools
 import random
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
-from service.replication.state import (
-    Effect,
-    Persist,
-    ProbeView,
-    ReplicaCore,
-    Role,
-    Send,
-    StepDown,
-    Timing,
-    divergence_point,
-    epoch_end,
-    member_problem,
-)
-from service.replication.types import NodeState, Position, SyncSet
+from service.replication.effects import Effect, Persist, Send, StepDown
+from service.replication.election import PeerVoting, ProbeView, member_problem
+from service.replication.messages import Ack, Append, Join, JoinReply, Reject
+from service.replication.state import ReplicaCore, Timing, divergence_point, epoch_end
+from service.replication.types import NodeState, Position, Role, SyncSet
 from tests.unit.sim import ClientWrite, SimNetwork
 
 TIMING = Timing()
@@ -367,7 +357,7 @@ def test_r5_slow_backup_is_dropped_and_cannot_take_over_alone() -> None:
     sim.advance(0.5)
     sim.slow(3, 0.5)  # delayed, not frozen: frames still arrive every 100 ms
     deadline = sim.now + 5.0
-    while 3 in sim.core(1).effective:
+    while 3 in sim.core(1).in_sync:
         assert sim.now < deadline, "the slow backup was never dropped"
         write_for(sim, 1, 0.1)
     write_for(sim, 1, 1.0)
@@ -389,7 +379,7 @@ def test_r5_unconfirmed_backup_with_a_newer_position_does_not_block_the_takeover
     sim.advance(0.5)
     sim.set_delay(3, 1, 1.0)
     deadline = sim.now + 5.0
-    while 3 in sim.core(1).effective:
+    while 3 in sim.core(1).in_sync:
         assert sim.now < deadline, "the slow backup was never dropped"
         write_for(sim, 1, 0.1)
     write_for(sim, 1, 0.3)
@@ -548,24 +538,23 @@ def test_g5_force_promote_makes_a_waiting_node_primary() -> None:
 def test_r1_backup_refuses_frames_from_a_lower_epoch() -> None:
     sync_set = SyncSet(2, (1, 2, 3), 3)
     core = ReplicaCore(2, (1, 2, 3), TIMING, NodeState(3, 3, 1), Position(3, 5), sync_set, 10.0)
-    frame = {
-        "type": "append",
-        "epoch": 2,
-        "seq": 7,
-        "watermark": 5,
-        "records": [[2, 6, "x"]],
-        "sync_set": {"version": 1, "members": [1, 2, 3], "epoch": 2},
-        "in_sync": [1, 2, 3],
-        "echo": -1,
-    }
-    assert core.on_message(10.01, 1, frame) == [Send(1, {"type": "reject", "epoch": 3})]
+    frame = Append(
+        epoch=2,
+        seq=7,
+        watermark=5,
+        records=[[2, 6, "x"]],
+        sync_set=SyncSet(1, (1, 2, 3), 2),
+        in_sync=(1, 2, 3),
+        echo=-1,
+    )
+    assert core.on_message(10.01, 1, frame) == [Send(1, Reject(3))]
     assert core.epoch == 3
 
 
 def test_r1_primary_steps_down_on_a_higher_epoch() -> None:
     sim = started()
     core = sim.core(1)
-    effects = core.on_message(sim.now, 2, {"type": "reject", "epoch": 5})
+    effects = core.on_message(sim.now, 2, Reject(5))
     assert core.role is Role.ELECTING
     assert core.epoch == 5
     kinds = [type(effect) for effect in effects]
@@ -862,35 +851,33 @@ def backup_core(node: int = 3, position: Position = Position(1, 5)) -> ReplicaCo
     core.on_message(10.0, 1, heartbeat(1, position.seq))
     assert core.role is Role.BACKUP
     assert not core.joined
-    join_reply = {
-        "type": "join_reply",
-        "epoch": 1,
-        "diverge": position.seq,
-        "snapshot": False,
-        "join_no": core.join_no,
-    }
+    join_reply = JoinReply(epoch=1, diverge=position.seq, snapshot=False, join_no=core.join_no)
     assert acks(core.on_message(10.001, 1, join_reply)) == [position.seq]
     assert core.joined
     return core
 
 
-def heartbeat(epoch: int, seq: int) -> dict[str, Any]:
+def heartbeat(epoch: int, seq: int) -> Append:
     """An ``append`` frame without records (a primary's heartbeat)."""
-    return {
-        "type": "append",
-        "epoch": epoch,
-        "seq": seq,
-        "watermark": 0,
-        "records": [],
-        "sync_set": {"version": 1, "members": [1, 2, 3], "epoch": 1},
-        "in_sync": [1, 2, 3],
-        "echo": -1,
-    }
+    return Append(
+        epoch=epoch,
+        seq=seq,
+        watermark=0,
+        records=[],
+        sync_set=SyncSet(1, (1, 2, 3), 1),
+        in_sync=(1, 2, 3),
+        echo=-1,
+    )
 
 
 def acks(effects: list[Effect]) -> list[int]:
     """The seqs of the acks among ``effects``."""
-    return [e.message["seq"] for e in effects if isinstance(e, Send) and e.message["type"] == "ack"]
+    return [e.message.seq for e in effects if isinstance(e, Send) and isinstance(e.message, Ack)]
+
+
+def peer_voting(core: ReplicaCore) -> PeerVoting:
+    assert isinstance(core.arbiter, PeerVoting)
+    return core.arbiter
 
 
 def acked_missing_on(sim: SimNetwork, nodes: tuple[int, ...]) -> list[str]:
@@ -939,7 +926,8 @@ def test_r2_backup_acks_only_what_its_fsync_reported_durable() -> None:
     core = backup_core(position=Position(1, 5))
     core.on_committed(Position(1, 8))  # it has no effects: nothing to say yet
     assert (core.position, core.durable_seq) == (Position(1, 8), 5)
-    assert core.probe_reply()["position"] == [1, 8], "elections use what the database holds"
+    reply = peer_voting(core).probe_reply(0)
+    assert reply.position == Position(1, 8), "elections use what the database holds"
     assert acks(core.on_message(10.1, 1, heartbeat(1, 8))) == [5]
     assert acks(core.resend_ack(10.2)) == [5]
     assert acks(core.on_local_durable(10.3, Position(1, 7))) == [7]
@@ -971,7 +959,8 @@ def test_r2_primary_counts_itself_only_once_its_own_fsync_is_done() -> None:
     sim.advance(0.05)
     for backup in (2, 3):
         assert sim.nodes[backup].disk_seq >= written.seq
-        assert sim.core(1).progress[backup].durable >= written.seq, "the backups acked it"
+        durable = sim.core(1).backup_durable(backup)
+        assert (durable or -1) >= written.seq, "the backups acked it"
     assert sim.nodes[1].disk_seq < written.seq
     assert sim.statistics(1)["watermark"] < written.seq
     assert not sim.is_acked(written), "acked before it was on the primary's own disk"
@@ -1145,7 +1134,7 @@ def test_r2_a_durability_report_from_before_a_join_is_not_counted_by_the_new_pri
     sim.advance(0.5)
     sim.set_delay(3, 1, 1.0)
     deadline = sim.now + 5.0
-    while 3 in sim.core(1).effective:
+    while 3 in sim.core(1).in_sync:
         assert sim.now < deadline, "the slow backup was never dropped"
         write_for(sim, 1, 0.1)
     write_for(sim, 1, 0.3)
@@ -1216,13 +1205,13 @@ def test_r4_a_reply_to_an_earlier_join_never_rewinds_the_backup() -> None:
     effects = core.rejoin(10.2, "a gap in the stream")
     assert not core.joined
     assert core.join_no == first + 1
-    (join,) = [e.message for e in effects if isinstance(e, Send) and e.message["type"] == "join"]
-    assert join["join_no"] == core.join_no
-    stale = {"type": "join_reply", "epoch": 1, "diverge": 5, "snapshot": False, "join_no": first}
+    (join,) = [e.message for e in effects if isinstance(e, Send) and isinstance(e.message, Join)]
+    assert join.join_no == core.join_no
+    stale = JoinReply(epoch=1, diverge=5, snapshot=False, join_no=first)
     effects = core.on_message(10.25, 1, stale)
     assert effects == [], f"a reply to join {first} was obeyed: {effects}"
     assert not core.joined
-    current = {**stale, "diverge": 9, "join_no": core.join_no}
+    current = JoinReply(epoch=1, diverge=9, snapshot=False, join_no=core.join_no)
     assert acks(core.on_message(10.3, 1, current)) == [9]
     assert core.joined
 
@@ -1236,18 +1225,14 @@ def test_r2_an_ack_of_an_earlier_join_is_not_counted() -> None:
     sim.restart(3)
     sim.wait_converged(timeout=3.0)
     primary = sim.core(1)
-    progress = primary.progress[3]
-    before = progress.durable
-    stale = {
-        "type": "ack",
-        "epoch": primary.epoch,
-        "seq": before + 50,
-        "ack_no": 1,
-        "join_no": progress.join_no - 1,
-        "links": [1, 2],
-    }
+    before = primary.backup_durable(3)
+    assert before is not None
+    (join,) = [m for _t, src, dst, m in sim.sent if (src, dst, m["type"]) == (3, 1, "join")][-1:]
+    stale = Ack(
+        epoch=primary.epoch, seq=before + 50, ack_no=1, join_no=join["join_no"] - 1, links=(1, 2)
+    )
     primary.on_message(sim.now, 3, stale)
-    assert progress.durable == before
+    assert primary.backup_durable(3) == before
 
 
 def test_r4_join_resent_before_its_answer_arrives_rewinds_nothing() -> None:
@@ -1302,7 +1287,7 @@ def test_g5_r6_waits_for_a_member_that_lost_its_database() -> None:
         1: ProbeView(1, 3, "electing", None, Position(0, 0), False, newest, "db-new"),
         2: ProbeView(2, 3, "electing", None, Position(3, 7), False, newest, "db-two"),
     }
-    assert core._winner(views) is None
+    assert peer_voting(core)._winner(views) is None
     assert core.waiting_for == (1,)
     assert "wiped or replaced" in core.reason
 

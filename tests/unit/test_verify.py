@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from service.chat_schema import MIGRATIONS
+from service.replication.messages import Message, VerifyReply
 from service.replication.verify import Verifier, judge
 from service.storage import Storage, check_database_file
 
@@ -38,8 +39,8 @@ class Wire:
         self.damaged: list[str] = []
         self.spawned: list[object] = []
 
-    def send(self, peer: int, msg: dict[str, Any]) -> bool:
-        self.sent.append((peer, msg))
+    def send(self, peer: int, msg: Message) -> bool:
+        self.sent.append((peer, msg.to_wire()))
         return True
 
     def verifier(self, own: dict[str, str] | None) -> Verifier:
@@ -69,8 +70,8 @@ def test_a_round_waits_for_a_quiet_moment_then_tells_the_odd_backup_to_resync() 
         coro.close()  # type: ignore[attr-defined]
     number = verifier.numbers
     verifier._record(number, 1, A)
-    verifier.on_reply(2, {"round": number, "sums": A})
-    verifier.on_reply(3, {"round": number, "sums": B})
+    verifier.on_reply(2, VerifyReply(2, 7, number, dict(A)))
+    verifier.on_reply(3, VerifyReply(2, 7, number, dict(B)))
     assert wire.sent[-1][0] == 3
     assert wire.sent[-1][1]["type"] == "resync"
     assert wire.damaged == []
@@ -85,7 +86,7 @@ def test_a_node_that_moved_on_drops_the_round() -> None:
     verifier.tick(1.0, epoch=2, seq=7, quiet=True, members=(1, 2))
     for coro in wire.spawned:
         coro.close()  # type: ignore[attr-defined]
-    verifier.on_reply(2, {"round": verifier.numbers, "sums": None})
+    verifier.on_reply(2, VerifyReply(2, 7, verifier.numbers, None))
     assert verifier.round is None
     assert verifier.last is None
 

@@ -1,0 +1,382 @@
+"""The node-to-node messages: one frozen dataclass per message, the one place their
+shapes are written.
+
+A peer frame is a JSON object whose ``type`` names the message. ``from_wire``
+turns a decoded frame into its dataclass or raises ``ProtocolViolation``: every
+field present, of its JSON type (an int is never a bool), positions as
+``[epoch, seq]`` pairs, lists of the element type they promise. That check runs
+once, at the edge (the peer link), so the replication core only ever sees
+well-formed messages and dispatches on them with ``match``. ``to_wire`` is the
+inverse; ``from_wire(m.to_wire()) == m`` for every message (a unit test and the
+simulator, which sends every message through JSON, check it).
+
+A field's type is its wire contract. ``WIRE_TYPES`` derives the JSON types each
+field accepts from the annotations, for the protocol tests and for
+``PROTOCOL.md``, which documents the same shapes for clients in other languages.
+Members a frame carries beyond its fields are ignored (a later version may add
+some).
+
+Records travel as ``[epoch, seq, base64 changeset]``; they stay in that form
+here and are decoded by whoever applies them (a bad one makes the backup rejoin).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import ProtocolViolation
+from .types import Position, SyncSet
+
+Wire = dict[str, Any]
+
+
+# ---- sync sets on the wire --------------------------------------------------------------
+
+
+def sync_set_to_wire(sync_set: SyncSet) -> Wire:
+    return {
+        "version": sync_set.version,
+        "members": list(sync_set.members),
+        "epoch": sync_set.epoch,
+        "databases": [list(pair) for pair in sync_set.databases],
+    }
+
+
+def sync_set_from_wire(data: Wire) -> SyncSet:
+    """Lenient by design: a malformed part reads as empty, never as a member."""
+    members = data.get("members", [])
+    version, epoch = data.get("version", 0), data.get("epoch", 0)
+    if not isinstance(members, list) or not all(_is_int(m) for m in members):
+        members = []
+    databases = data.get("databases", [])
+    if not isinstance(databases, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and _is_int(pair[0]) and isinstance(pair[1], str)
+        for pair in databases
+    ):
+        databases = []
+    return SyncSet(
+        version if _is_int(version) else 0,
+        tuple(members),
+        epoch if _is_int(epoch) else 0,
+        tuple((int(node), str(db)) for node, db in databases),
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---- the messages ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every peer message; ``TYPE`` is its wire name."""
+
+    TYPE: ClassVar[str] = ""
+
+    def to_wire(self) -> Wire:
+        frame: Wire = {"type": self.TYPE}
+        for spec in _SPECS[type(self)]:
+            frame[spec.name] = spec.encode(getattr(self, spec.name))
+        return frame
+
+
+@dataclass(frozen=True)
+class Append(Message):
+    """Primary → backup: records to apply (none: a heartbeat) and the primary's view.
+
+    ``in_sync`` is the sync set in effect; ``echo`` the ``ack_no`` of this backup's
+    latest counted ack (-1: none), which confirms it (R5)."""
+
+    TYPE: ClassVar[str] = "append"
+    epoch: int
+    seq: int
+    watermark: int
+    records: list[Any]
+    sync_set: SyncSet
+    in_sync: tuple[int, ...]
+    echo: int
+
+
+@dataclass(frozen=True)
+class Ack(Message):
+    """Backup → primary: everything up to ``seq`` is on disk here. Counted only if
+    ``join_no`` is the backup's latest join; ``links`` are the peers it is linked to."""
+
+    TYPE: ClassVar[str] = "ack"
+    epoch: int
+    seq: int
+    ack_no: int
+    join_no: int
+    links: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Join(Message):
+    """Backup → primary: where my history stands, before any record is applied (R4)."""
+
+    TYPE: ClassVar[str] = "join"
+    epoch: int
+    position: Position
+    durable: int
+    history: tuple[tuple[int, int], ...]
+    join_no: int
+    database: str
+
+
+@dataclass(frozen=True)
+class JoinReply(Message):
+    """Primary → backup: keep records up to ``diverge`` (rewind the rest), or take a
+    snapshot. Echoes the join's number: a reply to an earlier join is ignored."""
+
+    TYPE: ClassVar[str] = "join_reply"
+    epoch: int
+    diverge: int
+    snapshot: bool
+    join_no: int
+
+
+@dataclass(frozen=True)
+class Snapshot(Message):
+    """Primary → backup: one chunk (``data`` at ``offset``, base64 on the wire) of a
+    snapshot file."""
+
+    TYPE: ClassVar[str] = "snapshot"
+    epoch: int
+    position: Position
+    offset: int
+    data: bytes
+    done: bool
+
+
+@dataclass(frozen=True)
+class Reject(Message):
+    """Any → stale sender: my epoch is higher than yours."""
+
+    TYPE: ClassVar[str] = "reject"
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Probe(Message):
+    """Electing node → all: who is there, and what do you know?"""
+
+    TYPE: ClassVar[str] = "probe"
+    epoch: int
+    round: int
+
+
+@dataclass(frozen=True)
+class ProbeReply(Message):
+    """The answer to a probe of ``round``: the node's role, view and eligibility."""
+
+    TYPE: ClassVar[str] = "probe_reply"
+    epoch: int
+    round: int
+    role: str
+    primary: int | None
+    position: Position
+    eligible: bool
+    sync_set: SyncSet
+    database: str
+    unproven: str | None
+    fault: str | None
+
+
+@dataclass(frozen=True)
+class VoteRequest(Message):
+    """Candidate → every node that answered its probe: your vote in ``epoch``?"""
+
+    TYPE: ClassVar[str] = "vote_request"
+    epoch: int
+    position: Position
+    force: bool
+
+
+@dataclass(frozen=True)
+class Vote(Message):
+    TYPE: ClassVar[str] = "vote"
+    epoch: int
+    granted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Verify(Message):
+    """Primary → in-sync backup: your per-table checksums at ``seq``, please."""
+
+    TYPE: ClassVar[str] = "verify"
+    epoch: int
+    seq: int
+    round: int
+
+
+@dataclass(frozen=True)
+class VerifyReply(Message):
+    """Backup → primary: the checksums, or None when no longer at that seq."""
+
+    TYPE: ClassVar[str] = "verify_reply"
+    epoch: int
+    seq: int
+    round: int
+    sums: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Resync(Message):
+    """Primary → backup: your data differs from the majority's; move it aside."""
+
+    TYPE: ClassVar[str] = "resync"
+    epoch: int
+    why: str
+
+
+@dataclass(frozen=True)
+class ForcePromote(Message):
+    """Operator tool → node: become primary even though R5/R6 do not allow it."""
+
+    TYPE: ClassVar[str] = "force_promote"
+
+
+MESSAGES: tuple[type[Message], ...] = (
+    Append,
+    Ack,
+    Join,
+    JoinReply,
+    Snapshot,
+    Reject,
+    Probe,
+    ProbeReply,
+    VoteRequest,
+    Vote,
+    Verify,
+    VerifyReply,
+    Resync,
+    ForcePromote,
+)
+BY_TYPE: dict[str, type[Message]] = {cls.TYPE: cls for cls in MESSAGES}
+
+
+def from_wire(frame: Wire) -> Message:
+    """The message a decoded frame holds; raises ProtocolViolation if malformed."""
+    kind = frame.get("type")
+    cls = BY_TYPE.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolViolation(f"unknown peer message type {kind!r}")
+    values = {}
+    for spec in _SPECS[cls]:
+        if spec.name not in frame:
+            raise ProtocolViolation(f"peer message {kind!r} has a bad field {spec.name!r}")
+        try:
+            values[spec.name] = spec.decode(frame[spec.name])
+        except (TypeError, ValueError):
+            raise ProtocolViolation(
+                f"peer message {kind!r} has a bad field {spec.name!r}"
+            ) from None
+    return cls(**values)
+
+
+# ---- field codecs, derived from the annotations ------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    json_types: tuple[type, ...]
+    decode: Callable[[Any], Any]
+    encode: Callable[[Any], Any]
+
+
+def _strict(kind: type) -> Callable[[Any], Any]:
+    def decode(value: Any) -> Any:
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise TypeError(kind.__name__)
+        return value
+
+    return decode
+
+
+def _optional(inner: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else inner(value)
+
+
+def _position(value: Any) -> Position:
+    if not isinstance(value, list) or len(value) != 2 or not all(_is_int(v) for v in value):
+        raise ValueError("position")
+    return Position(value[0], value[1])
+
+
+def _ints(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(_is_int(v) for v in value):
+        raise ValueError("list of ints")
+    return tuple(value)
+
+
+def _pairs(value: Any) -> tuple[tuple[int, int], ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(pair, list) and len(pair) == 2 and all(_is_int(v) for v in pair)
+        for pair in value
+    ):
+        raise ValueError("list of [int, int]")
+    return tuple((pair[0], pair[1]) for pair in value)
+
+
+def _sync_set(value: Any) -> SyncSet:
+    if not isinstance(value, dict):
+        raise TypeError("object")
+    return sync_set_from_wire(value)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _unb64(value: Any) -> bytes:
+    if not isinstance(value, str):
+        raise TypeError("base64 string")
+    return base64.b64decode(value, validate=True)  # binascii.Error is a ValueError
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# annotation → (JSON types accepted, decode, encode)
+_CODECS: dict[object, tuple[tuple[type, ...], Callable[[Any], Any], Callable[[Any], Any]]] = {
+    int: ((int,), _strict(int), _same),
+    bool: ((bool,), _strict(bool), _same),
+    str: ((str,), _strict(str), _same),
+    bytes: ((str,), _unb64, _b64),
+    int | None: ((int, type(None)), _optional(_strict(int)), _same),
+    str | None: ((str, type(None)), _optional(_strict(str)), _same),
+    Position: ((list,), _position, lambda p: [p.epoch, p.seq]),
+    SyncSet: ((dict,), _sync_set, sync_set_to_wire),
+    tuple[int, ...]: ((list,), _ints, list),
+    tuple[tuple[int, int], ...]: ((list,), _pairs, lambda pairs: [list(p) for p in pairs]),
+    list[Any]: ((list,), _strict(list), _same),
+    dict[str, Any] | None: ((dict, type(None)), _optional(_strict(dict)), _same),
+}
+
+
+def _specs(cls: type[Message]) -> tuple[_Field, ...]:
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for field in dataclasses.fields(cls):
+        # Annotations compare by value (``int | None == int | None``), so they key the table.
+        json_types, decode, encode = _CODECS[hints[field.name]]
+        specs.append(_Field(field.name, json_types, decode, encode))
+    return tuple(specs)
+
+
+_SPECS: dict[type[Message], tuple[_Field, ...]] = {cls: _specs(cls) for cls in MESSAGES}
+
+# For the protocol tests and documentation: each message's fields and their JSON types.
+WIRE_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
+    cls.TYPE: {spec.name: spec.json_types for spec in _SPECS[cls]} for cls in MESSAGES
+}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ProtocolViolation
-from .types import Position, SyncSet
+from .types import LogRecord, Position, SyncSet
 
 Wire = dict[str, Any]
 
@@ -69,6 +69,24 @@ def sync_set_from_wire(data: Wire) -> SyncSet:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---- records on the wire ---------------------------------------------------------------
+
+
+def record_to_wire(record: LogRecord) -> list[Any]:
+    return [record.epoch, record.seq, base64.b64encode(record.changeset).decode("ascii")]
+
+
+def record_from_wire(item: Any) -> LogRecord:
+    """A record of an ``append``; raises ProtocolViolation if malformed (the backup
+    then joins again rather than apply it)."""
+    if not isinstance(item, list) or len(item) != 3 or not all(_is_int(v) for v in item[:2]):
+        raise ProtocolViolation("malformed record in the stream")
+    try:
+        return LogRecord(item[0], item[1], _unb64(item[2]))
+    except (TypeError, ValueError):
+        raise ProtocolViolation("malformed record in the stream") from None
 
 
 # ---- the messages ---------------------------------------------------------------------

@@ -20,7 +20,7 @@ import asyncio
 import pytest
 
 from service.client import Client
-from service.replication.runtime import RECORD_BUDGET
+from service.replication.writer import RECORD_BUDGET
 from service.storage import Storage
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster

@@ -31,7 +31,7 @@ same way every time:
 Durability (``fsync_delay``). With the default ``fsync_delay=0`` a commit is on
 disk when it returns, as with ``synchronous=FULL``: the core hears
 ``on_local_durable`` at once. With ``fsync_delay > 0`` the sim plays the
-runtime's group fsync (``runtime._committed`` / ``_on_durable``): a commit (the
+runtime's group fsync (``Durability.committed`` / ``_on_durable``): a commit (the
 primary's ``_seal``, a backup's ``_apply``) calls ``on_committed`` only, and the
 durability report (``on_local_durable``) comes ``fsync_delay`` simulated
 seconds later (``set_fsync_delay`` gives one node a slower disk). Each node
@@ -902,7 +902,7 @@ class SimNetwork:
             raise SimError(f"unknown effect {effect!r}")
 
     def _seal(self, node: SimNode, epoch: int, payload: str, sync_set: SyncSet | None) -> int:
-        """One batch on the primary: seal, broadcast, commit, report (as ``_commit_batch``)."""
+        """One batch on the primary: seal, broadcast, commit, report (``WritePath``)."""
         core = self._core(node)
         seq = node.log.position.seq + 1
         node.log.append((epoch, seq, payload))
@@ -920,7 +920,7 @@ class SimNetwork:
         sync_set: SyncSet | None,
         history: list[tuple[int, int]] | None = None,
     ) -> list[Effect]:
-        """The node committed its log up to its position (``runtime._committed``).
+        """The node committed its log up to its position (``Durability.committed``).
 
         Without an fsync delay the commit is on disk at once. With one, the core
         hears ``on_committed`` now and ``on_local_durable`` when the fsync is done."""
@@ -939,7 +939,7 @@ class SimNetwork:
         return []
 
     def _fsync_done(self, fsync: _Fsync) -> None:
-        """A group fsync finished: report it to the core (``runtime._on_durable``)."""
+        """A group fsync finished: report it to the core (``Durability._on_durable``)."""
         node = self.nodes[fsync.node]
         if node.status == "down" or fsync.generation != node.sync_generation:
             return  # the process died, or a rewind / snapshot made the report moot
@@ -959,7 +959,7 @@ class SimNetwork:
 
     def _replaced_log(self, node: SimNode) -> None:
         """A rewind or a snapshot install replaced the log, durably: pending
-        durability reports are about records that may be gone (``_forget_unsynced``)."""
+        durability reports are about records that may be gone (``Durability.forget``)."""
         node.sync_generation += 1
         node.disk_seq = min(node.disk_seq, node.log.position.seq)
         self._on_disk(node, node.log.position.seq)
@@ -1036,7 +1036,7 @@ class SimNetwork:
         node.streams[peer] = node.log.position.seq
 
     def _apply(self, node: SimNode, wire_records: list[list[Any]]) -> None:
-        """A backup applies a frame's records in one transaction (``_flush_apply``)."""
+        """A backup applies a frame's records in one transaction (``Follower._apply``)."""
         core = self._core(node)
         if core.role is not Role.BACKUP or not core.joined:
             return

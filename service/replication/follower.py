@@ -1,0 +1,238 @@
+"""A backup's side of the stream: apply records, rewind, install a snapshot.
+
+Records that arrived together are applied in one SQLite transaction (one
+fsync, through ``durability.py``), and only while the core says the backup has
+joined its primary (``ApplyRecords`` comes only then). A record that does not
+follow the log (a gap, an older epoch) is never applied: the backup joins
+again and the primary says where to resume (R4).
+
+A rewind removes every record after the divergence point, durably, keeping
+them in a rollback file; if the log no longer reaches back that far, the
+backup counts its log as empty (``on_log_unusable``) so that its next join gets
+a snapshot. A snapshot arrives in chunks into ``snapshot-in.db``, is checked
+(``quick_check``) before it is installed, and is never installed damaged.
+After either, the core hears ``on_log_replaced`` with the new log's facts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import NodeConfig
+from ..errors import ChatError, StorageCorrupt, StorageFault
+from ..metrics import Metrics
+from ..storage import Diverged, Storage, os_fault, prune_rollback_files
+from .durability import Durability
+from .effects import Effect
+from .messages import Snapshot, record_from_wire
+from .shell import Shell, format_fields, log
+from .state import ReplicaCore
+from .types import LogRecord, Position, Role
+
+
+class Follower:
+    def __init__(
+        self,
+        shell: Shell,
+        config: NodeConfig,
+        core: ReplicaCore,
+        storage: Storage,
+        durability: Durability,
+        metrics: Metrics,
+        forget_tail: Callable[[], None],
+        fatal: Callable[[BaseException | None], None],
+    ) -> None:
+        self.shell = shell
+        self.config = config
+        self.core = core
+        self.storage = storage
+        self.durability = durability
+        self.metrics = metrics
+        # A snapshot install replaces the log: the primary-side tail of records (kept
+        # for streams should this node lead) describes records that are gone.
+        self.forget_tail = forget_tail
+        self.fatal = fatal
+        # Records received and not yet applied (one transaction for all of them).
+        self.pending: list[LogRecord] = []
+        self.scheduled = False
+        # The snapshot being received: its file and how many bytes are in.
+        self.incoming_snapshot: tuple[Path, int] | None = None
+
+    def buffer(self, items: list[Any]) -> None:
+        try:
+            self.pending.extend(record_from_wire(item) for item in items)
+        except (Diverged, ChatError) as exc:
+            self.pending.clear()
+            self.shell.run(self.core.rejoin(self.shell.now(), str(exc)))
+            return
+        if not self.scheduled:
+            # Records that arrived together are applied in one transaction: one fsync.
+            self.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        try:
+            self._apply()
+        except Exception as exc:
+            self.fatal(exc)
+
+    def _apply(self) -> None:
+        self.scheduled = False
+        records, self.pending = self.pending, []
+        if self.core.role is not Role.BACKUP or not self.core.joined:
+            return
+        position = self.core.position
+        records = [r for r in records if r.seq > position.seq]
+        if not records:
+            self.shell.run(self.core.resend_ack(self.shell.now()))
+            return
+        was_epoch = position.epoch
+        try:
+            new_position = self.storage.apply_records(records)
+        except Diverged as exc:
+            self.shell.run(self.core.rejoin(self.shell.now(), str(exc)))
+            return
+        except StorageFault as exc:
+            # A full or failing disk is never a divergence: stop applying, no rewind.
+            self.shell.fault(str(exc))
+            return
+        except StorageCorrupt as exc:
+            self.shell.damaged(str(exc))
+        # Records that began an epoch: the core's epoch history is storage's again.
+        history = self.storage.epoch_history() if new_position.epoch != was_epoch else None
+        self.metrics.applied_records.observe(len(records))
+        lone = len(records) <= 1 and not self.pending
+        self.durability.committed(new_position, self.storage.sync_set(), lone=lone, history=history)
+
+    def rewind(self, to_seq: int) -> list[Effect]:
+        position = self.storage.position()
+        rollback = self.config.rollback_dir / f"rewind-{int(time.time() * 1000)}.jsonl"
+        try:
+            removed = self.storage.rewind(to_seq, rollback)
+        except StorageFault as exc:
+            self.shell.fault(str(exc))
+            return []
+        except Diverged as exc:
+            log.info(
+                format_fields(
+                    "rewind impossible, asking for a snapshot",
+                    {"node": self.config.node_id, "to": to_seq, "why": str(exc)},
+                )
+            )
+            # Our own log does not reach back to the divergence point: start empty so
+            # that the primary sends a snapshot.
+            return self._request_snapshot()
+        new_position = self.storage.position()
+        self.durability.forget()
+        self.metrics.rewound(removed)
+        pruned = prune_rollback_files(
+            rollback.parent, self.config.rollback_max_files, self.config.rollback_max_bytes
+        )
+        log.info(
+            format_fields(
+                "rewind",
+                {
+                    "node": self.config.node_id,
+                    "from": position.seq,
+                    "to": new_position.seq,
+                    "removed": removed,
+                    "rollback": rollback.name,
+                    "pruned": ",".join(path.name for path in pruned) or "-",
+                },
+            )
+        )
+        return self._log_replaced(new_position)
+
+    def _log_replaced(self, position: Position) -> list[Effect]:
+        storage = self.storage
+        return self.core.on_log_replaced(
+            self.shell.now(),
+            position,
+            storage.sync_set(),
+            storage.epoch_history(),
+            storage.first_log_seq(),
+        )
+
+    def _request_snapshot(self) -> list[Effect]:
+        self.durability.forget()
+        return self.core.on_log_unusable(self.shell.now(), "own log too short to rewind")
+
+    def expect_snapshot(self) -> None:
+        path = self.config.data_dir / "snapshot-in.db"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self.incoming_snapshot = (path, 0)
+        log.info(
+            format_fields(
+                "snapshot expected", {"node": self.config.node_id, "from": self.core.primary}
+            )
+        )
+
+    @staticmethod
+    def _receive_chunk(path: Path, data: bytes, done: bool) -> None:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(fd, "ab") as target:
+                target.write(data)
+                if done:
+                    target.flush()
+                    os.fsync(target.fileno())
+        except OSError as exc:
+            raise os_fault(exc, "cannot write the snapshot received") from exc
+
+    def receive_snapshot(self, chunk: Snapshot) -> list[Effect]:
+        """One chunk of the snapshot the core expects from the current primary."""
+        if self.incoming_snapshot is None:
+            return []
+        path, expected = self.incoming_snapshot
+        if chunk.offset != expected:
+            self.incoming_snapshot = None
+            return self.core.rejoin(self.shell.now(), "snapshot chunk out of order")
+        data = chunk.data
+        try:
+            self._receive_chunk(path, data, chunk.done)
+            self.incoming_snapshot = (path, expected + len(data))
+            if not chunk.done:
+                return []
+            self.incoming_snapshot = None
+            started = time.monotonic()
+            damage = self.storage.check_file(path)
+            if damage is not None:
+                # Damaged in transit or at the sender: never installed. Ask again.
+                log.warning(
+                    format_fields(
+                        "snapshot damaged, not installed",
+                        {"node": self.config.node_id, "from": self.core.primary, "why": damage},
+                    )
+                )
+                return self.core.rejoin(self.shell.now(), "the snapshot received was damaged")
+            position = self.storage.install_snapshot(path)
+        except StorageFault as exc:
+            self.incoming_snapshot = None
+            self.shell.fault(str(exc))
+            return []
+        finally:
+            if self.incoming_snapshot is None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        self.forget_tail()
+        self.durability.forget()
+        self.metrics.snapshots_installed.inc()
+        log.info(
+            format_fields(
+                "snapshot installed",
+                {
+                    "node": self.config.node_id,
+                    "epoch": position.epoch,
+                    "seq": position.seq,
+                    "seconds": f"{time.monotonic() - started:.3f}",
+                },
+            )
+        )
+        return self._log_replaced(position)

@@ -1,0 +1,249 @@
+"""The primary's streams to backups: records after a backup's divergence point, live.
+
+A backup that joined gets a ``Stream``: records after its divergence point,
+read from the in-memory tail or the log, then live (``broadcast`` sends each new
+record to every stream that is caught up). A stream never runs more than
+``WINDOW`` records ahead of what the backup acknowledged, so a frozen backup
+costs bounded memory. When the log no longer reaches back far enough, a
+snapshot (SQLite online backup) is sent first, in chunks, after checking that
+the copy is sound: damaged pages are never shipped.
+
+Invariants: ``tail`` holds the newest records in seq order, at most
+``TAIL_BYTES`` of changesets (at least one record); a stream's ``next_seq`` is
+the first record it has not sent; a live stream is sent each record as it is
+sealed, and drops out of live mode at any gap (it then reads the log).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..config import NodeConfig
+from ..errors import StorageCorrupt, StorageFault
+from ..metrics import Metrics
+from ..peer import PeerLinks
+from ..storage import Storage
+from .effects import StartStream
+from .messages import Snapshot, record_to_wire
+from .shell import Shell, format_fields, log
+from .state import ReplicaCore
+from .types import LogRecord
+
+WINDOW = 4096
+CHUNK_RECORDS = 512
+# A catch-up frame stays far below max_frame: a group-committed record can hold
+# hundreds of writes, and base64 adds a third.
+CHUNK_BYTES = 1024 * 1024
+SNAPSHOT_CHUNK = 1024 * 1024
+TAIL_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class Stream:
+    peer: int
+    next_seq: int
+    snapshot: bool
+    live: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class Streams:
+    """Every stream of this primary, and the tail of records they share."""
+
+    def __init__(
+        self,
+        shell: Shell,
+        config: NodeConfig,
+        core: ReplicaCore,
+        storage: Storage,
+        links: PeerLinks,
+        metrics: Metrics,
+    ) -> None:
+        self.shell = shell
+        self.config = config
+        self.core = core
+        self.storage = storage
+        self.links = links
+        self.metrics = metrics
+        self.streams: dict[int, Stream] = {}
+        # The newest records, for streams to live backups without reading the log back.
+        # Bounded in bytes: with group commit a record may hold hundreds of writes.
+        self.tail: deque[LogRecord] = deque()
+        self.tail_bytes = 0
+
+    def acked(self, peer: int) -> None:
+        """``peer`` acknowledged: its window may have room again."""
+        stream = self.streams.get(peer)
+        if stream is not None:
+            stream.wake.set()
+
+    def stop_all(self) -> None:
+        for peer in list(self.streams):
+            self.stop(peer)
+
+    def broadcast(self, record: LogRecord) -> None:
+        wire = record_to_wire(record)
+        for stream in self.streams.values():
+            if stream.live and stream.next_seq == record.seq and self._in_window(stream):
+                self.shell.send(stream.peer, self.core.stream_header(stream.peer, [wire]))
+                stream.next_seq += 1
+            else:
+                stream.live = False
+                stream.wake.set()
+
+    def _in_window(self, stream: Stream) -> bool:
+        durable = self.core.backup_durable(stream.peer)
+        return stream.next_seq - max(durable or 0, 0) <= WINDOW
+
+    def start(self, effect: StartStream) -> None:
+        self.stop(effect.node)
+        stream = Stream(effect.node, effect.after_seq + 1, effect.snapshot)
+        self.streams[effect.node] = stream
+        stream.task = self.shell.spawn(self._loop(stream))
+
+    def stop(self, peer: int) -> None:
+        stream = self.streams.pop(peer, None)
+        if stream is not None and stream.task is not None:
+            stream.task.cancel()
+
+    def remember(self, record: LogRecord) -> None:
+        self.tail.append(record)
+        self.tail_bytes += len(record.changeset)
+        while self.tail_bytes > TAIL_BYTES and len(self.tail) > 1:
+            self.tail_bytes -= len(self.tail.popleft().changeset)
+
+    def forget_tail(self) -> None:
+        self.tail.clear()
+        self.tail_bytes = 0
+
+    def _records_from(self, seq: int, limit: int) -> list[LogRecord]:
+        """Records from ``seq`` on: at most ``limit``, and about CHUNK_BYTES (at least one)."""
+        if self.tail and self.tail[0].seq <= seq:
+            start = seq - self.tail[0].seq
+            records = [self.tail[i] for i in range(start, min(len(self.tail), start + limit))]
+        else:
+            records = self.storage.log_range(seq - 1, limit)
+        size = 0
+        for count, record in enumerate(records):
+            size += len(record.changeset)
+            if size > CHUNK_BYTES and count:
+                return records[:count]
+        return records
+
+    async def _loop(self, stream: Stream) -> None:
+        try:
+            await self._stream(stream)
+        except (StorageFault, StorageCorrupt) as exc:
+            # No room (or no sound file) for the snapshot this backup needs: drop the
+            # link, so that it joins again and the snapshot is tried afresh.
+            log.info(
+                format_fields(
+                    "stream to backup failed",
+                    {"node": self.config.node_id, "backup": stream.peer, "why": str(exc)},
+                )
+            )
+            link = self.links.links.get(stream.peer)
+            if link is not None:
+                link.close()
+        except (ConnectionError, OSError) as exc:
+            log.info(
+                format_fields(
+                    "stream to backup ended",
+                    {"node": self.config.node_id, "backup": stream.peer, "why": str(exc)},
+                )
+            )
+
+    async def _stream(self, stream: Stream) -> None:
+        if stream.snapshot:
+            await self._send_snapshot(stream)
+        while True:
+            last = self.core.position.seq
+            if stream.next_seq > last:
+                stream.live = True
+                stream.wake.clear()
+                await stream.wake.wait()
+                continue
+            stream.live = False
+            if not self._in_window(stream):
+                stream.wake.clear()
+                await stream.wake.wait()
+                continue
+            records = self._records_from(stream.next_seq, CHUNK_RECORDS)
+            if not records or records[0].seq != stream.next_seq:
+                log.info(
+                    format_fields(
+                        "log pruned past backup, sending snapshot",
+                        {
+                            "node": self.config.node_id,
+                            "backup": stream.peer,
+                            "needed": stream.next_seq,
+                        },
+                    )
+                )
+                await self._send_snapshot(stream)
+                continue
+            header = self.core.stream_header(stream.peer, [record_to_wire(r) for r in records])
+            if not self.shell.send(stream.peer, header):
+                return
+            stream.next_seq = records[-1].seq + 1
+            await self.links.drain(stream.peer)
+
+    async def _send_snapshot(self, stream: Stream) -> None:
+        path = self.config.data_dir / f"snapshot-out-{stream.peer}.db"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        started = time.monotonic()
+        position = self.storage.make_snapshot(path)
+        damage = self.storage.check_file(path)
+        if damage is not None:
+            # The copy is of our own pages: never ship them (a backup would install
+            # them and the damage would spread to every node).
+            self.shell.damaged(f"a snapshot of this database is damaged: {damage}")
+        size = path.stat().st_size
+        log.info(
+            format_fields(
+                "snapshot start",
+                {
+                    "node": self.config.node_id,
+                    "backup": stream.peer,
+                    "epoch": position.epoch,
+                    "seq": position.seq,
+                    "bytes": size,
+                },
+            )
+        )
+        try:
+            with path.open("rb") as source:
+                offset = 0
+                while True:
+                    data = source.read(SNAPSHOT_CHUNK)
+                    done = len(data) < SNAPSHOT_CHUNK
+                    chunk = Snapshot(self.core.epoch, position, offset, data, done)
+                    if not self.shell.send(stream.peer, chunk):
+                        raise ConnectionError("link lost during the snapshot")
+                    offset += len(data)
+                    await self.links.drain(stream.peer)
+                    if done:
+                        break
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        stream.next_seq = position.seq + 1
+        stream.snapshot = False
+        self.metrics.snapshots_sent.inc()
+        log.info(
+            format_fields(
+                "snapshot sent",
+                {
+                    "node": self.config.node_id,
+                    "backup": stream.peer,
+                    "seq": position.seq,
+                    "seconds": f"{time.monotonic() - started:.3f}",
+                },
+            )
+        )

@@ -1,0 +1,409 @@
+"""The primary's write path (R2, R7): batches, group commit, and the replies' waiters.
+
+Client writes queue up while the previous batch runs; the writer takes all of
+them (up to ``max_batch``) into one SQLite transaction, each in its own
+savepoint, applies each through the ``Application`` (the chat), seals one
+record (one seq), commits without syncing, sends the record to every backup
+streaming live, and hands durability to the group sync (``durability.py``).
+Replies wait until the core releases a watermark (``Acknowledge``: every member
+of the ack set durable, this node included) that reaches their seq. The writer
+waits neither for the disk nor for acknowledgements before the next batch:
+records are pipelined, made durable in groups, and acknowledged in order.
+Reads are served from the primary's database and released, like writes, only
+when the watermark covers every seq they could have seen.
+
+Everything that touches the database runs on the event loop thread: a batch is
+one synchronous stretch from BEGIN to COMMIT, so reads never see a batch half
+done and the writer connection is never shared across threads.
+
+Invariants: ``waiters`` is a heap by seq, each fired exactly once (acknowledged,
+or failed when the node steps down or stops); a write's future is resolved only
+by its waiter, so no reply goes out before its record is acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .. import protocol
+from ..config import NodeConfig
+from ..errors import (
+    ChatError,
+    Internal,
+    InvalidInput,
+    NotPrimary,
+    StorageCorrupt,
+    StorageFault,
+)
+from ..metrics import Metrics
+from ..storage import Batch, Db, Storage
+from .app import Application
+from .durability import Durability
+from .shell import Shell, log
+from .state import ReplicaCore
+from .streams import Streams
+from .types import Position, Role
+
+# No record's changeset grows past this: the writer ends a batch before an operation
+# would take it further (that operation goes first into the next batch), and an
+# operation too large alone is refused. With base64 and a catch-up frame's other
+# records (streams.CHUNK_BYTES) a frame stays far below the peer frame limit, so a
+# backup can always take what the primary sends (a record too large for the stream
+# would stop replication for good).
+RECORD_BUDGET = 2 * 1024 * 1024
+YIELDS_BETWEEN_BATCHES = 3
+
+MessageHook = Callable[[int, dict[str, Any]], None]
+# (op, token hash, result) of an acknowledged write that ended sessions.
+SessionHook = Callable[[str, str | None, dict[str, Any]], None]
+T = TypeVar("T")
+
+
+class RecordFull(Exception):
+    """An operation would take the batch's record past RECORD_BUDGET."""
+
+
+@dataclass
+class PendingWrite:
+    op: str
+    args: dict[str, Any]
+    token_hash: str | None
+    request_id: str
+    future: asyncio.Future[dict[str, Any]]
+    # The client's request, when the server wrote other args for it (Application.apply_write).
+    fingerprint: str | None = None
+
+
+@dataclass(order=True)
+class Waiter:
+    """Something to do once ``seq`` is acknowledged (``None``) or never will be."""
+
+    seq: int
+    order: int
+    fire: Callable[[ChatError | None], None] = field(compare=False)
+
+
+class WritePath:
+    def __init__(
+        self,
+        shell: Shell,
+        config: NodeConfig,
+        core: ReplicaCore,
+        storage: Storage,
+        app: Application,
+        durability: Durability,
+        streams: Streams,
+        metrics: Metrics,
+    ) -> None:
+        self.shell = shell
+        self.config = config
+        self.core = core
+        self.storage = storage
+        # What the client writes mean (the chat): applied in the primary's batches.
+        self.app = app
+        self.durability = durability
+        self.streams = streams
+        self.metrics = metrics
+        self.queue: deque[PendingWrite] = deque()
+        self.work = asyncio.Event()
+        self.waiters: list[Waiter] = []  # a heap
+        self._order = 0
+        self.message_hooks: list[MessageHook] = []
+        self.session_hooks: list[SessionHook] = []
+        self.sync_change: tuple[int, ...] | None = None
+        # Deleted accounts may still have inbox messages to tombstone: checked once
+        # on becoming primary, then after every account deletion.
+        self.purge_due = False
+        self.batches = 0
+        self.writes = 0
+        self.reads = 0
+
+    def primary_address(self) -> str | None:
+        primary = self.core.primary
+        for peer in self.config.nodes:
+            if peer.node_id == primary:
+                return peer.address
+        return None
+
+    def require_primary(self) -> None:
+        if self.core.role is not Role.PRIMARY:
+            if self.core.role is Role.BACKUP:
+                raise NotPrimary(
+                    f"node {self.config.node_id} is a backup", primary=self.primary_address()
+                )
+            raise NotPrimary(
+                f"node {self.config.node_id} is electing: {self.core.reason}", primary=None
+            )
+
+    async def submit(
+        self,
+        op: str,
+        args: dict[str, Any],
+        token_hash: str | None,
+        request_id: str,
+        fingerprint: str | None = None,
+    ) -> dict[str, Any]:
+        """Run one write on the primary; returns once it is durable on the sync set."""
+        self.require_primary()
+        if self.core.fault is not None:
+            raise StorageFault(
+                f"node {self.config.node_id} cannot write: {self.core.fault}; retry later"
+            )
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.queue.append(PendingWrite(op, args, token_hash, request_id, future, fingerprint))
+        self.work.set()
+        return await future
+
+    async def read(self, query: Callable[[Db], T]) -> T:
+        """Run a query on the primary and release it once nothing it saw is unacked (R7)."""
+        self.require_primary()
+        self.reads += 1
+        result, seq = self.storage.read(query)
+        await self.wait_acked(seq)
+        return result
+
+    async def wait_acked(self, seq: int) -> None:
+        if self.core.acknowledged(seq, self.shell.now()):
+            return
+        self.require_primary()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def fire(exc: ChatError | None) -> None:
+            if future.done():
+                return
+            if exc is None:
+                future.set_result(None)
+            else:
+                future.set_exception(exc)
+
+        self._wait(seq, fire)
+        await future
+
+    def _wait(self, seq: int, fire: Callable[[ChatError | None], None]) -> None:
+        self._order += 1
+        heapq.heappush(self.waiters, Waiter(seq, self._order, fire))
+
+    def become_primary(self, members: tuple[int, ...]) -> None:
+        """The first batch of a new reign seals its sync set; writes left behind by
+        an earlier reign (deleted accounts' inboxes) are looked for once."""
+        self.metrics.forget_sealed()
+        self.purge_due = True
+        self.change_sync_set(members)
+
+    def change_sync_set(self, members: tuple[int, ...]) -> None:
+        """The writer loop seals the change in its next batch: it alone opens
+        batches on the writer connection, and an effect may arrive mid-batch."""
+        self.sync_change = members
+        self.work.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.work.wait()
+            self.work.clear()
+            while self.queue or self.sync_change is not None or self.purge_due:
+                if self.core.role is not Role.PRIMARY:
+                    self.sync_change = None
+                    self.purge_due = False
+                    self.fail_queue(
+                        NotPrimary(
+                            "this node is no longer the primary", primary=self.primary_address()
+                        )
+                    )
+                    break
+                if self.core.fault is not None:
+                    # A primary whose disk refuses writes: a sync set change or a purge
+                    # waits for the recovery (_recover sets ``work``), rather than
+                    # failing again at once, round after round.
+                    self.fail_queue(
+                        StorageFault(
+                            f"node {self.config.node_id} cannot write: {self.core.fault}; "
+                            "retry later"
+                        )
+                    )
+                    break
+                items = [
+                    self.queue.popleft() for _ in range(min(len(self.queue), self.config.max_batch))
+                ]
+                members, self.sync_change = self.sync_change, None
+                self._write_batch(items, members)
+                # A request needs a few loop turns from its socket to this queue (read,
+                # decode, dispatch): give them, so the next batch groups every request
+                # that arrived during this commit (group commit) instead of a few.
+                for _ in range(YIELDS_BETWEEN_BATCHES):
+                    await asyncio.sleep(0)
+
+    def _write_batch(self, items: list[PendingWrite], members: tuple[int, ...] | None) -> None:
+        """One SQLite transaction = one seq: the writes in ``items`` and/or a sync set.
+
+        The record goes to the live backups once the local COMMIT returned (a commit
+        without fsync: a write to the OS); the fsync comes later, in a group
+        (``_committed``). A COMMIT the disk refuses (full, I/O error) thus never
+        leaves a backup holding a record this node does not have: the batch is
+        rolled back whole, its writes fail with a retriable error, and the seq
+        stays free (``_fault``)."""
+        now = self.shell.now()
+        epoch = self.core.epoch
+        try:
+            batch = self.storage.begin_batch()
+            try:
+                outcomes = self._execute(batch, items)
+                self._prune_requests(batch, len(items))
+                self._purge_inboxes(batch)
+                sync_set = (
+                    batch.set_sync_set(members, epoch, self.core.member_databases(members))
+                    if members is not None
+                    else None
+                )
+                record = batch.seal(epoch)
+                if record is not None:
+                    batch.commit()
+                else:
+                    batch.rollback()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    batch.rollback()
+                raise
+        except StorageCorrupt as exc:
+            self.shell.damaged(str(exc))
+        except StorageFault as exc:
+            if members is not None and self.sync_change is None:
+                self.sync_change = members  # proposed again once the disk recovers
+            refusal = self.shell.fault(str(exc))
+            for item in items:
+                if not item.future.done():
+                    item.future.set_exception(copy.copy(refusal))
+            return
+        if record is None:
+            seq = self.core.position.seq
+        else:
+            self.shell.run(self.core.on_sealed(now, record.seq, sync_set))
+            self.metrics.sealed(record.seq, len(items))
+            self.streams.broadcast(record)
+            self.streams.remember(record)
+            self.batches += 1
+            self.writes += len(items)
+            seq = record.seq
+        for item, outcome in outcomes:
+            self._reply_after(seq, item, outcome)
+        if record is not None:
+            lone = len(items) <= 1 and not self.queue
+            self.durability.committed(Position(record.epoch, record.seq), lone=lone)
+
+    def _execute(
+        self, batch: Batch, items: list[PendingWrite]
+    ) -> list[tuple[PendingWrite, dict[str, Any] | ChatError]]:
+        outcomes: list[tuple[PendingWrite, dict[str, Any] | ChatError]] = []
+        for index, item in enumerate(items):
+            try:
+                with batch.savepoint() as db:
+                    result = self.app.apply_write(
+                        db,
+                        item.op,
+                        item.args,
+                        item.token_hash,
+                        item.request_id,
+                        time.time(),
+                        item.fingerprint,
+                    )
+                    if batch.size() > RECORD_BUDGET:
+                        raise RecordFull
+                outcomes.append((item, result))
+                if self.app.starts_purge(item.op):
+                    self.purge_due = True
+            except (StorageFault, StorageCorrupt):
+                # The disk, not this request, failed: the whole batch is abandoned.
+                raise
+            except RecordFull:
+                if index == 0:
+                    outcomes.append((item, InvalidInput("this request is too large to replicate")))
+                    continue
+                # The rest waits for the next batch, first in line, in order.
+                self.queue.extendleft(reversed(items[index:]))
+                self.work.set()
+                break
+            except ChatError as exc:
+                outcomes.append((item, exc))
+            except Exception as exc:
+                # A bug in one operation fails that request only; its savepoint
+                # was rolled back, the rest of the batch goes on.
+                log.exception("write failed op=%s", item.op)
+                outcomes.append((item, Internal(f"internal error: {exc}")))
+        return outcomes
+
+    def _purge_inboxes(self, batch: Batch) -> None:
+        """The work writes left, a bounded part per batch (``Application.purge``: the
+        chat tombstones deleted accounts' inboxes)."""
+        if not self.purge_due:
+            return
+        with batch.savepoint() as db:
+            self.purge_due = self.app.purge(db, time.time())
+        if self.purge_due:
+            self.work.set()
+
+    def _prune_requests(self, batch: Batch, writes: int) -> None:
+        """Forget expired rows (the chat: request ids and ended sessions), twice as fast
+        as this batch adds new ones."""
+        with batch.savepoint() as db:
+            self.app.prune(db, time.time(), 2 * writes + 1)
+
+    def _reply_after(
+        self, seq: int, item: PendingWrite, outcome: dict[str, Any] | ChatError
+    ) -> None:
+        def fire(exc: ChatError | None) -> None:
+            if (
+                exc is None
+                and item.op == "send"
+                and not isinstance(outcome, ChatError)
+                and isinstance(outcome.get("message"), dict)
+            ):
+                # Pushed on acknowledgement even if the sender has gone away (its
+                # client timed out): a listener must not miss an acknowledged message.
+                for hook in self.message_hooks:
+                    hook(int(outcome.get("recipient_id", -1)), outcome["message"])
+            if (
+                exc is None
+                and item.op in protocol.SESSION_ENDING_OPS
+                and not isinstance(outcome, ChatError)
+            ):
+                for session_hook in self.session_hooks:
+                    session_hook(item.op, item.token_hash, outcome)
+            if item.future.done():
+                return
+            if exc is not None:
+                item.future.set_exception(exc)
+            elif isinstance(outcome, ChatError):
+                item.future.set_exception(outcome)
+            else:
+                item.future.set_result(outcome)
+
+        if self.core.acknowledged(seq, self.shell.now()):
+            fire(None)
+        else:
+            self._wait(seq, fire)
+
+    def release(self, watermark: int) -> None:
+        self.metrics.acknowledged(watermark)
+        while self.waiters and self.waiters[0].seq <= watermark:
+            heapq.heappop(self.waiters).fire(None)
+
+    def fail_queue(self, exc: ChatError) -> None:
+        while self.queue:
+            item = self.queue.popleft()
+            if not item.future.done():
+                # A fresh exception per future: one instance raised in several tasks
+                # would carry one task's traceback into another's.
+                item.future.set_exception(copy.copy(exc))
+
+    def fail_all(self, exc: ChatError) -> None:
+        self.fail_queue(exc)
+        waiters, self.waiters = self.waiters, []
+        for waiter in sorted(waiters):
+            waiter.fire(copy.copy(exc))

@@ -1,64 +1,71 @@
-"""Real node processes for the cluster tests: start, crash, freeze, and check.
+"""Real node processes on this machine: start, crash, freeze, observe, check.
 
 Theory of operation
 -------------------
-``Cluster`` lays out one folder per test cluster::
+``Cluster`` lays out one folder per cluster::
 
-    <tmp>/cluster-1/cluster.secret      shared; the first node to start creates it
-    <tmp>/cluster-1/node1/node.conf     the INI file the node is started with
-    <tmp>/cluster-1/node1/data/chat.db  its database
-    <tmp>/cluster-1/node1/node.log      its stdout and stderr, across restarts
+    <root>/cluster.secret      shared; the first node to start creates it
+    <root>/node1/node.conf     the INI file the node is started with
+    <root>/node1/data/chat.db  its database (and rollback/ after a rewind)
+    <root>/node1/node.log      its stdout and stderr, across restarts
 
-and runs each node as ``python -m service --config node.conf`` on a free
-loopback port, exactly as supervisord does. Faults are the ones of the fault
+and runs each node as ``python -m service --config node.conf``, exactly as
+supervisord does, on a free port of its own address. By default every node
+listens on 127.0.0.1; ``hosts`` gives each node its own address (127.0.0.11,
+.12, .13: one loopback address per node, so that traffic between two nodes
+can be told apart, and cut, by address). Faults are the ones of the fault
 model (SPEC section 6): ``kill`` (SIGKILL), ``freeze``/``thaw`` (SIGSTOP and
-SIGCONT) and restarts. The harness writes a ``=== harness: ... ===`` line into
-a node's log at every such action, so a log tail reads as the scenario.
+SIGCONT), a clean ``stop`` (SIGTERM) and restarts. The harness writes a
+``=== <tag>: <time> <action> node N ===`` line into a node's log at every
+such action, so a log tail reads as the scenario.
 
 The harness only observes what an operator can: the ``status`` op (through
-``probe.probe_status``, not the client library under test), the logs, and
-the database files. Waits, from weakest to strongest:
+``probe``, not the client library), the logs, and the database files. The
+waits, from weakest to strongest (their rules: ``agreement.py``):
 
-* ``wait_for_primary``: one primary, named by every live node in one epoch;
+* ``wait_for_primary``: one primary, named by every live node in its epoch;
 * ``wait_converged``: and every live node at the primary's position;
 * ``wait_in_sync``: and every live node in the sync set, backups confirmed
   (the precondition of a failover that R5 allows);
-* ``wait_identical``: and identical per-table checksums (G4).
+* ``wait_identical``: and identical per-table checksums (G4);
+* ``wait_settled``: the sync set is every live node, backups confirmed, and
+  every two live nodes linked; positions may differ (reachable under load).
 
 Every wait has a deadline and raises ``TimeoutError`` with the last cluster
 state it saw; a node process that exits without the harness asking is
 reported at once (``NodeExited``). Nothing here returns a success flag: a
-broken expectation raises.
+broken expectation raises. The tests, the benchmark (``ops/bench``) and the
+chaos tool (``ops/chaos``) all run their nodes through this module.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import signal
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
-from itertools import pairwise
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager, suppress
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from service.status import NodeStatus
 from service.storage import Storage
 
+from . import agreement, logs
 from .ports import LOOPBACK, free_ports
-from .probe import Status, probe_status
+from .probe import Status, probe_all, probe_status
 from .scrape import Scrape, scrape
-from .waiting import StopWaiting, wait_for
+from .waiting import NotYet, StopWaiting, wait_for
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The folder that holds the ``service`` package: node processes run from there.
+PACKAGE_HOME = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
-TEST_SCRYPT_N = 2**10
-# Settings the harness owns; a test passes any other NodeConfig field.
-_RESERVED = frozenset({"node_id", "data_dir", "nodes", "secret_file"})
-_BECAME_PRIMARY = re.compile(r"\bbecame primary\b.*?\bepoch=(\d+)")
+# Settings the harness owns; a caller passes any other NodeConfig field.
+_RESERVED = frozenset({"node_id", "data_dir", "nodes", "secret_file", "metrics_address"})
 
 Position = tuple[int, int]
 
@@ -67,85 +74,16 @@ class NodeExited(StopWaiting):
     """A node process exited although the harness did not stop it."""
 
 
-class NotYet(Exception):
-    """The awaited cluster state is not there yet; the message says what is."""
-
-
-@dataclass(frozen=True)
-class NodeView:
-    """The fields of a node's ``status`` the harness reasons about.
-
-    ``epoch`` is the epoch the node is in; ``position`` is the (epoch, seq) of
-    its last committed transaction. Convergence compares positions, not just
-    seqs: a node that kept an unreplicated transaction may have the primary's
-    seq with a different epoch, and that is a diverged history, not a match.
-    """
-
-    node_id: int
-    role: str
-    epoch: int
-    position: Position
-    primary: object
-    sync_set: tuple[int, ...]
-    # The members the primary currently waits for (None on a backup).
-    in_sync: tuple[int, ...] | None = None
-    # A backup recently named a member by the primary: it may take over (R5).
-    confirmed: bool = False
-    # Why a node without a primary cannot go on, and for which nodes (G5).
-    reason: object = None
-    waiting_for: object = None
-
-    @classmethod
-    def from_status(cls, status: Status) -> NodeView:
-        node: dict[str, Any] = status["node"]
-        epoch, seq = node.get("position") or (node["epoch"], node["seq"])
-        members = (node.get("sync_set") or {}).get("members", [])
-        in_sync = node.get("in_sync")
-        return cls(
-            node_id=int(node["id"]),
-            role=str(node["role"]),
-            epoch=int(node["epoch"]),
-            position=(int(epoch), int(seq)),
-            primary=node.get("primary"),
-            sync_set=tuple(int(m) for m in members),
-            in_sync=None if in_sync is None else tuple(int(m) for m in in_sync),
-            confirmed=bool(node.get("confirmed")),
-            reason=node.get("reason"),
-            waiting_for=node.get("waiting_for"),
-        )
-
-    @property
-    def seq(self) -> int:
-        return self.position[1]
-
-    def __str__(self) -> str:
-        text = (
-            f"node {self.node_id}: {self.role} epoch={self.epoch} position={self.position} "
-            f"primary={self.primary} sync_set={list(self.sync_set)}"
-        )
-        if self.reason or self.waiting_for:
-            text += f" waiting_for={self.waiting_for} reason={self.reason!r}"
-        return text
-
-
 class NodeProcess:
     """One real node process, its config, data and log."""
 
-    def __init__(
-        self,
-        node_id: int,
-        root: Path,
-        port: int,
-        nodes: str,
-        secret_file: Path,
-        settings: dict[str, str],
-        metrics_port: int | None = None,
-    ) -> None:
+    def __init__(self, node_id: int, folder: Path, address: str, tag: str = "harness") -> None:
         self.node_id = node_id
-        self.address = f"{LOOPBACK}:{port}"
+        self.address = address
         # Where the node serves Prometheus metrics; None: it does not.
-        self.metrics_address = None if metrics_port is None else f"{LOOPBACK}:{metrics_port}"
-        self.dir = root / f"node{node_id}"
+        self.metrics_address: str | None = None
+        self.tag = tag
+        self.dir = folder
         self.data_dir = self.dir / "data"
         self.config_path = self.dir / "node.conf"
         self.log_path = self.dir / "node.log"
@@ -157,20 +95,30 @@ class NodeProcess:
         self._process: subprocess.Popen[bytes] | None = None
         self._frozen = False
         self.dir.mkdir(parents=True)
+
+    def configure(
+        self, nodes: str, secret_file: Path, settings: Mapping[str, str], metrics: str | None
+    ) -> None:
+        """Write the node's INI file: the cluster (``nodes``), the secret, other settings."""
+        self.metrics_address = metrics
         lines = [
             "[node]",
-            f"node_id = {node_id}",
+            f"node_id = {self.node_id}",
             f"data_dir = {self.data_dir}",
             f"nodes = {nodes}",
             f"secret_file = {secret_file}",
             *(f"{key} = {value}" for key, value in settings.items()),
         ]
-        if self.metrics_address is not None:
-            lines.append(f"metrics_address = {self.metrics_address}")
+        if metrics is not None:
+            lines.append(f"metrics_address = {metrics}")
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def __repr__(self) -> str:
         return f"<NodeProcess {self.node_id} {self.address} {self.state}>"
+
+    @property
+    def host(self) -> str:
+        return self.address.rpartition(":")[0]
 
     @property
     def db_path(self) -> Path:
@@ -209,7 +157,7 @@ class NodeProcess:
         if self._process is not None:
             raise RuntimeError(f"node {self.node_id} is already started ({self.state})")
         self.starts += 1
-        self._note(f"start {self.starts}")
+        self.note(f"start {self.starts}")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         command = [sys.executable, "-m", "service", "--config", str(self.config_path)]
         with self.log_path.open("ab") as log:
@@ -218,7 +166,7 @@ class NodeProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                cwd=REPO_ROOT,
+                cwd=PACKAGE_HOME,
                 env=env,
             )
         self._frozen = False
@@ -235,23 +183,34 @@ class NodeProcess:
         process = self._require_started()
         if process.poll() is None:
             process.kill()
-        returncode = self._reap(process, STOP_TIMEOUT)
-        self._note("SIGKILL")  # after the kill: a dead process writes nothing more
+        returncode = self.reap(STOP_TIMEOUT)
+        self.note("SIGKILL")  # after the kill: a dead process writes nothing more
         return returncode
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM and wait, as supervisord stops a node; returns the exit status.
-
-        A node that outlives ``timeout`` is killed and reported as a bug.
-        """
+    def terminate(self) -> None:
+        """SIGTERM, as supervisord stops a node, without waiting (``reap`` waits)."""
         process = self._require_started()
-        self._note("SIGTERM")
+        self.note("SIGTERM")
         if process.poll() is None:
             process.terminate()
             if self._frozen:
                 process.send_signal(signal.SIGCONT)  # TERM stays pending until it runs
+
+    def reap(self, timeout: float = STOP_TIMEOUT) -> int:
+        """Wait for the process to end and forget it; returns its exit status."""
+        self.returncode = self._require_started().wait(timeout)
+        self._process = None
+        self._frozen = False
+        return self.returncode
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM and wait; returns the exit status.
+
+        A node that outlives ``timeout`` is killed and reported as a bug.
+        """
+        self.terminate()
         try:
-            return self._reap(process, timeout)
+            return self.reap(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise RuntimeError(
@@ -276,6 +235,13 @@ class NodeProcess:
             self.kill()
         self.start(wait=wait)
 
+    def exited(self) -> int | None:
+        """The exit status if the process ended without the harness asking (it is then
+        forgotten, as if stopped); None while it runs or when it was not started."""
+        if self._process is None or self._process.poll() is None:
+            return None
+        return self.reap()
+
     # ---- observation -------------------------------------------------------------
 
     def check_alive(self) -> None:
@@ -293,9 +259,10 @@ class NodeProcess:
             return None
         return probe_status(self.address, timeout)
 
-    def view(self) -> NodeView | None:
+    def view(self) -> NodeStatus | None:
+        """The typed ``status``, or None while the node is stopped, frozen or silent."""
         status = self.status()
-        return NodeView.from_status(status) if status is not None else None
+        return NodeStatus.from_reply(status) if status is not None else None
 
     def metrics(self) -> Scrape | None:
         """A scrape of the node's metrics, or None while nothing answers there."""
@@ -306,13 +273,56 @@ class NodeProcess:
             return None
         return scrape(self.metrics_address)
 
-    def log_text(self) -> str:
+    def log_size(self) -> int:
+        """The log's size in bytes: a mark for ``log_text`` and ``events``."""
+        return self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_text(self, since: int = 0) -> str:
+        """The log from byte ``since`` on (all of it when the log is shorter: rotated)."""
         if not self.log_path.exists():
             return ""
-        return self.log_path.read_text(encoding="utf-8", errors="replace")
+        with self.log_path.open("rb") as log:
+            size = log.seek(0, os.SEEK_END)
+            log.seek(since if since <= size else 0)
+            return log.read().decode("utf-8", errors="replace")
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def events(self, name: str, since: int = 0) -> list[logs.Event]:
+        """The log's ``name`` events written after byte ``since``."""
+        return logs.events(self.log_text(since), name)
+
+    def query(self, sql: str) -> Any:
+        """One value from the node's database, read-only (WAL: the node's writer is not
+        blocked); None when there is no row."""
+        uri = self.db_path.resolve().as_uri() + "?mode=ro"
+        with closing(sqlite3.connect(uri, uri=True, timeout=1.0)) as conn:
+            row = conn.execute(sql).fetchone()
+        return None if row is None else row[0]
+
+    @contextmanager
+    def open_storage(self) -> Iterator[Storage]:
+        """The node's ``Storage`` (safe beside a running node: WAL); refuses to create a
+        database that is not there."""
+        if not self.db_path.exists():
+            raise FileNotFoundError(f"node {self.node_id} has no database at {self.db_path}")
+        storage = Storage(self.db_path)
+        try:
+            yield storage
+        finally:
+            storage.close()
+
+    def disk_bytes(self) -> int:
+        """The database with its WAL: what this node keeps on disk."""
+        paths = [self.db_path, self.db_path.with_name("chat.db-wal")]
+        return sum(p.stat().st_size for p in paths if p.exists())
+
+    def note(self, action: str) -> None:
+        """Mark a harness action in the node's log, stamped like the node's own lines."""
+        stamp = datetime.now().strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
+        with self.log_path.open("a", encoding="utf-8") as log:
+            log.write(f"=== {self.tag}: {stamp} {action} node {self.node_id} ===\n")
 
     # ---- internals ---------------------------------------------------------------
 
@@ -324,58 +334,49 @@ class NodeProcess:
     def _signal(self, name: str, signum: signal.Signals) -> None:
         process = self._require_started()
         self.check_alive()
-        self._note(name)
+        self.note(name)
         process.send_signal(signum)
-
-    def _reap(self, process: subprocess.Popen[bytes], timeout: float) -> int:
-        self.returncode = process.wait(timeout)
-        self._process = None
-        self._frozen = False
-        return self.returncode
-
-    def _note(self, action: str) -> None:
-        """Mark a harness action in the node's log, so the log reads as the scenario."""
-        with self.log_path.open("a", encoding="utf-8") as log:
-            log.write(f"=== harness: {action} node {self.node_id} ===\n")
 
 
 class Cluster:
-    """``n`` node processes that know each other, sharing one secret file.
+    """``n`` node processes that know each other, sharing one secret file, in ``root``.
 
     ``settings`` are extra NodeConfig fields written into every node's config
-    (``heartbeat_interval=0.05``, ``log_retention=50``, ...). With ``metrics``
-    each node also serves Prometheus metrics, on a free port of its own
-    (``NodeProcess.metrics``); by default none does.
+    (``heartbeat_interval=0.05``, ``log_retention=50``, ...). ``hosts`` are the
+    nodes' own addresses, one per node (default: all 127.0.0.1). With
+    ``metrics`` each node also serves Prometheus metrics, on a free port of its
+    own address (``NodeProcess.metrics``). ``tag`` marks the harness's lines in
+    the node logs.
     """
 
     def __init__(
-        self, tmp_path: Path, n: int = 3, *, metrics: bool = False, **settings: object
+        self,
+        root: Path,
+        n: int = 3,
+        *,
+        hosts: Sequence[str] | None = None,
+        metrics: bool = False,
+        settings: Mapping[str, object] | None = None,
+        tag: str = "harness",
     ) -> None:
+        settings = dict(settings or {})
         reserved = _RESERVED & settings.keys()
         if reserved:
             raise ValueError(f"the harness sets {sorted(reserved)} itself")
-        # Password hashing at the production cost (~0.5 s each) would make every
-        # register and login of the suite slow; a test of the cost sets it itself.
-        settings = {"scrypt_n": TEST_SCRYPT_N, **settings}
-        self.root = _fresh_dir(tmp_path, "cluster")
-        self.secret_file = self.root / "cluster.secret"
-        # One call, so that the metrics ports differ from the nodes' and each other's.
-        all_ports = free_ports(2 * n if metrics else n)
-        ports, metrics_ports = all_ports[:n], all_ports[n:]
-        spec = ",".join(f"{i}={LOOPBACK}:{port}" for i, port in enumerate(ports, 1))
-        text_settings = {key: str(value) for key, value in settings.items()}
-        self.nodes: dict[int, NodeProcess] = {
-            i: NodeProcess(
-                i,
-                self.root,
-                port,
-                spec,
-                self.secret_file,
-                text_settings,
-                metrics_ports[i - 1] if metrics else None,
-            )
-            for i, port in enumerate(ports, 1)
-        }
+        hosts = list(hosts) if hosts is not None else [LOOPBACK] * n
+        if len(hosts) != n:
+            raise ValueError(f"{len(hosts)} hosts for {n} nodes: give one address per node")
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.secret_file = root / "cluster.secret"
+        addresses, metrics_addresses = _addresses(hosts, metrics)
+        spec = ",".join(f"{i}={address}" for i, address in enumerate(addresses, 1))
+        text = {key: str(value) for key, value in settings.items()}
+        self.nodes: dict[int, NodeProcess] = {}
+        for i, address in enumerate(addresses, 1):
+            node = NodeProcess(i, root / f"node{i}", address, tag)
+            node.configure(spec, self.secret_file, text, metrics_addresses.get(i))
+            self.nodes[i] = node
 
     def __getitem__(self, node_id: int) -> NodeProcess:
         return self.nodes[node_id]
@@ -384,6 +385,10 @@ class Cluster:
     def servers(self) -> list[str]:
         """Every node's address, for a client."""
         return [node.address for node in self.nodes.values()]
+
+    def pids(self) -> dict[str, int]:
+        """``nodeN`` -> pid of every node process that runs."""
+        return {f"node{i}": n.pid for i, n in self.nodes.items() if n.pid is not None}
 
     def live(self) -> list[NodeProcess]:
         """Started, unfrozen nodes: the ones expected to answer."""
@@ -407,19 +412,29 @@ class Cluster:
             for node in chosen:
                 node.wait_serving()
 
-    def stop_all(self, timeout: float = STOP_TIMEOUT) -> dict[int, int]:
+    def stop_all(self, timeout: float = STOP_TIMEOUT, together: bool = False) -> dict[int, int]:
         """SIGTERM every started node; return their exit statuses by node id.
 
-        Raises if one would not stop in time (it is killed).
+        One by one, each waited for, unless ``together`` (every SIGTERM first, as
+        supervisord stops a group). Raises if one would not stop in time (it is killed).
         """
+        started = [node for node in self.nodes.values() if node.started]
+        if together:
+            for node in started:
+                node.terminate()
         statuses: dict[int, int] = {}
         errors: list[str] = []
-        for node in self.nodes.values():
-            if node.started:
-                try:
+        for node in started:
+            try:
+                if together:
+                    statuses[node.node_id] = node.reap(timeout)
+                else:
                     statuses[node.node_id] = node.stop(timeout)
-                except RuntimeError as error:
-                    errors.append(str(error))
+            except subprocess.TimeoutExpired:
+                node.kill()
+                errors.append(f"node {node.node_id} did not exit within {timeout}s of SIGTERM")
+            except RuntimeError as error:
+                errors.append(str(error))
         if errors:
             raise RuntimeError("; ".join(errors))
         return statuses
@@ -428,10 +443,23 @@ class Cluster:
         """SIGKILL every started node. Never raises: it is the teardown of last resort."""
         for node in self.nodes.values():
             if node.started:
-                with suppress(OSError, subprocess.SubprocessError):
+                with suppress(OSError, subprocess.SubprocessError, RuntimeError):
                     node.kill()
 
     # ---- waiting -----------------------------------------------------------------
+
+    def views(self) -> dict[int, NodeStatus]:
+        """One status of every live node, asked together; NotYet while one does not answer."""
+        live = self.live()
+        if not live:
+            raise StopWaiting("no node is started and unfrozen")
+        for node in live:
+            node.check_alive()
+        answers = probe_all({node.node_id: node.address for node in live})
+        silent = sorted(node_id for node_id, view in answers.items() if view is None)
+        if silent:
+            raise NotYet(f"nodes {silent} do not answer status")
+        return {node_id: view for node_id, view in answers.items() if view is not None}
 
     def wait_for_primary(self, timeout: float = 20.0) -> NodeProcess:
         """Wait until exactly one node is primary and every live node agrees on it and its epoch."""
@@ -451,39 +479,60 @@ class Cluster:
         """
         return wait_for(self._in_sync, timeout, "every live node confirmed in the sync set")
 
-    def _views(self) -> dict[NodeProcess, NodeView]:
-        """One status of every live node; raises NotYet while one does not answer."""
-        live = self.live()
-        if not live:
-            raise StopWaiting("no node is started and unfrozen")
-        views: dict[NodeProcess, NodeView] = {}
-        for node in live:
-            view = node.view()
-            if view is None:
-                raise NotYet(f"node {node.node_id} does not answer status")
-            views[node] = view
-        return views
+    def wait_whole_sync_set(self, timeout: float = 30.0) -> NodeProcess:
+        """Wait until the agreed primary's sync set (the latest and the one in effect) is
+        every live node, each backup confirmed in it (R5); return the primary."""
+        return wait_for(self._whole_sync_set, timeout, "every live node in the sync set")
+
+    def wait_linked(self, timeout: float = 20.0) -> None:
+        """Wait until every live node has a link to every other live node.
+
+        After a restart the peers redial with a backoff of up to a second, so the
+        primary may count a node in sync while the backups are not linked yet.
+        """
+        wait_for(self._linked, timeout, "a link between every two live nodes")
+
+    def wait_settled(self, timeout: float = 30.0) -> NodeProcess:
+        """Wait until the state to reach before the next fault; return the primary.
+
+        One primary that every live node follows, whose sync set (the latest and
+        the one in effect) is every live node, each backup confirmed in it (R5),
+        and a link between every two live nodes. Positions may differ: this is
+        meant to be reached under load, where ``wait_in_sync`` (which wants
+        every node at the very same position) rarely catches the nodes between
+        two writes.
+        """
+        self.wait_whole_sync_set(timeout)
+        self.wait_linked(timeout)
+        return self.wait_whole_sync_set(timeout)
 
     def _agreed_primary(self) -> NodeProcess:
-        return _primary_of(self._views())
+        return self.nodes[agreement.agreed_primary(self.views())]
 
     def _converged(self) -> Position:
-        views = self._views()
-        return _common_position(views, _primary_of(views))
+        views = self.views()
+        return agreement.common_position(views, agreement.agreed_primary(views))
 
     def _in_sync(self) -> NodeProcess:
-        views = self._views()
-        primary = _primary_of(views)
-        _common_position(views, primary)
-        members = set(views[primary].sync_set) & set(views[primary].in_sync or ())
-        lagging = [
-            str(view)
-            for node, view in views.items()
-            if view.node_id not in members or (node is not primary and not view.confirmed)
-        ]
-        if lagging:
-            raise NotYet(f"primary {views[primary]}; not in sync or not confirmed: {lagging}")
-        return primary
+        views = self.views()
+        primary = agreement.agreed_primary(views)
+        agreement.common_position(views, primary)
+        agreement.in_sync(views, primary)
+        return self.nodes[primary]
+
+    def _whole_sync_set(self) -> NodeProcess:
+        views = self.views()
+        primary = agreement.agreed_primary(views)
+        agreement.whole_sync_set(views, primary, views.keys())
+        agreement.confirmed_backups(views, primary)
+        return self.nodes[primary]
+
+    def _linked(self) -> bool:
+        views = self.views()
+        missing = {i: sorted(views.keys() - {i} - set(v.links)) for i, v in views.items()}
+        if any(missing.values()):
+            raise NotYet(f"missing links: {missing}")
+        return True
 
     # ---- checks ------------------------------------------------------------------
 
@@ -494,7 +543,7 @@ class Cluster:
         but only meaningful when the cluster is idle; ``wait_identical`` is the
         comparison that accounts for that.
         """
-        with _open_storage(node) as storage:
+        with node.open_storage() as storage:
             return storage.checksums()
 
     def wait_identical(self, timeout: float = 30.0) -> Position:
@@ -540,58 +589,31 @@ class Cluster:
         sums = {node.node_id: self.checksums(node) for node in self.live()}
         if self._converged() != position:
             raise NotYet(f"the position moved from {position} while reading the tables")
-        (first, expected), *others = sums.items()
-        for node_id, actual in others:
-            tables = expected.keys() | actual.keys()
-            differ = sorted(t for t in tables if expected.get(t) != actual.get(t))
-            if differ:
-                raise NotYet(f"at {position} node {node_id} differs from node {first} in {differ}")
+        differ = agreement.differing_tables(sums)
+        if differ:
+            first = next(iter(sums))
+            raise NotYet(f"at {position} tables differ from node {first}'s: {differ}")
         return position
 
 
-def _primary_of(views: dict[NodeProcess, NodeView]) -> NodeProcess:
-    """The one primary that every view names, in the same epoch; else NotYet."""
-    summary = "; ".join(str(view) for view in views.values())
-    primaries = [node for node, view in views.items() if view.role == "primary"]
-    if len(primaries) != 1:
-        raise NotYet(f"{len(primaries)} primaries: {summary}")
-    primary = primaries[0]
-    names = (primary.node_id, primary.address)
-    for view in views.values():
-        if view.primary not in names or view.epoch != views[primary].epoch:
-            raise NotYet(f"no agreement on node {primary.node_id}: {summary}")
-    return primary
-
-
-def _common_position(views: dict[NodeProcess, NodeView], primary: NodeProcess) -> Position:
-    """The primary's position if every view has it (in the same epoch); else NotYet."""
-    target = views[primary]
-    behind = [
-        str(view)
-        for view in views.values()
-        if (view.epoch, view.position) != (target.epoch, target.position)
-    ]
-    if behind:
-        raise NotYet(f"not at {target.position}: {'; '.join(behind)}")
-    return target.position
-
-
-@contextmanager
-def _open_storage(node: NodeProcess) -> Iterator[Storage]:
-    """A node's ``Storage``; refuses to create a database that is not there."""
-    if not node.db_path.exists():
-        raise FileNotFoundError(f"node {node.node_id} has no database at {node.db_path}")
-    storage = Storage(node.db_path)
-    try:
-        yield storage
-    finally:
-        storage.close()
+def _addresses(hosts: Sequence[str], metrics: bool) -> tuple[list[str], dict[int, str]]:
+    """A free port for each node on its host (and one more for its metrics): the ports of
+    one host are picked in one call, so that they differ from each other."""
+    per_host = 2 if metrics else 1
+    picked: dict[str, list[int]] = {
+        host: free_ports(per_host * hosts.count(host), host) for host in set(hosts)
+    }
+    addresses = [f"{host}:{picked[host].pop()}" for host in hosts]
+    metrics_addresses = {
+        i: f"{host}:{picked[host].pop()}" for i, host in enumerate(hosts, 1) if metrics
+    }
+    return addresses, metrics_addresses
 
 
 def _integrity_problems(nodes: list[NodeProcess]) -> list[str]:
     problems: list[str] = []
     for node in nodes:
-        with _open_storage(node) as storage:
+        with node.open_storage() as storage:
             integrity = storage.integrity_check()
         if integrity != "ok":
             problems.append(f"node {node.node_id}: integrity_check says {integrity!r}")
@@ -599,30 +621,11 @@ def _integrity_problems(nodes: list[NodeProcess]) -> list[str]:
 
 
 def _log_problems(nodes: list[NodeProcess]) -> list[str]:
-    problems: list[str] = []
-    primaries: dict[int, set[int]] = {}
-    for node in nodes:
-        text = node.log_text()
-        if "Traceback" in text:
-            problems.append(f"node {node.node_id}: a traceback in {node.log_path}")
-        epochs = [int(match) for match in _BECAME_PRIMARY.findall(text)]
-        if any(later <= earlier for earlier, later in pairwise(epochs)):
-            problems.append(f"node {node.node_id}: became primary in epochs {epochs}")
-        for epoch in epochs:
-            primaries.setdefault(epoch, set()).add(node.node_id)
-    for epoch, holders in sorted(primaries.items()):
-        if len(holders) > 1:
-            problems.append(f"epoch {epoch}: nodes {sorted(holders)} all became primary")
-    return problems
-
-
-def _fresh_dir(parent: Path, stem: str) -> Path:
-    """``parent/stem-1``, ``-2``, ...: several clusters may share one test's tmp_path."""
-    for k in range(1, 1000):
-        path = parent / f"{stem}-{k}"
-        try:
-            path.mkdir(parents=True)
-        except FileExistsError:
-            continue
-        return path
-    raise RuntimeError(f"no free {stem} folder under {parent}")
+    texts = {node.node_id: node.log_text() for node in nodes}
+    problems = [
+        f"node {node.node_id}: a traceback in {node.log_path}"
+        for node in nodes
+        if "Traceback" in texts[node.node_id]
+    ]
+    _, breaches = logs.primary_epochs(texts)
+    return problems + breaches

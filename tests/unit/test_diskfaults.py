@@ -18,11 +18,11 @@ from pathlib import Path
 import apsw
 import pytest
 
+from ops.cluster.waiting import wait_for
 from service import diskfaults
 from service.diskfaults import DiskFaults, Plan, write_control
 from service.errors import Internal, StorageFault
 from service.storage import Position, Storage
-from tests.helpers.waiting import wait_for
 
 _names = itertools.count(1)
 

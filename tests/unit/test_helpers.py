@@ -1,4 +1,4 @@
-"""The test helpers themselves: free ports, waiting on state, the status probe."""
+"""The harness's small parts (ops/cluster): free ports, waiting on state, the status probe."""
 
 from __future__ import annotations
 

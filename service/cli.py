@@ -87,6 +87,7 @@ from .datadir import make_private_dirs
 if TYPE_CHECKING:
     # Imported when a command runs (see "Start-up time").
     from .client import Client, Result
+    from .status import NodeStatus
 
 T = TypeVar("T")
 
@@ -880,14 +881,14 @@ def status() -> Action:
         session = load_session()
         addresses = opts.addresses(session)
         reports = with_client(opts, lambda c: c.status_all(), servers=addresses)
-        summary = summarize_status(reports)
-        primary = summary["primary"]
-        summary["session"] = session_summary(opts, session, primary) if session else None
+        view = ClusterView.of(reports)
+        summary = view.summary()
+        summary["session"] = session_summary(opts, session, view.primary) if session else None
         if opts.json:
             emit_json(summary)
         else:
-            say(render_status(summary))
-        return errors.EXIT_OK if primary is not None else errors.EXIT_UNAVAILABLE
+            say(render_status(view, summary["session"]))
+        return errors.EXIT_OK if view.primary is not None else errors.EXIT_UNAVAILABLE
 
     return action
 
@@ -908,73 +909,108 @@ def session_summary(opts: Options, session: Session, primary: str | None) -> Res
     return {"user": session.user, "unread": unread}
 
 
-def summarize_status(reports: Sequence[Result]) -> Result:
-    """The ``status --json`` object (without ``session``) from ``status_all`` reports."""
-    primaries = [
-        r for r in reports if r.get("up") and (r.get("node") or {}).get("role") == "primary"
-    ]
-    leader = max(primaries, key=lambda r: r["node"].get("epoch") or 0, default=None)
-    primary: str | None = leader["address"] if leader else None
-    if primary is None:
-        named = [r["node"].get("primary") for r in reports if r.get("up") and r.get("node")]
-        primary = next((p for p in named if isinstance(p, str)), None)
-    primary_seq = leader["node"].get("seq") if leader else None
-    return {"primary": primary, "nodes": [_node_row(r, primary_seq) for r in reports]}
+@dataclass(frozen=True)
+class NodeReport:
+    """One configured node: its typed status, or why there is none."""
+
+    address: str
+    status: NodeStatus | None
+    error: str | None
+
+    @classmethod
+    def of(cls, report: Result) -> NodeReport:
+        """From a ``status_all`` report; a malformed status counts as no answer."""
+        from .status import NodeStatus
+
+        address = str(report.get("address"))
+        if not report.get("up"):
+            return cls(address, None, report.get("error"))
+        try:
+            return cls(address, NodeStatus.from_wire(report.get("node")), None)
+        except errors.ProtocolViolation as exc:
+            return cls(address, None, exc.message)
 
 
-def _node_row(report: Result, primary_seq: object) -> Result:
-    row: Result = {
-        "address": report.get("address"),
-        "up": bool(report.get("up")),
-        "id": None,
-        "role": None,
-        "epoch": None,
-        "seq": None,
-        "lag": None,
-        "primary": None,
-        "sync_set": None,
-        "waiting_for": None,
-        "reason": None,
-        "checksums": None,
-        "error": report.get("error"),
-    }
-    node = report.get("node")
-    if not row["up"] or not isinstance(node, dict):
+@dataclass(frozen=True)
+class ClusterView:
+    """What ``chatctl status`` shows: every node, and the primary they point at."""
+
+    nodes: tuple[NodeReport, ...]
+    primary: str | None  # the leading node's address, else the primary some node names
+    primary_seq: int | None  # the leading node's seq, for the lag of the others
+
+    @classmethod
+    def of(cls, reports: Sequence[Result]) -> ClusterView:
+        from .status import leading
+
+        nodes = tuple(NodeReport.of(report) for report in reports)
+        statuses = [node.status for node in nodes if node.status is not None]
+        leader = leading(statuses)
+        if leader is not None:
+            primary = next(node.address for node in nodes if node.status is leader)
+            return cls(nodes, primary, leader.seq)
+        named = next((status.primary for status in statuses if status.primary is not None), None)
+        return cls(nodes, named, None)
+
+    def lag(self, status: NodeStatus) -> int | None:
+        """How many transactions the node is behind the leading primary."""
+        return None if self.primary_seq is None else max(0, self.primary_seq - status.seq)
+
+    def summary(self) -> Result:
+        """The ``status --json`` object, without ``session``."""
+        return {"primary": self.primary, "nodes": [self._row(node) for node in self.nodes]}
+
+    def _row(self, node: NodeReport) -> Result:
+        status = node.status
+        row: Result = dict.fromkeys(STATUS_FIELDS)
+        row.update(address=node.address, up=status is not None, error=node.error)
+        if status is not None:
+            row.update(
+                id=status.node_id,
+                role=status.role,
+                epoch=status.epoch,
+                seq=status.seq,
+                lag=self.lag(status),
+                primary=status.primary,
+                sync_set=status.sync_set_wire(),
+                waiting_for=None if status.waiting_for is None else list(status.waiting_for),
+                reason=status.reason,
+                checksums=None if status.checksums is None else status.checksums.to_status(),
+            )
         return row
-    fields = ("id", "role", "epoch", "seq", "primary", "sync_set", "waiting_for", "reason")
-    for field in (*fields, "checksums"):
-        row[field] = node.get(field)
-    seq = node.get("seq")
-    if isinstance(seq, int) and isinstance(primary_seq, int):
-        row["lag"] = max(0, primary_seq - seq)
-    return row
 
 
-def render_status(summary: Result) -> str:
+# The fields of a node in ``status --json``, in their order.
+STATUS_FIELDS = (
+    "address", "up", "id", "role", "epoch", "seq", "lag", "primary", "sync_set",
+    "waiting_for", "reason", "checksums", "error",
+)  # fmt: skip
+
+
+def render_status(view: ClusterView, session: Result | None) -> str:
     headers = ["ADDRESS", "NODE", "STATE", "ROLE", "EPOCH", "SEQ", "LAG", "SYNC SET", "NOTE"]
     rows = []
-    for node in summary["nodes"]:
-        if not node["up"]:
-            rows.append(
-                [node["address"], "-", "down", "-", "-", "-", "-", "-", node.get("error") or ""]
-            )
+    for node in view.nodes:
+        status = node.status
+        if status is None:
+            rows.append([node.address, "-", "down", "-", "-", "-", "-", "-", node.error or ""])
             continue
+        members = ",".join(str(m) for m in status.members)
         rows.append(
             [
-                node["address"],
-                _cell(node["id"]),
+                node.address,
+                str(status.node_id),
                 "up",
-                _cell(node["role"]),
-                _cell(node["epoch"]),
-                _cell(node["seq"]),
-                _cell(node["lag"]),
-                _sync_set(node["sync_set"]),
-                _waiting(node),
+                status.role,
+                str(status.epoch),
+                str(status.seq),
+                _cell(view.lag(status)),
+                f"v{status.sync_set.version} [{members}]",
+                _waiting(status),
             ]
         )
     lines = [table(headers, rows), ""]
-    lines.append(f"primary: {summary['primary'] or 'none known'}")
-    session = summary.get("session")
+    lines.append(f"primary: {view.primary or 'none known'}")
     if session:
         unread = session.get("unread")
         count = "unread count unavailable" if unread is None else plural(unread, "unread message")
@@ -986,16 +1022,9 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def _sync_set(value: object) -> str:
-    if not isinstance(value, dict):
-        return "-"
-    members = ",".join(str(m) for m in value.get("members") or [])
-    return f"v{value.get('version')} [{members}]"
-
-
-def _waiting(node: Result) -> str:
+def _waiting(status: NodeStatus) -> str:
     """Why a node waits: ``waiting for node 2,3: <reason>``."""
-    reason, waiting_for = node.get("reason"), node.get("waiting_for")
+    reason, waiting_for = status.reason, status.waiting_for
     if waiting_for:
         ids = ",".join(str(i) for i in waiting_for)
         return f"waiting for node {ids}: {reason}" if reason else f"waiting for node {ids}"

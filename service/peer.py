@@ -13,6 +13,13 @@ reaches the replication core. Until then a connection is a stranger's and
 carries frames of at most ``protocol.MAX_HELLO_FRAME`` bytes; only an
 authenticated link carries frames up to ``max_frame``.
 
+Addresses: each node listens on its own entry of ``nodes`` and dials its
+peers *from* that entry's host (``local_addr=(host, 0)``), so a connection's
+source address says which node opened it. Nodes on one machine with one
+loopback address each (127.0.0.11, .12, .13) then exchange traffic that a
+packet filter can cut per pair, as a network partition would. The link-up
+log line names both ends.
+
 The dialer reconnects with jittered exponential backoff (50 to 250 ms) for as long as
 the node runs: a node never exits because a peer is unreachable. Link changes
 are reported to the owner as ``on_link(peer, up, closed_by_us)``: a peer's
@@ -142,7 +149,8 @@ class PeerLinks:
         while self._running:
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), self.config.handshake_timeout
+                    asyncio.open_connection(host, port, local_addr=(self.config.me.host, 0)),
+                    self.config.handshake_timeout,
                 )
             except (OSError, TimeoutError):
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
@@ -250,7 +258,13 @@ class PeerLinks:
             self.on_link(peer, False, False)
         link = Link(peer, writer)
         self.links[peer] = link
-        log.info("peer link up node=%s peer=%s", self.config.node_id, peer)
+        log.info(
+            "peer link up node=%s peer=%s local=%s remote=%s",
+            self.config.node_id,
+            peer,
+            _endpoint(writer, "sockname"),
+            _endpoint(writer, "peername"),
+        )
         self.on_link(peer, True, False)
         try:
             while (frame := await frames.next()) is not None:
@@ -316,3 +330,11 @@ def _chunk(max_frame: int) -> int:
 
 def _one_line(exc: BaseException) -> str:
     return (str(exc) or type(exc).__name__).replace("\n", " ")
+
+
+def _endpoint(writer: asyncio.StreamWriter, which: str) -> str:
+    """``HOST:PORT`` of one end of a connection (``sockname`` or ``peername``)."""
+    address = writer.get_extra_info(which)
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return "-"

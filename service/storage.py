@@ -1134,14 +1134,3 @@ def prepare_restore(
     finally:
         conn.close()
     return position, made
-
-
-def __getattr__(name: str) -> dict[str, str]:
-    """``REPLICATED_TABLES``, the old name of the chat's replicated tables (with
-    ``cluster``) from when the chat schema lived here: ``ops/chaos/snapshot.py``
-    still imports it. Transitional: once it reads ``chat_schema.TABLES``, this goes."""
-    if name == "REPLICATED_TABLES":
-        from . import chat_schema
-
-        return {**chat_schema.TABLES, **OWN_REPLICATED}
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

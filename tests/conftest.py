@@ -11,7 +11,7 @@ explained. Any test using these fixtures gets the ``cluster`` marker, so
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -46,13 +46,20 @@ def pytest_runtest_makereport(
 
 @pytest.fixture
 def cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ClusterFactory]:
-    """``cluster_factory(n=3, metrics=False, **settings)`` returns a new, not yet
-    started, Cluster (``metrics``: each node serves Prometheus metrics)."""
+    """``cluster_factory(n=3, metrics=False, hosts=None, **settings)`` returns a new, not
+    yet started, Cluster (``metrics``: each node serves Prometheus metrics; ``hosts``:
+    each node's own address)."""
     clusters: list[Cluster] = []
     request.node.stash[_CLUSTERS] = clusters
 
-    def make(n: int = 3, *, metrics: bool = False, **settings: object) -> Cluster:
-        cluster = Cluster(tmp_path, n, metrics=metrics, **settings)
+    def make(
+        n: int = 3,
+        *,
+        metrics: bool = False,
+        hosts: Sequence[str] | None = None,
+        **settings: object,
+    ) -> Cluster:
+        cluster = Cluster(tmp_path, n, metrics=metrics, hosts=hosts, **settings)
         clusters.append(cluster)
         return cluster
 

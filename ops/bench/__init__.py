@@ -19,7 +19,7 @@ beside this file):
   durability (``baseline.py``), so every figure is also a ratio that holds
   on any machine (``report.py``).
 
-The benchmark starts its own nodes (``cluster.py``) in a temp folder, as
-subprocesses it can SIGKILL; with ``--target`` it measures a running
+The benchmark starts its own nodes (the local-cluster harness, ``ops/cluster``)
+in a temp folder, as subprocesses it can SIGKILL; with ``--target`` it measures a running
 cluster's throughput and latency instead.
 """

@@ -25,14 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ops.cluster.nodes import Cluster
 from service.client import status_all
 from service.errors import ChatError
 
 from . import baseline, bigstate, catchup, failover, load, machine, report
-from .cluster import Cluster
 
 SECTIONS = ("throughput", "failover", "catchup", "snapshot", "big")
 CATCHUP_CLIENTS = 32
+IN_SYNC_TIMEOUT = 60.0
 BIG_CLIENTS = 64
 
 
@@ -132,9 +133,9 @@ class Bench:
             if not any(r["up"] for r in reports):
                 raise RuntimeError(f"no node of {self.args.target} answers status")
         else:
-            self.cluster = Cluster(self.root / "cluster")
-            self.cluster.start()
-            await self.cluster.wait_in_sync()
+            self.cluster = Cluster(self.root / "cluster", tag="bench")
+            self.cluster.start(wait=False)
+            await asyncio.to_thread(self.cluster.wait_in_sync, IN_SYNC_TIMEOUT)
             self.servers = self.cluster.servers
             self.say(f"cluster of 3 nodes in sync ({self.root})")
         self.users = await load.register_users(self.servers, self.args.users, self.prefix)
@@ -251,10 +252,10 @@ class Bench:
         n = self.args.catchup
         retention = max(10, n // 100)
         folder = Path(tempfile.mkdtemp(prefix="snapshot-cluster-", dir=self.root))
-        side = Cluster(folder, {"log_retention": str(retention)})
+        side = Cluster(folder, settings={"log_retention": retention}, tag="bench")
         try:
-            side.start()
-            await side.wait_in_sync()
+            side.start(wait=False)
+            await asyncio.to_thread(side.wait_in_sync, IN_SYNC_TIMEOUT)
             users = await load.register_users(side.servers, self.args.users, self.prefix)
             c = await catchup.measure(side, users, n, CATCHUP_CLIENTS, self.args.workers, True)
         finally:

@@ -24,12 +24,13 @@ import random
 import time
 from typing import Any
 
+from ops.cluster.nodes import Cluster
 from service.client import Client
 
-from . import load
-from .cluster import Cluster
+from . import load, machine
 
 FIRST_WRITE_TIMEOUT = 300.0
+IN_SYNC_TIMEOUT = 60.0
 
 
 async def fill(
@@ -42,13 +43,13 @@ async def fill(
 ) -> dict[str, Any]:
     """Send ``n`` messages (fewer if ``max_seconds`` runs out); the load's rate, then
     each node's memory and disk."""
-    await cluster.wait_in_sync()
+    await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
     sent = await asyncio.to_thread(
         load.run_count, cluster.servers, users, n, clients, workers, cluster.pids(), max_seconds
     )
     if sent["acked"] < n and not (max_seconds and sent["seconds"] >= max_seconds):
         raise RuntimeError(f"only {sent['acked']} of {n} sends were acknowledged: {sent}")
-    primary = await cluster.wait_in_sync()
+    primary = await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
     # Every message the cluster holds, from this load and the sections before it: the
     # plain baseline is built with as many rows.
     messages = await asyncio.to_thread(primary.query, "SELECT count(*) FROM messages")
@@ -59,7 +60,9 @@ def memory(cluster: Cluster) -> dict[str, dict[str, int | None]]:
     """RSS, peak RSS and database bytes of every node, in bytes."""
     out: dict[str, dict[str, int | None]] = {}
     for i, node in cluster.nodes.items():
-        rss, peak = node.rss_kb(), node.peak_rss_kb()
+        pid = node.pid
+        rss = machine.rss_kb(pid) if pid is not None else None
+        peak = machine.rss_kb(pid, "VmHWM") if pid is not None else None
         out[str(i)] = {
             "rss": rss * 1024 if rss is not None else None,
             "peak_rss": peak * 1024 if peak is not None else None,
@@ -71,11 +74,11 @@ def memory(cluster: Cluster) -> dict[str, dict[str, int | None]]:
 async def restart(cluster: Cluster, users: load.Users) -> dict[str, Any]:
     """Stop every node, start them all, time until a write is acknowledged."""
     t0 = time.perf_counter()
-    await asyncio.to_thread(cluster.stop)
+    await asyncio.to_thread(cluster.stop_all, together=True)
     stopped = time.perf_counter() - t0
-    offsets = {i: node.log_offset() for i, node in cluster.nodes.items()}
+    offsets = {i: node.log_size() for i, node in cluster.nodes.items()}
     wall, t_start = time.time(), time.perf_counter()
-    cluster.start()
+    cluster.start(wait=False)
     async with Client(cluster.servers, FIRST_WRITE_TIMEOUT, users.tokens[0]) as client:
         await client.send(users.names[0], load.body(random.Random(5)))
     first_write = time.perf_counter() - t_start
@@ -84,7 +87,7 @@ async def restart(cluster: Cluster, users: load.Users) -> dict[str, Any]:
         for i, node in cluster.nodes.items()
         for e in node.events("became primary", offsets[i])
     ]
-    await cluster.wait_in_sync()
+    await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
     return {
         "stop": stopped,
         "first_write": first_write,

@@ -9,8 +9,8 @@ Each measurement:
    backup's position (it prunes every few seconds to ``log_retention``
    records; the benchmark reads the primary's ``txlog`` read-only), so that
    the primary must send a snapshot (R4);
-4. restart the backup and poll the primary's ``status`` every 10 ms over one
-   connection until the backup is in its ``in_sync`` set again.
+4. restart the backup and poll the primary's ``status`` every 10 ms until the
+   backup is in its ``in_sync`` set again.
 
 Figures: ``in_sync``, from the restart to back in the sync set (process
 start-up included); ``catchup``, from the primary's ``catch-up start`` line
@@ -27,12 +27,16 @@ import asyncio
 import time
 from typing import Any
 
-from service.client import Client
+from ops.cluster.logs import Event
+from ops.cluster.nodes import Cluster, NodeProcess
+from ops.cluster.probe import probe_node
+from ops.cluster.waiting import NotYet, wait_for
+from service.status import NodeStatus
 
 from . import load
-from .cluster import Cluster, Event, Node, NotYet, wait_until
 
 PRUNE_TIMEOUT = 30.0
+IN_SYNC_TIMEOUT = 60.0
 POLL = 0.01
 
 
@@ -40,24 +44,22 @@ async def measure(
     cluster: Cluster, users: load.Users, n: int, clients: int, workers: int, snapshot: bool
 ) -> dict[str, Any]:
     """One catch-up of ``n`` missed sends; ``snapshot``: the log must not reach back."""
-    primary = await cluster.wait_in_sync()
+    primary = await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
     backup = cluster.nodes[max(i for i, node in cluster.nodes.items() if node is not primary)]
-    views = await cluster.statuses()
-    backup_seq = int(_view(views, backup)["seq"])
-    backup.kill()
-    await asyncio.to_thread(backup.reap)
+    backup_seq = (await _view(backup)).seq
+    await asyncio.to_thread(backup.kill)
     backup.note("SIGKILL (catch-up)")
     sent = await asyncio.to_thread(
         load.run_count, cluster.servers, users, n, clients, workers, cluster.pids()
     )
     if sent["acked"] != n:
         raise RuntimeError(f"only {sent['acked']} of {n} sends were acknowledged: {sent}")
-    primary_seq = int(_view(await cluster.statuses(), primary)["seq"])
+    primary_seq = (await _view(primary)).seq
     if snapshot:
         await _wait_pruned(primary, backup_seq)
-    offsets = {i: node.log_offset() for i, node in cluster.nodes.items()}
+    offsets = {i: node.log_size() for i, node in cluster.nodes.items()}
     t_start = time.perf_counter()
-    backup.start()
+    backup.start(wait=False)
     in_sync = await _wait_back(primary, backup.node_id) - t_start
     starts = _for(primary.events("catch-up start", offsets[primary.node_id]), backup.node_id)
     ends = _for(primary.events("catch-up end", offsets[primary.node_id]), backup.node_id)
@@ -81,8 +83,8 @@ async def measure(
     return result
 
 
-def _view(views: dict[int, dict[str, Any] | None], node: Node) -> dict[str, Any]:
-    view = views.get(node.node_id)
+async def _view(node: NodeProcess) -> NodeStatus:
+    view = await asyncio.to_thread(node.view)
     if view is None:
         raise RuntimeError(f"node {node.node_id} does not answer status")
     return view
@@ -96,25 +98,27 @@ def _seconds(events: list[Event]) -> float | None:
     return float(events[-1].fields["seconds"]) if events else None
 
 
-async def _wait_back(primary: Node, backup: int, timeout: float = 120.0) -> float:
+async def _wait_back(primary: NodeProcess, backup: int, timeout: float = 120.0) -> float:
     """perf_counter() of the first status of the primary that has ``backup`` in sync."""
-    async with Client([primary.address], timeout=2.0) as client:
 
-        async def check() -> float:
-            node = (await client.status())["node"]
-            if backup not in (node.get("in_sync") or ()):
-                raise NotYet(f"in_sync={node.get('in_sync')}")
-            return time.perf_counter()
+    def check() -> float:
+        view = probe_node(primary.address, timeout=2.0)
+        if view is None or backup not in (view.in_sync or ()):
+            raise NotYet(f"in_sync={view.in_sync if view else 'no answer'}")
+        return time.perf_counter()
 
-        return await wait_until(check, timeout, f"node {backup} back in the sync set", POLL)
+    what = f"node {backup} back in the sync set"
+    return await asyncio.to_thread(wait_for, check, timeout, what, POLL)
 
 
-async def _wait_pruned(primary: Node, backup_seq: int) -> None:
+async def _wait_pruned(primary: NodeProcess, backup_seq: int) -> None:
     """Until the primary's log no longer holds the record after ``backup_seq``."""
 
-    async def check() -> None:
-        first = await asyncio.to_thread(primary.query, "SELECT min(seq) FROM txlog")
+    def check() -> bool:
+        first = primary.query("SELECT min(seq) FROM txlog")
         if first is None or first <= backup_seq + 1:
             raise NotYet(f"the log still starts at seq {first}; the backup needs {backup_seq + 1}")
+        return True
 
-    await wait_until(check, PRUNE_TIMEOUT, "the primary to prune its log", 0.2)
+    what = "the primary to prune its log"
+    await asyncio.to_thread(wait_for, check, PRUNE_TIMEOUT, what, 0.2)

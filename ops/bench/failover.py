@@ -39,13 +39,16 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from ops.cluster.nodes import Cluster
+from ops.cluster.waiting import NotYet, wait_for
 from service import errors
 from service.client import Client
 
-from .cluster import Cluster, NotYet, wait_until
 from .load import Users, body
 
 WRITER_TIMEOUT = 60.0
+IN_SYNC_TIMEOUT = 60.0
+PRIMARY_TIMEOUT = 30.0
 
 
 class Writer:
@@ -84,20 +87,22 @@ class Writer:
     async def wait_acks(self, more: int, timeout: float) -> None:
         target = len(self.acks) + more
 
-        async def check() -> None:
+        def check() -> bool:
             if len(self.acks) < target:
                 raise NotYet(f"{len(self.acks)} of {target} acknowledgements")
+            return True
 
-        await wait_until(check, timeout, "the writer to be acknowledged", 0.005)
+        await asyncio.to_thread(wait_for, check, timeout, "the writer to be acknowledged", 0.005)
 
     async def first_ack_after(self, t: float, killed: str, timeout: float) -> float:
-        async def check() -> float:
+        def check() -> float:
             for i in range(bisect.bisect_right(self.acks, t), len(self.acks)):
                 if self.by[i] != killed:
                     return self.acks[i]
             raise NotYet("no acknowledgement by another node since the kill")
 
-        return await wait_until(check, timeout, "an acknowledged write after the kill", 0.001)
+        what = "an acknowledged write after the kill"
+        return await asyncio.to_thread(wait_for, check, timeout, what, 0.001)
 
 
 async def measure(cluster: Cluster, users: Users, kills: int, freezes: int = 0) -> dict[str, Any]:
@@ -125,19 +130,18 @@ async def measure(cluster: Cluster, users: Users, kills: int, freezes: int = 0) 
 
 
 async def _one_round(cluster: Cluster, writer: Writer) -> dict[str, Any]:
-    primary = await cluster.wait_in_sync()
+    primary = await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
     await writer.wait_acks(5, 30)
-    offsets = {i: node.log_offset() for i, node in cluster.nodes.items()}
+    offsets = {i: node.log_size() for i, node in cluster.nodes.items()}
     wall, t_kill = time.time(), time.perf_counter()
-    primary.kill()
-    await asyncio.to_thread(primary.reap)
+    await asyncio.to_thread(primary.kill)
     primary.note("SIGKILL (failover round)")
     t_ack = await writer.first_ack_after(t_kill, primary.address, WRITER_TIMEOUT)
-    new = await cluster.wait_primary()
+    new = await asyncio.to_thread(cluster.wait_for_primary, PRIMARY_TIMEOUT)
     became = new.events("became primary", offsets[new.node_id])
     t_start = time.perf_counter()
-    primary.start()
-    await cluster.wait_in_sync()
+    primary.start(wait=False)
+    await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
     return {
         "killed": primary.node_id,
         "new_primary": new.node_id,
@@ -148,16 +152,16 @@ async def _one_round(cluster: Cluster, writer: Writer) -> dict[str, Any]:
 
 
 async def _one_freeze(cluster: Cluster, writer: Writer) -> dict[str, Any]:
-    primary = await cluster.wait_in_sync()
+    primary = await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
     await writer.wait_acks(5, 30)
     t_freeze = time.perf_counter()
     primary.freeze()
     primary.note("SIGSTOP (freeze round)")
     try:
         t_ack = await writer.first_ack_after(t_freeze, primary.address, WRITER_TIMEOUT)
-        new = await cluster.wait_primary()
+        new = await asyncio.to_thread(cluster.wait_for_primary, PRIMARY_TIMEOUT)
     finally:
         primary.thaw()
         primary.note("SIGCONT (freeze round)")
-    await cluster.wait_in_sync()
+    await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
     return {"frozen": primary.node_id, "new_primary": new.node_id, "ack": t_ack - t_freeze}

@@ -59,7 +59,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import pairwise
 
-from .history import FAILED, OK, UNKNOWN, History, Op
+from ops.cluster import agreement, logs
+from ops.cluster.history import FAILED, OK, UNKNOWN, History, Op
+
 from .snapshot import NodeData
 
 # The refusals the workload provokes on purpose; any other refusal is a finding.
@@ -68,7 +70,6 @@ EXPECTED_REFUSALS = {
     "register": {"conflict"},
     "stale-token": {"auth_failed"},
 }
-_BECAME_PRIMARY = re.compile(r"\bbecame primary node=(\d+) epoch=(\d+)")
 _ERROR_LINE = re.compile(r"^\S+ (ERROR|CRITICAL) ")
 _LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\S+ [A-Z]+ ")
 MAX_DETAILS = 15
@@ -127,8 +128,9 @@ def _sends(ops: Iterable[Op], outcome: str) -> list[Op]:
 
 
 def _message_id(op: Op) -> int:
-    assert op.result is not None
-    return int(op.result["message"]["id"])
+    message_id = op.message_id
+    assert message_id is not None
+    return message_id
 
 
 def _named_by_deletes(ops: Iterable[Op]) -> Counter[int]:
@@ -343,12 +345,12 @@ def _checksums(data: list[NodeData]) -> Check:
     check = Check("per-table checksums equal")
     if not data:
         return check
-    first = data[0]
-    check.checked = len(first.checksums)
-    for table, digest in first.checksums.items():
-        differ = [n.node_id for n in data[1:] if n.checksums.get(table) != digest]
-        if differ:
-            check.violations.append(f"{table}: nodes {differ} differ from node {first.node_id}")
+    check.checked = len(data[0].checksums)
+    differ = agreement.differing_tables({node.node_id: node.checksums for node in data})
+    check.violations = [
+        f"{table}: nodes {nodes} differ from node {data[0].node_id}"
+        for table, nodes in differ.items()
+    ]
     return check
 
 
@@ -403,18 +405,8 @@ def _own_log_problems(node: NodeData) -> list[str]:
 
 def _one_primary(data: list[NodeData]) -> Check:
     check = Check("at most one primary per epoch")
-    holders: dict[int, set[int]] = defaultdict(set)
-    for node in data:
-        epochs = []
-        for node_field, epoch_field in _BECAME_PRIMARY.findall(node.log):
-            holders[int(epoch_field)].add(int(node_field))
-            epochs.append(int(epoch_field))
-        if any(b <= a for a, b in pairwise(epochs)):
-            check.violations.append(f"node {node.node_id} became primary in epochs {epochs}")
+    holders, check.violations = logs.primary_epochs({node.node_id: node.log for node in data})
     check.checked = len(holders)
-    for epoch, nodes in sorted(holders.items()):
-        if len(nodes) > 1:
-            check.violations.append(f"epoch {epoch}: nodes {sorted(nodes)} all became primary")
     check.note = f"{len(holders)} epochs with a primary"
     return check
 

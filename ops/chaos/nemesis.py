@@ -48,9 +48,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from service import diskfaults
+from service.status import NodeStatus
 
 from .corrupt import corrupt_page
-from .nodes import Nodes, View, primary_of, views
+from .nodes import Nodes, primary_of, views
 from .schedule import Fault
 
 CATCH_UP_WAIT = 15.0
@@ -171,7 +172,7 @@ class Nemesis:
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
 
-    def _kill_all(self, fault: Fault, ids: list[int], seen: dict[int, View | None]) -> None:
+    def _kill_all(self, fault: Fault, ids: list[int], seen: dict[int, NodeStatus | None]) -> None:
         stale = ids[fault.pick % len(ids)]
         others = [i for i in ids if i != stale]
         self._kill(fault, stale, seen, "the stalest")
@@ -196,7 +197,7 @@ class Nemesis:
         ids: list[int],
         primary: int | None,
         backups: list[int],
-        seen: dict[int, View | None],
+        seen: dict[int, NodeStatus | None],
     ) -> None:
         """Two overlapping faults: one node frozen while another is killed."""
         (frozen,) = _choose(fault.target, fault.pick, ids, primary, backups)
@@ -225,7 +226,7 @@ class Nemesis:
         ids: list[int],
         primary: int | None,
         backups: list[int],
-        seen: dict[int, View | None],
+        seen: dict[int, NodeStatus | None],
     ) -> None:
         (joiner,) = _choose("backup", fault.pick, ids, primary, backups)
         self._kill(fault, joiner, seen)
@@ -246,7 +247,7 @@ class Nemesis:
         self._down(fault.spread)
         self._start(fault, victim)
 
-    def _disk_fault(self, fault: Fault, node: int, seen: dict[int, View | None]) -> None:
+    def _disk_fault(self, fault: Fault, node: int, seen: dict[int, NodeStatus | None]) -> None:
         if fault.kind == "disk-full":
             plan = diskfaults.Plan("full", after_bytes=fault.size)
             action, back = "disk full", "disk space back"
@@ -262,7 +263,7 @@ class Nemesis:
         self._event(fault, back, node)
         self.nodes.set_disk(node, diskfaults.OFF)
 
-    def _corrupt(self, fault: Fault, node: int, seen: dict[int, View | None]) -> None:
+    def _corrupt(self, fault: Fault, node: int, seen: dict[int, NodeStatus | None]) -> None:
         self._event(fault, "SIGTERM", node, _role(seen, node))
         self.nodes.stop(node)
         # The rows on the damaged page are lost on this node only: the others hold them.
@@ -290,7 +291,7 @@ class Nemesis:
     # ---- actions ---------------------------------------------------------------------
 
     def _kill(
-        self, fault: Fault, node: int, seen: dict[int, View | None] | None, why: str = ""
+        self, fault: Fault, node: int, seen: dict[int, NodeStatus | None] | None, why: str = ""
     ) -> None:
         detail = ", ".join(filter(None, [_role(seen, node) if seen else "", why]))
         self._event(fault, "SIGKILL", node, detail)
@@ -344,12 +345,12 @@ def _choose(
     raise ValueError(f"unknown target {target!r}")
 
 
-def _role(seen: dict[int, View | None], node: int) -> str:
+def _role(seen: dict[int, NodeStatus | None], node: int) -> str:
     view = seen.get(node)
     return f"{view.role} at {view.position}" if view is not None else "not answering"
 
 
-def _roles(seen: dict[int, View | None]) -> str:
+def _roles(seen: dict[int, NodeStatus | None]) -> str:
     return ", ".join(
         f"{i}={v.role}@{v.position[0]}.{v.position[1]}" if v else f"{i}=down"
         for i, v in sorted(seen.items())

@@ -3,8 +3,8 @@
 Two kinds of cluster, one interface (``Nodes``):
 
 * ``LocalCluster``: three ``python -m service`` processes this tool starts
-  itself, on free loopback ports, in a folder of their own (a temp folder by
-  default)::
+  itself through the local-cluster harness (``ops/cluster``), on free
+  loopback ports, in a folder of their own (a temp folder by default)::
 
       <root>/cluster.secret          shared; the first node to start creates it
       <root>/nodeN/node.conf         the INI file node N is started with
@@ -28,8 +28,13 @@ Two kinds of cluster, one interface (``Nodes``):
   ``stop`` raise ``OSError``): supervisord owns the nodes' environment and
   lifecycle.
 
-Observation is the ``status`` operation of every node (``status_all`` of the
-client library) and, after the run, the database files and logs.
+Observation is the ``status`` operation of every node (the harness's probe,
+typed as ``service.status.NodeStatus``) and, after the run, the database
+files and logs. "Converged" is the harness's agreed primary
+(``ops/cluster/agreement.py``) with every node at its position and the sync
+set, latest and in effect, all of them; the primary a fault targets is the
+node that says so in the highest epoch (``service.status.leading``), since
+faults also strike while the nodes disagree.
 
 Invariants
 ----------
@@ -42,33 +47,32 @@ Invariants
 
 from __future__ import annotations
 
-import asyncio
 import configparser
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
-from service import client as client_module
+from ops.cluster import agreement
+from ops.cluster.nodes import Cluster, NodeExited, NodeProcess
+from ops.cluster.probe import probe_all
+from ops.cluster.waiting import NotYet, wait_for
 from service import config as config_module
 from service import diskfaults
+from service.status import NodeStatus, leading
 
-LOOPBACK = "127.0.0.1"
 NODE_IDS = (1, 2, 3)
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 STATUS_TIMEOUT = 1.0
-# The folder that holds the ``service`` package: node processes run from there.
-_PACKAGE_HOME = Path(client_module.__file__).resolve().parents[1]
+Views = dict[int, NodeStatus | None]
 
 
 class Nodes(Protocol):
@@ -101,111 +105,35 @@ class Nodes(Protocol):
     def unexpected_exits(self) -> list[str]: ...
 
 
-@dataclass(frozen=True)
-class View:
-    """The fields of one node's ``status`` that the tool reasons about."""
-
-    node_id: int
-    role: str
-    epoch: int
-    position: tuple[int, int]
-    primary: object
-    sync_set: tuple[int, ...]
-    in_sync: tuple[int, ...] | None
-
-    @classmethod
-    def from_status(cls, node: dict[str, Any]) -> View:
-        epoch, seq = node.get("position") or (node["epoch"], node["seq"])
-        members = (node.get("sync_set") or {}).get("members") or []
-        in_sync = node.get("in_sync")
-        return cls(
-            node_id=int(node["id"]),
-            role=str(node["role"]),
-            epoch=int(node["epoch"]),
-            position=(int(epoch), int(seq)),
-            primary=node.get("primary"),
-            sync_set=tuple(sorted(int(m) for m in members)),
-            in_sync=None if in_sync is None else tuple(sorted(int(m) for m in in_sync)),
-        )
-
-    def __str__(self) -> str:
-        return (
-            f"node {self.node_id}: {self.role} epoch={self.epoch} position={self.position} "
-            f"sync_set={list(self.sync_set)} in_sync={self.in_sync}"
-        )
+def views(nodes: Nodes) -> Views:
+    """Every node's status now (None for a node that is down, frozen, silent or garbled)."""
+    addresses = {i: nodes.address(i) for i in nodes.node_ids}
+    return probe_all(addresses, STATUS_TIMEOUT, errors_as_none=True)
 
 
-def views(nodes: Nodes) -> dict[int, View | None]:
-    """Every node's status now (None for a node that is down, frozen or silent)."""
-    by_address = {nodes.address(i): i for i in nodes.node_ids}
-    answers = asyncio.run(
-        client_module.status_all(nodes.servers, STATUS_TIMEOUT, attempt_timeout=STATUS_TIMEOUT)
-    )
-    out: dict[int, View | None] = {}
-    for answer in answers:
-        node_id = by_address[str(answer["address"])]
-        node = answer.get("node") if answer.get("up") else None
-        out[node_id] = View.from_status(node) if isinstance(node, dict) else None
-    return out
-
-
-def primary_of(seen: dict[int, View | None]) -> int | None:
+def primary_of(seen: Views) -> int | None:
     """The node that says it is primary in the highest epoch, if any."""
-    primaries = [v for v in seen.values() if v is not None and v.role == "primary"]
-    if not primaries:
-        return None
-    return max(primaries, key=lambda v: (v.epoch, -v.node_id)).node_id
+    head = leading(view for view in seen.values() if view is not None)
+    return head.node_id if head is not None else None
 
 
-def converged(seen: dict[int, View | None], expected: Sequence[int]) -> str | None:
-    """None when every node answers, one primary leads, all hold its position and are
-    in its sync set (latest and in effect); else what is still missing."""
+def converged(seen: Views, expected: Sequence[int]) -> tuple[int, tuple[int, int]]:
+    """(primary, position) when every node answers, agrees on one primary, holds its
+    position and is in its sync set (latest and in effect); else NotYet saying why."""
     missing = [i for i in expected if seen.get(i) is None]
     if missing:
-        return f"nodes {missing} do not answer"
-    live = [v for v in seen.values() if v is not None]
-    primaries = [v for v in live if v.role == "primary"]
-    if len(primaries) != 1:
-        return f"{len(primaries)} primaries"
-    head = primaries[0]
-    everyone = tuple(sorted(expected))
-    if head.sync_set != everyone or head.in_sync != everyone:
-        return f"the sync set is not {list(everyone)}: {head}"
-    behind = [str(v) for v in live if (v.epoch, v.position) != (head.epoch, head.position)]
-    if behind:
-        return f"not at {head.position} of node {head.node_id}: {'; '.join(behind)}"
-    return None
+        raise NotYet(f"nodes {missing} do not answer")
+    live = {i: view for i, view in seen.items() if view is not None}
+    primary = agreement.agreed_primary(live)
+    agreement.whole_sync_set(live, primary, expected)
+    return primary, agreement.common_position(live, primary)
 
 
 def wait_converged(nodes: Nodes, timeout: float) -> tuple[int, tuple[int, int]]:
     """Poll until ``converged``; return (primary id, position). TimeoutError says why not."""
-    deadline = time.monotonic() + timeout
-    why = "not asked yet"
-    while True:
-        seen = views(nodes)
-        why = converged(seen, nodes.node_ids) or ""
-        if not why:
-            primary = primary_of(seen)
-            view = seen[primary] if primary is not None else None
-            assert primary is not None
-            assert view is not None
-            return primary, view.position
-        if time.monotonic() >= deadline:
-            states = "; ".join(str(v) if v else f"node {i}: down" for i, v in seen.items())
-            raise TimeoutError(f"not converged after {timeout:g} s: {why} [{states}]")
-        time.sleep(0.1)
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel picked as free a moment ago (bound together, so distinct)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((LOOPBACK, 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    return wait_for(
+        lambda: converged(views(nodes), nodes.node_ids), timeout, "the cluster to converge"
+    )
 
 
 def _read_from(path: Path, offset: int) -> str:
@@ -224,30 +152,13 @@ def _size(path: Path) -> int:
 # ---- a cluster of our own ---------------------------------------------------------------
 
 
-class _LocalNode:
-    def __init__(self, node_id: int, root: Path, port: int) -> None:
-        self.node_id = node_id
-        self.address = f"{LOOPBACK}:{port}"
-        self.dir = root / f"node{node_id}"
-        self.data_dir = self.dir / "data"
-        self.config_path = self.dir / "node.conf"
-        self.log_path = self.dir / "node.log"
-        self.disk_control = self.dir / "disk-faults.json"
-        self.disk_plan = diskfaults.OFF
-        self.process: subprocess.Popen[bytes] | None = None
-        self.frozen = False
-
-    def reap(self) -> int | None:
-        """The exit status if the process ended by itself (then it is forgotten)."""
-        if self.process is None or (code := self.process.poll()) is None:
-            return None
-        self.process = None
-        self.frozen = False
-        return code
-
-
 class LocalCluster:
-    """Three node processes of our own in ``root`` (see the module docstring)."""
+    """Three node processes of our own in ``root`` (see the module docstring).
+
+    The harness's ``Cluster`` with the forgiving verbs a nemesis needs: starting a
+    running node, killing a dead one or thawing a thawed one does nothing, and a
+    node that exits by itself is recorded (``unexpected_exits``), not raised.
+    """
 
     controls_restarts = True
 
@@ -257,154 +168,105 @@ class LocalCluster:
         self.root = root
         self.disk_faults = disk_faults
         self.node_ids: tuple[int, ...] = NODE_IDS
-        self.secret_file = root / "cluster.secret"
+        self.cluster = Cluster(root, len(NODE_IDS), settings=settings, tag="chaos")
+        self.secret_file = self.cluster.secret_file
         self._exits: list[str] = []
-        ports = free_ports(len(NODE_IDS))
-        self._nodes = {
-            i: _LocalNode(i, root, port) for i, port in zip(NODE_IDS, ports, strict=True)
-        }
-        spec = ",".join(f"{i}={node.address}" for i, node in self._nodes.items())
-        for node in self._nodes.values():
-            node.dir.mkdir(parents=True)
-            lines = [
-                "[node]",
-                f"node_id = {node.node_id}",
-                f"data_dir = {node.data_dir}",
-                f"nodes = {spec}",
-                f"secret_file = {self.secret_file}",
-                *(f"{key} = {value}" for key, value in (settings or {}).items()),
-            ]
-            node.config_path.write_text("\n".join(lines) + "\n")
+        self._disk_plans = dict.fromkeys(NODE_IDS, diskfaults.OFF)
+        if disk_faults:
+            for node in self.cluster.nodes.values():
+                node.env[diskfaults.ENV_VAR] = str(self._disk_control(node))
 
     @property
     def servers(self) -> list[str]:
-        return [node.address for node in self._nodes.values()]
+        return self.cluster.servers
 
     def address(self, node_id: int) -> str:
-        return self._nodes[node_id].address
+        return self.cluster[node_id].address
 
     def db_path(self, node_id: int) -> Path:
-        return self._nodes[node_id].data_dir / "chat.db"
+        return self.cluster[node_id].db_path
 
     def rollback_dir(self, node_id: int) -> Path:
-        return self._nodes[node_id].data_dir / "rollback"
+        return self.cluster[node_id].data_dir / "rollback"
 
     def log_path(self, node_id: int) -> Path:
-        return self._nodes[node_id].log_path
+        return self.cluster[node_id].log_path
 
     def log_text(self, node_id: int, since: int = 0) -> str:
         """The node's log from byte ``since`` on (``log_size`` gives a mark)."""
-        return _read_from(self._nodes[node_id].log_path, since)
+        return self.cluster[node_id].log_text(since)
 
     def log_size(self, node_id: int) -> int:
-        return _size(self._nodes[node_id].log_path)
+        return self.cluster[node_id].log_size()
 
     def start_all(self) -> None:
         for node_id in self.node_ids:
             self.start(node_id)
 
     def start(self, node_id: int) -> None:
-        node = self._nodes[node_id]
-        self._check_exit(node)
-        if node.process is not None:
-            return
-        self.note(node_id, "start")
-        command = [sys.executable, "-m", "service", "--config", str(node.config_path)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        if self.disk_faults:
-            env[diskfaults.ENV_VAR] = str(node.disk_control)
-        with node.log_path.open("ab") as log:
-            node.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=_PACKAGE_HOME,
-                env=env,
-            )
-        node.frozen = False
+        node = self._checked(node_id)
+        if not node.started:
+            node.start(wait=False)
 
     def kill(self, node_id: int) -> None:
-        node = self._nodes[node_id]
-        self._check_exit(node)
-        if node.process is None:
-            return
-        node.process.kill()
-        node.process.wait(STOP_TIMEOUT)
-        node.process = None
-        node.frozen = False
-        self.note(node_id, "SIGKILL")
+        node = self._checked(node_id)
+        if node.started:
+            node.kill()
 
     def stop(self, node_id: int) -> None:
         """SIGTERM and wait, as an operator stops a node; a non-zero exit is a problem
         (reported with the unexpected exits), a node that will not stop is killed."""
-        node = self._nodes[node_id]
-        self._check_exit(node)
-        if node.process is None:
+        node = self._checked(node_id)
+        if not node.started:
             return
-        self.thaw(node_id)
-        self.note(node_id, "SIGTERM")
-        node.process.terminate()
         try:
-            code = node.process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            code = node.process.wait()
-        node.process = None
+            code = node.stop(STOP_TIMEOUT)
+        except RuntimeError as exc:
+            self._exits.append(str(exc))
+            return
         if code != 0:
             self._exits.append(f"node {node_id} exited with status {code} on SIGTERM")
 
     def set_disk(self, node_id: int, plan: diskfaults.Plan) -> None:
         """Put a disk fault plan in effect on the node (it reads it within ~50 ms)."""
-        node = self._nodes[node_id]
         if not self.disk_faults:
             raise OSError("this cluster was started without disk faults")
+        node = self.cluster[node_id]
         self.note(node_id, f"disk {plan}")
-        diskfaults.write_control(node.disk_control, plan)
-        node.disk_plan = plan
+        diskfaults.write_control(self._disk_control(node), plan)
+        self._disk_plans[node_id] = plan
 
     def freeze(self, node_id: int) -> None:
-        node = self._nodes[node_id]
-        if node.process is not None and node.process.poll() is None and not node.frozen:
-            self.note(node_id, "SIGSTOP")
-            node.process.send_signal(signal.SIGSTOP)
-            node.frozen = True
+        node = self._checked(node_id)
+        if node.started and not node.is_frozen:
+            with suppress(NodeExited):  # it died just now: recorded at the next look
+                node.freeze()
 
     def thaw(self, node_id: int) -> None:
-        node = self._nodes[node_id]
-        if node.process is not None and node.frozen:
-            self.note(node_id, "SIGCONT")
-            node.process.send_signal(signal.SIGCONT)
-            node.frozen = False
+        node = self._checked(node_id)
+        if node.is_frozen:
+            with suppress(NodeExited):
+                node.thaw()
 
     def is_down(self, node_id: int) -> bool:
-        process = self._nodes[node_id].process
-        return process is None or process.poll() is not None
+        return not self.cluster[node_id].is_running
 
     def is_frozen(self, node_id: int) -> bool:
-        return self._nodes[node_id].frozen
+        return self.cluster[node_id].is_frozen
 
     def unexpected_exits(self) -> list[str]:
         """Every time a node process ended although nobody killed or stopped it."""
-        for node in self._nodes.values():
-            self._check_exit(node)
+        for node_id in self.node_ids:
+            self._checked(node_id)
         return list(self._exits)
-
-    def _check_exit(self, node: _LocalNode) -> None:
-        code = node.reap()
-        if code is not None:
-            self._exits.append(f"node {node.node_id} exited by itself with status {code}")
-            self.note(node.node_id, f"exited by itself with status {code}")
 
     def note(self, node_id: int, text: str) -> None:
         """A line in the node's log, stamped like the node's own lines."""
-        stamp = datetime.now().strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
-        with self._nodes[node_id].log_path.open("a", encoding="utf-8") as log:
-            log.write(f"=== chaos: {stamp} {text} node {node_id} ===\n")
+        self.cluster[node_id].note(text)
 
     def heal(self) -> None:
         for node_id in self.node_ids:
-            if self._nodes[node_id].disk_plan != diskfaults.OFF:
+            if self._disk_plans[node_id] != diskfaults.OFF:
                 self.set_disk(node_id, diskfaults.OFF)
             self.thaw(node_id)
             self.start(node_id)
@@ -413,35 +275,32 @@ class LocalCluster:
         """SIGTERM every node and wait; returns the exit statuses (a node that will not
         stop in time is killed and reported with status -9)."""
         statuses: dict[int, int] = {}
-        for node_id, node in self._nodes.items():
-            self._check_exit(node)
-            process = node.process
-            if process is None:
+        for node_id in self.node_ids:
+            node = self._checked(node_id)
+            if not node.started:
                 continue
-            self.thaw(node_id)
-            if process.poll() is None:
-                self.note(node_id, "SIGTERM")
-                process.terminate()
             try:
-                statuses[node_id] = process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                statuses[node_id] = node.stop(STOP_TIMEOUT)
+            except RuntimeError:
                 statuses[node_id] = -9
-            node.process = None
         return statuses
 
     def kill_all(self) -> None:
         """The teardown of last resort: SIGKILL whatever still runs. Never raises."""
-        for node in self._nodes.values():
-            if node.process is not None:
-                with suppress(OSError):
-                    if node.frozen:
-                        node.process.send_signal(signal.SIGCONT)
-                    node.process.kill()
-                with suppress(subprocess.SubprocessError):
-                    node.process.wait(STOP_TIMEOUT)
-                node.process = None
+        self.cluster.kill_all()
+
+    def _checked(self, node_id: int) -> NodeProcess:
+        """The node, once an exit it made by itself is recorded (and the process forgotten)."""
+        node = self.cluster[node_id]
+        code = node.exited()
+        if code is not None:
+            self._exits.append(f"node {node_id} exited by itself with status {code}")
+            node.note(f"exited by itself with status {code}")
+        return node
+
+    @staticmethod
+    def _disk_control(node: NodeProcess) -> Path:
+        return node.dir / "disk-faults.json"
 
 
 # ---- a cluster under supervisord --------------------------------------------------------

@@ -26,10 +26,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from ops.cluster.history import History
 from service.errors import ChatError
 
 from . import checker, nodes, schedule, snapshot
-from .history import History
 from .nemesis import Nemesis
 from .workload import Plan, Workload
 

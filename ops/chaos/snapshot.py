@@ -10,7 +10,7 @@ so the rows, the log and the position are one consistent picture.
 
 Per-table checksums use the same definition as ``Storage.checksums`` (sha256
 of each row's ``repr`` in primary key order over the replicated tables of
-``service.storage.REPLICATED_TABLES``), so they compare with what the tests
+``chat_schema.TABLES`` and storage's ``OWN_REPLICATED``), so they compare with what the tests
 and an operator compute.
 
 Only rows of this run are kept (user names and message bodies carry the run's
@@ -29,7 +29,8 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.storage import REPLICATED_TABLES
+from service.chat_schema import TABLES
+from service.storage import OWN_REPLICATED
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _read_tables(conn: sqlite3.Connection, data: NodeData, prefix: str) -> None:
 def checksums(conn: sqlite3.Connection) -> dict[str, str]:
     """``Storage.checksums`` over a plain sqlite3 connection."""
     sums = {}
-    for table, key in REPLICATED_TABLES.items():
+    for table, key in {**TABLES, **OWN_REPLICATED}.items():
         digest = hashlib.sha256()
         for row in conn.execute(f"SELECT * FROM {table} ORDER BY {key}"):
             digest.update(repr(tuple(row)).encode())

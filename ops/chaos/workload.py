@@ -5,7 +5,7 @@ Theory of operation
 The workload runs in a thread of its own with its own event loop, so the
 main thread stays free for the nemesis, which signals processes and sleeps.
 Every client operation is recorded in the ``History`` (invoked, then ok,
-failed or unknown). The actors, all at once:
+failed or unknown: ``ops/cluster/history.py``). The actors, all at once:
 
 * **writers** (``<prefix>w0``, ``w1``, ...): each logged in with its own
   ``Client``; in a loop they send uniquely numbered messages
@@ -46,10 +46,9 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
+from ops.cluster.history import OK, History, record
 from service import errors
 from service.client import Client, Result, new_request_id
-
-from .history import FAILED, OK, UNKNOWN, History
 
 SETUP_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 60.0
@@ -194,26 +193,8 @@ class Workload:
         self, process: str, kind: str, args: dict[str, Any], call: Awaitable[Result]
     ) -> Result | None:
         """Run one client call and record it; returns the result when it is ``ok``."""
-        op = self.history.invoke(process, kind, args)
-        try:
-            result = await call
-        except asyncio.CancelledError:
-            self.history.complete(op, UNKNOWN, error="cancelled")
-            raise
-        except errors.Refused as exc:
-            self.history.complete(op, FAILED, error=exc.code)
-        except errors.Unavailable as exc:
-            self.history.complete(op, UNKNOWN, error=exc.code)
-        except errors.ChatError as exc:
-            self.history.complete(op, UNKNOWN, error=f"{exc.code}: {exc.message}", unexpected=True)
-        except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}"
-            self.history.complete(op, UNKNOWN, error=text, unexpected=True)
-        else:
-            kept = {key: value for key, value in result.items() if key != "token"}
-            self.history.complete(op, OK, result=kept)
-            return result
-        return None
+        op, result = await record(self.history, process, kind, args, call)
+        return result if op.outcome == OK else None
 
     # ---- actors ------------------------------------------------------------------------
 

@@ -17,11 +17,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ops.cluster.history import OK
 from service.storage import Storage
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import REPO_ROOT
 from tests.helpers.workload import (
-    Outcome,
     Workload,
     finish,
     start_cluster,
@@ -66,7 +66,7 @@ def test_a_backup_taken_under_load_brings_up_a_new_cluster(
         load.wait_progress(40, "before the backup")
         acked_before = {
             r.message_id: r.body
-            for r in load.ledger.with_outcome(Outcome.ACKED)
+            for r in load.history.of_kind("send", OK)
             if r.message_id is not None
         }
         taken = _tool("ops.backup", "--to", str(backup), "--config", str(primary.config_path))
@@ -90,7 +90,7 @@ def test_a_backup_taken_under_load_brings_up_a_new_cluster(
     )  # fmt: skip
     assert refused.returncode == 3, refused.stderr
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("other.db")]
-    finish(source, load.ledger)  # the source cluster is unharmed
+    finish(source, load.history)  # the source cluster is unharmed
 
     restored = cluster_factory()
     first = restored.nodes[1]

@@ -21,14 +21,13 @@ from typing import Any
 
 import pytest
 
+from ops.cluster.history import OK, History, Op
+from ops.cluster.waiting import wait_for
 from service.client import Client
+from service.status import NodeStatus
 from tests.conftest import ClusterFactory
-from tests.helpers.cluster import REPO_ROOT, Cluster, NodeProcess, NodeView
-from tests.helpers.waiting import wait_for
+from tests.helpers.cluster import REPO_ROOT, Cluster, NodeProcess
 from tests.helpers.workload import (
-    Ledger,
-    Outcome,
-    SendRecord,
     Workload,
     check_messages,
     finish,
@@ -59,12 +58,12 @@ SLOW_TO_SHRINK = {"sync_timeout": 5.0, "clock_gap": 2.0}
 class BackgroundSend:
     """One ``send`` run to completion in a thread, retried by the client as it sees fit."""
 
-    def __init__(self, cluster: Cluster, token: str, body: str, ledger: Ledger) -> None:
-        self.record: SendRecord | None = None
+    def __init__(self, cluster: Cluster, token: str, body: str, history: History) -> None:
+        self.record: Op | None = None
 
         async def send() -> None:
             async with Client(cluster.servers, timeout=45.0, token=token) as client:
-                self.record = await send_recorded(client, "alice", "alice", body, ledger)
+                self.record = await send_recorded(client, "alice", "alice", body, history)
 
         self._thread = threading.Thread(target=asyncio.run, args=(send(),), daemon=True)
         self._thread.start()
@@ -72,7 +71,7 @@ class BackgroundSend:
     def running(self) -> bool:
         return self._thread.is_alive()
 
-    def result(self, timeout: float = 60.0) -> SendRecord:
+    def result(self, timeout: float = 60.0) -> Op:
         self._thread.join(timeout)
         assert self.record is not None, "the send never returned"
         return self.record
@@ -97,11 +96,11 @@ def test_old_primary_with_an_unreplicated_write_is_rewound(
     old = wait_settled(cluster)
     promoted, other = (n for n in cluster.nodes.values() if n is not old)
     token = run(new_user(cluster.servers, "alice"))
-    ledger = Ledger()
+    history = History()
     seq = view_of(old).seq
     for node in (promoted, other):
         node.freeze()
-    send = BackgroundSend(cluster, token, "orphan", ledger)
+    send = BackgroundSend(cluster, token, "orphan", history)
     wait_committed(old, seq, "the write committed on the primary alone")
     assert send.running(), "a write was acknowledged while every backup was frozen"
     old.kill()
@@ -109,7 +108,7 @@ def test_old_primary_with_an_unreplicated_write_is_rewound(
         node.kill()
     cluster.start([promoted.node_id, other.node_id])
 
-    def waits_for_old(view: NodeView) -> bool:
+    def waits_for_old(view: NodeStatus) -> bool:
         return view.role != "primary" and old.node_id in waiting_for(view)
 
     for node in (promoted, other):
@@ -117,7 +116,7 @@ def test_old_primary_with_an_unreplicated_write_is_rewound(
     force_promotion(promoted)
     assert cluster.wait_for_primary() is promoted
     record = send.result()
-    assert record.outcome is Outcome.ACKED, record
+    assert record.outcome == OK, record
     old.start()
     wait_settled(cluster)
     wait_logged(old, f"rewind node={old.node_id}")
@@ -129,7 +128,7 @@ def test_old_primary_with_an_unreplicated_write_is_rewound(
     assert seen is not None
     assert seen.value("chat_rewinds_total") == 1
     assert seen.value("chat_rewound_records_total") >= 1
-    finish(cluster, ledger)
+    finish(cluster, history)
 
 
 def force_promotion(node: NodeProcess) -> None:
@@ -153,20 +152,20 @@ def test_write_in_flight_to_frozen_backups_survives_the_primary_crash(
     old = wait_settled(cluster)
     backups = [n for n in cluster.nodes.values() if n is not old]
     token = run(new_user(cluster.servers, "alice"))
-    ledger = Ledger()
+    history = History()
     seq = view_of(old).seq
     for node in backups:
         node.freeze()
-    send = BackgroundSend(cluster, token, "in flight", ledger)
+    send = BackgroundSend(cluster, token, "in flight", history)
     wait_committed(old, seq, "the write committed on the primary alone")
     assert send.running(), "a write was acknowledged while every backup was frozen"
     old.kill()
     for node in backups:
         node.thaw()
     assert cluster.wait_for_primary() in backups
-    assert send.result().outcome is Outcome.ACKED
+    assert send.result().outcome == OK
     old.start()
-    finish(cluster, ledger)
+    finish(cluster, history)
 
 
 def test_backup_down_past_the_log_retention_catches_up_from_a_snapshot(
@@ -202,7 +201,7 @@ def test_backup_down_past_the_log_retention_catches_up_from_a_snapshot(
 
         wait_for(sent, 10.0, "the primary to count the snapshot it sent")
         load.wait_progress(20, "with the backup back")
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 def test_messages_deleted_while_a_node_is_down_stay_deleted(
@@ -212,9 +211,9 @@ def test_messages_deleted_while_a_node_is_down_stay_deleted(
     start_cluster(cluster)
     primary = wait_settled(cluster)
     absent = next(n for n in cluster.nodes.values() if n is not primary)
-    ledger = Ledger()
-    alice, bob = run(conversation(cluster, ledger))
-    ids = [r.message_id for r in ledger.records]
+    history = History()
+    alice, bob = run(conversation(cluster, history))
+    ids = [r.message_id for r in history.ops]
     absent.kill()
     run(delete(cluster, alice, ids[:2]))  # the sender deletes two
     run(delete(cluster, bob, ids[2:3]))  # the recipient deletes one
@@ -234,17 +233,17 @@ def test_messages_deleted_while_a_node_is_down_stay_deleted(
         assert message.deleted == (message.id in deleted), message
         if message.deleted:
             assert message.body == "", f"a tombstone keeps its body: {message}"
-    kept = [r for r in ledger.records if r.message_id not in deleted]
-    check_messages(cluster, _ledger_of(kept))
+    kept = [r for r in history.ops if r.message_id not in deleted]
+    check_messages(cluster, _history_of(kept))
 
 
-async def conversation(cluster: Cluster, ledger: Ledger) -> tuple[str, str]:
+async def conversation(cluster: Cluster, history: History) -> tuple[str, str]:
     """alice and bob registered and logged in; alice sent bob five messages."""
     tokens = [await new_user(cluster.servers, user) for user in ("alice", "bob")]
     async with Client(cluster.servers, token=tokens[0]) as client:
         for n in range(5):
-            record = await send_recorded(client, "alice", "bob", f"note {n}", ledger)
-            assert record.outcome is Outcome.ACKED, record
+            record = await send_recorded(client, "alice", "bob", f"note {n}", history)
+            assert record.outcome == OK, record
     return tokens[0], tokens[1]
 
 
@@ -259,8 +258,8 @@ async def inbox_with(cluster: Cluster, token: str) -> list[dict[str, Any]]:
         return await read_inbox(client)
 
 
-def _ledger_of(records: list[SendRecord]) -> Ledger:
-    ledger = Ledger()
+def _history_of(records: list[Op]) -> History:
+    history = History()
     for record in records:
-        ledger.add(record)
-    return ledger
+        history.ops.append(record)
+    return history

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 
 from ops.chaos import checker, schedule
-from ops.chaos.history import FAILED, OK, History
 from ops.chaos.snapshot import MessageRow, NodeData, UserRow
+from ops.cluster.history import FAILED, OK, History
 
 SEED = 8
 DURATION = 100

@@ -17,16 +17,15 @@ from typing import Any
 
 import pytest
 
+from ops.cluster.history import OK, History
+from ops.cluster.waiting import wait_for
 from service import errors, protocol
 from service.client import Client, new_request_id
 from service.config import parse_address
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster, NodeProcess
-from tests.helpers.waiting import wait_for
 from tests.helpers.workload import (
     PASSWORD,
-    Ledger,
-    Outcome,
     finish,
     new_user,
     run,
@@ -172,7 +171,7 @@ def test_listen_survives_a_failover_without_gap_or_duplicate(
     cluster = cluster_factory()
     start_cluster(cluster)
     primary = wait_settled(cluster)
-    ledger = Ledger()
+    history = History()
     received: list[dict[str, Any]] = []
     sent_before_kill = threading.Event()
     killed = threading.Event()
@@ -194,8 +193,8 @@ def test_listen_survives_a_failover_without_gap_or_duplicate(
                 if n == 20:
                     sent_before_kill.set()
                     await asyncio.to_thread(killed.wait, 30.0)
-                await send_recorded(sender, "bob", "alice", f"live {n}", ledger)
-            acked = {r.body for r in ledger.with_outcome(Outcome.ACKED)}
+                await send_recorded(sender, "bob", "alice", f"live {n}", history)
+            acked = {r.body for r in history.of_kind("send", OK)}
             await asyncio.to_thread(
                 wait_for,
                 lambda: acked <= {m["body"] for m in received},
@@ -216,11 +215,11 @@ def test_listen_survives_a_failover_without_gap_or_duplicate(
     assert ids == sorted(set(ids)), f"out of order or duplicated: {ids}"
     bodies = [m["body"] for m in received]
     assert len(bodies) == len(set(bodies))
-    acked = [r.body for r in ledger.with_outcome(Outcome.ACKED)]
+    acked = [r.body for r in history.of_kind("send", OK)]
     assert [b for b in bodies if b in acked] == acked
-    assert set(bodies) <= {r.body for r in ledger.records}
+    assert set(bodies) <= {r.body for r in history.ops}
     primary.start()
-    finish(cluster, ledger)
+    finish(cluster, history)
 
 
 def test_listen_gets_a_message_whose_sender_hung_up_before_the_acknowledgement(
@@ -289,4 +288,4 @@ def test_listen_gets_a_message_whose_sender_hung_up_before_the_acknowledgement(
     inbox = asyncio.run(scenario())
     assert len(inbox) == 3, inbox
     assert received == inbox, f"listen got {received}, the inbox holds {inbox}"
-    finish(cluster, Ledger())
+    finish(cluster, History())

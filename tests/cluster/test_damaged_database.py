@@ -21,9 +21,9 @@ import sqlite3
 import pytest
 
 from ops.chaos.corrupt import corrupt_page
+from ops.cluster.waiting import wait_for
 from service.client import Client
 from tests.conftest import ClusterFactory
-from tests.helpers.waiting import wait_for
 from tests.helpers.workload import (
     PASSWORD,
     finish,

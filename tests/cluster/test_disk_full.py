@@ -14,7 +14,7 @@ operator sees (status, the log) and what a user gets:
   and the old primary comes back as a backup once its disk recovers;
 * a node started on a full disk starts, reports the fault, and recovers.
 
-Nothing is acknowledged and lost (``finish`` checks every scenario's ledger).
+Nothing is acknowledged and lost (``finish`` checks every scenario's history).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from pathlib import Path
 
 import pytest
 
+from ops.cluster.history import OK, History
+from ops.cluster.waiting import wait_for
 from service import errors
 from service.client import Client
 from service.diskfaults import ENV_VAR, Plan, write_control
+from service.status import NodeStatus
 from tests.conftest import ClusterFactory
-from tests.helpers.cluster import Cluster, NodeProcess, NodeView
-from tests.helpers.waiting import wait_for
+from tests.helpers.cluster import Cluster, NodeProcess
 from tests.helpers.workload import (
-    Ledger,
-    Outcome,
     assert_stays,
     finish,
     new_user,
@@ -52,27 +52,27 @@ OFF = Plan("off")
 
 
 class Sender:
-    """One user sending numbered notes to themselves, every outcome in a ledger."""
+    """One user sending numbered notes to themselves, every outcome in a history."""
 
     def __init__(self, cluster: Cluster, timeout: float = 3.0) -> None:
         self.cluster = cluster
         self.timeout = timeout
-        self.ledger = Ledger()
+        self.history = History()
         self.token = run(new_user(cluster.servers, "alice"))
         self.numbers = itertools.count()
 
-    def send(self, servers: list[str] | None = None) -> Outcome:
-        async def one() -> Outcome:
+    def send(self, servers: list[str] | None = None) -> str | None:
+        async def one() -> str | None:
             address = servers or self.cluster.servers
             async with Client(address, timeout=self.timeout, token=self.token) as client:
                 body = f"note {next(self.numbers)}"
-                return (await send_recorded(client, "alice", "alice", body, self.ledger)).outcome
+                return (await send_recorded(client, "alice", "alice", body, self.history)).outcome
 
         return run(one())
 
     def acked(self, count: int) -> None:
         for _ in range(count):
-            assert self.send() is Outcome.ACKED, self.ledger.records[-1]
+            assert self.send() == OK, self.history.ops[-1]
 
 
 def with_faults(cluster: Cluster, node: NodeProcess) -> Path:
@@ -95,7 +95,7 @@ def settled_with_faults(
     return cluster, node, control, Sender(cluster, timeout=timeout)
 
 
-def cannot_write(view: NodeView) -> bool:
+def cannot_write(view: NodeStatus) -> bool:
     return "cannot write" in str(view.reason or "")
 
 
@@ -123,7 +123,7 @@ def test_a_backup_whose_disk_fills_is_dropped_and_catches_up_when_space_returns(
     cluster, backup, control, sender = settled_with_faults(cluster_factory, 3)
     sender.acked(3)
     fill_disk(control, backup, sender)
-    wait_view(cluster[1], lambda v: v.sync_set == (1, 2), "the primary dropping node 3")
+    wait_view(cluster[1], lambda v: v.members == (1, 2), "the primary dropping node 3")
     sender.acked(10)
     joins = joins_logged(backup)
 
@@ -137,10 +137,10 @@ def test_a_backup_whose_disk_fills_is_dropped_and_catches_up_when_space_returns(
     assert_stays(spinning, 2.0, "with node 3's disk full")
     assert backup.starts == 1
     write_control(control, OFF)
-    wait_view(cluster[1], lambda v: v.sync_set == (1, 2, 3), "node 3 back in the sync set")
+    wait_view(cluster[1], lambda v: v.members == (1, 2, 3), "node 3 back in the sync set")
     assert "storage recovered" in backup.log_text()
     assert " rewind " not in backup.log_text()
-    finish(cluster, sender.ledger)
+    finish(cluster, sender.history)
 
 
 def test_a_primary_alone_with_a_full_disk_refuses_writes_serves_reads_and_resumes(
@@ -150,7 +150,7 @@ def test_a_primary_alone_with_a_full_disk_refuses_writes_serves_reads_and_resume
     sender.acked(2)
     cluster[2].kill()
     cluster[3].kill()
-    wait_view(primary, lambda v: v.sync_set == (1,), "the sync set shrunk to node 1")
+    wait_view(primary, lambda v: v.members == (1,), "the sync set shrunk to node 1")
     sender.acked(2)
     fill_disk(control, primary, sender)
     wait_view(primary, lambda v: v.role == "primary", "node 1 still primary, read-only")
@@ -183,10 +183,10 @@ def test_a_primary_alone_with_a_full_disk_refuses_writes_serves_reads_and_resume
     assert_stays(lambda: busy(pid, used, 2.0), 2.0, "node 1 retrying a refused write in a loop")
     write_control(control, OFF)
     wait_view(primary, lambda v: not cannot_write(v), "the primary writing again")
-    wait_view(primary, lambda v: v.sync_set == (1, 2), "node 2 back in the sync set")
+    wait_view(primary, lambda v: v.members == (1, 2), "node 2 back in the sync set")
     sender.acked(3)
     cluster.start()
-    finish(cluster, sender.ledger)
+    finish(cluster, sender.history)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -215,7 +215,7 @@ def test_a_primary_whose_disk_fills_steps_aside_for_a_backup(
     assert old.is_running
     write_control(control, OFF)
     wait_view(old, lambda v: v.role == "backup" and not cannot_write(v), "node 1 a backup again")
-    finish(cluster, sender.ledger)
+    finish(cluster, sender.history)
 
 
 def test_a_node_started_on_a_full_disk_reports_it_and_recovers(
@@ -230,5 +230,5 @@ def test_a_node_started_on_a_full_disk_reports_it_and_recovers(
     wait_view(node, cannot_write, "node 3 saying it cannot write")
     assert node.is_running
     write_control(control, OFF)
-    wait_view(cluster[1], lambda v: v.sync_set == (1, 2, 3), "node 3 back in the sync set")
-    finish(cluster, sender.ledger)
+    wait_view(cluster[1], lambda v: v.members == (1, 2, 3), "node 3 back in the sync set")
+    finish(cluster, sender.history)

@@ -14,13 +14,13 @@ import itertools
 
 import pytest
 
+from ops.cluster.history import History
+from ops.cluster.waiting import wait_for
 from service.client import Client
 from service.diskfaults import ENV_VAR, Plan, write_control
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import NodeProcess
-from tests.helpers.waiting import wait_for
 from tests.helpers.workload import (
-    Ledger,
     new_user,
     run,
     send_recorded,
@@ -42,7 +42,7 @@ def test_a_running_node_follows_its_disk_fault_control_file(
     cluster.wait_in_sync()
     wait_logged(node, "disk faults enabled")
     token = run(new_user(cluster.servers, "alice"))
-    ledger = Ledger()
+    history = History()
     numbers = itertools.count()
 
     def send_one() -> None:
@@ -50,7 +50,7 @@ def test_a_running_node_follows_its_disk_fault_control_file(
 
         async def send() -> None:
             async with Client(cluster.servers, timeout=3.0, token=token) as client:
-                await send_recorded(client, "alice", "alice", f"m{next(numbers)}", ledger)
+                await send_recorded(client, "alice", "alice", f"m{next(numbers)}", history)
 
         run(send())
 

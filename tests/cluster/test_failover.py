@@ -51,7 +51,7 @@ def test_primary_killed_under_load_fails_over_and_rejoins(
     view = old.view()
     assert view is not None
     assert view.role == "backup"
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 def test_back_to_back_failovers(cluster_factory: ClusterFactory) -> None:
@@ -66,7 +66,7 @@ def test_back_to_back_failovers(cluster_factory: ClusterFactory) -> None:
             load.wait_progress(20, f"after failover {round_}")
             killed.start()
             primary = wait_settled(cluster)
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 @pytest.mark.parametrize("victim", ["primary", "backup"])
@@ -90,7 +90,7 @@ def test_sigkill_during_writes_leaves_every_database_intact(
             load.wait_progress(10, f"after kill {round_}")
             node.start()
             primary = wait_settled(cluster)
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 def test_failover_before_the_backups_link_up(cluster_factory: ClusterFactory) -> None:
@@ -132,4 +132,4 @@ def test_failover_before_the_backups_link_up(cluster_factory: ClusterFactory) ->
         load.wait_progress(20, f"on node {survivor.node_id}")
         primary.start()
         wait_settled(cluster)
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)

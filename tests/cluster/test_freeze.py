@@ -19,8 +19,8 @@ import time
 import pytest
 
 from service.client import Client
+from service.status import NodeStatus
 from tests.conftest import ClusterFactory
-from tests.helpers.cluster import NodeView
 from tests.helpers.workload import (
     Workload,
     finish,
@@ -52,7 +52,7 @@ def test_frozen_primary_is_replaced_and_steps_down_when_thawed(
         load.wait_progress(30, "on the new primary while the old one is frozen")
         old.thaw()
 
-        def stepped_down(view: NodeView) -> bool:
+        def stepped_down(view: NodeStatus) -> bool:
             return view.role == "backup" and view.epoch >= epoch
 
         wait_view(old, stepped_down, f"a backup in epoch {epoch} or later")
@@ -63,7 +63,7 @@ def test_frozen_primary_is_replaced_and_steps_down_when_thawed(
     after_thaw = old.log_text().split(f"SIGCONT node {old.node_id}")[-1]
     assert "epoch changed" in after_thaw
     assert "became primary" not in after_thaw
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 def test_frozen_backup_is_dropped_then_rejoins(cluster_factory: ClusterFactory) -> None:
@@ -76,10 +76,8 @@ def test_frozen_backup_is_dropped_then_rejoins(cluster_factory: ClusterFactory) 
         backup.freeze()
         frozen_at = time.monotonic()
 
-        def dropped(view: NodeView) -> bool:
-            return backup.node_id not in view.sync_set and backup.node_id not in (
-                view.in_sync or ()
-            )
+        def dropped(view: NodeStatus) -> bool:
+            return backup.node_id not in view.members and backup.node_id not in (view.in_sync or ())
 
         wait_view(primary, dropped, f"node {backup.node_id} out of the sync set")
         waited = time.monotonic() - frozen_at
@@ -88,7 +86,7 @@ def test_frozen_backup_is_dropped_then_rejoins(cluster_factory: ClusterFactory) 
         backup.thaw()
         assert wait_settled(cluster) is primary  # the sync set is whole again
         load.wait_progress(30, "with the backup back")
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 def test_primary_serves_alone_when_its_backups_fail_one_after_the_other(
@@ -112,7 +110,7 @@ def test_primary_serves_alone_when_its_backups_fail_one_after_the_other(
         killed.start()
         assert wait_settled(cluster) is primary
         load.wait_progress(10, "with every node back")
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 def test_a_request_waiting_on_a_frozen_primary_moves_to_the_new_one(

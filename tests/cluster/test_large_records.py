@@ -46,7 +46,7 @@ def assert_whole_sync_set(cluster: Cluster) -> None:
     primary = wait_settled(cluster)
     view = primary.view()
     assert view is not None
-    assert view.sync_set == (1, 2, 3), view
+    assert view.members == (1, 2, 3), view
     assert view.in_sync == (1, 2, 3), view
 
 

@@ -19,8 +19,9 @@ import sys
 import pytest
 
 from service.client import Client
+from service.status import NodeStatus
 from tests.conftest import ClusterFactory
-from tests.helpers.cluster import Cluster, NodeView
+from tests.helpers.cluster import Cluster
 from tests.helpers.workload import (
     PASSWORD,
     assert_stays,
@@ -50,7 +51,7 @@ def shrink_to_node_1_and_write(cluster: Cluster) -> None:
     run(new_user(cluster.servers, "bob"))
     cluster[2].kill()
     cluster[3].kill()
-    wait_view(cluster[1], lambda v: v.sync_set == (1,), "sync set shrunk to node 1 alone")
+    wait_view(cluster[1], lambda v: v.members == (1,), "sync set shrunk to node 1 alone")
     run(send_many([cluster[1].address], token, ALONE_WRITES))
 
 
@@ -63,7 +64,7 @@ def no_primary(cluster: Cluster) -> str | None:
 
 
 def expect_waiting_for_node_1(cluster: Cluster, why: str) -> None:
-    def names_node_1(view: NodeView) -> bool:
+    def names_node_1(view: NodeStatus) -> bool:
         return 1 in waiting_for(view) and why in str(view.reason or "")
 
     for node in (cluster[2], cluster[3]):

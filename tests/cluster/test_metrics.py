@@ -17,12 +17,12 @@ import socket
 from collections.abc import Callable
 from pathlib import Path
 
+from ops.cluster.scrape import Scrape
+from ops.cluster.waiting import wait_for
 from service.client import Client
 from service.diskfaults import ENV_VAR, Plan, write_control
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster, NodeProcess
-from tests.helpers.scrape import Scrape
-from tests.helpers.waiting import wait_for
 from tests.helpers.workload import (
     finish,
     new_user,

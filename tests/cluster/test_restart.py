@@ -17,12 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from ops.cluster.history import OK
 from service.client import Client
+from service.status import NodeStatus
 from tests.conftest import ClusterFactory
-from tests.helpers.cluster import Cluster, NodeProcess, NodeView
+from tests.helpers.cluster import Cluster, NodeProcess
 from tests.helpers.workload import (
     PASSWORD,
-    Outcome,
     Workload,
     assert_stays,
     finish,
@@ -59,7 +60,7 @@ def test_backup_killed_under_load_catches_up_from_the_log(cluster_factory: Clust
         load.wait_progress(30, "with the backup back")
     assert f"catch-up start node={primary.node_id} backup={backup.node_id}" in primary.log_text()
     assert "snapshot installed" not in backup.log_text()
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 def the_pair(survivor: int) -> str:
@@ -85,15 +86,13 @@ def test_any_two_nodes_killed_the_third_serves_alone(
         load.wait_progress(30, f"on node {survivor} alone", timeout=15.0)
     # Reads too: every acknowledged message is in its recipient's inbox (G1, G2).
     inbox = run(inbox_of(cluster, load.users[1]))
-    sent_to_it = {r.body for r in load.ledger.records if r.recipient == load.users[1]}
-    acked = {
-        r.body for r in load.ledger.with_outcome(Outcome.ACKED) if r.recipient == load.users[1]
-    }
+    sent_to_it = {r.body for r in load.history.ops if r.recipient == load.users[1]}
+    acked = {r.body for r in load.history.of_kind("send", OK) if r.recipient == load.users[1]}
     bodies = [m["body"] for m in inbox]
     assert acked <= set(bodies) <= sent_to_it
     assert len(bodies) == len(set(bodies))
     cluster.start()
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 async def inbox_of(cluster: Cluster, user: str) -> list[dict[str, object]]:
@@ -139,13 +138,13 @@ def test_full_restart_in_every_order(
             expect_waiting(started, missing)
         else:
             assert cluster.wait_for_primary() in newest
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 def expect_waiting(started: list[NodeProcess], missing: list[int]) -> None:
     """G5: no primary, and every started node says it waits for ``missing``."""
 
-    def names_missing(view: NodeView) -> bool:
+    def names_missing(view: NodeStatus) -> bool:
         return set(missing) <= waiting_for(view)
 
     for node in started:
@@ -183,7 +182,7 @@ def test_primary_stopped_gracefully_then_stale_does_not_start_alone(
     old.start()
     expect_waiting([old], sorted(n.node_id for n in others))
     cluster.start()
-    finish(cluster, load.ledger)
+    finish(cluster, load.history)
 
 
 def no_primary(nodes: list[NodeProcess]) -> str | None:
@@ -226,7 +225,7 @@ def test_a_node_without_the_cluster_secret_cannot_join(
             return f"it is {view}"
         for node in others:
             other = node.view()
-            if other is not None and intruder.node_id in other.sync_set:
+            if other is not None and intruder.node_id in other.members:
                 return f"node {node.node_id} counts it in the sync set: {other}"
         return None
 

@@ -42,13 +42,13 @@ from typing import Any, ClassVar
 
 import pytest
 
+from ops.cluster.probe import probe_status
+from ops.cluster.waiting import wait_for
 from service import protocol
 from service.client import Client, new_request_id
 from service.errors import ChatError
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster
-from tests.helpers.probe import probe_status
-from tests.helpers.waiting import wait_for
 
 HANDSHAKE_TIMEOUT = 1.0
 IDLE_TIMEOUT = 2.0

@@ -34,11 +34,11 @@ from typing import IO, Any
 
 import pytest
 
+from ops.cluster.ports import free_port
+from ops.cluster.waiting import wait_for
 from service import errors, protocol
 from service.client import Client
 from tests.helpers.cluster import Cluster
-from tests.helpers.ports import free_port
-from tests.helpers.waiting import wait_for
 
 PASSWORD = "s3cret-password"
 COMMAND_TIMEOUT = 60.0

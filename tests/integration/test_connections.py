@@ -40,12 +40,12 @@ from typing import Any
 
 import pytest
 
+from ops.cluster.waiting import wait_for
 from service import protocol
 from service.client import Client, new_request_id
 from service.config import parse_address
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster, NodeProcess
-from tests.helpers.waiting import wait_for
 from tests.helpers.workload import wait_settled
 from tests.integration.test_bad_input import Bystander, Raw, close_all, run
 from tests.integration.test_security import peer_attempt

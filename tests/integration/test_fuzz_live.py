@@ -37,13 +37,13 @@ from typing import Any
 
 import pytest
 
+from ops.cluster.probe import probe_status
 from service import protocol
 from service.client import Client
 from service.errors import ChatError, ProtocolViolation
 from service.storage import Storage
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster
-from tests.helpers.probe import probe_status
 
 SEED = 5150
 CONNECTIONS = 6

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from ops.cluster.waiting import wait_for
 from service import protocol
 from service.client import Client, new_request_id
 from service.config import parse_address
@@ -32,7 +33,6 @@ from service.errors import AuthFailed, InvalidInput
 from service.storage import Storage
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster, NodeProcess
-from tests.helpers.waiting import wait_for
 from tests.helpers.workload import run, start_cluster
 
 pytestmark = pytest.mark.cluster

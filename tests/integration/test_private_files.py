@@ -23,11 +23,11 @@ from pathlib import Path
 
 import pytest
 
+from ops.cluster.waiting import wait_for
 from service.client import Client
 from service.errors import InvalidInput
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster, NodeProcess
-from tests.helpers.waiting import wait_for
 
 pytestmark = pytest.mark.cluster
 

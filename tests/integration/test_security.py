@@ -202,7 +202,7 @@ def test_a_node_with_another_secret_never_joins(
         if links is not None and links["node"].get("links"):
             return f"the impostor is linked: {links['node']['links']}"
         head = primary.view()
-        if head is None or 3 in head.sync_set or 3 in (head.in_sync or ()):
+        if head is None or 3 in head.members or 3 in (head.in_sync or ()):
             return f"the primary counts the impostor in: {head}"
         return None
 

@@ -47,13 +47,15 @@ import pytest
 from supervisor.datatypes import RestartUnconditionally
 from supervisor.options import ServerOptions
 
+from ops.cluster import agreement
+from ops.cluster.ports import LOOPBACK, free_ports
+from ops.cluster.probe import probe_status
+from ops.cluster.waiting import NotYet, StopWaiting, wait_for
 from service.client import DEFAULT_SERVERS, Client
 from service.config import NodeConfig, load, parse_peers
+from service.status import NodeStatus
 from service.storage import Storage
-from tests.helpers.cluster import REPO_ROOT, NodeView, NotYet
-from tests.helpers.ports import LOOPBACK, free_ports
-from tests.helpers.probe import probe_status
-from tests.helpers.waiting import StopWaiting, wait_for
+from tests.helpers.cluster import REPO_ROOT
 
 pytestmark = pytest.mark.cluster
 
@@ -350,43 +352,26 @@ class Supervised:
 
     # ---- the cluster as the status probe shows it -------------------------------------
 
-    def views(self) -> dict[int, NodeView]:
-        views: dict[int, NodeView] = {}
+    def views(self) -> dict[int, NodeStatus]:
+        views: dict[int, NodeStatus] = {}
         for node_id, address in self.addresses.items():
             status = probe_status(address)
             if status is None:
                 raise NotYet(f"node {node_id} does not answer status")
-            views[node_id] = NodeView.from_status(status)
+            views[node_id] = NodeStatus.from_reply(status)
         return views
 
-    def agreed_primary(self) -> tuple[int, dict[int, NodeView]]:
+    def agreed_primary(self) -> tuple[int, dict[int, NodeStatus]]:
         """The one primary every node names, in one epoch; raises NotYet otherwise."""
         self.check_supervisord()
         views = self.views()
-        summary = "; ".join(str(view) for view in views.values())
-        primaries = [node_id for node_id, view in views.items() if view.role == "primary"]
-        if len(primaries) != 1:
-            raise NotYet(f"{len(primaries)} primaries: {summary}")
-        primary = primaries[0]
-        names = (primary, self.addresses[primary])
-        if any(v.primary not in names or v.epoch != views[primary].epoch for v in views.values()):
-            raise NotYet(f"no agreement on node {primary}: {summary}")
-        return primary, views
+        return agreement.agreed_primary(views), views
 
     def in_sync(self) -> int:
         """The primary, once every node is at its position, in its sync set and confirmed."""
         primary, views = self.agreed_primary()
-        target = views[primary]
-        members = set(target.sync_set) & set(target.in_sync or ())
-        lagging = [
-            str(view)
-            for node_id, view in views.items()
-            if view.position != target.position
-            or node_id not in members
-            or (node_id != primary and not view.confirmed)
-        ]
-        if lagging:
-            raise NotYet(f"primary {target}; behind or not confirmed: {lagging}")
+        agreement.common_position(views, primary)
+        agreement.in_sync(views, primary)
         return primary
 
     def wait_in_sync(self, timeout: float = FAILOVER_TIMEOUT) -> int:

@@ -18,13 +18,13 @@ from pathlib import Path
 import apsw
 import pytest
 
+from ops.cluster.waiting import wait_for
 from service import diskfaults
 from service.chat_schema import MIGRATIONS
 from service.diskfaults import DiskFaults, Plan, write_control
 from service.errors import Internal, StorageFault
 from service.replication.types import Position
 from service.storage import Storage
-from tests.helpers.waiting import wait_for
 
 _names = itertools.count(1)
 

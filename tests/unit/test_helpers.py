@@ -1,4 +1,4 @@
-"""The test helpers themselves: free ports, waiting on state, the status probe."""
+"""The harness's small parts (ops/cluster): free ports, waiting on state, the status probe."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from itertools import count
 
 import pytest
 
+from ops.cluster.ports import free_port, free_ports
+from ops.cluster.probe import probe_status
+from ops.cluster.waiting import StopWaiting, wait_for
 from service import protocol
-from tests.helpers.ports import free_port, free_ports
-from tests.helpers.probe import probe_status
-from tests.helpers.waiting import StopWaiting, wait_for
 
 
 def test_free_ports_are_distinct_and_bindable() -> None:

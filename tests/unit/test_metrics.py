@@ -17,12 +17,12 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ops.cluster.ports import LOOPBACK, free_port
+from ops.cluster.scrape import Scrape, scrape
 from service.config import load
 from service.errors import InvalidInput
 from service.metrics import Metrics, NodeSample, StateCollector
 from service.replication.verify import Outcome
-from tests.helpers.ports import LOOPBACK, free_port
-from tests.helpers.scrape import Scrape, scrape
 
 NODES = "1=127.0.0.1:7001,2=127.0.0.1:7002,3=127.0.0.1:7003"
 

@@ -1,8 +1,9 @@
 """A tiny synchronous ``status`` probe, for the harness's own polling.
 
 The harness must tell "the node is down or frozen" apart from "the node answers
-but not as expected", and must not depend on the client library it helps to
-test. So it speaks the wire protocol directly (``service.protocol``): read the
+but not as expected", and must not depend on the client library the tests
+check (nor on its retries and redirects, which the benchmark measures). So it
+speaks the wire protocol directly (``service.protocol``): read the
 server's hello (the server speaks first), answer with a client hello, read the
 welcome, send one ``status`` request, read the reply.
 
@@ -17,11 +18,14 @@ from __future__ import annotations
 
 import socket
 import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from service import protocol
 from service.config import parse_address
-from service.errors import ProtocolViolation, from_wire
+from service.errors import ChatError, ProtocolViolation, from_wire
+from service.status import NodeStatus
 
 Status = dict[str, Any]
 
@@ -74,3 +78,31 @@ def probe_status(address: str, timeout: float = 1.0) -> Status | None:
         raise ProtocolViolation(f"status reply does not match the request: {reply!r}")
     result: Status = reply["result"]
     return result
+
+
+def probe_node(address: str, timeout: float = 1.0) -> NodeStatus | None:
+    """The node's typed status, or None if it is down or frozen; raises if malformed."""
+    result = probe_status(address, timeout)
+    return None if result is None else NodeStatus.from_reply(result)
+
+
+def probe_all(
+    addresses: Mapping[int, str], timeout: float = 1.0, *, errors_as_none: bool = False
+) -> dict[int, NodeStatus | None]:
+    """``probe_node`` of every address at once (a frozen node costs ``timeout`` once, not
+    once per node), by node id. A malformed answer raises, or with ``errors_as_none``
+    counts as no answer (for observers that must go on whatever a node says)."""
+
+    def one(address: str) -> NodeStatus | None:
+        try:
+            return probe_node(address, timeout)
+        except ChatError:
+            if errors_as_none:
+                return None
+            raise
+
+    if not addresses:
+        return {}
+    with ThreadPoolExecutor(max_workers=len(addresses)) as pool:
+        answers = list(pool.map(one, addresses.values()))
+    return dict(zip(addresses, answers, strict=True))

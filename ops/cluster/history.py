@@ -1,4 +1,7 @@
-"""The history of a chaos run: every operation the workload invoked and how it ended.
+"""The history of a workload: every client operation it invoked and how it ended.
+
+One type for every checker of client-visible outcomes: the chaos tool's
+(``ops/chaos/checker.py``) and the cluster tests' (``tests/helpers/workload.py``).
 
 Theory of operation
 -------------------
@@ -18,6 +21,9 @@ An error outside those (``internal``, ``protocol``, an exception that is not a
 ``ChatError``) is recorded as ``unknown`` with ``unexpected`` set: the checker
 reports it, since no correct service produces one.
 
+``record`` runs one client call and classifies its end this way; a workload
+never classifies an error itself.
+
 ``listen`` streams are not ops: each ``Stream`` keeps the message ids its
 listener received, in order, and when it started and stopped listening.
 
@@ -26,19 +32,23 @@ Invariants
 * An op is completed at most once; ``complete`` of a completed op raises.
 * Times are ``time.monotonic()`` seconds since the history was created, so
   they line up with the fault log of the nemesis (the same clock).
-* Only the workload's thread appends; the lock makes reading from the main
-  thread (progress lines) safe.
+* Appends take the lock, so a workload may record from several threads, and
+  reading from the main thread (progress lines, waits) is safe.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from service import errors
 
 OK = "ok"
 FAILED = "failed"
@@ -60,6 +70,23 @@ class Op:
     result: dict[str, Any] | None = None
     error: str | None = None  # the error code (or text) of a failed or unknown op
     unexpected: bool = False
+
+    # What a ``send`` op names (its sender is the process that ran it).
+    @property
+    def recipient(self) -> str | None:
+        to = self.args.get("to")
+        return None if to is None else str(to)
+
+    @property
+    def body(self) -> str | None:
+        body = self.args.get("body")
+        return None if body is None else str(body)
+
+    @property
+    def message_id(self) -> int | None:
+        """The id an ``ok`` send was given."""
+        message = (self.result or {}).get("message")
+        return int(message["id"]) if isinstance(message, dict) else None
 
     def __str__(self) -> str:
         end = f"{self.completed:.3f}" if self.completed is not None else ""
@@ -148,9 +175,17 @@ class History:
                     expected.add(message_id)
             return expected
 
-    def of_kind(self, kind: str) -> list[Op]:
+    def of_kind(self, kind: str, outcome: str | None = None) -> list[Op]:
+        """The ops of ``kind`` (with ``outcome``, only those that ended so)."""
         with self._lock:
-            return [op for op in self.ops if op.kind == kind]
+            return [
+                op
+                for op in self.ops
+                if op.kind == kind and (outcome is None or op.outcome == outcome)
+            ]
+
+    def count(self, kind: str, outcome: str) -> int:
+        return len(self.of_kind(kind, outcome))
 
     def counts(self) -> dict[str, Counter[str]]:
         """kind -> outcome -> count ("pending" for ops never completed)."""
@@ -177,3 +212,35 @@ class History:
                 line = asdict(stream)
                 line["bodies"] = {str(k): v for k, v in stream.bodies.items()}
                 out.write(json.dumps({"stream": line}, ensure_ascii=True) + "\n")
+
+
+async def record(
+    history: History, process: str, kind: str, args: dict[str, Any], call: Awaitable[Any]
+) -> tuple[Op, Any]:
+    """Run one client call, recording it in ``history`` as invoked and then as it ended;
+    returns the op and the reply (None unless ``ok``: the caller may need its token).
+
+    A reply is ``ok`` (kept without any ``token``); a refusal ``failed`` with its
+    code; no answer (``Unavailable``, or cancelled) ``unknown``; any other error
+    ``unknown`` and ``unexpected``. Cancellation is recorded, then re-raised.
+    """
+    op = history.invoke(process, kind, args)
+    result: Any = None
+    try:
+        result = await call
+    except asyncio.CancelledError:
+        history.complete(op, UNKNOWN, error="cancelled")
+        raise
+    except errors.Refused as exc:
+        history.complete(op, FAILED, error=exc.code)
+    except errors.Unavailable as exc:
+        history.complete(op, UNKNOWN, error=exc.code)
+    except errors.ChatError as exc:
+        history.complete(op, UNKNOWN, error=f"{exc.code}: {exc.message}", unexpected=True)
+    except Exception as exc:
+        history.complete(op, UNKNOWN, error=f"{type(exc).__name__}: {exc}", unexpected=True)
+    else:
+        kept = {key: value for key, value in result.items() if key != "token"}
+        history.complete(op, OK, result=kept)
+        return op, result
+    return op, None

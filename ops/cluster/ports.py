@@ -1,8 +1,8 @@
-"""Free loopback ports for nodes started by the tests.
+"""Free ports for the nodes a local cluster starts.
 
-Fixed ports make parallel runs and leftover processes collide, so every test
-cluster asks the kernel: bind ``127.0.0.1:0``, read the port it picked, close.
-All the sockets of one call are held open together while picking, so the ports
+Fixed ports make parallel runs and leftover processes collide, so every local
+cluster asks the kernel: bind ``HOST:0``, read the port it picked, close. All
+the sockets of one call are held open together while picking, so the ports
 returned are distinct; none is held afterwards, because the node process must
 bind it itself. Another process could take a port in the short window before
 the node binds it; the harness then sees the node exit during ``start`` and
@@ -26,7 +26,7 @@ def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
+        return [int(sock.getsockname()[1]) for sock in sockets]
     finally:
         for sock in sockets:
             sock.close()

@@ -366,3 +366,35 @@ def random_faults(seed: int, steps: int = 30) -> None:
     primary = heal_all(sim)
     write_acked(sim, primary, 2)
     sim.check_invariants(converged=True)
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_e1_to_e6_random_partitions_store_cuts_crashes_and_freezes(seed: int) -> None:
+    random_faults(seed)
+
+
+# ---- regressions of bugs these scenarios found -------------------------------------------------
+
+
+def test_e6_a_member_alone_in_the_stored_set_acks_in_order_after_a_full_restart() -> None:
+    """The first acknowledgement of a reign comes with its first record: the claim's
+    answer must not release the previous epoch's records after ``BecomePrimary``."""
+    sim = started()
+    primary = sim.primary()
+    assert primary is not None
+    others = [n for n in sim.ids if n != primary]
+    sim.partition([primary], others)
+    sim.wait_for(lambda: stored_members(sim) == (primary,), 5.0, "the stored set shrunk")
+    acked = write_acked(sim, primary, 3)
+    for node in sim.ids:
+        sim.kill(node)
+    sim.heal()
+    sim.advance(LEASE.ttl + 0.5)
+    sim.restart(primary)
+    sim.wait_primary(timeout=3.0, among=[primary])
+    write_acked(sim, primary, 2)
+    sim.check_invariants()
+    for node in others:
+        sim.restart(node)
+    sim.wait_converged(timeout=5.0)
+    assert all(sim.holds(n, w) for n in sim.ids for w in acked)

@@ -326,6 +326,9 @@ class LeasedArbiter(Arbiter):
                     and _counts(info, stored)
                 ):
                     members.append(member)
+                    # The record names it with the database it published: a wiped
+                    # disk later is then not this member (E4).
+                    core.learn_database(member, info.database)
         core.become_primary(
             now,
             epoch,

@@ -398,3 +398,29 @@ def test_e6_a_member_alone_in_the_stored_set_acks_in_order_after_a_full_restart(
         sim.restart(node)
     sim.wait_converged(timeout=5.0)
     assert all(sim.holds(n, w) for n in sim.ids for w in acked)
+
+
+def test_e4_a_member_named_by_a_takeover_first_record_is_its_database() -> None:
+    """After a failover the new primary's first record names the members at its
+    position; it must record their databases (from their member keys), or a
+    wiped one of them could lead on an empty log."""
+    sim = started()
+    old = sim.primary()
+    assert old is not None
+    acked = write_acked(sim, old, 3)
+    sim.kill(old)
+    new = sim.wait_primary(timeout=3 * LEASE.ttl)
+    other = next(n for n in sim.ids if n not in (old, new))
+    sim.wait_for(
+        lambda: stored_members(sim) == tuple(sorted((new, other))), 2.0, "the takeover stored"
+    )
+    sim.kill(new)
+    sim.kill(other)
+    sim.advance(LEASE.ttl + 0.5)
+    sim.wipe(other)
+    never(sim, 3.0, lambda: sim.primaries() != [], "the wiped member led")
+    assert "wiped or replaced" in str(sim.statistics(other)["reason"])
+    sim.restart(new)
+    sim.restart(old)
+    sim.wait_converged(timeout=8.0)
+    assert all(sim.holds(n, w) for n in sim.ids for w in acked)

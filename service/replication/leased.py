@@ -310,6 +310,10 @@ class LeasedArbiter(Arbiter):
             return
         if view.leader == core.node_id and view.leader_epoch == self.leading_epoch:
             return
+        if view.epoch < self.leading_epoch:
+            # A read the store served before our claim, answered after it (requests on
+            # one connection are answered in any order): it says nothing of our key.
+            return
         holder = "nobody" if view.leader is None else f"node {view.leader}"
         core.become_electing(now, f"the leader key is held by {holder}", out)
 

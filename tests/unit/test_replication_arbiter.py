@@ -30,8 +30,11 @@ from collections.abc import Callable
 
 import pytest
 
-from service.replication.leased import LeaseTiming
-from service.replication.types import Role
+from service.replication.arbiter import ArbiterView, Claimed, LeaseRenewed, MemberInfo
+from service.replication.effects import ClaimLeader, ReleaseLeader
+from service.replication.leased import LeasedArbiter, LeaseTiming
+from service.replication.state import ReplicaCore, Timing
+from service.replication.types import NodeState, Position, Role, SyncSet
 from tests.unit.sim import ClientWrite, SimNetwork
 from tests.unit.simarbiter import PREFIX, leader_value, parse_sync
 
@@ -329,11 +332,23 @@ def writing_for(sim: SimNetwork, rng: random.Random, seconds: float) -> None:
         sim.advance(min(0.05, end - sim.now))
 
 
+def wipe_leaves_a_member(sim: SimNetwork, node: int) -> bool:
+    """Another member of the stored set still has its recorded database, so wiping
+    ``node`` leaves someone who may lead (else the cluster rightly waits forever)."""
+    kv = sim.store.keys.get(PREFIX + "sync")
+    if kv is None:
+        return False
+    stored = parse_sync(kv.value)
+    return any(
+        m != node and stored.database_of(m) in (None, sim.nodes[m].database) for m in stored.members
+    )
+
+
 def random_faults(seed: int, steps: int = 30) -> None:
-    """Crashes, restarts, freezes, partitions between nodes, cuts from the store
-    (one way or both) and store outages at random, with drifting clocks; then all
-    heals. Every invariant is checked after each step; at the end the nodes must
-    converge and acknowledge writes again."""
+    """Crashes, restarts, freezes, wipes, partitions between nodes, cuts from the
+    store (one way or both), store outages and a slow store at random, with
+    drifting clocks; then all heals. Every invariant is checked after each step;
+    at the end the nodes must converge and acknowledge writes again."""
     rng = random.Random(seed)
     sim = started(seed, {n: rng.uniform(-LEASE.drift, LEASE.drift) for n in (1, 2, 3)})
     for _step in range(steps):
@@ -362,6 +377,8 @@ def random_faults(seed: int, steps: int = 30) -> None:
                 sim.cut_store(n)
         elif action < 0.85:
             sim.heal_store()
+        elif action < 0.88 and status == "down" and wipe_leaves_a_member(sim, node):
+            sim.wipe(node, restart=False)
         elif action < 0.92:
             # A slow store: answers after the request timeout leave outcomes unknown,
             # and a later request may overtake an earlier one.
@@ -429,3 +446,56 @@ def test_e4_a_member_named_by_a_takeover_first_record_is_its_database() -> None:
     sim.restart(old)
     sim.wait_converged(timeout=8.0)
     assert all(sim.holds(n, w) for n in sim.ids for w in acked)
+
+
+# ---- the leased arbiter driven directly: answers that arrive out of turn -----------------------
+#
+# Over one connection the simulated store answers in order; etcd's client multiplexes
+# requests, so a read sent before a claim may be answered after it, and an answer
+# may be settled late by a read-back. These drive the pure core with such answers.
+
+STORED = SyncSet(3, (1, 2, 3), 1, ((1, "db-1"), (2, "db-2"), (3, "db-3")))
+
+
+def leased_core() -> ReplicaCore:
+    """Node 1, electing at (1, 5) with a lease, the stored set naming all three."""
+    core = ReplicaCore(
+        1,
+        (1, 2, 3),
+        Timing(),
+        NodeState(1, 1, 1),
+        Position(1, 5),
+        STORED,
+        0.0,
+        history=[(1, 1)],
+        database="db-1",
+        arbiter=LeasedArbiter(LEASE),
+    )
+    core.on_arbiter(0.0, LeaseRenewed(0.0))
+    return core
+
+
+def view(leader: int | None, epoch: int) -> ArbiterView:
+    members = {n: MemberInfo(n, Position(1, 5), f"db-{n}") for n in (1, 2, 3)}
+    return ArbiterView(leader, epoch if leader else 0, epoch, STORED, 7, members)
+
+
+def claim(core: ReplicaCore, now: float) -> ClaimLeader:
+    core.on_arbiter(now, view(None, 1))
+    claims = [e for e in core.tick(now + 0.01) if isinstance(e, ClaimLeader)]
+    assert claims == [ClaimLeader(2, 1, 7)], claims
+    return claims[0]
+
+
+def test_e1_a_read_older_than_the_claim_does_not_depose_the_new_primary() -> None:
+    core = leased_core()
+    claim(core, 0.1)
+    core.on_arbiter(0.12, Claimed(2))
+    assert core.role is Role.PRIMARY
+    # Read before the claim was applied (the store's epoch still 1), answered after.
+    effects = core.on_arbiter(0.13, view(None, 1))
+    assert core.role is Role.PRIMARY, effects
+    assert not any(isinstance(e, ReleaseLeader) for e in effects)
+    # A read that follows the claim and finds the key gone still deposes it.
+    core.on_arbiter(0.5, view(None, 2))
+    assert core.statistics()["role"] == "electing"

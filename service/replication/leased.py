@@ -320,7 +320,9 @@ class LeasedArbiter(Arbiter):
     def _claimed(self, now: float, epoch: int, out: list[Effect]) -> None:
         core = self.core
         self.claiming = None
-        if core.role is not Role.ELECTING:
+        if core.role is not Role.ELECTING or epoch <= core.epoch:
+            # We follow a primary, or learned of an epoch at least as new while the
+            # claim was settled: leading it would take our epoch backwards (R1).
             out.append(ReleaseLeader())
             return
         view = self.view

@@ -33,6 +33,7 @@ import pytest
 from service.replication.arbiter import ArbiterView, Claimed, LeaseRenewed, MemberInfo
 from service.replication.effects import ClaimLeader, ReleaseLeader
 from service.replication.leased import LeasedArbiter, LeaseTiming
+from service.replication.messages import Append
 from service.replication.state import ReplicaCore, Timing
 from service.replication.types import NodeState, Position, Role, SyncSet
 from tests.unit.sim import ClientWrite, SimNetwork
@@ -457,6 +458,10 @@ def test_e4_a_member_named_by_a_takeover_first_record_is_its_database() -> None:
 STORED = SyncSet(3, (1, 2, 3), 1, ((1, "db-1"), (2, "db-2"), (3, "db-3")))
 
 
+def heartbeat(epoch: int, seq: int) -> Append:
+    return Append(epoch, seq, 0, [], STORED, (1, 2, 3), -1)
+
+
 def leased_core() -> ReplicaCore:
     """Node 1, electing at (1, 5) with a lease, the stored set naming all three."""
     core = ReplicaCore(
@@ -499,3 +504,18 @@ def test_e1_a_read_older_than_the_claim_does_not_depose_the_new_primary() -> Non
     # A read that follows the claim and finds the key gone still deposes it.
     core.on_arbiter(0.5, view(None, 2))
     assert core.statistics()["role"] == "electing"
+
+
+def test_e1_a_claim_settled_after_the_node_saw_a_newer_epoch_is_given_back() -> None:
+    core = leased_core()
+    claim(core, 0.1)
+    # Before the claim's answer: a primary of epoch 3 streams to us, then goes silent.
+    core.on_message(0.2, 2, heartbeat(3, 5))
+    assert core.role is Role.BACKUP
+    for tick in range(1, 40):
+        core.tick(0.2 + tick * 0.02)
+    assert core.statistics()["role"] == "electing"
+    effects = core.on_arbiter(1.0, Claimed(2))
+    assert core.statistics()["role"] == "electing", "led epoch 2 after seeing epoch 3"
+    assert core.epoch == 3
+    assert ReleaseLeader() in effects

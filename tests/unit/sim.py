@@ -448,6 +448,9 @@ class SimNetwork:
         self.drift = dict(drift or {})
         self.store = SimStore()
         self.store_delay = store_delay
+        # Up to this much more per request or answer: they may overtake each other,
+        # as requests multiplexed on one connection to etcd do.
+        self.store_jitter = 0.0
         self._store_queue: list[_StoreTraffic] = []
         # node -> (its requests are lost, answers to it are lost)
         self._store_cut: dict[int, tuple[bool, bool]] = {}
@@ -800,11 +803,21 @@ class SimNetwork:
     def _io_step(self, node: SimNode, step: Step) -> None:
         """Send what the node's arbiter I/O asks, and hand its events to the core."""
         for request in step.requests:
-            self._store_send(node.node_id, node.io_generation, request, self.now + self.store_delay)
+            self._store_send(node.node_id, node.io_generation, request, self._store_due())
         for event in step.events:
             if node.core is None or not node.running:
                 return
             self._run(node, node.core.on_arbiter(self.clock(node.node_id), event))
+
+    def store_requests_in_flight(self, node_id: int) -> int:
+        """Requests of ``node_id`` on their way to the store (they arrive even if it died)."""
+        return sum(
+            1 for t in self._store_queue if t.node == node_id and isinstance(t.item, Request)
+        )
+
+    def _store_due(self) -> float:
+        jitter = self.random.uniform(0, self.store_jitter) if self.store_jitter else 0.0
+        return self.now + self.store_delay + jitter
 
     def _store_send(self, node_id: int, generation: int, item: Request | Answer, at: float) -> None:
         self._order += 1
@@ -821,7 +834,7 @@ class SimNetwork:
             if self.store.keys.get(PREFIX + "sync") is not sync_before:
                 self.anomalies += self._e3_problems("the store's sync set changed")
             answer = Answer(item.id, result)
-            self._store_send(traffic.node, traffic.generation, answer, self.now + self.store_delay)
+            self._store_send(traffic.node, traffic.generation, answer, self._store_due())
             return
         node = self.nodes[traffic.node]
         if answers_cut or node.io is None or traffic.generation != node.io_generation:

@@ -40,7 +40,7 @@ What it does, and reports:
 * ``ReleaseLeader``: delete the leader key if it is on our lease.
 * Any request without an answer within ``request_timeout``: ``ArbiterUnreachable``.
 
-Requests are sent and answered in order (one connection to the store).
+Requests may be answered in any order (the simulator can delay each differently).
 """
 
 from __future__ import annotations

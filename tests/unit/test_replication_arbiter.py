@@ -95,6 +95,7 @@ def never(sim: SimNetwork, seconds: float, predicate: Callable[[], object], what
 
 def heal_all(sim: SimNetwork) -> int:
     sim.store_delay = 0.002
+    sim.store_jitter = 0.0
     sim.heal()
     sim.heal_store()
     for node in sim.ids:
@@ -335,9 +336,10 @@ def writing_for(sim: SimNetwork, rng: random.Random, seconds: float) -> None:
 
 def wipe_leaves_a_member(sim: SimNetwork, node: int) -> bool:
     """Another member of the stored set still has its recorded database, so wiping
-    ``node`` leaves someone who may lead (else the cluster rightly waits forever)."""
+    ``node`` leaves someone who may lead (else the cluster rightly waits forever),
+    and no write of the node, sent before it stopped, may still change the set."""
     kv = sim.store.keys.get(PREFIX + "sync")
-    if kv is None:
+    if kv is None or sim.store_requests_in_flight(node):
         return False
     stored = parse_sync(kv.value)
     return any(
@@ -384,6 +386,7 @@ def random_faults(seed: int, steps: int = 30) -> None:
             # A slow store: answers after the request timeout leave outcomes unknown,
             # and a later request may overtake an earlier one.
             sim.store_delay = rng.choice((0.002, 0.05, 0.3, 0.6))
+            sim.store_jitter = rng.choice((0.0, 0.01, 0.3))
         writing_for(sim, rng, rng.choice((0.01, 0.05, 0.2, 0.7, 1.6, 3.5)))
         sim.check_invariants()
     primary = heal_all(sim)

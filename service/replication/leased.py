@@ -289,6 +289,9 @@ class LeasedArbiter(Arbiter):
             case ClaimRefused(why=why):
                 self.claiming = None
                 core.explain(f"the leader key was not ours to take: {why}")
+            case SyncSetStored(seq=seq) | SyncSetRefused(seq=seq) if seq != self.storing:
+                # Not the write in flight: one of an earlier reign, answered late.
+                out.append(Log("late sync set answer", {"node": core.node_id, "seq": seq}))
             case SyncSetStored(seq=seq, revision=revision):
                 self.storing = None
                 self.stored_revision = revision

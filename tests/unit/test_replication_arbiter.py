@@ -30,8 +30,16 @@ from collections.abc import Callable
 
 import pytest
 
-from service.replication.arbiter import ArbiterView, Claimed, LeaseRenewed, MemberInfo
-from service.replication.effects import ClaimLeader, ReleaseLeader
+from service.replication.arbiter import (
+    ArbiterView,
+    Claimed,
+    LeaseLost,
+    LeaseRenewed,
+    MemberInfo,
+    SyncSetRefused,
+    SyncSetStored,
+)
+from service.replication.effects import BecomePrimary, ClaimLeader, ReleaseLeader, StoreSyncSet
 from service.replication.leased import LeasedArbiter, LeaseTiming
 from service.replication.messages import Append
 from service.replication.state import ReplicaCore, Timing
@@ -522,3 +530,30 @@ def test_e1_a_claim_settled_after_the_node_saw_a_newer_epoch_is_given_back() -> 
     assert core.statistics()["role"] == "electing", "led epoch 2 after seeing epoch 3"
     assert core.epoch == 3
     assert ReleaseLeader() in effects
+
+
+def test_e3_an_answer_to_a_previous_reign_sync_set_write_is_ignored() -> None:
+    core = leased_core()
+    claim(core, 0.1)
+    effects = core.on_arbiter(0.12, Claimed(2))
+    assert any(isinstance(e, BecomePrimary) for e in effects)
+    first = SyncSet(4, (1, 2, 3), 2, STORED.databases)
+    writes = [e for e in core.on_sealed(0.13, 6, first) if isinstance(e, StoreSyncSet)]
+    assert [w.seq for w in writes] == [6]
+    # The lease is lost before the answer: the node steps down, claims again, and
+    # its new reign seals its first record and writes it.
+    core.on_arbiter(0.2, LeaseLost("expired"))
+    core.on_arbiter(0.3, LeaseRenewed(0.3))
+    core.on_arbiter(0.65, view(None, 2))
+    claims = [e for e in core.tick(0.66) if isinstance(e, ClaimLeader)]
+    assert claims == [ClaimLeader(3, 2, 7)], claims
+    core.on_arbiter(0.67, Claimed(3))
+    second = SyncSet(5, (1, 2, 3), 3, STORED.databases)
+    writes = [e for e in core.on_sealed(0.68, 7, second) if isinstance(e, StoreSyncSet)]
+    assert [w.seq for w in writes] == [7]
+    # The first reign's write is answered only now: it concerns no write in flight.
+    core.on_arbiter(0.69, SyncSetRefused(6, "compare failed", retry=False))
+    assert core.statistics()["role"] == "primary"
+    core.on_arbiter(0.7, SyncSetStored(6, 9))
+    stored = [e for e in core.tick(0.72) if isinstance(e, StoreSyncSet)]
+    assert stored == [], "a second write of the sync set while one is in flight"

@@ -23,7 +23,9 @@ a leased *leader key* and the *sync set*. This module holds the rules; the I/O
   first: it supersedes the older ones.
 - E4 Who may lead. Only a member of the stored set, with the very database the
   set recorded, neither unproven nor faulted; members publish their position
-  under leased member keys and a member yields to a more current live one.
+  under leased member keys and a member yields to a more current live one, for
+  one lease TTL at most (one whose answers are cut keeps its key alive but never
+  claims; any member holds every acknowledged write, so waiting is a preference).
 - E5 Store unreachable: no renewal (writes and reads stop at the deadline), no
   claim, no shrink. ``status`` says "arbiter unreachable".
 - E6 Full restart: a member of the stored set leads as soon as it is back.
@@ -114,14 +116,18 @@ class LeasedArbiter(Arbiter):
         self.storing: int | None = None  # the seq of a write in flight
         # Every change sealed in this reign and not yet stored, by seq.
         self.sealed: dict[int, SyncSet] = {}
+        # Since when (this electing spell) we yield to each more current member.
+        self.yielding_since: dict[int, float] = {}
 
     # ---- who may lead ------------------------------------------------------------------
 
     def enter_electing(self, now: float, previous_primary: int | None) -> None:
         self.claiming = None
+        self.yielding_since = {}
 
     def leave_electing(self) -> None:
         self.claiming = None
+        self.yielding_since = {}
 
     def on_link(self, now: float, peer: int, up: bool, out: list[Effect]) -> None:
         """Links say nothing about who may lead here: the store does."""
@@ -146,7 +152,7 @@ class LeasedArbiter(Arbiter):
             core.explain("releasing a leader key this node holds but does not serve on")
             out.append(ReleaseLeader())
             return
-        why, waiting_for = self._may_not_lead()
+        why, waiting_for = self._may_not_lead(now)
         if why is not None:
             core.explain(why, waiting_for=waiting_for)
             return
@@ -162,7 +168,7 @@ class LeasedArbiter(Arbiter):
         self.core.explain(f"claiming the leader key for epoch {epoch}", waiting_for=())
         out.append(ClaimLeader(epoch, expected, revision))
 
-    def _may_not_lead(self) -> tuple[str | None, tuple[int, ...]]:
+    def _may_not_lead(self, now: float) -> tuple[str | None, tuple[int, ...]]:
         """Why this node may not claim the leader key now (E4) and whom it waits
         for, or (None, ())."""
         core = self.core
@@ -200,9 +206,20 @@ class LeasedArbiter(Arbiter):
             info = view.members.get(member)
             if member == core.node_id or info is None or not _counts(info, sync_set):
                 continue
-            if position_key(info.position, member) > position_key(me.position, me.node):
+            if position_key(info.position, member) > position_key(
+                me.position, me.node
+            ) and self._patient(now, member):
                 return f"node {member} is more current: waiting for it to lead", (member,)
         return None, ()
+
+    def _patient(self, now: float, member: int) -> bool:
+        """Yield to a more current member for one lease TTL at most. Its member key
+        lives as long as its requests reach the store, even when no answer reaches it
+        (a one-way cut): then it never claims. Every member of the stored set holds
+        every acknowledged write (E3), so the ranking only spares the rewind of
+        records nobody acknowledged; it must not stop the cluster."""
+        since = self.yielding_since.setdefault(member, now)
+        return now - since < self.timing.ttl
 
     def _may_not_bootstrap(
         self, view: ArbiterView, me: MemberInfo
@@ -272,6 +289,9 @@ class LeasedArbiter(Arbiter):
             case ClaimRefused(why=why):
                 self.claiming = None
                 core.explain(f"the leader key was not ours to take: {why}")
+            case SyncSetStored(seq=seq) | SyncSetRefused(seq=seq) if seq != self.storing:
+                # Not the write in flight: one of an earlier reign, answered late.
+                out.append(Log("late sync set answer", {"node": core.node_id, "seq": seq}))
             case SyncSetStored(seq=seq, revision=revision):
                 self.storing = None
                 self.stored_revision = revision
@@ -293,13 +313,19 @@ class LeasedArbiter(Arbiter):
             return
         if view.leader == core.node_id and view.leader_epoch == self.leading_epoch:
             return
+        if view.epoch < self.leading_epoch:
+            # A read the store served before our claim, answered after it (requests on
+            # one connection are answered in any order): it says nothing of our key.
+            return
         holder = "nobody" if view.leader is None else f"node {view.leader}"
         core.become_electing(now, f"the leader key is held by {holder}", out)
 
     def _claimed(self, now: float, epoch: int, out: list[Effect]) -> None:
         core = self.core
         self.claiming = None
-        if core.role is not Role.ELECTING:
+        if core.role is not Role.ELECTING or epoch <= core.epoch:
+            # We follow a primary, or learned of an epoch at least as new while the
+            # claim was settled: leading it would take our epoch backwards (R1).
             out.append(ReleaseLeader())
             return
         view = self.view
@@ -326,6 +352,9 @@ class LeasedArbiter(Arbiter):
                     and _counts(info, stored)
                 ):
                     members.append(member)
+                    # The record names it with the database it published: a wiped
+                    # disk later is then not this member (E4).
+                    core.learn_database(member, info.database)
         core.become_primary(
             now,
             epoch,

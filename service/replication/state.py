@@ -508,11 +508,14 @@ class ReplicaCore:
         """What the arbiter's I/O found (a read, a renewal, the result of a write)."""
         out: list[Effect] = []
         self._check_gap(now, out)
+        lead = self._lead
         self.arbiter.on_event(now, event, out)
-        if self._lead is not None:
+        if lead is not None and self._lead is lead:
             # A stored sync-set change may have taken effect, or a renewal moved the
-            # fencing deadline: acknowledge what waited for either.
-            self._advance_watermark(now, self._lead, out)
+            # fencing deadline: acknowledge what waited for either. (Not in a reign
+            # this event just began: as after any election, its first acknowledgement
+            # comes with its first record, which ``BecomePrimary`` seals.)
+            self._advance_watermark(now, lead, out)
         return out
 
     def on_log_pruned(self, first_log_seq: int | None) -> None:

@@ -50,9 +50,28 @@ are delivered first, then fsync reports, then the tick. R2 is checked against
 the disk: whatever a primary acknowledges is on disk on it and on every member
 of its ack set, and no core counts as durable more than its disk holds.
 
-``check_invariants`` asserts what SPEC section 6 promises (G1, G3, G4, R1) over
-everything recorded; ``wait_for`` advances time until a predicate holds and
-raises with what it was still waiting for, never sleeping.
+Arbiter mode (``arbiter=LeaseTiming(...)``, SPEC section 10). Every core runs
+``LeasedArbiter``, and each node has an ``ArbiterIO`` (``simarbiter.py``, a model
+of the etcd I/O) that talks to one ``SimStore`` (``simstore.py``: keys with
+revisions, leases on the store's clock, transactions with etcd's compares).
+Requests and answers take ``store_delay`` each way; ``cut_store(node, requests,
+answers)`` loses one direction or both (a lost answer leaves the node without
+the outcome of what the store applied); a frozen node's answers wait for the
+thaw; a killed node's requests in flight still arrive. Each node's monotonic
+clock runs at ``1 + drift[node]`` times the store's (true) time (``clock``), and
+every input a core gets carries its own clock. ``wipe`` replaces a node's data
+folder (empty log, fresh state, new database id). A partition in this mode
+stalls connections, as TCP does (frames wait and arrive in order after the
+heal) instead of losing frames on a live link. Checked as it goes: a primary
+acknowledges only while the store holds its leader key for its epoch (E2);
+every member the stored sync set names, with its recorded database, holds every
+acknowledged write on disk (E3); a wiped node never leads before joining a
+primary (E4).
+
+``check_invariants`` asserts what SPEC section 6 promises (G1, G3, G4, R1: one
+primary and one acknowledging node per epoch) over everything recorded;
+``wait_for`` advances time until a predicate holds and raises with what it was
+still waiting for, never sleeping.
 
 A sync set change is a record like any other; its payload is
 ``sync_set_payload(sync_set)``, so the sync set a log holds is the one named by
@@ -73,25 +92,42 @@ from typing import Any, TypeVar
 from service import protocol
 from service.errors import ProtocolViolation
 from service.replication import messages
+from service.replication.arbiter import MemberInfo
 from service.replication.effects import (
     Acknowledge,
     ApplyRecords,
     BecomePrimary,
     ChangeSyncSet,
+    ClaimLeader,
+    DatabaseProven,
     Effect,
     ExpectSnapshot,
     Log,
     Persist,
     ReceiveSnapshot,
+    ReleaseLeader,
     Rewind,
     Send,
     StartStream,
     StepDown,
     StopStream,
+    StoreSyncSet,
 )
+from service.replication.leased import LeasedArbiter, LeaseTiming
 from service.replication.messages import Message, Snapshot
 from service.replication.state import ReplicaCore, Timing
 from service.replication.types import NodeState, Position, Role, SyncSet
+from tests.unit.simarbiter import (
+    PREFIX,
+    Answer,
+    ArbiterIO,
+    Request,
+    Step,
+    leader_value,
+    parse_sync,
+    serve,
+)
+from tests.unit.simstore import SimStore
 
 T = TypeVar("T")
 
@@ -109,8 +145,9 @@ class SimError(AssertionError):
 
 
 def sync_set_payload(sync_set: SyncSet) -> str:
+    databases = [list(pair) for pair in sync_set.databases]
     return json.dumps(
-        {SYNC_SET_KEY: [sync_set.version, list(sync_set.members), sync_set.epoch]},
+        {SYNC_SET_KEY: [sync_set.version, list(sync_set.members), sync_set.epoch, databases]},
         separators=(",", ":"),
     )
 
@@ -119,8 +156,13 @@ def payload_sync_set(payload: str) -> SyncSet | None:
     """The sync set a record sets, or None for a client write."""
     if not payload.startswith("{"):
         return None
-    version, members, epoch = json.loads(payload)[SYNC_SET_KEY]
-    return SyncSet(int(version), tuple(int(m) for m in members), int(epoch))
+    version, members, epoch, databases = json.loads(payload)[SYNC_SET_KEY]
+    return SyncSet(
+        int(version),
+        tuple(int(m) for m in members),
+        int(epoch),
+        tuple((int(n), str(d)) for n, d in databases),
+    )
 
 
 # ---- the log of one node ----------------------------------------------------------------
@@ -289,6 +331,19 @@ class _Fsync:
 
 
 @dataclass(order=True)
+class _StoreTraffic:
+    """A request on its way to the store, or an answer on its way back to ``node``."""
+
+    at: float
+    order: int
+    node: int = field(compare=False)
+    # The incarnation of the node's I/O that sent the request: an answer to an
+    # earlier one (before a kill) is dropped.
+    generation: int = field(compare=False)
+    item: Request | Answer = field(compare=False)
+
+
+@dataclass(order=True)
 class _InFlight:
     deliver_at: float
     order: int
@@ -321,6 +376,13 @@ class SimNode:
         # kill, restart), as the runtime clears its ``unsynced`` deque.
         self.sync_generation = 0
         self.held_syncs: list[_Fsync] = []  # reports due while frozen
+        # This node's database id: a wipe makes a new one (E4).
+        self.database = f"db-{node_id}"
+        # Arbiter mode: the I/O to the store (None while down), its incarnation, and
+        # the store's answers that arrived while the node was frozen.
+        self.io: ArbiterIO | None = None
+        self.io_generation = 0
+        self.held_answers: list[_StoreTraffic] = []
 
     @property
     def running(self) -> bool:
@@ -373,8 +435,32 @@ class SimNetwork:
         start: float = 100.0,
         started: bool = True,
         fsync_delay: float = 0.0,
+        arbiter: LeaseTiming | None = None,
+        drift: dict[int, float] | None = None,
+        store_delay: float = 0.002,
     ) -> None:
         self.ids = tuple(range(1, nodes + 1))
+        # Arbiter mode (SPEC section 10): every core runs ``LeasedArbiter`` and reaches
+        # ``store`` through its own ``ArbiterIO``; a request or an answer takes
+        # ``store_delay``. ``drift`` (node -> d) makes each node's monotonic clock
+        # run at ``1 + d`` times the store's (true) time.
+        self.lease_timing = arbiter
+        self.drift = dict(drift or {})
+        self.store = SimStore()
+        self.store_delay = store_delay
+        # Up to this much more per request or answer: they may overtake each other,
+        # as requests multiplexed on one connection to etcd do.
+        self.store_jitter = 0.0
+        self._store_queue: list[_StoreTraffic] = []
+        # node -> (its requests are lost, answers to it are lost)
+        self._store_cut: dict[int, tuple[bool, bool]] = {}
+        # In arbiter mode a partition stalls a connection, as TCP does: frames
+        # across it wait (in order) and arrive once it heals. Otherwise they are lost.
+        self.stall_partitions = arbiter is not None
+        self._stalled: list[_InFlight] = []
+        # Nodes whose database was wiped and that have not joined a primary since (E4).
+        self.wiped: set[int] = set()
+        self._wipes = 0
         self.timing = timing or Timing()
         self.delay = delay
         self.step = step
@@ -425,8 +511,12 @@ class SimNetwork:
         node.held_link_down.clear()
         node.held_syncs.clear()
         node.sync_generation += 1  # its group fsync thread died with it
+        node.io = None  # its requests in flight still reach the store; answers are lost
+        node.io_generation += 1
+        node.held_answers.clear()
         self._queue = [m for m in self._queue if node_id not in (m.src, m.dst)]
         heapq.heapify(self._queue)
+        self._stalled = [m for m in self._stalled if node_id not in (m.src, m.dst)]
         for other in self.nodes.values():
             other.held = [m for m in other.held if m.src != node_id]
         for peer in self.ids:
@@ -452,14 +542,18 @@ class SimNetwork:
             node.state,
             node.log.position,
             node.log.sync_set,
-            self.now,
+            self.clock(node_id),
             history=list(node.log.epochs),
             first_log_seq=node.log.first_seq,
+            database=node.database,
+            arbiter=LeasedArbiter(self.lease_timing) if self.lease_timing is not None else None,
         )
         node.sync_generation += 1
         # Storage syncs the files it opens: what a crash left in the cache is on disk.
         self._on_disk(node, node.log.position.seq)
         node.status = "up"
+        if self.lease_timing is not None:
+            node.io = ArbiterIO(node_id, self.lease_timing)
         self._connect_links()
 
     def freeze(self, node_id: int) -> None:
@@ -483,6 +577,10 @@ class SimNetwork:
             fsync.due = max(fsync.due, self.now)
             heapq.heappush(self._fsyncs, fsync)
         node.held_syncs.clear()
+        for answer in node.held_answers:
+            answer.at = max(answer.at, self.now)
+            heapq.heappush(self._store_queue, answer)
+        node.held_answers.clear()
         closed, node.held_link_down = node.held_link_down, []
         for peer in closed:
             if node.running:
@@ -531,14 +629,30 @@ class SimNetwork:
         return losses
 
     def partition(self, *groups: Iterable[int]) -> None:
-        """Drop messages between the groups (nodes not named form one more group)."""
+        """Cut the network between the groups (nodes not named form one more group):
+        messages across are dropped, or held until the heal (``stall_partitions``)."""
         self._groups = {n: len(groups) for n in self.ids}
         for index, group in enumerate(groups):
             for n in group:
                 self._groups[n] = index
+        self._release_stalled()
 
     def heal(self) -> None:
         self._groups = {}
+        self._release_stalled()
+
+    def _release_stalled(self) -> None:
+        """Frames held on a stalled connection that now reaches its end go on, in the
+        order they were sent."""
+        stalled, self._stalled = sorted(self._stalled, key=lambda m: m.order), []
+        for message in stalled:
+            if not self.reachable(message.src, message.dst):
+                self._stalled.append(message)
+                continue
+            pair = (message.src, message.dst)
+            message.deliver_at = max(self.now + self.delay, self._link_last.get(pair, 0.0))
+            self._link_last[pair] = message.deliver_at
+            heapq.heappush(self._queue, message)
 
     def hold_link(self, a: int, b: int) -> None:
         """Keep the link between ``a`` and ``b`` from coming up (a dialer in backoff).
@@ -552,6 +666,33 @@ class SimNetwork:
 
     def reachable(self, a: int, b: int) -> bool:
         return self._groups.get(a, 0) == self._groups.get(b, 0)
+
+    def cut_store(self, node_id: int, requests: bool = True, answers: bool = True) -> None:
+        """Arbiter mode: the node's ``requests`` to the store are lost, and/or the
+        store's ``answers`` to it (then the store applies what it never hears back
+        about: the node cannot know the outcome)."""
+        self._store_cut[node_id] = (requests, answers)
+
+    def heal_store(self, *node_ids: int) -> None:
+        """The store is reachable again from ``node_ids`` (default: every node)."""
+        for node_id in node_ids or self.ids:
+            self._store_cut.pop(node_id, None)
+
+    def wipe(self, node_id: int, restart: bool = True) -> None:
+        """The node's data folder is lost (a replaced disk): it comes back with an
+        empty log, a fresh node state and a new database id (``identity.py``)."""
+        node = self.nodes[node_id]
+        if node.status != "down":
+            self.kill(node_id)
+        self._wipes += 1
+        node.log = SimLog()
+        node.state = NodeState()
+        node.disk_seq = 0
+        node.rolled_back = []
+        node.database = f"db-{node_id}-wiped-{self._wipes}"
+        self.wiped.add(node_id)
+        if restart:
+            self.restart(node_id)
 
     # ---- client and operator actions ----------------------------------------------------
 
@@ -586,7 +727,7 @@ class SimNetwork:
         """The operator's explicit, warned command (G5)."""
         node = self.nodes[node_id]
         self.forced_at = self.now
-        self._run(node, self._core(node).force_promote(self.now))
+        self._run(node, self._core(node).force_promote(self.clock(node_id)))
 
     def prune(self, node_id: int, keep: int) -> None:
         node = self.nodes[node_id]
@@ -606,21 +747,25 @@ class SimNetwork:
             next_tick = self._start + (self._ticks + 1) * self.step
             next_message = self._queue[0].deliver_at if self._queue else float("inf")
             next_fsync = self._fsyncs[0].due if self._fsyncs else float("inf")
-            at = min(next_tick, next_message, next_fsync)
+            next_store = self._store_queue[0].at if self._store_queue else float("inf")
+            at = min(next_tick, next_message, next_fsync, next_store)
             if at > end + 1e-9:
                 break
             self.now = max(self.now, at)
-            # At one instant: messages first, then fsync reports, then the tick.
-            if next_message <= min(next_tick, next_fsync):
+            # At one instant: messages first, then fsync reports, then the store's
+            # traffic, then the tick.
+            if next_message <= min(next_tick, next_fsync, next_store):
                 self._deliver(heapq.heappop(self._queue))
-            elif next_fsync <= next_tick:
+            elif next_fsync <= min(next_tick, next_store):
                 self._fsync_done(heapq.heappop(self._fsyncs))
+            elif next_store <= next_tick:
+                self._store_traffic(heapq.heappop(self._store_queue))
             else:
                 self._ticks += 1
                 self._connect_links()
                 for node in self.nodes.values():
                     if node.running:
-                        self._run(node, self._core(node).tick(self.now))
+                        self._tick(node)
         self.now = end
 
     def wait_for(self, predicate: Callable[[], T | None], timeout: float, what: str) -> T:
@@ -639,6 +784,109 @@ class SimNetwork:
                     f"simulated {timeout}s passed waiting for {what}\n{self.describe()}"
                 )
             self.advance(min(self.step, deadline - self.now))
+
+    def clock(self, node_id: int) -> float:
+        """``node_id``'s monotonic clock: it runs at ``1 + drift`` times true time."""
+        return self._start + (self.now - self._start) * (1 + self.drift.get(node_id, 0.0))
+
+    def _tick(self, node: SimNode) -> None:
+        local = self.clock(node.node_id)
+        if node.io is not None:
+            core = self._core(node)
+            me = MemberInfo(core.node_id, core.position, core.database, core.fault, core.unproven)
+            self._io_step(node, node.io.tick(local, me))
+        if node.running:
+            self._run(node, self._core(node).tick(local))
+
+    # ---- the arbiter's store and the way to it ----------------------------------------------
+
+    def _io_step(self, node: SimNode, step: Step) -> None:
+        """Send what the node's arbiter I/O asks, and hand its events to the core."""
+        for request in step.requests:
+            self._store_send(node.node_id, node.io_generation, request, self._store_due())
+        for event in step.events:
+            if node.core is None or not node.running:
+                return
+            self._run(node, node.core.on_arbiter(self.clock(node.node_id), event))
+
+    def store_requests_in_flight(self, node_id: int) -> int:
+        """Requests of ``node_id`` on their way to the store (they arrive even if it died)."""
+        return sum(
+            1 for t in self._store_queue if t.node == node_id and isinstance(t.item, Request)
+        )
+
+    def _store_due(self) -> float:
+        jitter = self.random.uniform(0, self.store_jitter) if self.store_jitter else 0.0
+        return self.now + self.store_delay + jitter
+
+    def _store_send(self, node_id: int, generation: int, item: Request | Answer, at: float) -> None:
+        self._order += 1
+        heapq.heappush(self._store_queue, _StoreTraffic(at, self._order, node_id, generation, item))
+
+    def _store_traffic(self, traffic: _StoreTraffic) -> None:
+        requests_cut, answers_cut = self._store_cut.get(traffic.node, (False, False))
+        item = traffic.item
+        if isinstance(item, Request):
+            if requests_cut:
+                return
+            sync_before = self.store.keys.get(PREFIX + "sync")
+            result = serve(self.store, self.now, item.op)
+            if self.store.keys.get(PREFIX + "sync") is not sync_before:
+                self.anomalies += self._e3_problems("the store's sync set changed")
+            answer = Answer(item.id, result)
+            self._store_send(traffic.node, traffic.generation, answer, self._store_due())
+            return
+        node = self.nodes[traffic.node]
+        if answers_cut or node.io is None or traffic.generation != node.io_generation:
+            return
+        if node.status == "frozen":
+            node.held_answers.append(traffic)
+            return
+        self._io_step(node, node.io.on_answer(self.clock(node.node_id), item))
+
+    def _check_fenced(self, node: SimNode, epoch: int, seq: int) -> None:
+        """E2: a primary acknowledges (or serves a read) only while the store still
+        holds its leader key, for its epoch, on a live lease."""
+        self.store.expire(self.now)
+        leader = self.store.keys.get(PREFIX + "leader")
+        if leader is None or leader.value != leader_value(node.node_id, epoch):
+            held = leader.value if leader is not None else "nobody"
+            self.anomalies.append(
+                f"E2: node {node.node_id} acknowledged seq {seq} in epoch {epoch} while the "
+                f"store's leader key is {held}"
+            )
+
+    def _e3_problems(self, when: str) -> list[str]:
+        """E3: every member the stored sync set names (with its recorded database)
+        holds every acknowledged write on disk."""
+        stored = self.store.keys.get(PREFIX + "sync")
+        if stored is None:
+            return []
+        sync_set = parse_sync(stored.value)
+        problems = []
+        for member in sync_set.members:
+            node = self.nodes[member]
+            recorded = sync_set.database_of(member)
+            if recorded is not None and recorded != node.database:
+                continue  # not that member any more: E4 keeps it from leading
+            for write in self.acked:
+                if self.forced_at is not None and write.time < self.forced_at:
+                    continue
+                first = node.log.first_seq
+                if first is not None and write.seq < first:
+                    continue
+                if not self.holds_on_disk(member, write):
+                    problems.append(
+                        f"E3: {when}: stored sync set {sync_set.members} (v{sync_set.version}) "
+                        f"names node {member}, which lacks acknowledged {write}"
+                    )
+                    break
+        return problems
+
+    def holds_on_disk(self, node_id: int, write: ClientWrite | AckedWrite) -> bool:
+        node = self.nodes[node_id]
+        record = node.log.get(write.seq)
+        return record == (write.epoch, write.seq, write.payload) and node.disk_seq >= write.seq
 
     # ---- queries ------------------------------------------------------------------------
 
@@ -776,6 +1024,12 @@ class SimNetwork:
         for epoch, winners in by_epoch.items():
             if len(winners) > 1 or sum(e.epoch == epoch for e in self.elections) > 1:
                 problems.append(f"R1: epoch {epoch} had several primaries: {sorted(winners)}")
+        ackers: dict[int, set[int]] = {}
+        for ack in self.acks:
+            ackers.setdefault(ack.epoch, set()).add(ack.node)
+        for epoch, nodes in ackers.items():
+            if len(nodes) > 1:
+                problems.append(f"R1: several nodes acknowledged in epoch {epoch}: {sorted(nodes)}")
         epochs = [e.epoch for e in self.elections]
         if any(b <= a for a, b in itertools.pairwise(epochs)):
             problems.append(f"R1: epochs of successive primaries do not increase: {epochs}")
@@ -804,10 +1058,10 @@ class SimNetwork:
                     self._connected.add(pair)
                     for here, there in ((a, b), (b, a)):
                         node = self.nodes[here]
-                        self._run(node, self._core(node).on_link(self.now, there, up=True))
+                        self._run(node, self._core(node).on_link(self.clock(here), there, up=True))
 
     def _link_down(self, node: SimNode, peer: int) -> None:
-        self._run(node, self._core(node).on_link(self.now, peer, up=False))
+        self._run(node, self._core(node).on_link(self.clock(node.node_id), peer, up=False))
         node.streams.pop(peer, None)
 
     def _send(self, src: int, dst: int, message: Message) -> None:
@@ -822,15 +1076,20 @@ class SimNetwork:
             raise SimError(f"node {src} sent {message!r}, which arrives as {decoded!r}")
         self._check_epoch_persisted(src, wire)
         self.sent.append((self.now, src, dst, wire))
-        if frozenset((src, dst)) not in self._connected or not self.reachable(src, dst):
+        if frozenset((src, dst)) not in self._connected:
             return
         delay = self._link_delay.get((src, dst), self.delay)
         if self.jitter:
             delay += self.random.uniform(0, self.jitter)
         at = max(self.now + delay, self._link_last.get((src, dst), 0.0))
-        self._link_last[(src, dst)] = at
         self._order += 1
-        heapq.heappush(self._queue, _InFlight(at, self._order, src, dst, decoded))
+        in_flight = _InFlight(at, self._order, src, dst, decoded)
+        if not self.reachable(src, dst):
+            if self.stall_partitions:
+                self._stalled.append(in_flight)
+            return
+        self._link_last[(src, dst)] = at
+        heapq.heappush(self._queue, in_flight)
 
     def _check_epoch_persisted(self, src: int, message: dict[str, Any]) -> None:
         """R1: an epoch is persisted before anything is sent in it."""
@@ -845,18 +1104,27 @@ class SimNetwork:
 
     def _deliver(self, message: _InFlight) -> None:
         node = self.nodes[message.dst]
-        if node.status == "down" or not self.reachable(message.src, message.dst):
+        if node.status == "down":
+            return
+        if not self.reachable(message.src, message.dst):
+            if self.stall_partitions and frozenset((message.src, message.dst)) in self._connected:
+                self._stalled.append(message)
             return
         if node.status == "frozen":
             node.held.append(message)
             return
-        self._run(node, self._core(node).on_message(self.now, message.src, message.message))
+        self._run(
+            node,
+            self._core(node).on_message(self.clock(node.node_id), message.src, message.message),
+        )
 
     # ---- carrying out effects, as the runtime does ----------------------------------------
 
     def _run(self, node: SimNode, effects: list[Effect]) -> None:
         for effect in effects:
             self._carry_out(node, effect)
+        if node.node_id in self.wiped and node.core is not None and node.core.joined:
+            self.wiped.discard(node.node_id)  # it continues a primary's history now
 
     def _carry_out(self, node: SimNode, effect: Effect) -> None:
         core = self._core(node)
@@ -874,6 +1142,11 @@ class SimNetwork:
             ]
             force = bool(announced) and announced[-1].fields.get("force") == "true"
             self.elections.append(Election(self.now, node.node_id, effect.epoch, force))
+            if node.node_id in self.wiped and not force:
+                self.anomalies.append(
+                    f"E4: node {node.node_id} leads epoch {effect.epoch} on a wiped database "
+                    "before joining any primary"
+                )
             node.pending_writes.clear()
             node.acked_upto = 0
             self._change_sync_set(node, effect.epoch, effect.members)
@@ -898,6 +1171,12 @@ class SimNetwork:
             self._run(node, self._install_snapshot(node, effect.chunk))
         elif isinstance(effect, Log):
             self.events.append(LogEvent(self.now, node.node_id, effect.event, dict(effect.fields)))
+        elif isinstance(effect, ClaimLeader | StoreSyncSet | ReleaseLeader):
+            if node.io is None:
+                raise SimError(f"node {node.node_id} has no arbiter I/O for {effect!r}")
+            self._io_step(node, node.io.on_effect(self.clock(node.node_id), effect))
+        elif isinstance(effect, DatabaseProven):
+            pass  # the identity file: nothing the simulation reads
         else:  # pragma: no cover - a new effect type the simulator does not know
             raise SimError(f"unknown effect {effect!r}")
 
@@ -907,7 +1186,7 @@ class SimNetwork:
         seq = node.log.position.seq + 1
         node.log.append((epoch, seq, payload))
         self.durable_at.setdefault((node.node_id, seq), self.now)
-        effects = list(core.on_sealed(self.now, seq, sync_set))
+        effects = list(core.on_sealed(self.clock(node.node_id), seq, sync_set))
         for peer in sorted(node.streams):
             self._flush_stream(node, peer)
         effects += self._committed(node, None)
@@ -930,7 +1209,7 @@ class SimNetwork:
         core.on_committed(position, sync_set, history)
         if not delay:
             self._on_disk(node, position.seq)
-            return core.on_local_durable(self.now, position, sync_set)
+            return core.on_local_durable(self.clock(node.node_id), position, sync_set)
         self._fsync_order += 1
         fsync = _Fsync(
             self.now + delay, self._fsync_order, node.node_id, node.sync_generation, position
@@ -949,7 +1228,7 @@ class SimNetwork:
         if fsync.position.seq > node.log.position.seq:
             raise SimError(f"node {node.node_id}: fsync of {fsync.position} past its log")
         self._on_disk(node, fsync.position.seq)
-        self._run(node, self._core(node).on_local_durable(self.now, fsync.position))
+        self._run(node, self._core(node).on_local_durable(self.clock(node.node_id), fsync.position))
 
     def _on_disk(self, node: SimNode, seq: int) -> None:
         """The node's log up to ``seq`` is on disk (it may have been already)."""
@@ -966,7 +1245,9 @@ class SimNetwork:
 
     def _change_sync_set(self, node: SimNode, epoch: int, members: tuple[int, ...]) -> None:
         old = node.log.sync_set
-        sync_set = SyncSet(old.version + 1, tuple(sorted(set(members))), epoch)
+        members = tuple(sorted(set(members)))
+        databases = self._core(node).member_databases(members)
+        sync_set = SyncSet(old.version + 1, members, epoch, databases)
         self._seal(node, epoch, sync_set_payload(sync_set), sync_set)
 
     def _acknowledge(self, node: SimNode, epoch: int, seq: int) -> None:
@@ -982,12 +1263,16 @@ class SimNetwork:
         node.acked_upto = seq
         self.acks.append(AckEvent(self.now, node.node_id, epoch, seq))
         self._check_ack_set_holds(node, seq)
+        if self.lease_timing is not None:
+            self._check_fenced(node, epoch, seq)
         for write_seq in sorted(s for s in node.pending_writes if s <= seq):
             payload = node.pending_writes.pop(write_seq)
             record = node.log.get(write_seq)
             if record is None or record[2] != payload:
                 raise SimError(f"node {node.node_id} acknowledged seq {write_seq}: not its write")
             self.acked.append(AckedWrite(self.now, node.node_id, record[0], write_seq, payload))
+        if self.lease_timing is not None:
+            self.anomalies += self._e3_problems(f"node {node.node_id} acknowledged seq {seq}")
 
     def _check_ack_set_holds(self, node: SimNode, seq: int) -> None:
         """R2: every member of the ack set holds what the primary acknowledges, on disk."""
@@ -1052,14 +1337,14 @@ class SimNetwork:
         fresh = [r for r in records if r[1] > log.position.seq]
         if not fresh:
             # Nothing new to commit: say again how far we are (on disk), as the runtime.
-            self._run(node, core.resend_ack(self.now))
+            self._run(node, core.resend_ack(self.clock(node.node_id)))
             return
         position = log.position
         for epoch, seq, _payload in fresh:
             if seq != position.seq + 1 or epoch < position.epoch:
                 # storage.apply_records refuses the whole frame (Diverged).
                 why = f"record seq {seq} does not follow position seq {position.seq}"
-                self._run(node, core.rejoin(self.now, why))
+                self._run(node, core.rejoin(self.clock(node.node_id), why))
                 return
             position = Position(epoch, seq)
         was_epoch = log.position.epoch
@@ -1077,7 +1362,8 @@ class SimNetwork:
         if to_seq < log.position.seq and (first is None or to_seq + 1 < first):
             # Our own log was pruned past the point: forget the position, get a snapshot.
             node.sync_generation += 1
-            self._run(node, core.on_log_unusable(self.now, "own log too short to rewind"))
+            local = self.clock(node.node_id)
+            self._run(node, core.on_log_unusable(local, "own log too short to rewind"))
             return
         node.rolled_back += log.truncate(to_seq)
         self._replaced_log(node)
@@ -1086,7 +1372,7 @@ class SimNetwork:
     def _log_replaced(self, node: SimNode) -> list[Effect]:
         log = node.log
         return self._core(node).on_log_replaced(
-            self.now, log.position, log.sync_set, list(log.epochs), log.first_seq
+            self.clock(node.node_id), log.position, log.sync_set, list(log.epochs), log.first_seq
         )
 
     def _install_snapshot(self, node: SimNode, chunk: Snapshot) -> list[Effect]:

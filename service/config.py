@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidInput
+from .replication.leased import LeaseTiming
 
 # Descriptors a node holds besides its connections (see ``NodeConfig.client_limit``).
 RESERVED_FILES = 64
@@ -134,6 +135,29 @@ class NodeConfig:
     # HOST:PORT where the node serves Prometheus metrics over HTTP (service/metrics.py);
     # empty: not served.
     metrics_address: str = ""
+    # Who decides who leads (SPEC section 10): "peers" (the default: the nodes vote
+    # among themselves, safe on one host) or "etcd" (leader key and sync set in etcd,
+    # safe across hosts and partitions; the settings below apply).
+    arbiter: str = "peers"
+    # HOST:PORT of etcd members, comma separated; tried in turn.
+    etcd_endpoints: str = ""
+    # The key prefix of this cluster in etcd: one cluster per prefix.
+    etcd_prefix: str = "/chat/cluster"
+    # The leader's lease (etcd's minimum is 2 s). A dead primary is replaced about
+    # this long after its last renewal.
+    lease_ttl: float = 3.0
+    # The most two nodes' clocks may drift apart, as a fraction; and a margin taken
+    # off the fencing deadline (E2: sent + ttl * (1 - drift) - margin).
+    clock_drift: float = 0.01
+    lease_margin: float = 0.3
+    lease_renew_interval: float = 0.5
+    # The most a request to etcd may take before etcd counts as unreachable.
+    etcd_request_timeout: float = 0.5
+    # TLS to etcd (a CA file to check it against; a client certificate and key if
+    # etcd asks for one). Empty: plain HTTP, for an etcd on loopback.
+    etcd_ca: str = ""
+    etcd_cert: str = ""
+    etcd_key: str = ""
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -209,7 +233,41 @@ class NodeConfig:
             raise InvalidInput("listen_check_interval and log_interval must be positive")
         self._validate_logins()
         self._validate_metrics()
+        self._validate_arbiter()
         return self
+
+    def _validate_arbiter(self) -> None:
+        if self.arbiter not in ("peers", "etcd"):
+            raise InvalidInput(f"arbiter must be peers or etcd, not {self.arbiter!r}")
+        if self.arbiter != "etcd":
+            return
+        try:
+            self.etcd_addresses  # noqa: B018  (raises on a malformed address)
+        except InvalidInput as exc:
+            raise InvalidInput(f"etcd_endpoints: {exc.message}") from None
+        if not self.etcd_addresses:
+            raise InvalidInput("arbiter = etcd needs etcd_endpoints (HOST:PORT, ...)")
+        if not self.etcd_prefix.startswith("/") or self.etcd_prefix.strip("/") == "":
+            raise InvalidInput("etcd_prefix must be an absolute key prefix such as /chat/prod")
+        if bool(self.etcd_cert) != bool(self.etcd_key) or (self.etcd_cert and not self.etcd_ca):
+            raise InvalidInput("etcd_cert and etcd_key go together, and need etcd_ca")
+        problems = self.lease_timing.problems()
+        if problems:
+            raise InvalidInput("lease timing does not fit: " + "; ".join(problems))
+
+    @property
+    def etcd_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(parse_address(item) for item in self.etcd_endpoints.split(",") if item.strip())
+
+    @property
+    def lease_timing(self) -> LeaseTiming:
+        return LeaseTiming(
+            ttl=self.lease_ttl,
+            drift=self.clock_drift,
+            margin=self.lease_margin,
+            renew_interval=self.lease_renew_interval,
+            request_timeout=self.etcd_request_timeout,
+        )
 
     def _validate_metrics(self) -> None:
         try:
@@ -276,8 +334,10 @@ def load(path: Path | None, overrides: dict[str, str]) -> NodeConfig:
                 kwargs[name] = int(text)
             elif name == "synchronous":
                 kwargs[name] = text.upper()
-            elif name == "metrics_address":
+            elif name in ("metrics_address", "arbiter", "etcd_endpoints", "etcd_prefix"):
                 kwargs[name] = text.strip()
+            elif name in ("etcd_ca", "etcd_cert", "etcd_key"):
+                kwargs[name] = str(base / text.strip()) if text.strip() else ""
             else:
                 raise InvalidInput(f"unknown setting {name!r}")
         except ValueError:

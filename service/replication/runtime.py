@@ -39,6 +39,7 @@ from ..metrics import Metrics
 from ..peer import OPERATOR_ID, OperatorAnswer, PeerLinks
 from ..storage import Db, Storage
 from .app import Application
+from .arbiter import ArbiterEvent
 from .durability import Durability
 from .effects import (
     Acknowledge,
@@ -46,21 +47,26 @@ from .effects import (
     ApplyRecords,
     BecomePrimary,
     ChangeSyncSet,
+    ClaimLeader,
     DatabaseProven,
     Effect,
     ExpectSnapshot,
     Log,
     Persist,
     ReceiveSnapshot,
+    ReleaseLeader,
     Resynchronize,
     Rewind,
     Send,
     StartStream,
     StepDown,
     StopStream,
+    StoreSyncSet,
     VerifyAnswered,
 )
+from .etcd_io import EtcdIO, EtcdSettings
 from .follower import Follower
+from .leased import LeasedArbiter
 from .messages import Ack, Message, from_wire
 from .shell import format_fields, log, log_event
 from .state import ReplicaCore, Timing
@@ -104,6 +110,7 @@ class Replicator:
         self.storage = storage
         self.metrics = metrics or Metrics()
         now = time.monotonic()
+        arbiter = LeasedArbiter(config.lease_timing) if config.arbiter == "etcd" else None
         self.core = ReplicaCore(
             config.node_id,
             tuple(p.node_id for p in config.nodes),
@@ -117,6 +124,24 @@ class Replicator:
             database=storage.database_id,
             unproven=unproven,
             first_log_seq=storage.first_log_seq(),
+            arbiter=arbiter,
+        )
+        # SPEC section 10: the leader key and the sync set live in etcd.
+        self.etcd = (
+            EtcdIO(
+                EtcdSettings(
+                    config.etcd_addresses,
+                    config.etcd_prefix,
+                    config.etcd_ca or None,
+                    config.etcd_cert or None,
+                    config.etcd_key or None,
+                ),
+                config.lease_timing,
+                self.core,
+                self._on_arbiter,
+            )
+            if arbiter is not None
+            else None
         )
         self.links = PeerLinks(config, secret, self._on_frame, self._on_link, self._on_operator)
         self.durability = Durability(
@@ -163,6 +188,9 @@ class Replicator:
         self.links.start()
         self.spawn(self._tick_loop())
         self.spawn(self.writer.run())
+        if self.etcd is not None:
+            self.spawn(self.etcd.run_lease())
+            self.spawn(self.etcd.run_view())
 
     async def close(self) -> None:
         # Stop reacting first: closing our own links must not look, to the core, like
@@ -175,6 +203,10 @@ class Replicator:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.etcd is not None:
+            # Our lease goes, and the leader key with it: another member takes over
+            # at once rather than after the lease's TTL.
+            await self.etcd.close()
         await self.durability.close()
         self.writer.fail_all(Unavailable("the node is shutting down; retry"))
 
@@ -337,7 +369,21 @@ class Replicator:
                 self.verifier.on_reply(node, reply)
             case Resynchronize(why=why):
                 self.damaged(why)
+            case ClaimLeader() | StoreSyncSet() | ReleaseLeader():
+                self._arbiter_effect(effect)
         return []
+
+    def _arbiter_effect(self, effect: ClaimLeader | StoreSyncSet | ReleaseLeader) -> None:
+        etcd = self.etcd
+        if etcd is None:
+            return
+        match effect:
+            case ClaimLeader():
+                self.spawn(etcd.claim(effect))
+            case StoreSyncSet():
+                self.spawn(etcd.store_sync_set(effect))
+            case ReleaseLeader():
+                self.spawn(etcd.release())
 
     def send(self, peer: int, message: Message) -> bool:
         return self.links.send(peer, message.to_wire())
@@ -423,6 +469,14 @@ class Replicator:
         except StorageFault as exc:
             # A read the message needed failed (the log, the snapshot file).
             self.fault(str(exc))
+        except Exception as exc:
+            fatal(exc)
+
+    def _on_arbiter(self, event: ArbiterEvent) -> None:
+        if self.closing:
+            return
+        try:
+            self.run(self.core.on_arbiter(self.now(), event))
         except Exception as exc:
             fatal(exc)
 

@@ -13,6 +13,12 @@ reaches the replication core. Until then a connection is a stranger's and
 carries frames of at most ``protocol.MAX_HELLO_FRAME`` bytes; only an
 authenticated link carries frames up to ``max_frame``.
 
+With TLS configured (``service/tls.py``) every link is mutual TLS: the dialer
+verifies the acceptor's certificate against the cluster CA and the peer's
+configured host, and presents its own, which the acceptor checks at the hello.
+The HMAC handshake runs inside it unchanged. A peer whose certificate does not
+verify is logged like one with another secret.
+
 The dialer reconnects with jittered exponential backoff (50 to 250 ms) for as long as
 the node runs: a node never exits because a peer is unreachable. Link changes
 are reported to the owner as ``on_link(peer, up, closed_by_us)``: a peer's
@@ -25,10 +31,11 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from . import protocol
+from . import protocol, tls
 from .config import NodeConfig
 from .errors import ProtocolViolation
 from .throttle import ThrottledLog
@@ -93,6 +100,8 @@ class PeerLinks:
         self.on_link = on_link
         self.on_operator = on_operator
         self.links: dict[int, Link] = {}
+        # Loaded and checked at start-up (``python -m service``); None: plain TCP.
+        self.tls = tls.node_tls(config)
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
 
@@ -142,8 +151,14 @@ class PeerLinks:
         while self._running:
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port), self.config.handshake_timeout
+                    self._open(host, port), self.config.handshake_timeout
                 )
+            except ssl.SSLError as exc:
+                # A peer we cannot verify: not ours, or a misconfigured one.
+                failures.note(node=peer, error=tls.describe_failure(exc))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, MAX_REDIAL)
+                continue
             except (OSError, TimeoutError):
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, MAX_REDIAL)
@@ -163,6 +178,15 @@ class PeerLinks:
                 continue
             delay = 0.05
             await self.run_link(peer, frames, writer)
+
+    async def _open(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self.tls is None:
+            return await asyncio.open_connection(host, port)
+        return await asyncio.open_connection(
+            host, port, ssl=self.tls.dial, server_hostname=host.strip("[]")
+        )
 
     async def _dial_handshake(
         self,

@@ -11,6 +11,7 @@ explained. Any test using these fixtures gets the ``cluster`` marker, so
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
@@ -47,12 +48,22 @@ def pytest_runtest_makereport(
 @pytest.fixture
 def cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ClusterFactory]:
     """``cluster_factory(n=3, metrics=False, **settings)`` returns a new, not yet
-    started, Cluster (``metrics``: each node serves Prometheus metrics)."""
+    started, Cluster (``metrics``: each node serves Prometheus metrics; ``tls`` and
+    ``node_settings``: see ``Cluster``)."""
     clusters: list[Cluster] = []
     request.node.stash[_CLUSTERS] = clusters
 
-    def make(n: int = 3, *, metrics: bool = False, **settings: object) -> Cluster:
-        cluster = Cluster(tmp_path, n, metrics=metrics, **settings)
+    def make(
+        n: int = 3,
+        *,
+        metrics: bool = False,
+        tls: ssl.SSLContext | None = None,
+        node_settings: dict[int, dict[str, object]] | None = None,
+        **settings: object,
+    ) -> Cluster:
+        cluster = Cluster(
+            tmp_path, n, metrics=metrics, tls=tls, node_settings=node_settings, **settings
+        )
         clusters.append(cluster)
         return cluster
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
@@ -140,8 +141,11 @@ class NodeProcess:
         secret_file: Path,
         settings: dict[str, str],
         metrics_port: int | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.node_id = node_id
+        # How the harness reaches a node of a TLS cluster (None: plain TCP).
+        self.tls = tls
         self.address = f"{LOOPBACK}:{port}"
         # Where the node serves Prometheus metrics; None: it does not.
         self.metrics_address = None if metrics_port is None else f"{LOOPBACK}:{metrics_port}"
@@ -291,7 +295,7 @@ class NodeProcess:
         self.check_alive()
         if self._process is None or self._frozen:
             return None
-        return probe_status(self.address, timeout)
+        return probe_status(self.address, timeout, self.tls)
 
     def view(self) -> NodeView | None:
         status = self.status()
@@ -345,13 +349,23 @@ class Cluster:
     ``settings`` are extra NodeConfig fields written into every node's config
     (``heartbeat_interval=0.05``, ``log_retention=50``, ...). With ``metrics``
     each node also serves Prometheus metrics, on a free port of its own
-    (``NodeProcess.metrics``); by default none does.
+    (``NodeProcess.metrics``); by default none does. ``node_settings`` adds or
+    overrides settings of single nodes (``{3: {"tls_cert": ...}}``); ``tls`` is
+    the context the harness verifies the nodes of a TLS cluster with.
     """
 
     def __init__(
-        self, tmp_path: Path, n: int = 3, *, metrics: bool = False, **settings: object
+        self,
+        tmp_path: Path,
+        n: int = 3,
+        *,
+        metrics: bool = False,
+        tls: ssl.SSLContext | None = None,
+        node_settings: dict[int, dict[str, object]] | None = None,
+        **settings: object,
     ) -> None:
-        reserved = _RESERVED & settings.keys()
+        named = set(settings).union(*(own.keys() for own in (node_settings or {}).values()))
+        reserved = _RESERVED & named
         if reserved:
             raise ValueError(f"the harness sets {sorted(reserved)} itself")
         # Password hashing at the production cost (~0.5 s each) would make every
@@ -363,7 +377,7 @@ class Cluster:
         all_ports = free_ports(2 * n if metrics else n)
         ports, metrics_ports = all_ports[:n], all_ports[n:]
         spec = ",".join(f"{i}={LOOPBACK}:{port}" for i, port in enumerate(ports, 1))
-        text_settings = {key: str(value) for key, value in settings.items()}
+        own = node_settings or {}
         self.nodes: dict[int, NodeProcess] = {
             i: NodeProcess(
                 i,
@@ -371,8 +385,9 @@ class Cluster:
                 port,
                 spec,
                 self.secret_file,
-                text_settings,
+                {key: str(value) for key, value in {**settings, **own.get(i, {})}.items()},
                 metrics_ports[i - 1] if metrics else None,
+                tls,
             )
             for i, port in enumerate(ports, 1)
         }

@@ -16,6 +16,7 @@ bug to report, and ``wait_for`` keeps the last such error for its message.
 from __future__ import annotations
 
 import socket
+import ssl
 import uuid
 from typing import Any
 
@@ -55,12 +56,19 @@ def _expect(frame: protocol.Frame, kind: str) -> protocol.Frame:
     return frame
 
 
-def probe_status(address: str, timeout: float = 1.0) -> Status | None:
-    """The result of the ``status`` op at ``address``, or None if the node is down or frozen."""
+def probe_status(
+    address: str, timeout: float = 1.0, tls: ssl.SSLContext | None = None
+) -> Status | None:
+    """The result of the ``status`` op at ``address``, or None if the node is down or frozen.
+
+    ``tls``: the context that verifies a node of a TLS cluster (None: plain TCP)."""
     host, port = parse_address(address)
     request_id = uuid.uuid4().hex
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            raw if tls is None else tls.wrap_socket(raw, server_hostname=host) as sock,
+        ):
             connection = _Connection(sock)
             hello = connection.receive()
             connection.send(protocol.client_hello(protocol.choose_version(hello)))

@@ -173,11 +173,12 @@ def node_tls(config: NodeConfig) -> NodeTls | None:
     files = files_of(config)
     if files is None:
         return None
-    return _node_tls(files, config.me.host)
+    return node_contexts(files, config.me.host)
 
 
 @functools.cache
-def _node_tls(files: TlsFiles, host: str) -> NodeTls:
+def node_contexts(files: TlsFiles, host: str) -> NodeTls:
+    """``node_tls`` for the files of a node at ``host`` (its address's host part)."""
     contexts = NodeTls(server_context(files), dial_context(files))
     problem = _self_test(contexts, host.strip("[]"))
     if problem is not None:

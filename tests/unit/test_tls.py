@@ -96,7 +96,7 @@ def test_node_tls_accepts_a_certificate_of_its_ca_naming_its_address(tmp_path):
 def test_node_tls_refuses_what_its_peers_would_refuse(tmp_path, host, not_before, reason):
     files = write(tmp_path, trustme.CA(), host, not_before)
     with pytest.raises(errors.InvalidInput, match="would be refused by the other nodes") as caught:
-        tls._node_tls(files, "127.0.0.11")
+        tls.node_contexts(files, "127.0.0.11")
     assert reason in caught.value.message
 
 

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from ops.etcd import Etcd
 from tests.helpers.cluster import Cluster
+from tests.helpers.etcd import running_etcd
 
 ClusterFactory = Callable[..., Cluster]
 _CLUSTERS = pytest.StashKey[list[Cluster]]()
@@ -79,3 +81,11 @@ def single_node(cluster_factory: ClusterFactory) -> Cluster:
     cluster.start()
     cluster.wait_for_primary()
     return cluster
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Etcd]:
+    """One etcd member (``ops/etcd.py``) on free loopback ports, healthy; stopped at
+    teardown."""
+    with running_etcd(tmp_path) as member:
+        yield member

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUPERVISORD := $(BIN)/supervisord -c supervisord.conf
 SUPERVISORCTL := $(BIN)/supervisorctl -c supervisord.conf
 
-.PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos soak
+.PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos soak certs-hosts
 
 # Besides the venv, the folder supervisord writes its own log and the nodes' logs
 # to: `supervisord -c supervisord.conf` refuses to start without it, so it must exist
@@ -75,6 +75,12 @@ chaos: install
 # A long soak: the same, for half an hour, keeping its work folder under var/.
 soak: install
 	$(BIN)/python -m ops.chaos --duration 1800 --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) --workdir var/soak-$$(date +%Y%m%d-%H%M%S)
+
+# Certificates for the rehearsal of several hosts on one machine (README, Security:
+# TLS): a CA and one certificate per node (127.0.0.11-13) and for etcd (127.0.0.10),
+# 0600 in a 0700 folder. Existing ones are kept.
+certs-hosts: install
+	$(BIN)/python -m ops.hosts.certs var/hosts/tls
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

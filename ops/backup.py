@@ -7,7 +7,9 @@ The node makes the copy with SQLite's online backup, one committed state of
 its database, while it goes on serving, and streams it over the peer protocol
 (``service/backup.py``); this tool connects as the operator (node 0) with the
 cluster secret, like ``ops.promote``, so it needs no access to the node's files
-and only someone who can read the secret can take a backup.
+and only someone who can read the secret can take a backup. On a TLS cluster the
+copy travels over TLS, the node verified against the CA (``--ca FILE``, or the
+config's ``tls_ca``).
 
 What a backup holds: every replicated table (users, sessions, messages,
 request ids, sync set) as of the position it is tagged with, so every write
@@ -32,6 +34,7 @@ import datetime
 import hashlib
 import json
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,7 +44,7 @@ import apsw
 from service import config as config_module
 from service.errors import ProtocolViolation
 
-from .operator import OperatorLink
+from .operator import OperatorLink, add_ca_option, ca_or_exit
 
 
 class BackupFailed(Exception):
@@ -95,12 +98,18 @@ def check(path: Path) -> None:
         raise BackupFailed(f"the copy fails its integrity check: {result}")
 
 
-def take(address: str, secret: bytes, dest: Path, timeout: float) -> dict[str, Any]:
+def take(
+    address: str,
+    secret: bytes,
+    dest: Path,
+    timeout: float,
+    context: ssl.SSLContext | None = None,
+) -> dict[str, Any]:
     """Stream a backup from the node at ``address`` into ``dest`` (and ``dest.json``)."""
     partial = dest.with_name(dest.name + ".partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as out, OperatorLink(address, secret, timeout) as link:
+        with os.fdopen(fd, "wb") as out, OperatorLink(address, secret, timeout, context) as link:
             link.send({"type": "backup"})
             header = receive(link, out)
             out.flush()
@@ -149,8 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="the config file of the node to copy")
     parser.add_argument("--address", help="HOST:PORT of the node (instead of --config)")
     parser.add_argument("--secret-file", type=Path, help="the cluster secret (instead of --config)")
+    add_ca_option(parser)
     parser.add_argument("--timeout", type=float, default=30.0, help="socket timeout, seconds")
     args = parser.parse_args(argv)
+    config = None
     if args.config is not None:
         config = config_module.load(args.config, {})
         address = next(p.address for p in config.nodes if p.node_id == config.node_id)
@@ -159,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         address, secret_file = args.address, args.secret_file
     else:
         parser.error("give --config, or both --address and --secret-file")
+    context = ca_or_exit(parser, args.ca, config)
     dest: Path = args.to
     if dest.exists() or dest.with_name(dest.name + ".json").exists():
         parser.error(f"{dest} (or {dest.name}.json) exists: a backup never overwrites a file")
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no folder {dest.parent}")
     secret = secret_file.read_bytes().strip()
     try:
-        tag = take(address, secret, dest, args.timeout)
+        tag = take(address, secret, dest, args.timeout, context)
     except (OSError, ProtocolViolation) as exc:
         print(f"could not take a backup from {address}: {exc}", file=sys.stderr)
         return 3

@@ -4,15 +4,25 @@ The operator tools (``ops.promote``, ``ops.backup``) speak the peer handshake of
 PROTOCOL.md section 2.3 with node id 0, send one command and read the answer:
 one frame, or a stream of frames (a backup). Blocking sockets: each tool does
 one thing and waits for it.
+
+On a cluster with TLS (``service/tls.py``) the link is TLS: the tool verifies the
+node against the cluster CA (``--ca FILE``, else the ``tls_ca`` of the ``--config``
+file) and proves itself with the secret, as over plain TCP; it presents no
+certificate. Plain TCP is used only to a loopback address.
 """
 
 from __future__ import annotations
 
+import argparse
 import socket
+import ssl
+from pathlib import Path
 from types import TracebackType
 
 from service import config as config_module
-from service import protocol
+from service import protocol, tls
+from service.config import NodeConfig
+from service.errors import InvalidInput
 
 # The largest frame accepted from the node: a backup chunk is 1 MiB of base64.
 MAX_FRAME = 16 * 1024 * 1024
@@ -21,11 +31,31 @@ MAX_FRAME = 16 * 1024 * 1024
 class OperatorLink:
     """``with OperatorLink(address, secret, timeout) as link: link.send(...); link.receive()``"""
 
-    def __init__(self, address: str, secret: bytes, timeout: float) -> None:
+    def __init__(
+        self,
+        address: str,
+        secret: bytes,
+        timeout: float,
+        context: ssl.SSLContext | None = None,
+    ) -> None:
         host, port = config_module.parse_address(address)
+        if context is None and not config_module.is_loopback(host):
+            raise ConnectionError(
+                f"{address} is not a loopback address: plain TCP is allowed on loopback "
+                "only; give the cluster's CA file (--ca FILE)"
+            )
         self._decoder = protocol.FrameDecoder(MAX_FRAME)
         self._ready: list[protocol.Frame] = []
         self._sock = socket.create_connection((host, port), timeout=timeout)
+        if context is not None:
+            try:
+                self._sock = context.wrap_socket(self._sock, server_hostname=host.strip("[]"))
+            except ssl.SSLError as exc:
+                self._sock.close()
+                raise ConnectionError(tls.describe_failure(exc)) from None
+            except BaseException:
+                self._sock.close()
+                raise
         try:
             self._handshake(secret)
         except BaseException:
@@ -65,3 +95,33 @@ class OperatorLink:
                 raise ConnectionError("the node closed the connection")
             self._ready.extend(self._decoder.feed(data))
         return self._ready.pop(0)
+
+
+def add_ca_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ca",
+        type=Path,
+        metavar="FILE",
+        help="the cluster's CA certificate, to verify the node over TLS "
+        "(default with --config: its tls_ca)",
+    )
+
+
+def client_tls(ca: Path | None, config: NodeConfig | None) -> ssl.SSLContext | None:
+    """The context that verifies the node: from ``--ca``, else the config's ``tls_ca``;
+    None for plain TCP. Raises ``InvalidInput`` when the CA file is unusable."""
+    if ca is not None:
+        return tls.client_context(ca, "--ca")
+    if config is not None and config.tls_ca is not None:
+        return tls.client_context(config.tls_ca, "tls_ca")
+    return None
+
+
+def ca_or_exit(
+    parser: argparse.ArgumentParser, ca: Path | None, config: NodeConfig | None
+) -> ssl.SSLContext | None:
+    """``client_tls``, or the parser's usage error (exit 2) naming what is wrong."""
+    try:
+        return client_tls(ca, config)
+    except InvalidInput as exc:
+        parser.error(exc.message)

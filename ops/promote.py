@@ -11,13 +11,15 @@ returns it is rewound to the promoted node's history (its removed records go to
 a rollback file). The command says so and asks for confirmation.
 
 The tool connects as node 0, the operator, with the cluster secret: a client
-without the secret cannot promote anything.
+without the secret cannot promote anything. On a TLS cluster it verifies the
+node against the CA (``--ca FILE``, or the config's ``tls_ca``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from service import config as config_module
 from service import protocol
 from service.errors import ProtocolViolation
 
-from .operator import OperatorLink
+from .operator import OperatorLink, add_ca_option, ca_or_exit
 
 WARNING = (
     "WARNING: forcing node {node} to become primary skips the checks that protect "
@@ -35,8 +37,14 @@ WARNING = (
 )
 
 
-def exchange(address: str, secret: bytes, frame: protocol.Frame, timeout: float) -> protocol.Frame:
-    with OperatorLink(address, secret, timeout) as link:
+def exchange(
+    address: str,
+    secret: bytes,
+    frame: protocol.Frame,
+    timeout: float,
+    context: ssl.SSLContext | None = None,
+) -> protocol.Frame:
+    with OperatorLink(address, secret, timeout, context) as link:
         link.send(frame)
         return link.receive()
 
@@ -49,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="that node's config file")
     parser.add_argument("--address", help="HOST:PORT of the node (instead of --config)")
     parser.add_argument("--secret-file", type=Path, help="the cluster secret (instead of --config)")
+    add_ca_option(parser)
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     parser.add_argument("--timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
+    config = None
     if args.config is not None:
         config = config_module.load(args.config, {})
         address = next(p.address for p in config.nodes if p.node_id == args.node)
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         address, secret_file = args.address, args.secret_file
     else:
         parser.error("give --config, or both --address and --secret-file")
+    context = ca_or_exit(parser, args.ca, config)
     print(WARNING.format(node=args.node), file=sys.stderr)
     if not args.yes:
         answer = input(f"Type 'promote {args.node}' to go on: ")
@@ -68,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     secret = secret_file.read_bytes().strip()
     try:
-        reply = exchange(address, secret, {"type": "force_promote"}, args.timeout)
+        reply = exchange(address, secret, {"type": "force_promote"}, args.timeout, context)
     except (OSError, ProtocolViolation) as exc:
         print(f"could not reach node {args.node} at {address}: {exc}", file=sys.stderr)
         return 3

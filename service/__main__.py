@@ -22,7 +22,7 @@ from pathlib import Path
 import uvloop
 
 from . import config as config_module
-from . import datadir
+from . import datadir, tls
 from .errors import ChatError
 from .node import Node
 
@@ -71,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         config = config_module.load(path, overrides)
     except ChatError as exc:
         print(f"bad configuration: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        # Loaded and checked once, here: the server and the peer links reuse it.
+        tls.node_tls(config)
+    except ChatError as exc:
+        print(f"bad TLS configuration: {exc.message}", file=sys.stderr)
         return 2
     if "CHAT_DISK_FAULTS" in os.environ:
         # Fault injection for tests and ops/chaos only: without the variable

@@ -25,6 +25,9 @@ Choices a user can see
 ----------------------
 * The common options (``--servers``, ``--timeout``, ``--json``) are accepted
   before the command name and after it; after it wins.
+* TLS: ``--ca FILE`` (before the command name), else ``CHAT_CA``: the cluster's
+  CA certificate; the nodes are then spoken to over TLS and verified against
+  it. Without it, plain TCP, which the client allows to loopback addresses only.
 * Servers: ``--servers``, else ``CHAT_SERVERS``, else the servers stored in
   the session at login, else the three local nodes of ``supervisord.conf``.
 * The session is ``$CHATCTL_HOME/session.json`` (default
@@ -86,6 +89,8 @@ from .datadir import make_private_dirs
 
 if TYPE_CHECKING:
     # Imported when a command runs (see "Start-up time").
+    import ssl
+
     from .client import Client, Result
     from .status import NodeStatus
 
@@ -99,15 +104,19 @@ STATUS_WHOAMI_TIMEOUT = 2.0
 DEFAULT_TIMEOUT = 10.0
 
 
-def service_client(servers: list[str], timeout: float, token: str | None) -> Client:
+def service_client(
+    servers: list[str], timeout: float, token: str | None, tls: ssl.SSLContext | None
+) -> Client:
     """A ``client.Client``; the library is imported here, when a command needs it."""
     from .client import Client
 
-    return Client(servers, timeout, token)
+    return Client(servers, timeout, token, tls=tls)
 
 
 # The client class commands use; tests replace it with an in-memory fake.
-client_factory: Callable[[list[str], float, str | None], Client] = service_client
+client_factory: Callable[[list[str], float, str | None, ssl.SSLContext | None], Client] = (
+    service_client
+)
 
 app = typer.Typer(
     name="chatctl",
@@ -145,6 +154,16 @@ TimeoutOpt = Annotated[
         show_default=False,
     ),
 ]
+CaOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca",
+        envvar="CHAT_CA",
+        metavar="FILE",
+        help="The cluster's CA certificate (PEM): speak TLS and verify the nodes against it.",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object (see README).")]
 PasswordStdinOpt = Annotated[
     bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
@@ -158,6 +177,18 @@ class Options:
     servers: list[str] | None  # from --servers or CHAT_SERVERS; None: not given
     timeout: float
     json: bool
+    ca: Path | None = None  # from --ca or CHAT_CA; None: plain TCP
+
+    def tls(self) -> ssl.SSLContext | None:
+        """The context that verifies the nodes against ``ca``; None for plain TCP."""
+        if self.ca is None:
+            return None
+        from . import tls
+
+        try:
+            return tls.client_context(self.ca, "--ca")
+        except errors.InvalidInput as exc:
+            raise UsageProblem(exc.message) from None
 
     def addresses(self, session: Session | None = None) -> list[str]:
         if self.servers:
@@ -174,6 +205,7 @@ class _Given:
     servers: str | None
     timeout: float | None
     json: bool
+    ca: Path | None = None
 
 
 @app.callback()
@@ -182,8 +214,9 @@ def _common(
     servers: ServersOpt = None,
     timeout: TimeoutOpt = None,
     json_out: JsonOpt = False,
+    ca: CaOpt = None,
 ) -> None:
-    ctx.obj = _Given(servers, timeout, json_out)
+    ctx.obj = _Given(servers, timeout, json_out, ca)
 
 
 def _options(
@@ -195,7 +228,7 @@ def _options(
     seconds = DEFAULT_TIMEOUT if seconds is None else seconds
     if not seconds > 0:
         raise UsageProblem("--timeout must be a positive number of seconds")
-    return Options(parse_servers(text), seconds, json_out or given.json)
+    return Options(parse_servers(text), seconds, json_out or given.json, given.ca)
 
 
 def parse_servers(text: str | None) -> list[str] | None:
@@ -438,7 +471,8 @@ def with_client(
     from .client import SyncClient
 
     token = session.token if session is not None else None
-    client = client_factory(servers or opts.addresses(session), timeout or opts.timeout, token)
+    addresses = servers or opts.addresses(session)
+    client = client_factory(addresses, timeout or opts.timeout, token, opts.tls())
     with SyncClient(client) as chat:
         return chat.run(action(client))
 

@@ -61,6 +61,12 @@ Invariants
   While the stream is idle it probes the node every ``keepalive`` seconds, so a
   frozen or demoted primary is noticed and the stream moves to the new one.
 
+Transport: plain TCP to loopback addresses; anything else only over TLS, with
+the node's certificate verified against a CA file (``tls.client_context``,
+``chatctl --ca``). A certificate that does not verify, or a node that does not
+speak TLS, fails the call at once (``errors.Refused``): every node of a cluster
+shares one CA, so trying the others would only delay the same answer.
+
 Exceptions leaving this module are ``errors.ChatError`` subclasses (the tree in
 ``service/errors.py``); socket and timeout errors are translated here.
 """
@@ -71,13 +77,15 @@ import asyncio
 import contextlib
 import random
 import secrets
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
 from . import errors, protocol
-from .config import parse_address
+from .config import is_loopback, parse_address
+from .tls import describe_failure
 
 DEFAULT_SERVERS = ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")
 DEFAULT_TIMEOUT = 10.0
@@ -195,12 +203,20 @@ class Connection:
         self._task = asyncio.create_task(self._read_loop(), name=f"chat-client {address}")
 
     @classmethod
-    async def open(cls, address: str, timeout: float) -> Connection:
-        """Connect and handshake within ``timeout``; ConnectionLost if the node is not there."""
+    async def open(
+        cls, address: str, timeout: float, tls: ssl.SSLContext | None = None
+    ) -> Connection:
+        """Connect and handshake within ``timeout``; ConnectionLost if the node is not
+        there, ``errors.Refused`` if it cannot be spoken to safely (see "Transport")."""
         host, port = parse_address(address)
+        if tls is None and not is_loopback(host):
+            raise errors.InvalidInput(
+                f"{address} is not a loopback address: plain TCP is allowed on loopback "
+                "only; give the cluster's CA file (chatctl --ca FILE or CHAT_CA)"
+            )
         try:
             async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port)
+                reader, writer = await _open(host, port, tls)
                 try:
                     frames = _FrameReader(reader)
                     version = protocol.choose_version(await frames.next())
@@ -210,6 +226,8 @@ class Connection:
                 except BaseException:
                     writer.close()
                     raise
+        except ssl.SSLError as exc:
+            raise errors.Refused(f"{address}: {describe_failure(exc)}") from None
         except (OSError, TimeoutError, EOFError, errors.ProtocolViolation) as exc:
             raise ConnectionLost(address, _describe(exc)) from None
         if welcome.get("type") != "welcome":
@@ -331,6 +349,14 @@ class Connection:
         self._writer.close()
 
 
+async def _open(
+    host: str, port: int, tls: ssl.SSLContext | None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if tls is None:
+        return await asyncio.open_connection(host, port)
+    return await asyncio.open_connection(host, port, ssl=tls, server_hostname=host.strip("[]"))
+
+
 class _Elsewhere(Exception):
     """While an attempt waited, the other nodes named another primary (``leader``)."""
 
@@ -378,7 +404,8 @@ class Client:
 
     ``servers`` are ``HOST:PORT`` strings (any node of the cluster);
     ``timeout`` bounds each call, retries included; ``token`` is the session
-    token sent with requests that need one (``login`` sets it).
+    token sent with requests that need one (``login`` sets it); ``tls`` the
+    context that verifies the nodes (``tls.client_context``), None for plain TCP.
     """
 
     def __init__(
@@ -390,6 +417,7 @@ class Client:
         attempt_timeout: float = ATTEMPT_TIMEOUT,
         keepalive: float = KEEPALIVE,
         hedge_after: float | None = HEDGE_AFTER,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if not servers:
             raise errors.InvalidInput("no server addresses given")
@@ -401,6 +429,7 @@ class Client:
         self.attempt_timeout = attempt_timeout
         self.keepalive = keepalive
         self.hedge_after = hedge_after  # None: wait out every attempt
+        self.tls = tls
         self._conn: Connection | None = None
         self._hint: str | None = None  # the node that last answered as primary
         self._cursor = 0  # next configured server to try when there is no hint
@@ -573,7 +602,9 @@ class Client:
         try:
             conn = conns.get(address)
             if conn is None or conn.closed:
-                conn = conns[address] = await Connection.open(address, HEDGE_PROBE_TIMEOUT)
+                conn = conns[address] = await Connection.open(
+                    address, HEDGE_PROBE_TIMEOUT, self.tls
+                )
             frame = protocol.request("status", new_request_id(), {})
             result, _ = await conn.request(frame, HEDGE_PROBE_TIMEOUT)
         except (ConnectionLost, errors.ChatError) as exc:
@@ -604,7 +635,7 @@ class Client:
             self._conn = None
             if conn is not None:
                 await conn.aclose()
-            self._conn = await Connection.open(address, timeout)
+            self._conn = await Connection.open(address, timeout, self.tls)
             return self._conn
 
     def _abandon(self, conn: Connection) -> None:
@@ -700,7 +731,9 @@ class Client:
 
     async def status_all(self) -> list[Result]:
         """One status report per configured server (see ``status_all``)."""
-        return await status_all(self.servers, self.timeout, attempt_timeout=self.attempt_timeout)
+        return await status_all(
+            self.servers, self.timeout, attempt_timeout=self.attempt_timeout, tls=self.tls
+        )
 
     async def listen(
         self,
@@ -798,6 +831,7 @@ async def status_all(
     timeout: float = DEFAULT_TIMEOUT,
     *,
     attempt_timeout: float = ATTEMPT_TIMEOUT,
+    tls: ssl.SSLContext | None = None,
 ) -> list[Result]:
     """Ask every server for its status, concurrently, once each.
 
@@ -812,7 +846,7 @@ async def status_all(
         conn: Connection | None = None
         try:
             async with asyncio.timeout(limit):
-                conn = await Connection.open(address, limit)
+                conn = await Connection.open(address, limit, tls)
                 frame = protocol.request("status", new_request_id(), {})
                 result, _ = await conn.request(frame, limit)
         except (ConnectionLost, TimeoutError, errors.ChatError) as exc:

@@ -12,17 +12,27 @@ checks that they fit together as SPEC section 6 requires:
   ``sync_timeout``, so a backup that believes it is a member really is one;
 * suspicion plus election must end inside the confirm window, or a frozen
   primary would leave nobody eligible to take over (R5).
+
+Transport (SPEC section 10): ``tls_cert``, ``tls_key`` and ``tls_ca`` go together
+(relative paths are relative to the config file). With them, clients reach the
+node over TLS and nodes link over mutual TLS (``service/tls.py``); without them the
+node speaks plain TCP, which ``validate`` allows only when every node address is
+loopback: passwords and tokens never cross a network in clear.
 """
 
 from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InvalidInput
 from .replication.leased import LeaseTiming
+
+# Names that are loopback without a lookup (the whole 127/8 and ::1 are, as IP literals).
+LOOPBACK_NAMES = frozenset({"localhost"})
 
 # Descriptors a node holds besides its connections (see ``NodeConfig.client_limit``).
 RESERVED_FILES = 64
@@ -48,6 +58,17 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidInput(f"not a HOST:PORT address: {text!r}")
     return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address that never leaves the machine: 127.0.0.0/8, ::1, localhost."""
+    name = host.strip("[]").lower()
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_peers(text: str) -> tuple[Peer, ...]:
@@ -158,6 +179,11 @@ class NodeConfig:
     etcd_ca: str = ""
     etcd_cert: str = ""
     etcd_key: str = ""
+    # TLS (service/tls.py): this node's certificate chain and key (PEM), and the
+    # cluster CA that signs every node's certificate. All three, or none.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
     extra: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
@@ -233,6 +259,7 @@ class NodeConfig:
             raise InvalidInput("listen_check_interval and log_interval must be positive")
         self._validate_logins()
         self._validate_metrics()
+        self._validate_transport()
         self._validate_arbiter()
         return self
 
@@ -269,6 +296,22 @@ class NodeConfig:
             request_timeout=self.etcd_request_timeout,
         )
 
+    @property
+    def tls(self) -> bool:
+        """Whether the node speaks TLS (``validate`` checks that all three files are named)."""
+        return self.tls_cert is not None
+
+    def _validate_transport(self) -> None:
+        named = [self.tls_cert, self.tls_key, self.tls_ca]
+        if any(path is not None for path in named) and None in named:
+            raise InvalidInput("tls_cert, tls_key and tls_ca go together: set all three or none")
+        remote = [p.address for p in self.nodes if not is_loopback(p.host)]
+        if remote and not self.tls:
+            raise InvalidInput(
+                f"node addresses {', '.join(remote)} are not loopback: plain TCP is allowed "
+                "on loopback only; set tls_cert, tls_key and tls_ca (README, TLS)"
+            )
+
     def _validate_metrics(self) -> None:
         try:
             endpoint = self.metrics_endpoint
@@ -302,6 +345,7 @@ class NodeConfig:
 
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(NodeConfig) if f.type in ("float", float)}
 _INT_FIELDS = {f.name for f in dataclasses.fields(NodeConfig) if f.type in ("int", int)}
+_PATH_FIELDS = frozenset({"tls_cert", "tls_key", "tls_ca"})
 
 
 def load(path: Path | None, overrides: dict[str, str]) -> NodeConfig:
@@ -338,6 +382,8 @@ def load(path: Path | None, overrides: dict[str, str]) -> NodeConfig:
                 kwargs[name] = text.strip()
             elif name in ("etcd_ca", "etcd_cert", "etcd_key"):
                 kwargs[name] = str(base / text.strip()) if text.strip() else ""
+            elif name in _PATH_FIELDS:
+                kwargs[name] = base / text.strip() if text.strip() else None
             else:
                 raise InvalidInput(f"unknown setting {name!r}")
         except ValueError:

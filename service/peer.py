@@ -14,11 +14,17 @@ carries frames of at most ``protocol.MAX_HELLO_FRAME`` bytes; only an
 authenticated link carries frames up to ``max_frame``.
 
 Addresses: each node listens on its own entry of ``nodes`` and dials its
-peers *from* that entry's host (``local_addr=(host, 0)``), so a connection's
+peers *from* that entry's host (``source_address``), so a connection's
 source address says which node opened it. Nodes on one machine with one
 loopback address each (127.0.0.11, .12, .13) then exchange traffic that a
 packet filter can cut per pair, as a network partition would. The link-up
 log line names both ends.
+
+With TLS configured (``service/tls.py``) every link is mutual TLS: the dialer
+verifies the acceptor's certificate against the cluster CA and the peer's
+configured host, and presents its own, which the acceptor checks at the hello.
+The HMAC handshake runs inside it unchanged. A peer whose certificate does not
+verify is logged like one with another secret.
 
 The dialer reconnects with jittered exponential backoff (50 to 250 ms) for as long as
 the node runs: a node never exits because a peer is unreachable. Link changes
@@ -30,12 +36,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
+import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from . import protocol
+from . import protocol, tls
 from .config import NodeConfig
 from .errors import ProtocolViolation
 from .throttle import ThrottledLog
@@ -100,6 +108,8 @@ class PeerLinks:
         self.on_link = on_link
         self.on_operator = on_operator
         self.links: dict[int, Link] = {}
+        # Loaded and checked at start-up (``python -m service``); None: plain TCP.
+        self.tls = tls.node_tls(config)
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
 
@@ -149,9 +159,14 @@ class PeerLinks:
         while self._running:
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(host, port, local_addr=(self.config.me.host, 0)),
-                    self.config.handshake_timeout,
+                    self._open(host, port), self.config.handshake_timeout
                 )
+            except ssl.SSLError as exc:
+                # A peer we cannot verify: not ours, or a misconfigured one.
+                failures.note(node=peer, error=tls.describe_failure(exc))
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, MAX_REDIAL)
+                continue
             except (OSError, TimeoutError):
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, MAX_REDIAL)
@@ -171,6 +186,16 @@ class PeerLinks:
                 continue
             delay = 0.05
             await self.run_link(peer, frames, writer)
+
+    async def _open(
+        self, host: str, port: int
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        local = source_address(self.config.me.host, host)
+        if self.tls is None:
+            return await asyncio.open_connection(host, port, local_addr=local)
+        return await asyncio.open_connection(
+            host, port, ssl=self.tls.dial, server_hostname=host.strip("[]"), local_addr=local
+        )
 
     async def _dial_handshake(
         self,
@@ -322,6 +347,23 @@ class FrameReader:
         if frame is None:
             raise EOFError("connection closed during the handshake")
         return frame
+
+
+def source_address(mine: str, peer: str) -> tuple[str, int] | None:
+    """Where a link to ``peer`` comes from: this node's own address, so that a packet
+    filter can tell the nodes apart (three nodes on 127.0.0.11, .12 and .13 would all
+    dial from 127.0.0.1 otherwise). None (the kernel's choice) unless both are IP
+    addresses of one version and ours is a specific one."""
+    try:
+        ours, theirs = (
+            ipaddress.ip_address(mine.strip("[]")),
+            ipaddress.ip_address(peer.strip("[]")),
+        )
+    except ValueError:
+        return None
+    if ours.version != theirs.version or ours.is_unspecified:
+        return None
+    return str(ours), 0
 
 
 def _chunk(max_frame: int) -> int:

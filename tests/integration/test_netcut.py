@@ -1,0 +1,118 @@
+"""``ops/netcut.py``: nft cuts between loopback addresses, seen by real TCP connections.
+
+Two asyncio echo servers listen on 127.0.0.11 and 127.0.0.12; each connection
+binds its source address, as the nodes of the rehearsal do, so that the filter can
+tell the ends apart. Needs nft and root: without them every test is skipped with
+the reason (``netcut.unavailable``); CI runs as root and ``.ci/run`` installs nft.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from ops import netcut
+from ops.cluster.ports import free_port
+
+A, B = "127.0.0.11", "127.0.0.12"
+# Long enough for a loopback connection to be made many times over; a cut one is
+# still not made then (its SYN is dropped and retried after a second).
+CONNECT_TIMEOUT = 0.5
+
+
+@pytest.fixture
+def cuts() -> Iterator[None]:
+    why = netcut.unavailable()
+    if why is not None:
+        pytest.skip(f"cannot cut loopback traffic here: {why}")
+    netcut.heal()
+    try:
+        yield
+    finally:
+        netcut.heal()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.write(await reader.readline())
+    await writer.drain()
+    writer.close()
+
+
+@asynccontextmanager
+async def servers() -> AsyncIterator[dict[str, int]]:
+    """An echo server on each of A and B; their ports by address."""
+    ports = {A: free_port(A), B: free_port(B)}
+    started = [await asyncio.start_server(_echo, host, port) for host, port in ports.items()]
+    try:
+        yield ports
+    finally:
+        for server in started:
+            server.close()
+            await server.wait_closed()
+
+
+async def reaches(source: str, dest: str, port: int) -> bool:
+    """Whether ``source`` can open a connection to ``dest`` and get an echo back."""
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            reader, writer = await asyncio.open_connection(dest, port, local_addr=(source, 0))
+            try:
+                writer.write(b"ping\n")
+                return await reader.readline() == b"ping\n"
+            finally:
+                writer.close()
+    except (TimeoutError, OSError):
+        return False
+
+
+async def both_ways(ports: dict[str, int]) -> tuple[bool, bool]:
+    return await reaches(A, B, ports[B]), await reaches(B, A, ports[A])
+
+
+@pytest.mark.usefixtures("cuts")
+def test_a_one_way_cut_stops_connections_from_a_to_b_only():
+    async def scenario() -> None:
+        async with servers() as ports:
+            assert await both_ways(ports) == (True, True)
+            netcut.cut(A, B)
+            assert netcut.cuts() == [netcut.Cut(A, B)]
+            assert await both_ways(ports) == (False, True)
+            netcut.heal()
+            assert netcut.cuts() == []
+            assert await both_ways(ports) == (True, True)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.usefixtures("cuts")
+def test_a_cut_both_ways_stops_both_and_an_open_connection_stalls_until_healed():
+    async def scenario() -> None:
+        async with servers() as ports:
+            reader, writer = await asyncio.open_connection(B, ports[B], local_addr=(A, 0))
+            netcut.cut(A, B, both=True)
+            netcut.cut(A, B, both=True)  # once is enough: not added twice
+            assert netcut.cuts() == [netcut.Cut(A, B, both=True)]
+            assert await both_ways(ports) == (False, False)
+            # The open connection is not reset: what is sent waits in the kernel...
+            writer.write(b"held\n")
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await reader.readline()
+            # ...and arrives once the partition heals (TCP retransmits it).
+            netcut.heal()
+            async with asyncio.timeout(10):
+                assert await reader.readline() == b"held\n"
+            writer.close()
+            assert await both_ways(ports) == (True, True)
+
+    asyncio.run(scenario())
+
+
+def test_only_loopback_addresses_are_cut():
+    with pytest.raises(netcut.NetcutError, match="not a loopback address"):
+        netcut.cut(A, "192.0.2.1")
+    with pytest.raises(netcut.NetcutError, match="not an IP address"):
+        netcut.cut("node1", B)

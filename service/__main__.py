@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Loaded and checked once, here: the server and the peer links reuse it.
         tls.node_tls(config)
+        tls.check_etcd_files(config)
     except ChatError as exc:
         print(f"bad TLS configuration: {exc.message}", file=sys.stderr)
         return 2

@@ -176,6 +176,27 @@ def node_tls(config: NodeConfig) -> NodeTls | None:
     return node_contexts(files, config.me.host)
 
 
+def check_etcd_files(config: NodeConfig) -> None:
+    """In arbiter mode with TLS to etcd: the CA (and the client certificate and key,
+    if given) load, or ``InvalidInput`` says which file and why, before the node
+    starts (rather than every request to etcd failing later)."""
+    if config.arbiter != "etcd" or not config.etcd_ca:
+        return
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    _load_ca(context, "etcd_ca", Path(config.etcd_ca))
+    if config.etcd_cert:
+        cert, key = Path(config.etcd_cert), Path(config.etcd_key)
+        _expect_pem("etcd_cert", cert, "certificate", b"-----BEGIN CERTIFICATE-----")
+        _expect_pem("etcd_key", key, "private key", b"PRIVATE KEY-----")
+        try:
+            context.load_cert_chain(cert, key, password=_no_passphrase)
+        except (_Encrypted, ssl.SSLError) as exc:
+            why = "the key is encrypted" if isinstance(exc, _Encrypted) else _reason(exc)
+            raise InvalidInput(
+                f"etcd_cert {cert} and etcd_key {key}: not a usable certificate and key ({why})"
+            ) from None
+
+
 @functools.cache
 def node_contexts(files: TlsFiles, host: str) -> NodeTls:
     """``node_tls`` for the files of a node at ``host`` (its address's host part)."""

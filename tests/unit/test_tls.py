@@ -131,3 +131,23 @@ def test_the_client_refuses_plain_tcp_to_a_remote_address():
 def test_certificate_names_have_one_spelling():
     cert = {"subjectAltName": (("IP Address", "0:0:0:0:0:0:0:1\n"), ("DNS", "Node1.Example"))}
     assert tls.certificate_names(cert) == {"::1", "node1.example"}
+
+
+ETCD = "arbiter = etcd\netcd_endpoints = 127.0.0.10:2379\n"
+
+
+def test_etcd_tls_files_are_checked_before_the_node_starts(tmp_path):
+    files = write(tmp_path / "tls", trustme.CA(), "127.0.0.10")
+    good = f"etcd_ca = {files.ca}\netcd_cert = {files.cert}\netcd_key = {files.key}\n"
+    tls.check_etcd_files(load(tmp_path, ETCD + good))
+    with pytest.raises(errors.InvalidInput, match=r"etcd_ca .*missing\.pem: no such file"):
+        tls.check_etcd_files(load(tmp_path, ETCD + f"etcd_ca = {tmp_path / 'missing.pem'}\n"))
+    other = write(tmp_path / "other", trustme.CA(), "127.0.0.10")
+    mismatched = f"etcd_ca = {files.ca}\netcd_cert = {files.cert}\netcd_key = {other.key}\n"
+    with pytest.raises(errors.InvalidInput, match=r"etcd_cert .* not a usable certificate"):
+        tls.check_etcd_files(load(tmp_path, ETCD + mismatched))
+
+
+def test_etcd_cert_and_key_go_together_and_need_a_ca(tmp_path):
+    with pytest.raises(errors.InvalidInput, match="etcd_cert and etcd_key go together"):
+        load(tmp_path, ETCD + "etcd_cert = c.pem\n")

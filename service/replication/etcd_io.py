@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import etcd3gw
+import requests
 from etcd3gw.exceptions import Etcd3Exception
 
 from .arbiter import (
@@ -56,6 +57,8 @@ from .state import ReplicaCore
 from .types import Position, SyncSet
 
 VIEW_INTERVAL = 0.2
+# The longest reason an unreachable arbiter is reported with (status, logs).
+MAX_WHY = 200
 
 
 @dataclass(frozen=True)
@@ -110,14 +113,11 @@ class EtcdIO:
 
     def _client(self) -> etcd3gw.Etcd3Client:
         host, port = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
-        tls = self.settings.ca is not None
         return etcd3gw.Etcd3Client(
             host=host,
             port=port,
-            protocol="https" if tls else "http",
-            ca_cert=self.settings.ca,
-            cert_cert=self.settings.cert,
-            cert_key=self.settings.key,
+            protocol="https" if self.settings.ca is not None else "http",
+            session=_session(self.settings),
             timeout=self.timing.request_timeout,
             api_path="/v3/",
         )
@@ -138,8 +138,9 @@ class EtcdIO:
             return await asyncio.to_thread(call, client)
 
     def _unreachable(self, exc: BaseException) -> None:
+        host, port = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
         self._next_endpoint()
-        self.report(ArbiterUnreachable(f"{type(exc).__name__}: {exc}".strip()[:200]))
+        self.report(ArbiterUnreachable(f"{host}:{port}: {_describe(exc)}"))
 
     # ---- the loops ------------------------------------------------------------------------
 
@@ -354,6 +355,34 @@ class EtcdIO:
             )
         except (Etcd3Exception, OSError, ValueError) as exc:
             log_event("lease not revoked", {"node": self.core.node_id, "why": str(exc)})
+
+
+def _describe(exc: BaseException) -> str:
+    """A failed request in one short line: etcd3gw keeps the text in ``detail_text``
+    (its ``str`` is empty), and requests nests the cause of a connection failure
+    (``...: Max retries exceeded with url: ... (Caused by ...)``): keep the cause."""
+    text = str(getattr(exc, "detail_text", None) or exc)
+    _, caused, cause = text.rpartition("(Caused by ")
+    if caused:
+        text = cause.removesuffix(")")
+    return f"{type(exc).__name__}: {text}".strip().removesuffix(":")[:MAX_WHY]
+
+
+def _session(settings: EtcdSettings) -> requests.Session:
+    """An HTTP session that trusts the configured CA and nothing from the environment.
+
+    ``requests`` lets ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` override a
+    session's own ``verify`` (the system bundle then replaces our CA, and every
+    request fails verification), and sends through ``HTTPS_PROXY`` and friends:
+    the arbiter's traffic goes straight to the etcd members, checked against the
+    cluster's CA, whatever the node's environment says."""
+    session = requests.Session()
+    session.trust_env = False
+    if settings.ca is not None:
+        session.verify = settings.ca
+    if settings.cert is not None and settings.key is not None:
+        session.cert = (settings.cert, settings.key)
+    return session
 
 
 # ---- transactions in the gateway's JSON -----------------------------------------------------

@@ -4,7 +4,9 @@ Client: ``etcd3gw``, etcd's own HTTP/JSON gateway to its v3 API over
 ``requests``: it speaks TLS with client certificates (the arbiter's traffic
 crosses hosts like the nodes' own), and its requests are plain blocking calls,
 run here in threads with a timeout each. Two sessions, so that a slow read or
-transaction never delays a lease renewal behind it.
+transaction never delays a lease renewal behind it. Requests leave from the
+node's own address, as its links to its peers do, and ignore the environment's
+CA bundle and proxies (``_session``).
 
 Keys, all under the configured prefix P (one cluster per prefix):
 
@@ -36,7 +38,9 @@ from typing import Any
 import etcd3gw
 import requests
 from etcd3gw.exceptions import Etcd3Exception
+from requests.adapters import HTTPAdapter
 
+from ..peer import source_address
 from .arbiter import (
     ArbiterEvent,
     ArbiterUnreachable,
@@ -68,6 +72,9 @@ class EtcdSettings:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    # This node's own host: requests to etcd leave from it, like the node's links
+    # to its peers (``peer.source_address``), so a cut of this host is a cut of both.
+    host: str | None = None
 
 
 class Garbled(Exception):
@@ -117,7 +124,7 @@ class EtcdIO:
             host=host,
             port=port,
             protocol="https" if self.settings.ca is not None else "http",
-            session=_session(self.settings),
+            session=_session(self.settings, host),
             timeout=self.timing.request_timeout,
             api_path="/v3/",
         )
@@ -368,16 +375,34 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}".strip().removesuffix(":")[:MAX_WHY]
 
 
-def _session(settings: EtcdSettings) -> requests.Session:
-    """An HTTP session that trusts the configured CA and nothing from the environment.
+class _FromAddress(HTTPAdapter):
+    """Connections opened from one local address (``source_address``)."""
+
+    def __init__(self, source: tuple[str, int]) -> None:
+        self.source = source  # before super().__init__, which makes the pool manager
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs, source_address=self.source)
+
+
+def _session(settings: EtcdSettings, etcd_host: str) -> requests.Session:
+    """An HTTP session to one etcd member that trusts the configured CA and nothing
+    from the environment, and leaves from this node's own address.
 
     ``requests`` lets ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` override a
     session's own ``verify`` (the system bundle then replaces our CA, and every
     request fails verification), and sends through ``HTTPS_PROXY`` and friends:
     the arbiter's traffic goes straight to the etcd members, checked against the
-    cluster's CA, whatever the node's environment says."""
+    cluster's CA, whatever the node's environment says. Without a source address
+    the kernel picks one: on one machine every node's requests would come from
+    127.0.0.1, and cutting a node off from etcd would cut nothing."""
     session = requests.Session()
     session.trust_env = False
+    source = None if settings.host is None else source_address(settings.host, etcd_host)
+    if source is not None:
+        for scheme in ("http://", "https://"):
+            session.mount(scheme, _FromAddress(source))
     if settings.ca is not None:
         session.verify = settings.ca
     if settings.cert is not None and settings.key is not None:

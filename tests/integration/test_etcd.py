@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -322,3 +323,33 @@ def test_a_node_reaches_a_tls_etcd_with_its_client_certificate_whatever_its_envi
         anonymous.session.verify = str(ca_file)
         with pytest.raises(etcd3gw.exceptions.ConnectionFailedError):
             anonymous.get(f"{PREFIX}/leader")
+
+
+def test_requests_to_etcd_leave_from_the_nodes_own_address(tmp_path: Path) -> None:
+    """Like its links to its peers: on one machine a node on 127.0.0.12 reaches etcd
+    from 127.0.0.12, so that cutting 127.0.0.12 off (ops/netcut.py) cuts its arbiter
+    too. A listener that records who connects stands in for the member."""
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.settimeout(5)
+    port = listener.getsockname()[1]
+    settings = EtcdSettings(((LOOPBACK, port),), PREFIX, host="127.0.0.12")
+
+    async def scenario() -> tuple[str, int]:
+        core = ReplicaCore(
+            1, (1, 2, 3), Timing(), NodeState(), Position(1, 5), SyncSet(0, (), 0), 0.0
+        )
+        io = EtcdIO(settings, TIMING, core, lambda event: None)
+        task = asyncio.create_task(io.run_lease())
+        try:
+            connection, (host, port) = await asyncio.to_thread(listener.accept)
+            connection.close()
+            return str(host), int(port)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        host, _ = asyncio.run(scenario())
+    finally:
+        listener.close()
+    assert host == "127.0.0.12"

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,6 +64,8 @@ from .types import Position, SyncSet
 VIEW_INTERVAL = 0.2
 # The longest reason an unreachable arbiter is reported with (status, logs).
 MAX_WHY = 200
+# An object's repr inside urllib3's messages, with the separator after it.
+_OBJECT = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>(, |: )?")
 
 
 @dataclass(frozen=True)
@@ -372,6 +375,7 @@ def _describe(exc: BaseException) -> str:
     _, caused, cause = text.rpartition("(Caused by ")
     if caused:
         text = cause.removesuffix(")")
+    text = _OBJECT.sub("", text)  # "<HTTPSConnection(...) at 0x7f...>, ": new every time
     return f"{type(exc).__name__}: {text}".strip().removesuffix(":")[:MAX_WHY]
 
 

@@ -60,7 +60,6 @@ def test_links_silenced_by_a_partition_are_given_up_and_redialled_after_the_heal
     for backup in backups:
         netcut.cut(primary.host, backup.host, both=True)
 
-
     def links_given_up() -> bool:
         down = {event.fields.get("peer") for event in primary.events("peer link down", since)}
         return down >= {str(backup.node_id) for backup in backups}

@@ -371,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, _raise_stop)
     try:
         member.start()
-        print(f"etcd {member.name} healthy at {member.endpoint} (log: {member.log_path})")
+        log = "below" if member.log_path == STDOUT else member.log_path
+        print(f"etcd {member.name} healthy at {member.endpoint} (log: {log})")
         sys.stdout.flush()
         return member.wait()
     except EtcdError as exc:

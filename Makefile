@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUPERVISORD := $(BIN)/supervisord -c supervisord.conf
 SUPERVISORCTL := $(BIN)/supervisorctl -c supervisord.conf
 
-.PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos soak certs-hosts
+.PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos soak certs-hosts install-hosts run-hosts up-hosts down-hosts status-hosts
 
 # Besides the venv, the folder supervisord writes its own log and the nodes' logs
 # to: `supervisord -c supervisord.conf` refuses to start without it, so it must exist
@@ -81,6 +81,40 @@ soak: install
 # 0600 in a 0700 folder. Existing ones are kept.
 certs-hosts: install
 	$(BIN)/python -m ops.hosts.certs var/hosts/tls
+
+# The rehearsal of several hosts on one machine (README, Several hosts): one etcd
+# member on 127.0.0.10:2379 and the nodes on 127.0.0.11-13:7001, TLS on, the arbiter
+# in etcd, under ops/hosts/supervisord.conf, everything under var/hosts/. The first
+# use installs the hosts extra (the etcd binary, cryptography), makes the
+# certificates and var/hosts/log/ (supervisord's log folder must exist).
+HOSTS_STAMP := $(VENV)/.installed-hosts
+HOSTS_SUPERVISORD := $(BIN)/supervisord -c ops/hosts/supervisord.conf
+HOSTS_SUPERVISORCTL := $(BIN)/supervisorctl -c ops/hosts/supervisord.conf
+HOSTS_SERVERS := 127.0.0.11:7001,127.0.0.12:7001,127.0.0.13:7001
+
+$(HOSTS_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,hosts]'
+	touch $(HOSTS_STAMP)
+
+install-hosts: $(HOSTS_STAMP) var/hosts/log
+	$(BIN)/python -m ops.hosts.certs var/hosts/tls
+
+var/hosts/log:
+	mkdir -p -m 700 var/hosts
+	mkdir -p var/hosts/log
+
+run-hosts: install-hosts
+	$(HOSTS_SUPERVISORD) -n
+
+up-hosts: install-hosts
+	$(HOSTS_SUPERVISORD)
+
+down-hosts: install
+	-$(HOSTS_SUPERVISORCTL) shutdown
+
+status-hosts: install
+	-$(HOSTS_SUPERVISORCTL) status
+	$(BIN)/chatctl --ca var/hosts/tls/ca.pem --servers $(HOSTS_SERVERS) status
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

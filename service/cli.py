@@ -92,7 +92,7 @@ if TYPE_CHECKING:
     import ssl
 
     from .client import Client, Result
-    from .status import NodeStatus
+    from .status import ArbiterStatus, NodeStatus
 
 T = TypeVar("T")
 
@@ -1011,6 +1011,8 @@ class ClusterView:
                 reason=status.reason,
                 checksums=None if status.checksums is None else status.checksums.to_status(),
             )
+            if status.arbiter is not None:  # only with an arbiter: default output unchanged
+                row["arbiter"] = status.arbiter.to_status()
         return row
 
 
@@ -1045,11 +1047,54 @@ def render_status(view: ClusterView, session: Result | None) -> str:
         )
     lines = [table(headers, rows), ""]
     lines.append(f"primary: {view.primary or 'none known'}")
+    lines.extend(_arbiter_lines(view))
     if session:
         unread = session.get("unread")
         count = "unread count unavailable" if unread is None else plural(unread, "unread message")
         lines.append(f"logged in as {session['user']}: {count}")
     return "\n".join(lines)
+
+
+def _arbiter_lines(view: ClusterView) -> list[str]:
+    """With an arbiter (SPEC section 10): what it holds, as read by the node best placed
+    to know (the primary, else the first node that reaches it), then every node that
+    cannot reach it. Nothing in the default mode."""
+    views = [
+        (node.address, node.status.node_id, node.status.arbiter)
+        for node in view.nodes
+        if node.status is not None and node.status.arbiter is not None
+    ]
+    reached = [item for item in views if item[2].reachable]
+    lines = []
+    if reached:
+        _, node_id, arbiter = min(reached, key=lambda item: (item[0] != view.primary, item[1]))
+        lines.append(_arbiter_line(node_id, arbiter))
+    lines.extend(
+        f"node {node_id}: arbiter unreachable: {arbiter.unreachable or 'no answer'}"
+        for _, node_id, arbiter in views
+        if not arbiter.reachable
+    )
+    return lines
+
+
+def _arbiter_line(reader: int, arbiter: ArbiterStatus) -> str:
+    """``arbiter: etcd, leader key: node 2 (epoch 4), lease 2 s left, sync set in etcd:
+    v7 [1,2,3] (read by node 2)``."""
+    parts = [f"arbiter: {arbiter.mode}"]
+    if arbiter.leader is None:
+        parts.append("leader key: free")
+    else:
+        parts.append(f"leader key: node {arbiter.leader} (epoch {arbiter.leader_epoch})")
+        if arbiter.leader_ttl is not None:
+            parts.append(f"lease {arbiter.leader_ttl:g} s left")
+    stored = arbiter.sync_set
+    members = "none" if stored is None else f"v{stored.version} [{_ids(stored.members)}]"
+    parts.append(f"sync set in {arbiter.mode}: {members}")
+    return ", ".join(parts) + f" (read by node {reader})"
+
+
+def _ids(ids: Sequence[int]) -> str:
+    return ",".join(str(i) for i in ids)
 
 
 def _cell(value: object) -> str:

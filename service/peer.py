@@ -26,6 +26,14 @@ configured host, and presents its own, which the acceptor checks at the hello.
 The HMAC handshake runs inside it unchanged. A peer whose certificate does not
 verify is logged like one with another secret.
 
+Across hosts (``arbiter = etcd``) a partition closes nothing: a link just goes
+silent, and when the partition heals TCP resumes it only at its next, backed-off
+retransmission (up to two minutes later), all that time without the peer in the
+sync set. So there every link is given up once the peer has not acknowledged
+our data, or answered keepalive probes, for ``lease_ttl`` (``give_up_when_silent``),
+and redialled: the first connection after the heal goes through at once. On one
+host a closed connection proves a death, so there links are left to the kernel.
+
 The dialer reconnects with jittered exponential backoff (50 to 250 ms) for as long as
 the node runs: a node never exits because a peer is unreachable. Link changes
 are reported to the owner as ``on_link(peer, up, closed_by_us)``: a peer's
@@ -38,7 +46,9 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import random
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -283,6 +293,8 @@ class PeerLinks:
             self.on_link(peer, False, False)
         link = Link(peer, writer)
         self.links[peer] = link
+        if self.config.arbiter == "etcd":
+            give_up_when_silent(writer, self.config.lease_ttl)
         log.info(
             "peer link up node=%s peer=%s local=%s remote=%s",
             self.config.node_id,
@@ -364,6 +376,29 @@ def source_address(mine: str, peer: str) -> tuple[str, int] | None:
     if ours.version != theirs.version or ours.is_unspecified:
         return None
     return str(ours), 0
+
+
+def give_up_when_silent(writer: asyncio.StreamWriter, seconds: float) -> None:
+    """Have the kernel close this connection once the peer has been silent for about
+    ``seconds``: data we sent unacknowledged that long (TCP_USER_TIMEOUT), or, when we
+    have nothing to send, keepalive probes unanswered for that long. A frozen peer's
+    kernel still acknowledges, so only a lost peer or a partition closes it. Where
+    the options are missing (not Linux), the link is left as it is."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return
+    whole = max(1, math.ceil(seconds))
+    options = [
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPIDLE", None), 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPINTVL", None), 1),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_KEEPCNT", None), whole),
+        (socket.IPPROTO_TCP, getattr(socket, "TCP_USER_TIMEOUT", None), int(seconds * 1000)),
+    ]
+    for level, option, value in options:
+        if option is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(level, option, value)
 
 
 def _chunk(max_frame: int) -> int:

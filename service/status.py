@@ -12,8 +12,14 @@ Invariants
 * ``id``, ``role``, ``epoch`` and ``seq`` must be there; every other field may
   be missing (a node of an older version, a test's stand-in) and then takes
   its "nothing known" value. A field that is there must have its type.
-* ``sync_set_wire`` and ``checksums.to_status`` give back what the
-  node sent, so ``chatctl status --json`` prints a node's view as it came.
+* ``sync_set_wire``, ``checksums.to_status`` and ``arbiter.to_status`` give
+  back what the node sent, so ``chatctl status --json`` prints a node's view as
+  it came.
+* ``arbiter`` is there only on a node configured with an arbiter (SPEC section
+  10): what that node last read from etcd (who holds the leader key, its
+  lease, the sync set as etcd has it) and whether etcd answers it. It is a
+  read, so it guides an operator and decides nothing; a node that cannot reach
+  etcd says why.
 * Two rules name a primary from several views, and they are not the same:
   ``leading`` is the node that says it is primary in the highest epoch (what
   a client follows, and what ``chatctl status`` prints); agreement (every
@@ -32,6 +38,71 @@ from .replication.types import NO_SYNC_SET, SyncSet
 from .replication.verify import Outcome as Checksums
 
 ROLES = ("primary", "backup", "electing")
+
+
+@dataclass(frozen=True)
+class StoredSyncSet:
+    """The sync set as the arbiter holds it (E3): its version and members."""
+
+    version: int
+    members: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ArbiterStatus:
+    """One node's view of its arbiter (``LeasedArbiter.status``)."""
+
+    mode: str  # "etcd"
+    reachable: bool
+    unreachable: str | None = None  # why not, when not reachable
+    leader: int | None = None  # the node holding the leader key, as last read
+    leader_epoch: int | None = None  # the epoch it took the key in
+    leader_ttl: float | None = None  # seconds left on the leader's lease, as etcd said
+    sync_set: StoredSyncSet | None = None  # None: etcd holds none (yet), or never read
+    serving_for: float | None = None  # on the primary: seconds to its fencing deadline
+
+    @classmethod
+    def from_wire(cls, value: object) -> ArbiterStatus:
+        # Keys named with their path, so that an error says "arbiter.leader is ...".
+        data = {f"arbiter.{key}": item for key, item in _object(value, "arbiter").items()}
+        stored = data.get("arbiter.sync_set")
+        sync_set = None
+        if stored is not None:
+            inner = {
+                f"arbiter.sync_set.{k}": v for k, v in _object(stored, "arbiter.sync_set").items()
+            }
+            sync_set = StoredSyncSet(
+                _int(inner, "arbiter.sync_set.version"), _ints(inner, "arbiter.sync_set.members")
+            )
+        return cls(
+            mode=_str(data, "arbiter.mode"),
+            reachable=_bool(data, "arbiter.reachable"),
+            unreachable=_optional_str(data, "arbiter.unreachable"),
+            leader=_optional_int(data, "arbiter.leader"),
+            leader_epoch=_optional_int(data, "arbiter.leader_epoch"),
+            leader_ttl=_optional_number(data, "arbiter.leader_ttl"),
+            sync_set=sync_set,
+            serving_for=_optional_number(data, "arbiter.serving_for"),
+        )
+
+    def to_status(self) -> dict[str, Any]:
+        """The object as the node sent it (``serving_for`` only on a primary)."""
+        wire: dict[str, Any] = {
+            "mode": self.mode,
+            "reachable": self.reachable,
+            "unreachable": self.unreachable,
+            "leader": self.leader,
+            "leader_epoch": self.leader_epoch,
+            "leader_ttl": self.leader_ttl,
+            "sync_set": (
+                None
+                if self.sync_set is None
+                else {"version": self.sync_set.version, "members": list(self.sync_set.members)}
+            ),
+        }
+        if self.serving_for is not None:
+            wire["serving_for"] = self.serving_for
+        return wire
 
 
 @dataclass(frozen=True)
@@ -63,6 +134,7 @@ class NodeStatus:
     checksums: Checksums | None = None
     batches: int = 0
     writes: int = 0
+    arbiter: ArbiterStatus | None = None  # only with an arbiter (SPEC section 10)
 
     @classmethod
     def from_reply(cls, reply: object) -> NodeStatus:
@@ -99,6 +171,9 @@ class NodeStatus:
             checksums=_checksums(data.get("checksums")),
             batches=_optional_int(data, "batches") or 0,
             writes=_optional_int(data, "writes") or 0,
+            arbiter=None
+            if data.get("arbiter") is None
+            else ArbiterStatus.from_wire(data["arbiter"]),
         )
 
     @property
@@ -182,6 +257,10 @@ def _str(data: Mapping[str, Any], key: str) -> str:
 
 def _optional_int(data: Mapping[str, Any], key: str) -> int | None:
     return None if data.get(key) is None else _int(data, key)
+
+
+def _optional_number(data: Mapping[str, Any], key: str) -> float | None:
+    return None if data.get(key) is None else _number(data, key)
 
 
 def _optional_str(data: Mapping[str, Any], key: str) -> str | None:

@@ -4,7 +4,9 @@ Client: ``etcd3gw``, etcd's own HTTP/JSON gateway to its v3 API over
 ``requests``: it speaks TLS with client certificates (the arbiter's traffic
 crosses hosts like the nodes' own), and its requests are plain blocking calls,
 run here in threads with a timeout each. Two sessions, so that a slow read or
-transaction never delays a lease renewal behind it.
+transaction never delays a lease renewal behind it. Requests leave from the
+node's own address, as its links to its peers do, and ignore the environment's
+CA bundle and proxies (``_session``).
 
 Keys, all under the configured prefix P (one cluster per prefix):
 
@@ -28,14 +30,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import etcd3gw
+import requests
 from etcd3gw.exceptions import Etcd3Exception
+from requests.adapters import HTTPAdapter
 
+from ..peer import source_address
 from .arbiter import (
     ArbiterEvent,
     ArbiterUnreachable,
@@ -56,6 +62,10 @@ from .state import ReplicaCore
 from .types import Position, SyncSet
 
 VIEW_INTERVAL = 0.2
+# The longest reason an unreachable arbiter is reported with (status, logs).
+MAX_WHY = 200
+# An object's repr inside urllib3's messages, with the separator after it.
+_OBJECT = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>(, |: )?")
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,9 @@ class EtcdSettings:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    # This node's own host: requests to etcd leave from it, like the node's links
+    # to its peers (``peer.source_address``), so a cut of this host is a cut of both.
+    host: str | None = None
 
 
 class Garbled(Exception):
@@ -110,14 +123,11 @@ class EtcdIO:
 
     def _client(self) -> etcd3gw.Etcd3Client:
         host, port = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
-        tls = self.settings.ca is not None
         return etcd3gw.Etcd3Client(
             host=host,
             port=port,
-            protocol="https" if tls else "http",
-            ca_cert=self.settings.ca,
-            cert_cert=self.settings.cert,
-            cert_key=self.settings.key,
+            protocol="https" if self.settings.ca is not None else "http",
+            session=_session(self.settings, host),
             timeout=self.timing.request_timeout,
             api_path="/v3/",
         )
@@ -138,8 +148,9 @@ class EtcdIO:
             return await asyncio.to_thread(call, client)
 
     def _unreachable(self, exc: BaseException) -> None:
+        host, port = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
         self._next_endpoint()
-        self.report(ArbiterUnreachable(f"{type(exc).__name__}: {exc}".strip()[:200]))
+        self.report(ArbiterUnreachable(f"{host}:{port}: {_describe(exc)}"))
 
     # ---- the loops ------------------------------------------------------------------------
 
@@ -354,6 +365,53 @@ class EtcdIO:
             )
         except (Etcd3Exception, OSError, ValueError) as exc:
             log_event("lease not revoked", {"node": self.core.node_id, "why": str(exc)})
+
+
+def _describe(exc: BaseException) -> str:
+    """A failed request in one short line: etcd3gw keeps the text in ``detail_text``
+    (its ``str`` is empty), and requests nests the cause of a connection failure
+    (``...: Max retries exceeded with url: ... (Caused by ...)``): keep the cause."""
+    text = str(getattr(exc, "detail_text", None) or exc)
+    _, caused, cause = text.rpartition("(Caused by ")
+    if caused:
+        text = cause.removesuffix(")")
+    text = _OBJECT.sub("", text)  # "<HTTPSConnection(...) at 0x7f...>, ": new every time
+    return f"{type(exc).__name__}: {text}".strip().removesuffix(":")[:MAX_WHY]
+
+
+class _FromAddress(HTTPAdapter):
+    """Connections opened from one local address (``source_address``)."""
+
+    def __init__(self, source: tuple[str, int]) -> None:
+        self.source = source  # before super().__init__, which makes the pool manager
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs, source_address=self.source)
+
+
+def _session(settings: EtcdSettings, etcd_host: str) -> requests.Session:
+    """An HTTP session to one etcd member that trusts the configured CA and nothing
+    from the environment, and leaves from this node's own address.
+
+    ``requests`` lets ``REQUESTS_CA_BUNDLE`` or ``CURL_CA_BUNDLE`` override a
+    session's own ``verify`` (the system bundle then replaces our CA, and every
+    request fails verification), and sends through ``HTTPS_PROXY`` and friends:
+    the arbiter's traffic goes straight to the etcd members, checked against the
+    cluster's CA, whatever the node's environment says. Without a source address
+    the kernel picks one: on one machine every node's requests would come from
+    127.0.0.1, and cutting a node off from etcd would cut nothing."""
+    session = requests.Session()
+    session.trust_env = False
+    source = None if settings.host is None else source_address(settings.host, etcd_host)
+    if source is not None:
+        for scheme in ("http://", "https://"):
+            session.mount(scheme, _FromAddress(source))
+    if settings.ca is not None:
+        session.verify = settings.ca
+    if settings.cert is not None and settings.key is not None:
+        session.cert = (settings.cert, settings.key)
+    return session
 
 
 # ---- transactions in the gateway's JSON -----------------------------------------------------

@@ -13,13 +13,14 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ops.cluster.ports import LOOPBACK, free_ports
-from ops.etcd import Etcd, EtcdError
+from ops.etcd import Etcd, EtcdError, EtcdTLS
 
 
 @contextmanager
-def running_etcd(folder: Path, host: str = LOOPBACK) -> Iterator[Etcd]:
+def running_etcd(folder: Path, host: str = LOOPBACK, tls: EtcdTLS | None = None) -> Iterator[Etcd]:
+    """``tls``: HTTPS with client certificates required (see ``ops.etcd.EtcdTLS``)."""
     client, peer = free_ports(2, host)
-    member = Etcd(folder / "etcd", f"{host}:{client}", f"{host}:{peer}")
+    member = Etcd(folder / "etcd", f"{host}:{client}", f"{host}:{peer}", tls=tls)
     member.start()
     try:
         yield member

@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import etcd3gw
+import etcd3gw.exceptions
 import pytest
+import trustme
 
-from ops.etcd import Etcd, EtcdError, etcd_binary
+from ops.cluster.ports import LOOPBACK
+from ops.etcd import Etcd, EtcdError, EtcdTLS, etcd_binary
 from service.replication.arbiter import (
     ArbiterEvent,
     ArbiterUnreachable,
@@ -37,6 +42,7 @@ from service.replication.etcd_io import EtcdIO, EtcdSettings
 from service.replication.leased import LeaseTiming
 from service.replication.state import ReplicaCore, Timing
 from service.replication.types import NodeState, Position, SyncSet
+from tests.helpers.etcd import running_etcd
 
 PREFIX = "/chat/test"
 TIMING = LeaseTiming(ttl=2.0, renew_interval=0.3, request_timeout=0.5, margin=0.2)
@@ -45,7 +51,7 @@ TIMING = LeaseTiming(ttl=2.0, renew_interval=0.3, request_timeout=0.5, margin=0.
 class Node:
     """One node's EtcdIO, with a core to publish from and the events it reported."""
 
-    def __init__(self, etcd: Etcd, node_id: int) -> None:
+    def __init__(self, etcd: Etcd, node_id: int, settings: EtcdSettings | None = None) -> None:
         self.core = ReplicaCore(
             node_id,
             (1, 2, 3),
@@ -57,7 +63,7 @@ class Node:
             database=f"db-{node_id}",
         )
         self.events: list[ArbiterEvent] = []
-        settings = EtcdSettings(((etcd.host, etcd.port),), PREFIX)
+        settings = settings or EtcdSettings(((etcd.host, etcd.port),), PREFIX)
         self.io = EtcdIO(settings, TIMING, self.core, self.events.append)
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -238,6 +244,10 @@ def test_a_frozen_etcd_is_reported_unreachable_and_recovers(etcd: Etcd) -> None:
             )
         finally:
             etcd.thaw()
+        # Which member, and what went wrong, in one line (etcd3gw's own str is empty).
+        why = node.last(ArbiterUnreachable).why
+        assert why.startswith(f"{etcd.client}: ConnectionTimeoutError: "), why
+        assert "timed out" in why
         await node.view()
 
     run(etcd, scenario, n=1)
@@ -253,3 +263,93 @@ def test_a_member_stops_cleanly_and_restarts_on_its_data(etcd: Etcd) -> None:
     etcd.kill()
     with pytest.raises(EtcdError, match="not started"):
         etcd.freeze()
+
+
+# ---- TLS: the arbiter's traffic across hosts ------------------------------------------------
+
+
+def _pems(folder: Path, ca: trustme.CA, name: str) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 (server and client auth) signed by ``ca``: (cert, key)."""
+    leaf = ca.issue_cert(LOOPBACK)
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    return str(cert), str(key)
+
+
+def test_a_node_reaches_a_tls_etcd_with_its_client_certificate_whatever_its_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A member that requires client certificates: the node's own CA and certificate
+    work, even where the environment names another CA bundle for ``requests`` (which
+    would otherwise replace the configured CA) and a proxy (which would carry the
+    traffic elsewhere); a client without a certificate is refused."""
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    member_cert, member_key = _pems(tmp_path, ca, "etcd")
+    node_cert, node_key = _pems(tmp_path, ca, "node1")
+    other_bundle = tmp_path / "system-bundle.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_bundle))
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.setenv(name, str(other_bundle))
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing answers
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    tls = EtcdTLS(Path(member_cert), Path(member_key), ca_file)
+
+    with running_etcd(tmp_path, tls=tls) as member:
+        assert member.endpoint.startswith("https://")
+        settings = EtcdSettings(
+            ((member.host, member.port),), PREFIX, str(ca_file), node_cert, node_key
+        )
+
+        async def scenario() -> None:
+            node = Node(member, 1, settings)
+            node.start()
+            try:
+                await node.until(_leased(node), "a lease over TLS")
+                view = await node.view()
+                assert 1 in view.members
+            finally:
+                await node.stop()
+
+        asyncio.run(scenario())
+        anonymous = etcd3gw.Etcd3Client(
+            host=member.host, port=member.port, protocol="https", timeout=2, api_path="/v3/"
+        )
+        anonymous.session.trust_env = False
+        anonymous.session.verify = str(ca_file)
+        with pytest.raises(etcd3gw.exceptions.ConnectionFailedError):
+            anonymous.get(f"{PREFIX}/leader")
+
+
+def test_requests_to_etcd_leave_from_the_nodes_own_address(tmp_path: Path) -> None:
+    """Like its links to its peers: on one machine a node on 127.0.0.12 reaches etcd
+    from 127.0.0.12, so that cutting 127.0.0.12 off (ops/netcut.py) cuts its arbiter
+    too. A listener that records who connects stands in for the member."""
+    listener = socket.create_server((LOOPBACK, 0))
+    listener.settimeout(5)
+    port = listener.getsockname()[1]
+    settings = EtcdSettings(((LOOPBACK, port),), PREFIX, host="127.0.0.12")
+
+    async def scenario() -> tuple[str, int]:
+        core = ReplicaCore(
+            1, (1, 2, 3), Timing(), NodeState(), Position(1, 5), SyncSet(0, (), 0), 0.0
+        )
+        io = EtcdIO(settings, TIMING, core, lambda event: None)
+        task = asyncio.create_task(io.run_lease())
+        try:
+            connection, (host, port) = await asyncio.to_thread(listener.accept)
+            connection.close()
+            return str(host), int(port)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        host, _ = asyncio.run(scenario())
+    finally:
+        listener.close()
+    assert host == "127.0.0.12"

@@ -685,6 +685,80 @@ def test_status_exits_3_and_says_why_when_no_primary_is_known(service: FakeServi
     assert chatctl("status", "--json").exit_code == 3
 
 
+# A node's view of etcd (LeasedArbiter.status), in arbiter mode only.
+ETCD_VIEW = {
+    "mode": "etcd",
+    "reachable": True,
+    "unreachable": None,
+    "leader": 1,
+    "leader_epoch": 4,
+    "leader_ttl": 2.0,
+    "sync_set": {"version": 7, "members": [1, 2]},
+}
+CUT_OFF = {
+    **ETCD_VIEW,
+    "reachable": False,
+    "unreachable": "127.0.0.10:2379: ConnectionTimeoutError: read timed out",
+}
+
+
+def test_status_in_arbiter_mode_shows_what_etcd_holds(service: FakeService) -> None:
+    service.statuses = [
+        _status("127.0.0.1:7001", 1, "primary", 120, arbiter={**ETCD_VIEW, "serving_for": 2.4}),
+        _status("127.0.0.1:7002", 2, "backup", 117, arbiter={**ETCD_VIEW, "leader_ttl": 1.0}),
+    ]
+    result = chatctl("status")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # Below the table, as the primary reads it.
+    assert lines[lines.index("primary: 127.0.0.1:7001") + 1] == (
+        "arbiter: etcd, leader key: node 1 (epoch 4), lease 2 s left, "
+        "sync set in etcd: v7 [1,2] (read by node 1)"
+    )
+    assert "unreachable" not in result.stdout
+    nodes = as_json(chatctl("status", "--json"))["nodes"]
+    assert nodes[0]["arbiter"] == {**ETCD_VIEW, "serving_for": 2.4}
+    assert nodes[1]["arbiter"] == {**ETCD_VIEW, "leader_ttl": 1.0}
+
+
+def test_status_says_which_nodes_find_the_arbiter_unreachable(service: FakeService) -> None:
+    service.statuses = [
+        _status("127.0.0.1:7001", 1, "primary", 120, arbiter=CUT_OFF),
+        _status("127.0.0.1:7002", 2, "backup", 120, arbiter={**ETCD_VIEW, "leader": None}),
+        {"address": "127.0.0.1:7003", "up": False, "error": "connection refused"},
+    ]
+    lines = chatctl("status").stdout.splitlines()
+    assert lines[-2:] == [
+        "arbiter: etcd, leader key: free, sync set in etcd: v7 [1,2] (read by node 2)",
+        "node 1: arbiter unreachable: 127.0.0.10:2379: ConnectionTimeoutError: read timed out",
+    ]
+    nodes = as_json(chatctl("status", "--json"))["nodes"]
+    assert nodes[0]["arbiter"]["reachable"] is False
+    assert nodes[0]["arbiter"]["unreachable"] == CUT_OFF["unreachable"]
+    assert "arbiter" not in nodes[2]  # down: nothing known
+
+
+def test_status_when_no_node_reaches_the_arbiter(service: FakeService) -> None:
+    service.statuses = [
+        _status("127.0.0.1:7001", 1, "electing", 120, primary=None, arbiter=CUT_OFF),
+        _status("127.0.0.1:7002", 2, "electing", 120, primary=None, arbiter=CUT_OFF),
+    ]
+    result = chatctl("status")
+    assert result.exit_code == 3
+    assert [line for line in result.stdout.splitlines() if "arbiter" in line] == [
+        f"node {i}: arbiter unreachable: {CUT_OFF['unreachable']}" for i in (1, 2)
+    ]
+
+
+def test_a_malformed_arbiter_part_counts_as_no_answer(service: FakeService) -> None:
+    service.statuses = [
+        _status("127.0.0.1:7001", 1, "primary", 120, arbiter={"mode": "etcd", "reachable": "yes"}),
+    ]
+    result = chatctl("status")
+    assert "arbiter.reachable is 'yes', not true or false" in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def test_status_asks_every_configured_server(service: FakeService) -> None:
     chatctl("status", "--servers", "127.0.0.1:1,127.0.0.1:2")
     assert service.clients[-1].servers == ["127.0.0.1:1", "127.0.0.1:2"]

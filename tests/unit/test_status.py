@@ -10,7 +10,7 @@ from ops.cluster import agreement
 from ops.cluster.waiting import NotYet
 from service.errors import ProtocolViolation
 from service.replication.types import SyncSet
-from service.status import NodeStatus, leading
+from service.status import ArbiterStatus, NodeStatus, StoredSyncSet, leading
 
 
 def node(node_id: int, role: str = "backup", **fields: Any) -> dict[str, Any]:
@@ -70,6 +70,48 @@ def test_missing_optional_fields_take_their_nothing_known_values() -> None:
     assert status.waiting_for is None
     assert status.members == ()
     assert status.links == ()
+    assert status.arbiter is None  # the default mode: no arbiter
+
+
+# A node's view of etcd as LeasedArbiter.status sends it (service/replication/leased.py).
+ARBITER = {
+    "mode": "etcd",
+    "reachable": True,
+    "unreachable": None,
+    "leader": 2,
+    "leader_epoch": 4,
+    "leader_ttl": 2.0,
+    "sync_set": {"version": 7, "members": [1, 2, 3]},
+}
+
+
+def test_the_arbiter_part_is_typed_and_given_back_as_it_came() -> None:
+    primary = NodeStatus.from_wire(node(2, "primary", arbiter={**ARBITER, "serving_for": 2.4}))
+    assert primary.arbiter == ArbiterStatus(
+        "etcd", True, None, 2, 4, 2.0, StoredSyncSet(7, (1, 2, 3)), 2.4
+    )
+    assert primary.arbiter.to_status() == {**ARBITER, "serving_for": 2.4}
+    backup = NodeStatus.from_wire(node(3, arbiter=ARBITER))
+    assert backup.arbiter is not None
+    assert backup.arbiter.to_status() == ARBITER  # no serving_for on a backup
+
+
+def test_an_unreachable_arbiter_and_an_empty_store_read_as_nothing_known() -> None:
+    cut = {
+        "mode": "etcd",
+        "reachable": False,
+        "unreachable": "127.0.0.10:2379: ConnectionTimeoutError: read timed out",
+        "leader": None,
+        "leader_epoch": None,
+        "leader_ttl": None,
+        "sync_set": None,
+    }
+    status = NodeStatus.from_wire(node(1, "electing", arbiter=cut))
+    assert status.arbiter is not None
+    assert not status.arbiter.reachable
+    assert status.arbiter.unreachable == cut["unreachable"]
+    assert (status.arbiter.leader, status.arbiter.sync_set) == (None, None)
+    assert status.arbiter.to_status() == cut
 
 
 @pytest.mark.parametrize(
@@ -83,6 +125,11 @@ def test_missing_optional_fields_take_their_nothing_known_values() -> None:
         ({"waiting_for": 2}, "waiting_for"),
         ({"lag": {"x": 1}}, "lag"),
         ({"checksums": {"seq": 1}}, "nodes"),
+        ({"arbiter": "etcd"}, "arbiter is 'etcd', not an object"),
+        ({"arbiter": {"mode": "etcd"}}, "arbiter.reachable is None, not true or false"),
+        ({"arbiter": {**ARBITER, "leader": "2"}}, "arbiter.leader is '2', not an integer"),
+        ({"arbiter": {**ARBITER, "leader_ttl": "soon"}}, "arbiter.leader_ttl"),
+        ({"arbiter": {**ARBITER, "sync_set": {"version": 1}}}, "arbiter.sync_set.members"),
     ],
 )
 def test_a_malformed_status_is_one_clear_error(fields: dict[str, Any], complaint: str) -> None:

@@ -12,6 +12,7 @@ arbiter in etcd over HTTPS with each node's own certificate, everything under
 from __future__ import annotations
 
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,15 @@ def test_each_node_has_its_own_address_tls_and_the_etcd_arbiter(node_id: int) ->
     assert loaded.metrics_address == f"127.0.0.1:911{node_id}"
 
 
-def test_supervisord_runs_etcd_with_tls_first_then_the_three_nodes() -> None:
+def test_supervisord_runs_etcd_with_tls_first_then_the_three_nodes(tmp_path: Path) -> None:
+    # supervisor's parser wants the log folders to exist: parse a copy of ops/hosts
+    # in a tree of its own, as a fresh clone has no var/hosts yet.
+    hosts = tmp_path / "ops" / "hosts"
+    shutil.copytree(HOSTS, hosts)
+    var = tmp_path / "var" / "hosts"
+    (var / "log").mkdir(parents=True)
     options = ServerOptions()
-    options.configfile = str(HOSTS / "supervisord.conf")
+    options.configfile = str(hosts / "supervisord.conf")
     options.process_config(do_usage=False)
     programs = {
         process.name: (group.priority, process)
@@ -68,15 +75,15 @@ def test_supervisord_runs_etcd_with_tls_first_then_the_three_nodes() -> None:
     assert priority < min(programs[f"node{n}"][0] for n in (1, 2, 3))
     argv = shlex.split(etcd.command)
     assert argv[1:3] == ["-m", "ops.etcd"]
-    assert Path(argv[3]).resolve() == VAR / "etcd"
+    assert Path(argv[3]).resolve() == var / "etcd"
     flags = dict(zip(argv[4::2], argv[5::2], strict=True))
     assert flags["--client"] == f"{REHEARSAL['etcd']}:2379"
-    assert Path(flags["--cert-file"]).resolve() == VAR / "tls" / "etcd.pem"
-    assert Path(flags["--key-file"]).resolve() == VAR / "tls" / "etcd.key"
-    assert Path(flags["--trusted-ca-file"]).resolve() == VAR / "tls" / "ca.pem"
+    assert Path(flags["--cert-file"]).resolve() == var / "tls" / "etcd.pem"
+    assert Path(flags["--key-file"]).resolve() == var / "tls" / "etcd.key"
+    assert Path(flags["--trusted-ca-file"]).resolve() == var / "tls" / "ca.pem"
     for n in (1, 2, 3):
         _, node = programs[f"node{n}"]
         command = shlex.split(node.command)
-        assert Path(command[-1]).resolve() == HOSTS / f"node{n}.conf"
-        assert Path(node.stdout_logfile).resolve() == VAR / "log" / f"node{n}.log"
-    assert Path(options.logfile).resolve() == VAR / "supervisord.log"
+        assert Path(command[-1]).resolve() == hosts / f"node{n}.conf"
+        assert Path(node.stdout_logfile).resolve() == var / "log" / f"node{n}.log"
+    assert Path(options.logfile).resolve() == var / "supervisord.log"

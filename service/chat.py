@@ -26,8 +26,9 @@ the primary's batches.
 Write operations go through ``apply_write``, which makes them idempotent: the
 first result of a request id is stored in ``requests`` in the same transaction
 as the change, and a retry with the same id (after a timeout or a failover)
-returns it and changes nothing more. A stored result holds no message body (a
-replayed ``send`` reads it back, so a deleted body replays empty), and a
+returns it and changes nothing more. A stored ``send`` result is the message id
+alone (a replay reads the message back, so a deleted body replays empty and no
+reply is stored twice), and a
 session that has ended replays nothing but the request that ended it. With the
 result goes the request's *fingerprint* (``request_fingerprint``: a hash of its
 op and of the arguments the client sent), so a request id reused for other
@@ -1114,13 +1115,33 @@ def _apply_write(
 
 
 def _stored_form(op: str, result: Result) -> Result:
-    """What ``requests`` keeps of a result: a sent message without its body, which a
-    replay reads back from ``messages`` (so a message deleted since replays empty,
-    and no copy of a body outlives its deletion)."""
+    """What ``requests`` keeps of a result: of a sent message only its id. A replay
+    reads the rest back from ``messages`` (``_replayed_send``), so the reply is not
+    stored twice, a message deleted since replays with an empty body, and no copy
+    of a body outlives its deletion."""
     if op != "send":
         return result
-    message = {k: v for k, v in result["message"].items() if k != "body"}
-    return {**result, "message": message}
+    return {"message_id": result["message"]["id"]}
+
+
+def _replayed_send(db: Db, stored: Result) -> Result:
+    """A ``send``'s first result again, from its message row. The row's sender,
+    recipient and time never change, and the first reply said ``read: false``.
+    A result stored before only the id was kept holds the message without its body."""
+    if "message" in stored:
+        body = db.value("SELECT body FROM messages WHERE id = ?", (stored["message"]["id"],))
+        stored["message"]["body"] = "" if body is None else str(body)
+        return stored
+    row = db.one(
+        "SELECT m.id, s.name, r.name, m.body, m.sent_at, m.recipient_id FROM messages m "
+        "JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id "
+        "WHERE m.id = ?",
+        (stored["message_id"],),
+    )
+    if row is None:
+        raise Internal(f"the message {stored['message_id']} of a stored send is missing")
+    message = _message_dict(row[0], row[1], row[2], row[3], row[4], read=False)
+    return {"message": message, "recipient_id": int(row[5])}
 
 
 def _replay(
@@ -1150,8 +1171,7 @@ def _replay(
         )
     result: Result = json.loads(result_json)
     if op == "send":
-        body = db.value("SELECT body FROM messages WHERE id = ?", (result["message"]["id"],))
-        result["message"]["body"] = "" if body is None else str(body)
+        return _replayed_send(db, result)
     return result
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -1303,6 +1304,30 @@ def test_a_deleted_message_is_not_kept_for_replays(svc: Service, ann: str, bob: 
     replay = svc.write("send", {"to": "bob", "body": "delete me"}, ann, request_id="send-1")
     assert replay["message"]["id"] == first["message"]["id"]
     assert replay["message"]["body"] == ""
+
+
+def test_a_send_stores_only_its_message_id_and_replays_its_first_reply(
+    svc: Service, ann: str, bob: str
+) -> None:
+    """The reply is in the message row already: the request row keeps its id only,
+    and a replay after the message was read still says what the first reply said."""
+    first = svc.write("send", {"to": "bob", "body": "once"}, ann, request_id="send-1")
+    stored = svc.db.value("SELECT result FROM requests WHERE request_id = 'send-1'")
+    assert json.loads(stored) == {"message_id": first["message"]["id"]}
+    svc.read(bob)
+    assert svc.write("send", {"to": "bob", "body": "once"}, ann, request_id="send-1") == first
+
+
+def test_a_send_stored_with_its_whole_reply_still_replays(svc: Service, ann: str) -> None:
+    """A request row written before only the message id was kept."""
+    first = svc.write("send", {"to": "ann", "body": "old"}, ann, request_id="send-1")
+    message = {k: v for k, v in first["message"].items() if k != "body"}
+    old_form = json.dumps({"message": message, "recipient_id": first["recipient_id"]})
+    batch = svc.storage.begin_batch()
+    batch.db.execute("UPDATE requests SET result = ? WHERE request_id = 'send-1'", (old_form,))
+    batch.seal(1)
+    batch.commit()
+    assert svc.write("send", {"to": "ann", "body": "old"}, ann, request_id="send-1") == first
 
 
 def test_a_delete_names_at_most_a_bounded_number_of_ids(svc: Service, ann: str) -> None:

@@ -245,11 +245,16 @@ def test_a_nested_savepoint_undoes_only_its_own_rows(primary: Storage) -> None:
     """Savepoints share one name (see Batch.savepoint): the inner one still rolls
     back alone, and the outer one keeps its rows."""
     batch = primary.begin_batch()
-    with batch.savepoint() as db:
-        db.execute("INSERT INTO cluster(key, value) VALUES ('outer', '1')")
-        with pytest.raises(RuntimeError), batch.savepoint() as inner:
+
+    def failing_inner_operation() -> None:
+        with batch.savepoint() as inner:
             inner.execute("INSERT INTO cluster(key, value) VALUES ('inner', '1')")
             raise RuntimeError("the inner operation failed")
+
+    with batch.savepoint() as db:
+        db.execute("INSERT INTO cluster(key, value) VALUES ('outer', '1')")
+        with pytest.raises(RuntimeError):
+            failing_inner_operation()
         db.execute("UPDATE cluster SET value = '2' WHERE key = 'outer'")
     batch.seal(1)
     batch.commit()

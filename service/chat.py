@@ -26,8 +26,9 @@ the primary's batches.
 Write operations go through ``apply_write``, which makes them idempotent: the
 first result of a request id is stored in ``requests`` in the same transaction
 as the change, and a retry with the same id (after a timeout or a failover)
-returns it and changes nothing more. A stored result holds no message body (a
-replayed ``send`` reads it back, so a deleted body replays empty), and a
+returns it and changes nothing more. A stored ``send`` result is the message id
+alone (a replay reads the message back, so a deleted body replays empty and no
+reply is stored twice), and a
 session that has ended replays nothing but the request that ended it. With the
 result goes the request's *fingerprint* (``request_fingerprint``: a hash of its
 op and of the arguments the client sent), so a request id reused for other
@@ -98,6 +99,7 @@ import string
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import orjson
@@ -148,7 +150,7 @@ _BODY_CONTROLS_ALLOWED = frozenset("\n\t")
 
 Args = dict[str, Any]
 Result = dict[str, Any]
-WriteOp = Callable[[Db, float, Args, str | None, str], Result]
+WriteOp = Callable[[Db, float, Args, str | None, str, "Sessions"], Result]
 
 
 # ---- passwords, tokens, validation -----------------------------------------------------
@@ -441,6 +443,106 @@ def _use_session(db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
     return user
 
 
+class Sessions:
+    """How a write finds its session: ``user`` (``session_user``) and ``use`` (also
+    moves the idle clock on, ``_use_session``). This one asks the database each
+    time; the primary's writer uses ``SessionCache``."""
+
+    def user(self, db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
+        return session_user(db, token_hash, now)
+
+    def use(self, db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
+        return _use_session(db, token_hash, now)
+
+    def forget(self) -> None:
+        """Sessions may have changed without this object seeing it."""
+
+
+UNCACHED = Sessions()
+
+
+@dataclass(frozen=True)
+class _SessionRow:
+    user_id: int
+    name: str
+    expires_at: float
+    idle_timeout: float
+    ends_at: float
+
+
+class SessionCache(Sessions):
+    """The sessions the writer has read, so that a busy session costs no query per write.
+
+    Every write checks its session, and nearly all of them find it unchanged: the
+    cache keeps each live session's row (with its user's name) as the writer read
+    it, and answers ``user``/``use`` from it, with the same rules as the queries
+    (``ends_at > now``; the idle clock moves on when ``_REFRESH_DUE`` holds).
+
+    Invariant: an entry equals its row in the writer's open transaction. So:
+
+    * an entry is dropped as soon as its row is written here (the idle clock
+      moving on: the row is read again the next time);
+    * the whole cache is forgotten after an operation that ends sessions, renames
+      a token or deletes an account (``login``, ``logout``, ``delete_account``,
+      replays included), after ``prune_sessions`` deleted rows, and whenever the
+      database may have changed without the writer (``ChatApplication.reset``: a
+      batch rolled back whole, a new reign after rows came from another primary);
+    * a savepoint rolled back after its read changes nothing: a read only caches
+      what the transaction already held, and a write drops the entry.
+
+    Misses are not cached: a session that does not exist costs one query, as before.
+    """
+
+    def __init__(self, limit: int = 65_536) -> None:
+        self.limit = limit
+        self._rows: dict[str, _SessionRow] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def forget(self) -> None:
+        self._rows.clear()
+
+    def user(self, db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
+        row = self._live(db, token_hash, now)
+        return row.user_id, row.name
+
+    def use(self, db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
+        row = self._live(db, token_hash, now)
+        # _REFRESH_DUE in Python: the same IEEE doubles, the same answer as SQLite's.
+        due = min(row.expires_at, now + row.idle_timeout) - row.ends_at >= (
+            row.idle_timeout / IDLE_REFRESH_FRACTION
+        )
+        if due:
+            assert token_hash is not None
+            self._rows.pop(token_hash, None)
+            _use_session(db, token_hash, now)
+        return row.user_id, row.name
+
+    def _live(self, db: Db, token_hash: str | None, now: float) -> _SessionRow:
+        if token_hash is None:
+            raise AuthFailed(NOT_LOGGED_IN)
+        row = self._rows.get(token_hash)
+        if row is None:
+            found = db.one(
+                "SELECT s.user_id, u.name, s.expires_at, s.idle_timeout, s.ends_at "
+                "FROM sessions s JOIN users u ON u.id = s.user_id "
+                "WHERE s.token_hash = ? AND u.deleted_at IS NULL",
+                (token_hash,),
+            )
+            if found is None:
+                raise AuthFailed(SESSION_ENDED)
+            row = _SessionRow(
+                int(found[0]), str(found[1]), float(found[2]), float(found[3]), float(found[4])
+            )
+            if len(self._rows) >= self.limit:
+                self._rows.clear()
+            self._rows[token_hash] = row
+        if not row.ends_at > now:
+            raise AuthFailed(SESSION_ENDED)
+        return row
+
+
 def user_auth(db: Db, username: str) -> tuple[int, str] | None:
     """(user_id, password_hash) of a live account, for the server to verify a password.
 
@@ -552,7 +654,14 @@ def backlog(db: Db, user_id: int, after: int | None) -> list[Result]:
 # ---- write operations --------------------------------------------------------------------
 
 
-def register(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+def register(
+    db: Db,
+    now: float,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    sessions: Sessions = UNCACHED,
+) -> Result:
     name = validate_username(args.get("username"))
     password_hash = _password_hash_arg(args)
     # Deleted accounts still hold their name_key: a name is never reused.
@@ -570,7 +679,14 @@ def register(db: Db, now: float, args: Args, token_hash: str | None, request_id:
     return {"user": name, "user_id": int(row[0])}
 
 
-def login(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+def login(
+    db: Db,
+    now: float,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    sessions: Sessions = UNCACHED,
+) -> Result:
     """Open a session; the server has already checked the password.
 
     The server passes the session limits of its config, and a new ``password_hash``
@@ -613,20 +729,41 @@ def _end_surplus_sessions(db: Db, user_id: int, kept: str, now: float, cap: int)
     )
 
 
-def touch(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
+def touch(
+    db: Db,
+    now: float,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    sessions: Sessions = UNCACHED,
+) -> Result:
     """Keep a session alive: its idle clock moves on, when due, as with any write."""
-    _, name = _use_session(db, token_hash, now)
+    _, name = sessions.use(db, token_hash, now)
     return {"user": name}
 
 
-def logout(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
-    _, name = session_user(db, token_hash, now)
+def logout(
+    db: Db,
+    now: float,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    sessions: Sessions = UNCACHED,
+) -> Result:
+    _, name = sessions.user(db, token_hash, now)
     db.execute("DELETE FROM sessions WHERE token_hash = ?", (token_hash,))
     return {"user": name}
 
 
-def send(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
-    sender_id, sender = _use_session(db, token_hash, now)
+def send(
+    db: Db,
+    now: float,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    sessions: Sessions = UNCACHED,
+) -> Result:
+    sender_id, sender = sessions.use(db, token_hash, now)
     to = _required_str(args, "to")
     body = validate_body(args.get("body"))
     recipient_id, recipient, deleted = _find_user(db, to, "to")
@@ -762,16 +899,28 @@ def prune_sessions(db: Db, now: float, limit: int) -> int:
     return db.changes()
 
 
-def mark_read(db: Db, now: float, args: Args, token_hash: str | None, request_id: str) -> Result:
-    user_id, _ = _use_session(db, token_hash, now)
+def mark_read(
+    db: Db,
+    now: float,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    sessions: Sessions = UNCACHED,
+) -> Result:
+    user_id, _ = sessions.use(db, token_hash, now)
     return {"marked": _mark_read(db, user_id, _ids(args), now)}
 
 
 def delete_messages(
-    db: Db, now: float, args: Args, token_hash: str | None, request_id: str
+    db: Db,
+    now: float,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    sessions: Sessions = UNCACHED,
 ) -> Result:
     """Tombstone messages the caller sent or received: all of them, or none."""
-    user_id, _ = _use_session(db, token_hash, now)
+    user_id, _ = sessions.use(db, token_hash, now)
     ids = _ids(args, MAX_DELETE_IDS)
     marks = ",".join("?" * len(ids))
     found = {
@@ -791,10 +940,15 @@ def delete_messages(
 
 
 def delete_account(
-    db: Db, now: float, args: Args, token_hash: str | None, request_id: str
+    db: Db,
+    now: float,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    sessions: Sessions = UNCACHED,
 ) -> Result:
     """End every session, empty the inbox; messages already sent stay with their readers."""
-    user_id, name = session_user(db, token_hash, now)
+    user_id, name = sessions.user(db, token_hash, now)
     db.execute("UPDATE users SET deleted_at = ?, password_hash = '' WHERE id = ?", (now, user_id))
     db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
     # The inbox may be large: it is tombstoned PURGE_CHUNK messages per record, and
@@ -861,6 +1015,9 @@ _BY_NAME = frozenset(op for op in WRITE_OPS if not OPS[op].session)
 _CLIENT_FIELDS = {"register": frozenset({"username"}), "login": frozenset({"username"})}
 # Operations that end their own session; their stored results hold no content.
 _ENDS_SESSION = SESSION_ENDING_OPS
+# Operations after which a SessionCache starts again: they end sessions, delete an
+# account or give a session a new token hash (a retried login).
+_CHANGES_SESSIONS = frozenset({"login", *SESSION_ENDING_OPS})
 
 
 def request_caller(op: str, args: Args, token_hash: str | None) -> str:
@@ -895,12 +1052,32 @@ def apply_write(
     request_id: str,
     now: float,
     fingerprint: str | None = None,
+    sessions: Sessions = UNCACHED,
 ) -> Result:
     """Run one write operation once per request id (see the module docstring).
 
     ``fingerprint`` is the request's as the client made it, when the server wrote
     other arguments for it (the marks of a ``read``); by default it is ``op``'s and
-    ``args``' own."""
+    ``args``' own. ``sessions`` finds the caller's session (the writer's cache)."""
+    if op in _CHANGES_SESSIONS:
+        try:
+            return _apply_write(db, op, args, token_hash, request_id, now, fingerprint, sessions)
+        finally:
+            # Applied, replayed or refused: this op may have changed sessions.
+            sessions.forget()
+    return _apply_write(db, op, args, token_hash, request_id, now, fingerprint, sessions)
+
+
+def _apply_write(
+    db: Db,
+    op: str,
+    args: Args,
+    token_hash: str | None,
+    request_id: str,
+    now: float,
+    fingerprint: str | None,
+    sessions: Sessions,
+) -> Result:
     if op not in WRITE_HANDLERS:
         raise InvalidInput(f"unknown operation {op!r}")
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID:
@@ -922,10 +1099,10 @@ def apply_write(
         if op not in _BY_NAME and op not in _ENDS_SESSION:
             # A session that has ended replays nothing, not even its own requests;
             # only the request that ended it (its first reply may have been lost).
-            session_user(db, token_hash, now)
+            sessions.user(db, token_hash, now)
         return _replay(db, op, args, request_id, (caller, fingerprint), stored)
     try:
-        result = handler(db, now, args, token_hash, request_id)
+        result = handler(db, now, args, token_hash, request_id, sessions)
     except ConstraintViolation as exc:
         # Every constraint a user can hit is checked first (a taken name is Conflict).
         raise Internal(f"{op} broke a database constraint: {exc}") from None
@@ -938,13 +1115,33 @@ def apply_write(
 
 
 def _stored_form(op: str, result: Result) -> Result:
-    """What ``requests`` keeps of a result: a sent message without its body, which a
-    replay reads back from ``messages`` (so a message deleted since replays empty,
-    and no copy of a body outlives its deletion)."""
+    """What ``requests`` keeps of a result: of a sent message only its id. A replay
+    reads the rest back from ``messages`` (``_replayed_send``), so the reply is not
+    stored twice, a message deleted since replays with an empty body, and no copy
+    of a body outlives its deletion."""
     if op != "send":
         return result
-    message = {k: v for k, v in result["message"].items() if k != "body"}
-    return {**result, "message": message}
+    return {"message_id": result["message"]["id"]}
+
+
+def _replayed_send(db: Db, stored: Result) -> Result:
+    """A ``send``'s first result again, from its message row. The row's sender,
+    recipient and time never change, and the first reply said ``read: false``.
+    A result stored before only the id was kept holds the message without its body."""
+    if "message" in stored:
+        body = db.value("SELECT body FROM messages WHERE id = ?", (stored["message"]["id"],))
+        stored["message"]["body"] = "" if body is None else str(body)
+        return stored
+    row = db.one(
+        "SELECT m.id, s.name, r.name, m.body, m.sent_at, m.recipient_id FROM messages m "
+        "JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id "
+        "WHERE m.id = ?",
+        (stored["message_id"],),
+    )
+    if row is None:
+        raise Internal(f"the message {stored['message_id']} of a stored send is missing")
+    message = _message_dict(row[0], row[1], row[2], row[3], row[4], read=False)
+    return {"message": message, "recipient_id": int(row[5])}
 
 
 def _replay(
@@ -974,8 +1171,7 @@ def _replay(
         )
     result: Result = json.loads(result_json)
     if op == "send":
-        body = db.value("SELECT body FROM messages WHERE id = ?", (result["message"]["id"],))
-        result["message"]["body"] = "" if body is None else str(body)
+        return _replayed_send(db, result)
     return result
 
 
@@ -988,6 +1184,8 @@ class ChatApplication:
     (``node.py``) hands it to the replicator, which calls it in the primary's batches."""
 
     request_retention: float  # seconds a request id is remembered (NodeConfig)
+    # The sessions the writer has read (its connection is the only one that writes).
+    sessions: SessionCache = dataclass_field(default_factory=SessionCache)
 
     def apply_write(
         self,
@@ -999,7 +1197,10 @@ class ChatApplication:
         now: float,
         fingerprint: str | None,
     ) -> Result:
-        return apply_write(db, op, args, token_hash, request_id, now, fingerprint)
+        return apply_write(db, op, args, token_hash, request_id, now, fingerprint, self.sessions)
+
+    def reset(self) -> None:
+        self.sessions.forget()
 
     def starts_purge(self, op: str) -> bool:
         # A deleted account's inbox is tombstoned in bounded steps after it.
@@ -1010,4 +1211,7 @@ class ChatApplication:
 
     def prune(self, db: Db, now: float, limit: int) -> None:
         prune_requests(db, now - self.request_retention, limit)
-        prune_sessions(db, now, limit)
+        if prune_sessions(db, now, limit):
+            # Ended sessions are refused from the cache too, but only while the clock
+            # does not step back past their end: read the survivors again.
+            self.sessions.forget()

@@ -459,7 +459,6 @@ class Batch:
     def __init__(self, storage: Storage) -> None:
         self._conn = storage._conn
         self._db = Db(self._conn)
-        self._savepoints = 0
         self._sealed = False
         self._open = True
         with _translated():
@@ -482,18 +481,22 @@ class Batch:
 
     @contextlib.contextmanager
     def savepoint(self) -> Iterator[Db]:
-        """Undo only the body's changes if it raises (one chat operation that failed)."""
+        """Undo only the body's changes if it raises (one chat operation that failed).
+
+        Every savepoint has the same name: SQLite's RELEASE and ROLLBACK TO act on
+        the innermost savepoint of that name, which is this one. A name of its own
+        per savepoint would make three new statement texts per write, and those
+        push the chat's statements out of the connection's statement cache, so
+        every query of every write would be compiled again."""
         self._check_writable()
-        self._savepoints += 1
-        name = f"op{self._savepoints}"
-        self._db.execute(f"SAVEPOINT {name}")
+        self._db.execute("SAVEPOINT op")
         try:
             yield self._db
         except BaseException:
-            self._db.execute(f"ROLLBACK TO {name}")
-            self._db.execute(f"RELEASE {name}")
+            self._db.execute("ROLLBACK TO op")
+            self._db.execute("RELEASE op")
             raise
-        self._db.execute(f"RELEASE {name}")
+        self._db.execute("RELEASE op")
 
     def size(self) -> int:
         """An upper bound of the size of the changeset recorded so far (a rolled-back

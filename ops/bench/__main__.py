@@ -188,6 +188,7 @@ class Bench:
         a, windows = self.args, []
         for c in a.clients:
             await self.quiet(run)
+            primary = await self.primary_name()
             r = await asyncio.to_thread(
                 load.run_window,
                 self.servers,
@@ -201,6 +202,8 @@ class Bench:
             windows.append(r)
             # With --target the nodes are not ours: they would count as "other" load.
             other = machine.others(r["cpu"]) if self.cluster is not None else None
+            per_write = machine.cpu_per_write(r["cpu"], r["acked"], primary)
+            r["cpu_per_write"] = per_write
             lat = r["latency"]
             run.figures.update(
                 {
@@ -209,15 +212,27 @@ class Bench:
                     f"p99@{c}": lat["p99_ms"] / 1e3 if lat["n"] else None,
                     f"gen_cpu@{c}": max(r["worker_cpu"]),
                     f"other_cpu@{c}": other,
+                    **{f"cpu_{k}@{c}": v for k, v in _cpu_figures(per_write).items()},
                 }
             )
             who = f"{c:>3} client{'s' if c != 1 else ' '}"
             self.say(
                 f"{who}: {r['tps']:.0f} tx/s, p50 {lat.get('p50_ms', 0):.1f} ms, "
                 f"p99 {lat.get('p99_ms', 0):.1f} ms, busiest generator "
-                f"{100 * max(r['worker_cpu']):.0f}% of a core, errors {r['errors'] or 0}"
+                f"{100 * max(r['worker_cpu']):.0f}% of a core, errors {r['errors'] or 0}; "
+                f"CPU per ack {_us(per_write)}"
             )
         run.details["throughput"] = windows
+
+    async def primary_name(self) -> str | None:
+        """The watched name (``nodeN``) of the node that says it is primary, if any."""
+        if self.cluster is None:
+            return None
+        for answer in await status_all(self.servers, 2.0):
+            node = answer.get("node") if answer["up"] else None
+            if isinstance(node, dict) and node.get("role") == "primary":
+                return f"node{node.get('id')}"
+        return None
 
     async def failover(self, run: Run) -> None:
         assert self.cluster is not None
@@ -324,6 +339,21 @@ def _catchup_text(c: dict[str, Any]) -> str:
     if "snapshot_send" in c:
         text += f"; snapshot {'used' if c['snapshot_used'] else 'NOT used'}"
     return text
+
+
+def _cpu_figures(per_write: dict[str, float | None]) -> dict[str, float | None]:
+    """``machine.cpu_per_write``'s parts under their figure names (``cpu_write@c``...)."""
+    return {
+        "write": per_write["all"],
+        "primary": per_write["primary"],
+        "backup": per_write["backup"],
+        "gen": per_write["generator"],
+    }
+
+
+def _us(per_write: dict[str, float | None]) -> str:
+    parts = [(k, v) for k, v in per_write.items() if v is not None]
+    return ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in parts) or "n/a"
 
 
 def _max(values: Any) -> float | None:

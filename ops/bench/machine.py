@@ -104,6 +104,35 @@ def others(cpu: Mapping[str, Any]) -> float | None:
     return max(0.0, busy * (os.cpu_count() or 1) - ours)
 
 
+def cpu_per_write(
+    cpu: Mapping[str, Any], acked: int, primary: str | None
+) -> dict[str, float | None]:
+    """From a ``cpu_between`` result over a window that acknowledged ``acked`` writes:
+    CPU seconds per acknowledged write of the whole cluster and load generator
+    (``all``), of the primary (``primary``, the node named so), of one backup (the mean
+    of the other nodes) and of the load generator (every ``worker*`` together).
+
+    The whole is what the cores must hold: on a machine with as many cores as
+    processes, it bounds the throughput at ``cores / all``."""
+    seconds = float(cpu["seconds"])
+    if acked <= 0:
+        return {"all": None, "primary": None, "backup": None, "generator": None}
+    shares = {name: v for name, v in cpu["procs"].items() if v is not None}
+
+    def per_write(names: list[str]) -> float | None:
+        return sum(shares[n] for n in names) * seconds / acked if names else None
+
+    nodes = [n for n in shares if not n.startswith("worker")]
+    backups = [n for n in nodes if n != primary]
+    backup = per_write(backups)
+    return {
+        "all": per_write(list(shares)),
+        "primary": per_write([primary]) if primary is not None and primary in shares else None,
+        "backup": backup / len(backups) if backup is not None and primary in shares else None,
+        "generator": per_write([n for n in shares if n.startswith("worker")]),
+    }
+
+
 def wait_quiet(
     pids: Mapping[str, int], max_wait: float, threshold: float = 0.25
 ) -> tuple[float | None, float]:

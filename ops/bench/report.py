@@ -90,6 +90,10 @@ def _send_rows(c: int) -> list[Row]:
         (f"p50@{c}", f"{who}: latency p50", "ms", 1e3, "base_p50"),
         (f"p99@{c}", f"{who}: latency p99", "ms", 1e3, "base_p99"),
         (f"gen_cpu@{c}", f"{who}: generator CPU (max worker)", "%", 100, None),
+        (f"cpu_write@{c}", f"{who}: CPU per ack, all processes", "us", 1e6, None),
+        (f"cpu_primary@{c}", f"{who}: CPU per ack, primary", "us", 1e6, None),
+        (f"cpu_backup@{c}", f"{who}: CPU per ack, each backup", "us", 1e6, None),
+        (f"cpu_gen@{c}", f"{who}: CPU per ack, load generator", "us", 1e6, None),
         (f"other_cpu@{c}", f"{who}: other processes' CPU", "cores", 1, None),
     ]
 

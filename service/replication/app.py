@@ -36,6 +36,13 @@ class Application(Protocol):
         """Apply one client write (``op`` one of ``protocol.WRITE_OPS``); its result."""
         ...
 
+    def reset(self) -> None:
+        """Forget whatever the application remembers of the database between calls
+        (the chat: the sessions it has read): the rows may have changed without it,
+        because a batch was rolled back whole or other primaries wrote them (called
+        on becoming primary)."""
+        ...
+
     def starts_purge(self, op: str) -> bool:
         """Whether a successful ``op`` leaves work for ``purge`` (checked once more
         on becoming primary, whatever was written before)."""

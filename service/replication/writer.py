@@ -195,6 +195,7 @@ class WritePath:
         """The first batch of a new reign seals its sync set; writes left behind by
         an earlier reign (deleted accounts' inboxes) are looked for once."""
         self.metrics.forget_sealed()
+        self.app.reset()
         self.purge_due = True
         self.change_sync_set(members)
 
@@ -266,8 +267,11 @@ class WritePath:
                 if record is not None:
                     batch.commit()
                 else:
+                    self.app.reset()
                     batch.rollback()
             except BaseException:
+                # What the application read in this batch is undone with it.
+                self.app.reset()
                 with contextlib.suppress(Exception):
                     batch.rollback()
                 raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +28,12 @@ SESSION_LIMITS = {"session_lifetime": 30 * 86400.0, "session_idle": 7 * 86400.0,
 
 
 class Service:
-    """What the server does around chat: one batch per write, the savepoint, the clock."""
+    """What the server does around chat: one batch per write, the savepoint, the clock,
+    through the application the primary's writer uses (its session cache included)."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self.app = chat.ChatApplication(request_retention=3600.0)
         self.db = storage.db
         self.now = 1000.0  # the clock of the last write; each write moves it on by 1 s
         self.request_ids = itertools.count(1)
@@ -51,12 +54,18 @@ class Service:
         batch = self.storage.begin_batch()
         try:
             with batch.savepoint() as db:
-                result = chat.apply_write(
+                result = self.app.apply_write(
                     db, op, args or {}, token, request_id, self.now, fingerprint
                 )
             self.sealed.append(batch.seal(1) is not None)
             batch.commit()
+        except ChatError:
+            # Refused: its savepoint is undone and the cache kept, as in the writer's
+            # batches, where the other writes of the batch go on.
+            batch.rollback()
+            raise
         except BaseException:
+            self.app.reset()  # as the writer does when a batch is rolled back whole
             batch.rollback()
             raise
         return result
@@ -410,6 +419,84 @@ def test_a_used_session_still_ends_at_its_lifetime(svc: Service) -> None:
     assert ends_at(svc, session) == start + 250
     assert live(svc, session, start + 249)
     assert not live(svc, session, start + 250)
+
+
+# ---- the writer's session cache ------------------------------------------------------------
+
+
+def test_the_writer_reads_a_busy_session_once(svc: Service, ann: str) -> None:
+    """The cache answers: a session row changed behind the writer's back (nothing
+    does that but a new reign or a batch undone) is seen only after ``reset``."""
+    svc.send(ann, "ann")
+    batch = svc.storage.begin_batch()
+    batch.db.execute("UPDATE sessions SET ends_at = 0")
+    batch.seal(1)
+    batch.commit()
+    svc.send(ann, "ann")
+    svc.app.reset()
+    with pytest.raises(AuthFailed, match="session has ended"):
+        svc.send(ann, "ann")
+
+
+def test_a_retried_login_ends_the_cached_first_token(svc: Service) -> None:
+    svc.register("ann")
+    first_hash = svc.login("ann", request_id="login-1")
+    svc.send(first_hash, "ann")
+    retry_hash = svc.login("ann", request_id="login-1")
+    with pytest.raises(AuthFailed, match="session has ended"):
+        svc.send(first_hash, "ann")
+    svc.send(retry_hash, "ann")
+
+
+def test_a_login_beyond_the_cap_ends_a_cached_session(svc: Service) -> None:
+    svc.register("ann")
+    oldest = svc.login("ann", session_cap=1)
+    svc.send(oldest, "ann")
+    newest = svc.login("ann", session_cap=1)
+    with pytest.raises(AuthFailed, match="session has ended"):
+        svc.send(oldest, "ann")
+    svc.send(newest, "ann")
+
+
+@pytest.mark.parametrize("op", ["logout", "delete_account"])
+def test_ending_a_session_ends_it_in_the_cache(svc: Service, op: str) -> None:
+    svc.register("ann")
+    phone, laptop = svc.login("ann"), svc.login("ann")
+    svc.send(phone, "ann")
+    svc.send(laptop, "ann")
+    svc.write(op, {}, phone)
+    with pytest.raises(AuthFailed, match="session has ended"):
+        svc.send(phone, "ann")
+    if op == "delete_account":
+        with pytest.raises(AuthFailed, match="session has ended"):
+            svc.send(laptop, "ann")
+    else:
+        svc.send(laptop, "ann")
+
+
+def test_a_refused_write_leaves_the_idle_clock_to_the_next_one(svc: Service) -> None:
+    """A refresh rolled back with its refused write: the next write makes it."""
+    svc.register("ann")
+    session = svc.login("ann", session_idle=100, session_lifetime=1000)
+    start = svc.now
+    svc.send(session, "ann")  # cached; its end stays start + 100 (1 s: not due)
+    svc.now = start + 49
+    with pytest.raises(NotFound):
+        svc.send(session, "nobody")  # due at start + 50: refreshed, then undone
+    assert ends_at(svc, session) == start + 100
+    svc.send(session, "ann")
+    assert ends_at(svc, session) == start + 151
+    svc.now = start + 120
+    svc.send(session, "ann")
+
+
+def test_the_session_cache_has_a_bound(svc: Service) -> None:
+    svc.register("ann")
+    sessions = [svc.login("ann") for _ in range(3)]
+    svc.app.sessions.limit = 2
+    for session in sessions:
+        svc.send(session, "ann")
+        assert len(svc.app.sessions) <= 2
 
 
 def test_reads_tell_when_a_refresh_is_due_and_touch_does_it(svc: Service) -> None:
@@ -1217,6 +1304,30 @@ def test_a_deleted_message_is_not_kept_for_replays(svc: Service, ann: str, bob: 
     replay = svc.write("send", {"to": "bob", "body": "delete me"}, ann, request_id="send-1")
     assert replay["message"]["id"] == first["message"]["id"]
     assert replay["message"]["body"] == ""
+
+
+def test_a_send_stores_only_its_message_id_and_replays_its_first_reply(
+    svc: Service, ann: str, bob: str
+) -> None:
+    """The reply is in the message row already: the request row keeps its id only,
+    and a replay after the message was read still says what the first reply said."""
+    first = svc.write("send", {"to": "bob", "body": "once"}, ann, request_id="send-1")
+    stored = svc.db.value("SELECT result FROM requests WHERE request_id = 'send-1'")
+    assert json.loads(stored) == {"message_id": first["message"]["id"]}
+    svc.read(bob)
+    assert svc.write("send", {"to": "bob", "body": "once"}, ann, request_id="send-1") == first
+
+
+def test_a_send_stored_with_its_whole_reply_still_replays(svc: Service, ann: str) -> None:
+    """A request row written before only the message id was kept."""
+    first = svc.write("send", {"to": "ann", "body": "old"}, ann, request_id="send-1")
+    message = {k: v for k, v in first["message"].items() if k != "body"}
+    old_form = json.dumps({"message": message, "recipient_id": first["recipient_id"]})
+    batch = svc.storage.begin_batch()
+    batch.db.execute("UPDATE requests SET result = ? WHERE request_id = 'send-1'", (old_form,))
+    batch.seal(1)
+    batch.commit()
+    assert svc.write("send", {"to": "ann", "body": "old"}, ann, request_id="send-1") == first
 
 
 def test_a_delete_names_at_most_a_bounded_number_of_ids(svc: Service, ann: str) -> None:

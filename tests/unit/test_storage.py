@@ -241,6 +241,26 @@ def test_savepoint_undoes_only_the_failed_operation(primary: Storage) -> None:
     other.close()
 
 
+def test_a_nested_savepoint_undoes_only_its_own_rows(primary: Storage) -> None:
+    """Savepoints share one name (see Batch.savepoint): the inner one still rolls
+    back alone, and the outer one keeps its rows."""
+    batch = primary.begin_batch()
+
+    def failing_inner_operation() -> None:
+        with batch.savepoint() as inner:
+            inner.execute("INSERT INTO cluster(key, value) VALUES ('inner', '1')")
+            raise RuntimeError("the inner operation failed")
+
+    with batch.savepoint() as db:
+        db.execute("INSERT INTO cluster(key, value) VALUES ('outer', '1')")
+        with pytest.raises(RuntimeError):
+            failing_inner_operation()
+        db.execute("UPDATE cluster SET value = '2' WHERE key = 'outer'")
+    batch.seal(1)
+    batch.commit()
+    assert primary.db.execute("SELECT key, value FROM cluster") == [("outer", "2")]
+
+
 def test_a_second_batch_cannot_open_while_one_is_open(primary: Storage) -> None:
     batch = primary.begin_batch()
     with pytest.raises(Internal):

@@ -15,6 +15,11 @@ Keys, all under the configured prefix P (one cluster per prefix):
 - ``P/members/<n>``: ``{"position": [e, s], "database": ..., "fault": ...,
   "unproven": ...}`` on node n's lease: what it publishes about itself (E4).
 
+Requests leave from the node's own address (``source``, the host of its entry
+in ``nodes``), like its links to peers: on hosts that share one machine (the
+rehearsal on 127.0.0.11, .12, .13) a packet filter can then cut one node from
+etcd and nothing else.
+
 Each node keeps one lease, renewed every ``renew_interval``; the time a renewal
 was *sent* is what the core's fencing deadline counts from (E2). Every
 ``view_interval`` the node republishes its member key and reads the whole
@@ -34,8 +39,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import etcd3gw
+import requests
 from etcd3gw.exceptions import Etcd3Exception
+from requests.adapters import HTTPAdapter
 
+from ..peer import source_address
 from .arbiter import (
     ArbiterEvent,
     ArbiterUnreachable,
@@ -65,6 +73,20 @@ class EtcdSettings:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    # This node's own address: requests to etcd leave from it (None: the kernel's choice).
+    source: str | None = None
+
+
+class _FromAddress(HTTPAdapter):
+    """Connections that leave from ``source`` (HOST, 0)."""
+
+    def __init__(self, source: tuple[str, int]) -> None:
+        self.source = source  # before the base class builds its pool manager
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = self.source
+        super().init_poolmanager(*args, **kwargs)
 
 
 class Garbled(Exception):
@@ -109,17 +131,25 @@ class EtcdIO:
     # ---- clients ------------------------------------------------------------------------
 
     def _client(self) -> etcd3gw.Etcd3Client:
-        host, port = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
-        tls = self.settings.ca is not None
+        settings = self.settings
+        host, port = settings.endpoints[self._endpoint % len(settings.endpoints)]
+        session = requests.Session()
+        if settings.ca is not None:
+            session.verify = settings.ca
+        if settings.cert is not None and settings.key is not None:
+            session.cert = (settings.cert, settings.key)
+        source = source_address(settings.source, host) if settings.source else None
+        if source is not None:
+            adapter = _FromAddress(source)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
         return etcd3gw.Etcd3Client(
             host=host,
             port=port,
-            protocol="https" if tls else "http",
-            ca_cert=self.settings.ca,
-            cert_cert=self.settings.cert,
-            cert_key=self.settings.key,
+            protocol="https" if settings.ca is not None else "http",
             timeout=self.timing.request_timeout,
             api_path="/v3/",
+            session=session,
         )
 
     def _next_endpoint(self) -> None:

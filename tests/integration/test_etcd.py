@@ -13,9 +13,14 @@ decide from these answers (``leased.py``) are the simulator's subject.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import socket
+import struct
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import etcd3gw
@@ -39,13 +44,15 @@ from service.replication.state import ReplicaCore, Timing
 from service.replication.types import NodeState, Position, SyncSet
 
 PREFIX = "/chat/test"
+# A node's own loopback address, as in the rehearsal of hosts (etcd is on 127.0.0.1).
+OWN_ADDRESS = "127.0.0.11"
 TIMING = LeaseTiming(ttl=2.0, renew_interval=0.3, request_timeout=0.5, margin=0.2)
 
 
 class Node:
     """One node's EtcdIO, with a core to publish from and the events it reported."""
 
-    def __init__(self, etcd: Etcd, node_id: int) -> None:
+    def __init__(self, etcd: Etcd, node_id: int, source: str | None = None) -> None:
         self.core = ReplicaCore(
             node_id,
             (1, 2, 3),
@@ -57,7 +64,7 @@ class Node:
             database=f"db-{node_id}",
         )
         self.events: list[ArbiterEvent] = []
-        settings = EtcdSettings(((etcd.host, etcd.port),), PREFIX)
+        settings = EtcdSettings(((etcd.host, etcd.port),), PREFIX, source=source)
         self.io = EtcdIO(settings, TIMING, self.core, self.events.append)
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -93,9 +100,14 @@ class Node:
         return view
 
 
-def run(etcd: Etcd, scenario: Callable[[list[Node]], Awaitable[None]], n: int = 2) -> None:
+def run(
+    etcd: Etcd,
+    scenario: Callable[[list[Node]], Awaitable[None]],
+    n: int = 2,
+    source: str | None = None,
+) -> None:
     async def main() -> None:
-        nodes = [Node(etcd, i) for i in range(1, n + 1)]
+        nodes = [Node(etcd, i, source) for i in range(1, n + 1)]
         for node in nodes:
             node.start()
         try:
@@ -146,6 +158,41 @@ def test_each_node_publishes_itself_on_its_lease(etcd: Etcd) -> None:
         )
 
     run(etcd, scenario)
+
+
+def test_requests_leave_from_the_nodes_own_address(etcd: Etcd) -> None:
+    """As its links to peers do: a filter can then cut one node from etcd alone."""
+
+    async def scenario(nodes: list[Node]) -> None:
+        await nodes[0].view()  # the lease and the view sessions have both connected
+        sources = {local for local, remote in _tcp_connections() if remote == etcd.client}
+        assert sources == {OWN_ADDRESS}
+
+    run(etcd, scenario, n=1, source=OWN_ADDRESS)
+
+
+def _tcp_connections() -> list[tuple[str, str]]:
+    """(local host, remote HOST:PORT) of every established IPv4 TCP connection of this
+    process (etcd's gateway has connections of its own to its client port)."""
+    ours = set()
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the fd of the listing itself
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                ours.add(target[len("socket:[") : -1])
+    found = []
+    for line in Path("/proc/self/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and fields[9] in ours:  # ESTABLISHED
+            local, remote = (_decode(field) for field in fields[1:3])
+            found.append((local[0], f"{remote[0]}:{remote[1]}"))
+    return found
+
+
+def _decode(text: str) -> tuple[str, int]:
+    """``0B00007F:1F41`` (little-endian IPv4, hex port) -> ``("127.0.0.11", 8001)``."""
+    address, port = text.split(":")
+    return socket.inet_ntoa(struct.pack("<I", int(address, 16))), int(port, 16)
 
 
 def test_one_claim_of_the_leader_key_wins_and_advances_the_epoch(etcd: Etcd) -> None:

@@ -169,7 +169,7 @@ class EtcdIO:
 
     def _unreachable(self, exc: BaseException) -> None:
         self._next_endpoint()
-        self.report(ArbiterUnreachable(f"{type(exc).__name__}: {exc}".strip()[:200]))
+        self.report(ArbiterUnreachable(_describe(exc)))
 
     # ---- the loops ------------------------------------------------------------------------
 
@@ -304,7 +304,7 @@ class EtcdIO:
             # The outcome is unknown: if it went through, the view shows our key and
             # the core gives it back (it never serves on a key it did not hear of).
             self._unreachable(exc)
-            self.report(ClaimRefused(f"no answer from the arbiter: {exc}"))
+            self.report(ClaimRefused(f"no answer from the arbiter: {_describe(exc)}"))
             return
         if result.get("succeeded"):
             self.leader_value = value
@@ -345,7 +345,8 @@ class EtcdIO:
         try:
             items = await self._kv(lambda client: client.get(key, metadata=True))
         except (Etcd3Exception, OSError, ValueError) as exc:
-            self.report(SyncSetRefused(effect.seq, f"no answer from the arbiter: {exc}", True))
+            why = f"no answer from the arbiter: {_describe(exc)}"
+            self.report(SyncSetRefused(effect.seq, why, True))
             return
         for stored, meta in items:
             if stored == value:
@@ -369,7 +370,7 @@ class EtcdIO:
                 }
                 await self._kv(lambda client, txn=txn: client.transaction(txn))  # type: ignore[misc]
         except (Etcd3Exception, OSError, ValueError, TypeError, AttributeError) as exc:
-            log_event("leader key not released", {"node": self.core.node_id, "why": str(exc)})
+            log_event("leader key not released", {"node": self.core.node_id, "why": _describe(exc)})
 
     async def close(self) -> None:
         """A clean stop: revoke the lease, so our keys (the leader key) go at once."""
@@ -383,7 +384,15 @@ class EtcdIO:
                 client.post, client.get_url("/lease/revoke"), json={"ID": lease}
             )
         except (Etcd3Exception, OSError, ValueError) as exc:
-            log_event("lease not revoked", {"node": self.core.node_id, "why": str(exc)})
+            log_event("lease not revoked", {"node": self.core.node_id, "why": _describe(exc)})
+
+
+def _describe(exc: BaseException) -> str:
+    """One line on what went wrong. etcd3gw's errors keep their text in ``detail_text``
+    (their ``str`` is empty): a timeout would otherwise read ``ConnectionTimeoutError:``."""
+    detail = exc.detail_text if isinstance(exc, Etcd3Exception) else None
+    text = " ".join(str(part) for part in (detail, *exc.args) if part)
+    return f"{type(exc).__name__}: {text}".strip().replace("\n", " ")[:200]
 
 
 # ---- transactions in the gateway's JSON -----------------------------------------------------

@@ -96,11 +96,12 @@ def cuts() -> Iterator[None]:
     why = netcut.unavailable()
     if why is not None:
         pytest.skip(f"cannot cut loopback traffic here: {why}")
-    netcut.heal()
+    netcut.clear()
+    netcut.track()  # before the nodes connect: a one-way cut needs to know who dialed
     try:
         yield
     finally:
-        netcut.heal()
+        netcut.clear()
 
 
 def start(cluster_factory: ClusterFactory, arbiter: Etcd) -> tuple[Cluster, NodeProcess]:

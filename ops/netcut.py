@@ -4,6 +4,8 @@
     python -m ops.netcut cut 127.0.0.11 127.0.0.12 --both   nothing passes between them
     python -m ops.netcut show                               the cuts in place
     python -m ops.netcut heal                               remove every cut
+    python -m ops.netcut track                              track connections (see below)
+    python -m ops.netcut clear                              remove the table: cuts, tracking
 
 In the rehearsal of SPEC section 10 each node has its own loopback address
 (127.0.0.11, .12, .13) and binds its outgoing connections to it, so a packet
@@ -11,7 +13,7 @@ filter can tell the nodes apart. Every cut is a rule in one nft table of its own
 ``inet chatcut``, in a chain on the input hook of ``lo`` (dropping on output would
 make ``send`` fail with EPERM, which no real network does; dropped on input, open
 connections stall and resume when the rule goes, as over a real partition).
-``heal`` deletes the table, and with it every cut, whatever made them.
+``heal`` removes every cut, whatever made them; ``clear`` deletes the table.
 
 A one-way cut from A to B drops the packets from A to B of connections A opened
 (conntrack's "original" direction): A cannot connect to B, and what A sends on a
@@ -19,6 +21,15 @@ connection it had opened is lost, while B can still connect to A (the answers
 from A to B belong to B's connection). Dropping every packet from A to B would
 break B's connections too, since TCP needs both ways. A cut ``both`` ways drops
 every packet between the two addresses.
+
+Who opened a connection is conntrack's knowledge, and conntrack knows it only for
+connections it followed from their first packet: one it picks up midway takes
+whichever end it hears first for the opener, so a one-way cut made on it may
+drop the wrong direction, or nothing. ``track`` makes the table with a rule that
+keeps conntrack following every loopback connection (it drops nothing): call it
+before the connections to be cut are made (a test, before it starts its nodes).
+``cut`` tracks too, for the connections made after it, and ``heal`` keeps the
+tracking (connections made while healed are cut one way correctly next time).
 
 Needs nft (Debian: ``apt-get install nftables``) and root (CAP_NET_ADMIN);
 ``unavailable`` says why not, in one sentence, for a test to skip with.
@@ -38,6 +49,8 @@ from dataclasses import dataclass
 FAMILY = "inet"
 TABLE = "chatcut"
 CHAIN = "input"
+# The comment of the rule that keeps conntrack on (see "who opened a connection").
+TRACK = "track"
 NFT_TIMEOUT = 10.0
 # Where Debian puts nft: not on a normal user's PATH.
 SBIN = "/usr/sbin:/sbin"
@@ -132,49 +145,90 @@ def cut(source: str, dest: str, *, both: bool = False) -> Cut:
     """Cut ``source`` from ``dest`` (see the module docstring); a cut already in place
     is not added twice."""
     made = Cut(str(_loopback(source)), str(_loopback(dest)), both)
-    if made in cuts():
+    comments = _comments() or []
+    if made.comment in comments:
         return made
     if both:
         rules = [_match(made.source, made.dest), _match(made.dest, made.source)]
     else:
         rules = [f"{_match(made.source, made.dest)} ct direction original"]
     script = [
-        f"add table {FAMILY} {TABLE}",
-        f"add chain {FAMILY} {TABLE} {CHAIN} "
-        "{ type filter hook input priority 0; policy accept; }",
+        *_table(),
+        *([] if TRACK in comments else [_tracking_rule()]),
         *(
             f'add rule {FAMILY} {TABLE} {CHAIN} {rule} drop comment "{made.comment}"'
             for rule in rules
         ),
     ]
-    _nft("-f", "-", script="\n".join(script) + "\n")
+    _run_script(script)
     return made
+
+
+def track() -> None:
+    """Have conntrack follow every loopback connection made from now on, from its first
+    packet, so that a later one-way cut knows who opened it (the module docstring)."""
+    if TRACK not in (_comments() or []):
+        _run_script([*_table(), _tracking_rule()])
 
 
 def cuts() -> list[Cut]:
     """The cuts in place, in the order they were made."""
-    try:
-        listing = _nft("-j", "list", "table", FAMILY, TABLE)
-    except NetcutError as exc:
-        if "No such file or directory" in str(exc):
-            return []
-        raise
     found: list[Cut] = []
-    for item in json.loads(listing).get("nftables", []):
-        rule = item.get("rule") if isinstance(item, dict) else None
-        made = Cut.from_comment(str(rule.get("comment", ""))) if isinstance(rule, dict) else None
+    for comment in _comments() or []:
+        made = Cut.from_comment(comment)
         if made is not None and made not in found:
             found.append(made)
     return found
 
 
 def heal() -> None:
-    """Remove every cut (the whole table); nothing to do when there is none."""
+    """Remove every cut, whatever made it; the tracking stays (``clear`` ends it)."""
+    if _comments() is None:
+        return
+    # One transaction: the tracking rule is replaced, never missing for a moment.
+    _run_script([f"flush chain {FAMILY} {TABLE} {CHAIN}", _tracking_rule()])
+
+
+def clear() -> None:
+    """Remove the table: every cut and the tracking; nothing to do when there is none."""
     try:
         _nft("delete", "table", FAMILY, TABLE)
     except NetcutError as exc:
         if "No such file or directory" not in str(exc):
             raise
+
+
+def _table() -> list[str]:
+    return [
+        f"add table {FAMILY} {TABLE}",
+        f"add chain {FAMILY} {TABLE} {CHAIN} "
+        "{ type filter hook input priority 0; policy accept; }",
+    ]
+
+
+def _tracking_rule() -> str:
+    # A rule that reads conntrack's state keeps conntrack on; it decides nothing.
+    return f'add rule {FAMILY} {TABLE} {CHAIN} iif "lo" ct state new counter comment "{TRACK}"'
+
+
+def _run_script(lines: list[str]) -> None:
+    _nft("-f", "-", script="\n".join(lines) + "\n")
+
+
+def _comments() -> list[str] | None:
+    """The comments of the table's rules, in order; None when there is no table."""
+    try:
+        listing = _nft("-j", "list", "table", FAMILY, TABLE)
+    except NetcutError as exc:
+        if "No such file or directory" in str(exc):
+            return None
+        raise
+    found: list[str] = []
+    for item in json.loads(listing).get("nftables", []):
+        rule = item.get("rule") if isinstance(item, dict) else None
+        if isinstance(rule, dict) and "comment" in rule:
+            found.append(str(rule["comment"]))
+    return found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("dest")
     make.add_argument("--both", action="store_true", help="both ways")
     commands.add_parser("heal", help="remove every cut")
+    commands.add_parser("track", help="track every loopback connection from its start")
+    commands.add_parser("clear", help="remove the table: every cut and the tracking")
     commands.add_parser("show", help="list the cuts")
     args = parser.parse_args(argv)
     try:
@@ -194,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
             cut(args.source, args.dest, both=args.both)
         elif args.command == "heal":
             heal()
+        elif args.command == "track":
+            track()
+        elif args.command == "clear":
+            clear()
         for made in cuts():
             arrow = "<->" if made.both else "->"
             print(f"cut {made.source} {arrow} {made.dest}")

@@ -242,6 +242,8 @@ def test_a_frozen_etcd_is_reported_unreachable_and_recovers(etcd: Etcd) -> None:
                 lambda: any(isinstance(e, ArbiterUnreachable) for e in node.events[count:]),
                 "etcd reported unreachable",
             )
+            # What went wrong, for the operator reading the status or the log.
+            assert "timed out" in node.last(ArbiterUnreachable).why
         finally:
             etcd.thaw()
         # Which member, and what went wrong, in one line (etcd3gw's own str is empty).

@@ -28,11 +28,12 @@ def cuts() -> Iterator[None]:
     why = netcut.unavailable()
     if why is not None:
         pytest.skip(f"cannot cut loopback traffic here: {why}")
-    netcut.heal()
+    netcut.clear()
+    netcut.track()  # before any connection to cut is made
     try:
         yield
     finally:
-        netcut.heal()
+        netcut.clear()
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -107,6 +108,42 @@ def test_a_cut_both_ways_stops_both_and_an_open_connection_stalls_until_healed()
                 assert await reader.readline() == b"held\n"
             writer.close()
             assert await both_ways(ports) == (True, True)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.usefixtures("cuts")
+def test_a_one_way_cut_holds_on_an_open_connection_whichever_end_speaks_first():
+    """Who opened a connection is conntrack's: B speaking first after the cut must not
+    make B the opener (it would on a connection conntrack did not follow from its
+    start), which would let A's packets through and hold B's."""
+
+    async def scenario() -> None:
+        accepted: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]]
+        accepted = asyncio.Queue()
+
+        async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await accepted.put((reader, writer))
+
+        server = await asyncio.start_server(keep, B, free_port(B))
+        port = server.sockets[0].getsockname()[1]
+        try:
+            a_reader, a_writer = await asyncio.open_connection(B, port, local_addr=(A, 0))
+            b_reader, b_writer = await accepted.get()
+            netcut.heal()  # connections stay tracked across a heal
+            netcut.cut(A, B)
+            b_writer.write(b"from B\n")  # the first packet after the cut is B's
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                assert await a_reader.readline() == b"from B\n"
+            a_writer.write(b"from A\n")
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await b_reader.readline()
+            for writer in (a_writer, b_writer):
+                writer.close()
+        finally:
+            server.close()
+            await server.wait_closed()
 
     asyncio.run(scenario())
 

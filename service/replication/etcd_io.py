@@ -4,7 +4,10 @@ Client: ``etcd3gw``, etcd's own HTTP/JSON gateway to its v3 API over
 ``requests``: it speaks TLS with client certificates (the arbiter's traffic
 crosses hosts like the nodes' own), and its requests are plain blocking calls,
 run here in threads with a timeout each. Two sessions, so that a slow read or
-transaction never delays a lease renewal behind it.
+transaction never delays a lease renewal behind it. Their connections leave from
+the node's own address (``peer.source_address``, as its peer links do), so that
+on one machine with an address per node a packet filter can cut one node from
+etcd, as the rehearsal of several hosts does.
 
 Keys, all under the configured prefix P (one cluster per prefix):
 
@@ -34,8 +37,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import etcd3gw
+import requests
 from etcd3gw.exceptions import Etcd3Exception
+from requests.adapters import HTTPAdapter
 
+from ..peer import source_address
 from .arbiter import (
     ArbiterEvent,
     ArbiterUnreachable,
@@ -65,6 +71,20 @@ class EtcdSettings:
     ca: str | None = None
     cert: str | None = None
     key: str | None = None
+    # The node's own host: requests to etcd leave from it (as the peer links do).
+    source: str | None = None
+
+
+class _SourceAdapter(HTTPAdapter):
+    """Connections that leave from one local address."""
+
+    def __init__(self, local: tuple[str, int]) -> None:
+        self.local = local
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["source_address"] = self.local
+        super().init_poolmanager(*args, **kwargs)
 
 
 class Garbled(Exception):
@@ -109,17 +129,25 @@ class EtcdIO:
     # ---- clients ------------------------------------------------------------------------
 
     def _client(self) -> etcd3gw.Etcd3Client:
-        host, port = self.settings.endpoints[self._endpoint % len(self.settings.endpoints)]
-        tls = self.settings.ca is not None
+        settings = self.settings
+        host, port = settings.endpoints[self._endpoint % len(settings.endpoints)]
+        session = requests.Session()
+        if settings.ca is not None:
+            session.verify = settings.ca
+        if settings.cert is not None and settings.key is not None:
+            session.cert = (settings.cert, settings.key)
+        local = source_address(settings.source, host) if settings.source else None
+        if local is not None:
+            adapter = _SourceAdapter(local)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
         return etcd3gw.Etcd3Client(
             host=host,
             port=port,
-            protocol="https" if tls else "http",
-            ca_cert=self.settings.ca,
-            cert_cert=self.settings.cert,
-            cert_key=self.settings.key,
+            protocol="https" if settings.ca is not None else "http",
             timeout=self.timing.request_timeout,
             api_path="/v3/",
+            session=session,
         )
 
     def _next_endpoint(self) -> None:

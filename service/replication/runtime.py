@@ -135,6 +135,7 @@ class Replicator:
                     config.etcd_ca or None,
                     config.etcd_cert or None,
                     config.etcd_key or None,
+                    config.me.host,
                 ),
                 config.lease_timing,
                 self.core,

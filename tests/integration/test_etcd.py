@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import etcd3gw
@@ -37,6 +39,7 @@ from service.replication.etcd_io import EtcdIO, EtcdSettings
 from service.replication.leased import LeaseTiming
 from service.replication.state import ReplicaCore, Timing
 from service.replication.types import NodeState, Position, SyncSet
+from tests.helpers.etcd import running_etcd
 
 PREFIX = "/chat/test"
 TIMING = LeaseTiming(ttl=2.0, renew_interval=0.3, request_timeout=0.5, margin=0.2)
@@ -253,3 +256,54 @@ def test_a_member_stops_cleanly_and_restarts_on_its_data(etcd: Etcd) -> None:
     etcd.kill()
     with pytest.raises(EtcdError, match="not started"):
         etcd.freeze()
+
+
+def test_requests_to_etcd_leave_from_the_nodes_own_address() -> None:
+    """In the rehearsal of hosts (nodes on 127.0.0.11-13) a packet filter cuts a node
+    from etcd by the node's address: its requests must come from there, as its peer
+    links do, not from the kernel's default 127.0.0.1."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5.0)
+    port = listener.getsockname()[1]
+    core = ReplicaCore(1, (1, 2, 3), Timing(), NodeState(), Position(1, 5), SyncSet(0, (), 0), 0.0)
+    settings = EtcdSettings((("127.0.0.1", port),), PREFIX, source="127.0.0.21")
+    io = EtcdIO(settings, TIMING, core, lambda event: None)
+
+    async def main() -> str:
+        task = asyncio.create_task(io.run_lease())
+        try:
+            connection, peer = await asyncio.to_thread(listener.accept)
+            connection.close()
+            return str(peer[0])
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    try:
+        source = asyncio.run(main())
+    finally:
+        listener.close()
+    assert source == "127.0.0.21"
+
+
+def test_a_node_with_its_own_address_keeps_a_lease(tmp_path: Path) -> None:
+    with running_etcd(tmp_path, host="127.0.0.20") as member:
+        core = ReplicaCore(
+            1, (1, 2, 3), Timing(), NodeState(), Position(1, 5), SyncSet(0, (), 0), 0.0
+        )
+        events: list[ArbiterEvent] = []
+        settings = EtcdSettings(((member.host, member.port),), PREFIX, source="127.0.0.21")
+        io = EtcdIO(settings, TIMING, core, events.append)
+
+        async def main() -> None:
+            task = asyncio.create_task(io.run_lease())
+            deadline = time.monotonic() + 5.0
+            try:
+                while not any(isinstance(e, LeaseRenewed) for e in events):
+                    assert time.monotonic() < deadline, f"no lease within 5 s: {events}"
+                    await asyncio.sleep(0.02)
+            finally:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+        asyncio.run(main())

@@ -11,7 +11,9 @@ filter can tell the nodes apart. Every cut is a rule in one nft table of its own
 ``inet chatcut``, in a chain on the input hook of ``lo`` (dropping on output would
 make ``send`` fail with EPERM, which no real network does; dropped on input, open
 connections stall and resume when the rule goes, as over a real partition).
-``heal`` deletes the table, and with it every cut, whatever made them.
+``heal`` deletes the table, and with it every cut, whatever made them. A tool that
+cuts while tests may cut too (the chaos tool) passes a ``table`` of its own, so that
+each heals only its own cuts.
 
 A one-way cut from A to B drops the packets from A to B of connections A opened
 (conntrack's "original" direction): A cannot connect to B, and what A sends on a
@@ -128,22 +130,22 @@ def _match(source: str, dest: str) -> str:
     return f'iif "lo" {family} saddr {a} {family} daddr {b}'
 
 
-def cut(source: str, dest: str, *, both: bool = False) -> Cut:
+def cut(source: str, dest: str, *, both: bool = False, table: str = TABLE) -> Cut:
     """Cut ``source`` from ``dest`` (see the module docstring); a cut already in place
     is not added twice."""
     made = Cut(str(_loopback(source)), str(_loopback(dest)), both)
-    if made in cuts():
+    if made in cuts(table):
         return made
     if both:
         rules = [_match(made.source, made.dest), _match(made.dest, made.source)]
     else:
         rules = [f"{_match(made.source, made.dest)} ct direction original"]
     script = [
-        f"add table {FAMILY} {TABLE}",
-        f"add chain {FAMILY} {TABLE} {CHAIN} "
+        f"add table {FAMILY} {table}",
+        f"add chain {FAMILY} {table} {CHAIN} "
         "{ type filter hook input priority 0; policy accept; }",
         *(
-            f'add rule {FAMILY} {TABLE} {CHAIN} {rule} drop comment "{made.comment}"'
+            f'add rule {FAMILY} {table} {CHAIN} {rule} drop comment "{made.comment}"'
             for rule in rules
         ),
     ]
@@ -151,10 +153,10 @@ def cut(source: str, dest: str, *, both: bool = False) -> Cut:
     return made
 
 
-def cuts() -> list[Cut]:
+def cuts(table: str = TABLE) -> list[Cut]:
     """The cuts in place, in the order they were made."""
     try:
-        listing = _nft("-j", "list", "table", FAMILY, TABLE)
+        listing = _nft("-j", "list", "table", FAMILY, table)
     except NetcutError as exc:
         if "No such file or directory" in str(exc):
             return []
@@ -168,10 +170,10 @@ def cuts() -> list[Cut]:
     return found
 
 
-def heal() -> None:
+def heal(table: str = TABLE) -> None:
     """Remove every cut (the whole table); nothing to do when there is none."""
     try:
-        _nft("delete", "table", FAMILY, TABLE)
+        _nft("delete", "table", FAMILY, table)
     except NetcutError as exc:
         if "No such file or directory" not in str(exc):
             raise

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 SUPERVISORD := $(BIN)/supervisord -c supervisord.conf
 SUPERVISORCTL := $(BIN)/supervisorctl -c supervisord.conf
 
-.PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos soak certs-hosts install-hosts run-hosts up-hosts down-hosts status-hosts
+.PHONY: install run up down status test test-quick check lint typecheck clean bench bench-quick chaos soak chaos-hosts soak-hosts certs-hosts install-hosts run-hosts up-hosts down-hosts status-hosts
 
 # Besides the venv, the folder supervisord writes its own log and the nodes' logs
 # to: `supervisord -c supervisord.conf` refuses to start without it, so it must exist
@@ -65,16 +65,27 @@ check: lint typecheck test
 # the fault schedule are printed so that a failure can be replayed:
 #   make chaos CHAOS_SEED=42 CHAOS_DURATION=120
 # Process faults and disk faults (a full disk, I/O errors, a damaged page):
-# CHAOS_FAULTS=process keeps to crashes and freezes.
+# CHAOS_FAULTS=process keeps to crashes and freezes. CHAOS_ARGS passes more
+# options (python -m ops.chaos --help).
 CHAOS_DURATION ?= 600
 CHAOS_SEED ?=
 CHAOS_FAULTS ?= all
+CHAOS_ARGS ?=
 chaos: install
-	$(BIN)/python -m ops.chaos --duration $(CHAOS_DURATION) --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED))
+	$(BIN)/python -m ops.chaos --duration $(CHAOS_DURATION) --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) $(CHAOS_ARGS)
 
 # A long soak: the same, for half an hour, keeping its work folder under var/.
 soak: install
-	$(BIN)/python -m ops.chaos --duration 1800 --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) --workdir var/soak-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/python -m ops.chaos --duration 1800 --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) --workdir var/soak-$$(date +%Y%m%d-%H%M%S) $(CHAOS_ARGS)
+
+# The same two in the etcd arbiter mode, laid out as the rehearsal of several hosts
+# (nodes on 127.0.0.11-13, etcd on 127.0.0.10): --faults all adds partitions (nft:
+# run as root) and etcd freezes and restarts.
+chaos-hosts: install
+	$(BIN)/python -m ops.chaos --arbiter etcd --duration $(CHAOS_DURATION) --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) $(CHAOS_ARGS)
+
+soak-hosts: install
+	$(BIN)/python -m ops.chaos --arbiter etcd --duration 1800 --faults $(CHAOS_FAULTS) $(if $(CHAOS_SEED),--seed $(CHAOS_SEED)) --workdir var/soak-hosts-$$(date +%Y%m%d-%H%M%S) $(CHAOS_ARGS)
 
 # Certificates for the rehearsal of several hosts on one machine (README, Security:
 # TLS): a CA and one certificate per node (127.0.0.11-13) and for etcd (127.0.0.10),

@@ -13,7 +13,9 @@ filter can tell the nodes apart. Every cut is a rule in one nft table of its own
 ``inet chatcut``, in a chain on the input hook of ``lo`` (dropping on output would
 make ``send`` fail with EPERM, which no real network does; dropped on input, open
 connections stall and resume when the rule goes, as over a real partition).
-``heal`` removes every cut, whatever made them; ``clear`` deletes the table.
+``heal`` removes every cut, whatever made them; ``clear`` deletes the table. A tool
+that cuts while tests may cut too (the chaos tool, the benchmark) passes a
+``table`` of its own, so that each heals and clears only its own cuts.
 
 A one-way cut from A to B drops the packets from A to B of connections A opened
 (conntrack's "original" direction): A cannot connect to B, and what A sends on a
@@ -141,11 +143,11 @@ def _match(source: str, dest: str) -> str:
     return f'iif "lo" {family} saddr {a} {family} daddr {b}'
 
 
-def cut(source: str, dest: str, *, both: bool = False) -> Cut:
+def cut(source: str, dest: str, *, both: bool = False, table: str = TABLE) -> Cut:
     """Cut ``source`` from ``dest`` (see the module docstring); a cut already in place
     is not added twice."""
     made = Cut(str(_loopback(source)), str(_loopback(dest)), both)
-    comments = _comments() or []
+    comments = _comments(table) or []
     if made.comment in comments:
         return made
     if both:
@@ -153,10 +155,10 @@ def cut(source: str, dest: str, *, both: bool = False) -> Cut:
     else:
         rules = [f"{_match(made.source, made.dest)} ct direction original"]
     script = [
-        *_table(),
-        *([] if TRACK in comments else [_tracking_rule()]),
+        *_table(table),
+        *([] if TRACK in comments else [_tracking_rule(table)]),
         *(
-            f'add rule {FAMILY} {TABLE} {CHAIN} {rule} drop comment "{made.comment}"'
+            f'add rule {FAMILY} {table} {CHAIN} {rule} drop comment "{made.comment}"'
             for rule in rules
         ),
     ]
@@ -164,61 +166,61 @@ def cut(source: str, dest: str, *, both: bool = False) -> Cut:
     return made
 
 
-def track() -> None:
+def track(table: str = TABLE) -> None:
     """Have conntrack follow every loopback connection made from now on, from its first
     packet, so that a later one-way cut knows who opened it (the module docstring)."""
-    if TRACK not in (_comments() or []):
-        _run_script([*_table(), _tracking_rule()])
+    if TRACK not in (_comments(table) or []):
+        _run_script([*_table(table), _tracking_rule(table)])
 
 
-def cuts() -> list[Cut]:
+def cuts(table: str = TABLE) -> list[Cut]:
     """The cuts in place, in the order they were made."""
     found: list[Cut] = []
-    for comment in _comments() or []:
+    for comment in _comments(table) or []:
         made = Cut.from_comment(comment)
         if made is not None and made not in found:
             found.append(made)
     return found
 
 
-def heal() -> None:
+def heal(table: str = TABLE) -> None:
     """Remove every cut, whatever made it; the tracking stays (``clear`` ends it)."""
-    if _comments() is None:
+    if _comments(table) is None:
         return
     # One transaction: the tracking rule is replaced, never missing for a moment.
-    _run_script([f"flush chain {FAMILY} {TABLE} {CHAIN}", _tracking_rule()])
+    _run_script([f"flush chain {FAMILY} {table} {CHAIN}", _tracking_rule(table)])
 
 
-def clear() -> None:
+def clear(table: str = TABLE) -> None:
     """Remove the table: every cut and the tracking; nothing to do when there is none."""
     try:
-        _nft("delete", "table", FAMILY, TABLE)
+        _nft("delete", "table", FAMILY, table)
     except NetcutError as exc:
         if "No such file or directory" not in str(exc):
             raise
 
 
-def _table() -> list[str]:
+def _table(table: str) -> list[str]:
     return [
-        f"add table {FAMILY} {TABLE}",
-        f"add chain {FAMILY} {TABLE} {CHAIN} "
+        f"add table {FAMILY} {table}",
+        f"add chain {FAMILY} {table} {CHAIN} "
         "{ type filter hook input priority 0; policy accept; }",
     ]
 
 
-def _tracking_rule() -> str:
+def _tracking_rule(table: str) -> str:
     # A rule that reads conntrack's state keeps conntrack on; it decides nothing.
-    return f'add rule {FAMILY} {TABLE} {CHAIN} iif "lo" ct state new counter comment "{TRACK}"'
+    return f'add rule {FAMILY} {table} {CHAIN} iif "lo" ct state new counter comment "{TRACK}"'
 
 
 def _run_script(lines: list[str]) -> None:
     _nft("-f", "-", script="\n".join(lines) + "\n")
 
 
-def _comments() -> list[str] | None:
+def _comments(table: str) -> list[str] | None:
     """The comments of the table's rules, in order; None when there is no table."""
     try:
-        listing = _nft("-j", "list", "table", FAMILY, TABLE)
+        listing = _nft("-j", "list", "table", FAMILY, table)
     except NetcutError as exc:
         if "No such file or directory" in str(exc):
             return None

@@ -3,6 +3,7 @@
     python -m ops.bench                 # the full benchmark (40 minutes or more)
     python -m ops.bench --quick         # one short run of every figure (under 3 minutes)
     python -m ops.bench --target 127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003
+    python -m ops.bench --only failover --arbiter etcd   # etcd as the arbiter (root: cuts)
 
 This module reads as the benchmark: start a cluster and register users;
 ``--runs`` times, the per-run sections (baseline, send throughput and
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import secrets
 import shutil
 import signal
@@ -25,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ops import netcut
 from ops.cluster.nodes import Cluster
+from ops.cluster.ports import free_ports
+from ops.etcd import Etcd, EtcdError
 from service.client import status_all
 from service.errors import ChatError
 
@@ -52,6 +57,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--users", type=int, default=16, help="registered users the clients log in as")
     add("--kills", type=int, help="primary kills per run (default 10, quick 3)")
     add("--freezes", type=int, help="primary freezes (SIGSTOP) per run (default 5, quick 2)")
+    add("--arbiter", choices=("peers", "etcd"), default="peers", help="peers (one host, the "
+        "default) or etcd: nodes on --hosts, an etcd member on --etcd-host; throughput and "
+        "failover only")  # fmt: skip
+    add("--hosts", default="127.0.0.11,127.0.0.12,127.0.0.13", help="with --arbiter etcd: "
+        "the nodes' loopback addresses")  # fmt: skip
+    add("--etcd-host", default="127.0.0.10", help="with --arbiter etcd: etcd's address")
+    add("--stops", type=int, help="with --arbiter etcd: clean stops (SIGTERM) of the primary "
+        "per run (default 5, quick 2)")  # fmt: skip
+    add("--cuts", type=int, help="with --arbiter etcd: the primary cut off with nft (root) "
+        "per run (default 5, quick 2)")  # fmt: skip
     add("--catchup", type=int, help="sends a stopped backup misses (default 20000, quick 2000)")
     add("--big", type=int, help="messages of the large state (default 1M, quick 50k; 0: skip)")
     add("--big-secs", type=float, help="stop loading the large state after this long "
@@ -75,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "big": 50_000 if quick else 1_000_000,
         "big_secs": 90.0 if quick else 0.0,
         "wait_quiet": 0.0 if quick else 60.0,
+        "stops": (2 if quick else 5) if args.arbiter == "etcd" else 0,
+        "cuts": (2 if quick else 5) if args.arbiter == "etcd" else 0,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -85,6 +102,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"unknown sections: {sorted(args.only - set(SECTIONS))}")
     if args.target:
         args.only &= {"throughput"}
+    if args.arbiter == "etcd":
+        # Catch-up is node to node, the same in both modes; the large state too.
+        args.only &= {"throughput", "failover"}
+        args.hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+        if len(args.hosts) != 3 or args.etcd_host in args.hosts:
+            parser.error("--hosts takes three addresses, none of them --etcd-host")
+    elif args.stops or args.cuts:
+        parser.error("--stops and --cuts measure the etcd arbiter mode: add --arbiter etcd")
+    why = netcut.unavailable() if args.cuts and "failover" in args.only else None
+    if why is not None:
+        parser.error(f"--cuts needs nft as root ({why}); or measure without them: --cuts 0")
     if args.big <= 0:
         args.only.discard("big")
     if args.json is None:
@@ -118,6 +146,7 @@ class Bench:
         self.root = root
         self.say = say
         self.cluster: Cluster | None = None
+        self.etcd: Etcd | None = None
         self.servers: list[str] = []
         self.users = load.Users([], [])
         self.prefix = f"bench_{secrets.token_hex(3)}_"
@@ -133,7 +162,7 @@ class Bench:
             if not any(r["up"] for r in reports):
                 raise RuntimeError(f"no node of {self.args.target} answers status")
         else:
-            self.cluster = Cluster(self.root / "cluster", tag="bench")
+            self.cluster = self.new_cluster()
             self.cluster.start(wait=False)
             await asyncio.to_thread(self.cluster.wait_in_sync, IN_SYNC_TIMEOUT)
             self.servers = self.cluster.servers
@@ -141,13 +170,29 @@ class Bench:
         self.users = await load.register_users(self.servers, self.args.users, self.prefix)
         self.say(f"registered {self.args.users} users")
 
+    def new_cluster(self) -> Cluster:
+        """The cluster to measure; with ``--arbiter etcd``, on addresses of its own, with
+        an etcd member started first (SPEC section 10)."""
+        if self.args.arbiter != "etcd":
+            return Cluster(self.root / "cluster", tag="bench")
+        host = self.args.etcd_host
+        client, peer = free_ports(2, host)
+        self.etcd = Etcd(self.root / "etcd", f"{host}:{client}", f"{host}:{peer}")
+        try:
+            self.etcd.start()
+        except EtcdError as exc:
+            raise RuntimeError(f"etcd did not start: {exc}") from None
+        settings = {"arbiter": "etcd", "etcd_endpoints": self.etcd.client}
+        return Cluster(self.root / "cluster", hosts=self.args.hosts, settings=settings, tag="bench")
+
     async def run_once(self) -> Run:
         run = Run()
         await self.baseline(run)
         only, owned = self.args.only, self.cluster is not None
         if "throughput" in only:
             await self.throughput(run)
-        if owned and "failover" in only and self.args.kills + self.args.freezes > 0:
+        a = self.args
+        if owned and "failover" in only and a.kills + a.freezes + a.stops + a.cuts > 0:
             await self.failover(run)
         if owned and "catchup" in only:
             await self.catchup(run)
@@ -237,10 +282,19 @@ class Bench:
     async def failover(self, run: Run) -> None:
         assert self.cluster is not None
         a = self.args
-        f = await failover.measure(self.cluster, self.users, a.kills, a.freezes)
+        partition = failover.Partition(a.etcd_host) if a.cuts else None
+        f = await failover.measure(
+            self.cluster, self.users, a.kills, a.freezes, a.stops, a.cuts, partition
+        )
         run.figures.update(f["figures"])
         run.details["failover"] = f
-        for word, key, count in (("kill", "failover", a.kills), ("freeze", "freeze", a.freezes)):
+        rounds = (
+            ("kill", "failover", a.kills),
+            ("freeze", "freeze", a.freezes),
+            ("stop", "stop", a.stops),
+            ("cut", "cut", a.cuts),
+        )
+        for word, key, count in rounds:
             if count > 0:
                 self.say(
                     f"{word} of the primary -> first ack: median "
@@ -387,6 +441,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         load.stop_workers()
         if bench.cluster is not None:
             bench.cluster.kill_all()
+        if bench.etcd is not None and bench.etcd.pid is not None:
+            bench.etcd.kill()
+        if args.cuts:
+            with contextlib.suppress(netcut.NetcutError):
+                failover.Partition.heal_all()
         if (failed and bench.cluster is not None) or args.keep:
             say(f"kept {root} (node logs and databases)")
         else:

@@ -26,6 +26,23 @@ so the writer sees no error, only silence. What a user waits then is
 detection (``suspect_timeout``), the election, and how soon the client stops
 waiting for the silent node and finds the new primary. The frozen node is
 thawed after the acknowledgement and must step down and rejoin.
+
+In the etcd arbiter mode (``--arbiter etcd``, SPEC section 10) two more kinds
+of round:
+
+* ``stop``: a clean stop of the primary (SIGTERM, as an operator or supervisord
+  stops it). On the way out the node revokes its lease, so the leader key goes
+  at once and a backup claims it without waiting for the lease to run out;
+* ``cut``: the primary is cut off (nft, ``Partition``): both ways from both
+  backups and from etcd. The client still reaches it (the writer dials from
+  127.0.0.1, which no cut names) and waits: the old primary acknowledges
+  nothing past its fencing deadline and steps down when its lease has surely
+  run out; meanwhile the key expires in etcd and a backup claims it. The
+  figure is the first acknowledgement by another node; the cut is then healed
+  and the old primary must rejoin.
+
+A SIGKILLed primary revokes nothing: in the arbiter mode its key lives until
+its lease (``lease_ttl``, 3 s) runs out, so a kill round measures about one TTL.
 """
 
 from __future__ import annotations
@@ -39,7 +56,8 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from ops.cluster.nodes import Cluster
+from ops import netcut
+from ops.cluster.nodes import Cluster, NodeProcess
 from ops.cluster.waiting import NotYet, wait_for
 from service import errors
 from service.client import Client
@@ -105,15 +123,53 @@ class Writer:
         return await asyncio.to_thread(wait_for, check, timeout, what, 0.001)
 
 
-async def measure(cluster: Cluster, users: Users, kills: int, freezes: int = 0) -> dict[str, Any]:
-    """``kills`` rounds of kill-the-primary, then ``freezes`` rounds of freeze-the-primary;
+class Partition:
+    """Cuts a node off from the others and from etcd (nft, in a table of its own)."""
+
+    TABLE = "chatbench"
+
+    def __init__(self, etcd_host: str) -> None:
+        self.etcd_host = etcd_host
+
+    def isolate(self, cluster: Cluster, node: NodeProcess) -> None:
+        others = [n.host for n in cluster.nodes.values() if n is not node]
+        for host in [*others, self.etcd_host]:
+            netcut.cut(node.host, host, both=True, table=self.TABLE)
+        node.note("cut off from the other nodes and etcd (failover round)")
+
+    def heal(self) -> None:
+        self.heal_all()
+
+    @classmethod
+    def heal_all(cls) -> None:
+        """Every cut goes, and the table with it (the benchmark's cuts are both ways:
+        no tracking to keep for a later one-way cut)."""
+        netcut.clear(cls.TABLE)
+
+
+async def measure(
+    cluster: Cluster,
+    users: Users,
+    kills: int,
+    freezes: int = 0,
+    stops: int = 0,
+    cuts: int = 0,
+    partition: Partition | None = None,
+) -> dict[str, Any]:
+    """``kills`` rounds of kill-the-primary, ``freezes`` of freeze-the-primary, ``stops``
+    of stop-the-primary and ``cuts`` of cut-off-the-primary (``partition`` needed);
     the figures and every round's raw times."""
-    rounds, frozen = [], []
+    rounds, frozen, stopped, cut = [], [], [], []
     async with Writer(cluster.servers, users) as writer:
         for _ in range(kills):
             rounds.append(await _one_round(cluster, writer))
         for _ in range(freezes):
             frozen.append(await _one_freeze(cluster, writer))
+        for _ in range(stops):
+            stopped.append(await _one_stop(cluster, writer))
+        for _ in range(cuts if partition is not None else 0):
+            assert partition is not None
+            cut.append(await _one_cut(cluster, writer, partition))
         failures = dict(writer.failures)
     figures: dict[str, float | None] = {}
     if rounds:
@@ -123,10 +179,18 @@ async def measure(cluster: Cluster, users: Users, kills: int, freezes: int = 0) 
         figures["failover_max"] = max(acks)
         figures["failover_elected_median"] = statistics.median(elected) if elected else None
         figures["rejoin_median"] = statistics.median(r["rejoin"] for r in rounds)
-    if frozen:
-        figures["freeze_median"] = statistics.median(r["ack"] for r in frozen)
-        figures["freeze_max"] = max(r["ack"] for r in frozen)
-    return {"figures": figures, "rounds": rounds, "freezes": frozen, "writer_failures": failures}
+    for key, done in (("freeze", frozen), ("stop", stopped), ("cut", cut)):
+        if done:
+            figures[f"{key}_median"] = statistics.median(r["ack"] for r in done)
+            figures[f"{key}_max"] = max(r["ack"] for r in done)
+    return {
+        "figures": figures,
+        "rounds": rounds,
+        "freezes": frozen,
+        "stops": stopped,
+        "cuts": cut,
+        "writer_failures": failures,
+    }
 
 
 async def _one_round(cluster: Cluster, writer: Writer) -> dict[str, Any]:
@@ -165,3 +229,46 @@ async def _one_freeze(cluster: Cluster, writer: Writer) -> dict[str, Any]:
         primary.note("SIGCONT (freeze round)")
     await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
     return {"frozen": primary.node_id, "new_primary": new.node_id, "ack": t_ack - t_freeze}
+
+
+async def _one_stop(cluster: Cluster, writer: Writer) -> dict[str, Any]:
+    primary = await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
+    await writer.wait_acks(5, 30)
+    offsets = {i: node.log_size() for i, node in cluster.nodes.items()}
+    wall, t_stop = time.time(), time.perf_counter()
+    stopping = asyncio.create_task(asyncio.to_thread(primary.stop))
+    t_ack = await writer.first_ack_after(t_stop, primary.address, WRITER_TIMEOUT)
+    await stopping
+    elected = _elected(cluster, primary, offsets, wall)
+    primary.start(wait=False)
+    await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
+    return {"stopped": primary.node_id, "ack": t_ack - t_stop, "elected": elected}
+
+
+async def _one_cut(cluster: Cluster, writer: Writer, partition: Partition) -> dict[str, Any]:
+    primary = await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
+    await writer.wait_acks(5, 30)
+    offsets = {i: node.log_size() for i, node in cluster.nodes.items()}
+    wall, t_cut = time.time(), time.perf_counter()
+    try:
+        await asyncio.to_thread(partition.isolate, cluster, primary)
+        t_ack = await writer.first_ack_after(t_cut, primary.address, WRITER_TIMEOUT)
+    finally:
+        await asyncio.to_thread(partition.heal)
+        primary.note("cuts healed (failover round)")
+    elected = _elected(cluster, primary, offsets, wall)
+    await asyncio.to_thread(cluster.wait_in_sync, IN_SYNC_TIMEOUT)
+    return {"cut_off": primary.node_id, "ack": t_ack - t_cut, "elected": elected}
+
+
+def _elected(
+    cluster: Cluster, old: NodeProcess, offsets: dict[int, int], wall: float
+) -> float | None:
+    """Seconds from ``wall`` to the first ``became primary`` of another node since then."""
+    times = [
+        event.at - wall
+        for node in cluster.nodes.values()
+        if node is not old
+        for event in node.events("became primary", offsets[node.node_id])
+    ]
+    return min(times) if times else None

@@ -56,6 +56,10 @@ _FAILOVER: list[Row] = [
     ("failover_elected_median", "SIGKILL -> new primary (log), median", "s", 1, "base_restart"),
     ("freeze_median", "SIGSTOP primary -> first ack, median", "s", 1, "base_restart"),
     ("freeze_max", "SIGSTOP primary -> first ack, max", "s", 1, "base_restart"),
+    ("stop_median", "SIGTERM primary -> first ack, median", "s", 1, "base_restart"),
+    ("stop_max", "SIGTERM primary -> first ack, max", "s", 1, "base_restart"),
+    ("cut_median", "primary cut off (nft) -> first ack, median", "s", 1, "base_restart"),
+    ("cut_max", "primary cut off (nft) -> first ack, max", "s", 1, "base_restart"),
     ("rejoin_median", "restarted node back in sync set, median", "s", 1, "base_restart"),
 ]
 _CATCHUP: list[Row] = [
@@ -154,13 +158,20 @@ def header(args: argparse.Namespace, env: dict[str, Any]) -> list[str]:
     if "throughput" in args.only:
         ran.append(f"{args.secs:g} s windows after {args.warmup:g} s warm-up")
     if "failover" in args.only:
-        ran.append(f"{args.kills} kills and {args.freezes} freezes per run")
+        rounds = f"{args.kills} kills and {args.freezes} freezes"
+        if args.arbiter == "etcd":
+            rounds = f"{args.kills} kills, {args.freezes} freezes, {args.stops} stops and "
+            rounds += f"{args.cuts} cuts"
+        ran.append(rounds + " per run")
     if args.only & {"catchup", "snapshot"}:
         ran.append(f"catch-up of {args.catchup} sends")
     if "big" in args.only:
         cut = f" (or {args.big_secs:g} s of loading)" if args.big_secs else ""
         ran.append(f"large state of {args.big} messages{cut}")
     what = f"target {args.target}" if args.target else "3-node cluster"
+    if args.arbiter == "etcd" and not args.target:
+        hosts = ",".join(args.hosts)
+        what += f" with etcd as the arbiter (nodes on {hosts}, etcd on {args.etcd_host})"
     return [
         f"ops.bench: {what}, " + ", ".join(ran),
         f"machine: {env['cores']} cores, Python {env['python']}, SQLite {env['sqlite']}, "

@@ -4,6 +4,7 @@
     python -m ops.chaos --duration 120 --seed 7 --keep          # keep the work folder
     python -m ops.chaos --duration 300 --seed 9 --supervisord supervisord.conf
     python -m ops.chaos --duration 120 --seed 5 --faults process,disk   # disk faults too
+    python -m ops.chaos --duration 600 --arbiter etcd --faults all      # etcd, partitions (root)
 
 Exit status: 0 every check passed; 1 a check found a violation; 2 bad usage;
 3 the run could not take place (the cluster or the workload never started).
@@ -15,6 +16,8 @@ import argparse
 import random
 import sys
 from pathlib import Path
+
+from ops import netcut
 
 from . import schedule
 from .run import Options, run
@@ -66,15 +69,44 @@ def parse_args(argv: list[str]) -> Options:
         help="comma-separated fault kinds or groups to draw from: process (the default), "
         "disk (disk-full, io-error, corrupt-backup), all, or single kinds",
     )
+    parser.add_argument(
+        "--arbiter",
+        choices=("peers", "etcd"),
+        default=defaults.arbiter,
+        help="peers (the default: one host) or etcd: the nodes on addresses of their own "
+        "(--hosts) with an etcd member (--etcd-host) as the arbiter; --faults all then "
+        "adds partitions (root and nft needed) and etcd faults",
+    )
+    parser.add_argument(
+        "--hosts",
+        default=defaults.hosts,
+        metavar="A,B,C",
+        help=f"the nodes' loopback addresses with --arbiter etcd ({defaults.hosts})",
+    )
+    parser.add_argument(
+        "--etcd-host",
+        default=defaults.etcd_host,
+        metavar="ADDRESS",
+        help=f"the etcd member's loopback address with --arbiter etcd ({defaults.etcd_host})",
+    )
     args = parser.parse_args(argv)
     if args.duration <= 0 or args.writers < 1 or args.listeners < 0:
         parser.error("--duration and --writers must be positive, --listeners not negative")
     try:
-        kinds = schedule.kinds_from_spec(args.faults)
+        kinds = schedule.kinds_from_spec(args.faults, arbiter=args.arbiter == "etcd")
     except ValueError as exc:
         parser.error(f"--faults: {exc}")
     if args.supervisord is not None and set(kinds) & set(schedule.DISK_KINDS):
         parser.error("disk faults need a cluster of this tool's own (not --supervisord)")
+    if args.supervisord is not None and args.arbiter != "peers":
+        parser.error("--arbiter etcd starts a cluster of this tool's own (not --supervisord)")
+    if set(kinds) & set(schedule.PARTITION_KINDS):
+        why = netcut.unavailable()
+        if why is not None:
+            parser.error(
+                f"partition faults cannot run here: {why}. Run as root with nft, or leave "
+                "them out: --faults process,disk,etcd"
+            )
     return Options(
         duration=args.duration,
         seed=args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 31),
@@ -88,6 +120,9 @@ def parse_args(argv: list[str]) -> Options:
         log_retention=args.log_retention,
         converge_timeout=args.converge_timeout,
         faults=",".join(name.strip() for name in args.faults.split(",") if name.strip()),
+        arbiter=args.arbiter,
+        hosts=args.hosts,
+        etcd_host=args.etcd_host,
     )
 
 

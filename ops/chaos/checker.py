@@ -30,6 +30,9 @@ violations and the number of things it looked at:
   holds with other content;
 * **at most one primary per epoch**: two nodes that logged ``became primary``
   in one epoch, or a node whose epochs do not grow (R1);
+* **at most one node acknowledging per epoch**: two nodes that logged
+  ``acknowledging`` (a primary's first acknowledgement of its reign) in one
+  epoch, or a node that did so in an epoch it did not become primary in;
 * **listen streams**: an id pushed twice or out of order, an owed message never
   pushed, a message for someone else, a stream that ended in an error;
 * **no traceback or error in node logs** (``Traceback`` blocks, ERROR and
@@ -112,6 +115,7 @@ def check_all(history: History, nodes: dict[int, NodeData], facts: Facts) -> lis
         _checksums(data),
         _sequence(data),
         _one_primary(data),
+        _one_acknowledging(data),
         _listens(history, ops),
         _tracebacks(data),
         _integrity(data),
@@ -408,6 +412,15 @@ def _one_primary(data: list[NodeData]) -> Check:
     holders, check.violations = logs.primary_epochs({node.node_id: node.log for node in data})
     check.checked = len(holders)
     check.note = f"{len(holders)} epochs with a primary"
+    return check
+
+
+def _one_acknowledging(data: list[NodeData]) -> Check:
+    check = Check("at most one node acknowledging per epoch")
+    texts = {node.node_id: node.log for node in data}
+    holders, check.violations = logs.acknowledging_epochs(texts)
+    check.checked = len(holders)
+    check.note = f"{len(holders)} epochs with acknowledgements"
     return check
 
 

@@ -26,6 +26,11 @@ its database (``corrupt.py``) and starts it again; its event names the page
 and the rows on it: what that node can no longer read, and what the other
 nodes must still hold.
 
+The arbiter mode's faults (``--arbiter etcd``) cut traffic between the
+nodes' own addresses and etcd's (``ArbiterCluster.cut``), and freeze, kill or
+stop the etcd member; each ends with every cut removed and the member running
+and thawed. A cut is also written into the logs of the nodes it names.
+
 Invariants
 ----------
 * Each fault leaves every node started and thawed, with its disk back, even
@@ -51,8 +56,8 @@ from service import diskfaults
 from service.status import NodeStatus
 
 from .corrupt import corrupt_page
-from .nodes import Nodes, primary_of, views
-from .schedule import Fault
+from .nodes import ArbiterCluster, Nodes, primary_of, views
+from .schedule import ARBITER_KINDS, Fault
 
 CATCH_UP_WAIT = 15.0
 LOG_POLL = 0.02
@@ -169,8 +174,71 @@ class Nemesis:
                 return
             (node,) = _choose("backup", fault.pick, ids, primary, backups)
             self._corrupt(fault, node, seen)
+        elif fault.kind in ARBITER_KINDS:
+            if not isinstance(self.nodes, ArbiterCluster):
+                raise OSError(f"{fault.kind} needs the etcd arbiter mode (--arbiter etcd)")
+            self._arbiter_fault(self.nodes, fault, ids, primary, backups, seen)
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
+
+    def _arbiter_fault(
+        self,
+        cluster: ArbiterCluster,
+        fault: Fault,
+        ids: list[int],
+        primary: int | None,
+        backups: list[int],
+        seen: dict[int, NodeStatus | None],
+    ) -> None:
+        if fault.kind == "etcd-freeze":
+            self._event(fault, "SIGSTOP etcd", None, f"for {fault.down:.2f}s")
+            cluster.freeze_etcd()
+            self._pause(fault.down)
+            self._event(fault, "SIGCONT etcd", None)
+            cluster.thaw_etcd()
+            return
+        if fault.kind == "etcd-restart":
+            action = "SIGKILL etcd" if fault.victim == "kill" else "SIGTERM etcd"
+            self._event(fault, action, None, f"down for {fault.down:.2f}s")
+            if fault.victim == "kill":
+                cluster.kill_etcd()
+            else:
+                cluster.stop_etcd()
+            self._pause(fault.down)
+            self._event(fault, "start etcd", None)
+            cluster.start_etcd()
+            self._event(fault, "etcd healthy", None)
+            return
+        cuts = _cuts(fault, ids, primary, backups)
+        for source, dest, both in cuts:
+            self._cut(cluster, fault, seen, source, dest, both)
+        self._pause(fault.down)
+        self._event(fault, "heal cuts", None)
+        cluster.heal_cuts()
+        for node in sorted({n for source, dest, _ in cuts for n in (source, dest) if n}):
+            cluster.note(node, "cuts healed")
+
+    def _cut(
+        self,
+        cluster: ArbiterCluster,
+        fault: Fault,
+        seen: dict[int, NodeStatus | None],
+        source: int,
+        dest: int,
+        both: bool,
+    ) -> None:
+        """Cut node ``source`` from node ``dest`` (0: the etcd member)."""
+        a = cluster.host(source)
+        b = cluster.host(dest) if dest else cluster.etcd_host
+        name = f"node {dest}" if dest else "etcd"
+        arrow = "<->" if both else "->"
+        self._event(
+            fault, "cut", source, f"{_role(seen, source)}; {arrow} {name} ({a} {arrow} {b})"
+        )
+        cluster.cut(a, b, both)
+        cluster.note(source, f"cut {arrow} {name}")
+        if dest:
+            cluster.note(dest, f"cut {arrow} node {source} (from its side)")
 
     def _kill_all(self, fault: Fault, ids: list[int], seen: dict[int, NodeStatus | None]) -> None:
         stale = ids[fault.pick % len(ids)]
@@ -343,6 +411,32 @@ def _choose(
     if target == "backups":
         return list(backups)
     raise ValueError(f"unknown target {target!r}")
+
+
+def _cuts(
+    fault: Fault, ids: list[int], primary: int | None, backups: list[int]
+) -> list[tuple[int, int, bool]]:
+    """The cuts a partition fault makes: (source node, dest node or 0 for etcd, both ways)."""
+    if fault.kind == "isolate":
+        (node,) = _choose(fault.target, fault.pick, ids, primary, backups)
+        return [(node, other, True) for other in ids if other != node] + [(node, 0, True)]
+    if fault.kind == "cut-from-etcd":
+        (node,) = _choose(fault.target, fault.pick, ids, primary, backups)
+        return [(node, 0, True)]
+    if fault.kind == "cut-primary-from-backups":
+        (node,) = _choose("primary", fault.pick, ids, primary, backups)
+        return [(node, other, True) for other in ids if other != node]
+    if fault.kind == "cut-one-way":
+        if primary is None or fault.target == "backup>backup":
+            pool = backups if primary is not None else ids
+            source, dest = random.Random(fault.pick).sample(pool, 2)
+        else:
+            backup = backups[fault.pick % len(backups)]
+            source, dest = (
+                (primary, backup) if fault.target == "primary>backup" else (backup, primary)
+            )
+        return [(source, dest, False)]
+    raise ValueError(f"unknown partition kind {fault.kind!r}")
 
 
 def _role(seen: dict[int, NodeStatus | None], node: int) -> str:

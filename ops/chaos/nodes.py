@@ -17,6 +17,16 @@ Two kinds of cluster, one interface (``Nodes``):
   runs on the disk fault VFS of ``service/diskfaults.py``, driven by its
   ``<root>/nodeN/disk-faults.json`` (``set_disk``).
 
+* ``ArbiterCluster``: a ``LocalCluster`` in the etcd arbiter mode (SPEC
+  section 10) laid out as the rehearsal of several hosts: each node on its own
+  loopback address (127.0.0.11, .12, .13 by default), dialling its peers from
+  it, and one etcd member (``ops/etcd.py``) on one more (127.0.0.10), its data
+  in ``<root>/etcd``. Traffic between any two of these addresses can be cut
+  (``cut``, nft through ``ops/netcut.py``, in a table of the run's own so that
+  healing never removes another tool's cuts), and the member frozen, killed,
+  stopped and started. The workload and the probes dial from 127.0.0.1, which
+  no cut names: clients always reach every node.
+
 * ``SupervisedCluster``: the three programs of a running ``supervisord`` (the
   repository's ``supervisord.conf``, or a copy). Pids come from
   ``supervisorctl pid``; SIGKILL, SIGSTOP and SIGCONT go to those pids. A
@@ -39,8 +49,9 @@ faults also strike while the nodes disagree.
 Invariants
 ----------
 * A node is never left frozen: ``heal`` thaws every frozen node and starts
-  every stopped one (and gives every disk back), and ``close`` of a
-  ``LocalCluster`` kills what it started.
+  every stopped one (and gives every disk back; in the arbiter mode it also
+  removes every cut and thaws or starts the etcd member first), and ``close``
+  of a ``LocalCluster`` kills what it started.
 * The tool signals only pids it started itself or that supervisord names for
   the cluster's own programs.
 """
@@ -48,6 +59,7 @@ Invariants
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import shlex
 import signal
@@ -60,10 +72,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import etcd3gw
+from etcd3gw.exceptions import Etcd3Exception
+
+from ops import netcut
 from ops.cluster import agreement
 from ops.cluster.nodes import Cluster, NodeExited, NodeProcess
+from ops.cluster.ports import free_ports
 from ops.cluster.probe import probe_all
 from ops.cluster.waiting import NotYet, wait_for
+from ops.etcd import Etcd, EtcdError
 from service import config as config_module
 from service import diskfaults
 from service.status import NodeStatus, leading
@@ -130,10 +148,19 @@ def converged(seen: Views, expected: Sequence[int]) -> tuple[int, tuple[int, int
 
 
 def wait_converged(nodes: Nodes, timeout: float) -> tuple[int, tuple[int, int]]:
-    """Poll until ``converged``; return (primary id, position). TimeoutError says why not."""
-    return wait_for(
-        lambda: converged(views(nodes), nodes.node_ids), timeout, "the cluster to converge"
-    )
+    """Poll until ``converged`` (and, in the arbiter mode, until etcd agrees: see
+    ``ArbiterCluster.agrees``); return (primary id, position). TimeoutError says why not."""
+
+    def check() -> tuple[int, tuple[int, int]]:
+        seen = views(nodes)
+        primary, position = converged(seen, nodes.node_ids)
+        if isinstance(nodes, ArbiterCluster):
+            view = seen[primary]
+            assert view is not None
+            nodes.agrees(primary, view.epoch)
+        return primary, position
+
+    return wait_for(check, timeout, "the cluster to converge")
 
 
 def _read_from(path: Path, offset: int) -> str:
@@ -163,12 +190,16 @@ class LocalCluster:
     controls_restarts = True
 
     def __init__(
-        self, root: Path, settings: dict[str, str] | None = None, disk_faults: bool = False
+        self,
+        root: Path,
+        settings: dict[str, str] | None = None,
+        disk_faults: bool = False,
+        hosts: Sequence[str] | None = None,
     ) -> None:
         self.root = root
         self.disk_faults = disk_faults
         self.node_ids: tuple[int, ...] = NODE_IDS
-        self.cluster = Cluster(root, len(NODE_IDS), settings=settings, tag="chaos")
+        self.cluster = Cluster(root, len(NODE_IDS), hosts=hosts, settings=settings, tag="chaos")
         self.secret_file = self.cluster.secret_file
         self._exits: list[str] = []
         self._disk_plans = dict.fromkeys(NODE_IDS, diskfaults.OFF)
@@ -301,6 +332,157 @@ class LocalCluster:
     @staticmethod
     def _disk_control(node: NodeProcess) -> Path:
         return node.dir / "disk-faults.json"
+
+
+# ---- the etcd arbiter mode, on addresses of their own -------------------------------------
+
+ETCD_PREFIX = "/chat/chaos"
+
+
+class ArbiterCluster(LocalCluster):
+    """A ``LocalCluster`` with ``arbiter = etcd``, one address per node and one for the
+    etcd member (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: Path,
+        settings: dict[str, str],
+        disk_faults: bool,
+        hosts: Sequence[str],
+        etcd_host: str,
+    ) -> None:
+        if len(hosts) != len(NODE_IDS) or etcd_host in hosts or len(set(hosts)) != len(hosts):
+            raise ValueError(f"three node addresses and another one for etcd, not {hosts}")
+        client, peer = free_ports(2, etcd_host)
+        self.etcd = Etcd(root / "etcd", f"{etcd_host}:{client}", f"{etcd_host}:{peer}")
+        self.etcd_host = etcd_host
+        self.hosts = dict(zip(NODE_IDS, hosts, strict=True))
+        # The run's own nft table, named after the etcd address: a new run on the same
+        # addresses clears what a crashed one left behind.
+        self.cut_table = "chaos_" + etcd_host.replace(".", "_").replace(":", "_")
+        self.etcd_frozen = False
+        arbiter = {
+            "arbiter": "etcd",
+            "etcd_endpoints": self.etcd.client,
+            "etcd_prefix": ETCD_PREFIX,
+        }
+        super().__init__(root, {**settings, **arbiter}, disk_faults, hosts)
+
+    def host(self, node_id: int) -> str:
+        return self.hosts[node_id]
+
+    def start_all(self) -> None:
+        """Clear what a crashed run on these addresses left, start etcd, then the nodes.
+
+        Conntrack follows every connection from its first packet from here on
+        (``netcut.track``): a one-way cut made later knows who opened each one."""
+        self.heal_cuts()
+        try:
+            netcut.track(self.cut_table)
+        except netcut.NetcutError as exc:
+            raise OSError(str(exc)) from None
+        self.start_etcd()
+        super().start_all()
+
+    # ---- cuts ----------------------------------------------------------------------------
+
+    def cut(self, source: str, dest: str, both: bool) -> None:
+        """Drop traffic from ``source`` to ``dest`` (``both``: either way); addresses."""
+        try:
+            netcut.cut(source, dest, both=both, table=self.cut_table)
+        except netcut.NetcutError as exc:
+            raise OSError(str(exc)) from None
+
+    def heal_cuts(self) -> None:
+        try:
+            netcut.heal(self.cut_table)
+        except netcut.NetcutError as exc:
+            raise OSError(str(exc)) from None
+
+    # ---- the etcd member -----------------------------------------------------------------
+
+    def freeze_etcd(self) -> None:
+        if not self.etcd_frozen and self.etcd.state == "running":
+            self.etcd.freeze()
+            self.etcd_frozen = True
+
+    def thaw_etcd(self) -> None:
+        if self.etcd_frozen:
+            self.etcd_frozen = False
+            with suppress(EtcdError):  # it exited: start_etcd says so
+                self.etcd.thaw()
+
+    def kill_etcd(self) -> None:
+        self.etcd_frozen = False
+        if self.etcd.pid is not None:
+            self.etcd.kill()
+
+    def stop_etcd(self) -> None:
+        self.etcd_frozen = False
+        if self.etcd.pid is not None:
+            try:
+                self.etcd.stop()
+            except EtcdError as exc:  # it would not stop and was killed
+                self._exits.append(str(exc))
+
+    def start_etcd(self) -> None:
+        """Start the member unless it runs; returns once it is healthy (OSError if not)."""
+        if self.etcd.state == "running":
+            return
+        if self.etcd.pid is not None:  # it exited by itself
+            self._exits.append(f"etcd exited by itself ({self.etcd.state})")
+            with suppress(EtcdError):
+                self.etcd.kill()
+        try:
+            self.etcd.start()
+        except EtcdError as exc:
+            raise OSError(str(exc)) from None
+
+    # ---- healing and the end -------------------------------------------------------------
+
+    def heal(self) -> None:
+        self.heal_cuts()
+        self.thaw_etcd()
+        self.start_etcd()
+        super().heal()
+
+    def close(self) -> dict[int, int]:
+        """Stop the nodes first (each revokes its lease on the way out), then etcd."""
+        statuses = super().close()
+        self.stop_etcd()
+        with suppress(netcut.NetcutError):
+            netcut.clear(self.cut_table)
+        return statuses
+
+    def kill_all(self) -> None:
+        super().kill_all()
+        with suppress(OSError):
+            self.heal_cuts()
+        with suppress(EtcdError, OSError):
+            self.thaw_etcd()
+            self.kill_etcd()
+
+    def agrees(self, primary: int, epoch: int) -> None:
+        """NotYet unless etcd's leader key names ``primary`` in ``epoch`` and its sync set
+        is every node: after healing, the store and the nodes tell one story."""
+        host, port = self.etcd.host, self.etcd.port
+        client = etcd3gw.Etcd3Client(host=host, port=port, timeout=STATUS_TIMEOUT)
+        try:
+            items = client.get_prefix(ETCD_PREFIX + "/")
+        except (Etcd3Exception, OSError, ValueError) as exc:
+            raise NotYet(f"etcd does not answer: {exc}") from None
+        keys = {
+            str(meta["key"], "utf-8") if isinstance(meta["key"], bytes) else str(meta["key"]): value
+            for value, meta in items
+        }
+        leader = json.loads(keys.get(ETCD_PREFIX + "/leader", b"null"))
+        stored = json.loads(keys.get(ETCD_PREFIX + "/sync", b"null"))
+        members = sorted(stored.get("members", [])) if isinstance(stored, dict) else None
+        if leader != {"node": primary, "epoch": epoch} or members != sorted(self.node_ids):
+            raise NotYet(
+                f"etcd holds leader {leader} and sync set members {members}; the nodes "
+                f"agree on node {primary} in epoch {epoch}"
+            )
 
 
 # ---- a cluster under supervisord --------------------------------------------------------

@@ -34,6 +34,9 @@ from .nemesis import Nemesis
 from .workload import Plan, Workload
 
 START_TIMEOUT = 60.0
+# The rehearsal of several hosts (SPEC section 10): one address per node, one for etcd.
+DEFAULT_HOSTS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
+DEFAULT_ETCD_HOST = "127.0.0.10"
 EXIT_OK, EXIT_VIOLATIONS, EXIT_BROKEN = 0, 1, 3
 
 
@@ -51,6 +54,14 @@ class Options:
     log_retention: int = 200
     converge_timeout: float = 120.0
     faults: str = schedule.DEFAULT_FAULTS  # --faults: the kinds drawn (schedule.kinds_from_spec)
+    # "etcd": the etcd arbiter mode on addresses of its own (nodes.ArbiterCluster).
+    arbiter: str = "peers"
+    hosts: str = ",".join(DEFAULT_HOSTS)
+    etcd_host: str = DEFAULT_ETCD_HOST
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return schedule.kinds_from_spec(self.faults, arbiter=self.arbiter == "etcd")
 
     def replay(self) -> str:
         """The command line that runs the same schedule and workload shape again."""
@@ -68,13 +79,15 @@ _NOT_REPLAYED = frozenset({"duration", "seed", "workdir", "keep"})
 
 def run(options: Options, out: Callable[[str], None] = print) -> int:
     """Run the whole thing; returns the exit status (0 clean, 1 violations, 3 broken)."""
-    kinds = schedule.kinds_from_spec(options.faults)
+    kinds = options.kinds
     faults = schedule.generate(options.seed, options.duration, kinds=kinds)
     root = options.workdir or Path(tempfile.mkdtemp(prefix="chaos-"))
     root.mkdir(parents=True, exist_ok=True)
     # Names and bodies of this run; the random part keeps runs on one cluster apart.
     prefix = f"c{options.seed % 100000}x{secrets.token_hex(2)}"
     out(f"chaos: seed={options.seed} duration={options.duration:g}s prefix={prefix}")
+    if options.arbiter == "etcd":
+        out(f"chaos: etcd arbiter mode: nodes on {options.hosts}, etcd on {options.etcd_host}")
     out(f"chaos: fault kinds: {', '.join(kinds)}")
     out(f"chaos: replay with: {options.replay()}")
     out(f"chaos: work folder {root}")
@@ -121,6 +134,9 @@ def _cluster(options: Options, root: Path, kinds: tuple[str, ...]) -> nodes.Node
     settings = {"log_retention": str(options.log_retention)}
     # Nodes run on the disk fault VFS only when a fault needs it.
     disk = bool({"disk-full", "io-error"} & set(kinds))
+    if options.arbiter == "etcd":
+        hosts = [host.strip() for host in options.hosts.split(",") if host.strip()]
+        return nodes.ArbiterCluster(root / "cluster", settings, disk, hosts, options.etcd_host)
     return nodes.LocalCluster(root / "cluster", settings, disk_faults=disk)
 
 
@@ -133,7 +149,11 @@ def _drive(
     out: Callable[[str], None],
 ) -> tuple[int, list[checker.Check], Nemesis | None]:
     if isinstance(cluster, nodes.LocalCluster):
-        cluster.start_all()
+        try:
+            cluster.start_all()
+        except OSError as exc:
+            out(f"chaos: the cluster did not come up: {exc}")
+            return EXIT_BROKEN, [], None
     try:
         nodes.wait_converged(cluster, START_TIMEOUT)
     except TimeoutError as exc:

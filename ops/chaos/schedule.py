@@ -50,6 +50,27 @@ control file (``service/diskfaults.py``):
   the file, drawn from ``pick``; ``corrupt.py``), start it again after
   ``down``.
 
+Faults of the etcd arbiter mode (``--arbiter etcd``, SPEC section 10), drawn only
+there: the nodes run on their own loopback addresses with an etcd member on one
+more, so traffic can be cut between any two (nft, ``ops/netcut.py``) and the
+member frozen or restarted. ``down`` is drawn around the lease TTL: shorter
+than half of it (nothing expires), about one TTL, or up to three (the leader
+key expires and, if the primary cannot renew, someone else takes it).
+``PARTITION_KINDS`` need root and nft; ``ETCD_KINDS`` do not:
+
+* ``isolate``: the ``target`` node is cut, both ways, from the other two nodes
+  and from etcd for ``down`` (clients still reach it: it must not answer as a
+  primary once its lease is gone);
+* ``cut-primary-from-backups``: the primary is cut, both ways, from both backups
+  but still reaches etcd, so it keeps the leader key;
+* ``cut-one-way``: the ``target`` pair (``primary>backup``, ``backup>primary``
+  or ``backup>backup``): the first can no longer reach the second, which can
+  still reach it;
+* ``cut-from-etcd``: the ``target`` node is cut, both ways, from etcd only;
+* ``etcd-freeze``: SIGSTOP the etcd member for ``down``, then SIGCONT;
+* ``etcd-restart``: SIGKILL (``victim`` ``kill``) or SIGTERM (``stop``) the etcd
+  member, start it again after ``down``.
+
 Invariants
 ----------
 * Faults do not overlap: each one ends with every node running and thawed,
@@ -76,9 +97,28 @@ KINDS = (
 WEIGHTS = (4, 3, 2, 2, 4, 1, 2, 2)
 DISK_KINDS = ("disk-full", "io-error", "corrupt-backup")
 DISK_WEIGHTS = (3, 2, 2)
-_WEIGHT_OF = dict(zip(KINDS + DISK_KINDS, WEIGHTS + DISK_WEIGHTS, strict=True))
+PARTITION_KINDS = ("isolate", "cut-primary-from-backups", "cut-one-way", "cut-from-etcd")
+PARTITION_WEIGHTS = (3, 2, 2, 3)
+ETCD_KINDS = ("etcd-freeze", "etcd-restart")
+ETCD_WEIGHTS = (2, 2)
+# The kinds only the etcd arbiter mode has.
+ARBITER_KINDS = PARTITION_KINDS + ETCD_KINDS
+_WEIGHT_OF = dict(
+    zip(
+        KINDS + DISK_KINDS + ARBITER_KINDS,
+        WEIGHTS + DISK_WEIGHTS + PARTITION_WEIGHTS + ETCD_WEIGHTS,
+        strict=True,
+    )
+)
 # The names ``--faults`` takes besides single kinds; ``process`` is the default.
 GROUPS = {"process": KINDS, "disk": DISK_KINDS, "all": KINDS + DISK_KINDS}
+# In the etcd arbiter mode ``all`` takes the arbiter's faults too.
+ARBITER_GROUPS = {
+    **GROUPS,
+    "partition": PARTITION_KINDS,
+    "etcd": ETCD_KINDS,
+    "all": KINDS + DISK_KINDS + ARBITER_KINDS,
+}
 DEFAULT_FAULTS = "process"
 # Seconds of quiet load before the first fault and between faults.
 WARMUP = (1.0, 3.0)
@@ -91,6 +131,7 @@ class Timing:
 
     suspect_timeout: float = 0.6
     sync_timeout: float = 1.5
+    lease_ttl: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -136,27 +177,32 @@ class Fault:
             return self.down + 2 * self.spread
         if self.kind == "freeze-and-kill":
             return self.lag + self.down
-        if self.kind in ("kill-during-catch-up", "corrupt-backup"):
+        if self.kind in ("kill-during-catch-up", "corrupt-backup", "etcd-restart"):
             return self.down + self.spread + 1.0
         return self.down + self.spread
 
 
-def kinds_from_spec(spec: str) -> tuple[str, ...]:
-    """The kinds a ``--faults`` value names: comma-separated kinds and groups (``GROUPS``).
+def kinds_from_spec(spec: str, arbiter: bool = False) -> tuple[str, ...]:
+    """The kinds a ``--faults`` value names: comma-separated kinds and groups (``GROUPS``,
+    or with ``arbiter`` (the etcd arbiter mode) ``ARBITER_GROUPS``).
 
-    ValueError names what is unknown; the order is that of ``KINDS + DISK_KINDS``.
+    ValueError names what is unknown, or an arbiter fault named without ``arbiter``;
+    the order is that of ``KINDS + DISK_KINDS + ARBITER_KINDS``.
     """
     names = [name.strip() for name in spec.split(",") if name.strip()]
     if not names:
         raise ValueError("no fault kinds named")
+    groups = ARBITER_GROUPS if arbiter else GROUPS
     chosen: set[str] = set()
     for name in names:
-        if name in GROUPS:
-            chosen.update(GROUPS[name])
+        if name in groups:
+            chosen.update(groups[name])
+        elif name in ARBITER_GROUPS or name in ARBITER_KINDS:
+            raise ValueError(f"{name!r} faults need the etcd arbiter mode (--arbiter etcd)")
         elif name in _WEIGHT_OF:
             chosen.add(name)
         else:
-            known = ", ".join([*GROUPS, *_WEIGHT_OF])
+            known = ", ".join([*ARBITER_GROUPS, *_WEIGHT_OF])
             raise ValueError(f"unknown fault kind {name!r} (known: {known})")
     return tuple(kind for kind in _WEIGHT_OF if kind in chosen)
 
@@ -241,6 +287,8 @@ def _draw(rng: random.Random, index: int, at: float, kind: str, timing: Timing) 
         )
     if kind in DISK_KINDS:
         return _draw_disk(rng, index, at, kind, pick)
+    if kind in ARBITER_KINDS:
+        return _draw_arbiter(rng, index, at, kind, timing, pick)
     raise ValueError(f"unknown fault kind {kind!r}")
 
 
@@ -260,6 +308,33 @@ def _draw_disk(rng: random.Random, index: int, at: float, kind: str, pick: int) 
         size = rng.randrange(8, 64)
         return Fault(index, at, kind, "backup", _r(rng, 0.1, 3.0), size=size, pick=pick)
     raise ValueError(f"unknown disk fault kind {kind!r}")
+
+
+def _draw_arbiter(
+    rng: random.Random, index: int, at: float, kind: str, timing: Timing, pick: int
+) -> Fault:
+    ttl = timing.lease_ttl
+    band = rng.choice(("short", "about-ttl", "long"))
+    if band == "short":  # no lease runs out
+        down = _r(rng, 0.1, ttl * 0.5)
+    elif band == "about-ttl":  # the leader key expires, or nearly
+        down = _r(rng, ttl * 0.8, ttl * 1.5)
+    else:  # someone else takes the key, and holds it a while
+        down = _r(rng, ttl * 1.5, ttl * 3)
+    if kind in ("isolate", "cut-from-etcd"):
+        target = rng.choice(("primary", "primary", "backup", "any"))
+        return Fault(index, at, kind, target, down, pick=pick)
+    if kind == "cut-primary-from-backups":
+        return Fault(index, at, kind, "primary", down, pick=pick)
+    if kind == "cut-one-way":
+        target = rng.choice(("primary>backup", "backup>primary", "backup>backup"))
+        return Fault(index, at, kind, target, down, pick=pick)
+    if kind == "etcd-freeze":
+        return Fault(index, at, kind, "etcd", down, pick=pick)
+    if kind == "etcd-restart":
+        victim = rng.choice(("kill", "stop"))
+        return Fault(index, at, kind, "etcd", down, victim=victim, pick=pick)
+    raise ValueError(f"unknown arbiter fault kind {kind!r}")
 
 
 def _r(rng: random.Random, low: float, high: float) -> float:

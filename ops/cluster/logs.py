@@ -4,7 +4,9 @@ A node logs the local time to the millisecond, the level, then the event and
 its fields (README, section Operations). The harness reads the logs for two
 things: the time of an event (the benchmark's server-side figures) and the
 rule that at most one node becomes primary in an epoch (R1), which every
-scenario and every chaos run checks.
+scenario and every chaos run checks; a primary also logs ``acknowledging``
+once per reign, at its first acknowledgement, so that a chaos run checks that
+at most one node acknowledged in an epoch, the one that became its primary.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from itertools import pairwise
 
 _FIELD = re.compile(r'(\w[\w-]*)=("[^"]*"|\S+)')
 _BECAME_PRIMARY = re.compile(r"\bbecame primary node=(\d+) epoch=(\d+)")
+_ACKNOWLEDGING = re.compile(r"\backnowledging node=(\d+) epoch=(\d+)")
 
 
 @dataclass(frozen=True)
@@ -65,4 +68,25 @@ def primary_epochs(logs: Mapping[int, str]) -> tuple[dict[int, set[int]], list[s
     for epoch, nodes in sorted(holders.items()):
         if len(nodes) > 1:
             problems.append(f"epoch {epoch}: nodes {sorted(nodes)} all became primary")
+    return holders, problems
+
+
+def acknowledging_epochs(logs: Mapping[int, str]) -> tuple[dict[int, set[int]], list[str]]:
+    """Epoch -> the nodes that logged ``acknowledging`` in it, and the breaches: two
+    nodes acknowledging in one epoch, or a node acknowledging in an epoch it did not
+    become primary in."""
+    primaries, _ = primary_epochs(logs)
+    holders: dict[int, set[int]] = {}
+    for text in logs.values():
+        for node_field, epoch_field in _ACKNOWLEDGING.findall(text):
+            holders.setdefault(int(epoch_field), set()).add(int(node_field))
+    problems: list[str] = []
+    for epoch, nodes in sorted(holders.items()):
+        if len(nodes) > 1:
+            problems.append(f"epoch {epoch}: nodes {sorted(nodes)} all acknowledged writes")
+        strangers = sorted(nodes - primaries.get(epoch, set()))
+        if strangers:
+            problems.append(
+                f"epoch {epoch}: node {strangers} acknowledged writes without becoming primary"
+            )
     return holders, problems

@@ -162,6 +162,9 @@ class PrimaryState:
     # The watermark clients were told (Acknowledge): the ack set's watermark, held
     # back while the arbiter's fencing deadline has passed (E2).
     released: int = 0
+    # Whether this reign told clients anything yet: its first acknowledgement is
+    # logged, so that the logs show which node acknowledged in which epoch.
+    acknowledging: bool = False
 
 
 @dataclass
@@ -757,6 +760,14 @@ class ReplicaCore:
         then it waits for the next renewal."""
         if lead.acks.watermark > lead.released and now < self.arbiter.serving_until():
             lead.released = lead.acks.watermark
+            if not lead.acknowledging:
+                lead.acknowledging = True
+                out.append(
+                    Log(
+                        "acknowledging",
+                        {"node": self.node_id, "epoch": self.epoch, "seq": lead.released},
+                    )
+                )
             out.append(Acknowledge(lead.released))
 
     def _on_join(self, now: float, sender: int, msg: Join, out: list[Effect]) -> None:

@@ -134,6 +134,19 @@ def _two_primaries(h: History, n: dict[int, NodeData]) -> None:
     n[2].log = "INFO became primary node=2 epoch=1 seq=0 force=false\n"
 
 
+ACKNOWLEDGING_1 = "INFO acknowledging node=1 epoch=1 seq=1\n"
+
+
+def _two_acknowledging(h: History, n: dict[int, NodeData]) -> None:
+    n[1].log += ACKNOWLEDGING_1
+    n[3].log += "INFO acknowledging node=3 epoch=1 seq=3\n"
+
+
+def _acknowledging_unelected(h: History, n: dict[int, NodeData]) -> None:
+    n[1].log += ACKNOWLEDGING_1
+    n[2].log += "INFO acknowledging node=2 epoch=2 seq=4\n"
+
+
 def _pushed_twice(h: History, n: dict[int, NodeData]) -> None:
     h.streams[0].received.append(1)
 
@@ -193,6 +206,11 @@ PLANTED: dict[str, tuple[Plant, tuple[str, ...]]] = {
     "record differs": (_record_differs, ("(epoch, seq) monotonic, never reused",)),
     "gap": (_gap, ("(epoch, seq) monotonic, never reused",)),
     "two primaries": (_two_primaries, ("at most one primary per epoch",)),
+    "two acknowledging": (_two_acknowledging, ("at most one node acknowledging per epoch",)),
+    "acknowledging unelected": (
+        _acknowledging_unelected,
+        ("at most one node acknowledging per epoch",),
+    ),
     "pushed twice": (_pushed_twice, ("listen streams: each message once, in order",)),
     "never pushed": (_never_pushed, ("listen streams: each message once, in order",)),
     "traceback": (_traceback, ("no traceback or error in node logs",)),
@@ -215,6 +233,12 @@ def test_an_error_and_its_traceback_count_once() -> None:
     nodes[2].log += NEVER_RETRIEVED + NEVER_RETRIEVED
     (check,) = [c for c in checker.check_all(history, nodes, facts) if not c.ok]
     assert len(check.violations) == 2, check.violations
+
+
+def test_the_primary_acknowledging_in_its_epoch_passes() -> None:
+    history, nodes, facts = clean_run()
+    nodes[1].log += ACKNOWLEDGING_1
+    assert failing(history, nodes, facts) == []
 
 
 def test_no_convergence_fails_the_run() -> None:

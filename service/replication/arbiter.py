@@ -101,8 +101,13 @@ class ClaimRefused:
 
 @dataclass(frozen=True)
 class SyncSetStored:
+    """The change sealed at ``seq`` in ``epoch`` is stored, at ``revision``. The epoch
+    tells a late answer to an earlier reign's write (whose seq a later reign may
+    reuse after a rewind) from the answer to the write in flight."""
+
     seq: int
     revision: int
+    epoch: int = field(kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class SyncSetRefused:
     seq: int
     why: str
     retry: bool = False
+    epoch: int = field(kw_only=True)
 
 
 ArbiterEvent = (

@@ -297,7 +297,13 @@ class EtcdIO:
         """E3: the sync set from ``expected_revision`` to ours, while the key is ours."""
         leader = self.leader_value
         if leader is None:
-            self.report(SyncSetRefused(effect.seq, "this node does not hold the leader key"))
+            self.report(
+                SyncSetRefused(
+                    effect.seq,
+                    "this node does not hold the leader key",
+                    epoch=effect.sync_set.epoch,
+                )
+            )
             return
         value = _json(sync_set_to_wire(effect.sync_set))
         txn = {
@@ -316,9 +322,15 @@ class EtcdIO:
             return
         if result.get("succeeded"):
             revision = int(result["header"]["revision"])
-            self.report(SyncSetStored(effect.seq, revision))
+            self.report(SyncSetStored(effect.seq, revision, epoch=effect.sync_set.epoch))
         else:
-            self.report(SyncSetRefused(effect.seq, "the leader key or the sync set changed"))
+            self.report(
+                SyncSetRefused(
+                    effect.seq,
+                    "the leader key or the sync set changed",
+                    epoch=effect.sync_set.epoch,
+                )
+            )
 
     async def _settle_store(self, effect: StoreSyncSet, value: bytes) -> None:
         """A compare-and-swap whose answer was lost: read what the store holds."""
@@ -326,13 +338,28 @@ class EtcdIO:
         try:
             items = await self._kv(lambda client: client.get(key, metadata=True))
         except (Etcd3Exception, OSError, ValueError) as exc:
-            self.report(SyncSetRefused(effect.seq, f"no answer from the arbiter: {exc}", True))
+            self.report(
+                SyncSetRefused(
+                    effect.seq,
+                    f"no answer from the arbiter: {exc}",
+                    True,
+                    epoch=effect.sync_set.epoch,
+                )
+            )
             return
         for stored, meta in items:
             if stored == value:
-                self.report(SyncSetStored(effect.seq, int(meta["mod_revision"])))
+                self.report(
+                    SyncSetStored(
+                        effect.seq, int(meta["mod_revision"]), epoch=effect.sync_set.epoch
+                    )
+                )
                 return
-        self.report(SyncSetRefused(effect.seq, "not stored; writing it again", True))
+        self.report(
+            SyncSetRefused(
+                effect.seq, "not stored; writing it again", True, epoch=effect.sync_set.epoch
+            )
+        )
 
     async def release(self, effect: ReleaseLeader | None = None) -> None:
         """Delete the leader key if it names this node (read, then delete if unchanged)."""

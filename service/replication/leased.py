@@ -113,7 +113,8 @@ class LeasedArbiter(Arbiter):
         # revision, and the seq of the change our last successful write stored.
         self.stored_revision = 0
         self.stored_seqs: set[int] = set()
-        self.storing: int | None = None  # the seq of a write in flight
+        # The (seq, epoch) of the sync set write in flight, if any.
+        self.storing: tuple[int, int] | None = None
         # Every change sealed in this reign and not yet stored, by seq.
         self.sealed: dict[int, SyncSet] = {}
         # Since when (this electing spell) we yield to each more current member.
@@ -289,9 +290,11 @@ class LeasedArbiter(Arbiter):
             case ClaimRefused(why=why):
                 self.claiming = None
                 core.explain(f"the leader key was not ours to take: {why}")
-            case SyncSetStored(seq=seq) | SyncSetRefused(seq=seq) if seq != self.storing:
-                # Not the write in flight: one of an earlier reign, answered late.
-                out.append(Log("late sync set answer", {"node": core.node_id, "seq": seq}))
+            case SyncSetStored() | SyncSetRefused() if (event.seq, event.epoch) != self.storing:
+                # Not the write in flight: one of an earlier reign, answered late (a
+                # later reign may have sealed a change at the same seq after a rewind).
+                fields = {"node": core.node_id, "seq": event.seq, "epoch": event.epoch}
+                out.append(Log("late sync set answer", fields))
             case SyncSetStored(seq=seq, revision=revision):
                 self.storing = None
                 self.stored_revision = revision
@@ -396,7 +399,7 @@ class LeasedArbiter(Arbiter):
             grow = not set(members) <= set(core.in_sync)
             if grow and not all(self._durable(m) >= seq for m in members):
                 continue
-            self.storing = seq
+            self.storing = (seq, sync_set.epoch)
             out.append(StoreSyncSet(seq, sync_set, self.stored_revision))
             return
 

@@ -183,7 +183,7 @@ def test_the_sync_set_is_written_only_by_the_leader_from_the_revision_it_read(
         members = SyncSet(1, (1, 2), 1, ((1, "db-1"), (2, "db-2")))
         await other.io.store_sync_set(StoreSyncSet(7, members, 0))
         assert other.last(SyncSetRefused) == SyncSetRefused(
-            7, "this node does not hold the leader key"
+            7, "this node does not hold the leader key", epoch=1
         )
         await leader.io.claim(ClaimLeader(epoch=1, expected_epoch=0, sync_revision=0))
         await leader.io.store_sync_set(StoreSyncSet(7, members, 0))

@@ -413,19 +413,32 @@ class ArbiterIO:
         assert isinstance(store, StoreSyncSet)
         assert isinstance(result, TxnResult)
         if pending.kind == "store" and result.succeeded:
-            step.events.append(SyncSetStored(store.seq, result.revision))
+            step.events.append(
+                SyncSetStored(store.seq, result.revision, epoch=store.sync_set.epoch)
+            )
             return
         found = result.found[0]
         if found and found[0].value == sync_value(store.sync_set):
             # Ours already: an earlier attempt landed though its answer was lost.
-            step.events.append(SyncSetStored(store.seq, found[0].mod_revision))
+            step.events.append(
+                SyncSetStored(store.seq, found[0].mod_revision, epoch=store.sync_set.epoch)
+            )
         elif pending.kind == "store-check":
-            step.events.append(SyncSetRefused(store.seq, "outcome unknown: not stored", True))
+            step.events.append(
+                SyncSetRefused(
+                    store.seq, "outcome unknown: not stored", True, epoch=store.sync_set.epoch
+                )
+            )
         else:
             leader = result.found[1]
             holder = leader[0].value if leader else "nobody"
             step.events.append(
-                SyncSetRefused(store.seq, f"compare failed (leader key: {holder})", False)
+                SyncSetRefused(
+                    store.seq,
+                    f"compare failed (leader key: {holder})",
+                    False,
+                    epoch=store.sync_set.epoch,
+                )
             )
 
     def _timed_out(self, now: float, pending: _Pending, step: Step) -> None:
@@ -458,5 +471,10 @@ class ArbiterIO:
             case "store-check":
                 assert isinstance(pending.effect, StoreSyncSet)
                 step.events.append(
-                    SyncSetRefused(pending.effect.seq, "outcome unknown: no answer", True)
+                    SyncSetRefused(
+                        pending.effect.seq,
+                        "outcome unknown: no answer",
+                        True,
+                        epoch=pending.effect.sync_set.epoch,
+                    )
                 )

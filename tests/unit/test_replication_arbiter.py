@@ -552,8 +552,33 @@ def test_e3_an_answer_to_a_previous_reign_sync_set_write_is_ignored() -> None:
     writes = [e for e in core.on_sealed(0.68, 7, second) if isinstance(e, StoreSyncSet)]
     assert [w.seq for w in writes] == [7]
     # The first reign's write is answered only now: it concerns no write in flight.
-    core.on_arbiter(0.69, SyncSetRefused(6, "compare failed", retry=False))
+    core.on_arbiter(0.69, SyncSetRefused(6, "compare failed", retry=False, epoch=2))
     assert core.statistics()["role"] == "primary"
-    core.on_arbiter(0.7, SyncSetStored(6, 9))
+    core.on_arbiter(0.7, SyncSetStored(6, 9, epoch=2))
     stored = [e for e in core.tick(0.72) if isinstance(e, StoreSyncSet)]
     assert stored == [], "a second write of the sync set while one is in flight"
+
+
+def test_e3_a_late_answer_for_a_reused_seq_of_an_earlier_reign_is_ignored() -> None:
+    """After a rewind a later reign may seal a change at the very seq an earlier
+    reign's write had: the earlier answer, arriving late, must not put the later
+    change in effect (its set is not the one stored)."""
+    core = leased_core()
+    claim(core, 0.1)
+    core.on_arbiter(0.12, Claimed(2))
+    first = SyncSet(4, (1, 2, 3), 2, STORED.databases)
+    writes = [e for e in core.on_sealed(0.13, 7, first) if isinstance(e, StoreSyncSet)]
+    assert [(w.seq, w.sync_set.epoch) for w in writes] == [(7, 2)]
+    core.on_arbiter(0.2, LeaseLost("expired"))
+    core.on_arbiter(0.3, LeaseRenewed(0.3))
+    core.on_arbiter(0.65, view(None, 2))
+    assert [e for e in core.tick(0.66) if isinstance(e, ClaimLeader)]
+    core.on_arbiter(0.67, Claimed(3))
+    second = SyncSet(5, (1, 2, 3), 3, STORED.databases)
+    writes = [e for e in core.on_sealed(0.68, 7, second) if isinstance(e, StoreSyncSet)]
+    assert [(w.seq, w.sync_set.epoch) for w in writes] == [(7, 3)]
+    core.on_arbiter(0.69, SyncSetStored(7, 9, epoch=2))
+    pending = {seq for seq, _ in core.pending_changes}
+    assert 7 in pending, "the answer to epoch 2's write put epoch 3's change in effect"
+    core.on_arbiter(0.7, SyncSetStored(7, 10, epoch=3))
+    assert core.pending_changes == ()

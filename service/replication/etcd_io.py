@@ -257,6 +257,16 @@ class EtcdIO:
 
     # ---- effects ----------------------------------------------------------------------------
 
+    async def carry_out(self, effect: ClaimLeader | StoreSyncSet | ReleaseLeader) -> None:
+        """One effect of the leased arbiter (the runtime spawns each as a task)."""
+        match effect:
+            case ClaimLeader():
+                await self.claim(effect)
+            case StoreSyncSet():
+                await self.store_sync_set(effect)
+            case ReleaseLeader():
+                await self.release()
+
     async def claim(self, effect: ClaimLeader) -> None:
         """E1: leader key absent → ours (on our lease), epoch advanced, sync set unchanged."""
         lease = self.lease_id
@@ -361,7 +371,7 @@ class EtcdIO:
             )
         )
 
-    async def release(self, effect: ReleaseLeader | None = None) -> None:
+    async def release(self) -> None:
         """Delete the leader key if it names this node (read, then delete if unchanged)."""
         key = self._key("leader")
         self.leader_value = None

@@ -370,21 +370,9 @@ class Replicator:
                 self.verifier.on_reply(node, reply)
             case Resynchronize(why=why):
                 self.damaged(why)
-            case ClaimLeader() | StoreSyncSet() | ReleaseLeader():
-                self._arbiter_effect(effect)
+            case ClaimLeader() | StoreSyncSet() | ReleaseLeader() if self.etcd is not None:
+                self.spawn(self.etcd.carry_out(effect))
         return []
-
-    def _arbiter_effect(self, effect: ClaimLeader | StoreSyncSet | ReleaseLeader) -> None:
-        etcd = self.etcd
-        if etcd is None:
-            return
-        match effect:
-            case ClaimLeader():
-                self.spawn(etcd.claim(effect))
-            case StoreSyncSet():
-                self.spawn(etcd.store_sync_set(effect))
-            case ReleaseLeader():
-                self.spawn(etcd.release())
 
     def send(self, peer: int, message: Message) -> bool:
         return self.links.send(peer, message.to_wire())

@@ -6,10 +6,12 @@ their ``hello`` naming a role. Peers (and the operator tool) are handed to
 (``service/tls.py``) the port speaks TLS to everyone, and a peer hello is let
 through only on a connection that presented that node's certificate.
 
-A client session reads request frames and runs each as its own task, so a
-slow write never blocks a read on the same connection; replies carry the
-request id and may come back in any order. Bad input is answered with one
-error frame and changes nothing: an unknown op, wrong types, an unknown
+A client session reads request frames and hands each write straight to the
+writer, which answers it from its acknowledgement: no task, future or timer of
+its own per write, on the busiest path of the node. Other requests run as tasks
+of their own. So a slow write never blocks a read on the same connection;
+replies carry the request id and may come back in any order. Bad input is
+answered with one error frame and changes nothing: an unknown op, wrong types, an unknown
 argument, a bad token. A frame that breaks the protocol itself (garbage, an
 oversized length, a frame cut short, a frame that is not a request or has no
 usable request id, a frame sent before our welcome) gets an error frame with a
@@ -114,6 +116,10 @@ CLIENT_FIELDS: dict[str, frozenset[str]] = {
 }
 
 
+# Writes the server passes to the writer as they are (``chat.apply_write`` checks their
+# arguments); ``register`` and ``login`` first hash a password in the pool.
+DIRECT_WRITES = protocol.WRITE_OPS - {"register", "login"}
+
 T = TypeVar("T")
 # A write acknowledged: (recipient id, message) of a ``send``; (op, token hash, result)
 # of a write that ended sessions.
@@ -136,6 +142,16 @@ class Replica(Protocol):
     def primary_address(self) -> str | None: ...
 
     def require_primary(self) -> None: ...
+
+    def enqueue(
+        self,
+        op: str,
+        args: dict[str, Any],
+        token_hash: str | None,
+        request_id: str,
+        done: Callable[[dict[str, Any] | ChatError], None],
+        fingerprint: str | None = None,
+    ) -> None: ...
 
     async def submit(
         self,
@@ -500,6 +516,8 @@ class ClientSession:
         # Requests read and not yet answered (a listen until its ``listening`` reply).
         self.unanswered = 0
         self.address = client_address(writer)
+        self.loop = asyncio.get_running_loop()
+        self.last_frame = self.loop.time()
 
     def close(self) -> None:
         self.writer.close()
@@ -521,41 +539,45 @@ class ClientSession:
         self.writer.write(protocol.encode_frame(frame))
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        idle = self.server.config.idle_client_timeout
-        last_frame = loop.time()
+        idle_check = asyncio.get_running_loop().call_later(
+            self.server.config.idle_client_timeout, self._check_idle
+        )
         try:
             while True:
                 # Frames already received are dispatched before any request is served
                 # (see the module docstring: the in-flight limit).
                 frame = self.frames.decoder.pop()
                 if frame is None:
-                    # A client with a live listen stream may stay silent for as long as
-                    # it likes; once its streams have ended (a session that ended, say),
-                    # the idle timeout counts from its last frame again.
-                    left = last_frame + idle - loop.time()
-                    if left <= 0 and not self.listeners:
-                        break
-                    try:
-                        frame = await asyncio.wait_for(
-                            self.frames.next(), idle if self.listeners else left
-                        )
-                    except TimeoutError:
-                        continue
+                    frame = await self.frames.next()
                     if frame is None:
                         break
-                last_frame = loop.time()
+                self.last_frame = self.loop.time()
                 self._dispatch(frame)
         except ProtocolViolation as exc:
             self.send(protocol.error(None, exc.to_wire()))
         except (ConnectionError, OSError):
             pass
         finally:
+            idle_check.cancel()
             for listener in list(self.listeners):
                 self.forget(listener)
             for task in list(self.tasks):
                 task.cancel()
             self.writer.close()
+
+    def _check_idle(self) -> None:
+        """Close the connection once idle: no frame for ``idle_client_timeout``.
+
+        A client with a live listen stream may stay silent for as long as it likes;
+        once its streams have ended (a session that ended, say), the idle timeout
+        counts from its last frame again. One timer per connection, moved on only
+        when it fires: a frame costs no timer of its own."""
+        idle = self.server.config.idle_client_timeout
+        left = self.last_frame + idle - self.loop.time()
+        if left <= 0 and not self.listeners:
+            self.close()
+            return
+        self.loop.call_later(left if left > 0 else idle, self._check_idle)
 
     def _dispatch(self, frame: protocol.Frame) -> None:
         # Not a request, or no id to answer it under: a protocol violation that ends
@@ -575,9 +597,29 @@ class ClientSession:
             self.send(protocol.error(request_id, refusal.to_wire()))
             return
         self.unanswered += 1
-        task = asyncio.get_running_loop().create_task(self._serve(request_id, op, args, token))
+        if op in DIRECT_WRITES:
+            self._write(request_id, op, args, token)
+            return
+        task = self.loop.create_task(self._serve(request_id, op, args, token))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+
+    def _write(self, request_id: str, op: str, args: dict[str, Any], token: str | None) -> None:
+        """A write that needs nothing but the writer: queued at once, answered from
+        its acknowledgement (``WritePath``'s callback), with no task of its own."""
+
+        def done(outcome: dict[str, Any] | ChatError) -> None:
+            self.unanswered -= 1
+            if isinstance(outcome, ChatError):
+                self.send(protocol.error(request_id, outcome.to_wire()))
+            else:
+                self.send(protocol.reply(request_id, _client_result(outcome)))
+
+        token_hash = chat.hash_token(token) if token is not None else None
+        try:
+            self.replicator.enqueue(op, args, token_hash, request_id, done)
+        except ChatError as exc:
+            done(exc)
 
     async def _serve(
         self, request_id: str, op: str, args: dict[str, Any], token: str | None
@@ -647,9 +689,7 @@ class ClientSession:
                 await self._keep_alive(token_hash, now)
             return shown
         if op in protocol.WRITE_OPS:
-            result = await replicator.submit(op, args, token_hash, request_id)
-            # recipient_id is for the listen pushes only; clients see names.
-            return {k: v for k, v in result.items() if k != "recipient_id"}
+            return _client_result(await replicator.submit(op, args, token_hash, request_id))
         now = time.time()
         if op == "whoami":
             result = await replicator.read(lambda db: chat.whoami(db, token_hash, now))
@@ -813,6 +853,14 @@ def _listen_after(args: dict[str, Any]) -> int | None:
     if not isinstance(after, int) or isinstance(after, bool) or not 0 <= after <= MAX_ID:
         raise InvalidInput(f"the field 'after' must be null or a whole number from 0 to {MAX_ID}")
     return after
+
+
+def _client_result(result: dict[str, Any]) -> dict[str, Any]:
+    """A write's result as its client sees it: ``recipient_id`` is for the listen
+    pushes only; clients see names."""
+    if "recipient_id" not in result:
+        return result
+    return {k: v for k, v in result.items() if k != "recipient_id"}
 
 
 def _check_fields(op: str, args: dict[str, Any]) -> None:

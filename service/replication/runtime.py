@@ -73,7 +73,7 @@ from .state import ReplicaCore, Timing
 from .streams import Streams
 from .types import Role
 from .verify import Verifier
-from .writer import MessageHook, SessionHook, WritePath
+from .writer import Done, MessageHook, SessionHook, WritePath
 
 # A node whose disk refused a write tries again after this, doubling up to the max.
 RECOVER_FIRST = 0.2
@@ -248,6 +248,19 @@ class Replicator:
 
     def require_primary(self) -> None:
         self.writer.require_primary()
+
+    def enqueue(
+        self,
+        op: str,
+        args: dict[str, Any],
+        token_hash: str | None,
+        request_id: str,
+        done: Done,
+        fingerprint: str | None = None,
+    ) -> None:
+        """Queue one write on the primary; ``done`` gets its result or refusal once it
+        is durable on the sync set."""
+        self.writer.enqueue(op, args, token_hash, request_id, done, fingerprint)
 
     async def submit(
         self,

@@ -17,8 +17,9 @@ one synchronous stretch from BEGIN to COMMIT, so reads never see a batch half
 done and the writer connection is never shared across threads.
 
 Invariants: ``waiters`` is a heap by seq, each fired exactly once (acknowledged,
-or failed when the node steps down or stops); a write's future is resolved only
-by its waiter, so no reply goes out before its record is acknowledged.
+or failed when the node steps down or stops); a write's outcome is given only by
+its batch's waiter (``PendingWrite.finish``, once), so no reply goes out before its
+record is acknowledged.
 """
 
 from __future__ import annotations
@@ -71,15 +72,29 @@ class RecordFull(Exception):
     """An operation would take the batch's record past RECORD_BUDGET."""
 
 
+# What became of one write: its result, or the error its client gets.
+Outcome = dict[str, Any] | ChatError
+Done = Callable[[Outcome], None]
+
+
 @dataclass
 class PendingWrite:
     op: str
     args: dict[str, Any]
     token_hash: str | None
     request_id: str
-    future: asyncio.Future[dict[str, Any]]
+    # Called once with the outcome (``finish``): the server's reply to its client, or
+    # the future of ``submit``. A callback, not a future: the server answers a write
+    # without a task of its own per request.
+    done: Done
     # The client's request, when the server wrote other args for it (Application.apply_write).
     fingerprint: str | None = None
+    finished: bool = False
+
+    def finish(self, outcome: Outcome) -> None:
+        if not self.finished:
+            self.finished = True
+            self.done(outcome)
 
 
 @dataclass(order=True)
@@ -143,6 +158,26 @@ class WritePath:
                 f"node {self.config.node_id} is electing: {self.core.reason}", primary=None
             )
 
+    def enqueue(
+        self,
+        op: str,
+        args: dict[str, Any],
+        token_hash: str | None,
+        request_id: str,
+        done: Done,
+        fingerprint: str | None = None,
+    ) -> None:
+        """Queue one write on the primary; ``done`` gets its outcome once it is durable
+        on the sync set (or its refusal). Raises at once, calling nothing, if this node
+        cannot take writes now."""
+        self.require_primary()
+        if self.core.fault is not None:
+            raise StorageFault(
+                f"node {self.config.node_id} cannot write: {self.core.fault}; retry later"
+            )
+        self.queue.append(PendingWrite(op, args, token_hash, request_id, done, fingerprint))
+        self.work.set()
+
     async def submit(
         self,
         op: str,
@@ -151,15 +186,18 @@ class WritePath:
         request_id: str,
         fingerprint: str | None = None,
     ) -> dict[str, Any]:
-        """Run one write on the primary; returns once it is durable on the sync set."""
-        self.require_primary()
-        if self.core.fault is not None:
-            raise StorageFault(
-                f"node {self.config.node_id} cannot write: {self.core.fault}; retry later"
-            )
+        """``enqueue`` for a coroutine: returns the result, raises the refusal."""
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self.queue.append(PendingWrite(op, args, token_hash, request_id, future, fingerprint))
-        self.work.set()
+
+        def done(outcome: Outcome) -> None:
+            if future.done():
+                return
+            if isinstance(outcome, ChatError):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+        self.enqueue(op, args, token_hash, request_id, done, fingerprint)
         return await future
 
     async def read(self, query: Callable[[Db], T]) -> T:
@@ -282,8 +320,7 @@ class WritePath:
                 self.sync_change = members  # proposed again once the disk recovers
             refusal = self.shell.fault(str(exc))
             for item in items:
-                if not item.future.done():
-                    item.future.set_exception(copy.copy(refusal))
+                item.finish(copy.copy(refusal))
             return
         if record is None:
             seq = self.core.position.seq
@@ -295,16 +332,16 @@ class WritePath:
             self.batches += 1
             self.writes += len(items)
             seq = record.seq
-        for item, outcome in outcomes:
-            self._reply_after(seq, item, outcome)
+        if outcomes:
+            self._reply_after(seq, outcomes)
         if record is not None:
             lone = len(items) <= 1 and not self.queue
             self.durability.committed(Position(record.epoch, record.seq), lone=lone)
 
     def _execute(
         self, batch: Batch, items: list[PendingWrite]
-    ) -> list[tuple[PendingWrite, dict[str, Any] | ChatError]]:
-        outcomes: list[tuple[PendingWrite, dict[str, Any] | ChatError]] = []
+    ) -> list[tuple[PendingWrite, Outcome]]:
+        outcomes: list[tuple[PendingWrite, Outcome]] = []
         for index, item in enumerate(items):
             try:
                 with batch.savepoint() as db:
@@ -358,40 +395,29 @@ class WritePath:
         with batch.savepoint() as db:
             self.app.prune(db, time.time(), 2 * writes + 1)
 
-    def _reply_after(
-        self, seq: int, item: PendingWrite, outcome: dict[str, Any] | ChatError
-    ) -> None:
+    def _reply_after(self, seq: int, outcomes: list[tuple[PendingWrite, Outcome]]) -> None:
+        """The batch's replies, once ``seq`` is acknowledged: one waiter for them all."""
+
         def fire(exc: ChatError | None) -> None:
-            if (
-                exc is None
-                and item.op == "send"
-                and not isinstance(outcome, ChatError)
-                and isinstance(outcome.get("message"), dict)
-            ):
-                # Pushed on acknowledgement even if the sender has gone away (its
-                # client timed out): a listener must not miss an acknowledged message.
-                for hook in self.message_hooks:
-                    hook(int(outcome.get("recipient_id", -1)), outcome["message"])
-            if (
-                exc is None
-                and item.op in protocol.SESSION_ENDING_OPS
-                and not isinstance(outcome, ChatError)
-            ):
-                for session_hook in self.session_hooks:
-                    session_hook(item.op, item.token_hash, outcome)
-            if item.future.done():
-                return
-            if exc is not None:
-                item.future.set_exception(exc)
-            elif isinstance(outcome, ChatError):
-                item.future.set_exception(outcome)
-            else:
-                item.future.set_result(outcome)
+            for item, outcome in outcomes:
+                if exc is None and not isinstance(outcome, ChatError):
+                    self._acknowledged(item, outcome)
+                item.finish(outcome if exc is None else copy.copy(exc))
 
         if self.core.acknowledged(seq, self.shell.now()):
             fire(None)
         else:
             self._wait(seq, fire)
+
+    def _acknowledged(self, item: PendingWrite, result: dict[str, Any]) -> None:
+        if item.op == "send" and isinstance(result.get("message"), dict):
+            # Pushed on acknowledgement even if the sender has gone away (its
+            # client timed out): a listener must not miss an acknowledged message.
+            for hook in self.message_hooks:
+                hook(int(result.get("recipient_id", -1)), result["message"])
+        elif item.op in protocol.SESSION_ENDING_OPS:
+            for session_hook in self.session_hooks:
+                session_hook(item.op, item.token_hash, result)
 
     def release(self, watermark: int) -> None:
         self.metrics.acknowledged(watermark)
@@ -400,11 +426,9 @@ class WritePath:
 
     def fail_queue(self, exc: ChatError) -> None:
         while self.queue:
-            item = self.queue.popleft()
-            if not item.future.done():
-                # A fresh exception per future: one instance raised in several tasks
-                # would carry one task's traceback into another's.
-                item.future.set_exception(copy.copy(exc))
+            # A fresh exception per write: one instance raised in several tasks
+            # would carry one task's traceback into another's.
+            self.queue.popleft().finish(copy.copy(exc))
 
     def fail_all(self, exc: ChatError) -> None:
         self.fail_queue(exc)

@@ -511,6 +511,8 @@ class ClientSession:
         self.database = server.database
         self.frames = frames
         self.writer = writer
+        # Replies go to the transport itself (StreamWriter.write only forwards there).
+        self.transport = writer.transport
         self.tasks: set[asyncio.Task[None]] = set()
         self.listeners: list[Listener] = []
         # Requests read and not yet answered (a listen until its ``listening`` reply).
@@ -529,14 +531,15 @@ class ClientSession:
             self.listeners.remove(listener)
 
     def send(self, frame: protocol.Frame) -> None:
-        if self.writer.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             return
-        if self.writer.transport.get_write_buffer_size() > MAX_UNREAD:
+        if transport.get_write_buffer_size() > MAX_UNREAD:
             # The client does not read its replies: drop it rather than buffer forever.
             log.info("closing a client that does not read its replies")
             self.close()
             return
-        self.writer.write(protocol.encode_frame(frame))
+        transport.write(protocol.encode_frame(frame))
 
     async def run(self) -> None:
         idle_check = asyncio.get_running_loop().call_later(

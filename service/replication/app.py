@@ -55,5 +55,6 @@ class Application(Protocol):
 
     def prune(self, db: Db, now: float, limit: int) -> None:
         """Forget up to ``limit`` rows of each kind that have expired by ``now``; run
-        in every batch, so the tables shrink as fast as the writes grow them."""
+        by the writer every half second or so, with a limit that lets the tables
+        shrink as fast as the writes grow them."""
         ...

@@ -25,8 +25,13 @@ Invariants
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import threading
 from collections.abc import Callable
+
+# Put on the request queue by ``close``: sync what was asked, then stop.
+_CLOSE = 0
 
 
 class GroupSync:
@@ -40,10 +45,12 @@ class GroupSync:
         self._on_durable = on_durable
         self._on_error = on_error
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake = threading.Condition()
-        self._requested = 0
-        self._synced = 0
-        self._closing = False
+        # Tickets requested, in order; the thread takes them all before each fsync.
+        # A SimpleQueue: a request is one call in C on the writer's path (a
+        # threading.Condition is several in Python, and this runs once per batch).
+        self._requests: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._requested = 0  # written by the event loop thread only
+        self._synced = 0  # written by the sync thread only
         self._thread = threading.Thread(target=self._run, name="group-sync", daemon=True)
 
     def start(self) -> None:
@@ -56,36 +63,36 @@ class GroupSync:
         return self._requested != self._synced
 
     def request(self) -> int:
-        with self._wake:
-            self._requested += 1
-            self._wake.notify()
-            return self._requested
+        self._requested += 1
+        self._requests.put(self._requested)
+        return self._requested
 
     def close(self) -> None:
         """Stop after one last sync of everything requested so far."""
-        with self._wake:
-            self._closing = True
-            self._wake.notify()
+        self._requests.put(_CLOSE)
         if self._thread.is_alive():
             self._thread.join()
 
     def _run(self) -> None:
         loop = self._loop
         assert loop is not None
-        while True:
-            with self._wake:
-                while self._requested == self._synced and not self._closing:
-                    self._wake.wait()
-                if self._requested == self._synced:
-                    return
-                target = self._requested
+        closing = False
+        while not closing:
+            # Every request made before this fsync starts is covered by it.
+            tickets = [self._requests.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    tickets.append(self._requests.get_nowait())
+            closing = _CLOSE in tickets
+            target = max(tickets)
+            if target == _CLOSE:
+                continue  # closed with nothing more to sync
             try:
                 self._sync()
             except BaseException as exc:
                 loop.call_soon_threadsafe(self._on_error, exc)
                 return
-            with self._wake:
-                self._synced = target
+            self._synced = target
             if loop.is_closed():
                 return
             try:

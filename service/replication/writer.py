@@ -61,6 +61,7 @@ from .types import Position, Role
 # would stop replication for good).
 RECORD_BUDGET = 2 * 1024 * 1024
 YIELDS_BETWEEN_BATCHES = 3
+PRUNE_INTERVAL = 0.5  # seconds
 
 MessageHook = Callable[[int, dict[str, Any]], None]
 # (op, token hash, result) of an acknowledged write that ended sessions.
@@ -137,6 +138,9 @@ class WritePath:
         # Deleted accounts may still have inbox messages to tombstone: checked once
         # on becoming primary, then after every account deletion.
         self.purge_due = False
+        # Writes since the last prune, and when that was (``_prune_requests``).
+        self._unpruned = 0
+        self._pruned_at = float("-inf")
         self.batches = 0
         self.writes = 0
         self.reads = 0
@@ -391,9 +395,16 @@ class WritePath:
 
     def _prune_requests(self, batch: Batch, writes: int) -> None:
         """Forget expired rows (the chat: request ids and ended sessions), twice as fast
-        as this batch adds new ones."""
+        as the writes add new ones: every ``PRUNE_INTERVAL``, not in every batch (its
+        queries and the pages they touch would cost each small batch as much as a
+        write)."""
+        self._unpruned += writes
+        now = time.monotonic()
+        if now - self._pruned_at < PRUNE_INTERVAL:
+            return
         with batch.savepoint() as db:
-            self.app.prune(db, time.time(), 2 * writes + 1)
+            self.app.prune(db, time.time(), 2 * self._unpruned + 1)
+        self._pruned_at, self._unpruned = now, 0
 
     def _reply_after(self, seq: int, outcomes: list[tuple[PendingWrite, Outcome]]) -> None:
         """The batch's replies, once ``seq`` is acknowledged: one waiter for them all."""

@@ -23,17 +23,38 @@ timeout; reads cannot write, so the server asks ``session_refresh_due`` after
 one and then runs ``touch``. ``prune_sessions`` deletes ended sessions inside
 the primary's batches.
 
+Requests
+--------
 Write operations go through ``apply_write``, which makes them idempotent: the
-first result of a request id is stored in ``requests`` in the same transaction
-as the change, and a retry with the same id (after a timeout or a failover)
-returns it and changes nothing more. A stored ``send`` result is the message id
-alone (a replay reads the message back, so a deleted body replays empty and no
-reply is stored twice), and a
-session that has ended replays nothing but the request that ended it. With the
-result goes the request's *fingerprint* (``request_fingerprint``: a hash of its
-op and of the arguments the client sent), so a request id reused for other
-arguments is refused (``Conflict``) instead of answered with a result that is not
-its own, as payment APIs treat their idempotency keys.
+first result of a request id is stored in the same transaction as the change,
+and a retry with the same id (after a timeout or a failover) returns it and
+changes nothing more; a session that has ended replays nothing but the request
+that ended it. With the result goes the request's *fingerprint*
+(``request_fingerprint``: a hash of its op and of the arguments the client
+sent), so a request id reused for other arguments is refused (``Conflict``)
+instead of answered with a result that is not its own, as payment APIs treat
+their idempotency keys.
+
+Where the first result is kept depends on the op:
+
+* a ``send`` keeps its request in its own message row (schema v5): the id as
+  ``request_key`` (``request_key``: 16 bytes for a client's 32 hex digits) and
+  ``request_check``, 8 bytes of a hash of the caller and the fingerprint
+  (``request_check``). The result is the row itself: a replay reads it back
+  (``_replay_sent``), so a deleted body replays empty and no copy of a body
+  outlives its deletion. Sends are nearly all the writes, and a ``requests`` row
+  per send cost more than its message (about 290 bytes with its two indexes,
+  against 160, and as much again in the log): this way a message is one
+  replicated row, 25 bytes wider, plus an entry of about 30 bytes in the partial
+  index ``messages_by_request``. The id is forgotten when its message is older
+  than ``request_retention`` (the lookup ignores it: nothing is written to
+  forget it), so the index is not UNIQUE and the newest message of a key counts;
+* every other write keeps a ``requests`` row (op, result, caller, fingerprint),
+  deleted after ``request_retention`` by ``prune_requests``. Sends stored there
+  before v5 still replay from it (``_replayed_send``) until pruned.
+
+Every write looks its id up in both places, so an id is refused for another op
+wherever its first use is kept.
 
 Only successes are stored. A refused write changed nothing, and its retry may
 rightly succeed (a ``send`` to a name registered since); storing refusals would
@@ -93,6 +114,7 @@ import functools
 import hashlib
 import hmac
 import json
+import math
 import re
 import secrets
 import string
@@ -762,17 +784,25 @@ def send(
     token_hash: str | None,
     request_id: str,
     sessions: Sessions = UNCACHED,
+    check: bytes | None = None,
 ) -> Result:
+    """A new message; its row also keeps the request (see "Requests" above): the key
+    of ``request_id`` and ``check`` (by default the one of ``args`` as the client
+    sent them, for the caller of ``token_hash``)."""
     sender_id, sender = sessions.use(db, token_hash, now)
     to = _required_str(args, "to")
     body = validate_body(args.get("body"))
     recipient_id, recipient, deleted = _find_user(db, to, "to")
     if deleted:
         raise Gone(f"the account {recipient} was deleted")
+    if check is None:
+        check = request_check(
+            request_caller("send", args, token_hash), request_fingerprint("send", args)
+        )
     row = db.one(
-        "INSERT INTO messages(sender_id, recipient_id, body, sent_at) VALUES (?, ?, ?, ?) "
-        "RETURNING id",
-        (sender_id, recipient_id, body, now),
+        "INSERT INTO messages(sender_id, recipient_id, body, sent_at, request_key, request_check) "
+        "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+        (sender_id, recipient_id, body, now, request_key(request_id), check),
     )
     assert row is not None
     # The row as _message_dicts would read it back, without reading it back.
@@ -1053,31 +1083,39 @@ def apply_write(
     now: float,
     fingerprint: str | None = None,
     sessions: Sessions = UNCACHED,
+    retention: float = math.inf,
 ) -> Result:
     """Run one write operation once per request id (see the module docstring).
 
     ``fingerprint`` is the request's as the client made it, when the server wrote
     other arguments for it (the marks of a ``read``); by default it is ``op``'s and
-    ``args``' own. ``sessions`` finds the caller's session (the writer's cache)."""
+    ``args``' own. ``sessions`` finds the caller's session (the writer's cache).
+    ``retention``: a send's request id is forgotten once its message is that many
+    seconds old (``requests`` rows are forgotten by ``prune_requests``)."""
+    request = _Request(request_id, now, fingerprint, retention)
     if op in _CHANGES_SESSIONS:
         try:
-            return _apply_write(db, op, args, token_hash, request_id, now, fingerprint, sessions)
+            return _apply_write(db, op, args, token_hash, request, sessions)
         finally:
             # Applied, replayed or refused: this op may have changed sessions.
             sessions.forget()
-    return _apply_write(db, op, args, token_hash, request_id, now, fingerprint, sessions)
+    return _apply_write(db, op, args, token_hash, request, sessions)
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What ``apply_write`` knows of a request besides its op and arguments."""
+
+    id: str
+    now: float
+    fingerprint: str | None
+    retention: float
 
 
 def _apply_write(
-    db: Db,
-    op: str,
-    args: Args,
-    token_hash: str | None,
-    request_id: str,
-    now: float,
-    fingerprint: str | None,
-    sessions: Sessions,
+    db: Db, op: str, args: Args, token_hash: str | None, request: _Request, sessions: Sessions
 ) -> Result:
+    request_id, now = request.id, request.now
     if op not in WRITE_HANDLERS:
         raise InvalidInput(f"unknown operation {op!r}")
     if not isinstance(request_id, str) or not 0 < len(request_id) <= MAX_REQUEST_ID:
@@ -1089,19 +1127,29 @@ def _apply_write(
     if unknown:
         raise InvalidInput(f"unknown field '{unknown[0]}' for {op}")
     caller = request_caller(op, args, token_hash)
+    fingerprint = request.fingerprint
     if fingerprint is None:
         fingerprint = request_fingerprint(op, args)
     stored = db.one(
         "SELECT op, result, caller, fingerprint FROM requests WHERE request_id = ?",
         (request_id,),
     )
-    if stored is not None:
+    # Every op looks in both places: an id is refused for another op wherever it is.
+    sent = None if stored is not None else _sent(db, request_id, now - request.retention)
+    if stored is not None or sent is not None:
+        user = None
         if op not in _BY_NAME and op not in _ENDS_SESSION:
             # A session that has ended replays nothing, not even its own requests;
             # only the request that ended it (its first reply may have been lost).
-            sessions.user(db, token_hash, now)
-        return _replay(db, op, args, request_id, (caller, fingerprint), stored)
+            user = sessions.user(db, token_hash, now)
+        if stored is not None:
+            return _replay(db, op, args, request_id, (caller, fingerprint), stored)
+        assert sent is not None
+        return _replay_sent(op, request_id, user, request_check(caller, fingerprint), sent)
     try:
+        if op == "send":
+            check = request_check(caller, fingerprint)
+            return send(db, now, args, token_hash, request_id, sessions, check)
         result = handler(db, now, args, token_hash, request_id, sessions)
     except ConstraintViolation as exc:
         # Every constraint a user can hit is checked first (a taken name is Conflict).
@@ -1109,25 +1157,72 @@ def _apply_write(
     db.execute(
         "INSERT INTO requests(request_id, op, result, caller, created_at, fingerprint) "
         "VALUES (?, ?, ?, ?, ?, ?)",
-        (request_id, op, orjson.dumps(_stored_form(op, result)).decode(), caller, now, fingerprint),
+        (request_id, op, orjson.dumps(result).decode(), caller, now, fingerprint),
     )
     return result
 
 
-def _stored_form(op: str, result: Result) -> Result:
-    """What ``requests`` keeps of a result: of a sent message only its id. A replay
-    reads the rest back from ``messages`` (``_replayed_send``), so the reply is not
-    stored twice, a message deleted since replays with an empty body, and no copy
-    of a body outlives its deletion."""
-    if op != "send":
-        return result
-    return {"message_id": result["message"]["id"]}
+_HEX_ID = re.compile(r"(?:[0-9a-f]{2})+")
+# The bytes of sha256 a message row keeps of its request's caller and fingerprint.
+CHECK_BYTES = 8
+
+
+def request_key(request_id: str) -> bytes | str:
+    """How a message row keeps the id of the request that sent it: the bytes of an id
+    of lower-case hex digits (an even number of them; clients make 32), any other id
+    as it is. Exact both ways: hex decoding is one-to-one on such ids, and SQLite
+    never finds a BLOB equal to a TEXT."""
+    return bytes.fromhex(request_id) if _HEX_ID.fullmatch(request_id) else request_id
+
+
+def request_check(caller: str, fingerprint: str) -> bytes:
+    """What a message row keeps of its request's caller and fingerprint: the first
+    ``CHECK_BYTES`` of their sha256. A retry under the same id from another caller
+    or with other arguments matches it by chance once in 2**64 tries: the id alone
+    finds the message, so this only tells a mistaken reuse of an id from a retry."""
+    digest = hashlib.sha256(f"{caller}\n{fingerprint}".encode("utf-8", "surrogatepass"))
+    return digest.digest()[:CHECK_BYTES]
+
+
+def _sent(db: Db, request_id: str, since: float) -> tuple[Any, ...] | None:
+    """The newest message sent under ``request_id`` at ``since`` or later, as
+    ``_replay_sent`` takes it; None if there is none."""
+    row = db.one(
+        "SELECT m.id, s.name, r.name, m.body, m.sent_at, m.recipient_id, m.sender_id, "
+        "m.request_check FROM messages m JOIN users s ON s.id = m.sender_id "
+        "JOIN users r ON r.id = m.recipient_id WHERE m.request_key = ? "
+        "ORDER BY m.id DESC LIMIT 1",
+        (request_key(request_id),),
+    )
+    return None if row is None or float(row[4]) < since else row
+
+
+def _replay_sent(
+    op: str,
+    request_id: str,
+    user: tuple[int, str] | None,
+    check: bytes,
+    sent: tuple[Any, ...],
+) -> Result:
+    """A ``send``'s first result again, from its message row (``_sent``). The row's
+    sender, recipient and time never change, and the first reply said ``read:
+    false``; a message deleted since replays with its body empty."""
+    message_id, sender, recipient, body, sent_at, recipient_id, sender_id, stored = sent
+    if op != "send" or user is None or user[0] != int(sender_id):
+        raise Conflict(f"request id {request_id} was already used for another operation")
+    if not hmac.compare_digest(bytes(stored), check):
+        raise Conflict(
+            f"request id {request_id} was already used for a request with other arguments "
+            "or from another session; use a new id for a new request"
+        )
+    message = _message_dict(message_id, sender, recipient, body, sent_at, read=False)
+    return {"message": message, "recipient_id": int(recipient_id)}
 
 
 def _replayed_send(db: Db, stored: Result) -> Result:
-    """A ``send``'s first result again, from its message row. The row's sender,
-    recipient and time never change, and the first reply said ``read: false``.
-    A result stored before only the id was kept holds the message without its body."""
+    """A ``send``'s first result again, for a send stored in ``requests`` before v5 of
+    the schema (``_replay_sent`` does it for the sends since). Its result is the
+    message id, or, before that, the message without its body."""
     if "message" in stored:
         body = db.value("SELECT body FROM messages WHERE id = ?", (stored["message"]["id"],))
         stored["message"]["body"] = "" if body is None else str(body)
@@ -1197,7 +1292,17 @@ class ChatApplication:
         now: float,
         fingerprint: str | None,
     ) -> Result:
-        return apply_write(db, op, args, token_hash, request_id, now, fingerprint, self.sessions)
+        return apply_write(
+            db,
+            op,
+            args,
+            token_hash,
+            request_id,
+            now,
+            fingerprint,
+            self.sessions,
+            self.request_retention,
+        )
 
     def reset(self) -> None:
         self.sessions.forget()

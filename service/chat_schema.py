@@ -83,10 +83,24 @@ _SCHEMA_V4 = """
 ALTER TABLE requests ADD COLUMN fingerprint TEXT NOT NULL DEFAULT '';
 """
 
+# v5: a send's request is remembered in its message row, not in ``requests``: one
+# replicated row per message (chat.py, "Requests"). ``request_key`` is the request
+# id (chat.request_key: 16 bytes for the 32 hex digits clients send) and
+# ``request_check`` 8 bytes of a hash of the caller and the fingerprint. The index is
+# partial: messages sent before have no key (their requests rows replay them until
+# they are pruned) and cost no index entry. Not UNIQUE: an id may be used afresh once
+# its request_retention has passed, and the newest message of a key is the one that
+# counts.
+_SCHEMA_V5 = """
+ALTER TABLE messages ADD COLUMN request_key BLOB;
+ALTER TABLE messages ADD COLUMN request_check BLOB;
+CREATE INDEX messages_by_request ON messages (request_key) WHERE request_key IS NOT NULL;
+"""
+
 # Migration i (0-based) takes the schema from user_version i to i + 1. Append only:
 # a database in service has run the ones before, and every node must end with the
 # same rows, so a migration never changes once released.
-MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+MIGRATIONS: tuple[str, ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5)
 
 # The chat's tables, each with its primary key, in the order v1 creates them. All of
 # them are replicated: storage replicates every table but its node-local ones, and

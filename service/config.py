@@ -100,7 +100,11 @@ class NodeConfig:
     safety_margin: float = 0.3
     # A tick later than this after the previous one means the node was frozen.
     clock_gap: float = 0.5
+    # The log keeps at most this many records, and at most this many bytes of them
+    # (changesets; the newest record stays whatever its size). Bytes bound the disk;
+    # the count bounds the rows when records are small (one write per batch).
     log_retention: int = 100_000
+    log_retention_bytes: int = 32 * 1024 * 1024
     # Compare per-table checksums across the nodes at a quiet moment this often
     # (replication/verify.py); 0 turns it off.
     verify_interval: float = 300.0
@@ -245,8 +249,8 @@ class NodeConfig:
             )
         if self.heartbeat_interval * 3 > self.suspect_timeout:
             raise InvalidInput("suspect_timeout must be at least three heartbeats")
-        if self.log_retention < 1 or self.max_batch < 1:
-            raise InvalidInput("log_retention and max_batch must be positive")
+        if self.log_retention < 1 or self.log_retention_bytes < 1 or self.max_batch < 1:
+            raise InvalidInput("log_retention, log_retention_bytes and max_batch must be positive")
         if self.rollback_max_files < 1 or self.rollback_max_bytes < 1:
             raise InvalidInput("rollback_max_files and rollback_max_bytes must be positive")
         if not MIN_CLIENT_FRAME <= self.max_client_frame <= self.max_frame:

@@ -38,6 +38,19 @@ COMMIT; ``sync()`` runs a passive checkpoint on a connection of its own once
 the WAL has grown. Rare writes that must be durable on return (votes, a
 rewind, an installed snapshot) still are.
 
+The log is bounded. ``txlog`` keeps the newest records for backups that catch
+up from it (a backup further behind gets a snapshot); ``prune_log`` deletes the
+oldest beyond a count of records and beyond a size in bytes of changesets (the
+runtime passes ``log_retention`` and ``log_retention_bytes``). Bytes are what
+bound the disk: a record is a batch, from one write to hundreds. A prune reads
+only the records it deletes; the size of the rest is a running count in memory
+(counted from the log's leaf pages once at start and after a rewind or a snapshot
+install, which forget it), so the log's table needs no column for it. Deleted
+pages go to SQLite's free list and new pages reuse them: the file stays as large
+as the database was at its largest, which the bound keeps small. Hence no
+``auto_vacuum``: it cannot be turned on in an existing database without a VACUUM,
+and a file it shrank would only grow again with the next records.
+
 A session per batch costs about half a microsecond to create, attach and
 close; recording the rows is the real cost, and any other mechanism would pay
 it too, so a fresh session per batch is kept for its simplicity.
@@ -81,7 +94,8 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .apply_records(records) -> Position                 backup: one transaction
         .log_range(after_seq, limit) -> list[LogRecord]
         .first_log_seq() -> int | None
-        .prune_log(keep) -> int
+        .prune_log(keep, keep_bytes=None) -> int           the oldest records go
+        .log_bytes() -> int                                 bytes of changesets in the log
         .rewind(to_seq, rollback_path) -> int
         .make_snapshot(dest) -> Position
         .install_snapshot(src) -> Position
@@ -115,6 +129,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -131,6 +146,8 @@ BUSY_TIMEOUT_MS = 5000
 # touch (an index leaf) back to the database once instead of several times,
 # for a WAL of at most ~32 MiB to scan at start-up.
 CHECKPOINT_WAL_PAGES = 8000
+# prune_log reads the sizes of the oldest records this many at a time.
+PRUNE_CHUNK = 1000
 T = TypeVar("T")
 SYNCHRONOUS_LEVELS = ("FULL", "EXTRA", "NORMAL")
 
@@ -453,6 +470,37 @@ def _copy_database(src: apsw.Connection, dest: apsw.Connection) -> None:
         backup.step(-1)
 
 
+@dataclass(frozen=True)
+class _LogSize:
+    """The bytes of changesets of the records ``first`` to ``last``, as last counted."""
+
+    first: int
+    last: int
+    bytes: int
+
+
+def _log_cut(
+    db: Db, first: int, count_cut: int, last: int, total: int, keep_bytes: int | None
+) -> tuple[int, int]:
+    """The last seq ``prune_log`` deletes, and the bytes of the records up to it: every
+    record up to ``count_cut``, then the oldest while the records left (``total``
+    bytes in all) exceed ``keep_bytes``, never ``last``. Reads the log oldest first,
+    a chunk at a time, and stops at the first record that stays."""
+    cut, dropped = first - 1, 0
+    while True:
+        rows = db.execute(
+            "SELECT seq, length(changeset) FROM txlog WHERE seq > ? ORDER BY seq LIMIT ?",
+            (cut, PRUNE_CHUNK),
+        )
+        for seq, size in rows:
+            over_bytes = keep_bytes is not None and seq < last and total - dropped > keep_bytes
+            if seq > count_cut and not over_bytes:
+                return cut, dropped
+            cut, dropped = int(seq), dropped + int(size)
+        if len(rows) < PRUNE_CHUNK:
+            return cut, dropped
+
+
 class Batch:
     """One write transaction on the primary; see the module docstring."""
 
@@ -620,6 +668,8 @@ class Storage:
         self.wal_path = self.path.with_name(self.path.name + "-wal")
         self._checkpointer: apsw.Connection | None = None
         self._wal_pages = 0
+        # The log's size as prune_log last counted it; None: to count afresh.
+        self._log_size: _LogSize | None = None
         # What a crash left in the OS page cache is put on disk before this node
         # reports any of it as durable.
         self._sync_files()
@@ -807,6 +857,8 @@ class Storage:
             for record in reversed(removed):
                 _apply_changeset(self._conn, apsw.Changeset.invert(record.changeset), record.seq)
             self._db.execute("DELETE FROM txlog WHERE seq > ?", (to_seq,))
+            # The seqs removed may be written again, with other sizes.
+            self._log_size = None
             self._db.execute("DELETE FROM epochs WHERE start_seq > ?", (to_seq,))
             epoch = self._db.value(
                 "SELECT max(epoch) FROM epochs WHERE start_seq <= ?", (to_seq,), default=0
@@ -832,13 +884,46 @@ class Storage:
         value = self._reader_db.value("SELECT min(seq) FROM txlog")
         return None if value is None else int(value)
 
-    def prune_log(self, keep: int) -> int:
-        """Delete all but the newest ``keep`` records; the position is kept regardless."""
+    def prune_log(self, keep: int, keep_bytes: int | None = None) -> int:
+        """Delete the oldest records, so that at most the newest ``keep`` remain and
+        their changesets add up to at most ``keep_bytes`` (None: no bound in bytes);
+        the newest record stays whatever its size unless ``keep`` is 0. Returns how
+        many went; the position is kept regardless.
+
+        Reads only the records it deletes (and one more): the size of the rest is
+        this object's running count (``_LogSize``), topped up with the records
+        appended since the last prune."""
         db = self._control_db
         with self._transaction(conn=self._control):
-            newest = int(db.value("SELECT max(seq) FROM txlog", default=0))
-            db.execute("DELETE FROM txlog WHERE seq <= ?", (newest - max(keep, 0),))
-            return db.changes()
+            bounds = db.one("SELECT min(seq), max(seq) FROM txlog")
+            if bounds is None or bounds[0] is None:
+                self._log_size = None
+                return 0
+            first, last = int(bounds[0]), int(bounds[1])
+            total = self._log_bytes(db, first, last)
+            cut, dropped = _log_cut(db, first, last - max(keep, 0), last, total, keep_bytes)
+            if cut >= first:
+                db.execute("DELETE FROM txlog WHERE seq <= ?", (cut,))
+            self._log_size = _LogSize(cut + 1, last, total - dropped)
+            return max(cut - first + 1, 0)
+
+    def log_bytes(self) -> int:
+        """The bytes of changesets the log holds (what ``keep_bytes`` bounds)."""
+        value = self._reader_db.value("SELECT sum(length(changeset)) FROM txlog", default=0)
+        return int(value)
+
+    def _log_bytes(self, db: Db, first: int, last: int) -> int:
+        """The log's bytes of changesets, ``first`` to ``last``: the running count plus
+        the records appended since, or (at start, after a rewind or a snapshot, which
+        forget the count) a scan of the log's leaf pages (``length`` of a blob reads no
+        overflow page)."""
+        known = self._log_size
+        if known is None or known.first != first or known.last > last:
+            return int(db.value("SELECT sum(length(changeset)) FROM txlog", default=0))
+        added = db.value(
+            "SELECT sum(length(changeset)) FROM txlog WHERE seq > ?", (known.last,), default=0
+        )
+        return known.bytes + int(added)
 
     # ---- snapshots -------------------------------------------------------------------
 
@@ -902,6 +987,7 @@ class Storage:
         if self._writer_synchronous == "NORMAL":
             self._sync_files()
         self.replicated_tables = _replicated_tables(self._db)
+        self._log_size = None
         return self.position()
 
     # ---- checks ----------------------------------------------------------------------

@@ -518,7 +518,9 @@ class Replicator:
                 with contextlib.suppress(StorageFault):
                     # A disk that refuses this refuses the write path too, which
                     # reports it; the log is pruned once it recovers.
-                    self.storage.prune_log(self.config.log_retention)
+                    self.storage.prune_log(
+                        self.config.log_retention, self.config.log_retention_bytes
+                    )
                     self.core.on_log_pruned(self.storage.first_log_seq())
             await asyncio.sleep(TICK)
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import apsw
 import pytest
 
 from service import chat
@@ -1266,12 +1267,12 @@ def _prune(svc: Service, before: float, limit: int) -> int:
 def test_prune_requests_forgets_only_ids_older_than_the_cutoff_oldest_first(
     svc: Service, ann: str
 ) -> None:
-    svc.send(ann, "ann", "first")
-    svc.write("send", {"to": "ann", "body": "second"}, ann, request_id="keep-me")
+    svc.write("touch", {}, ann)
+    svc.write("touch", {}, ann, request_id="keep-me")
     cutoff = float(svc.db.value("SELECT created_at FROM requests WHERE request_id = 'keep-me'"))
     stored = svc.db.value("SELECT count(*) FROM requests")
     older = svc.db.value("SELECT count(*) FROM requests WHERE created_at < ?", (cutoff,))
-    assert older >= 2  # the registration and login of ann, then "first"
+    assert older >= 2  # the registration and login of ann, then the first touch
     assert _prune(svc, before=cutoff, limit=1) == 1
     assert svc.db.value("SELECT count(*) FROM requests") == stored - 1
     assert _prune(svc, before=cutoff, limit=100) == older - 1
@@ -1298,36 +1299,130 @@ def test_a_logged_out_session_replays_nothing(svc: Service, ann: str, bob: str) 
 
 def test_a_deleted_message_is_not_kept_for_replays(svc: Service, ann: str, bob: str) -> None:
     first = svc.write("send", {"to": "bob", "body": "delete me"}, ann, request_id="send-1")
-    stored = str(svc.db.value("SELECT result FROM requests WHERE request_id = 'send-1'"))
-    assert "delete me" not in stored
+    assert svc.db.value("SELECT count(*) FROM requests WHERE request_id = 'send-1'") == 0
     svc.write("delete_messages", {"ids": [first["message"]["id"]]}, ann)
     replay = svc.write("send", {"to": "bob", "body": "delete me"}, ann, request_id="send-1")
     assert replay["message"]["id"] == first["message"]["id"]
     assert replay["message"]["body"] == ""
 
 
-def test_a_send_stores_only_its_message_id_and_replays_its_first_reply(
+def test_a_send_is_one_replicated_row_and_replays_its_first_reply(
     svc: Service, ann: str, bob: str
 ) -> None:
-    """The reply is in the message row already: the request row keeps its id only,
+    """The request is kept in the message row (no requests row), its id in 16 bytes,
     and a replay after the message was read still says what the first reply said."""
-    first = svc.write("send", {"to": "bob", "body": "once"}, ann, request_id="send-1")
-    stored = svc.db.value("SELECT result FROM requests WHERE request_id = 'send-1'")
-    assert json.loads(stored) == {"message_id": first["message"]["id"]}
+    request_id = "0123456789abcdef" * 2
+    requests = svc.db.value("SELECT count(*) FROM requests")
+    first = svc.write("send", {"to": "bob", "body": "once"}, ann, request_id=request_id)
+    record = svc.storage.log_range(svc.storage.position().seq - 1, 1)[0]
+    tables = {change.name for change in apsw.Changeset.iter(record.changeset)}
+    assert tables == {"messages"}
+    assert svc.db.value("SELECT count(*) FROM requests") == requests
+    key, check = svc.db.one(
+        "SELECT request_key, request_check FROM messages WHERE id = ?", (first["message"]["id"],)
+    ) or (None, None)
+    assert key == bytes.fromhex(request_id)
+    assert len(check) == chat.CHECK_BYTES
     svc.read(bob)
-    assert svc.write("send", {"to": "bob", "body": "once"}, ann, request_id="send-1") == first
+    assert svc.write("send", {"to": "bob", "body": "once"}, ann, request_id=request_id) == first
+    assert svc.db.value("SELECT count(*) FROM messages") == 1
 
 
-def test_a_send_stored_with_its_whole_reply_still_replays(svc: Service, ann: str) -> None:
-    """A request row written before only the message id was kept."""
-    first = svc.write("send", {"to": "ann", "body": "old"}, ann, request_id="send-1")
-    message = {k: v for k, v in first["message"].items() if k != "body"}
-    old_form = json.dumps({"message": message, "recipient_id": first["recipient_id"]})
-    batch = svc.storage.begin_batch()
-    batch.db.execute("UPDATE requests SET result = ? WHERE request_id = 'send-1'", (old_form,))
-    batch.seal(1)
-    batch.commit()
-    assert svc.write("send", {"to": "ann", "body": "old"}, ann, request_id="send-1") == first
+def test_request_keys_tell_every_request_id_apart(svc: Service, ann: str) -> None:
+    """Hex ids are kept as bytes, any other as text: never two ids for one key."""
+    ids = ["00ff", "00FF", "0x00ff", "00f", "\x00\xff"]
+    sent = [svc.write("send", {"to": "ann", "body": "x"}, ann, request_id=i) for i in ids]
+    assert len({r["message"]["id"] for r in sent}) == len(ids)
+    assert chat.request_key("00ff") == b"\x00\xff"
+    assert chat.request_key("00FF") == "00FF"
+    for request_id, first in zip(ids, sent, strict=True):
+        assert svc.write("send", {"to": "ann", "body": "x"}, ann, request_id=request_id) == first
+
+
+def test_a_send_id_is_refused_to_another_op_another_user_and_another_session(
+    svc: Service, ann: str, bob: str
+) -> None:
+    first = svc.write("send", {"to": "bob", "body": "x"}, ann, request_id="s1")
+    other_session = svc.login("ann")
+    sums = svc.storage.checksums()
+    with pytest.raises(Conflict, match="another operation"):
+        svc.write("send", {"to": "bob", "body": "x"}, bob, request_id="s1")
+    with pytest.raises(Conflict, match="another operation"):
+        svc.write("mark_read", {"ids": [1]}, ann, request_id="s1")
+    with pytest.raises(Conflict, match="another operation"):
+        svc.write("logout", {}, ann, request_id="s1")
+    with pytest.raises(Conflict, match="another session"):
+        svc.write("send", {"to": "bob", "body": "x"}, other_session, request_id="s1")
+    assert svc.storage.checksums() == sums
+    # And the other way: an id kept in requests is refused to a send.
+    svc.write("mark_read", {"ids": [first["message"]["id"]]}, bob, request_id="m1")
+    with pytest.raises(Conflict, match="another operation"):
+        svc.write("send", {"to": "ann", "body": "x"}, bob, request_id="m1")
+
+
+def test_a_send_id_is_forgotten_after_the_request_retention(
+    svc: Service, ann: str, bob: str
+) -> None:
+    first = svc.write("send", {"to": "bob", "body": "x"}, ann, request_id="s1")
+    svc.now += svc.app.request_retention - 2  # the retry comes 1 s before the end
+    assert svc.write("send", {"to": "bob", "body": "x"}, ann, request_id="s1") == first
+    svc.now += 2
+    again = svc.write("send", {"to": "bob", "body": "y"}, ann, request_id="s1")
+    assert again["message"]["id"] != first["message"]["id"]
+    # The newest message of the id is the one a retry finds.
+    assert svc.write("send", {"to": "bob", "body": "y"}, ann, request_id="s1") == again
+    with pytest.raises(Conflict, match="other arguments"):
+        svc.write("send", {"to": "bob", "body": "x"}, ann, request_id="s1")
+
+
+def _v4_database(path: Path) -> None:
+    """A database as the code of schema v4 left it: ann (session ``"ab" * 32``) sent two
+    messages to herself, each with a requests row, one in each form a send's result
+    was stored in (its id; before that, the message without its body)."""
+    caller = "session:" + "ab" * 32
+    fingerprint = chat.request_fingerprint("send", {"to": "ann", "body": "old"})
+    message = {"id": 2, "from": "ann", "to": "ann", "sent_at": 1000.0, "read": False}
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript("".join(schema_migrations(MIGRATIONS)[:4]))
+        old.execute("INSERT INTO users VALUES (1, 'ann', 'ann', ?, 900.0, NULL)", (PASSWORD_HASH,))
+        old.execute(
+            "INSERT INTO sessions VALUES (?, 1, 'login', 900.0, 1e12, 1e12, 1e12)", ("ab" * 32,)
+        )
+        for message_id, result in (
+            (1, {"message_id": 1}),
+            (2, {"message": message, "recipient_id": 1}),
+        ):
+            old.execute(
+                "INSERT INTO messages VALUES (?, 1, 1, 'old', 1000.0, NULL, NULL)", (message_id,)
+            )
+            old.execute(
+                "INSERT INTO requests VALUES (?, 'send', ?, ?, 1000.0, ?)",
+                (f"old-{message_id}", json.dumps(result), caller, fingerprint),
+            )
+        old.execute("PRAGMA user_version=4")
+        old.commit()
+
+
+def test_sends_stored_by_schema_v4_still_replay_after_the_migration(tmp_path: Path) -> None:
+    path = tmp_path / "v4.db"
+    _v4_database(path)
+    svc = Service(Storage(path, migrations=MIGRATIONS))
+    try:
+        assert svc.db.value("SELECT count(*) FROM messages WHERE request_key IS NULL") == 2
+        svc.now = 1010.0
+        ann = "ab" * 32
+        args = {"to": "ann", "body": "old"}
+        for message_id in (1, 2):
+            replay = svc.write("send", args, ann, request_id=f"old-{message_id}")
+            assert replay["message"]["id"] == message_id
+            assert replay["message"]["body"] == "old"
+            with pytest.raises(Conflict, match="other arguments"):
+                svc.write("send", {**args, "body": "new"}, ann, request_id=f"old-{message_id}")
+        assert svc.db.value("SELECT count(*) FROM messages") == 2
+        new = svc.write("send", args, ann, request_id="new")
+        assert svc.write("send", args, ann, request_id="new") == new
+    finally:
+        svc.storage.close()
 
 
 def test_a_delete_names_at_most_a_bounded_number_of_ids(svc: Service, ann: str) -> None:

@@ -1,7 +1,8 @@
 """The chat schema as storage takes it (``service/chat_schema.py``), on real SQLite files.
 
-The schema moved out of storage without changing a byte: a new database and
-one migrated from any earlier version hold exactly the schema released as v4.
+The schema moved out of storage without changing a byte, and a migration never
+changes once released: a database at v4 holds exactly the schema released as v4,
+and a new database and one migrated from any earlier version the one of v5.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from service.storage import OWN_REPLICATED, Storage, schema_migrations
 # sha256 of a new v4 database's sqlite_master (type, name, table, root page, SQL), as
 # the code before the move made it: any change to a released statement shows here.
 RELEASED_V4_SCHEMA = "67aec5c15402a2afaf790f6ee0850d5b469ffd595c4ee14e14dd974bbe19c517"
+# The same of v5 (a send's request in its message row).
+RELEASED_V5_SCHEMA = "9de13389bd79d88e065e4555d7cca1d93322bb9b2c350572b21e0da5ad750faa"
 
 
 def schema_rows(storage: Storage) -> list[tuple[object, ...]]:
@@ -43,20 +46,28 @@ def old_database(path: Path, version: int) -> None:
 def test_a_new_database_has_the_released_schema(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "new.db", migrations=MIGRATIONS)
     try:
-        assert storage.db.value("PRAGMA user_version") == len(MIGRATIONS) == 4
+        assert storage.db.value("PRAGMA user_version") == len(MIGRATIONS) == 5
+        assert digest(schema_rows(storage)) == RELEASED_V5_SCHEMA
+    finally:
+        storage.close()
+
+
+def test_the_first_four_migrations_still_make_the_released_v4_schema(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "v4.db", migrations=MIGRATIONS[:4])
+    try:
         assert digest(schema_rows(storage)) == RELEASED_V4_SCHEMA
     finally:
         storage.close()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
+@pytest.mark.parametrize("version", [1, 2, 3, 4])
 def test_an_old_database_migrates_to_the_released_schema(tmp_path: Path, version: int) -> None:
     path = tmp_path / f"v{version}.db"
     old_database(path, version)
     storage = Storage(path, migrations=MIGRATIONS)
     try:
         assert storage.db.value("PRAGMA user_version") == len(MIGRATIONS)
-        assert digest(schema_rows(storage)) == RELEASED_V4_SCHEMA
+        assert digest(schema_rows(storage)) == RELEASED_V5_SCHEMA
     finally:
         storage.close()
 

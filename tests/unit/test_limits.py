@@ -27,7 +27,7 @@ import pytest
 
 from service import chat, protocol
 from service.chat_schema import MIGRATIONS
-from service.config import MIN_CLIENT_FRAME, RESERVED_FILES, NodeConfig, Peer
+from service.config import MIN_CLIENT_FRAME, RESERVED_FILES, NodeConfig, Peer, load
 from service.errors import FrameTooLarge, InvalidInput
 from service.server import ended_sessions
 from service.storage import Storage
@@ -107,6 +107,15 @@ def test_an_explicit_max_clients_wins_and_bad_limits_are_refused() -> None:
         _config(max_client_frame=1024)
     with pytest.raises(InvalidInput):
         _config(max_client_frame=16 * 1024 * 1024)
+
+
+def test_the_log_retention_in_bytes_is_a_setting_and_must_be_positive() -> None:
+    assert _config().log_retention_bytes == 32 * 1024 * 1024
+    required = {"node_id": "1", "data_dir": "d", "nodes": "1=127.0.0.1:7001"}
+    assert load(None, {**required, "log_retention_bytes": "1048576"}).log_retention_bytes == 2**20
+    for bad in (0, -1):
+        with pytest.raises(InvalidInput, match="log_retention_bytes"):
+            _config(log_retention_bytes=bad)
 
 
 # ---- throttled log lines ------------------------------------------------------------------------

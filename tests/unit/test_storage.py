@@ -520,6 +520,82 @@ def test_prune_log_keeps_the_newest_records_and_the_position(primary: Storage) -
     assert add_user(primary, "next").seq == 6
 
 
+def add_sized(storage: Storage, size: int) -> LogRecord:
+    """A record whose changeset grows with ``size`` (a user with a hash that long)."""
+    return write(
+        storage,
+        "INSERT INTO users(name, name_key, password_hash, created_at) VALUES (?, ?, ?, 1.0)",
+        (f"s{size}-{os.urandom(4).hex()}", f"s{size}-{os.urandom(4).hex()}", "h" * size),
+    )
+
+
+def kept_within(records: list[LogRecord], keep_bytes: int) -> list[LogRecord]:
+    """The newest records whose changesets add up to ``keep_bytes`` at most (at least one)."""
+    kept: list[LogRecord] = []
+    for record in reversed(records):
+        if kept and sum(len(r.changeset) for r in kept) + len(record.changeset) > keep_bytes:
+            break
+        kept.insert(0, record)
+    return kept
+
+
+def test_prune_log_keeps_the_newest_records_within_a_size_in_bytes(primary: Storage) -> None:
+    records = [add_sized(primary, size) for size in (100, 2000, 50, 6000, 300, 700, 10)]
+    budget = sum(len(r.changeset) for r in records[-3:]) + 20
+    assert primary.prune_log(keep=100, keep_bytes=budget) == 4
+    assert primary.log_range(0, 100) == records[-3:]
+    assert primary.log_bytes() == sum(len(r.changeset) for r in records[-3:])
+    assert primary.position() == Position(1, 7)
+    # The count still bounds the log when it is the smaller bound.
+    assert primary.prune_log(keep=2, keep_bytes=budget) == 1
+    assert primary.log_range(0, 100) == records[-2:]
+
+
+def test_prune_log_keeps_the_newest_record_whatever_its_size(primary: Storage) -> None:
+    records = [add_sized(primary, size) for size in (10, 5000)]
+    assert primary.prune_log(keep=100, keep_bytes=1) == 1
+    assert primary.log_range(0, 10) == records[1:]
+    assert primary.prune_log(keep=100, keep_bytes=1) == 0
+
+
+def test_prune_log_counts_the_records_appended_since_the_last_prune(
+    primary: Storage, backup: Storage
+) -> None:
+    """The running size: records sealed on a primary and applied on a backup."""
+    records: list[LogRecord] = []
+    budget = 5000
+    for round_sizes in ((100, 2000, 3000), (50, 4000), (10, 10, 10, 2500)):
+        new = [add_sized(primary, size) for size in round_sizes]
+        records += new
+        backup.apply_records(new)
+        for storage in (primary, backup):
+            storage.prune_log(keep=100, keep_bytes=budget)
+            assert storage.log_range(0, 100) == kept_within(records, budget)
+            assert storage.log_bytes() <= budget
+
+
+def test_prune_log_counts_afresh_after_a_rewind_and_a_snapshot(
+    primary: Storage, backup: Storage, tmp_path: Path
+) -> None:
+    """A rewind removes records whose seqs come again with other sizes; a snapshot
+    brings another log: neither may leave the running size behind."""
+    records = [add_sized(backup, size) for size in (100, 100, 100, 100)]
+    backup.prune_log(keep=100, keep_bytes=10_000)
+    backup.rewind(2, tmp_path / "rollback" / "r.jsonl")
+    records = records[:2] + [add_sized(backup, size) for size in (3000, 3000)]
+    budget = sum(len(r.changeset) for r in records[-2:])
+    backup.prune_log(keep=100, keep_bytes=budget)
+    assert backup.log_range(0, 100) == records[-2:]
+
+    for size in (4000, 4000, 4000):
+        add_sized(primary, size)
+    primary.make_snapshot(tmp_path / "snap.db")
+    backup.install_snapshot(tmp_path / "snap.db")
+    newest = primary.log_range(0, 100)
+    backup.prune_log(keep=100, keep_bytes=len(newest[-1].changeset) + 10)
+    assert backup.log_range(0, 100) == newest[-1:]
+
+
 # ---- snapshots ---------------------------------------------------------------------------
 
 

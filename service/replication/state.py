@@ -861,10 +861,16 @@ class ReplicaCore:
         if self.node_id not in msg.sync_set.members or self.node_id not in msg.in_sync:
             self.confirmed_until = 0.0
             return
-        for ack_no, sent in self.ack_times:
-            if ack_no == msg.echo:
-                self.confirmed_until = max(self.confirmed_until, sent + self.timing.confirm_window)
-                return
+        # ack_times holds consecutive ack numbers (one per ack sent, the oldest dropped),
+        # so the echoed one is found by its offset, not by a scan of every append.
+        times = self.ack_times
+        if not times:
+            return
+        index = msg.echo - times[0][0]
+        if 0 <= index < len(times):
+            ack_no, sent = times[index]
+            assert ack_no == msg.echo, "ack numbers in ack_times are consecutive"
+            self.confirmed_until = max(self.confirmed_until, sent + self.timing.confirm_window)
 
     def _send_join(self, now: float, out: list[Effect]) -> None:
         follower = self._follower

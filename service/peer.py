@@ -34,6 +34,13 @@ our data, or answered keepalive probes, for ``lease_ttl`` (``give_up_when_silent
 and redialled: the first connection after the heal goes through at once. On one
 host a closed connection proves a death, so there links are left to the kernel.
 
+Peer versions: the dialer's hello offers the highest peer version it speaks
+(``protocol.PEER_VERSION``), the welcome names the lower of both, and the link
+speaks that one in both directions; a node from before peer versions names
+none and is spoken to in version 1 (JSON only), so nodes can be upgraded one at
+a time. From version 2 the bulk of replication travels in binary frames
+(``protocol``); a link of version 1 refuses them as a protocol violation.
+
 The dialer reconnects with jittered exponential backoff (50 to 250 ms) for as long as
 the node runs: a node never exits because a peer is unreachable. Link changes
 are reported to the owner as ``on_link(peer, up, closed_by_us)``: a peer's
@@ -75,11 +82,14 @@ OperatorAnswer = protocol.Frame | AsyncIterator[protocol.Frame]
 
 
 class Link:
-    """One live, authenticated connection to a peer."""
+    """One live, authenticated connection to a peer, of peer ``version``."""
 
-    def __init__(self, peer: int, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, peer: int, writer: asyncio.StreamWriter, version: int = 1) -> None:
         self.peer = peer
         self.writer = writer
+        self.version = version
+        # Records and snapshot chunks may travel in binary frames (peer version 2).
+        self.binary = version >= 2
         self.closed_by_us = False
 
     def send(self, frame: protocol.Frame) -> bool:
@@ -118,6 +128,8 @@ class PeerLinks:
         self.on_link = on_link
         self.on_operator = on_operator
         self.links: dict[int, Link] = {}
+        # The peer version each welcome we sent settled on, until its link runs.
+        self._welcomed: dict[int, int] = {}
         # Loaded and checked at start-up (``python -m service``); None: plain TCP.
         self.tls = tls.node_tls(config)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -184,7 +196,7 @@ class PeerLinks:
             try:
                 # The other end is a stranger until its welcome proves it holds the secret.
                 frames = FrameReader(reader, protocol.MAX_HELLO_FRAME)
-                await asyncio.wait_for(
+                version = await asyncio.wait_for(
                     self._dial_handshake(peer, frames, writer),
                     self.config.handshake_timeout,
                 )
@@ -195,7 +207,7 @@ class PeerLinks:
                 delay = min(delay * 2, MAX_REDIAL)
                 continue
             delay = 0.05
-            await self.run_link(peer, frames, writer)
+            await self.run_link(peer, frames, writer, version)
 
     async def _open(
         self, host: str, port: int
@@ -212,7 +224,8 @@ class PeerLinks:
         peer: int,
         frames: FrameReader,
         writer: asyncio.StreamWriter,
-    ) -> None:
+    ) -> int:
+        """Our hello, their welcome: the peer version the link speaks."""
         hello = await frames.expect()
         version = protocol.choose_version(hello)
         if hello.get("node") != peer:
@@ -229,7 +242,11 @@ class PeerLinks:
         if welcome.get("type") == "error":
             raise ProtocolViolation(f"refused by node {peer}: {welcome.get('message')}")
         protocol.check_peer_welcome(welcome, self.secret, my_nonce, self.config.node_id, peer)
+        settled = protocol.peer_version_of(welcome)
+        if settled > protocol.PEER_VERSION:
+            raise ProtocolViolation(f"node {peer} settled on peer version {settled}, not offered")
         frames.limit(self.config.max_frame)
+        return settled
 
     # ---- accepting -------------------------------------------------------------------
 
@@ -239,14 +256,17 @@ class PeerLinks:
         known = {p.node_id for p in self.config.peers}
         if node != OPERATOR_ID and node not in known:
             raise ProtocolViolation(f"node {node} is not a member of this cluster")
+        version = min(protocol.peer_version_of(hello), protocol.PEER_VERSION)
         mac = protocol.peer_mac(
             self.secret, "peer-welcome", str(hello["nonce"]), self.config.node_id, node
         )
+        self._welcomed[node] = version
         return node, {
             "type": "welcome",
             "version": hello.get("version"),
             "node": self.config.node_id,
             "mac": mac,
+            "peer_version": version,
         }
 
     async def serve_operator(self, frames: FrameReader, writer: asyncio.StreamWriter) -> None:
@@ -284,21 +304,28 @@ class PeerLinks:
         peer: int,
         frames: FrameReader,
         writer: asyncio.StreamWriter,
+        version: int | None = None,
     ) -> None:
+        """Serve the link to ``peer`` until it closes. ``version``: the peer version
+        its handshake settled on (None: the one our welcome named)."""
+        if version is None:
+            version = self._welcomed.pop(peer, 1)
         old = self.links.get(peer)
         if old is not None:
             # The peer restarted and reconnected before we noticed the old link die.
             old.close()
             self.links.pop(peer, None)
             self.on_link(peer, False, False)
-        link = Link(peer, writer)
+        link = Link(peer, writer, version)
+        frames.decoder.binary = link.binary
         self.links[peer] = link
         if self.config.arbiter == "etcd":
             give_up_when_silent(writer, self.config.lease_ttl)
         log.info(
-            "peer link up node=%s peer=%s local=%s remote=%s",
+            "peer link up node=%s peer=%s version=%s local=%s remote=%s",
             self.config.node_id,
             peer,
+            version,
             _endpoint(writer, "sockname"),
             _endpoint(writer, "peername"),
         )

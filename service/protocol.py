@@ -24,6 +24,17 @@ is also the idempotency key: a retry with the same id returns the first
 result. Replies are ``reply`` or ``error`` frames; a ``listen`` request is
 followed by any number of ``message`` frames carrying the same request id.
 
+Binary frames (peers only). A peer link whose handshake settled on peer version
+2 or later (``PEER_VERSION``: the dialer's hello offers its highest, the welcome
+names the one both speak; a node that names none speaks 1) may also carry
+*binary frames*, for the bulk of replication: records and snapshot chunks as raw
+bytes, with no base64 nor JSON escaping to pay on either side. Their body is the
+byte 0x00 (which no JSON text starts with), a 4-byte big-endian length J, J
+bytes of a JSON object as above (the frame without its bulk), then the frame's
+*payload*, raw bytes to the end of the body; decoded, the frame is that object
+with ``payload`` set to the bytes. The same length limits apply. On any other
+connection a binary frame is a protocol violation.
+
 The full text, with every operation and error code, is ``PROTOCOL.md``.
 
 Invariants
@@ -35,6 +46,8 @@ Invariants
 * ``pop`` decodes one frame at a time, so a reader may change the limit
   between two frames (at the end of the handshake) and the new limit applies
   to every frame after it, however TCP split them.
+* A decoded frame's ``payload`` is ``bytes`` only if it came in a binary frame
+  (JSON holds no bytes), so the bulk of a message is found in one place.
 * Decoding bad bytes raises ``ProtocolViolation`` (the peer broke the
   protocol); encoding a bad object raises ``TypeError`` (we did).
 """
@@ -55,11 +68,18 @@ from .errors import FrameTooLarge, ProtocolViolation
 
 PROTOCOL_MIN_VERSION = 1
 PROTOCOL_MAX_VERSION = 1
+# The highest version of the node-to-node protocol this node speaks (PROTOCOL.md 2.3):
+# 1, every frame JSON; 2, ``append`` and ``snapshot`` frames binary.
+PEER_VERSION = 2
 SERVICE_NAME = "replicated-chat"
 DEFAULT_MAX_FRAME = 8 * 1024 * 1024
 # Before the handshake ends nobody is known: a hello is about 250 bytes.
 MAX_HELLO_FRAME = 4 * 1024
 HEADER = struct.Struct(">I")
+# A binary frame's body starts with the marker byte and the length of its JSON part.
+BINARY_MARKER = 0
+BINARY_HEADER = struct.Struct(">BI")
+PAYLOAD = "payload"
 
 Frame = dict[str, Any]
 
@@ -107,11 +127,32 @@ MAX_IN_FLIGHT = 256
 
 
 def encode_frame(frame: Frame) -> bytes:
-    """Serialise one frame; raises TypeError if it is not JSON-encodable."""
+    """Serialise one frame; raises TypeError if it is not JSON-encodable. A frame
+    whose ``payload`` is bytes becomes a binary frame (for a peer link of version 2)."""
     if not isinstance(frame.get("type"), str):
         raise TypeError("a frame needs a string 'type'")
+    payload = frame.get(PAYLOAD)
+    if isinstance(payload, bytes):
+        head = orjson.dumps({k: v for k, v in frame.items() if k != PAYLOAD})
+        size = BINARY_HEADER.size + len(head) + len(payload)
+        return b"".join(
+            (HEADER.pack(size), BINARY_HEADER.pack(BINARY_MARKER, len(head)), head, payload)
+        )
     body = orjson.dumps(frame)
     return HEADER.pack(len(body)) + body
+
+
+def decode_binary_body(body: bytes) -> Frame:
+    """The frame a binary body holds: its JSON part, with ``payload`` the rest."""
+    if len(body) < BINARY_HEADER.size:
+        raise ProtocolViolation("binary frame shorter than its header")
+    marker, head = BINARY_HEADER.unpack_from(body)
+    end = BINARY_HEADER.size + head
+    if marker != BINARY_MARKER or end > len(body):
+        raise ProtocolViolation("binary frame with a bad header")
+    frame = decode_body(body[BINARY_HEADER.size : end])
+    frame[PAYLOAD] = body[end:]
+    return frame
 
 
 def decode_body(body: bytes) -> Frame:
@@ -128,10 +169,12 @@ def decode_body(body: bytes) -> Frame:
 
 
 class FrameDecoder:
-    """Bytes in, frames out. Keeps partial input between calls."""
+    """Bytes in, frames out. Keeps partial input between calls. ``binary``: binary
+    frames are accepted too (a peer link of version 2)."""
 
-    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, binary: bool = False) -> None:
         self.max_frame = max_frame
+        self.binary = binary
         self._buffer = bytearray()
         self._error: ProtocolViolation | None = None
 
@@ -175,8 +218,13 @@ class FrameDecoder:
         end = HEADER.size + length
         if len(self._buffer) < end:
             return None
-        body = bytes(self._buffer[HEADER.size : end])
+        with memoryview(self._buffer) as view:
+            body = bytes(view[HEADER.size : end])
         del self._buffer[:end]
+        if body[:1] == b"\x00":
+            if not self.binary:
+                raise ProtocolViolation("binary frame on a link that did not agree to them")
+            return decode_binary_body(body)
         return decode_body(body)
 
     @property
@@ -235,7 +283,17 @@ def peer_hello(
         "node": me,
         "nonce": my_nonce,
         "mac": peer_mac(secret, "peer-hello", server_nonce, me, server),
+        "peer_version": PEER_VERSION,
     }
+
+
+def peer_version_of(frame: Frame) -> int:
+    """The peer version a hello offers or a welcome settles: 1 when it names none
+    (a node from before peer versions); raises ProtocolViolation for a bad one."""
+    version = frame.get("peer_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ProtocolViolation("'peer_version' must be an integer from 1")
+    return version
 
 
 def check_peer_hello(frame: Frame, secret: bytes, server_nonce: str, me: int) -> int:

@@ -430,7 +430,36 @@ def _abort_on_conflict(reason: int, change: Any) -> int:
     return int(apsw.SQLITE_CHANGESET_ABORT)
 
 
-def _apply_changeset(conn: apsw.Connection, changeset: bytes, seq: int) -> None:
+def _apply_changesets(conn: apsw.Connection, records: list[LogRecord]) -> None:
+    """Apply the changesets of consecutive ``records`` as their combination.
+
+    Why. ``sqlite3changeset_apply`` looks a table up and prepares its statements
+    again at every change of table, and each record changes several tables, so
+    applying records one by one spent more time preparing than inserting. The
+    combination (SQLite's changegroup) holds each table's changes together and
+    applies half again as fast. Its final state is the records' applied in
+    order; it checks every row they leave changed against this node's rows, but
+    not a row that they create and delete again (that one, if it were here
+    already, the records one by one would have found in conflict; the verify
+    rounds compare the tables). Records the changegroup cannot combine (a table
+    whose columns differ between them) are applied one by one."""
+    if len(records) > 1:
+        try:
+            group = apsw.ChangesetBuilder()  # type: ignore[no-untyped-call]
+            for record in records:
+                if record.changeset:
+                    group.add(record.changeset)
+            combined = group.output()
+        except apsw.Error:
+            combined = None
+        if combined is not None:
+            _apply_changeset(conn, combined, f"{records[0].seq} to {records[-1].seq}")
+            return
+    for record in records:
+        _apply_changeset(conn, record.changeset, record.seq)
+
+
+def _apply_changeset(conn: apsw.Connection, changeset: bytes, seq: int | str) -> None:
     if not changeset:
         return
     try:
@@ -826,7 +855,9 @@ class Storage:
         return Batch(self)
 
     def apply_records(self, records: list[LogRecord]) -> Position:
-        """Backup path: apply the primary's records after our position, all or nothing."""
+        """Backup path: apply the primary's records after our position, all or nothing.
+
+        The records' changesets are applied as one (``_apply_changesets``)."""
         with self._transaction():
             position = _read_position(self._db)
             for record in records:
@@ -838,8 +869,8 @@ class Storage:
                     raise Diverged(
                         f"record epoch {record.epoch} is older than position epoch {position.epoch}"
                     )
-                _apply_changeset(self._conn, record.changeset, record.seq)
                 position = _append_record(self._db, record, position, save_position=False)
+            _apply_changesets(self._conn, records)
             _write_json(self._db, "node_state", "last_position", [position.epoch, position.seq])
             return position
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .messages import Message, Snapshot, Verify, VerifyReply
-from .types import NodeState, SyncSet
+from .types import LogRecord, NodeState, SyncSet
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ class StopStream:
 class ApplyRecords:
     """Backup: durably apply these records, then call ``on_local_durable``."""
 
-    records: list[list[Any]]
+    records: list[LogRecord]
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,14 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from ..config import NodeConfig
-from ..errors import ChatError, StorageCorrupt, StorageFault
+from ..errors import StorageCorrupt, StorageFault
 from ..metrics import Metrics
 from ..storage import Diverged, Storage, os_fault, prune_rollback_files
 from .durability import Durability
 from .effects import Effect
-from .messages import Snapshot, record_from_wire
+from .messages import Snapshot
 from .shell import Shell, format_fields, log
 from .state import ReplicaCore
 from .types import LogRecord, Position, Role
@@ -64,13 +63,9 @@ class Follower:
         # The snapshot being received: its file and how many bytes are in.
         self.incoming_snapshot: tuple[Path, int] | None = None
 
-    def buffer(self, items: list[Any]) -> None:
-        try:
-            self.pending.extend(record_from_wire(item) for item in items)
-        except (Diverged, ChatError) as exc:
-            self.pending.clear()
-            self.shell.run(self.core.rejoin(self.shell.now(), str(exc)))
-            return
+    def buffer(self, records: list[LogRecord]) -> None:
+        """Records of an ``append`` (checked at the edge: ``messages.from_wire``)."""
+        self.pending.extend(records)
         if not self.scheduled:
             # Records that arrived together are applied in one transaction: one fsync.
             self.scheduled = True

@@ -16,20 +16,30 @@ field accepts from the annotations, for the protocol tests and for
 Members a frame carries beyond its fields are ignored (a later version may add
 some).
 
-Records travel as ``[epoch, seq, base64 changeset]``; they stay in that form
-here and are decoded by whoever applies them (a bad one makes the backup rejoin).
+Records and snapshot chunks are the bulk of the peer traffic. On a link of
+peer version 2 (``peer.py``) they travel in a binary frame's payload
+(``protocol``), raw: the ``records`` of an ``append`` as ``RECORD_HEADER``
+(epoch, seq, changeset length) then the changeset's bytes, one record after the
+other to the payload's end; the ``data`` of a ``snapshot`` as the payload
+itself. On a link of version 1 they are JSON, as they always were: records as
+``[epoch, seq, base64 changeset]``, data as base64. ``to_wire(binary)`` writes
+either; ``from_wire`` reads both, the payload when the frame came binary, and
+refuses a payload that does not split exactly into whole records. Either way an
+``Append`` holds ``LogRecord`` values, checked here like every other field.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import struct
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from ..errors import ProtocolViolation
+from ..protocol import PAYLOAD
 from .types import LogRecord, Position, SyncSet
 
 Wire = dict[str, Any]
@@ -74,19 +84,48 @@ def _is_int(value: object) -> bool:
 # ---- records on the wire ---------------------------------------------------------------
 
 
+# A record in a binary payload: epoch, seq, changeset length; then the changeset.
+RECORD_HEADER = struct.Struct(">qqI")
+
+
 def record_to_wire(record: LogRecord) -> list[Any]:
     return [record.epoch, record.seq, base64.b64encode(record.changeset).decode("ascii")]
 
 
 def record_from_wire(item: Any) -> LogRecord:
-    """A record of an ``append``; raises ProtocolViolation if malformed (the backup
-    then joins again rather than apply it)."""
+    """A record of a JSON ``append``; raises ProtocolViolation if malformed."""
     if not isinstance(item, list) or len(item) != 3 or not all(_is_int(v) for v in item[:2]):
         raise ProtocolViolation("malformed record in the stream")
     try:
         return LogRecord(item[0], item[1], _unb64(item[2]))
     except (TypeError, ValueError):
         raise ProtocolViolation("malformed record in the stream") from None
+
+
+def records_to_payload(records: list[LogRecord]) -> bytes:
+    parts: list[bytes] = []
+    for record in records:
+        parts.append(RECORD_HEADER.pack(record.epoch, record.seq, len(record.changeset)))
+        parts.append(record.changeset)
+    return b"".join(parts)
+
+
+def records_from_payload(payload: bytes) -> list[LogRecord]:
+    """The records of a binary ``append``; raises ProtocolViolation unless the
+    payload splits exactly into whole records."""
+    records = []
+    view = memoryview(payload)
+    offset, end = 0, len(payload)
+    while offset < end:
+        if end - offset < RECORD_HEADER.size:
+            raise ProtocolViolation("malformed record in the stream: a header cut short")
+        epoch, seq, length = RECORD_HEADER.unpack_from(payload, offset)
+        offset += RECORD_HEADER.size
+        if length > end - offset:
+            raise ProtocolViolation("malformed record in the stream: a changeset cut short")
+        records.append(LogRecord(epoch, seq, bytes(view[offset : offset + length])))
+        offset += length
+    return records
 
 
 # ---- the messages ---------------------------------------------------------------------
@@ -97,11 +136,19 @@ class Message:
     """Base of every peer message; ``TYPE`` is its wire name."""
 
     TYPE: ClassVar[str] = ""
+    # The field a binary frame carries as its payload (None: the message is JSON only).
+    BULK: ClassVar[str | None] = None
 
-    def to_wire(self) -> Wire:
+    def to_wire(self, binary: bool = False) -> Wire:
+        """The frame of this message; ``binary``: its bulk as the payload of a binary
+        frame (a link of peer version 2)."""
         frame: Wire = {"type": self.TYPE}
+        bulk = self.BULK if binary else None
         for spec in _SPECS[type(self)]:
-            frame[spec.name] = spec.encode(getattr(self, spec.name))
+            if spec.name == bulk:
+                frame[PAYLOAD] = _BULK_CODECS[spec.name][0](getattr(self, spec.name))
+            else:
+                frame[spec.name] = spec.encode(getattr(self, spec.name))
         return frame
 
 
@@ -113,10 +160,11 @@ class Append(Message):
     latest counted ack (-1: none), which confirms it (R5)."""
 
     TYPE: ClassVar[str] = "append"
+    BULK: ClassVar[str | None] = "records"
     epoch: int
     seq: int
     watermark: int
-    records: list[Any]
+    records: list[LogRecord]
     sync_set: SyncSet
     in_sync: tuple[int, ...]
     echo: int
@@ -166,6 +214,7 @@ class Snapshot(Message):
     snapshot file."""
 
     TYPE: ClassVar[str] = "snapshot"
+    BULK: ClassVar[str | None] = "data"
     epoch: int
     position: Position
     offset: int
@@ -288,7 +337,13 @@ def from_wire(frame: Wire) -> Message:
     if cls is None:
         raise ProtocolViolation(f"unknown peer message type {kind!r}")
     values = {}
+    payload = frame.get(PAYLOAD)
+    if cls.BULK is not None and isinstance(payload, bytes):
+        # A binary frame (only bytes mean one): the bulk is its payload.
+        values[cls.BULK] = _BULK_CODECS[cls.BULK][1](payload)
     for spec in _SPECS[cls]:
+        if spec.name in values:
+            continue
         if spec.name not in frame:
             raise ProtocolViolation(f"peer message {kind!r} has a bad field {spec.name!r}")
         try:
@@ -355,6 +410,12 @@ def _same(value: Any) -> Any:
     return value
 
 
+def _records(value: Any) -> list[LogRecord]:
+    if not isinstance(value, list):
+        raise TypeError("list of records")
+    return [record_from_wire(item) for item in value]
+
+
 def _unb64(value: Any) -> bytes:
     if not isinstance(value, str):
         raise TypeError("base64 string")
@@ -377,8 +438,15 @@ _CODECS: dict[object, tuple[tuple[type, ...], Callable[[Any], Any], Callable[[An
     SyncSet: ((dict,), _sync_set, sync_set_to_wire),
     tuple[int, ...]: ((list,), _ints, list),
     tuple[tuple[int, int], ...]: ((list,), _pairs, lambda pairs: [list(p) for p in pairs]),
-    list[Any]: ((list,), _strict(list), _same),
+    list[LogRecord]: ((list,), _records, lambda records: [record_to_wire(r) for r in records]),
     dict[str, Any] | None: ((dict, type(None)), _optional(_strict(dict)), _same),
+}
+
+
+# bulk field -> (to payload, from payload) in binary frames
+_BULK_CODECS: dict[str, tuple[Callable[[Any], bytes], Callable[[bytes], Any]]] = {
+    "records": (records_to_payload, records_from_payload),
+    "data": (_same, _same),
 }
 
 

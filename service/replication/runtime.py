@@ -388,7 +388,11 @@ class Replicator:
         return []
 
     def send(self, peer: int, message: Message) -> bool:
-        return self.links.send(peer, message.to_wire())
+        link = self.links.links.get(peer)
+        if link is None:
+            return False
+        # Records and snapshot chunks go raw where the link speaks binary frames.
+        return link.send(message.to_wire(binary=link.binary))
 
     def _step_down(self, reason: str) -> None:
         log_event(

@@ -94,7 +94,7 @@ from .messages import (
     VerifyReply,
     sync_set_to_wire,
 )
-from .types import NodeState, Position, Role, SyncSet
+from .types import LogRecord, NodeState, Position, Role, SyncSet
 
 History = list[tuple[int, int]]
 
@@ -329,7 +329,7 @@ class ReplicaCore:
         """The database ids of ``members`` that this node knows, for a sync set record."""
         return tuple((m, self._databases[m]) for m in sorted(members) if self._databases.get(m))
 
-    def stream_header(self, peer: int, records: list[list[Any]]) -> Append:
+    def stream_header(self, peer: int, records: list[LogRecord]) -> Append:
         """The ``append`` frame for ``peer`` (a heartbeat when ``records`` is empty)."""
         lead = self._lead
         echo = -1

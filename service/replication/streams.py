@@ -28,7 +28,7 @@ from ..metrics import Metrics
 from ..peer import PeerLinks
 from ..storage import Storage
 from .effects import StartStream
-from .messages import Snapshot, record_to_wire
+from .messages import Snapshot
 from .shell import Shell, format_fields, log
 from .state import ReplicaCore
 from .types import LogRecord
@@ -36,7 +36,7 @@ from .types import LogRecord
 WINDOW = 4096
 CHUNK_RECORDS = 512
 # A catch-up frame stays far below max_frame: a group-committed record can hold
-# hundreds of writes, and base64 adds a third.
+# hundreds of writes, and on a link of peer version 1 base64 adds a third.
 CHUNK_BYTES = 1024 * 1024
 SNAPSHOT_CHUNK = 1024 * 1024
 TAIL_BYTES = 4 * 1024 * 1024
@@ -87,10 +87,9 @@ class Streams:
             self.stop(peer)
 
     def broadcast(self, record: LogRecord) -> None:
-        wire = record_to_wire(record)
         for stream in self.streams.values():
             if stream.live and stream.next_seq == record.seq and self._in_window(stream):
-                self.shell.send(stream.peer, self.core.stream_header(stream.peer, [wire]))
+                self.shell.send(stream.peer, self.core.stream_header(stream.peer, [record]))
                 stream.next_seq += 1
             else:
                 stream.live = False
@@ -187,7 +186,7 @@ class Streams:
                 )
                 await self._send_snapshot(stream)
                 continue
-            header = self.core.stream_header(stream.peer, [record_to_wire(r) for r in records])
+            header = self.core.stream_header(stream.peer, records)
             if not self.shell.send(stream.peer, header):
                 return
             stream.next_seq = records[-1].seq + 1

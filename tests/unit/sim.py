@@ -14,8 +14,9 @@ same way every time:
   order, exactly as the runtime does (persist before send, seal before
   broadcast, broadcast before the local commit is reported);
 * messages travel through a queue with a per-link delay (1 ms by default) and
-  arrive in order per link; every message a core sends must survive JSON
-  encoding and ``messages.from_wire`` unchanged, and a message's
+  arrive in order per link; every message a core sends must survive the wire
+  (a frame of peer version 2, records in binary) and ``messages.from_wire``
+  unchanged, and a message's
   epoch may not run ahead of the sender's persisted epoch (R1);
 * ``advance(seconds)`` moves the shared clock: messages are delivered at their
   exact time and every running node gets a ``tick`` every ``step`` (10 ms);
@@ -116,7 +117,7 @@ from service.replication.effects import (
 from service.replication.leased import LeasedArbiter, LeaseTiming
 from service.replication.messages import Message, Snapshot
 from service.replication.state import ReplicaCore, Timing
-from service.replication.types import NodeState, Position, Role, SyncSet
+from service.replication.types import LogRecord, NodeState, Position, Role, SyncSet
 from tests.unit.simarbiter import (
     PREFIX,
     Answer,
@@ -1066,10 +1067,10 @@ class SimNetwork:
 
     def _send(self, src: int, dst: int, message: Message) -> None:
         try:
-            wire = message.to_wire()
-            decoded = messages.from_wire(
-                protocol.decode_body(protocol.encode_frame(wire)[protocol.HEADER.size :])
-            )
+            # As nodes of peer version 2 do: the bulk of records in binary frames.
+            wire = message.to_wire(binary=True)
+            [frame] = protocol.FrameDecoder(binary=True).feed(protocol.encode_frame(wire))
+            decoded = messages.from_wire(frame)
         except (TypeError, ValueError, ProtocolViolation) as error:
             raise SimError(f"node {src} sent a bad message {message!r}: {error}") from error
         if decoded != message:
@@ -1316,17 +1317,19 @@ class SimNetwork:
         core = self._core(node)
         records = node.log.after(node.streams[peer])
         for start in range(0, len(records), STREAM_CHUNK):
-            chunk = [list(r) for r in records[start : start + STREAM_CHUNK]]
+            chunk = [
+                LogRecord(e, s, p.encode()) for e, s, p in records[start : start + STREAM_CHUNK]
+            ]
             self._send(node.node_id, peer, core.stream_header(peer, chunk))
         node.streams[peer] = node.log.position.seq
 
-    def _apply(self, node: SimNode, wire_records: list[list[Any]]) -> None:
+    def _apply(self, node: SimNode, wire_records: list[LogRecord]) -> None:
         """A backup applies a frame's records in one transaction (``Follower._apply``)."""
         core = self._core(node)
         if core.role is not Role.BACKUP or not core.joined:
             return
         log = node.log
-        records = [(int(e), int(s), str(p)) for e, s, p in wire_records]
+        records = [(r.epoch, r.seq, r.changeset.decode()) for r in wire_records]
         for record in records:
             held = log.get(record[1])
             if held is not None and held != record:

@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from service import protocol
 from service.errors import FrameTooLarge, ProtocolViolation
 from service.replication import messages
+from service.replication.types import LogRecord, Position
 
 SECRET = b"0123456789abcdef0123456789abcdef"
 OTHER_SECRET = b"fedcba9876543210fedcba9876543210"
@@ -804,3 +805,138 @@ def test_frames_round_trip_through_any_chunking(
         decoded += decoder.feed(stream[start:end])
     assert decoded == frames
     assert decoder.pending == 0
+
+
+# ---- binary frames and peer versions ---------------------------------------------------------
+
+RECORDS = [LogRecord(2, 10, b"changeset \x00\xff"), LogRecord(2, 11, b""), LogRecord(3, 12, b"x")]
+BULKY: list[messages.Message] = [
+    messages.Append(2, 12, 9, RECORDS, messages.sync_set_from_wire(SYNC_SET), (1, 2), 0),
+    messages.Append(2, 12, 9, [], messages.sync_set_from_wire(SYNC_SET), (1, 2), -1),
+    messages.Snapshot(2, Position(2, 10), 0, b"SQLite format 3\x00", True),
+]
+
+
+def binary_body(frame: protocol.Frame) -> bytes:
+    return protocol.encode_frame(frame)[protocol.HEADER.size :]
+
+
+@pytest.mark.parametrize("message", BULKY, ids=["append", "heartbeat", "snapshot"])
+def test_records_and_snapshot_chunks_survive_a_binary_frame_and_json(
+    message: messages.Message,
+) -> None:
+    wire = message.to_wire(binary=True)
+    assert isinstance(wire[protocol.PAYLOAD], bytes)
+    data = protocol.encode_frame(wire)
+    assert data[protocol.HEADER.size] == protocol.BINARY_MARKER
+    [frame] = protocol.FrameDecoder(binary=True).feed(data)
+    assert messages.from_wire(frame) == message
+    # A link of peer version 1 gets the same message as JSON, with base64.
+    [frame] = decode_all(protocol.encode_frame(message.to_wire()))
+    assert messages.from_wire(frame) == message
+
+
+def test_a_binary_frame_split_anywhere_decodes_the_same() -> None:
+    data = b"".join(protocol.encode_frame(m.to_wire(binary=True)) for m in BULKY)
+    for cut in range(len(data) + 1):
+        decoder = protocol.FrameDecoder(binary=True)
+        frames = decoder.feed(data[:cut]) + decoder.feed(data[cut:])
+        assert [messages.from_wire(f) for f in frames] == BULKY
+
+
+def test_a_binary_frame_is_refused_on_a_link_that_did_not_agree_to_them() -> None:
+    data = protocol.encode_frame(BULKY[0].to_wire(binary=True))
+    with pytest.raises(ProtocolViolation, match="binary"):
+        protocol.FrameDecoder().feed(data)
+
+
+def test_a_json_payload_is_never_taken_for_a_binary_one() -> None:
+    frame = {**BULKY[0].to_wire(), protocol.PAYLOAD: "AAAA"}
+    [decoded] = protocol.FrameDecoder(binary=True).feed(protocol.encode_frame(frame))
+    assert messages.from_wire(decoded) == BULKY[0]
+
+
+HEAD = protocol.BINARY_HEADER
+APPEND_HEAD = json.dumps({k: v for k, v in PEER_EXAMPLES["append"].items() if k != "records"})
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00",
+        b"\x00\x00\x00",
+        HEAD.pack(0, 100) + b'{"type": "append"}',
+        HEAD.pack(0, 5) + b'{"type": "append"}',
+        HEAD.pack(0, 2) + b"[]",
+        HEAD.pack(0, 0),
+        HEAD.pack(0, 4) + b"\xff\xfe{}",
+    ],
+    ids=[
+        "marker alone",
+        "header cut short",
+        "json part past the end",
+        "json part cut",
+        "json part not an object",
+        "json part empty",
+        "json part not utf-8",
+    ],
+)
+def test_a_malformed_binary_frame_is_a_protocol_violation(body: bytes) -> None:
+    with pytest.raises(ProtocolViolation):
+        protocol.FrameDecoder(binary=True).feed(framed(body))
+
+
+def _append_with_payload(payload: bytes) -> protocol.Frame:
+    head = APPEND_HEAD.encode()
+    [frame] = protocol.FrameDecoder(binary=True).feed(
+        framed(HEAD.pack(0, len(head)) + head + payload)
+    )
+    return frame
+
+
+RECORD = messages.RECORD_HEADER
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x00" * (RECORD.size - 1),
+        RECORD.pack(2, 10, 5) + b"abcd",
+        RECORD.pack(2, 10, 2**32 - 1) + b"abcd",
+        RECORD.pack(2, 10, 1) + b"a" + b"\x00",
+    ],
+    ids=["header cut short", "changeset cut short", "huge length", "trailing byte"],
+)
+def test_a_binary_append_with_malformed_records_is_a_protocol_violation(payload: bytes) -> None:
+    with pytest.raises(ProtocolViolation, match="malformed record"):
+        messages.from_wire(_append_with_payload(payload))
+
+
+@settings(max_examples=300)
+@given(payload=st.binary(max_size=200), head=st.sampled_from([APPEND_HEAD, '{"type": "snapshot"}']))
+def test_random_binary_payloads_never_raise_anything_but_a_protocol_violation(
+    payload: bytes, head: str
+) -> None:
+    data = head.encode()
+    try:
+        [frame] = protocol.FrameDecoder(binary=True).feed(
+            framed(HEAD.pack(0, len(data)) + data + payload)
+        )
+        message = messages.from_wire(frame)
+    except ProtocolViolation:
+        return
+    if isinstance(message, messages.Append):
+        assert messages.records_to_payload(message.records) == payload
+
+
+def test_a_hello_without_a_peer_version_speaks_version_1() -> None:
+    hello = peer_hello_from(2, 1, protocol.new_nonce())
+    assert protocol.peer_version_of(hello) == protocol.PEER_VERSION == 2
+    old = {k: v for k, v in hello.items() if k != "peer_version"}
+    assert protocol.peer_version_of(old) == 1
+
+
+@pytest.mark.parametrize("version", [0, -1, "2", 2.0, True, None, [2]])
+def test_a_bad_peer_version_is_refused(version: object) -> None:
+    with pytest.raises(ProtocolViolation, match="peer_version"):
+        protocol.peer_version_of({"type": "welcome", "peer_version": version})

@@ -38,7 +38,7 @@ from service.replication.effects import Effect, Persist, Send, StepDown
 from service.replication.election import PeerVoting, ProbeView, member_problem
 from service.replication.messages import Ack, Append, Join, JoinReply, Reject
 from service.replication.state import ReplicaCore, Timing, divergence_point, epoch_end
-from service.replication.types import NodeState, Position, Role, SyncSet
+from service.replication.types import LogRecord, NodeState, Position, Role, SyncSet
 from tests.unit.sim import ClientWrite, SimNetwork
 
 TIMING = Timing()
@@ -542,7 +542,7 @@ def test_r1_backup_refuses_frames_from_a_lower_epoch() -> None:
         epoch=2,
         seq=7,
         watermark=5,
-        records=[[2, 6, "x"]],
+        records=[LogRecord(2, 6, b"x")],
         sync_set=SyncSet(1, (1, 2, 3), 2),
         in_sync=(1, 2, 3),
         echo=-1,

@@ -345,6 +345,47 @@ def test_apply_records_makes_a_backup_identical(primary: Storage, backup: Storag
     assert backup.log_range(0, 10) == records
 
 
+def test_records_that_change_a_row_again_apply_together_as_one_by_one(
+    primary: Storage, backup: Storage, tmp_path: Path
+) -> None:
+    """Records applied in one call are applied as their combination (storage.py
+    ``_apply_changesets``): rows inserted then updated, deleted, inserted again under
+    a freed unique name, across tables and epochs, end as they do one by one."""
+    records = [add_user(primary, n) for n in ("ann", "bob", "cy")]
+    records.append(write(primary, "UPDATE users SET name = 'Ann' WHERE name = 'ann'"))
+    records.append(write(primary, "DELETE FROM users WHERE name = 'bob'", epoch=2))
+    records.append(add_user(primary, "Bob", epoch=2))  # bob's name_key, another id
+    records.append(write(primary, "UPDATE users SET name = 'Ann2' WHERE name = 'Ann'", epoch=2))
+    records.append(write(primary, "DELETE FROM users WHERE name = 'cy'", epoch=3))
+    records.append(write(primary, "DELETE FROM users WHERE name = 'Bob'", epoch=3))
+    assert backup.apply_records(records) == Position(3, 9)
+    assert backup.checksums() == primary.checksums()
+    assert backup.epoch_history() == primary.epoch_history() == [(1, 1), (2, 5), (3, 8)]
+    assert backup.log_range(0, 20) == records
+    one_by_one = Storage(tmp_path / "one-by-one.db", migrations=MIGRATIONS)
+    for record in records:
+        one_by_one.apply_records([record])
+    assert one_by_one.checksums() == backup.checksums()
+    one_by_one.close()
+
+
+def test_a_conflict_among_records_applied_together_diverges_and_rolls_back(
+    primary: Storage, backup: Storage
+) -> None:
+    ann, bob, cy = (add_user(primary, n) for n in ("ann", "bob", "cy"))
+    backup.apply_records([ann])
+    backup.db.execute(
+        "INSERT INTO users(id, name, name_key, password_hash, created_at) "
+        "VALUES (3, 'zed', 'zed', 'h', 1)"
+    )
+    before = backup.checksums()
+    with pytest.raises(Diverged, match="seq 2 to 3"):
+        backup.apply_records([bob, cy])
+    assert backup.checksums() == before
+    assert backup.position() == Position(1, 1)
+    assert len(backup.log_range(0, 10)) == 1
+
+
 def test_apply_records_allows_empty_changesets(backup: Storage) -> None:
     assert backup.apply_records([LogRecord(1, 1, b""), LogRecord(1, 2, b"")]) == Position(1, 2)
     assert backup.epoch_history() == [(1, 1)]

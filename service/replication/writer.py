@@ -55,10 +55,10 @@ from .types import Position, Role
 
 # No record's changeset grows past this: the writer ends a batch before an operation
 # would take it further (that operation goes first into the next batch), and an
-# operation too large alone is refused. With base64 and a catch-up frame's other
-# records (streams.CHUNK_BYTES) a frame stays far below the peer frame limit, so a
-# backup can always take what the primary sends (a record too large for the stream
-# would stop replication for good).
+# operation too large alone is refused. Even in base64 (a version 1 peer link) and
+# with a catch-up frame's other records (streams.CHUNK_BYTES) a frame stays far
+# below the peer frame limit, so a backup can always take what the primary sends
+# (a record too large for the stream would stop replication for good).
 RECORD_BUDGET = 2 * 1024 * 1024
 YIELDS_BETWEEN_BATCHES = 3
 PRUNE_INTERVAL = 0.5  # seconds

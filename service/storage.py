@@ -123,6 +123,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -134,6 +135,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import apsw
+import orjson
 
 from .errors import Internal, StorageCorrupt, StorageFault
 from .replication.types import NO_SYNC_SET, LogRecord, NodeState, Position, SyncSet
@@ -362,7 +364,7 @@ def _replicated_tables(db: Db) -> dict[str, str]:
 
 def _read_json(db: Db, table: str, key: str) -> Any:
     text = db.value(f"SELECT value FROM {table} WHERE key = ?", (key,))
-    return None if text is None else json.loads(text)
+    return None if text is None else orjson.loads(text)
 
 
 def _write_json(db: Db, table: str, key: str, value: Any) -> None:
@@ -388,7 +390,13 @@ def _read_node_state(db: Db) -> NodeState:
 
 
 def _read_sync_set(db: Db) -> SyncSet:
-    stored = _read_json(db, "cluster", "sync_set")
+    # Read after every record a backup applies: the text is parsed only when it changed.
+    return _parse_sync_set(db.value("SELECT value FROM cluster WHERE key = 'sync_set'"))
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_sync_set(text: str | None) -> SyncSet:
+    stored = None if text is None else orjson.loads(text)
     if stored is None:
         return NO_SYNC_SET
     members = tuple(int(m) for m in stored["members"])

@@ -333,6 +333,12 @@ BY_TYPE: dict[str, type[Message]] = {cls.TYPE: cls for cls in MESSAGES}
 def from_wire(frame: Wire) -> Message:
     """The message a decoded frame holds; raises ProtocolViolation if malformed."""
     kind = frame.get("type")
+    if kind == "ack":
+        # One per backup per record: checked inline; anything unusual takes the
+        # general path below, which names the bad field.
+        ack = _well_formed_ack(frame)
+        if ack is not None:
+            return ack
     cls = BY_TYPE.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolViolation(f"unknown peer message type {kind!r}")
@@ -353,6 +359,21 @@ def from_wire(frame: Wire) -> Message:
                 f"peer message {kind!r} has a bad field {spec.name!r}"
             ) from None
     return cls(**values)
+
+
+def _well_formed_ack(frame: Wire) -> Ack | None:
+    epoch, seq = frame.get("epoch"), frame.get("seq")
+    ack_no, join_no, links = frame.get("ack_no"), frame.get("join_no"), frame.get("links")
+    if (
+        type(epoch) is int
+        and type(seq) is int
+        and type(ack_no) is int
+        and type(join_no) is int
+        and type(links) is list
+        and all(type(link) is int for link in links)
+    ):
+        return Ack(epoch, seq, ack_no, join_no, tuple(links))
+    return None
 
 
 # ---- field codecs, derived from the annotations ------------------------------------------
@@ -403,7 +424,16 @@ def _pairs(value: Any) -> tuple[tuple[int, int], ...]:
 def _sync_set(value: Any) -> SyncSet:
     if not isinstance(value, dict):
         raise TypeError("object")
-    return sync_set_from_wire(value)
+    # Every append carries the sync set, and it changes rarely: the last one decoded
+    # is reused when the frame's is equal (a comparison in C, not a decode per frame).
+    if _last_sync_set and value == _last_sync_set[0][0]:
+        return _last_sync_set[0][1]
+    decoded = sync_set_from_wire(value)
+    _last_sync_set[:] = [(value, decoded)]
+    return decoded
+
+
+_last_sync_set: list[tuple[Any, SyncSet]] = []
 
 
 def _same(value: Any) -> Any:

@@ -693,6 +693,14 @@ def test_a_peer_message_with_a_missing_or_mistyped_field_is_refused(kind: str, f
     assert accepted == [], f"{kind}.{field} accepted when {accepted}"
 
 
+@pytest.mark.parametrize("links", [[1, "2"], [1, True], [1, 2.0], [None]])
+def test_an_ack_naming_a_link_that_is_not_a_node_id_is_refused(links: list[object]) -> None:
+    # Acks take a shortcut through from_wire (one per backup per record): it must
+    # refuse what the general path refuses, down to the members of a list.
+    with pytest.raises(ProtocolViolation, match="links"):
+        messages.from_wire({**PEER_EXAMPLES["ack"], "links": links})
+
+
 def test_the_primary_of_a_probe_reply_may_be_unknown() -> None:
     frame = {**PEER_EXAMPLES["probe_reply"], "primary": None}
     assert messages.from_wire(frame).to_wire() == frame

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import resource
 import secrets
@@ -231,8 +232,19 @@ def _watch_cpu(
 
 def _send(proc: subprocess.Popen[str], message: dict[str, Any]) -> None:
     assert proc.stdin is not None
-    proc.stdin.write(json.dumps(message) + "\n")
-    proc.stdin.flush()
+    _write_line(proc.stdin.fileno(), message)
+
+
+def _write_line(fd: int, message: dict[str, Any]) -> None:
+    """Write ``message`` as one JSON line, whole.
+
+    Not through a text stream: a blocking write to a pipe returns early when the
+    process is stopped or a profiler attaches while the pipe is full, and
+    ``TextIOWrapper`` then drops what was not written (a worker's samples are
+    hundreds of KiB, several times a pipe's capacity)."""
+    data = memoryview((json.dumps(message) + "\n").encode())
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def _readable(proc: subprocess.Popen[str], timeout: float) -> bool:
@@ -312,8 +324,7 @@ def worker_main() -> int:
 
 
 def _say(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    _write_line(sys.stdout.fileno(), message)
 
 
 async def _connect(spec: dict[str, Any]) -> list[Client]:

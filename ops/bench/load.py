@@ -1,14 +1,25 @@
 """The load generator: simulated users sending messages, in worker processes.
 
-Why processes. The client library is asyncio Python: one event loop drives
-a few thousand sends per second before it needs a whole core. The machine
-this runs on may have as few cores as the cluster has nodes, so the
-generator runs in ``workers`` processes (default 2), each with its own event
-loop and an equal share of the clients, and each reports the CPU it used
-during the measurement window (``getrusage``). A worker near 100 % of one core
-was saturated: the figure then measures the generator, and the report says so.
+Why lean. The generator runs on the cores the cluster needs, and its CPU counts in
+the CPU per acknowledged write: like pgbench, which is C, it must cost little
+beside the nodes. So a worker does not drive its clients through the client
+library (``service.client.Client``: a task, a timer, futures and hedging per
+call, three times the CPU per send) but through ``LeanClient``: one asyncio
+``Protocol`` per connection speaking the wire protocol (``service/protocol.py``)
+on uvloop, one request frame written and one future resolved by the reply per
+send, request ids from a counter, and one watchdog per worker instead of a timer
+per call. Its retries keep the library's contract (same request id, follow the
+primary that ``not_primary`` names, a lost connection tries the next node), so a
+count still loads its data across a failover.
 
-What one client is. One ``Client`` (its own connection to the primary),
+Why processes. One event loop is one core at most, and the machine may have as
+few cores as the cluster has nodes, so the generator runs in ``workers``
+processes (default 2), each with its own event loop and an equal share of the
+clients, and each reports the CPU it used during the measurement window
+(``getrusage``). A worker near 100 % of one core was saturated: the figure then
+measures the generator, and the report says so.
+
+What one client is. One ``LeanClient`` (its own connection to the primary),
 holding the session of one of a few registered users, sending 100-byte
 bodies to users picked at random, one send at a time, as fast as replies come
 back: the closed loop of pgbench, whose row (sender, recipient, 100-byte body,
@@ -18,7 +29,7 @@ Two modes:
 
 * ``window``: warm up for ``warmup`` s, then count the sends acknowledged
   during the next ``secs`` s and keep the latency of each (``perf_counter``
-  around the ``send`` call, retries included, as a user would see it);
+  around each send, retries included, as a user would see it);
 * ``count``: send ``total`` messages between all clients as fast as possible
   (loading data, or the sends a stopped backup will have to catch up on),
   optionally stopping after ``max_seconds``.
@@ -34,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import resource
 import secrets
@@ -42,12 +54,15 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from service import errors
-from service.client import Client
+import uvloop
+
+from service import errors, protocol
+from service.client import ATTEMPT_TIMEOUT, BACKOFF_CAP, BACKOFF_START, Client
+from service.config import is_loopback, parse_address
 
 from . import machine, stats
 
@@ -57,6 +72,9 @@ READY_TIMEOUT = 120.0
 START_DELAY = 0.3  # seconds between "go" and the start: every worker gets the message first
 MAX_ERRORS = 1000  # a count-mode worker gives up after this many failed sends
 SATURATED = 0.9  # a worker using this share of one core is the bottleneck
+WATCH_EVERY = 0.5  # seconds between two rounds of a worker's watchdog
+
+T = TypeVar("T")
 
 # Workers running now, so that an interrupted benchmark can stop them (``stop_workers``).
 _live: set[subprocess.Popen[str]] = set()
@@ -231,8 +249,19 @@ def _watch_cpu(
 
 def _send(proc: subprocess.Popen[str], message: dict[str, Any]) -> None:
     assert proc.stdin is not None
-    proc.stdin.write(json.dumps(message) + "\n")
-    proc.stdin.flush()
+    _write_line(proc.stdin.fileno(), message)
+
+
+def _write_line(fd: int, message: dict[str, Any]) -> None:
+    """Write ``message`` as one JSON line, whole.
+
+    Not through a text stream: a blocking write to a pipe returns early when the
+    process is stopped or a profiler attaches while the pipe is full, and
+    ``TextIOWrapper`` then drops what was not written (a worker's samples are
+    hundreds of KiB, several times a pipe's capacity)."""
+    data = memoryview((json.dumps(message) + "\n").encode())
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def _readable(proc: subprocess.Popen[str], timeout: float) -> bool:
@@ -284,13 +313,265 @@ def _expect(message: dict[str, Any], kind: str) -> dict[str, Any]:
     return message
 
 
-# ---- the worker side ------------------------------------------------------------------------
+# ---- the worker side: lean connections -------------------------------------------------
+
+
+class _Lost(Exception):
+    """A connection was refused, closed, reset, broke the protocol or stopped answering:
+    the call is sent again, under its request id, on a new connection."""
+
+
+class _Link(asyncio.Protocol):
+    """One handshaken connection to one node, carrying one request at a time.
+
+    The handshake runs in ``data_received`` (the node's hello, our client hello, its
+    welcome); then each reply or error frame resolves the one pending future.
+    Whatever ends the connection fails that future, and the link is never used again.
+    """
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.loop = asyncio.get_running_loop()
+        self.welcome: asyncio.Future[protocol.Frame] = self.loop.create_future()
+        self.failure: BaseException | None = None
+        self.pending: asyncio.Future[dict[str, Any]] | None = None
+        self.sent_at = 0.0  # loop time the pending request was written (the watchdog's)
+        self._request_id = ""
+        self._transport: asyncio.Transport | None = None
+        self._decoder = protocol.FrameDecoder()
+        self._hello_answered = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def request(self, request_id: str, data: bytes) -> asyncio.Future[dict[str, Any]]:
+        """Write one encoded request; the future gets its result, or its error."""
+        assert self._transport is not None
+        future: asyncio.Future[dict[str, Any]] = self.loop.create_future()
+        if self.failure is not None:
+            future.set_exception(_Lost(f"{self.address}: {self.failure}"))
+            return future
+        self.pending, self._request_id, self.sent_at = future, request_id, self.loop.time()
+        self._transport.write(data)
+        return future
+
+    def data_received(self, data: bytes) -> None:
+        header = protocol.HEADER.size
+        try:
+            if (
+                not self._decoder.pending
+                and len(data) > header
+                and protocol.HEADER.unpack_from(data)[0] == len(data) - header
+            ):
+                # The usual case, one reply in one read: decoded without the buffer.
+                self._frame(protocol.decode_body(data[header:]))
+                return
+            for frame in self._decoder.feed(data):
+                self._frame(frame)
+        except errors.ProtocolViolation as exc:
+            self.fail(_Lost(f"{self.address}: {exc.message}"))
+
+    def _frame(self, frame: protocol.Frame) -> None:
+        kind = frame["type"]
+        if kind == "reply" or (kind == "error" and frame.get("request_id") is not None):
+            future = self.pending
+            if future is None or future.done() or frame.get("request_id") != self._request_id:
+                return  # not the request waited for (none is: one at a time)
+            self.pending = None
+            if kind == "error":
+                future.set_exception(errors.from_wire(frame))
+            else:
+                result = frame.get("result")
+                future.set_result(result if isinstance(result, dict) else {})
+        elif kind == "error":
+            # About the connection (refused handshake, protocol violation): it closes.
+            self.fail(errors.from_wire(frame))
+        elif kind == "hello" and not self._hello_answered:
+            assert self._transport is not None
+            self._hello_answered = True
+            hello = protocol.client_hello(protocol.choose_version(frame))
+            self._transport.write(protocol.encode_frame(hello))
+        elif kind == "welcome" and not self.welcome.done():
+            self.welcome.set_result(frame)
+        # Anything else is ignored, as the client library does: a newer node may send more.
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        reason = exc.strerror.lower() if isinstance(exc, OSError) and exc.strerror else None
+        self.fail(_Lost(f"{self.address}: {reason or 'connection closed'}"))
+
+    def check(self, now: float) -> None:
+        """The watchdog's visit: a request unanswered for ATTEMPT_TIMEOUT fails the link."""
+        if self.pending is not None and now - self.sent_at > ATTEMPT_TIMEOUT:
+            self.fail(_Lost(f"{self.address}: no answer within {ATTEMPT_TIMEOUT:g} s"))
+
+    def fail(self, reason: BaseException) -> None:
+        """Close for good; the handshake or request waiting gets ``reason``."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        for future in (self.welcome, self.pending):
+            if future is not None and not future.done():
+                future.set_exception(reason)
+        self.pending = None
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        self.fail(_Lost(f"{self.address}: closed by the load generator"))
+
+
+class LeanClient:
+    """One simulated client: a session token and one ``_Link`` to the primary.
+
+    ``call`` sends one request and waits for its answer, as ``Client.call`` does but
+    without its per-call task, timer and hedging: a retriable error (``unavailable``,
+    ``not_primary``, ``busy``) or a lost connection sends the same frame, same request
+    id (so a write is applied once), again: to the primary a ``not_primary`` names,
+    else to the next server, after a short backoff; until CALL_TIMEOUT has passed since
+    the first failure, when it raises ``errors.Unavailable``. Any other error frame is
+    raised at once. A request unanswered for ATTEMPT_TIMEOUT is failed by the worker's
+    watchdog (``check``), which closes its link: a frozen node is treated as down.
+
+    Request ids are 16 hex digits of the time (ids that grow with time are cheap for
+    the primary's index, PROTOCOL.md section 3), this client's 8 random hex digits and
+    a counter: unique per write across clients and runs, without a random draw each.
+    """
+
+    def __init__(self, servers: Sequence[str], token: str, rng: random.Random) -> None:
+        self.servers = list(servers)
+        self.token = token
+        self.link: _Link | None = None
+        self._address = self.servers[0]
+        self._rng = rng
+        self._tag = f"{rng.getrandbits(32):08x}"
+        self._sent = 0
+
+    async def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        self._sent += 1
+        request_id = f"{time.time_ns():016x}{self._tag}{self._sent:x}"
+        data = protocol.encode_frame(protocol.request(op, request_id, args, self.token))
+        link = self.link
+        if link is not None and link.failure is None:
+            try:
+                return await link.request(request_id, data)
+            except errors.ChatError as exc:
+                if not exc.retriable:
+                    raise
+                return await self._retry(request_id, data, exc)
+            except _Lost as exc:
+                return await self._retry(request_id, data, exc)
+        return await self._retry(request_id, data, None)
+
+    async def _retry(
+        self, request_id: str, data: bytes, problem: BaseException | None
+    ) -> dict[str, Any]:
+        """The slow path: (re)connect and send ``data`` until it is answered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CALL_TIMEOUT
+        delay, redirected = BACKOFF_START, False
+        while True:
+            if problem is not None:
+                pause = delay * self._rng.uniform(0.5, 1.0)
+                delay = min(delay * 2, BACKOFF_CAP)
+                if self._reroute(problem) and not redirected:
+                    # Follow a named primary at once, but only once: two nodes with
+                    # stale views could otherwise send us back and forth.
+                    pause, redirected = 0.0, True
+                elif isinstance(problem, errors.Busy):
+                    pause = max(pause, problem.retry_after)
+                if loop.time() + pause >= deadline:
+                    raise errors.Unavailable(
+                        f"no answer within {CALL_TIMEOUT:g} s (last: {problem})"
+                    ) from None
+                await asyncio.sleep(pause)
+            try:
+                link = self.link
+                if link is None or link.failure is not None:
+                    link = await self._connect()
+                return await link.request(request_id, data)
+            except errors.ChatError as exc:
+                if not exc.retriable:
+                    raise
+                problem = exc
+            except _Lost as exc:
+                problem = exc
+
+    async def _connect(self) -> _Link:
+        """A handshaken link to the current address; ``_Lost`` if there is none."""
+        host, port = parse_address(self._address)
+        if not is_loopback(host):
+            raise errors.InvalidInput(
+                f"{self._address}: the load generator speaks plain TCP, to loopback addresses only"
+            )
+        loop = asyncio.get_running_loop()
+        address = self._address
+        link: _Link | None = None
+        try:
+            async with asyncio.timeout(ATTEMPT_TIMEOUT):
+                _, link = await loop.create_connection(lambda: _Link(address), host, port)
+                await link.welcome
+        except (OSError, TimeoutError, errors.ChatError) as exc:
+            if link is not None:
+                link.close()  # connected, but no welcome in time
+            raise _Lost(f"{address}: {str(exc) or 'no welcome'}") from None
+        self.link = link
+        return link
+
+    def _reroute(self, problem: BaseException) -> bool:
+        """Choose the node of the next attempt after ``problem``; True when it is the
+        primary that a ``not_primary`` named."""
+        if isinstance(problem, errors.NotPrimary):
+            self._drop()
+            primary = problem.details.get("primary")
+            if isinstance(primary, str) and primary != self._address and _valid(primary):
+                self._address = primary
+                return True
+            self._next_server()
+        elif isinstance(problem, _Lost):
+            self._drop()
+            self._next_server()
+        return False
+
+    def _drop(self) -> None:
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
+    def _next_server(self) -> None:
+        index = self.servers.index(self._address) + 1 if self._address in self.servers else 0
+        self._address = self.servers[index % len(self.servers)]
+
+    def close(self) -> None:
+        self._drop()
+
+
+def _valid(address: str) -> bool:
+    try:
+        parse_address(address)
+    except errors.InvalidInput:
+        return False
+    return True
+
+
+async def _watchdog(clients: list[LeanClient]) -> None:
+    """Fail the requests stuck for ATTEMPT_TIMEOUT, every WATCH_EVERY seconds, until
+    cancelled: one timer for the worker instead of one per call."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(WATCH_EVERY)
+        now = loop.time()
+        for client in clients:
+            if client.link is not None:
+                client.link.check(now)
+
+
+# ---- the worker side: the exchange and the two modes ----------------------------------
 
 
 def worker_main() -> int:
     """One worker process: its spec on stdin, then the exchange of the module docstring."""
     spec = json.loads(sys.stdin.readline())
-    with asyncio.Runner() as runner:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         try:
             clients = runner.run(_connect(spec))
         except (errors.ChatError, OSError) as exc:
@@ -303,32 +584,42 @@ def worker_main() -> int:
         start = float(json.loads(go)["start"])
         drive = _window if spec["mode"] == "window" else _count
         try:
-            result = {"result": True, **runner.run(drive(spec, clients, start))}
+            result = {"result": True, **runner.run(_watched(drive(spec, clients, start), clients))}
         except Exception as exc:  # reported to the parent, which stops the benchmark
             result = {"failed": f"{type(exc).__name__}: {exc}"}
-        runner.run(_close(clients))
+        for client in clients:
+            client.close()
     _say(result)
     return 0
 
 
 def _say(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
+    _write_line(sys.stdout.fileno(), message)
 
 
-async def _connect(spec: dict[str, Any]) -> list[Client]:
-    """One Client per simulated connection, each checked with one ``whoami``."""
+async def _connect(spec: dict[str, Any]) -> list[LeanClient]:
+    """One LeanClient per simulated connection, each checked with one ``whoami``."""
     tokens = spec["tokens"]
+    rng = random.Random()  # request-id tags: unlike the seed, never the same in two workers
     clients = [
-        Client(spec["servers"], CALL_TIMEOUT, tokens[(spec["first"] + i) % len(tokens)])
+        LeanClient(
+            spec["servers"],
+            tokens[(spec["first"] + i) % len(tokens)],
+            random.Random(rng.getrandbits(64)),
+        )
         for i in range(spec["clients"])
     ]
-    await asyncio.gather(*(c.whoami() for c in clients))
+    await _watched(asyncio.gather(*(c.call("whoami", {}) for c in clients)), clients)
     return clients
 
 
-async def _close(clients: list[Client]) -> None:
-    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+async def _watched(work: Awaitable[T], clients: list[LeanClient]) -> T:
+    """Run ``work`` with the watchdog of ``clients``."""
+    watchdog = asyncio.ensure_future(_watchdog(clients))
+    try:
+        return await work
+    finally:
+        watchdog.cancel()
 
 
 def _cpu_now() -> float:
@@ -340,7 +631,7 @@ async def _sleep_until(perf_time: float) -> None:
     await asyncio.sleep(max(0.0, perf_time - time.perf_counter()))
 
 
-async def _window(spec: dict[str, Any], clients: list[Client], start: float) -> dict[str, Any]:
+async def _window(spec: dict[str, Any], clients: list[LeanClient], start: float) -> dict[str, Any]:
     begin = time.perf_counter() + (start - time.time())
     window_start = begin + float(spec["warmup"])
     window_end = window_start + float(spec["secs"])
@@ -350,11 +641,11 @@ async def _window(spec: dict[str, Any], clients: list[Client], start: float) -> 
     rng = random.Random(spec["seed"])
     text = body(rng)
 
-    async def sender(client: Client, seed: int) -> None:
+    async def sender(client: LeanClient, seed: int) -> None:
         pick = random.Random(seed)
         while (t0 := time.perf_counter()) < window_end:
             try:
-                await client.send(pick.choice(names), text)
+                await client.call("send", {"to": pick.choice(names), "body": text})
             except errors.ChatError as exc:
                 failures[exc.code] += 1
                 await asyncio.sleep(0.01)
@@ -382,7 +673,7 @@ async def _window(spec: dict[str, Any], clients: list[Client], start: float) -> 
     }
 
 
-async def _count(spec: dict[str, Any], clients: list[Client], start: float) -> dict[str, Any]:
+async def _count(spec: dict[str, Any], clients: list[LeanClient], start: float) -> dict[str, Any]:
     names: list[str] = spec["names"]
     remaining = int(spec["count"])
     acked = 0
@@ -390,7 +681,7 @@ async def _count(spec: dict[str, Any], clients: list[Client], start: float) -> d
     rng = random.Random(spec["seed"])
     text = body(rng)
 
-    async def sender(client: Client, seed: int) -> None:
+    async def sender(client: LeanClient, seed: int) -> None:
         nonlocal remaining, acked
         pick = random.Random(seed)
         while (
@@ -398,7 +689,7 @@ async def _count(spec: dict[str, Any], clients: list[Client], start: float) -> d
         ):
             remaining -= 1
             try:
-                await client.send(pick.choice(names), text)
+                await client.call("send", {"to": pick.choice(names), "body": text})
             except errors.ChatError as exc:
                 failures[exc.code] += 1
                 remaining += 1  # the count is of acknowledged sends

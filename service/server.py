@@ -520,6 +520,7 @@ class ClientSession:
         self.address = client_address(writer)
         self.loop = asyncio.get_running_loop()
         self.last_frame = self.loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def close(self) -> None:
         self.writer.close()
@@ -542,7 +543,7 @@ class ClientSession:
         transport.write(protocol.encode_frame(frame))
 
     async def run(self) -> None:
-        idle_check = asyncio.get_running_loop().call_later(
+        self._idle_timer = self.loop.call_later(
             self.server.config.idle_client_timeout, self._check_idle
         )
         try:
@@ -561,7 +562,7 @@ class ClientSession:
         except (ConnectionError, OSError):
             pass
         finally:
-            idle_check.cancel()
+            self._idle_timer.cancel()
             for listener in list(self.listeners):
                 self.forget(listener)
             for task in list(self.tasks):
@@ -580,7 +581,7 @@ class ClientSession:
         if left <= 0 and not self.listeners:
             self.close()
             return
-        self.loop.call_later(left if left > 0 else idle, self._check_idle)
+        self._idle_timer = self.loop.call_later(left if left > 0 else idle, self._check_idle)
 
     def _dispatch(self, frame: protocol.Frame) -> None:
         # Not a request, or no id to answer it under: a protocol violation that ends

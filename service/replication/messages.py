@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import struct
 import typing
 from collections.abc import Callable
@@ -456,6 +457,10 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+# Every append carries the sync set, which changes rarely: its wire form is made once
+# per sync set (the dict is only ever serialised, never changed).
+_sync_set_wire = functools.lru_cache(maxsize=16)(sync_set_to_wire)
+
 # annotation → (JSON types accepted, decode, encode)
 _CODECS: dict[object, tuple[tuple[type, ...], Callable[[Any], Any], Callable[[Any], Any]]] = {
     int: ((int,), _strict(int), _same),
@@ -465,7 +470,7 @@ _CODECS: dict[object, tuple[tuple[type, ...], Callable[[Any], Any], Callable[[An
     int | None: ((int, type(None)), _optional(_strict(int)), _same),
     str | None: ((str, type(None)), _optional(_strict(str)), _same),
     Position: ((list,), _position, lambda p: [p.epoch, p.seq]),
-    SyncSet: ((dict,), _sync_set, sync_set_to_wire),
+    SyncSet: ((dict,), _sync_set, _sync_set_wire),
     tuple[int, ...]: ((list,), _ints, list),
     tuple[tuple[int, int], ...]: ((list,), _pairs, lambda pairs: [list(p) for p in pairs]),
     list[LogRecord]: ((list,), _records, lambda records: [record_to_wire(r) for r in records]),

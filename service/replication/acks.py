@@ -44,8 +44,13 @@ class BackupProgress:
     # describe a log that the join's rewind or snapshot may have replaced.
     join_no: int = -1
     # False from a clock gap of ours until the backup is heard again: a thawed
-    # primary drops nobody on the strength of a silence it slept through.
+    # primary drops nobody on the strength of a silence it slept through. Heard
+    # means an ack that answers a frame we sent after the gap (``AckTracker.fresh``),
+    # not one that waited in our socket while we were stopped.
     heard_since_gap: bool = True
+    # The backup's current join was answered after our latest clock gap: every ack
+    # of it was sent after our reply, so it is fresh.
+    joined_since_gap: bool = True
     # The backup closed our link (it died): an immediate signal. A link we closed
     # ourselves is not, since the backup may still believe it is confirmed.
     lost_by_peer: bool = False
@@ -76,6 +81,9 @@ class AckTracker:
     changing: bool = False
     # (seq, time sealed) of records not yet under the watermark, for the lag rule.
     sealed_at: deque[tuple[int, float]] = field(default_factory=deque)
+    # The last seq sealed before our latest clock gap (-1: no gap): a backup that
+    # reports a later one durable received a frame we sent after the gap.
+    gap_mark: int = -1
 
     def ack_set(self) -> set[int]:
         members = set(self.effective)
@@ -106,6 +114,18 @@ class AckTracker:
             if seq > durable:
                 return now - sealed > lag_limit
         return False
+
+    def last_sealed(self, position_seq: int) -> int:
+        """The newest seq this primary sealed (records above ``position_seq`` may be
+        sealed and broadcast but not yet reported committed)."""
+        return max(position_seq, self.sealed_at[-1][0] if self.sealed_at else 0)
+
+    def fresh(self, progress: BackupProgress, durable: int) -> bool:
+        """An ack of ``progress``'s current join reporting ``durable`` answers a frame
+        we sent after our latest clock gap (a record sealed since, or our reply to
+        a join made since). An ack sent while we were stopped does not: the backup
+        may have taken over since (R5) and died before telling us."""
+        return progress.joined_since_gap or durable > self.gap_mark
 
     def may_confirm(self) -> bool:
         """After a clock gap the primary confirms nobody until it has heard from its

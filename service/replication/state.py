@@ -49,7 +49,11 @@ acknowledged anything without it. A restart or a gap in the node's own clock
 Freeze. A tick later than ``clock_gap`` after the previous one means this
 process was stopped. A backup then loses its confirmation; a primary may not
 drop any member until it has heard from that member again, so a thawed old
-primary never shrinks to itself and acknowledges alone in a stale epoch.
+primary never shrinks to itself and acknowledges alone in a stale epoch. Heard
+means an ack answering a frame sent after the gap (it reports a record sealed
+since, or belongs to a join answered since; the primary seals its sync set
+again to have such a record at once): acks that waited in its socket while it
+was stopped predate whatever the member did since, such as taking over.
 """
 
 from __future__ import annotations
@@ -165,6 +169,9 @@ class PrimaryState:
     # Whether this reign told clients anything yet: its first acknowledgement is
     # logged, so that the logs show which node acknowledged in which epoch.
     acknowledging: bool = False
+    # A clock gap was found: the sync set is to be sealed again, so that every
+    # member can answer a record sealed after it (``_heard_nobody_since_gap``).
+    reseal_due: bool = False
 
 
 @dataclass
@@ -662,9 +669,7 @@ class ReplicaCore:
         # which some peer answered.
         self.arbiter.on_gap(now)
         if self._lead is not None:
-            for progress in self._lead.acks.progress.values():
-                progress.heard_since_gap = False
-                progress.last_counted = now
+            self._heard_nobody_since_gap(now, self._lead)
         elif self._follower is not None:
             # A live primary's frames are already waiting in our socket: give them two
             # heartbeats to arrive, rather than a whole suspect timeout.
@@ -674,6 +679,32 @@ class ReplicaCore:
 
     # ---- primary -------------------------------------------------------------------
 
+    def _heard_nobody_since_gap(self, now: float, lead: PrimaryState) -> None:
+        """This primary was stopped: it drops and confirms no member until it has heard
+        from it again, and only an ack answering a frame sent from now on counts.
+
+        The acks that waited in our socket while we were stopped are older than what
+        a backup may have done since. Seen with a slow link to node 3 and node 2
+        down: node 1 is frozen, node 3 acks node 1's last records meanwhile, then
+        suspects node 1. Node 1 thaws and reads those acks; node 3, still confirmed
+        and not yet reached by node 1's new frames, takes over alone in epoch 2
+        (R5), acknowledges a write and dies before telling node 1. Had the old
+        acks counted, node 1 would drop node 3 on the closed link and acknowledge
+        alone in epoch 1: one epoch's acknowledged writes would be lost (G1).
+        Instead node 1 waits for node 3, which brings epoch 2 back with it.
+
+        A record sealed after the gap is what a fresh ack reports: the sync set is
+        sealed again (same members) so that live members can answer at once."""
+        acks = lead.acks
+        acks.gap_mark = acks.last_sealed(self.position.seq)
+        for progress in acks.progress.values():
+            progress.heard_since_gap = False
+            progress.joined_since_gap = False
+            progress.last_counted = now
+        # Proposed by the next tick, once the input that found the gap has shown
+        # whether this node is still primary (it may learn of a newer epoch).
+        lead.reseal_due = any(m != self.node_id for m in acks.ack_set())
+
     def _primary_tick(self, now: float, lead: PrimaryState, out: list[Effect]) -> None:
         self.arbiter.primary_tick(now, out)
         if self._lead is not lead:
@@ -682,6 +713,15 @@ class ReplicaCore:
             lead.last_heartbeat = now
             for peer in sorted(self.links):
                 out.append(Send(peer, self.stream_header(peer, [])))
+        if lead.reseal_due:
+            lead.reseal_due = False
+            self._propose_change(
+                lead,
+                self.sync_set.members,
+                "hearing from every member after a clock gap",
+                out,
+                again=True,
+            )
         latest = self.sync_set.members
         for peer in latest:
             if peer == self.node_id:
@@ -704,9 +744,16 @@ class ReplicaCore:
                 return
 
     def _propose_change(
-        self, lead: PrimaryState, members: tuple[int, ...], reason: str, out: list[Effect]
+        self,
+        lead: PrimaryState,
+        members: tuple[int, ...],
+        reason: str,
+        out: list[Effect],
+        again: bool = False,
     ) -> None:
-        if lead.acks.changing or tuple(sorted(members)) == tuple(sorted(self.sync_set.members)):
+        """Propose a new sync set (``again``: even with the same members)."""
+        unchanged = tuple(sorted(members)) == tuple(sorted(self.sync_set.members))
+        if lead.acks.changing or (unchanged and not again):
             return
         lead.acks.changing = True
         out.append(ChangeSyncSet(tuple(sorted(members)), reason))
@@ -725,7 +772,8 @@ class ReplicaCore:
             # log it describes may since have been rewound or replaced.
             return
         progress.durable = max(progress.durable, msg.seq)
-        progress.heard_since_gap = True
+        if acks.fresh(progress, msg.seq):
+            progress.heard_since_gap = True
         if not acks.lagging(progress.durable, now, self.timing.lag_limit):
             progress.last_counted = now
             others = acks.ack_set() - {self.node_id, sender}
@@ -794,7 +842,9 @@ class ReplicaCore:
         # Counted only for what it has on disk: records it applied under the
         # previous primary may still wait for their fsync.
         progress.durable = -1 if snapshot else min(diverge, msg.durable)
-        progress.heard_since_gap = True
+        # The join itself may have waited in our socket while we were stopped; the
+        # acks of it answer our reply (``AckTracker.fresh``).
+        progress.joined_since_gap = True
         out.append(Send(sender, JoinReply(self.epoch, diverge, snapshot, msg.join_no)))
         out.append(StartStream(sender, diverge, snapshot))
         out.append(

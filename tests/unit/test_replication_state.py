@@ -17,7 +17,8 @@ a backup that is merely slow must not break any rule.
 Several scenarios, and seeds of the random runs, reproduce bugs this suite
 found in the core (a stale probe round reused, a decision on partial probe
 answers, an unconfirmed voter blocking R5, a thawed primary confirming
-backups, waiting not logged); they stay as regression tests.
+backups, a thawed primary counting acks sent while it was stopped, waiting not
+logged); they stay as regression tests.
 
 The last section runs the simulator with an fsync delay (the runtime's group
 fsync: a commit reaches the disk later) and power losses, which keep only what
@@ -678,6 +679,42 @@ def test_r1_new_election_probes_afresh_after_an_epoch_adopted_from_a_probe() -> 
     assert held_everywhere(sim, acked, (1, 2, 3))
 
 
+def test_r1_g1_a_thawed_primary_counts_no_ack_sent_while_it_was_stopped() -> None:
+    """Node 1 is frozen; acks node 3 sent meanwhile wait in its socket.
+
+    Node 2 is down, node 1's frames reach node 3 slowly. Node 1 thaws and reads
+    the acks node 3 sent while it was stopped; node 3, confirmed but not yet
+    reached by node 1's new frames, takes over alone in epoch 2 (R5), acknowledges
+    a write and dies before it told node 1 anything. Those old acks say nothing of
+    what node 3 did since: node 1 must not count them as having heard from node 3
+    since its clock gap, so it must not drop node 3 and acknowledge alone in
+    epoch 1 (the writes of one epoch or the other would be lost).
+    """
+    sim = started()
+    sim.kill(2)
+    write_acked(sim, 1, count=3)
+    assert sync_members(sim, 1) == (1, 3)
+    sim.set_delay(1, 3, 0.3)
+    sim.set_delay(3, 1, 0.3)
+    write(sim, 1)  # in flight to node 3: its ack will be sent while node 1 is stopped
+    sim.advance(0.01)
+    sim.freeze(1)
+    sim.advance(0.7)
+    sim.thaw(1)
+    sim.wait_for(lambda: sim.core(3).role is Role.PRIMARY, 1.0, "node 3 takes over")
+    assert (sim.core(1).role, sim.core(1).epoch) == (Role.PRIMARY, 1), "node 1 is back, unaware"
+    taken_over = write_acked(sim, 3, timeout=0.001)  # before node 3's first frame to node 1
+    sim.kill(3)
+    stale = [write(sim, 1) for _ in range(3)]
+    never(sim, 3.0, lambda: any(sim.is_acked(w) for w in stale), "node 1 acked alone in epoch 1")
+    sim.slow(3, sim.delay)
+    sim.restart(2)
+    sim.restart(3)
+    sim.wait_converged(timeout=3.0)
+    sim.check_invariants(converged=True)
+    assert held_everywhere(sim, taken_over, (1, 2, 3))
+
+
 # ---- back-to-back failovers ----------------------------------------------------------------------
 
 
@@ -829,6 +866,14 @@ def test_g1_g4_random_crashes_and_freezes(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(16))
 def test_r1_g1_random_faults_with_slow_links(seed: int) -> None:
     random_faults(seed, slow_links=True)
+
+
+def test_r1_g1_random_faults_seed_2299_a_thawed_primary_reads_old_acks() -> None:
+    """The primary thawed and counted acks a backup sent while it was stopped; that
+    backup took over alone and died unheard, and the thawed primary acknowledged
+    alone in its old epoch (the scenario of
+    ``test_r1_g1_a_thawed_primary_counts_no_ack_sent_while_it_was_stopped``)."""
+    random_faults(2299, slow_links=True)
 
 
 # ---- deferred durability: the group fsync ------------------------------------------------------

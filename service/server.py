@@ -11,8 +11,8 @@ writer, which answers it from its acknowledgement: no task, future or timer of
 its own per write, on the busiest path of the node. Other requests run as tasks
 of their own. So a slow write never blocks a read on the same connection;
 replies carry the request id and may come back in any order. Bad input is
-answered with one error frame and changes nothing: an unknown op, wrong types, an unknown
-argument, a bad token. A frame that breaks the protocol itself (garbage, an
+answered with one error frame and changes nothing: an unknown op, wrong types,
+an unknown argument, a bad token. A frame that breaks the protocol itself (garbage, an
 oversized length, a frame cut short, a frame that is not a request or has no
 usable request id, a frame sent before our welcome) gets an error frame with a
 null request id and the connection is closed; nothing else on the node

@@ -93,9 +93,15 @@ class PendingWrite:
     finished: bool = False
 
     def finish(self, outcome: Outcome) -> None:
-        if not self.finished:
-            self.finished = True
+        if self.finished:
+            return
+        self.finished = True
+        try:
             self.done(outcome)
+        except Exception:
+            # The callback runs inside the writer's release of a whole batch: a reply
+            # that cannot be sent must not keep the batch's other writes unanswered.
+            log.exception("answering a write failed op=%s", self.op)
 
 
 @dataclass(order=True)

@@ -692,8 +692,6 @@ class ClientSession:
             else:
                 await self._keep_alive(token_hash, now)
             return shown
-        if op in protocol.WRITE_OPS:
-            return _client_result(await replicator.submit(op, args, token_hash, request_id))
         now = time.time()
         if op == "whoami":
             result = await replicator.read(lambda db: chat.whoami(db, token_hash, now))

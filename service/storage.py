@@ -79,6 +79,7 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
 
     Diverged(Exception)                       apply_records found a gap or a conflict
     ConstraintViolation(Exception)            a UNIQUE or NOT NULL constraint failed
+    changes_cluster(record) -> bool           whether a record may change the sync set
 
     Storage(path, synchronous="FULL", vfs=None, *, migrations=None)
                                               vfs: a test VFS (service.diskfaults);
@@ -87,6 +88,7 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .database_id -> str                                 made when the database is created
         .replicated_tables -> dict[str, str]                table -> primary key, in creation order
         .position() -> Position
+        .committed_position() -> Position                  the writer's, kept in memory
         .epoch_history() -> list[tuple[int, int]]          (epoch, first seq), ascending
         .node_state() / .save_node_state(state)             durable on return
         .sync_set() -> SyncSet
@@ -181,6 +183,16 @@ CREATE TABLE node_state (
 OWN_REPLICATED: dict[str, str] = {"cluster": "key"}
 # Never in a changeset: they describe this node's copy, not the chat state.
 NODE_LOCAL_TABLES = frozenset({"txlog", "epochs", "node_state"})
+# How a changeset names a table it changes: its table header is 'T', the column
+# count, a primary-key flag per column, then the name, NUL-terminated.
+_CLUSTER_HEADER = b"cluster\x00"
+
+
+def changes_cluster(record: LogRecord) -> bool:
+    """Whether ``record`` may change the ``cluster`` table (the sync set). Never a
+    wrong "no": a record that changes the table holds its header. A message body
+    that happens to hold those bytes only costs its reader a query."""
+    return _CLUSTER_HEADER in record.changeset
 
 
 def schema_migrations(app: Sequence[str]) -> tuple[str, ...]:
@@ -542,9 +554,12 @@ class Batch:
     """One write transaction on the primary; see the module docstring."""
 
     def __init__(self, storage: Storage) -> None:
+        self._storage = storage
         self._conn = storage._conn
         self._db = Db(self._conn)
         self._sealed = False
+        # The position of the record sealed, the storage's once committed.
+        self._sealed_at: Position | None = None
         self._open = True
         with _translated():
             self._conn.execute("BEGIN IMMEDIATE")
@@ -620,11 +635,12 @@ class Batch:
         self._sealed = True
         if not changeset:
             return None
-        position = _read_position(self._db)
+        position = self._storage.committed_position()
         if epoch < position.epoch:
             raise Internal(f"cannot seal in epoch {epoch}: the log is at epoch {position.epoch}")
         record = LogRecord(epoch, position.seq + 1, changeset)
         _append_record(self._db, record, position)
+        self._sealed_at = Position(record.epoch, record.seq)
         return record
 
     def commit(self) -> None:
@@ -639,6 +655,8 @@ class Batch:
             self.rollback()
             raise
         self._open = False
+        if self._sealed_at is not None:
+            self._storage._committed = self._sealed_at
 
     def rollback(self) -> None:
         self._close_session()
@@ -697,6 +715,10 @@ class Storage:
         self._conn = _connect(self.path, synchronous, self._vfs)
         self._db = Db(self._conn)
         _migrate(self._conn, self._migrations)
+        # The position the writer connection last committed (None: read it again).
+        # Only this object writes the log, so it need not ask SQLite before each batch
+        # or applied frame; a rewind and a snapshot install forget it.
+        self._committed: Position | None = None
         self.replicated_tables = _replicated_tables(self._db)
         self._reader = _connect(self.path, synchronous, self._vfs)
         self._reader_db = Db(self._reader)
@@ -832,6 +854,13 @@ class Storage:
     def position(self) -> Position:
         return _read_position(self._reader_db)
 
+    def committed_position(self) -> Position:
+        """The position as the writer connection sees it: the last record it
+        committed (in a transaction of its own, the position before it)."""
+        if self._committed is None:
+            self._committed = _read_position(self._db)
+        return self._committed
+
     def epoch_history(self) -> list[tuple[int, int]]:
         rows = self._reader_db.execute("SELECT epoch, start_seq FROM epochs ORDER BY epoch")
         return [(int(epoch), int(start)) for epoch, start in rows]
@@ -867,7 +896,7 @@ class Storage:
 
         The records' changesets are applied as one (``_apply_changesets``)."""
         with self._transaction():
-            position = _read_position(self._db)
+            position = self.committed_position()
             for record in records:
                 if record.seq != position.seq + 1:
                     raise Diverged(
@@ -880,12 +909,14 @@ class Storage:
                 position = _append_record(self._db, record, position, save_position=False)
             _apply_changesets(self._conn, records)
             _write_json(self._db, "node_state", "last_position", [position.epoch, position.seq])
-            return position
+        self._committed = position
+        return position
 
     def rewind(self, to_seq: int, rollback_path: Path) -> int:
         """Undo every record after ``to_seq``; keep them in ``rollback_path`` (JSON lines).
 
         Durable on return: what the node acknowledges next builds on it."""
+        self._committed = None
         with self._transaction(durable=True):
             position = _read_position(self._db)
             if to_seq >= position.seq:
@@ -998,6 +1029,7 @@ class Storage:
         """
         if self._conn.in_transaction:
             raise Internal("cannot install a snapshot while a batch is open")
+        self._committed = None
         own = self.node_state()
         staging = self.path.with_name(self.path.name + ".installing")
         _remove_db_files(staging)

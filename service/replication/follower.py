@@ -26,7 +26,7 @@ from pathlib import Path
 from ..config import NodeConfig
 from ..errors import StorageCorrupt, StorageFault
 from ..metrics import Metrics
-from ..storage import Diverged, Storage, os_fault, prune_rollback_files
+from ..storage import Diverged, Storage, changes_cluster, os_fault, prune_rollback_files
 from .durability import Durability
 from .effects import Effect
 from .messages import Snapshot
@@ -103,7 +103,10 @@ class Follower:
         history = self.storage.epoch_history() if new_position.epoch != was_epoch else None
         self.metrics.applied_records.observe(len(records))
         lone = len(records) <= 1 and not self.pending
-        self.durability.committed(new_position, self.storage.sync_set(), lone=lone, history=history)
+        # The sync set is in the replicated ``cluster`` table: read it only after
+        # records that may have changed it (the core keeps the one it has otherwise).
+        sync_set = self.storage.sync_set() if any(map(changes_cluster, records)) else None
+        self.durability.committed(new_position, sync_set, lone=lone, history=history)
 
     def rewind(self, to_seq: int) -> list[Effect]:
         position = self.storage.position()

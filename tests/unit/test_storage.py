@@ -23,6 +23,7 @@ from service.storage import (
     Db,
     Diverged,
     Storage,
+    changes_cluster,
     prune_rollback_files,
     schema_migrations,
 )
@@ -298,6 +299,22 @@ def test_sync_set_versions_grow_and_replicate(primary: Storage, backup: Storage)
     assert record is not None
     backup.apply_records([record])
     assert backup.sync_set() == SyncSet(2, (1, 2), 1)
+
+
+def test_only_records_that_change_the_sync_set_say_they_may(
+    primary: Storage, backup: Storage
+) -> None:
+    """A backup reads its stored sync set again only after such records."""
+    batch = primary.begin_batch()
+    batch.set_sync_set((1, 2), epoch=1)
+    change = batch.seal(1)
+    batch.commit()
+    assert change is not None
+    assert changes_cluster(change)
+    plain = add_user(primary, "ann")
+    assert not changes_cluster(plain)
+    backup.apply_records([change, plain])
+    assert backup.sync_set() == SyncSet(1, (1, 2), 1)
 
 
 def test_epoch_history_records_the_first_seq_of_each_epoch(primary: Storage) -> None:

@@ -134,6 +134,11 @@ from .storage import ConstraintViolation, Db
 MAX_USERNAME = 50
 MIN_PASSWORD, MAX_PASSWORD = 8, 256
 MAX_BODY = 4000
+# The most one send adds to a replicated record (``unguarded_bound``): its message
+# row (a body of MAX_BODY four-byte characters, a request id of MAX_REQUEST_ID of
+# them, numbers), its session's row as the idle clock moves on (old and new values),
+# and the changeset's framing, with room to spare.
+SEND_RECORD_BOUND = 4 * (MAX_BODY + MAX_REQUEST_ID) + 2048
 MAX_PATTERN = 100
 MAX_LIMIT = 1000
 MAX_IDS = 1000
@@ -788,8 +793,12 @@ def send(
 ) -> Result:
     """A new message; its row also keeps the request (see "Requests" above): the key
     of ``request_id`` and ``check`` (by default the one of ``args`` as the client
-    sent them, for the caller of ``token_hash``)."""
-    sender_id, sender = sessions.use(db, token_hash, now)
+    sent them, for the caller of ``token_hash``).
+
+    Every check that can refuse it comes before its first change (the session's
+    idle clock, then the message): the writer runs a send without a savepoint
+    (``ChatApplication.unguarded_bound``)."""
+    sessions.user(db, token_hash, now)  # the caller first: no other refusal before it
     to = _required_str(args, "to")
     body = validate_body(args.get("body"))
     recipient_id, recipient, deleted = _find_user(db, to, "to")
@@ -799,6 +808,7 @@ def send(
         check = request_check(
             request_caller("send", args, token_hash), request_fingerprint("send", args)
         )
+    sender_id, sender = sessions.use(db, token_hash, now)
     row = db.one(
         "INSERT INTO messages(sender_id, recipient_id, body, sent_at, request_key, request_check) "
         "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
@@ -1311,6 +1321,10 @@ class ChatApplication:
 
     def reset(self) -> None:
         self.sessions.forget()
+
+    def unguarded_bound(self, op: str) -> int | None:
+        # A send: a session row's new idle clock, then the message row.
+        return SEND_RECORD_BOUND if op == "send" else None
 
     def starts_purge(self, op: str) -> bool:
         # A deleted account's inbox is tombstoned in bounded steps after it.

@@ -12,7 +12,12 @@ the rows it writes.
 Every call runs on the event loop thread, inside one savepoint of the open
 batch: raising rolls back that call's rows only. A ``ChatError`` refuses the
 write (the client gets it); any other exception is a bug in that one write,
-answered ``internal``; the batch goes on either way.
+answered ``internal``; the batch goes on either way. An op that changes rows only
+after every check that can refuse it says so (``unguarded_bound``) and runs
+without the savepoint: two statements fewer on the hottest path (the chat's
+``send``). Its refusals leave nothing to undo, and SQLite undoes a statement that
+fails; a bug raised after its changes leaves them in the batch, answered
+``internal`` all the same (a retry under the same request id finds them).
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ class Application(Protocol):
         (the chat: the sessions it has read): the rows may have changed without it,
         because a batch was rolled back whole or other primaries wrote them (called
         on becoming primary)."""
+        ...
+
+    def unguarded_bound(self, op: str) -> int | None:
+        """For an op that changes rows only after every check that can refuse it:
+        an upper bound of the bytes it adds to a record, which the writer checks
+        against the record's budget before running it without a savepoint. None:
+        the op runs in a savepoint."""
         ...
 
     def starts_purge(self, op: str) -> bool:

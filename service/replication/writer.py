@@ -2,7 +2,8 @@
 
 Client writes queue up while the previous batch runs; the writer takes all of
 them (up to ``max_batch``) into one SQLite transaction, each in its own
-savepoint, applies each through the ``Application`` (the chat), seals one
+savepoint (but the ops that need none: ``Application.unguarded_bound``),
+applies each through the ``Application`` (the chat), seals one
 record (one seq), commits without syncing, sends the record to every backup
 streaming live, and hands durability to the group sync (``durability.py``).
 Replies wait until the core releases a watermark (``Acknowledge``: every member
@@ -352,11 +353,30 @@ class WritePath:
         self, batch: Batch, items: list[PendingWrite]
     ) -> list[tuple[PendingWrite, Outcome]]:
         outcomes: list[tuple[PendingWrite, Outcome]] = []
+        app = self.app
         for index, item in enumerate(items):
             try:
-                with batch.savepoint() as db:
-                    result = self.app.apply_write(
-                        db,
+                bound = app.unguarded_bound(item.op)
+                if bound is None:
+                    with batch.savepoint() as db:
+                        result = app.apply_write(
+                            db,
+                            item.op,
+                            item.args,
+                            item.token_hash,
+                            item.request_id,
+                            time.time(),
+                            item.fingerprint,
+                        )
+                        if batch.size() > RECORD_BUDGET:
+                            raise RecordFull
+                else:
+                    # Nothing to undo if it refuses (app.py): no savepoint, and the
+                    # record's budget is checked before, not after.
+                    if index and batch.size() + bound > RECORD_BUDGET:
+                        raise RecordFull
+                    result = app.apply_write(
+                        batch.db,
                         item.op,
                         item.args,
                         item.token_hash,
@@ -364,8 +384,6 @@ class WritePath:
                         time.time(),
                         item.fingerprint,
                     )
-                    if batch.size() > RECORD_BUDGET:
-                        raise RecordFull
                 outcomes.append((item, result))
                 if self.app.starts_purge(item.op):
                     self.purge_due = True
@@ -384,7 +402,8 @@ class WritePath:
                 outcomes.append((item, exc))
             except Exception as exc:
                 # A bug in one operation fails that request only; its savepoint
-                # was rolled back, the rest of the batch goes on.
+                # was rolled back (an unguarded op's changes stay: app.py), the
+                # rest of the batch goes on.
                 log.exception("write failed op=%s", item.op)
                 outcomes.append((item, Internal(f"internal error: {exc}")))
         return outcomes

@@ -17,6 +17,7 @@ import pytest
 from service import chat
 from service.chat_schema import MIGRATIONS
 from service.errors import AuthFailed, ChatError, Conflict, Gone, InvalidInput, NotFound
+from service.protocol import MAX_REQUEST_ID
 from service.storage import Storage, schema_migrations
 
 PASSWORD = "correct horse"
@@ -29,8 +30,9 @@ SESSION_LIMITS = {"session_lifetime": 30 * 86400.0, "session_idle": 7 * 86400.0,
 
 
 class Service:
-    """What the server does around chat: one batch per write, the savepoint, the clock,
-    through the application the primary's writer uses (its session cache included)."""
+    """What the server does around chat: one batch per write, the savepoint (none for
+    the ops that need none, as in the writer), the clock, through the application the
+    primary's writer uses (its session cache included)."""
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
@@ -54,9 +56,14 @@ class Service:
         self.now += 1
         batch = self.storage.begin_batch()
         try:
-            with batch.savepoint() as db:
+            if self.app.unguarded_bound(op) is None:
+                with batch.savepoint() as db:
+                    result = self.app.apply_write(
+                        db, op, args or {}, token, request_id, self.now, fingerprint
+                    )
+            else:
                 result = self.app.apply_write(
-                    db, op, args or {}, token, request_id, self.now, fingerprint
+                    batch.db, op, args or {}, token, request_id, self.now, fingerprint
                 )
             self.sealed.append(batch.seal(1) is not None)
             batch.commit()
@@ -1326,6 +1333,72 @@ def test_a_send_is_one_replicated_row_and_replays_its_first_reply(
     svc.read(bob)
     assert svc.write("send", {"to": "bob", "body": "once"}, ann, request_id=request_id) == first
     assert svc.db.value("SELECT count(*) FROM messages") == 1
+
+
+def refresh_due(svc: Service) -> float:
+    """A time at which a session made by ``svc.login`` before is due to move its idle
+    clock on (its next write op changes the session row)."""
+    return svc.now + SESSION_LIMITS["session_idle"] / chat.IDLE_REFRESH_FRACTION + 1
+
+
+def test_a_refused_send_changes_nothing_in_its_batch(svc: Service, ann: str, bob: str) -> None:
+    """The writer runs a send without a savepoint (``unguarded_bound``): every refusal
+    comes before its first change, the session's idle clock included."""
+    svc.write("delete_account", {}, svc.user("carl"))
+    kept = svc.send(bob, "ann")
+    svc.write("mark_read", {"ids": [kept]}, ann, request_id="taken")
+    now = refresh_due(svc)
+    refusals: list[tuple[dict[str, Any], str | None, str]] = [
+        ({"to": "bob", "body": "hi"}, None, "refused-1"),
+        ({"to": "bob", "body": "hi"}, "f" * 64, "refused-2"),
+        ({"to": "nobody", "body": "hi"}, ann, "refused-3"),
+        ({"to": "carl", "body": "hi"}, ann, "refused-4"),
+        ({"to": "bob", "body": ""}, ann, "refused-5"),
+        ({"to": "bob"}, ann, "refused-6"),
+        ({"to": "bob", "body": "hi", "subject": "x"}, ann, "refused-7"),
+        ({"to": "bob", "body": "hi"}, ann, "taken"),
+    ]
+    for args, token, request_id in refusals:
+        batch = svc.storage.begin_batch()
+        with pytest.raises(ChatError):
+            svc.app.apply_write(batch.db, "send", args, token, request_id, now, None)
+        assert batch.size() == 0, (args, token, request_id)
+        batch.rollback()
+    batch = svc.storage.begin_batch()
+    svc.app.apply_write(batch.db, "send", {"to": "bob", "body": "hi"}, ann, "accepted", now, None)
+    record = batch.seal(1)
+    batch.commit()
+    assert record is not None
+    assert {change.name for change in apsw.Changeset.iter(record.changeset)} == {
+        "messages",
+        "sessions",
+    }
+
+
+def test_the_largest_send_stays_within_its_bound(svc: Service, ann: str) -> None:
+    """What the writer checks against the record's budget before an unguarded send."""
+    widest = "\U0001f600"  # four bytes in UTF-8
+    batch = svc.storage.begin_batch()
+    svc.app.apply_write(
+        batch.db,
+        "send",
+        {"to": "ann", "body": widest * chat.MAX_BODY},
+        ann,
+        widest * MAX_REQUEST_ID,
+        refresh_due(svc),
+        None,
+    )
+    size = batch.size()
+    record = batch.seal(1)
+    batch.commit()
+    assert record is not None
+    assert {change.name for change in apsw.Changeset.iter(record.changeset)} == {
+        "messages",
+        "sessions",
+    }
+    bound = svc.app.unguarded_bound("send")
+    assert bound is not None
+    assert len(record.changeset) <= size <= bound
 
 
 def test_request_keys_tell_every_request_id_apart(svc: Service, ann: str) -> None:

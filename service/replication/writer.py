@@ -353,21 +353,12 @@ class WritePath:
         self, batch: Batch, items: list[PendingWrite]
     ) -> list[tuple[PendingWrite, Outcome]]:
         outcomes: list[tuple[PendingWrite, Outcome]] = []
-        app = self.app
         for index, item in enumerate(items):
             try:
-                bound = app.unguarded_bound(item.op)
+                bound = self.app.unguarded_bound(item.op)
                 if bound is None:
                     with batch.savepoint() as db:
-                        result = app.apply_write(
-                            db,
-                            item.op,
-                            item.args,
-                            item.token_hash,
-                            item.request_id,
-                            time.time(),
-                            item.fingerprint,
-                        )
+                        result = self._apply(db, item)
                         if batch.size() > RECORD_BUDGET:
                             raise RecordFull
                 else:
@@ -375,15 +366,7 @@ class WritePath:
                     # record's budget is checked before, not after.
                     if index and batch.size() + bound > RECORD_BUDGET:
                         raise RecordFull
-                    result = app.apply_write(
-                        batch.db,
-                        item.op,
-                        item.args,
-                        item.token_hash,
-                        item.request_id,
-                        time.time(),
-                        item.fingerprint,
-                    )
+                    result = self._apply(batch.db, item)
                 outcomes.append((item, result))
                 if self.app.starts_purge(item.op):
                     self.purge_due = True
@@ -407,6 +390,17 @@ class WritePath:
                 log.exception("write failed op=%s", item.op)
                 outcomes.append((item, Internal(f"internal error: {exc}")))
         return outcomes
+
+    def _apply(self, db: Db, item: PendingWrite) -> dict[str, Any]:
+        return self.app.apply_write(
+            db,
+            item.op,
+            item.args,
+            item.token_hash,
+            item.request_id,
+            time.time(),
+            item.fingerprint,
+        )
 
     def _purge_inboxes(self, batch: Batch) -> None:
         """The work writes left, a bounded part per batch (``Application.purge``: the

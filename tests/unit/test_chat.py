@@ -18,7 +18,8 @@ from service import chat
 from service.chat_schema import MIGRATIONS
 from service.errors import AuthFailed, ChatError, Conflict, Gone, InvalidInput, NotFound
 from service.protocol import MAX_REQUEST_ID
-from service.storage import Storage, schema_migrations
+from service.replication.types import LogRecord
+from service.storage import Batch, Storage, schema_migrations
 
 PASSWORD = "correct horse"
 # A cheap cost: the rules of the parameters do not depend on it, and tests stay fast.
@@ -1341,6 +1342,18 @@ def refresh_due(svc: Service) -> float:
     return svc.now + SESSION_LIMITS["session_idle"] / chat.IDLE_REFRESH_FRACTION + 1
 
 
+def sealed(batch: Batch) -> LogRecord:
+    """Seal and commit ``batch``; its record."""
+    record = batch.seal(1)
+    batch.commit()
+    assert record is not None
+    return record
+
+
+def tables_changed(record: LogRecord) -> set[str]:
+    return {change.name for change in apsw.Changeset.iter(record.changeset)}
+
+
 def test_a_refused_send_changes_nothing_in_its_batch(svc: Service, ann: str, bob: str) -> None:
     """The writer runs a send without a savepoint (``unguarded_bound``): every refusal
     comes before its first change, the session's idle clock included."""
@@ -1366,13 +1379,7 @@ def test_a_refused_send_changes_nothing_in_its_batch(svc: Service, ann: str, bob
         batch.rollback()
     batch = svc.storage.begin_batch()
     svc.app.apply_write(batch.db, "send", {"to": "bob", "body": "hi"}, ann, "accepted", now, None)
-    record = batch.seal(1)
-    batch.commit()
-    assert record is not None
-    assert {change.name for change in apsw.Changeset.iter(record.changeset)} == {
-        "messages",
-        "sessions",
-    }
+    assert tables_changed(sealed(batch)) == {"messages", "sessions"}
 
 
 def test_the_largest_send_stays_within_its_bound(svc: Service, ann: str) -> None:
@@ -1389,13 +1396,8 @@ def test_the_largest_send_stays_within_its_bound(svc: Service, ann: str) -> None
         None,
     )
     size = batch.size()
-    record = batch.seal(1)
-    batch.commit()
-    assert record is not None
-    assert {change.name for change in apsw.Changeset.iter(record.changeset)} == {
-        "messages",
-        "sessions",
-    }
+    record = sealed(batch)
+    assert tables_changed(record) == {"messages", "sessions"}
     bound = svc.app.unguarded_bound("send")
     assert bound is not None
     assert len(record.changeset) <= size <= bound

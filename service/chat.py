@@ -481,8 +481,12 @@ class Sessions:
     def use(self, db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
         return _use_session(db, token_hash, now)
 
+    def account(self, db: Db, name: str, field: str) -> tuple[int, str, bool]:
+        """``_find_user``: (id, stored name, deleted) of the account ``name``."""
+        return _find_user(db, name, field)
+
     def forget(self) -> None:
-        """Sessions may have changed without this object seeing it."""
+        """Sessions and accounts may have changed without this object seeing it."""
 
 
 UNCACHED = Sessions()
@@ -518,17 +522,35 @@ class SessionCache(Sessions):
       what the transaction already held, and a write drops the entry.
 
     Misses are not cached: a session that does not exist costs one query, as before.
+
+    It keeps the accounts a send looked up by name too (``account``: id, stored
+    name, deleted), under the same invariant: an account's row stays (a deleted
+    one is a tombstone, and its name stays taken), and of what is kept only
+    ``deleted`` changes, by ``delete_account``, after which the whole cache is
+    forgotten, accounts included.
     """
 
     def __init__(self, limit: int = 65_536) -> None:
         self.limit = limit
         self._rows: dict[str, _SessionRow] = {}
+        self._accounts: dict[str, tuple[int, str, bool]] = {}
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def forget(self) -> None:
         self._rows.clear()
+        self._accounts.clear()
+
+    def account(self, db: Db, name: str, field: str) -> tuple[int, str, bool]:
+        key = _name_key(name, field)
+        found = self._accounts.get(key)
+        if found is None:
+            found = _account_by_key(db, key, name)
+            if len(self._accounts) >= self.limit:
+                self._accounts.clear()
+            self._accounts[key] = found
+        return found
 
     def user(self, db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
         row = self._live(db, token_hash, now)
@@ -586,10 +608,11 @@ def user_auth(db: Db, username: str) -> tuple[int, str] | None:
 
 def _find_user(db: Db, name: str, field: str) -> tuple[int, str, bool]:
     """(id, stored name, deleted) of any account, deleted ones included, or NotFound."""
-    row = db.one(
-        "SELECT id, name, deleted_at IS NOT NULL FROM users WHERE name_key = ?",
-        (_name_key(name, field),),
-    )
+    return _account_by_key(db, _name_key(name, field), name)
+
+
+def _account_by_key(db: Db, key: str, name: str) -> tuple[int, str, bool]:
+    row = db.one("SELECT id, name, deleted_at IS NOT NULL FROM users WHERE name_key = ?", (key,))
     if row is None:
         raise NotFound(f"no user named {name}")
     return int(row[0]), str(row[1]), bool(row[2])
@@ -803,7 +826,7 @@ def send(
     sessions.user(db, token_hash, now)  # the caller first: no other refusal before it
     to = _required_str(args, "to")
     body = validate_body(args.get("body"))
-    recipient_id, recipient, deleted = _find_user(db, to, "to")
+    recipient_id, recipient, deleted = sessions.account(db, to, "to")
     if deleted:
         raise Gone(f"the account {recipient} was deleted")
     if check is None:

@@ -707,6 +707,36 @@ def test_send_to_a_deleted_account(svc: Service, ann: str, bob: str) -> None:
         svc.send(ann, "BOB")
 
 
+def test_a_send_after_its_recipient_deleted_the_account_is_refused(
+    svc: Service, ann: str, bob: str
+) -> None:
+    """The writer's cache keeps the accounts sends looked up; a deletion forgets them."""
+    svc.send(ann, "bob")
+    svc.write("delete_account", {}, bob)
+    with pytest.raises(Gone, match="the account bob was deleted"):
+        svc.send(ann, "bob")
+
+
+def test_an_account_of_a_batch_rolled_back_is_not_found_again(svc: Service, ann: str) -> None:
+    """A batch the writer rolls back whole takes the accounts it made with it."""
+    batch = svc.storage.begin_batch()
+    with batch.savepoint() as db:
+        svc.app.apply_write(
+            db,
+            "register",
+            {"username": "dan", "password_hash": PASSWORD_HASH},
+            None,
+            "d1",
+            9e3,
+            None,
+        )
+    svc.app.apply_write(batch.db, "send", {"to": "dan", "body": "hi"}, ann, "d2", 9e3, None)
+    batch.rollback()
+    svc.app.reset()  # as the writer does after a batch rolled back whole
+    with pytest.raises(NotFound, match="no user named dan"):
+        svc.send(ann, "dan")
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -70,7 +70,8 @@ record (``purge_deleted_inboxes``), hidden from every read meanwhile.
 Arguments are checked strictly: a missing field, a field of the wrong type or
 an unknown field is ``InvalidInput``, never a ``KeyError`` or ``TypeError``. A
 failed operation raises; the caller rolls back its savepoint, so nothing of it,
-not even the request id, is stored.
+not even the request id, is stored. A ``send`` needs none: it refuses before its
+first change (``ChatApplication.unguarded_bound``).
 
 Decisions a user can see
 ------------------------

@@ -61,6 +61,8 @@ Invariants
   the epochs row of a new epoch and ``node_state['last_position']`` commit in
   one SQLite transaction. ``position()`` reads ``last_position``, so pruning
   the log, rewinding past its start or installing a snapshot never loses it.
+  The writer's ``committed_position()`` is the same, kept in memory from its
+  own commits; a rewind and a snapshot install make it read again.
 * ``epochs`` holds, for each epoch that wrote at least one record here, the
   seq of its first record; epochs grow with seqs.
 * Every PRIMARY KEY is explicit (the session extension ignores tables without

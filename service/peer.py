@@ -87,7 +87,6 @@ class Link:
     def __init__(self, peer: int, writer: asyncio.StreamWriter, version: int = 1) -> None:
         self.peer = peer
         self.writer = writer
-        self.version = version
         # Records and snapshot chunks may travel in binary frames (peer version 2).
         self.binary = version >= 2
         self.closed_by_us = False
@@ -150,10 +149,6 @@ class PeerLinks:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-    def send(self, peer: int, frame: protocol.Frame) -> bool:
-        link = self.links.get(peer)
-        return link.send(frame) if link is not None else False
 
     def buffered(self, peer: int) -> int:
         link = self.links.get(peer)

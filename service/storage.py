@@ -404,7 +404,8 @@ def _read_node_state(db: Db) -> NodeState:
 
 
 def _read_sync_set(db: Db) -> SyncSet:
-    # Read after every record a backup applies: the text is parsed only when it changed.
+    # The text is parsed only when it changed (a backup reads it after each record
+    # that may change it, the primary in each batch that changes it).
     return _parse_sync_set(db.value("SELECT value FROM cluster WHERE key = 'sync_set'"))
 
 
@@ -528,6 +529,12 @@ class _LogSize:
     first: int
     last: int
     bytes: int
+
+
+def _count_log_bytes(db: Db) -> int:
+    """The bytes of changesets in the log, counted from its leaf pages (``length``
+    of a blob reads no overflow page)."""
+    return int(db.value("SELECT sum(length(changeset)) FROM txlog", default=0))
 
 
 def _log_cut(
@@ -981,17 +988,15 @@ class Storage:
 
     def log_bytes(self) -> int:
         """The bytes of changesets the log holds (what ``keep_bytes`` bounds)."""
-        value = self._reader_db.value("SELECT sum(length(changeset)) FROM txlog", default=0)
-        return int(value)
+        return _count_log_bytes(self._reader_db)
 
     def _log_bytes(self, db: Db, first: int, last: int) -> int:
         """The log's bytes of changesets, ``first`` to ``last``: the running count plus
         the records appended since, or (at start, after a rewind or a snapshot, which
-        forget the count) a scan of the log's leaf pages (``length`` of a blob reads no
-        overflow page)."""
+        forget the count) ``_count_log_bytes``."""
         known = self._log_size
         if known is None or known.first != first or known.last > last:
-            return int(db.value("SELECT sum(length(changeset)) FROM txlog", default=0))
+            return _count_log_bytes(db)
         added = db.value(
             "SELECT sum(length(changeset)) FROM txlog WHERE seq > ?", (known.last,), default=0
         )

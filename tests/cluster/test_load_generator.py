@@ -20,7 +20,7 @@ import pytest
 from ops.bench import load
 from ops.cluster.waiting import wait_for
 from tests.conftest import ClusterFactory
-from tests.helpers.cluster import NodeProcess
+from tests.helpers.cluster import Cluster, NodeProcess
 from tests.helpers.workload import run, start_cluster, wait_settled
 
 pytestmark = pytest.mark.cluster
@@ -30,12 +30,19 @@ def messages_on(node: NodeProcess) -> int:
     return int(node.query("SELECT count(*) FROM messages"))
 
 
+def loaded_cluster(
+    cluster_factory: ClusterFactory, users: int
+) -> tuple[Cluster, NodeProcess, load.Users]:
+    """A started cluster, its primary, and ``users`` accounts logged in for the load."""
+    cluster = cluster_factory()
+    primary = start_cluster(cluster)
+    return cluster, primary, run(load.register_users(cluster.servers, users, "load"))
+
+
 def test_count_mode_sends_the_count_and_the_primary_stores_each(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory()
-    primary = start_cluster(cluster)
-    users = run(load.register_users(cluster.servers, 3, "load"))
+    cluster, primary, users = loaded_cluster(cluster_factory, 3)
     result = load.run_count(cluster.servers, users, 300, 4, 2, cluster.pids())
     assert result["acked"] == 300
     assert result["errors"] == {}
@@ -45,9 +52,7 @@ def test_count_mode_sends_the_count_and_the_primary_stores_each(
 def test_window_mode_keeps_one_latency_sample_per_acknowledged_send(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory()
-    primary = start_cluster(cluster)
-    users = run(load.register_users(cluster.servers, 3, "load"))
+    cluster, primary, users = loaded_cluster(cluster_factory, 3)
     result = load.run_window(cluster.servers, users, 3, 2, 0.2, 1.0, cluster.pids())
     assert result["errors"] == {}
     assert result["acked"] > 0
@@ -59,9 +64,7 @@ def test_window_mode_keeps_one_latency_sample_per_acknowledged_send(
 def test_a_refused_send_is_counted_by_its_code_and_the_load_goes_on(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory()
-    primary = start_cluster(cluster)
-    users = run(load.register_users(cluster.servers, 2, "load"))
+    cluster, primary, users = loaded_cluster(cluster_factory, 2)
     # One recipient in three is a name nobody registered: ``not_found``.
     with_a_stranger = load.Users([*users.names, "nobody"], users.tokens)
     result = load.run_count(cluster.servers, with_a_stranger, 150, 2, 1, cluster.pids())

@@ -67,6 +67,15 @@ def write(storage: Storage, sql: str, params: tuple[object, ...] = (), epoch: in
     return record
 
 
+def plant_user(storage: Storage, user_id: int) -> None:
+    """A user row written outside any record: a history that is not the primary's."""
+    storage.db.execute(
+        "INSERT INTO users(id, name, name_key, password_hash, created_at) "
+        "VALUES (?, 'zed', 'zed', 'h', 1)",
+        (user_id,),
+    )
+
+
 def names(storage: Storage) -> list[str]:
     return [row[0] for row in storage.db.execute("SELECT name FROM users ORDER BY id")]
 
@@ -391,10 +400,7 @@ def test_a_conflict_among_records_applied_together_diverges_and_rolls_back(
 ) -> None:
     ann, bob, cy = (add_user(primary, n) for n in ("ann", "bob", "cy"))
     backup.apply_records([ann])
-    backup.db.execute(
-        "INSERT INTO users(id, name, name_key, password_hash, created_at) "
-        "VALUES (3, 'zed', 'zed', 'h', 1)"
-    )
+    plant_user(backup, 3)
     before = backup.checksums()
     with pytest.raises(Diverged, match="seq 2 to 3"):
         backup.apply_records([bob, cy])
@@ -438,10 +444,7 @@ def test_a_conflicting_changeset_diverges_and_rolls_back(primary: Storage, backu
     bob = add_user(primary, "bob")
     # The backup already has another row with bob's id: its history is not the primary's.
     backup.apply_records([ann])
-    backup.db.execute(
-        "INSERT INTO users(id, name, name_key, password_hash, created_at) "
-        "VALUES (2, 'zed', 'zed', 'h', 1)"
-    )
+    plant_user(backup, 2)
     before = backup.checksums()
     with pytest.raises(Diverged, match="seq 2"):
         backup.apply_records([bob])

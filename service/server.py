@@ -6,18 +6,20 @@ their ``hello`` naming a role. Peers (and the operator tool) are handed to
 (``service/tls.py``) the port speaks TLS to everyone, and a peer hello is let
 through only on a connection that presented that node's certificate.
 
-A client session reads request frames and hands each write straight to the
-writer, which answers it from its acknowledgement: no task, future or timer of
-its own per write, on the busiest path of the node. Other requests run as tasks
-of their own. So a slow write never blocks a read on the same connection;
-replies carry the request id and may come back in any order. Bad input is
-answered with one error frame and changes nothing: an unknown op, wrong types,
-an unknown argument, a bad token. A frame that breaks the protocol itself (garbage, an
-oversized length, a frame cut short, a frame that is not a request or has no
-usable request id, a frame sent before our welcome) gets an error frame with a
-null request id and the connection is closed; nothing else on the node
-notices. A connection that does not finish its hello within the handshake
-timeout, or stays idle past the idle timeout, is closed.
+A client session gets each request frame from the transport's callback once
+its handshake is over (``peer.FrameFeed``: no task wakes to read it) and hands
+each write straight to the writer, which answers it from its acknowledgement:
+no task, future or timer of its own per write, on the busiest path of the node.
+Other requests run as tasks of their own. So a slow write never blocks a read
+on the same connection; replies carry the request id and may come back in any
+order. Bad input is answered with one error frame and changes nothing: an
+unknown op, wrong types, an unknown argument, a bad token. A frame that breaks
+the protocol itself (garbage, an oversized length, a frame cut short, a frame
+that is not a request or has no usable request id, a frame sent before our
+welcome) gets an error frame with a null request id and the connection is
+closed; nothing else on the node notices. A connection that does not finish its
+hello within the handshake timeout, or stays idle past the idle timeout, is
+closed.
 
 At most ``protocol.MAX_IN_FLIGHT`` requests of a connection are unanswered at
 once (a listen until its ``listening`` reply); one more is refused with
@@ -547,20 +549,13 @@ class ClientSession:
             self.server.config.idle_client_timeout, self._check_idle
         )
         try:
-            while True:
-                # Frames already received are dispatched before any request is served
-                # (see the module docstring: the in-flight limit).
-                frame = self.frames.decoder.pop()
-                if frame is None:
-                    frame = await self.frames.next()
-                    if frame is None:
-                        break
-                self.last_frame = self.loop.time()
-                self._dispatch(frame)
-        except ProtocolViolation as exc:
-            self.send(protocol.error(None, exc.to_wire()))
-        except (ConnectionError, OSError):
-            pass
+            # Frames are dispatched as they arrive, those already received before any
+            # request is served (see the module docstring: the in-flight limit).
+            why = await self.frames.hand_off(self.writer, self._on_frame).ended
+            if isinstance(why, ProtocolViolation):
+                self.send(protocol.error(None, why.to_wire()))
+            elif why is not None and not isinstance(why, OSError):
+                raise why
         finally:
             self._idle_timer.cancel()
             for listener in list(self.listeners):
@@ -568,6 +563,10 @@ class ClientSession:
             for task in list(self.tasks):
                 task.cancel()
             self.writer.close()
+
+    def _on_frame(self, frame: protocol.Frame) -> None:
+        self.last_frame = self.loop.time()
+        self._dispatch(frame)
 
     def _check_idle(self) -> None:
         """Close the connection once idle: no frame for ``idle_client_timeout``.

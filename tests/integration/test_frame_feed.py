@@ -1,0 +1,188 @@
+"""The frame feed: a connection's frames after its handshake, from the transport's callback.
+
+Real loopback sockets on uvloop, as the node runs them. The handshake is read
+through a stream reader (``FrameReader``); ``hand_off`` then gives every later
+frame to a callback as it arrives. What a connection must not notice:
+
+* frames sent right behind the last handshake frame, even more than the
+  reader's handshake-sized chunk (a peer sends its first appends right behind
+  its welcome), come first and in order, then the ones that arrive later;
+* a frame cut short by the end of the stream ends the feed with a protocol
+  violation, and the half-closed connection can still carry the error frame;
+  a clean end of stream ends it with None; a bad frame stops the feed at once;
+* ``drain`` waits while the other end does not read, and returns once it reads
+  (catch-up and snapshot streams pace themselves with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import pytest
+import uvloop
+
+from service import protocol
+from service.errors import ProtocolViolation
+from service.peer import FrameFeed, FrameReader
+
+DEADLINE = 10.0
+T = TypeVar("T")
+
+
+def run(scenario: Callable[[], Awaitable[T]]) -> T:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(asyncio.wait_for(scenario(), DEADLINE))
+
+
+def frame(n: int, pad: int = 0) -> protocol.Frame:
+    return {"type": "append", "n": n, "pad": "x" * pad}
+
+
+Ends = tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@contextlib.asynccontextmanager
+async def connected() -> AsyncIterator[Ends]:
+    """Both ends of one loopback connection: (server reader, writer, dialer reader,
+    writer), both closed at the end, whatever the test found."""
+    accepted: asyncio.Future[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = (
+        asyncio.get_running_loop().create_future()
+    )
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set_result((reader, writer))
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    dial_reader, dial_writer = await asyncio.open_connection("127.0.0.1", port)
+    server_reader, server_writer = await accepted
+    server.close()
+    try:
+        yield server_reader, server_writer, dial_reader, dial_writer
+    finally:
+        server_writer.close()
+        dial_writer.close()
+        for _ in range(3):  # uvloop frees a closed handle on its next loop turns
+            await asyncio.sleep(0)
+
+
+async def until(what: str, done: Callable[[], bool]) -> None:
+    """Poll ``done`` on the loop, failing with ``what`` at the deadline."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE / 2
+    while not done():
+        if loop.time() > deadline:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.005)
+
+
+def test_frames_right_behind_the_handshake_come_first_and_in_order() -> None:
+    async def scenario() -> None:
+        async with connected() as (reader, writer, _, dialer):
+            frames = FrameReader(reader, protocol.MAX_HELLO_FRAME)
+            # The last handshake frame and, in the same write, more than a handshake-sized
+            # read of frames behind it: some stay in the stream reader's buffer.
+            behind = [frame(n, pad=200) for n in range(60)]
+            dialer.write(b"".join(protocol.encode_frame(f) for f in [{"type": "hello"}, *behind]))
+            await until(
+                "the stream reader holds bytes behind the first read",
+                lambda: len(getattr(reader, "_buffer", b"")) > 2 * protocol.MAX_HELLO_FRAME,
+            )
+            assert (await frames.expect())["type"] == "hello"
+            frames.limit(protocol.DEFAULT_MAX_FRAME)
+            got: list[protocol.Frame] = []
+            feed = frames.hand_off(writer, got.append)
+            assert got == behind, "the frames behind the handshake, at once and in order"
+            later = [frame(n) for n in range(60, 63)]
+            for f in later:
+                dialer.write(protocol.encode_frame(f))
+            await until("the later frames reach the callback", lambda: len(got) == 63)
+            assert got == behind + later
+            assert not feed.ended.done()
+            dialer.close()
+            assert await feed.ended is None, "a clean end of stream"
+
+    run(scenario)
+
+
+def test_a_frame_cut_short_ends_the_feed_and_the_error_frame_still_goes_out() -> None:
+    async def scenario() -> None:
+        async with connected() as (reader, writer, dial_reader, dialer):
+            frames = FrameReader(reader, protocol.DEFAULT_MAX_FRAME)
+            got: list[protocol.Frame] = []
+            feed = frames.hand_off(writer, got.append)
+            whole = protocol.encode_frame(frame(1))
+            cut = protocol.encode_frame(frame(2))
+            dialer.write(whole + cut[: len(cut) // 2])
+            dialer.write_eof()
+            why = await feed.ended
+            assert isinstance(why, ProtocolViolation), why
+            assert "middle of a frame" in why.message
+            assert got == [frame(1)]
+            # Half-closed: the node's answer still reaches the dialer.
+            writer.write(protocol.encode_frame(protocol.error(None, why.to_wire())))
+            writer.close()
+            answer = protocol.FrameDecoder().feed(await dial_reader.read())
+            assert [f["code"] for f in answer] == ["protocol"], answer
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("bad", [b"\x00\x00\x00\x03abc", b"\xff\xff\xff\xff"])
+def test_a_bad_frame_stops_the_feed_before_the_frames_behind_it(bad: bytes) -> None:
+    async def scenario() -> None:
+        async with connected() as (reader, writer, _, dialer):
+            frames = FrameReader(reader, 1024)
+            got: list[protocol.Frame] = []
+            feed = frames.hand_off(writer, got.append)
+            dialer.write(protocol.encode_frame(frame(1)) + bad + protocol.encode_frame(frame(3)))
+            why = await feed.ended
+            assert isinstance(why, ProtocolViolation), why
+            assert got == [frame(1)], "nothing after the bad frame"
+
+    run(scenario)
+
+
+def test_what_the_callback_raises_ends_the_feed() -> None:
+    async def scenario() -> None:
+        async with connected() as (reader, writer, _, dialer):
+            got: list[protocol.Frame] = []
+
+            def refuse_the_second(f: protocol.Frame) -> None:
+                got.append(f)
+                if f["n"] == 2:
+                    raise ProtocolViolation("not this one")
+
+            feed = FrameReader(reader, 1024).hand_off(writer, refuse_the_second)
+            dialer.write(b"".join(protocol.encode_frame(frame(n)) for n in (1, 2, 3)))
+            why = await feed.ended
+            assert isinstance(why, ProtocolViolation)
+            assert why.message == "not this one"
+            assert [f["n"] for f in got] == [1, 2]
+
+    run(scenario)
+
+
+def test_drain_waits_while_the_other_end_does_not_read() -> None:
+    async def scenario() -> None:
+        async with connected() as (reader, writer, dial_reader, _):
+            feed: FrameFeed = FrameReader(reader, 1024).hand_off(writer, lambda f: None)
+            transport = writer.transport
+            transport.set_write_buffer_limits(high=64 * 1024)
+            chunk = b"x" * 65536
+            # The dialer reads nothing: the kernel's buffers fill, then the transport's.
+            while transport.get_write_buffer_size() <= 64 * 1024:
+                transport.write(chunk)
+                await asyncio.sleep(0)
+            drained = asyncio.ensure_future(feed.drain())
+            for _ in range(10):  # loop turns: a drain that did not wait is done after one
+                await asyncio.sleep(0)
+            assert not drained.done(), "drain returned while the other end read nothing"
+            while not drained.done():
+                await dial_reader.read(1 << 20)
+            await drained
+
+    run(scenario)

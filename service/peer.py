@@ -350,8 +350,9 @@ class FrameFeed(asyncio.Protocol):
 
     Why. Reading through a stream reader wakes a task for every frame (a future, a
     task step, a copy of the bytes), and a node reads one frame per client write and
-    per replication message: the callback saves about a fifth of the CPU a
-    request costs to read. A connection then needs no task of its own.
+    per replication message: from the callback, a frame read and answered costs a
+    sixth less CPU (35 us instead of 42 on a loopback ping-pong). A connection then
+    needs no task of its own.
 
     ``ended`` resolves once, to why the connection ended: None (a clean end of
     stream), the ``ProtocolViolation`` of a bad frame (or of one cut short by the
@@ -471,6 +472,8 @@ class FrameReader:
         # The stream reader pauses the transport when its buffer is full; the feed
         # decodes as it goes and never needs that.
         transport.resume_reading()
+        if transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]:
+            feed.pause_writing()  # told to the stream reader's protocol, before us
         feed.data_received(early)
         if lost:
             # The connection ended before the hand-off: no callback will say so again.

@@ -166,10 +166,14 @@ def test_what_the_callback_raises_ends_the_feed() -> None:
     run(scenario)
 
 
-def test_drain_waits_while_the_other_end_does_not_read() -> None:
+@pytest.mark.parametrize("filled", ["after the hand-off", "before the hand-off"])
+def test_drain_waits_while_the_other_end_does_not_read(filled: str) -> None:
     async def scenario() -> None:
         async with connected() as (reader, writer, dial_reader, _):
-            feed: FrameFeed = FrameReader(reader, 1024).hand_off(writer, lambda f: None)
+            frames = FrameReader(reader, 1024)
+            feed: FrameFeed | None = None
+            if filled == "after the hand-off":
+                feed = frames.hand_off(writer, lambda f: None)
             transport = writer.transport
             transport.set_write_buffer_limits(high=64 * 1024)
             chunk = b"x" * 65536
@@ -177,6 +181,9 @@ def test_drain_waits_while_the_other_end_does_not_read() -> None:
             while transport.get_write_buffer_size() <= 64 * 1024:
                 transport.write(chunk)
                 await asyncio.sleep(0)
+            if feed is None:
+                # The stream reader's protocol was told to pause, not the feed.
+                feed = frames.hand_off(writer, lambda f: None)
             drained = asyncio.ensure_future(feed.drain())
             for _ in range(10):  # loop turns: a drain that did not wait is done after one
                 await asyncio.sleep(0)

@@ -9,9 +9,11 @@ frame to a callback as it arrives. What a connection must not notice:
   its welcome), come first and in order, then the ones that arrive later;
 * a frame cut short by the end of the stream ends the feed with a protocol
   violation, and the half-closed connection can still carry the error frame;
-  a clean end of stream ends it with None; a bad frame stops the feed at once;
+  a clean end of stream ends it with None; a bad frame, or one its callback
+  refuses, stops the feed at once;
 * ``drain`` waits while the other end does not read, and returns once it reads
-  (catch-up and snapshot streams pace themselves with it).
+  (catch-up and snapshot streams pace themselves with it), also when the write
+  buffer passed its mark before the hand-off.
 """
 
 from __future__ import annotations

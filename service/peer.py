@@ -330,12 +330,10 @@ class PeerLinks:
             # Each frame is decoded into a replication message by the owner, which
             # raises ProtocolViolation for a malformed one.
             link.feed = frames.hand_off(writer, lambda frame: self.on_frame(peer, frame))
-            why = await link.feed.ended
-            if isinstance(why, ProtocolViolation):
-                log.warning("peer broke the protocol node=%s error=%s", peer, _one_line(why))
+            violation = await link.feed.violation()
+            if violation is not None:
+                log.warning("peer broke the protocol node=%s error=%s", peer, _one_line(violation))
                 link.close()
-            elif why is not None and not isinstance(why, OSError):
-                raise why
         finally:
             writer.close()
             if self.links.get(peer) is link:
@@ -408,6 +406,17 @@ class FrameFeed(asyncio.Protocol):
     async def drain(self) -> None:
         if self._writable is not None:
             await asyncio.shield(self._writable)
+
+    async def violation(self) -> ProtocolViolation | None:
+        """Wait for the end: the protocol violation that ended the connection, or
+        None (a clean end, or the transport's error: a closed connection is no
+        one's fault). Whatever else ``on_frame`` raised, a bug, is raised here."""
+        why = await self.ended
+        if why is None or isinstance(why, ProtocolViolation):
+            return why
+        if isinstance(why, OSError):
+            return None
+        raise why
 
     def _end(self, why: BaseException | None) -> None:
         if not self.ended.done():

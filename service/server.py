@@ -551,11 +551,9 @@ class ClientSession:
         try:
             # Frames are dispatched as they arrive, those already received before any
             # request is served (see the module docstring: the in-flight limit).
-            why = await self.frames.hand_off(self.writer, self._on_frame).ended
-            if isinstance(why, ProtocolViolation):
-                self.send(protocol.error(None, why.to_wire()))
-            elif why is not None and not isinstance(why, OSError):
-                raise why
+            violation = await self.frames.hand_off(self.writer, self._on_frame).violation()
+            if violation is not None:
+                self.send(protocol.error(None, violation.to_wire()))
         finally:
             self._idle_timer.cancel()
             for listener in list(self.listeners):

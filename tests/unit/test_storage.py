@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from service import storage as storage_module
 from service.chat_schema import MIGRATIONS, TABLES
 from service.errors import Internal
 from service.replication.types import LogRecord, NodeState, Position, SyncSet
@@ -402,7 +403,7 @@ def test_a_conflict_among_records_applied_together_diverges_and_rolls_back(
     backup.apply_records([ann])
     plant_user(backup, 3)
     before = backup.checksums()
-    with pytest.raises(Diverged, match="seq 2 to 3"):
+    with pytest.raises(Diverged, match="seq 3 does not apply"):
         backup.apply_records([bob, cy])
     assert backup.checksums() == before
     assert backup.position() == Position(1, 1)
@@ -450,6 +451,86 @@ def test_a_conflicting_changeset_diverges_and_rolls_back(primary: Storage, backu
         backup.apply_records([bob])
     assert backup.checksums() == before
     assert backup.position() == Position(1, 1)
+
+
+def insert_message(storage: Storage, message_id: int, body: str) -> LogRecord:
+    """A record of one new message row, with every kind of value a column holds."""
+    return write(
+        storage,
+        "INSERT INTO messages(id, sender_id, recipient_id, body, sent_at, read_at, "
+        "request_key, request_check) VALUES (?, 1, 2, ?, 1.5, NULL, ?, ?)",
+        (message_id, body, os.urandom(16), b"\x00\xff" * 4),
+    )
+
+
+@pytest.mark.parametrize("plain_inserts", [True, False])
+def test_records_of_new_rows_apply_as_sqlites_apply_would(
+    primary: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plain_inserts: bool
+) -> None:
+    """Small records of new rows only are inserted by hand (storage.py
+    ``_plain_inserts``), the rest by SQLite's changeset apply: both end with the
+    primary's rows, in one call and one by one, whichever way each record went."""
+    records = [add_user(primary, n) for n in ("ann", "bob")]
+    records += [insert_message(primary, n, f"body {n} ✓") for n in range(1, 6)]
+    batch = primary.begin_batch()  # one record of more rows than plain inserts take
+    for n in range(6, 6 + storage_module.PLAIN_INSERTS_MAX + 1):
+        batch.db.execute(
+            "INSERT INTO messages(id, sender_id, recipient_id, body, sent_at) "
+            "VALUES (?, 2, 1, 'x', 2.0)",
+            (n,),
+        )
+    big = batch.seal(1)
+    batch.commit()
+    assert big is not None
+    records.append(big)
+    records.append(write(primary, "UPDATE messages SET read_at = 3.0 WHERE id = 1"))
+    records.append(insert_message(primary, 100, ""))
+    if not plain_inserts:
+        monkeypatch.setattr(storage_module, "PLAIN_INSERTS_MAX", 0)
+    together = Storage(tmp_path / "together.db", migrations=MIGRATIONS)
+    one_by_one = Storage(tmp_path / "one-by-one.db", migrations=MIGRATIONS)
+    assert together.apply_records(records[:4]) == Position(1, 4)
+    assert together.apply_records(records[4:]) == primary.position()
+    for record in records:
+        one_by_one.apply_records([record])
+    assert together.checksums() == one_by_one.checksums() == primary.checksums()
+    assert together.log_range(0, 20) == one_by_one.log_range(0, 20) == records
+    together.close()
+    one_by_one.close()
+
+
+def test_a_new_row_that_breaks_a_unique_column_diverges_and_rolls_back(
+    primary: Storage, backup: Storage
+) -> None:
+    ann, bob = add_user(primary, "ann"), add_user(primary, "bob")
+    backup.apply_records([ann])
+    # Another row holds bob's name under another id: not a conflict of keys.
+    backup.db.execute(
+        "INSERT INTO users(id, name, name_key, password_hash, created_at) "
+        "VALUES (9, 'Bob', 'bob', 'h', 1)"
+    )
+    before = backup.checksums()
+    with pytest.raises(Diverged, match=r"seq 2 does not apply here: .*UNIQUE"):
+        backup.apply_records([bob])
+    assert backup.checksums() == before
+    assert backup.position() == Position(1, 1)
+    assert len(backup.log_range(0, 10)) == 1
+
+
+def test_a_table_of_another_shape_than_the_changeset_gets_sqlites_apply(
+    primary: Storage, tmp_path: Path
+) -> None:
+    """A node whose table has a column more than the primary's (a later schema) fills
+    it with its default, as SQLite's apply does: the plain INSERT does not fit it."""
+    backup = Storage(tmp_path / "later.db", migrations=(*MIGRATIONS, LATER_SCHEMA))
+    records = [add_user(primary, "ann"), insert_message(primary, 1, "hello")]
+    assert backup.apply_records(records[:1]) == Position(1, 1)
+    assert backup.apply_records(records[1:]) == Position(1, 2)
+    assert backup.db.execute("SELECT id, body, pinned FROM messages") == [(1, "hello", 0)]
+    backup.close()
+
+
+LATER_SCHEMA = "ALTER TABLE messages ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;"
 
 
 # ---- rewind ------------------------------------------------------------------------------

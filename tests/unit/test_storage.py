@@ -502,6 +502,8 @@ def test_records_of_new_rows_apply_as_sqlites_apply_would(
 def test_a_new_row_that_breaks_a_unique_column_diverges_and_rolls_back(
     primary: Storage, backup: Storage
 ) -> None:
+    """A plain INSERT (``_plain_inserts``) that fails on a column other than its key is
+    a conflict like SQLite's apply finds: the record diverges, nothing of it stays."""
     ann, bob = add_user(primary, "ann"), add_user(primary, "bob")
     backup.apply_records([ann])
     # Another row holds bob's name under another id: not a conflict of keys.
@@ -517,6 +519,10 @@ def test_a_new_row_that_breaks_a_unique_column_diverges_and_rolls_back(
     assert len(backup.log_range(0, 10)) == 1
 
 
+# A later schema than the primary's: one column more in ``messages``.
+LATER_SCHEMA = "ALTER TABLE messages ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;"
+
+
 def test_a_table_of_another_shape_than_the_changeset_gets_sqlites_apply(
     primary: Storage, tmp_path: Path
 ) -> None:
@@ -528,9 +534,6 @@ def test_a_table_of_another_shape_than_the_changeset_gets_sqlites_apply(
     assert backup.apply_records(records[1:]) == Position(1, 2)
     assert backup.db.execute("SELECT id, body, pinned FROM messages") == [(1, "hello", 0)]
     backup.close()
-
-
-LATER_SCHEMA = "ALTER TABLE messages ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;"
 
 
 # ---- rewind ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -112,27 +113,32 @@ def measure(
         raise ValueError("secs must be more than twice settle")
     used: dict[int, dict[str, float]] = {}
     with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as peer:
-        for count in clients:
-            wait_for(
-                lambda: pgbench_running() or peer.poll() is not None,
-                APPEAR_TIMEOUT,
-                f"no pgbench run of {count} clients started",
-            )
-            if not pgbench_running():
-                output, _ = peer.communicate()
-                raise RuntimeError(
-                    f"{command[1]} ended ({peer.returncode}) before its run of {count} "
-                    f"clients:\n{output}"
+        try:
+            for count in clients:
+                wait_for(
+                    lambda: pgbench_running() or peer.poll() is not None,
+                    APPEAR_TIMEOUT,
+                    f"no pgbench run of {count} clients started",
                 )
-            time.sleep(settle)
-            before = sample(PEER_PROCESSES)
-            time.sleep(window)
-            used[count] = {"seconds": window, **used_between(before, sample(PEER_PROCESSES))}
-            wait_for(
-                lambda: not pgbench_running(),
-                secs + APPEAR_TIMEOUT,
-                f"the pgbench run of {count} clients did not end",
-            )
+                if not pgbench_running():
+                    output, _ = peer.communicate()
+                    raise RuntimeError(
+                        f"{command[1]} ended ({peer.returncode}) before its run of {count} "
+                        f"clients:\n{output}"
+                    )
+                time.sleep(settle)
+                before = sample(PEER_PROCESSES)
+                time.sleep(window)
+                used[count] = {"seconds": window, **used_between(before, sample(PEER_PROCESSES))}
+                wait_for(
+                    lambda: not pgbench_running(),
+                    secs + APPEAR_TIMEOUT,
+                    f"the pgbench run of {count} clients did not end",
+                )
+        except BaseException:
+            # As Ctrl-C would: pg_bench.py stops and deletes its PostgreSQL on it.
+            peer.send_signal(signal.SIGINT)
+            raise
         output, _ = peer.communicate()
     if peer.returncode != 0:
         raise RuntimeError(f"{command[1]} failed ({peer.returncode}):\n{output}")

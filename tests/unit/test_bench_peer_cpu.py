@@ -77,6 +77,23 @@ def test_a_peer_that_ends_before_its_runs_says_why(tmp_path: Path) -> None:
         peer_cpu.measure([sys.executable, str(script)], [1], secs=1.0, settle=0.25)
 
 
+def test_a_peer_that_never_runs_pgbench_is_stopped_as_by_ctrl_c(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    interrupted = tmp_path / "interrupted"
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import time\n"
+        "try:\n    time.sleep(5)\n"
+        f"except KeyboardInterrupt:\n    open({str(interrupted)!r}, 'w').close()\n"
+    )
+    monkeypatch.setattr(peer_cpu, "APPEAR_TIMEOUT", 1.0)
+    with pytest.raises(TimeoutError, match="no pgbench run of 1 clients started within 1 s"):
+        peer_cpu.measure([sys.executable, str(script)], [1], secs=1.0, settle=0.25)
+    # Waited for, and ended by the interrupt rather than by its own time.
+    assert interrupted.exists()
+
+
 def test_a_window_needs_seconds_beyond_the_settling() -> None:
     with pytest.raises(ValueError, match="more than twice settle"):
         peer_cpu.measure([sys.executable, "-c", "pass"], [1], secs=1.0, settle=0.5)

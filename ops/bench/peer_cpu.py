@@ -102,6 +102,19 @@ def pgbench_running() -> bool:
     return bool(pids_named({"pgbench"}))
 
 
+def _start(command: list[str]) -> subprocess.Popen[str]:
+    """Start the peer so that it can be interrupted, even when this process ignores
+    SIGINT (a shell starts background jobs so): a program inherits an ignored SIGINT,
+    and a Python started with it ignored never raises KeyboardInterrupt, on which
+    pg_bench.py stops its PostgreSQL. A handler, unlike an ignored signal, is reset
+    to the default by exec. Main thread only, as the tool runs."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def measure(
     command: list[str], clients: list[int], secs: float, settle: float
 ) -> tuple[dict[int, dict[str, float]], str]:
@@ -112,7 +125,7 @@ def measure(
     if window <= 0:
         raise ValueError("secs must be more than twice settle")
     used: dict[int, dict[str, float]] = {}
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as peer:
+    with _start(command) as peer:
         try:
             for count in clients:
                 wait_for(

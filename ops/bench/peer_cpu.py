@@ -98,8 +98,11 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(POLL)
 
 
-def pgbench_running() -> bool:
-    return bool(pids_named({"pgbench"}))
+def new_pgbench(measured: set[int]) -> set[int]:
+    """The pgbench processes running that are not among ``measured``: each run of the
+    peer is a pgbench process of its own, so a run is told from the one before by its
+    pid, however close behind it starts."""
+    return set(pids_named({"pgbench"})) - measured
 
 
 def _start(command: list[str]) -> subprocess.Popen[str]:
@@ -115,6 +118,21 @@ def _start(command: list[str]) -> subprocess.Popen[str]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _next_run(peer: subprocess.Popen[str], measured: set[int], what: str) -> set[int]:
+    """Wait for the pids of the peer's next pgbench run; raise if the peer ends first."""
+    run: set[int] = set()
+
+    def started() -> bool:
+        run.update(new_pgbench(measured))
+        return bool(run) or peer.poll() is not None
+
+    wait_for(started, APPEAR_TIMEOUT, f"no pgbench started for {what}")
+    if not run:
+        output, _ = peer.communicate()
+        raise RuntimeError(f"the peer ended ({peer.returncode}) before {what}:\n{output}")
+    return run
+
+
 def measure(
     command: list[str], clients: list[int], secs: float, settle: float
 ) -> tuple[dict[int, dict[str, float]], str]:
@@ -125,29 +143,16 @@ def measure(
     if window <= 0:
         raise ValueError("secs must be more than twice settle")
     used: dict[int, dict[str, float]] = {}
+    measured: set[int] = set()
     with _start(command) as peer:
         try:
             for count in clients:
-                wait_for(
-                    lambda: pgbench_running() or peer.poll() is not None,
-                    APPEAR_TIMEOUT,
-                    f"no pgbench run of {count} clients started",
-                )
-                if not pgbench_running():
-                    output, _ = peer.communicate()
-                    raise RuntimeError(
-                        f"{command[1]} ended ({peer.returncode}) before its run of {count} "
-                        f"clients:\n{output}"
-                    )
+                run = _next_run(peer, measured, f"{command[1]}'s run of {count} clients")
+                measured |= run
                 time.sleep(settle)
                 before = sample(PEER_PROCESSES)
                 time.sleep(window)
                 used[count] = {"seconds": window, **used_between(before, sample(PEER_PROCESSES))}
-                wait_for(
-                    lambda: not pgbench_running(),
-                    secs + APPEAR_TIMEOUT,
-                    f"the pgbench run of {count} clients did not end",
-                )
         except BaseException:
             # As Ctrl-C would: pg_bench.py stops and deletes its PostgreSQL on it.
             peer.send_signal(signal.SIGINT)

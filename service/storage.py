@@ -823,8 +823,7 @@ class Storage:
         # Only this object writes the log, so it need not ask SQLite before each batch
         # or applied frame; a rewind and a snapshot install forget it.
         self._committed: Position | None = None
-        self.replicated_tables = _replicated_tables(self._db)
-        self._insert_targets = _insert_targets(self._db, self.replicated_tables)
+        self._read_schema()
         self._reader = _connect(self.path, synchronous, self._vfs)
         self._reader_db = Db(self._reader)
         self._control = _connect(self.path, synchronous, self._vfs)
@@ -838,6 +837,13 @@ class Storage:
         # reports any of it as durable.
         self._sync_files()
         self.database_id = self._ensure_database_id()
+
+    def _read_schema(self) -> None:
+        """What the writer knows of the tables: which are replicated, and how a new row
+        of each is inserted by hand (``_plain_inserts``). At open, and after a snapshot
+        install replaced them."""
+        self.replicated_tables = _replicated_tables(self._db)
+        self._insert_targets = _insert_targets(self._db, self.replicated_tables)
 
     def _ensure_database_id(self) -> str:
         """This database's id, made once when it is created (E4, after Kafka's rule
@@ -1160,8 +1166,7 @@ class Storage:
             _remove_db_files(staging)
         if self._writer_synchronous == "NORMAL":
             self._sync_files()
-        self.replicated_tables = _replicated_tables(self._db)
-        self._insert_targets = _insert_targets(self._db, self.replicated_tables)
+        self._read_schema()
         self._log_size = None
         return self.position()
 

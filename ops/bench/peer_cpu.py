@@ -26,17 +26,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cluster.waiting import StopWaiting, wait_for
 from .machine import cpu_seconds
 
 PEER_PROCESSES = frozenset({"postgres", "pgbench"})
 # How long pgbench may take to appear once the previous run ended (a run's set-up
 # truncates the table and checkpoints), and to end once its seconds are over.
 APPEAR_TIMEOUT = 120.0
-POLL = 0.02
 
 
 def pids_named(names: Iterable[str]) -> dict[int, str]:
@@ -90,14 +90,6 @@ def tps_of(output: str) -> dict[int, float]:
     }
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout:g} s")
-        time.sleep(POLL)
-
-
 def new_pgbench(measured: set[int]) -> set[int]:
     """The pgbench processes running that are not among ``measured``: each run of the
     peer is a pgbench process of its own, so a run is told from the one before by its
@@ -120,17 +112,18 @@ def _start(command: list[str]) -> subprocess.Popen[str]:
 
 def _next_run(peer: subprocess.Popen[str], measured: set[int], what: str) -> set[int]:
     """Wait for the pids of the peer's next pgbench run; raise if the peer ends first."""
-    run: set[int] = set()
 
-    def started() -> bool:
-        run.update(new_pgbench(measured))
-        return bool(run) or peer.poll() is not None
+    def started() -> set[int]:
+        run = new_pgbench(measured)
+        if not run and peer.poll() is not None:
+            raise StopWaiting
+        return run
 
-    wait_for(started, APPEAR_TIMEOUT, f"no pgbench started for {what}")
-    if not run:
+    try:
+        return wait_for(started, APPEAR_TIMEOUT, f"a pgbench process for {what}")
+    except StopWaiting:
         output, _ = peer.communicate()
-        raise RuntimeError(f"the peer ended ({peer.returncode}) before {what}:\n{output}")
-    return run
+        raise RuntimeError(f"the peer ended ({peer.returncode}) before {what}:\n{output}") from None
 
 
 def measure(

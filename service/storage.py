@@ -25,7 +25,10 @@ chat layer runs any number of operations in it, each in a savepoint, then
 with the next seq, in the same SQLite transaction as the data change (R2), and
 ``commit`` makes both durable together. A backup applies the same changesets
 with ``apply_records``; a conflict means its rows are not the primary's and the
-whole call is refused (``Diverged``) without changing anything.
+whole call is refused (``Diverged``) without changing anything. So is a record
+that changes a table this node holds in another shape, with more columns or
+another key (``SchemaMismatch``: the primary runs a later schema), which
+SQLite's apply would otherwise skip without a word.
 
 Durability. By default every COMMIT is synced (``synchronous=FULL``). The
 replication runtime instead calls ``defer_sync()``: the writer then commits
@@ -80,6 +83,8 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
 ``SyncSet``, are ``replication.types``'):
 
     Diverged(Exception)                       apply_records found a gap or a conflict
+    SchemaMismatch(Exception)                 records change a table this node's schema
+                                              has not in their shape (an older schema)
     ConstraintViolation(Exception)            a UNIQUE or NOT NULL constraint failed
     changes_cluster(record) -> bool           whether a record may change the sync set
 
@@ -209,6 +214,17 @@ def schema_migrations(app: Sequence[str]) -> tuple[str, ...]:
 class Diverged(Exception):
     """Records do not continue this node's history: a gap, a stale epoch, a conflict,
     or a rewind that needs records already pruned. Nothing was changed."""
+
+
+class SchemaMismatch(Exception):
+    """Records change a table that this node's schema does not hold in their shape:
+    more columns than it has, another primary key, or a table it lacks. The primary
+    runs a later schema (a cluster upgraded one node at a time, this one not yet).
+
+    Not a divergence: the records are the primary's history, and a rewind or a
+    snapshot would not make them fit. SQLite's changeset apply would skip such a
+    table's changes without a word, and the node would acknowledge rows it does not
+    hold. Nothing was changed; only an upgrade of this node lets it apply them."""
 
 
 class ConstraintViolation(Exception):
@@ -510,15 +526,16 @@ def _apply_changesets(
     constraint), foreign keys are off, and they put the changeset's values column
     for column into a table of the changeset's shape.
 
-    Larger records go to SQLite as the combination of their changesets (a
-    changegroup), which holds each table's changes together: applied records one
+    The rest (more rows, updates, deletes) go to SQLite as the combination of
+    their changesets (a changegroup, which ``_combined`` also checks against this
+    node's tables), which holds each table's changes together: applied records one
     by one spent more time preparing than inserting, and the combination applies
     half again as fast. Its final state is the records' applied in order; it
     checks every row they leave changed against this node's rows, but not a row
     that they create and delete again (that one, if it were here already, the
     records one by one would have found in conflict; the verify rounds compare
-    the tables). Records the changegroup cannot combine (a table whose columns
-    differ between them) are applied one by one."""
+    the tables). Records the changegroup cannot read (a damaged changeset) are
+    applied one by one, where SQLite refuses them."""
     rows = _plain_inserts(records, targets)
     if rows is not None:
         for sql, values, seq in rows:
@@ -527,20 +544,45 @@ def _apply_changesets(
             except apsw.Error as exc:
                 _refuse(exc, seq)
         return
-    if len(records) > 1:
-        try:
-            group = apsw.ChangesetBuilder()  # type: ignore[no-untyped-call]
-            for record in records:
-                if record.changeset:
-                    group.add(record.changeset)
-            combined = group.output()
-        except apsw.Error:
-            combined = None
-        if combined is not None:
-            _apply_changeset(conn, combined, f"{records[0].seq} to {records[-1].seq}")
-            return
+    combined = _combined(conn, records)
+    if combined is not None:
+        _apply_changeset(conn, combined, f"{records[0].seq} to {records[-1].seq}")
+        return
     for record in records:
         _apply_changeset(conn, record.changeset, record.seq)
+
+
+def _combined(conn: apsw.Connection, records: list[LogRecord]) -> bytes | None:
+    """The records' changesets as one, checked against this node's tables; None if
+    SQLite cannot combine them (a damaged changeset).
+
+    The check is why even a single record goes through a changegroup. SQLite's
+    apply skips, silently, every change of a table with fewer columns than the
+    changeset or another primary key, or missing: a node on an older schema would
+    commit and acknowledge the record without its rows. A changegroup given the
+    schema (``sqlite3changegroup_schema``) refuses those instead, and pads a
+    changeset with fewer columns than the table (an older primary's) with the
+    columns' defaults, as the apply does."""
+    group = apsw.ChangesetBuilder()  # type: ignore[no-untyped-call]
+    try:
+        group.schema(conn, "main")
+        for record in records:
+            if not record.changeset:
+                continue
+            try:
+                group.add(record.changeset)
+            except (apsw.SchemaChangeError, apsw.SQLError) as exc:
+                # SchemaChange: more columns or another key; SQLError: no such table.
+                raise SchemaMismatch(
+                    f"the record of seq {record.seq} changes a table that this node's "
+                    f"schema does not hold as the primary does ({exc}): the primary runs "
+                    "a later schema; upgrade this node"
+                ) from None
+        return group.output()
+    except apsw.Error:
+        return None
+    finally:
+        group.close()
 
 
 def _plain_inserts(

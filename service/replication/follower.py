@@ -26,7 +26,14 @@ from pathlib import Path
 from ..config import NodeConfig
 from ..errors import StorageCorrupt, StorageFault
 from ..metrics import Metrics
-from ..storage import Diverged, Storage, changes_cluster, os_fault, prune_rollback_files
+from ..storage import (
+    Diverged,
+    SchemaMismatch,
+    Storage,
+    changes_cluster,
+    os_fault,
+    prune_rollback_files,
+)
 from .durability import Durability
 from .effects import Effect
 from .messages import Snapshot
@@ -96,6 +103,13 @@ class Follower:
         except StorageFault as exc:
             # A full or failing disk is never a divergence: stop applying, no rewind.
             self.shell.fault(str(exc))
+            return
+        except SchemaMismatch as exc:
+            # The primary runs a later schema (an upgrade under way). Neither a rewind
+            # nor a snapshot nor a retry makes its records fit: stop applying and
+            # acknowledging, say why, and stay so until this node runs the later
+            # schema too. The primary drops it from the sync set meanwhile (R3).
+            self.shell.fault(str(exc), lasting=True)
             return
         except StorageCorrupt as exc:
             self.shell.damaged(str(exc))

@@ -412,10 +412,12 @@ class Replicator:
 
     # ---- storage faults and damage ---------------------------------------------------------
 
-    def fault(self, why: str) -> StorageFault:
+    def fault(self, why: str, lasting: bool = False) -> StorageFault:
         """The disk refused a write: tell the core (it steps aside or stops applying)
         and try again with backoff until a write goes through. Returns the error
-        that waiting writes get (retriable)."""
+        that waiting writes get (retriable). ``lasting``: a write going through
+        would not end it (a backup whose schema cannot hold the primary's records):
+        no retries; the node stays out, saying why, until it restarts upgraded."""
         first = self.core.fault is None
         self.run(self.core.on_storage_fault(self.now(), why))
         refusal = StorageFault(f"node {self.config.node_id} cannot write: {why}; retry later")
@@ -423,7 +425,8 @@ class Replicator:
             self.writer.fail_queue(refusal)
         if first:
             self.metrics.storage_faults.inc()
-            self.spawn(self._recover())
+            if not lasting:
+                self.spawn(self._recover())
         return refusal
 
     def damaged(self, why: str) -> None:

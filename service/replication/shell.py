@@ -35,9 +35,10 @@ class Shell(Protocol):
         """Carry out the core's effects, in order."""
         ...
 
-    def fault(self, why: str) -> StorageFault:
+    def fault(self, why: str, lasting: bool = False) -> StorageFault:
         """The disk refused a write: tell the core, retry until it recovers; the
-        error for the writes that waited."""
+        error for the writes that waited. ``lasting``: no retry will do (records
+        this node's schema cannot hold): it stays so until the node restarts."""
         ...
 
     def damaged(self, why: str) -> None:

@@ -23,6 +23,7 @@ from service.storage import (
     ConstraintViolation,
     Db,
     Diverged,
+    SchemaMismatch,
     Storage,
     changes_cluster,
     prune_rollback_files,
@@ -534,6 +535,80 @@ def test_a_table_of_another_shape_than_the_changeset_gets_sqlites_apply(
     assert backup.apply_records(records[1:]) == Position(1, 2)
     assert backup.db.execute("SELECT id, body, pinned FROM messages") == [(1, "hello", 0)]
     backup.close()
+
+
+# A later schema that adds a table the primary's records then change.
+LATER_TABLE = "CREATE TABLE pins (id INTEGER PRIMARY KEY, message_id INTEGER NOT NULL);"
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        # A new row: of the backup's own shape it would take a plain INSERT.
+        "INSERT INTO messages(id, sender_id, recipient_id, body, sent_at, pinned) "
+        "VALUES (7, 1, 2, 'pinned', 1.5, 1)",
+        # A changed row: SQLite's apply.
+        "UPDATE messages SET pinned = 1 WHERE id = 1",
+        # A table the backup does not have at all.
+        "INSERT INTO pins(id, message_id) VALUES (1, 1)",
+    ],
+)
+def test_a_record_of_a_later_schema_is_refused_not_skipped(
+    tmp_path: Path, backup: Storage, statement: str
+) -> None:
+    """A backup on an older schema (a cluster upgraded one node at a time) would have
+    SQLite's apply skip the record's rows without a word, commit it and acknowledge
+    it. It refuses the record instead (``SchemaMismatch``, not a divergence: no
+    rewind makes it fit), alone or with others, and changes nothing."""
+    later = Storage(tmp_path / "later.db", migrations=(*MIGRATIONS, LATER_SCHEMA, LATER_TABLE))
+    users = [add_user(later, "ann"), add_user(later, "bob")]  # a table both have alike
+    assert backup.apply_records(users) == Position(1, 2)
+    # Message 1 as both have it (the primary's record of it is the later shape too).
+    for node in (later, backup):
+        node.db.execute(
+            "INSERT INTO messages(id, sender_id, recipient_id, body, sent_at) "
+            "VALUES (1, 1, 2, 'hi', 1.0)"
+        )
+    newer = write(later, statement)
+    before = backup.checksums()
+    for records in ([newer], [newer, add_user(later, "cy")]):
+        with pytest.raises(SchemaMismatch, match=r"seq 3 .*later schema; upgrade this node"):
+            backup.apply_records(records)
+        assert backup.checksums() == before
+        assert backup.position() == Position(1, 2)
+        assert len(backup.log_range(0, 10)) == 2
+    later.close()
+
+
+def test_records_of_an_earlier_schema_still_combine_and_apply(
+    primary: Storage, tmp_path: Path
+) -> None:
+    """The other way round (an upgraded backup, a primary not yet): updates, and more
+    rows than the plain INSERTs take, fill the later column with its default, in one
+    call as one by one."""
+    records = [add_user(primary, "ann"), insert_message(primary, 1, "hi")]
+    batch = primary.begin_batch()
+    for n in range(2, 3 + storage_module.PLAIN_INSERTS_MAX):
+        batch.db.execute(
+            "INSERT INTO messages(id, sender_id, recipient_id, body, sent_at) "
+            "VALUES (?, 2, 1, 'x', 2.0)",
+            (n,),
+        )
+    big = batch.seal(1)
+    batch.commit()
+    assert big is not None
+    records += [big, write(primary, "UPDATE messages SET read_at = 3.0 WHERE id = 1")]
+    together = Storage(tmp_path / "together.db", migrations=(*MIGRATIONS, LATER_SCHEMA))
+    one_by_one = Storage(tmp_path / "one.db", migrations=(*MIGRATIONS, LATER_SCHEMA))
+    assert together.apply_records(records) == primary.position()
+    for record in records:
+        one_by_one.apply_records([record])
+    for node in (together, one_by_one):
+        rows = node.db.execute("SELECT count(*), sum(pinned), max(read_at) FROM messages")
+        assert rows == [(2 + storage_module.PLAIN_INSERTS_MAX, 0, 3.0)]
+    assert together.checksums() == one_by_one.checksums()
+    together.close()
+    one_by_one.close()
 
 
 # ---- rewind ------------------------------------------------------------------------------

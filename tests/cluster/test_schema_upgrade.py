@@ -1,0 +1,125 @@
+"""A cluster upgraded one node at a time, when the new version changes the schema.
+
+The upgraded node's records carry its later schema (here: a column more in
+``messages``). SQLite's changeset apply would skip such a table's changes on a
+node still on the older schema without a word: the backup would commit and
+acknowledge records whose rows it does not hold, and a later failover to it would
+lose acknowledged messages. What the scenario holds instead:
+
+* the backups on the older schema refuse the primary's records (storage.py
+  ``SchemaMismatch``), say why (status, log) once, and neither rejoin in a loop
+  nor apply anything;
+* the primary drops them from the sync set (R3) and goes on acknowledging;
+* upgraded in turn, each rejoins and catches up by itself, and every node ends
+  with the same rows (``finish``).
+
+The upgrade is the migration's own statement run on a stopped node's database,
+as the new version's start would run it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from ops.cluster.history import OK, History
+from service.client import Client
+from service.status import NodeStatus
+from tests.conftest import ClusterFactory
+from tests.helpers.cluster import NodeProcess
+from tests.helpers.workload import (
+    assert_stays,
+    finish,
+    new_user,
+    run,
+    send_recorded,
+    stopped_storage,
+    wait_settled,
+    wait_view,
+)
+
+pytestmark = pytest.mark.cluster
+
+LATER_SCHEMA = "ALTER TABLE messages ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0"
+
+
+def upgrade(node: NodeProcess) -> None:
+    """Stop ``node``, give its database the later schema, and start it again."""
+    node.stop()
+    with stopped_storage(node) as storage:
+        storage.db.execute(LATER_SCHEMA)
+    node.start()
+
+
+def holds(member: int) -> Callable[[NodeStatus], bool]:
+    """A primary's sync set holds ``member``."""
+    return lambda view: member in view.members
+
+
+def messages_of(node: NodeProcess) -> int:
+    return int(node.query("SELECT count(*) FROM messages"))
+
+
+def test_backups_on_an_older_schema_refuse_the_records_and_catch_up_once_upgraded(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory()
+    cluster.start()
+    assert wait_settled(cluster) is cluster[1]
+    history = History()
+    token = run(new_user(cluster.servers, "alice"))
+    notes = iter(range(100))
+
+    def send() -> str | None:
+        async def one() -> str | None:
+            async with Client(cluster.servers, timeout=10.0, token=token) as client:
+                body = f"note {next(notes)}"
+                return (await send_recorded(client, "alice", "alice", body, history)).outcome
+
+        return run(one())
+
+    assert [send(), send()] == [OK, OK]
+    # Node 1 upgraded first. Stopped together, the three hold the same log, and node 1
+    # wins the tie when they start again.
+    cluster.stop_all(together=True)
+    with stopped_storage(cluster[1]) as storage:
+        storage.db.execute(LATER_SCHEMA)
+    cluster.start()
+    primary = wait_settled(cluster)
+    assert primary is cluster[1]
+    backups = [cluster[2], cluster[3]]
+
+    # Its next record has the later shape: both backups refuse it and are dropped.
+    assert send() == OK
+    wait_view(primary, lambda v: v.members == (1,), "the primary dropping both backups")
+    for backup in backups:
+        wait_view(
+            backup,
+            lambda v: "upgrade this node" in str(v.reason or ""),
+            f"node {backup.node_id} saying it must be upgraded",
+        )
+    assert send() == OK
+
+    def settled_out() -> str | None:
+        for backup in backups:
+            if not backup.is_running:
+                return f"node {backup.node_id} exited"
+            if backup.log_text().count("storage fault") != 1:
+                return f"node {backup.node_id} logged the fault again: it retries"
+            if messages_of(backup) != 2:
+                return f"node {backup.node_id} applied records it cannot hold"
+        return None
+
+    assert_stays(settled_out, 2.0, "with the backups on the older schema")
+
+    for backup in backups:
+        upgrade(backup)
+        wait_view(
+            primary,
+            holds(backup.node_id),
+            f"node {backup.node_id} back in the sync set once upgraded",
+        )
+    assert send() == OK
+    assert messages_of(primary) == 5
+    finish(cluster, history)

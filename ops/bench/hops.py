@@ -86,6 +86,17 @@ MILESTONES = (
     ("the client reads the reply", "C recv"),
 )
 
+# The hops between milestones: (what, its end, its beginning).
+HOPS = (
+    ("primary: request read -> record written", "P send 1", "P recv"),
+    ("first backup: record read -> its fsync", "B1 fsync in", "B1 recv"),
+    # On two cores the second backup runs once the primary leaves its core.
+    ("second backup: primary in its fsync -> record read", "B2 recv", "P fsync in"),
+    ("second backup: record read -> its fsync", "B2 fsync in", "B2 recv"),
+    ("second backup: its fsync", "B2 fsync out", "B2 fsync in"),
+    ("primary: last ack written -> reply written", "P reply", "last ack"),
+)
+
 
 @dataclass(frozen=True)
 class Roles:
@@ -185,6 +196,7 @@ def _cycle(calls: Sequence[Call], start: int, after: int, roles: Roles) -> dict[
     for rank, (received_at, in_at, out_at, ack_at) in enumerate(sorted(backups), 1):
         row.update({f"B{rank} recv": received_at, f"B{rank} fsync in": in_at})
         row.update({f"B{rank} fsync out": out_at, f"B{rank} ack": ack_at})
+    row["last ack"] = max(row["B1 ack"], row["B2 ack"])
     row["C recv"] = at(reply)
     return row
 
@@ -350,27 +362,19 @@ def table(columns: dict[str, list[dict[str, float]]]) -> str:
     meds = {name: medians(rows) for name, rows in columns.items()}
     names = list(columns)
     lines = [
-        f"{'µs from the client writing its request (medians)':<48}"
+        f"{'µs from the client writing its request (medians)':<54}"
         + "".join(f"{n:>10}" for n in names)
     ]
-    lines.append(f"{'writes traced':<48}" + "".join(f"{len(columns[n]):>10}" for n in names))
+    lines.append(f"{'writes traced':<54}" + "".join(f"{len(columns[n]):>10}" for n in names))
     for label, key in sorted(MILESTONES, key=lambda m: meds[names[0]].get(m[1], 0.0)):
         lines.append(
-            f"{label:<48}" + "".join(f"{meds[n].get(key, float('nan')):>10.0f}" for n in names)
+            f"{label:<54}" + "".join(f"{meds[n].get(key, float('nan')):>10.0f}" for n in names)
         )
     lines.append("")
     lines.append("hops (differences of the medians above)")
-    hops = (
-        ("primary: request read -> record written", "P send 1", "P recv"),
-        ("first backup: record read -> fsync", "B1 fsync in", "B1 recv"),
-        ("second backup: record written -> read", "B2 recv", "P send 2"),
-        ("second backup: record read -> fsync", "B2 fsync in", "B2 recv"),
-        ("second backup: fsync", "B2 fsync out", "B2 fsync in"),
-        ("primary: last ack -> reply written", "P reply", "B2 ack"),
-    )
-    for label, end, begin in hops:
+    for label, end, begin in HOPS:
         lines.append(
-            f"{label:<48}"
+            f"{label:<54}"
             + "".join(
                 f"{meds[n].get(end, float('nan')) - meds[n].get(begin, float('nan')):>10.0f}"
                 for n in names

@@ -464,6 +464,21 @@ def insert_message(storage: Storage, message_id: int, body: str) -> LogRecord:
     )
 
 
+def many_messages(storage: Storage, first_id: int) -> LogRecord:
+    """One record of more new messages than the plain INSERTs take, ids from ``first_id``."""
+    batch = storage.begin_batch()
+    for n in range(first_id, first_id + storage_module.PLAIN_INSERTS_MAX + 1):
+        batch.db.execute(
+            "INSERT INTO messages(id, sender_id, recipient_id, body, sent_at) "
+            "VALUES (?, 2, 1, 'x', 2.0)",
+            (n,),
+        )
+    record = batch.seal(1)
+    batch.commit()
+    assert record is not None
+    return record
+
+
 @pytest.mark.parametrize("plain_inserts", [True, False])
 def test_records_of_new_rows_apply_as_sqlites_apply_would(
     primary: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plain_inserts: bool
@@ -473,17 +488,7 @@ def test_records_of_new_rows_apply_as_sqlites_apply_would(
     primary's rows, in one call and one by one, whichever way each record went."""
     records = [add_user(primary, n) for n in ("ann", "bob")]
     records += [insert_message(primary, n, f"body {n} ✓") for n in range(1, 6)]
-    batch = primary.begin_batch()  # one record of more rows than plain inserts take
-    for n in range(6, 6 + storage_module.PLAIN_INSERTS_MAX + 1):
-        batch.db.execute(
-            "INSERT INTO messages(id, sender_id, recipient_id, body, sent_at) "
-            "VALUES (?, 2, 1, 'x', 2.0)",
-            (n,),
-        )
-    big = batch.seal(1)
-    batch.commit()
-    assert big is not None
-    records.append(big)
+    records.append(many_messages(primary, 6))
     records.append(write(primary, "UPDATE messages SET read_at = 3.0 WHERE id = 1"))
     records.append(insert_message(primary, 100, ""))
     if not plain_inserts:
@@ -587,17 +592,7 @@ def test_records_of_an_earlier_schema_still_combine_and_apply(
     rows than the plain INSERTs take, fill the later column with its default, in one
     call as one by one."""
     records = [add_user(primary, "ann"), insert_message(primary, 1, "hi")]
-    batch = primary.begin_batch()
-    for n in range(2, 3 + storage_module.PLAIN_INSERTS_MAX):
-        batch.db.execute(
-            "INSERT INTO messages(id, sender_id, recipient_id, body, sent_at) "
-            "VALUES (?, 2, 1, 'x', 2.0)",
-            (n,),
-        )
-    big = batch.seal(1)
-    batch.commit()
-    assert big is not None
-    records += [big, write(primary, "UPDATE messages SET read_at = 3.0 WHERE id = 1")]
+    records += [many_messages(primary, 2), write(primary, "UPDATE messages SET read_at = 3.0")]
     together = Storage(tmp_path / "together.db", migrations=(*MIGRATIONS, LATER_SCHEMA))
     one_by_one = Storage(tmp_path / "one.db", migrations=(*MIGRATIONS, LATER_SCHEMA))
     assert together.apply_records(records) == primary.position()

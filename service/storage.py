@@ -74,6 +74,12 @@ Invariants
   deleted where reuse would matter (tombstones stay).
 * Every file this module creates (the database, snapshots, rollback files) is
   mode 0600; SQLite gives ``-wal`` and ``-shm`` their database's mode.
+* While a ``Storage`` is open, no descriptor of its database file is closed in
+  its process: it fsyncs the file through one it keeps (``_file``) and closes
+  that after its connections. Closing any descriptor would drop SQLite's locks
+  on the file (POSIX locks are per process), and another process's connection
+  (a ``sqlite3`` shell) would then, on closing, checkpoint and delete the WAL
+  under the node.
 * apsw errors never leave this module: a constraint failure becomes
   ``ConstraintViolation`` (the chat layer maps it to a user error), anything
   else ``errors.Internal``.
@@ -875,10 +881,24 @@ class Storage:
         self._wal_pages = 0
         # The log's size as prune_log last counted it; None: to count afresh.
         self._log_size: _LogSize | None = None
-        # What a crash left in the OS page cache is put on disk before this node
-        # reports any of it as durable.
-        self._sync_files()
-        self.database_id = self._ensure_database_id()
+        # One descriptor of the database file, for its fsyncs, open as long as the
+        # connections are. Never one opened and closed meanwhile: closing any
+        # descriptor of a file drops every POSIX lock this process holds on it,
+        # SQLite's included (each connection keeps a shared lock on the file). Then
+        # a connection of another process that closes (an operator's sqlite3 shell,
+        # even one that only read) takes itself for the file's last one: it
+        # checkpoints and deletes the WAL, and this node's next commits go to a file
+        # nobody else can see, which a crash loses, while ``sync()`` finds no WAL
+        # to sync and reports them durable.
+        self._file = os.open(self.path, os.O_RDONLY)
+        try:
+            # What a crash left in the OS page cache is put on disk before this node
+            # reports any of it as durable.
+            self._sync_files()
+            self.database_id = self._ensure_database_id()
+        except BaseException:
+            os.close(self._file)
+            raise
 
     def _read_schema(self) -> None:
         """What the writer knows of the tables: which are replicated, and how a new row
@@ -950,12 +970,15 @@ class Storage:
 
     def _sync_files(self) -> None:
         self._fdatasync(self.wal_path)
-        self._fdatasync(self.path)
+        os.fdatasync(self._file)
 
     @staticmethod
     def _fdatasync(path: Path) -> None:
-        """fdatasync ``path`` if it exists. (By path each time: SQLite may delete
-        and recreate the WAL when the last connection closes.)"""
+        """fdatasync the WAL, ``path``, if it exists. (By path each time: SQLite
+        deletes it when the node's last connection closes and makes it again. Its
+        descriptor may be closed while connections are open: SQLite's locks are on
+        the database and ``-shm`` files, never on the WAL. Not for the database
+        file: see ``_file``.)"""
         try:
             fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
@@ -1001,6 +1024,10 @@ class Storage:
                 # every commit, and the next open replays it.
                 with contextlib.suppress(apsw.Error):
                     conn.close(True)
+        # Only now: closing it drops the process's locks on the file (``_file``).
+        if self._file >= 0:
+            os.close(self._file)
+            self._file = -1
 
     # ---- position, epochs, node state ----------------------------------------------
 

@@ -8,6 +8,8 @@ import json
 import os
 import sqlite3
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,6 +154,83 @@ def test_reopen_keeps_data_position_and_schema(tmp_path: Path) -> None:
     assert again.node_state() == NodeState(1, 1, 1)
     assert again.checksums() == sums
     assert again.db.value("PRAGMA user_version") == len(MIGRATIONS)
+    again.close()
+
+
+# A process that opens the database, reads one value and closes it again: an
+# operator's sqlite3 shell, say. Run apart, since POSIX locks are per process.
+PEEK = (
+    "import sqlite3, sys\n"
+    "conn = sqlite3.connect(sys.argv[1])\n"
+    "print(conn.execute('SELECT count(*) FROM users').fetchone()[0])\n"
+    "conn.close()\n"
+)
+# A node that syncs records, lets another process peek at its database between
+# them, and crashes (no close: nothing of its WAL is checkpointed on the way out).
+CRASHING_NODE = (
+    "import os, subprocess, sys\n"
+    "from pathlib import Path\n"
+    "from service.chat_schema import MIGRATIONS\n"
+    "from service.storage import Storage\n"
+    "from tests.unit.test_storage import PEEK, add_user\n"
+    "storage = Storage(Path(sys.argv[1]), migrations=MIGRATIONS)\n"
+    "storage.defer_sync()\n"
+    "add_user(storage, 'ann')\n"
+    "storage.sync()\n"
+    "subprocess.run([sys.executable, '-c', PEEK, sys.argv[1]], check=True)\n"
+    "add_user(storage, 'bob')\n"
+    "add_user(storage, 'cy')\n"
+    "storage.sync()\n"
+    "print(storage.position().seq, flush=True)\n"
+    "os._exit(9)\n"
+)
+
+
+def peek(path: Path) -> int:
+    done = subprocess.run(
+        [sys.executable, "-c", PEEK, str(path)], capture_output=True, text=True, check=True
+    )
+    return int(done.stdout)
+
+
+def test_another_process_reading_the_database_leaves_the_nodes_wal_alone(
+    tmp_path: Path,
+) -> None:
+    """In WAL mode the last connection to close checkpoints and deletes the WAL; it
+    knows it is the last when it can lock the database file exclusively, which the
+    node's connections prevent by holding a shared lock on it. The node must not drop
+    those locks (closing any descriptor of the file would, POSIX): else a sqlite3 shell
+    that only read deletes the WAL, and the node's next commits go where nobody sees
+    them, and ``sync()``, finding no WAL, syncs nothing."""
+    path = tmp_path / "node.db"
+    storage = Storage(path, migrations=MIGRATIONS)
+    storage.defer_sync()
+    add_user(storage, "ann")
+    storage.sync()
+    wal = os.stat(storage.wal_path)
+    assert peek(path) == 1
+    assert os.stat(storage.wal_path).st_ino == wal.st_ino, "the WAL was deleted"
+    add_user(storage, "bob")
+    storage.sync()
+    assert peek(path) == 2
+    storage.close()
+
+
+def test_records_synced_after_another_process_read_the_database_survive_a_crash(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "node.db"
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASHING_NODE, str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert crashed.returncode == 9, crashed.stderr
+    assert crashed.stdout.split() == ["1", "3"]  # the peek saw one user; seq 3 synced
+    again = Storage(path, migrations=MIGRATIONS)
+    assert again.position() == Position(1, 3)
+    assert again.db.value("SELECT count(*) FROM users") == 3
     again.close()
 
 

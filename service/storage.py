@@ -357,6 +357,13 @@ def _migrate(conn: apsw.Connection, app: Sequence[str] | None) -> None:
         if version == len(app):
             return
         migrations = schema_migrations(app)
+        if version > len(migrations):
+            # Made (or sent as a snapshot) by a later version of the service. Setting
+            # user_version back would make that version run its migrations again.
+            raise SchemaMismatch(
+                f"the database has schema version {version}, made by a later version of "
+                f"this service (this one knows {len(migrations)}): run that version"
+            )
         conn.execute("BEGIN IMMEDIATE")
         try:
             version = int(Db(conn).value("PRAGMA user_version", default=0))
@@ -866,7 +873,13 @@ class Storage:
         self._vfs = vfs
         self._conn = _connect(self.path, synchronous, self._vfs)
         self._db = Db(self._conn)
-        _migrate(self._conn, self._migrations)
+        try:
+            _migrate(self._conn, self._migrations)
+        except SchemaMismatch as exc:
+            # Nothing this node can do but wait for its operator: at start a
+            # StorageFault, which the node retries with backoff, saying why.
+            self._conn.close()
+            raise StorageFault(str(exc)) from None
         # The position the writer connection last committed (None: read it again).
         # Only this object writes the log, so it need not ask SQLite before each batch
         # or applied frame; a rewind and a snapshot install forget it.
@@ -1203,7 +1216,9 @@ class Storage:
 
         The snapshot is first copied aside and given this node's node_state, so the
         final copy into the live database is one transaction: a crash leaves either
-        the old database or the new one, never the sender's votes in ours.
+        the old database or the new one, never the sender's votes in ours. A
+        snapshot of an earlier schema is migrated to ours; one of a later schema is
+        refused (``SchemaMismatch``), nothing changed.
         """
         if self._conn.in_transaction:
             raise Internal("cannot install a snapshot while a batch is open")

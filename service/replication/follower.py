@@ -229,6 +229,11 @@ class Follower:
             self.incoming_snapshot = None
             self.shell.fault(str(exc))
             return []
+        except SchemaMismatch as exc:
+            # A snapshot of the primary's later schema: as for its records (``_apply``).
+            self.incoming_snapshot = None
+            self.shell.fault(str(exc), lasting=True)
+            return []
         finally:
             if self.incoming_snapshot is None:
                 with contextlib.suppress(FileNotFoundError):

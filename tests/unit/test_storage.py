@@ -18,7 +18,7 @@ import pytest
 
 from service import storage as storage_module
 from service.chat_schema import MIGRATIONS, TABLES
-from service.errors import Internal
+from service.errors import Internal, StorageFault
 from service.replication.types import LogRecord, NodeState, Position, SyncSet
 from service.storage import (
     OWN_REPLICATED,
@@ -683,6 +683,36 @@ def test_records_of_an_earlier_schema_still_combine_and_apply(
     assert together.checksums() == one_by_one.checksums()
     together.close()
     one_by_one.close()
+
+
+def test_a_database_of_a_later_schema_is_neither_opened_nor_set_back(tmp_path: Path) -> None:
+    """A node run on an earlier version than its database's (a downgrade, or a later
+    primary's snapshot) would set ``user_version`` back, and the later version would
+    then run its migrations twice. It refuses to open instead, saying why (at start a
+    ``StorageFault``: the node waits, retrying, for its operator)."""
+    path = tmp_path / "later.db"
+    later = Storage(path, migrations=(*MIGRATIONS, LATER_SCHEMA))
+    later.close()
+    with pytest.raises(StorageFault, match="schema version 6, made by a later version"):
+        Storage(path, migrations=MIGRATIONS)
+    again = Storage(path, migrations=(*MIGRATIONS, LATER_SCHEMA))
+    assert again.db.value("PRAGMA user_version") == len(MIGRATIONS) + 1
+    again.close()
+
+
+def test_a_snapshot_of_a_later_schema_is_refused_and_changes_nothing(
+    tmp_path: Path, backup: Storage
+) -> None:
+    later = Storage(tmp_path / "later.db", migrations=(*MIGRATIONS, LATER_SCHEMA))
+    add_user(later, "ann")
+    later.make_snapshot(tmp_path / "snap.db")
+    before = backup.checksums()
+    with pytest.raises(SchemaMismatch, match="made by a later version"):
+        backup.install_snapshot(tmp_path / "snap.db")
+    assert backup.checksums() == before
+    assert backup.position() == Position.ZERO
+    assert backup.db.value("PRAGMA user_version") == len(MIGRATIONS)
+    later.close()
 
 
 # ---- rewind ------------------------------------------------------------------------------

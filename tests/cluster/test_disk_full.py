@@ -19,13 +19,11 @@ Nothing is acknowledged and lost (``finish`` checks every scenario's history).
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 
 import pytest
 
-from ops.cluster.history import OK, History
 from ops.cluster.waiting import wait_for
 from service import errors
 from service.client import Client
@@ -34,11 +32,10 @@ from service.status import NodeStatus
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster, NodeProcess
 from tests.helpers.workload import (
+    Sender,
     assert_stays,
     finish,
-    new_user,
     run,
-    send_recorded,
     start_cluster,
     wait_logged,
     wait_settled,
@@ -49,30 +46,6 @@ pytestmark = pytest.mark.cluster
 
 FULL = Plan("full")
 OFF = Plan("off")
-
-
-class Sender:
-    """One user sending numbered notes to themselves, every outcome in a history."""
-
-    def __init__(self, cluster: Cluster, timeout: float = 3.0) -> None:
-        self.cluster = cluster
-        self.timeout = timeout
-        self.history = History()
-        self.token = run(new_user(cluster.servers, "alice"))
-        self.numbers = itertools.count()
-
-    def send(self, servers: list[str] | None = None) -> str | None:
-        async def one() -> str | None:
-            address = servers or self.cluster.servers
-            async with Client(address, timeout=self.timeout, token=self.token) as client:
-                body = f"note {next(self.numbers)}"
-                return (await send_recorded(client, "alice", "alice", body, self.history)).outcome
-
-        return run(one())
-
-    def acked(self, count: int) -> None:
-        for _ in range(count):
-            assert self.send() == OK, self.history.ops[-1]
 
 
 def with_faults(cluster: Cluster, node: NodeProcess) -> Path:

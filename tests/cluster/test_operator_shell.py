@@ -22,10 +22,8 @@ from contextlib import closing
 
 import pytest
 
-from ops.cluster.history import OK, History
-from service.client import Client
 from tests.conftest import ClusterFactory
-from tests.helpers.workload import finish, new_user, run, send_recorded, wait_settled
+from tests.helpers.workload import Sender, finish, wait_settled
 
 pytestmark = pytest.mark.cluster
 
@@ -36,27 +34,17 @@ def test_a_shell_that_read_each_node_s_database_costs_no_acknowledged_write(
     cluster = cluster_factory()
     cluster.start()
     wait_settled(cluster)
-    history = History()
-    token = run(new_user(cluster.servers, "alice"))
-    notes = iter(range(100))
+    sender = Sender(cluster, timeout=10.0)
 
-    def send() -> str | None:
-        async def one() -> str | None:
-            async with Client(cluster.servers, timeout=10.0, token=token) as client:
-                body = f"note {next(notes)}"
-                return (await send_recorded(client, "alice", "alice", body, history)).outcome
-
-        return run(one())
-
-    assert [send() for _ in range(3)] == [OK] * 3
+    sender.acked(3)
     for node in cluster.nodes.values():
         with closing(sqlite3.connect(node.db_path, timeout=5.0)) as shell:
             assert shell.execute("SELECT count(*) FROM messages").fetchone()[0] >= 0
         assert node.db_path.with_name(node.db_path.name + "-wal").exists(), (
             f"node {node.node_id}'s WAL was deleted by a shell that only read"
         )
-    assert [send() for _ in range(5)] == [OK] * 5
+    sender.acked(5)
     for node in cluster.nodes.values():
         node.kill()
     cluster.start()
-    finish(cluster, history)
+    finish(cluster, sender.history)

@@ -26,17 +26,13 @@ from contextlib import closing
 
 import pytest
 
-from ops.cluster.history import OK, History
-from service.client import Client
 from service.status import NodeStatus
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import NodeProcess
 from tests.helpers.workload import (
+    Sender,
     assert_stays,
     finish,
-    new_user,
-    run,
-    send_recorded,
     stopped_storage,
     wait_settled,
     wait_view,
@@ -69,21 +65,11 @@ def test_backups_on_an_older_schema_refuse_the_records_and_catch_up_once_upgrade
 ) -> None:
     cluster = cluster_factory()
     cluster.start()
-    history = History()
-    token = run(new_user(cluster.servers, "alice"))
-    notes = iter(range(100))
-
-    def send() -> str | None:
-        async def one() -> str | None:
-            async with Client(cluster.servers, timeout=10.0, token=token) as client:
-                body = f"note {next(notes)}"
-                return (await send_recorded(client, "alice", "alice", body, history)).outcome
-
-        return run(one())
+    sender = Sender(cluster, timeout=10.0)
 
     primary = wait_settled(cluster)
     backups = [node for node in cluster.nodes.values() if node is not primary]
-    assert [send(), send()] == [OK, OK]
+    sender.acked(2)
     # The primary upgraded first. Its schema changes under it (its next batch's session
     # records the new column, as an upgraded primary's would), so that no election
     # decides which node leads on the later schema.
@@ -91,7 +77,7 @@ def test_backups_on_an_older_schema_refuse_the_records_and_catch_up_once_upgrade
         conn.execute(LATER_SCHEMA)
 
     # Its next record has the later shape: both backups refuse it and are dropped.
-    assert send() == OK
+    sender.acked(1)
     alone = (primary.node_id,)
     wait_view(primary, lambda v: v.members == alone, "the primary dropping both backups")
     for backup in backups:
@@ -100,7 +86,7 @@ def test_backups_on_an_older_schema_refuse_the_records_and_catch_up_once_upgrade
             lambda v: "upgrade this node" in str(v.reason or ""),
             f"node {backup.node_id} saying it must be upgraded",
         )
-    assert send() == OK
+    sender.acked(1)
 
     def settled_out() -> str | None:
         for backup in backups:
@@ -121,6 +107,6 @@ def test_backups_on_an_older_schema_refuse_the_records_and_catch_up_once_upgrade
             holds(backup.node_id),
             f"node {backup.node_id} back in the sync set once upgraded",
         )
-    assert send() == OK
+    sender.acked(1)
     assert [messages_of(node) for node in cluster.nodes.values()] == [5, 5, 5]
-    finish(cluster, history)
+    finish(cluster, sender.history)

@@ -39,6 +39,7 @@ stays out of office).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import threading
 from collections import Counter
@@ -74,6 +75,30 @@ async def send_recorded(
         history, sender, "send", {"to": recipient, "body": body}, client.send(recipient, body)
     )
     return op
+
+
+class Sender:
+    """One user sending numbered notes to themselves, every outcome in a history."""
+
+    def __init__(self, cluster: Cluster, timeout: float = 3.0) -> None:
+        self.cluster = cluster
+        self.timeout = timeout
+        self.history = History()
+        self.token = run(new_user(cluster.servers, "alice"))
+        self.numbers = itertools.count()
+
+    def send(self, servers: list[str] | None = None) -> str | None:
+        async def one() -> str | None:
+            address = servers or self.cluster.servers
+            async with Client(address, timeout=self.timeout, token=self.token) as client:
+                body = f"note {next(self.numbers)}"
+                return (await send_recorded(client, "alice", "alice", body, self.history)).outcome
+
+        return run(one())
+
+    def acked(self, count: int) -> None:
+        for _ in range(count):
+            assert self.send() == OK, self.history.ops[-1]
 
 
 class Workload:

@@ -47,11 +47,11 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..cluster.nodes import Cluster
 from ..cluster.waiting import StopWaiting, wait_for
 from . import load
+from .machine import children, command_line
 
 TRACEPOINTS = (
     "syscalls:sys_exit_read",
@@ -239,28 +239,6 @@ def record(roles: Roles, secs: float, folder: Path) -> list[Call]:
     return parse_script(script.stdout)
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return raw.decode(errors="replace").split("\0")
-
-
-def _children(parent: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
-            found.append(int(entry.name))
-    return found
-
-
 def trace_cluster(secs: float, folder: Path) -> list[dict[str, float]]:
     """Our cluster at one client: each write's milestones over ``secs`` of its window."""
     cluster = Cluster(folder / "cluster", tag="hops")
@@ -271,13 +249,11 @@ def trace_cluster(secs: float, folder: Path) -> list[dict[str, float]]:
         primary = cluster.wait_for_primary()
         pids = cluster.pids()
         backups = tuple(pid for name, pid in pids.items() if name != f"node{primary.node_id}")
-        result: dict[str, Any] = {}
+        result: dict[str, BaseException] = {}
 
         def run() -> None:
             try:
-                result["load"] = load.run_window(
-                    cluster.servers, users, 1, 1, SETTLE, secs + 2 * SETTLE, dict(pids)
-                )
+                load.run_window(cluster.servers, users, 1, 1, SETTLE, secs + 2 * SETTLE, dict(pids))
             except BaseException as exc:  # reported below, in the caller's thread
                 result["error"] = exc
 
@@ -288,7 +264,7 @@ def trace_cluster(secs: float, folder: Path) -> list[dict[str, float]]:
             def worker() -> int | None:
                 if not thread.is_alive():
                     raise StopWaiting(f"the load ended first: {result.get('error')!r}")
-                mine = [p for p in _children(os.getpid()) if "ops.bench.load" in _cmdline(p)]
+                mine = [p for p in children(os.getpid()) if "ops.bench.load" in command_line(p)]
                 return mine[0] if mine else None
 
             client = wait_for(worker, APPEAR_TIMEOUT, "the load generator's worker to start")
@@ -337,8 +313,8 @@ def trace_sketch(sketch: Path, secs: float, folder: Path) -> list[dict[str, floa
                     f"the sketch ended first:\n{run.stdout.read() if run.stdout else ''}"
                 )
             found: dict[str, list[int]] = {}
-            for pid in _children(run.pid):
-                line = _cmdline(pid)
+            for pid in children(run.pid):
+                line = command_line(pid)
                 if "--role" in line:
                     found.setdefault(line[line.index("--role") + 1], []).append(pid)
             if len(found.get("backup", [])) == 2 and found.get("primary") and found.get("client"):

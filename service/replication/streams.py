@@ -6,7 +6,9 @@ record to every stream that is caught up). A stream never runs more than
 ``WINDOW`` records ahead of what the backup acknowledged, so a frozen backup
 costs bounded memory. When the log no longer reaches back far enough, a
 snapshot (SQLite online backup) is sent first, in chunks, after checking that
-the copy is sound: damaged pages are never shipped.
+the copy is sound: damaged pages are never shipped. A backup takes a snapshot
+only when the answer to its join announced one, so a stream that finds the log
+no longer reaching back (pruned since the join) has it join again.
 
 Invariants: ``tail`` holds the newest records in seq order, at most
 ``TAIL_BYTES`` of changesets (at least one record); a stream's ``next_seq`` is
@@ -140,15 +142,7 @@ class Streams:
         except (StorageFault, StorageCorrupt) as exc:
             # No room (or no sound file) for the snapshot this backup needs: drop the
             # link, so that it joins again and the snapshot is tried afresh.
-            log.info(
-                format_fields(
-                    "stream to backup failed",
-                    {"node": self.config.node_id, "backup": stream.peer, "why": str(exc)},
-                )
-            )
-            link = self.links.links.get(stream.peer)
-            if link is not None:
-                link.close()
+            self._drop_link(stream, "stream to backup failed", str(exc))
         except (ConnectionError, OSError) as exc:
             log.info(
                 format_fields(
@@ -174,23 +168,27 @@ class Streams:
                 continue
             records = self._records_from(stream.next_seq, CHUNK_RECORDS)
             if not records or records[0].seq != stream.next_seq:
-                log.info(
-                    format_fields(
-                        "log pruned past backup, sending snapshot",
-                        {
-                            "node": self.config.node_id,
-                            "backup": stream.peer,
-                            "needed": stream.next_seq,
-                        },
-                    )
-                )
-                await self._send_snapshot(stream)
-                continue
+                # Pruned since the join, which found the log reaching back far enough.
+                # A snapshot now would be ignored (a backup takes one only when its
+                # join's answer said so): it joins again and is told.
+                self._drop_link(stream, "log pruned past backup, asking it to join again")
+                return
             header = self.core.stream_header(stream.peer, records)
             if not self.shell.send(stream.peer, header):
                 return
             stream.next_seq = records[-1].seq + 1
             await self.links.drain(stream.peer)
+
+    def _drop_link(self, stream: Stream, event: str, why: str | None = None) -> None:
+        """Drop the link to this stream's backup: it joins again, and the core's
+        answer tells it whether a snapshot comes."""
+        fields: dict[str, object] = {"node": self.config.node_id, "backup": stream.peer}
+        if why is not None:
+            fields["why"] = why
+        log.info(format_fields(event, fields))
+        link = self.links.links.get(stream.peer)
+        if link is not None:
+            link.close()
 
     async def _send_snapshot(self, stream: Stream) -> None:
         path = self.config.data_dir / f"snapshot-out-{stream.peer}.db"

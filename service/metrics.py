@@ -315,6 +315,11 @@ class Metrics:
             "catchups_completed", "Primary: backups caught up and proposed for the sync set"
         )
         self.snapshots_sent = self._counter("snapshots_sent", "Primary: snapshots sent")
+        self.damaged_log_records = self._counter(
+            "damaged_log_records",
+            "Primary: records of its log that failed their checksum when read for a backup "
+            "(the disk changed them): dropped from the log, the backup gets a snapshot",
+        )
         self.snapshots_installed = self._counter(
             "snapshots_installed", "Backup: snapshots installed"
         )

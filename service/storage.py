@@ -66,6 +66,10 @@ Invariants
   the log, rewinding past its start or installing a snapshot never loses it.
   The writer's ``committed_position()`` is the same, kept in memory from its
   own commits; a rewind and a snapshot install make it read again.
+* Every record appended to ``txlog`` carries ``crc``, the CRC-32 of its changeset
+  as it was in memory, and every read of the log for another node (``log_range``,
+  so catch-up and rewinds) checks it: a record the disk changed is never sent or
+  undone (``LogDamaged``).
 * ``epochs`` holds, for each epoch that wrote at least one record here, the
   seq of its first record; epochs grow with seqs.
 * Every PRIMARY KEY is explicit (the session extension ignores tables without
@@ -107,9 +111,10 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .sync_set() -> SyncSet
         .begin_batch() -> Batch
         .apply_records(records) -> Position                 backup: one transaction
-        .log_range(after_seq, limit) -> list[LogRecord]
+        .log_range(after_seq, limit) -> list[LogRecord]   each checked (LogDamaged)
         .first_log_seq() -> int | None
         .prune_log(keep, keep_bytes=None) -> int           the oldest records go
+        .drop_log_through(seq) -> int                       a damaged record and older
         .log_bytes() -> int                                 bytes of changesets in the log
         .rewind(to_seq, rollback_path) -> int
         .make_snapshot(dest) -> Position
@@ -144,6 +149,7 @@ import json
 import os
 import secrets
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,8 +176,9 @@ SYNCHRONOUS_LEVELS = ("FULL", "EXTRA", "NORMAL")
 
 # This module's own tables, made together with the application's first migration
 # (after its tables, as they always were: a database made now is the same, byte for
-# byte, as one made before the chat schema moved to ``chat_schema.py``). They have
-# not changed since; a change would need a version count of its own, apart from
+# byte, as one made before the chat schema moved to ``chat_schema.py``). One change
+# since, the log's checksums (``_LOG_CHECKS``), is made by ``_migrate`` wherever it
+# is missing; another would need a version count of its own, apart from
 # ``user_version``, which counts the application's migrations.
 _OWN_TABLES = """
 CREATE TABLE cluster (
@@ -192,6 +199,14 @@ CREATE TABLE node_state (
     value TEXT NOT NULL                     -- JSON
 );
 """
+# Each record's checksum (``crc``, zlib's CRC-32 of its changeset), made as it is
+# appended and checked whenever the log is read back: SQLite checks the structure of
+# its pages but keeps no checksum of a row's payload, so without it a bit the disk
+# flipped inside a record would be sent to backups as the primary's history (see
+# ``LogDamaged``). Added to ``txlog`` rather than made with it: databases from before
+# gain the column at their next open, and their records (crc NULL) are not checked.
+# Whether the column is there is this change's version: no counter is needed for it.
+_LOG_CHECKS = "ALTER TABLE txlog ADD COLUMN crc INTEGER"
 # Replicated although storage's: the sync set record (``Batch.set_sync_set``).
 OWN_REPLICATED: dict[str, str] = {"cluster": "key"}
 # Never in a changeset: they describe this node's copy, not the chat state.
@@ -220,6 +235,20 @@ def schema_migrations(app: Sequence[str]) -> tuple[str, ...]:
 class Diverged(Exception):
     """Records do not continue this node's history: a gap, a stale epoch, a conflict,
     or a rewind that needs records already pruned. Nothing was changed."""
+
+
+class LogDamaged(Exception):
+    """A record of this node's log no longer matches the checksum made when it was
+    appended: the disk changed its bytes (SQLite cannot see damage inside a row).
+    It is neither sent nor undone; a backup that needs it gets a snapshot, which is
+    made from the tables, not from the log. Nothing was changed."""
+
+    def __init__(self, seq: int) -> None:
+        super().__init__(
+            f"the log's record of seq {seq} does not match its checksum: "
+            "the disk changed it since it was written"
+        )
+        self.seq = seq
 
 
 class SchemaMismatch(Exception):
@@ -354,7 +383,7 @@ def _migrate(conn: apsw.Connection, app: Sequence[str] | None) -> None:
             if version == 0:
                 raise Internal("the database has no schema yet: open it with the application's")
             return
-        if version == len(app):
+        if version == len(app) and _has_log_checks(conn):
             return
         migrations = schema_migrations(app)
         if version > len(migrations):
@@ -369,6 +398,8 @@ def _migrate(conn: apsw.Connection, app: Sequence[str] | None) -> None:
             version = int(Db(conn).value("PRAGMA user_version", default=0))
             for number in range(version, len(migrations)):
                 conn.execute(migrations[number])
+            if not _has_log_checks(conn):
+                conn.execute(_LOG_CHECKS)
             conn.execute(f"PRAGMA user_version={len(migrations)}")
             conn.execute("COMMIT")
         except BaseException:
@@ -376,6 +407,10 @@ def _migrate(conn: apsw.Connection, app: Sequence[str] | None) -> None:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+
+
+def _has_log_checks(conn: apsw.Connection) -> bool:
+    return any(row[1] == "crc" for row in conn.execute("PRAGMA table_info(txlog)"))
 
 
 def _replicated_tables(db: Db) -> dict[str, str]:
@@ -469,8 +504,8 @@ def _append_record(
     if record.epoch > position.epoch:
         db.execute("INSERT INTO epochs(epoch, start_seq) VALUES (?, ?)", (record.epoch, record.seq))
     db.execute(
-        "INSERT INTO txlog(seq, epoch, changeset) VALUES (?, ?, ?)",
-        (record.seq, record.epoch, record.changeset),
+        "INSERT INTO txlog(seq, epoch, changeset, crc) VALUES (?, ?, ?, ?)",
+        (record.seq, record.epoch, record.changeset, zlib.crc32(record.changeset)),
     )
     new = Position(record.epoch, record.seq)
     if save_position:
@@ -1114,7 +1149,11 @@ class Storage:
             position = _read_position(self._db)
             if to_seq >= position.seq:
                 return 0
-            removed = self.log_range(to_seq, position.seq - to_seq) if to_seq >= 0 else []
+            try:
+                removed = self.log_range(to_seq, position.seq - to_seq) if to_seq >= 0 else []
+            except LogDamaged as exc:
+                # Undoing it would apply the damage's inverse: a snapshot instead.
+                raise Diverged(str(exc)) from None
             if len(removed) != position.seq - to_seq:
                 raise Diverged(f"the log no longer holds the records after seq {to_seq}")
             for record in reversed(removed):
@@ -1137,11 +1176,19 @@ class Storage:
     # ---- the log ---------------------------------------------------------------------
 
     def log_range(self, after_seq: int, limit: int) -> list[LogRecord]:
+        """At most ``limit`` records after ``after_seq``, each checked against its
+        checksum: ``LogDamaged`` names the first that fails (records of a version
+        before the checksums have none, and pass)."""
         rows = self._reader_db.execute(
-            "SELECT epoch, seq, changeset FROM txlog WHERE seq > ? ORDER BY seq LIMIT ?",
+            "SELECT epoch, seq, changeset, crc FROM txlog WHERE seq > ? ORDER BY seq LIMIT ?",
             (after_seq, limit),
         )
-        return [LogRecord(int(epoch), int(seq), bytes(cs)) for epoch, seq, cs in rows]
+        records = []
+        for epoch, seq, changeset, crc in rows:
+            if crc is not None and zlib.crc32(changeset) != crc:
+                raise LogDamaged(int(seq))
+            records.append(LogRecord(int(epoch), int(seq), bytes(changeset)))
+        return records
 
     def first_log_seq(self) -> int | None:
         value = self._reader_db.value("SELECT min(seq) FROM txlog")
@@ -1169,6 +1216,17 @@ class Storage:
                 db.execute("DELETE FROM txlog WHERE seq <= ?", (cut,))
             self._log_size = _LogSize(cut + 1, last, total - dropped)
             return max(cut - first + 1, 0)
+
+    def drop_log_through(self, seq: int) -> int:
+        """Delete every record up to ``seq``, one of them damaged (``LogDamaged``): a
+        backup that needs any of them gets a snapshot instead. The position is kept.
+        Returns how many went."""
+        db = self._control_db
+        with self._transaction(conn=self._control):
+            count = int(db.value("SELECT count(*) FROM txlog WHERE seq <= ?", (seq,), default=0))
+            db.execute("DELETE FROM txlog WHERE seq <= ?", (seq,))
+        self._log_size = None
+        return count
 
     def log_bytes(self) -> int:
         """The bytes of changesets the log holds (what ``keep_bytes`` bounds)."""

@@ -28,6 +28,11 @@ Invariants
 ----------
 * The node must be stopped: the file is written behind SQLite's back.
 * The same file and ``pick`` give the same page and the same bytes.
+
+``flip_payload(path, table, needle)`` is the damage SQLite cannot see: one bit
+of a row's payload, found by the bytes ``needle`` on a leaf page of ``table``.
+Every page stays well formed; only a checksum of the row's own (the log's
+records carry one) can tell.
 """
 
 from __future__ import annotations
@@ -92,6 +97,44 @@ def corrupt_page(path: Path, pick: int, size: int) -> Damage:
         db.flush()
         os.fsync(db.fileno())
     return Damage(path, page, pages, owner, owner_type, page_type, offset, size, rowids)
+
+
+def flip_payload(path: Path, table: str, needle: bytes) -> int:
+    """Flip bit 0x20 of the first byte of ``needle`` where it is stored on a leaf
+    page of ``table`` in the stopped database ``path`` (an ASCII letter changes
+    case: the row still parses). ``needle`` must occur exactly once among that
+    table's leaf pages, on a page with no frame in the WAL. Returns the offset."""
+    path = Path(path)
+    page_size, _, candidates = _candidates(path)
+    in_wal = _wal_pages(path.with_name(path.name + "-wal"))
+    found = []
+    with path.open("r+b") as db:
+        for page, owner, _, kind in candidates:
+            if owner != table or kind != "leaf":
+                continue
+            db.seek((page - 1) * page_size)
+            data = db.read(page_size)
+            found += [(page, (page - 1) * page_size + at) for at in _find_all(data, needle)]
+        if len(found) != 1:
+            raise ValueError(f"{needle!r} is on {len(found)} places of {table}'s leaf pages, not 1")
+        page, offset = found[0]
+        if page in in_wal:
+            raise ValueError(f"page {page} has a frame in the WAL: SQLite would not read it")
+        db.seek(offset)
+        (byte,) = db.read(1)
+        db.seek(offset)
+        db.write(bytes([byte ^ 0x20]))
+        db.flush()
+        os.fsync(db.fileno())
+    return offset
+
+
+def _find_all(data: bytes, needle: bytes) -> list[int]:
+    found, at = [], data.find(needle)
+    while at >= 0:
+        found.append(at)
+        at = data.find(needle, at + 1)
+    return found
 
 
 def _candidates(path: Path) -> tuple[int, int, list[tuple[int, str, str, str]]]:

@@ -6,9 +6,11 @@ record to every stream that is caught up). A stream never runs more than
 ``WINDOW`` records ahead of what the backup acknowledged, so a frozen backup
 costs bounded memory. When the log no longer reaches back far enough, a
 snapshot (SQLite online backup) is sent first, in chunks, after checking that
-the copy is sound: damaged pages are never shipped. A backup takes a snapshot
-only when the answer to its join announced one, so a stream that finds the log
-no longer reaching back (pruned since the join) has it join again.
+the copy is sound: damaged pages are never shipped. Nor is a record of the log
+that fails its checksum (``LogDamaged``: the disk changed it): it leaves the log
+with the records before it, and the backup, asked to join again, gets a snapshot.
+A backup takes a snapshot only when the answer to its join announced one, so a
+stream that finds the log no longer reaching back also has it join again.
 
 Invariants: ``tail`` holds the newest records in seq order, at most
 ``TAIL_BYTES`` of changesets (at least one record); a stream's ``next_seq`` is
@@ -28,7 +30,7 @@ from ..config import NodeConfig
 from ..errors import StorageCorrupt, StorageFault
 from ..metrics import Metrics
 from ..peer import PeerLinks
-from ..storage import Storage
+from ..storage import LogDamaged, Storage
 from .effects import StartStream
 from .messages import Snapshot
 from .shell import Shell, format_fields, log
@@ -139,6 +141,22 @@ class Streams:
     async def _loop(self, stream: Stream) -> None:
         try:
             await self._stream(stream)
+        except LogDamaged as exc:
+            # The record is useless to anyone and the ones before it are useless
+            # without it: they leave the log, so that the core sends a snapshot
+            # (made from the tables) to every backup that needed them.
+            self.metrics.damaged_log_records.inc()
+            log.error(
+                format_fields(
+                    "log record damaged, dropped from the log",
+                    {"node": self.config.node_id, "seq": exc.seq, "why": str(exc)},
+                )
+            )
+            with contextlib.suppress(StorageFault):
+                # A disk that refuses this leaves the record, found again next time.
+                self.storage.drop_log_through(exc.seq)
+            self.core.on_log_pruned(self.storage.first_log_seq())
+            self._drop_link(stream, "log record damaged, asking the backup to join again")
         except (StorageFault, StorageCorrupt) as exc:
             # No room (or no sound file) for the snapshot this backup needs: drop the
             # link, so that it joins again and the snapshot is tried afresh.

@@ -16,7 +16,7 @@ import pytest
 
 from ops.chaos import schedule
 from ops.chaos.__main__ import parse_args
-from ops.chaos.corrupt import corrupt_page
+from ops.chaos.corrupt import corrupt_page, flip_payload
 from service.chat_schema import MIGRATIONS
 from service.storage import Storage
 
@@ -37,6 +37,15 @@ def make_database(path: Path, messages: int = 600) -> Path:
     finally:
         storage.close()  # the last connection checkpoints and removes the WAL
     return path
+
+
+def bodies(path: Path, table: str) -> list[bytes]:
+    column = "changeset" if table == "txlog" else "body"
+    with closing(sqlite3.connect(path)) as conn:
+        return [
+            bytes(row[0], "utf-8") if isinstance(row[0], str) else row[0]
+            for row in conn.execute(f"SELECT {column} FROM {table} ORDER BY rowid")
+        ]
 
 
 def integrity(path: Path) -> str:
@@ -171,3 +180,32 @@ def test_the_faults_option_is_checked_and_replayed() -> None:
         parse_args(["--faults", "floods"])
     with pytest.raises(SystemExit):
         parse_args(["--faults", "disk-full", "--supervisord", "supervisord.conf"])
+
+
+# ---- flipping a bit of a row -----------------------------------------------------------------
+
+
+def test_a_flipped_payload_bit_changes_one_row_of_one_table_and_no_page(
+    pristine: Path, tmp_path: Path
+) -> None:
+    path = copy_of(pristine, tmp_path / "node")
+    log_before, messages_before = bodies(path, "txlog"), bodies(path, "messages")
+    offset = flip_payload(path, "txlog", b"message 321 ")
+    assert offset > 0
+    assert integrity(path) == "ok"  # SQLite cannot see it
+    assert bodies(path, "messages") == messages_before  # the same text elsewhere: untouched
+    changed = [
+        (old, new) for old, new in zip(log_before, bodies(path, "txlog"), strict=True) if old != new
+    ]
+    assert len(changed) == 1
+    old, new = changed[0]
+    assert b"message 321 " in old
+    assert new == old.replace(b"message 321 ", b"Message 321 ")
+
+
+def test_a_payload_that_is_not_there_once_is_refused(pristine: Path, tmp_path: Path) -> None:
+    path = copy_of(pristine, tmp_path / "node")
+    with pytest.raises(ValueError, match="on 0 places"):
+        flip_payload(path, "txlog", b"no such text")
+    with pytest.raises(ValueError, match="places of txlog"):
+        flip_payload(path, "txlog", b"xxxxxxxxxx")  # in every record

@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from service.storage import (
     ConstraintViolation,
     Db,
     Diverged,
+    LogDamaged,
     SchemaMismatch,
     Storage,
     changes_cluster,
@@ -713,6 +715,90 @@ def test_a_snapshot_of_a_later_schema_is_refused_and_changes_nothing(
     assert backup.position() == Position.ZERO
     assert backup.db.value("PRAGMA user_version") == len(MIGRATIONS)
     later.close()
+
+
+# ---- the log's checksums -------------------------------------------------------------------
+
+
+def damage_record(storage: Storage, seq: int) -> None:
+    """Flip one bit of a record's changeset behind the log's back, as a bad sector
+    would: the row stays well formed and the changeset still parses."""
+    changeset = bytes(storage.db.value("SELECT changeset FROM txlog WHERE seq = ?", (seq,)))
+    flipped = changeset[:-1] + bytes([changeset[-1] ^ 0x20])
+    storage.db.execute("UPDATE txlog SET changeset = ? WHERE seq = ?", (flipped, seq))
+
+
+def test_every_record_is_logged_with_the_crc_of_its_changeset(
+    primary: Storage, backup: Storage
+) -> None:
+    records = [add_user(primary, name) for name in ("ann", "bob")]
+    backup.apply_records(records)
+    for storage in (primary, backup):
+        crcs = [row[0] for row in storage.db.execute("SELECT crc FROM txlog ORDER BY seq")]
+        assert crcs == [zlib.crc32(record.changeset) for record in records]
+
+
+def test_a_damaged_record_is_neither_read_back_nor_undone(primary: Storage, tmp_path: Path) -> None:
+    records = [add_user(primary, name) for name in ("ann", "bob", "cy")]
+    damage_record(primary, 2)
+    assert primary.log_range(0, 1) == records[:1]
+    assert primary.log_range(2, 10) == records[2:]
+    with pytest.raises(LogDamaged, match="record of seq 2 does not match its checksum") as caught:
+        primary.log_range(0, 10)
+    assert caught.value.seq == 2
+    # Its inverse would apply the damage: a rewind over it is refused (the backup
+    # then asks for a snapshot), and changes nothing.
+    before = primary.checksums()
+    with pytest.raises(Diverged, match="seq 2 does not match its checksum"):
+        primary.rewind(1, tmp_path / "rollback.jsonl")
+    assert primary.checksums() == before
+    assert primary.position() == Position(1, 3)
+    assert not (tmp_path / "rollback.jsonl").exists()
+
+
+def test_dropping_a_damaged_record_and_the_older_ones_keeps_the_position(
+    primary: Storage,
+) -> None:
+    records = [add_user(primary, name) for name in ("ann", "bob", "cy")]
+    damage_record(primary, 2)
+    assert primary.drop_log_through(2) == 2
+    assert primary.first_log_seq() == 3
+    assert primary.log_range(0, 10) == records[2:]
+    assert primary.position() == Position(1, 3)
+    assert add_user(primary, "dee").seq == 4
+    assert primary.log_bytes() == sum(len(r.changeset) for r in primary.log_range(0, 10))
+
+
+def test_a_database_from_before_the_checksums_gains_them_and_keeps_its_records(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "chat.db"
+    old = Storage(path, migrations=MIGRATIONS)
+    first = add_user(old, "ann")
+    old.db.execute("ALTER TABLE txlog DROP COLUMN crc")  # the layout before
+    old.close()
+    opened_as_is = Storage(path)  # a tool's open writes nothing
+    assert "crc" not in [row[1] for row in opened_as_is.db.execute("PRAGMA table_info(txlog)")]
+    opened_as_is.close()
+    again = Storage(path, migrations=MIGRATIONS)
+    second = add_user(again, "bob")
+    rows = again.db.execute("SELECT crc FROM txlog ORDER BY seq")
+    assert [row[0] for row in rows] == [None, zlib.crc32(second.changeset)]
+    # A record from before has no checksum to fail: it is read back as it is.
+    assert again.log_range(0, 10) == [first, second]
+    again.close()
+
+
+def test_a_snapshot_from_before_the_checksums_gains_them(tmp_path: Path, backup: Storage) -> None:
+    old = Storage(tmp_path / "old.db", migrations=MIGRATIONS)
+    first = add_user(old, "ann")
+    old.db.execute("ALTER TABLE txlog DROP COLUMN crc")
+    old.make_snapshot(tmp_path / "snap.db")
+    old.close()
+    backup.install_snapshot(tmp_path / "snap.db")
+    assert backup.log_range(0, 10) == [first]
+    second = add_user(backup, "bob")
+    assert backup.db.value("SELECT crc FROM txlog WHERE seq = 2") == zlib.crc32(second.changeset)
 
 
 # ---- rewind ------------------------------------------------------------------------------

@@ -153,9 +153,11 @@ class Streams:
                 )
             )
             with contextlib.suppress(StorageFault):
-                # A disk that refuses this leaves the record, found again next time.
                 self.storage.drop_log_through(exc.seq)
-            self.core.on_log_pruned(self.storage.first_log_seq())
+            first = self.storage.first_log_seq()
+            # A disk that refused the delete left the record: the core counts the log
+            # from after it all the same, until a later prune says otherwise.
+            self.core.on_log_pruned(first if first is None or first > exc.seq else exc.seq + 1)
             self._drop_link(stream, "log record damaged, asking the backup to join again")
         except (StorageFault, StorageCorrupt) as exc:
             # No room (or no sound file) for the snapshot this backup needs: drop the

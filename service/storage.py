@@ -298,6 +298,13 @@ def os_fault(exc: OSError, doing: str) -> StorageFault:
     return StorageFault(f"{doing}: {exc.strerror or exc}")
 
 
+def _undecodable(exc: UnicodeDecodeError) -> StorageCorrupt:
+    """A text value that is not UTF-8. This service writes only str, which SQLite
+    stores as UTF-8, so such bytes were changed on the disk, inside a row, where
+    SQLite's page checks cannot see them: damage like a malformed page."""
+    return StorageCorrupt(f"the database is damaged: a text value is not UTF-8 ({exc.reason})")
+
+
 @contextlib.contextmanager
 def _translated() -> Iterator[None]:
     """Map apsw errors into this module's and the service's error tree."""
@@ -307,6 +314,8 @@ def _translated() -> Iterator[None]:
         raise ConstraintViolation(str(exc)) from None
     except apsw.Error as exc:
         raise _internal(exc) from exc
+    except UnicodeDecodeError as exc:
+        raise _undecodable(exc) from exc
 
 
 class Db:
@@ -323,6 +332,8 @@ class Db:
             raise ConstraintViolation(str(exc)) from None
         except apsw.Error as exc:
             raise _internal(exc) from exc
+        except UnicodeDecodeError as exc:
+            raise _undecodable(exc) from exc
 
     def one(self, sql: str, params: Params = ()) -> tuple[Any, ...] | None:
         rows = self.execute(sql, params)

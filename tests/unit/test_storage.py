@@ -19,7 +19,7 @@ import pytest
 
 from service import storage as storage_module
 from service.chat_schema import MIGRATIONS, TABLES
-from service.errors import Internal, StorageFault
+from service.errors import Internal, StorageCorrupt, StorageFault
 from service.replication.types import LogRecord, NodeState, Position, SyncSet
 from service.storage import (
     OWN_REPLICATED,
@@ -715,6 +715,22 @@ def test_a_snapshot_of_a_later_schema_is_refused_and_changes_nothing(
     assert backup.position() == Position.ZERO
     assert backup.db.value("PRAGMA user_version") == len(MIGRATIONS)
     later.close()
+
+
+def test_a_text_value_that_is_not_utf8_is_damage_not_a_crash(primary: Storage) -> None:
+    """This service writes only str, stored as UTF-8: other bytes in a text column
+    were changed on the disk, inside a row, where SQLite's page checks cannot see
+    them. A query that meets them says the database is damaged (the node then
+    contains it as it does a malformed page) instead of raising a decoding error
+    that nothing handles."""
+    add_user(primary, "ann")
+    primary.db.execute("UPDATE users SET name = CAST(x'41ae' AS TEXT) WHERE id = 1")
+    with pytest.raises(StorageCorrupt, match="a text value is not UTF-8"):
+        primary.db.execute("SELECT name FROM users")
+    with pytest.raises(StorageCorrupt, match="a text value is not UTF-8"):
+        primary.checksums_at(primary.position().seq)
+    with pytest.raises(StorageCorrupt, match="a text value is not UTF-8"):
+        primary.read(lambda db: db.execute("SELECT * FROM users"))
 
 
 # ---- the log's checksums -------------------------------------------------------------------

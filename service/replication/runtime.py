@@ -148,7 +148,23 @@ class Replicator:
         self.durability = Durability(
             self, self.core, self.metrics.timed(storage.sync), storage.deferred, fatal
         )
-        self.streams = Streams(self, config, self.core, storage, self.links, self.metrics)
+        self.verifier = Verifier(
+            config.node_id,
+            config.verify_interval,
+            storage.checksums_at,
+            self.send,
+            self.damaged,
+            self.spawn,
+        )
+        self.streams = Streams(
+            self,
+            config,
+            self.core,
+            storage,
+            self.links,
+            self.metrics,
+            self.verifier.snapshot_sent,
+        )
         self.writer = WritePath(
             self, config, self.core, storage, app, self.durability, self.streams, self.metrics
         )
@@ -161,14 +177,6 @@ class Replicator:
             self.metrics,
             self.streams.forget_tail,
             fatal,
-        )
-        self.verifier = Verifier(
-            config.node_id,
-            config.verify_interval,
-            storage.checksums_at,
-            self.send,
-            self.damaged,
-            self.spawn,
         )
         # Told of acknowledged sends and of writes that ended sessions (the server's
         # pushes and stream closes): the write path's lists, shared.

@@ -28,6 +28,13 @@ When the answers are in:
 * two answers that differ with no third to decide: nobody can tell which is
   right; an alarm (log, status) and no action.
 
+A majority must be of independent witnesses. A backup that installed this
+primary's snapshot holds whatever the primary read when it made it, damage
+SQLite cannot see included (a flipped bit inside a row): until a round in which
+all nodes agree, that copy counts together with the primary (``copies``), so
+the primary and its copy against the third node are no majority, and the
+alarm is raised instead of the third node being resynced from the damage.
+
 A round that cannot complete (a backup gone, a write arriving) is abandoned
 after ``ROUND_TIMEOUT`` and tried again at the next quiet moment.
 
@@ -89,19 +96,32 @@ class Outcome:
         }
 
 
-def judge(answers: dict[int, Sums]) -> tuple[bool, tuple[int, ...]]:
-    """(all agree, nodes outside a majority). With no majority nobody is named."""
+def judge(
+    answers: dict[int, Sums], copies: dict[int, int] | None = None
+) -> tuple[bool, tuple[int, ...]]:
+    """(all agree, nodes outside a majority). With no majority nobody is named.
+    ``copies``: node -> the node whose snapshot it installed; the two agreeing
+    count as one witness."""
     distinct = {tuple(sorted(s.items())) for s in answers.values()}
     if len(distinct) <= 1:
         return True, ()
     counts: dict[tuple[tuple[str, str], ...], list[int]] = {}
     for node, sums in answers.items():
         counts.setdefault(tuple(sorted(sums.items())), []).append(node)
-    majority = [nodes for nodes in counts.values() if 2 * len(nodes) > len(answers)]
+    majority = [
+        nodes for nodes in counts.values() if 2 * _witnesses(nodes, copies or {}) > len(answers)
+    ]
     if not majority:
         return False, ()
     keep = set(majority[0])
     return False, tuple(sorted(n for n in answers if n not in keep))
+
+
+def _witnesses(nodes: list[int], copies: dict[int, int]) -> int:
+    """How many of ``nodes`` (which agree) agree independently: a copy counts with
+    its source when both are among them."""
+    group = set(nodes)
+    return len({copies[n] if copies.get(n) in group else n for n in group})
 
 
 class Verifier:
@@ -129,6 +149,13 @@ class Verifier:
         # Comparisons completed, and those in which some node differed (for metrics).
         self.completed = 0
         self.mismatches = 0
+        # Backups that installed this node's snapshot since all last agreed: each
+        # is no witness apart from this node (see the module docstring).
+        self.copies: dict[int, int] = {}
+
+    def snapshot_sent(self, peer: int) -> None:
+        """``peer`` was sent this node's snapshot (and installs it)."""
+        self.copies[peer] = self.node_id
 
     # ---- primary ----------------------------------------------------------------------
 
@@ -200,11 +227,12 @@ class Verifier:
 
     def _conclude(self, current: Round) -> None:
         answers = {n: s for n, s in current.answers.items() if s is not None}
-        agreed, odd = judge(answers)
+        agreed, odd = judge(answers, self.copies)
         nodes = tuple(sorted(answers))
         self.last = Outcome(current.seq, nodes, agreed, odd, time.time())
         self.completed += 1
         if agreed:
+            self.copies.clear()
             log.info(
                 "checksums agree node=%s seq=%s nodes=%s",
                 self.node_id,

@@ -79,6 +79,60 @@ def test_a_round_waits_for_a_quiet_moment_then_tells_the_odd_backup_to_resync() 
     assert verifier.last.damaged == (3,)
 
 
+@pytest.mark.parametrize(
+    ("answers", "copies", "expected"),
+    [
+        # Node 3 installed node 1's snapshot: 1 and 3 are one witness against 2.
+        pytest.param({1: B, 2: A, 3: B}, {3: 1}, (False, ()), id="primary-and-its-copy"),
+        # The copy differs from its source: 1 and 2 are independent witnesses.
+        pytest.param({1: A, 2: A, 3: B}, {3: 1}, (False, (3,)), id="the-copy-differs"),
+        # The copy agrees with the node it was not copied from: two witnesses.
+        pytest.param({1: B, 2: A, 3: A}, {3: 1}, (False, (1,)), id="the-copy-sides-with-2"),
+        pytest.param({1: A, 2: A, 3: A}, {3: 1}, (True, ()), id="all-agree"),
+    ],
+)
+def test_a_snapshot_copy_counts_with_its_source(
+    answers: dict[int, dict[str, str]],
+    copies: dict[int, int],
+    expected: tuple[bool, tuple[int, ...]],
+) -> None:
+    assert judge(answers, copies) == expected
+
+
+def finish_round(
+    verifier: Verifier, wire: Wire, own: dict[str, str], others: dict[int, dict[str, str]]
+) -> None:
+    for coro in wire.spawned:
+        coro.close()  # type: ignore[attr-defined]
+    wire.spawned.clear()
+    verifier._record(verifier.numbers, 1, own)
+    for peer, sums in others.items():
+        verifier.on_reply(peer, VerifyReply(2, 7, verifier.numbers, dict(sums)))
+
+
+def test_a_backup_sent_the_primarys_snapshot_is_no_witness_until_all_agree() -> None:
+    wire = Wire()
+    verifier = wire.verifier(B)
+    verifier.snapshot_sent(3)
+    verifier.next_at = 0.0
+    verifier.tick(1.0, epoch=2, seq=7, quiet=True, members=(1, 2, 3))
+    finish_round(verifier, wire, B, {2: A, 3: B})
+    assert verifier.last is not None
+    assert (verifier.last.agreed, verifier.last.damaged) == (False, ())
+    assert [msg["type"] for _, msg in wire.sent] == ["verify", "verify"]  # no resync
+    assert wire.damaged == []
+    # Once all agree, a later difference is the node's own again.
+    verifier.next_at = 0.0
+    verifier.tick(2.0, epoch=2, seq=7, quiet=True, members=(1, 2, 3))
+    finish_round(verifier, wire, A, {2: A, 3: A})
+    assert verifier.last.agreed
+    verifier.next_at = 0.0
+    verifier.tick(3.0, epoch=2, seq=7, quiet=True, members=(1, 2, 3))
+    finish_round(verifier, wire, B, {2: A, 3: B})
+    assert verifier.last.damaged == (2,)
+    assert (wire.sent[-1][0], wire.sent[-1][1]["type"]) == (2, "resync")
+
+
 def test_a_node_that_moved_on_drops_the_round() -> None:
     wire = Wire()
     verifier = wire.verifier(A)

@@ -15,32 +15,23 @@ says so, and the backups get a snapshot, made from the tables, instead.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-from pathlib import Path
-
 import pytest
 
 from ops.chaos.corrupt import flip_payload
-from service.client import Client
 from tests.conftest import ClusterFactory
-from tests.helpers.workload import finish, new_user, run, start_cluster, wait_logged
+from tests.helpers.workload import (
+    finish,
+    message_bodies,
+    new_user,
+    run,
+    send_each,
+    start_cluster,
+    wait_logged,
+)
 
 pytestmark = pytest.mark.cluster
 
 BODY = "the body of the record to damage: Quokka"
-
-
-async def send_all(servers: list[str], token: str, bodies: list[str]) -> None:
-    async with Client(servers, token=token) as client:
-        for body in bodies:
-            await client.send("bob", body)
-
-
-def bodies_in(db: Path) -> set[str]:
-    """The message bodies of a node's database, read as an operator would."""
-    with contextlib.closing(sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)) as conn:
-        return {str(row[0]) for row in conn.execute("SELECT body FROM messages")}
 
 
 def test_a_damaged_log_record_is_replaced_by_a_snapshot(cluster_factory: ClusterFactory) -> None:
@@ -54,7 +45,7 @@ def test_a_damaged_log_record_is_replaced_by_a_snapshot(cluster_factory: Cluster
     cluster[2].stop()
     cluster[3].stop()
     sent = [f"before {i}" for i in range(5)] + [BODY] + [f"after {i}" for i in range(5)]
-    run(send_all([primary.address], alice, sent))
+    run(send_each([primary.address], alice, "bob", sent))
     primary.stop()  # SIGTERM: checkpointed, so the flipped byte is what SQLite reads
     flip_payload(primary.db_path, "txlog", b"Quokka")
     damaged = BODY.replace("Quokka", "quokka")
@@ -70,7 +61,7 @@ def test_a_damaged_log_record_is_replaced_by_a_snapshot(cluster_factory: Cluster
     # second backup's join was answered with a snapshot from the start.
     assert seen.value("chat_damaged_log_records_total") == 1
     for node in cluster.nodes.values():
-        held = bodies_in(node.db_path)
+        held = message_bodies(node)
         assert damaged not in held, f"node {node.node_id} holds the damaged record's text"
         assert set(sent) <= held, f"node {node.node_id} lacks {set(sent) - held}"
     finish(cluster)

@@ -15,21 +15,20 @@ against the copy, and node 3 resyncs.
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
 from pathlib import Path
 
 import pytest
 
 from ops.cluster.waiting import wait_for
-from service.client import Client
 from service.diskfaults import ENV_VAR, Plan, write_control
 from tests.conftest import ClusterFactory
 from tests.helpers.workload import (
     finish,
     first_log_seq,
+    message_bodies,
     new_user,
     run,
+    send_each,
     start_cluster,
     stopped_storage,
     wait_logged,
@@ -44,18 +43,6 @@ BODY = "the message whose row a bad sector will change: Q\u00e9"
 # finds by itself: test_storage).
 NEEDLE = "Q\u00e9".encode()
 DAMAGED = BODY.replace("Q\u00e9", "Q<V")
-
-
-async def send_all(servers: list[str], token: str, bodies: list[str]) -> None:
-    async with Client(servers, token=token) as client:
-        for body in bodies:
-            await client.send("bob", body)
-
-
-def bodies_in(db: Path) -> set[str]:
-    """The message bodies of a node's database, read as an operator would."""
-    with contextlib.closing(sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True)) as conn:
-        return {str(row[0]) for row in conn.execute("SELECT body FROM messages")}
 
 
 def offsets_of_the_accent(path: Path) -> tuple[int, ...]:
@@ -84,7 +71,7 @@ def test_a_snapshot_copy_does_not_outvote_the_node_it_was_not_copied_from(
     with stopped_storage(copy) as storage:
         behind = storage.position().seq
     sent = [BODY] + [f"later {i}" for i in range(40)]
-    run(send_all([primary.address], alice, sent))
+    run(send_each([primary.address], alice, "bob", sent))
 
     def pruned_past_it() -> bool:
         first = first_log_seq(primary)
@@ -103,7 +90,7 @@ def test_a_snapshot_copy_does_not_outvote_the_node_it_was_not_copied_from(
 
     copy.start()
     wait_logged(copy, "snapshot installed")
-    assert DAMAGED in bodies_in(copy.db_path), "node 3's snapshot is not of the flipped row"
+    assert DAMAGED in message_bodies(copy), "node 3's snapshot is not of the flipped row"
     wait_for(
         lambda: "nodes=1,2,3 damaged=undecided" in primary.log_text(),
         20.0,
@@ -120,5 +107,5 @@ def test_a_snapshot_copy_does_not_outvote_the_node_it_was_not_copied_from(
     wait_logged(copy, "database damaged, moved aside")
     cluster.wait_in_sync()
     for node in cluster.nodes.values():
-        assert BODY in bodies_in(node.db_path), f"node {node.node_id} lacks the message"
+        assert BODY in message_bodies(node), f"node {node.node_id} lacks the message"
     finish(cluster)

@@ -343,6 +343,19 @@ async def read_inbox(client: Client) -> list[dict[str, Any]]:
         after = messages[-1]["id"]
 
 
+def message_bodies(node: NodeProcess) -> set[str]:
+    """The bodies of a node's ``messages`` rows (a running node's database may be read)."""
+    with node.open_storage() as storage:
+        return {str(row[0]) for row in storage.db.execute("SELECT body FROM messages")}
+
+
+async def send_each(servers: list[str], token: str, to: str, bodies: list[str]) -> None:
+    """Send ``bodies`` to ``to`` in order, each acknowledged before the next."""
+    async with Client(servers, token=token) as client:
+        for body in bodies:
+            await client.send(to, body)
+
+
 def first_log_seq(node: NodeProcess) -> int | None:
     """The oldest seq still in a node's log (a running node's database may be read: WAL)."""
     with node.open_storage() as storage:

@@ -736,6 +736,17 @@ def test_a_text_value_that_is_not_utf8_is_damage_not_a_crash(primary: Storage) -
 # ---- the log's checksums -------------------------------------------------------------------
 
 
+def assert_rewind_refused(storage: Storage, to_seq: int, why: str, folder: Path) -> None:
+    """``rewind(to_seq)`` diverges saying ``why``, and changes nothing: no rows, no
+    position, no rollback file."""
+    before, position, rollback = storage.checksums(), storage.position(), folder / "rollback"
+    with pytest.raises(Diverged, match=why):
+        storage.rewind(to_seq, rollback)
+    assert storage.checksums() == before
+    assert storage.position() == position
+    assert not rollback.exists()
+
+
 def damage_record(storage: Storage, seq: int) -> None:
     """Flip one bit of a record's changeset behind the log's back, as a bad sector
     would: the row stays well formed and the changeset still parses."""
@@ -763,13 +774,8 @@ def test_a_damaged_record_is_neither_read_back_nor_undone(primary: Storage, tmp_
         primary.log_range(0, 10)
     assert caught.value.seq == 2
     # Its inverse would apply the damage: a rewind over it is refused (the backup
-    # then asks for a snapshot), and changes nothing.
-    before = primary.checksums()
-    with pytest.raises(Diverged, match="seq 2 does not match its checksum"):
-        primary.rewind(1, tmp_path / "rollback.jsonl")
-    assert primary.checksums() == before
-    assert primary.position() == Position(1, 3)
-    assert not (tmp_path / "rollback.jsonl").exists()
+    # then asks for a snapshot).
+    assert_rewind_refused(primary, 1, "seq 2 does not match its checksum", tmp_path)
 
 
 def test_dropping_a_damaged_record_and_the_older_ones_keeps_the_position(
@@ -862,12 +868,7 @@ def test_rewind_past_a_pruned_log_diverges(primary: Storage, tmp_path: Path) -> 
     for name in ("a", "b", "c"):
         add_user(primary, name)
     primary.prune_log(keep=1)
-    sums = primary.checksums()
-    with pytest.raises(Diverged, match="no longer holds"):
-        primary.rewind(1, tmp_path / "rb")
-    assert primary.checksums() == sums
-    assert primary.position() == Position(1, 3)
-    assert not (tmp_path / "rb").exists()
+    assert_rewind_refused(primary, 1, "no longer holds", tmp_path)
 
 
 # ---- rollback files ----------------------------------------------------------------------

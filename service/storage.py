@@ -451,9 +451,25 @@ def _replicated_tables(db: Db) -> dict[str, str]:
     return tables
 
 
+# What a value this module wrote itself raises when its bytes were changed on the
+# disk inside the row (SQLite cannot see it): it no longer parses, or not as its type.
+_UNPARSABLE = (ValueError, TypeError, KeyError, IndexError)
+
+
+def _unparsable(what: str, exc: Exception) -> StorageCorrupt:
+    """A node-local value or the sync set that does not parse: the disk changed it.
+    Damage like a malformed page, not a crash at every start."""
+    return StorageCorrupt(f"the database is damaged: {what} does not parse ({exc})")
+
+
 def _read_json(db: Db, table: str, key: str) -> Any:
     text = db.value(f"SELECT value FROM {table} WHERE key = ?", (key,))
-    return None if text is None else orjson.loads(text)
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise _unparsable(f"{table} {key}", exc) from None
 
 
 def _write_json(db: Db, table: str, key: str, value: Any) -> None:
@@ -466,22 +482,36 @@ def _write_json(db: Db, table: str, key: str, value: Any) -> None:
 
 def _read_position(db: Db) -> Position:
     stored = _read_json(db, "node_state", "last_position")
-    return Position.ZERO if stored is None else Position(int(stored[0]), int(stored[1]))
+    if stored is None:
+        return Position.ZERO
+    try:
+        return Position(int(stored[0]), int(stored[1]))
+    except _UNPARSABLE as exc:
+        raise _unparsable("node_state last_position", exc) from None
 
 
 def _read_node_state(db: Db) -> NodeState:
     voted_for = _read_json(db, "node_state", "voted_for")
-    return NodeState(
-        current_epoch=int(_read_json(db, "node_state", "current_epoch") or 0),
-        voted_epoch=int(_read_json(db, "node_state", "voted_epoch") or 0),
-        voted_for=None if voted_for is None else int(voted_for),
-    )
+    current = _read_json(db, "node_state", "current_epoch")
+    voted = _read_json(db, "node_state", "voted_epoch")
+    try:
+        return NodeState(
+            current_epoch=int(current or 0),
+            voted_epoch=int(voted or 0),
+            voted_for=None if voted_for is None else int(voted_for),
+        )
+    except _UNPARSABLE as exc:
+        raise _unparsable("node_state's votes", exc) from None
 
 
 def _read_sync_set(db: Db) -> SyncSet:
     # The text is parsed only when it changed (a backup reads it after each record
     # that may change it, the primary in each batch that changes it).
-    return _parse_sync_set(db.value("SELECT value FROM cluster WHERE key = 'sync_set'"))
+    text = db.value("SELECT value FROM cluster WHERE key = 'sync_set'")
+    try:
+        return _parse_sync_set(text)
+    except _UNPARSABLE as exc:
+        raise _unparsable("the sync set", exc) from None
 
 
 @functools.lru_cache(maxsize=4)
@@ -955,6 +985,11 @@ class Storage:
             # reports any of it as durable.
             self._sync_files()
             self.database_id = self._ensure_database_id()
+            # This node's own state, read once now: a value the disk changed is found
+            # at start (and the node moves the database aside), not at some later read.
+            _read_node_state(self._db)
+            _read_position(self._db)
+            _read_sync_set(self._db)
         except BaseException:
             os.close(self._file)
             raise

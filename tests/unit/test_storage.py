@@ -733,6 +733,35 @@ def test_a_text_value_that_is_not_utf8_is_damage_not_a_crash(primary: Storage) -
         primary.read(lambda db: db.execute("SELECT * FROM users"))
 
 
+@pytest.mark.parametrize(
+    ("table", "key", "value"),
+    [
+        ("node_state", "current_epoch", '{"bad'),  # not JSON
+        ("node_state", "voted_for", '"two"'),  # JSON, but not a node id
+        ("node_state", "last_position", "[1]"),  # a position of one number
+        ("node_state", "database_id", "[1, 2"),
+        ("cluster", "sync_set", '{"version": 1}'),  # no members
+    ],
+)
+def test_stored_state_that_does_not_parse_is_damage_found_at_open(
+    tmp_path: Path, table: str, key: str, value: str
+) -> None:
+    """Values this module wrote itself that no longer parse were changed on the disk,
+    inside a row: the open says the database is damaged (the node moves it aside)
+    rather than raise a parse error at every start."""
+    path = tmp_path / "chat.db"
+    storage = Storage(path, migrations=MIGRATIONS)
+    add_user(storage, "ann")
+    storage.db.execute(
+        f"INSERT INTO {table}(key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+    storage.close()
+    with pytest.raises(StorageCorrupt, match=r"the database is damaged: .* does not parse"):
+        Storage(path, migrations=MIGRATIONS)
+
+
 # ---- the log's checksums -------------------------------------------------------------------
 
 

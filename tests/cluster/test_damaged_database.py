@@ -24,6 +24,7 @@ from ops.chaos.corrupt import corrupt_page
 from ops.cluster.waiting import wait_for
 from service.client import Client
 from tests.conftest import ClusterFactory
+from tests.helpers.cluster import Cluster
 from tests.helpers.workload import (
     PASSWORD,
     finish,
@@ -48,6 +49,18 @@ async def send_many(servers: list[str], token: str) -> set[str]:
     return bodies
 
 
+def loaded_cluster(factory: ClusterFactory, **settings: object) -> tuple[Cluster, set[str]]:
+    """A cluster led by node 1 whose every node holds the bodies sent to bob."""
+    cluster = factory(**settings)
+    start_cluster(cluster)
+    assert wait_settled(cluster) is cluster[1]
+    alice = run(new_user(cluster.servers, "alice"))
+    run(new_user(cluster.servers, "bob"))
+    sent = run(send_many(cluster.servers, alice))
+    cluster.wait_converged()
+    return cluster, sent
+
+
 async def bobs_inbox(servers: list[str]) -> list[str]:
     async with Client(servers) as client:
         await client.login("bob", PASSWORD)
@@ -57,13 +70,7 @@ async def bobs_inbox(servers: list[str]) -> list[str]:
 def test_a_damaged_backup_moves_its_database_aside_and_rejoins_by_snapshot(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory()
-    start_cluster(cluster)
-    assert wait_settled(cluster) is cluster[1]
-    alice = run(new_user(cluster.servers, "alice"))
-    run(new_user(cluster.servers, "bob"))
-    sent = run(send_many(cluster.servers, alice))
-    cluster.wait_converged()
+    cluster, sent = loaded_cluster(cluster_factory)
     damaged = cluster[3]
     damaged.stop()  # SIGTERM: checkpointed, so the damage is in the file SQLite reads
     damage = corrupt_page(damaged.db_path, pick=7, size=16)
@@ -94,13 +101,7 @@ def test_a_backup_whose_rows_differ_is_found_by_checksums_and_resyncs(
     SQLite's back, so every structural check passes. The primary's checksum round
     finds it (two nodes against one), tells the backup, and the backup moves its
     database aside and catches up."""
-    cluster = cluster_factory(verify_interval=0.3)
-    start_cluster(cluster)
-    assert wait_settled(cluster) is cluster[1]
-    alice = run(new_user(cluster.servers, "alice"))
-    run(new_user(cluster.servers, "bob"))
-    run(send_many(cluster.servers, alice))
-    cluster.wait_converged()
+    cluster, _ = loaded_cluster(cluster_factory, verify_interval=0.3)
     wait_logged(cluster[1], "checksums agree")
     odd = cluster[3]
     odd.stop()
@@ -126,13 +127,7 @@ def test_a_node_whose_own_state_does_not_parse_moves_its_database_aside(
     no longer parses, as after a bit the disk flipped inside the row. The node once
     exited with a parse error at every start. It is damage like a malformed page:
     found at open, the database moved aside, the node caught up from the primary."""
-    cluster = cluster_factory()
-    start_cluster(cluster)
-    assert wait_settled(cluster) is cluster[1]
-    alice = run(new_user(cluster.servers, "alice"))
-    run(new_user(cluster.servers, "bob"))
-    sent = run(send_many(cluster.servers, alice))
-    cluster.wait_converged()
+    cluster, sent = loaded_cluster(cluster_factory)
     odd = cluster[3]
     odd.stop()
     with contextlib.closing(sqlite3.connect(odd.db_path)) as conn:

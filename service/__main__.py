@@ -9,6 +9,13 @@ Flags override the file. Logs go to stderr, one ``event key=value ...`` line eac
 
 Every file the node creates is private to its user (umask 077; see ``datadir``),
 and it starts only on a data dir that is.
+
+A stop asked for while the node starts ends it with status 0, as one asked for
+later does. SIGTERM's default action would kill it (status -15, which a supervisor
+or a harness takes for a crash): during the imports (0.4 s), or when a stop that
+arrived while the database was being opened and checked is let through. So the
+first thing ``main`` does is handle it, and only then imports the service; the
+event loop's own handlers take over once it runs (``Node.run``).
 """
 
 from __future__ import annotations
@@ -16,15 +23,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import time
 from pathlib import Path
-
-import uvloop
-
-from . import config as config_module
-from . import datadir, tls
-from .errors import ChatError
-from .node import Node
+from types import FrameType
 
 
 def parse_args(argv: list[str]) -> tuple[Path | None, dict[str, str]]:
@@ -56,7 +59,27 @@ def parse_args(argv: list[str]) -> tuple[Path | None, dict[str, str]]:
     return args.config, {k: v for k, v in overrides.items() if v is not None}
 
 
+def _stop_while_starting(signum: int, frame: FrameType | None) -> None:
+    # Nothing runs yet that a stop must wait for: the database, if open, is as a
+    # crash would leave it, which it is made to survive. An exit at once, not a
+    # SystemExit: raised between two bytecodes, that can land where it is ignored
+    # (a weakref callback of the import system), and the node would run on.
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+    os.write(2, f"{stamp}.{int(now % 1 * 1000):03d} INFO stopped while starting\n".encode())
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _stop_while_starting)
+    # Imported only now, so that a stop during the imports is one too (module docstring).
+    import uvloop
+
+    from . import config as config_module
+    from . import datadir, tls
+    from .errors import ChatError
+    from .node import Node
+
     # First: whatever this process creates (the database, its WAL, snapshots,
     # rollback files, the secret) is 0600, folders 0700.
     os.umask(datadir.PRIVATE_UMASK)

@@ -1269,8 +1269,8 @@ class Storage:
         Returns how many went."""
         db = self._control_db
         with self._transaction(conn=self._control):
-            count = int(db.value("SELECT count(*) FROM txlog WHERE seq <= ?", (seq,), default=0))
             db.execute("DELETE FROM txlog WHERE seq <= ?", (seq,))
+            count = db.changes()
         self._log_size = None
         return count
 

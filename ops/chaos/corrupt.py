@@ -114,7 +114,7 @@ def flip_payload(path: Path, table: str, needle: bytes) -> int:
                 continue
             db.seek((page - 1) * page_size)
             data = db.read(page_size)
-            found += [(page, (page - 1) * page_size + at) for at in _find_all(data, needle)]
+            found += [(page, (page - 1) * page_size + at) for at in find_all(data, needle)]
         if len(found) != 1:
             raise ValueError(f"{needle!r} is on {len(found)} places of {table}'s leaf pages, not 1")
         page, offset = found[0]
@@ -129,7 +129,8 @@ def flip_payload(path: Path, table: str, needle: bytes) -> int:
     return offset
 
 
-def _find_all(data: bytes, needle: bytes) -> list[int]:
+def find_all(data: bytes, needle: bytes) -> list[int]:
+    """Every offset of ``needle`` in ``data``, overlapping ones included."""
     found, at = [], data.find(needle)
     while at >= 0:
         found.append(at)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.chaos.corrupt import find_all
 from ops.cluster.waiting import wait_for
 from service.diskfaults import ENV_VAR, Plan, write_control
 from tests.conftest import ClusterFactory
@@ -47,12 +48,7 @@ DAMAGED = BODY.replace("Q\u00e9", "Q<V")
 
 def offsets_of_the_accent(path: Path) -> tuple[int, ...]:
     """Where the two bytes of the body's accented letter are, in every copy of it."""
-    data = path.read_bytes()
-    found, at = [], data.find(NEEDLE)
-    while at >= 0:
-        found += [at + 1, at + 2]
-        at = data.find(NEEDLE, at + 1)
-    return tuple(found)
+    return tuple(at + k for at in find_all(path.read_bytes(), NEEDLE) for k in (1, 2))
 
 
 def test_a_snapshot_copy_does_not_outvote_the_node_it_was_not_copied_from(

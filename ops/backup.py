@@ -44,6 +44,7 @@ import apsw
 from service import config as config_module
 from service.errors import ProtocolViolation
 
+from . import manifest
 from .operator import OperatorLink, add_ca_option, ca_or_exit
 
 
@@ -51,8 +52,9 @@ class BackupFailed(Exception):
     """The node refused, or what arrived is not a whole, sound copy."""
 
 
-def receive(link: OperatorLink, out: Any) -> dict[str, Any]:
-    """Write the streamed copy to ``out``; return the first chunk's header."""
+def receive(link: OperatorLink, out: Any, digest: hashlib._Hash) -> dict[str, Any]:
+    """Write the streamed copy to ``out`` and into ``digest``; return the first
+    chunk's header."""
     header: dict[str, Any] | None = None
     written = 0
     while True:
@@ -73,6 +75,7 @@ def receive(link: OperatorLink, out: Any) -> dict[str, Any]:
         except ValueError:
             raise BackupFailed("a chunk is not base64") from None
         out.write(data)
+        digest.update(data)
         written += len(data)
         if frame.get("done") is True:
             break
@@ -108,17 +111,19 @@ def take(
     """Stream a backup from the node at ``address`` into ``dest`` (and ``dest.json``)."""
     partial = dest.with_name(dest.name + ".partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    received = hashlib.sha256()  # of the bytes the node sent, as they arrive
     try:
         with os.fdopen(fd, "wb") as out, OperatorLink(address, secret, timeout, context) as link:
             link.send({"type": "backup"})
-            header = receive(link, out)
+            header = receive(link, out, received)
             out.flush()
             os.fsync(out.fileno())
         check(partial)
-        digest = hashlib.sha256()
-        with partial.open("rb") as copy:
-            for block in iter(lambda: copy.read(1 << 20), b""):
-                digest.update(block)
+        # Read back: the manifest vouches for the file only if the disk kept what
+        # arrived (a restore checks the file against it).
+        stored = manifest.sha256_of(partial)
+        if stored != received.hexdigest():
+            raise BackupFailed("the copy read back from the disk is not what the node sent")
         if dest.exists():  # appeared meanwhile: still never overwritten
             raise BackupFailed(f"{dest} exists")
         os.replace(partial, dest)
@@ -132,21 +137,11 @@ def take(
         "node": header["node"],
         "database": header["database"],
         "bytes": header["bytes"],
-        "sha256": digest.hexdigest(),
+        "sha256": stored,
         "taken_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "from": address,
     }
-    sidecar = dest.with_name(dest.name + ".json")
-    fd = os.open(sidecar, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(json.dumps(tag, indent=2) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    folder = os.open(dest.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+    manifest.write(dest, tag)
     return tag
 
 
@@ -172,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --config, or both --address and --secret-file")
     context = ca_or_exit(parser, args.ca, config)
     dest: Path = args.to
-    if dest.exists() or dest.with_name(dest.name + ".json").exists():
+    if dest.exists() or manifest.path_of(dest).exists():
         parser.error(f"{dest} (or {dest.name}.json) exists: a backup never overwrites a file")
     if not dest.parent.is_dir():
         parser.error(f"no folder {dest.parent}")

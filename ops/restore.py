@@ -7,6 +7,13 @@ Then start the cluster with the other nodes' data dirs empty: the restored
 node starts alone as primary, at the backup's position, and the others catch
 up from it by snapshot (README, Operations, "Backups").
 
+The backup must be the file its manifest (``FILE.json``, written by
+``ops.backup``) describes: it is copied and hashed in one pass, and a copy whose
+size or SHA-256 differs is not installed (``ops/manifest.py``: SQLite's checks
+cannot see a row changed on the backup's disk, and the restored node would hand
+it to every other node). A file without a manifest is restored only with
+``--unverified``, with SQLite's checks alone.
+
 The data dir must hold no database (move an old one aside first); it is made
 private (0700) if missing. The backup is copied, never changed in place. The
 copy keeps every replicated table as it was and loses what described the
@@ -15,7 +22,8 @@ no votes, an empty log, and a sync set of this node alone. It is checked
 (``PRAGMA integrity_check``), prepared beside the data dir's ``chat.db``
 and renamed into place, so a failure leaves no database behind.
 
-Exit status: 0 done, 1 the backup is unusable, 2 bad usage.
+Exit status: 0 done, 1 the backup is unusable (damaged, not its manifest's file,
+or without one), 2 bad usage.
 """
 
 from __future__ import annotations
@@ -24,10 +32,10 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
+from ops import manifest
 from service import config as config_module
 from service import identity
 from service.datadir import make_private_dirs
@@ -45,16 +53,25 @@ def occupied(data_dir: Path) -> str | None:
     return None
 
 
-def restore(source: Path, data_dir: Path, node_id: int) -> dict[str, object]:
+def restore(
+    source: Path, data_dir: Path, node_id: int, expected: manifest.Manifest | None
+) -> dict[str, object]:
+    """Install ``source`` as ``data_dir``'s database; with ``expected``, only if it
+    is the file that manifest describes (else ``manifest.Mismatch``)."""
     make_private_dirs(data_dir)
     staging = data_dir / f"{DB_NAME}.restoring"
     try:
         fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
+            sha256 = manifest.copy_checked(src, out, expected)
             out.flush()
             os.fsync(out.fileno())
         position, database_id = prepare_restore(staging, node_id)
+        if expected is not None and (position.epoch, position.seq) != expected.position:
+            raise manifest.Mismatch(
+                f"the file holds position {[position.epoch, position.seq]}, "
+                f"its manifest says {list(expected.position)}"
+            )
         os.replace(staging, data_dir / DB_NAME)
     finally:
         for suffix in ("", "-wal", "-shm"):
@@ -70,6 +87,8 @@ def restore(source: Path, data_dir: Path, node_id: int) -> dict[str, object]:
         "node": node_id,
         "position": [position.epoch, position.seq],
         "database": database_id,
+        "sha256": sha256,
+        "verified": expected is not None,
     }
 
 
@@ -81,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="the config file of the node to restore")
     parser.add_argument("--data-dir", type=Path, help="its data dir (instead of --config)")
     parser.add_argument("--node-id", type=int, help="its node id (instead of --config)")
+    parser.add_argument(
+        "--unverified",
+        action="store_true",
+        help="restore a file that has no manifest (FILE.json), with SQLite's checks alone",
+    )
     args = parser.parse_args(argv)
     if args.config is not None:
         config = config_module.load(args.config, {})
@@ -97,7 +121,20 @@ def main(argv: list[str] | None = None) -> int:
     if problem is not None:
         parser.error(f"{problem}: restore into an empty data dir (move the old one aside)")
     try:
-        result = restore(args.source, data_dir, node_id)
+        expected = manifest.read(args.source)
+        if expected is None and not args.unverified:
+            print(
+                f"not restored: {manifest.path_of(args.source).name} is missing, so nothing can "
+                "tell whether the file is still the backup that was taken (SQLite's checks "
+                "cannot see a changed row); put the manifest beside it, or give --unverified "
+                "to restore it all the same",
+                file=sys.stderr,
+            )
+            return 1
+        result = restore(args.source, data_dir, node_id, expected)
+    except manifest.Mismatch as exc:
+        print(f"not restored: {exc}", file=sys.stderr)
+        return 1
     except ChatError as exc:
         print(f"not restored: {exc.message}", file=sys.stderr)
         return 1

@@ -96,7 +96,9 @@ def test_a_backup_taken_under_load_brings_up_a_new_cluster(
     first = restored.nodes[1]
     done = _tool("ops.restore", "--from", str(backup), "--config", str(first.config_path))
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["position"] == tag["position"]
+    result = json.loads(done.stdout)
+    assert result["position"] == tag["position"]
+    assert result["verified"] is True, "checked against the manifest ops.backup wrote"
     restored.start()
     assert wait_settled(restored) is first
     epoch, seq = tag["position"]

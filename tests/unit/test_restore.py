@@ -4,10 +4,13 @@ The restored database must keep every replicated row and lose what described
 the node it was copied from: its database id, its votes, its log; its sync set
 must name the restored node alone, with its new database. Bad input (not a
 database, an occupied data dir) is refused with one message and changes nothing.
+So is a file that is no longer the one its manifest describes: a row changed on
+the backup's disk, which SQLite's checks pass, is never installed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -15,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from ops import manifest
+from ops.backup import check
+from ops.chaos.corrupt import flip_payload
 from service.chat_schema import MIGRATIONS
 from service.errors import Internal
 from service.replication.types import NodeState, Position, SyncSet
@@ -25,11 +31,11 @@ from tests.helpers.cluster import REPO_ROOT
 def _source(path: Path) -> Storage:
     """A node's database: two users, a sync set naming three databases, a vote."""
     storage = Storage(path, migrations=MIGRATIONS)
-    for name in ("alice", "bob"):
+    for name in ("Alice", "Bob"):
         batch = storage.begin_batch()
         batch.db.execute(
             "INSERT INTO users(name, name_key, password_hash, created_at) VALUES (?, ?, 'h', 1.0)",
-            (name, name),
+            (name, name.lower()),
         )
         batch.set_sync_set((1, 2, 3), 3, ((1, "a" * 32), (2, "b" * 32), (3, "c" * 32)))
         assert batch.seal(3) is not None
@@ -40,9 +46,13 @@ def _source(path: Path) -> Storage:
 
 @pytest.fixture
 def backup_file(tmp_path: Path) -> tuple[Path, Storage]:
+    """A copy of the source as ``ops.backup`` leaves it: the file and its manifest."""
     source = _source(tmp_path / "node.db")
     path = tmp_path / "backup.db"
     assert source.make_snapshot(path) == Position(3, 2)
+    content = path.read_bytes()
+    tag = {"position": [3, 2], "bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    manifest.write(path, tag)
     return path, source
 
 
@@ -95,7 +105,9 @@ def test_the_tool_restores_into_a_new_private_data_dir(
     data_dir = tmp_path / "var" / "node1"
     done = _restore("--from", str(path), "--data-dir", str(data_dir), "--node-id", "1")
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["position"] == [3, 2]
+    result = json.loads(done.stdout)
+    assert result["position"] == [3, 2]
+    assert result["verified"] is True
     assert data_dir.stat().st_mode & 0o777 == 0o700
     assert sorted(p.name for p in data_dir.iterdir()) == ["chat.db"]
     assert (data_dir / "chat.db").stat().st_mode & 0o777 == 0o600
@@ -108,7 +120,50 @@ def test_the_tool_leaves_nothing_behind_when_the_backup_is_unusable(tmp_path: Pa
     bad = tmp_path / "bad.db"
     bad.write_bytes(b"garbage" * 1000)
     data_dir = tmp_path / "node1"
-    done = _restore("--from", str(bad), "--data-dir", str(data_dir), "--node-id", "1")
+    args = ("--from", str(bad), "--data-dir", str(data_dir), "--node-id", "1")
+    done = _restore(*args, "--unverified")
     assert done.returncode == 1
     assert done.stderr.startswith("not restored:"), done.stderr
     assert list(data_dir.iterdir()) == []
+
+
+def test_a_backup_changed_on_its_disk_is_not_restored(
+    backup_file: tuple[Path, Storage], tmp_path: Path
+) -> None:
+    path, source = backup_file
+    source.close()
+    flip_payload(path, "users", b"Alice")  # a bit flipped inside a row: Alice -> alice
+    changed = path.read_bytes()
+    check(path)  # ops.backup's integrity check passes: SQLite cannot see the change
+    data_dir = tmp_path / "node1"
+    done = _restore("--from", str(path), "--data-dir", str(data_dir), "--node-id", "1")
+    assert done.returncode == 1, done.stdout
+    assert done.stderr.startswith("not restored: the file is not the backup its manifest"), (
+        done.stderr
+    )
+    assert done.stderr.count("\n") == 1, "one message, no traceback"
+    assert list(data_dir.iterdir()) == []
+    assert path.read_bytes() == changed, "the backup is never changed"
+
+
+def test_a_backup_without_a_readable_manifest_needs_unverified(
+    backup_file: tuple[Path, Storage], tmp_path: Path
+) -> None:
+    path, source = backup_file
+    source.close()
+    tag = manifest.path_of(path)
+    args = ("--from", str(path), "--data-dir", str(tmp_path / "node1"), "--node-id", "1")
+    tag.write_text('{"position": [3, 2], "bytes": "many"}')
+    damaged = _restore(*args)
+    assert damaged.returncode == 1
+    assert "is not a backup's manifest" in damaged.stderr, damaged.stderr
+    tag.unlink()
+    missing = _restore(*args)
+    assert missing.returncode == 1
+    assert "backup.db.json is missing" in missing.stderr
+    assert "--unverified" in missing.stderr
+    assert not (tmp_path / "node1").exists()
+    done = _restore(*args, "--unverified")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["verified"] is False
+    assert (tmp_path / "node1" / "chat.db").exists()

@@ -27,7 +27,7 @@ import pytest
 from ops.cluster.waiting import wait_for
 from service import errors
 from service.client import Client
-from service.diskfaults import ENV_VAR, Plan, write_control
+from service.diskfaults import Plan, write_control
 from service.status import NodeStatus
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster, NodeProcess
@@ -40,19 +40,13 @@ from tests.helpers.workload import (
     wait_logged,
     wait_settled,
     wait_view,
+    with_faults,
 )
 
 pytestmark = pytest.mark.cluster
 
 FULL = Plan("full")
 OFF = Plan("off")
-
-
-def with_faults(cluster: Cluster, node: NodeProcess) -> Path:
-    control = cluster.root / f"node{node.node_id}-disk-faults.json"
-    write_control(control, OFF)
-    node.env[ENV_VAR] = str(control)
-    return control
 
 
 def settled_with_faults(

@@ -21,7 +21,7 @@ import pytest
 
 from ops.chaos.corrupt import find_all
 from ops.cluster.waiting import wait_for
-from service.diskfaults import ENV_VAR, Plan, write_control
+from service.diskfaults import Plan, write_control
 from tests.conftest import ClusterFactory
 from tests.helpers.workload import (
     finish,
@@ -33,6 +33,7 @@ from tests.helpers.workload import (
     start_cluster,
     stopped_storage,
     wait_logged,
+    with_faults,
 )
 
 pytestmark = pytest.mark.cluster
@@ -56,8 +57,7 @@ def test_a_snapshot_copy_does_not_outvote_the_node_it_was_not_copied_from(
 ) -> None:
     cluster = cluster_factory(verify_interval=0.3, log_retention=20)
     primary, witness, copy = cluster[1], cluster[2], cluster[3]
-    control = cluster.root / "node1-disk-faults.json"
-    primary.env[ENV_VAR] = str(control)
+    control = with_faults(cluster, primary)
     assert start_cluster(cluster) is primary
     alice = run(new_user(cluster.servers, "alice"))
     run(new_user(cluster.servers, "bob"))

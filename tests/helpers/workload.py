@@ -46,12 +46,14 @@ from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
 from ops.cluster.history import FAILED, OK, History, Op, record
 from ops.cluster.waiting import StopWaiting, wait_for
 from service.client import Client
+from service.diskfaults import ENV_VAR, Plan, write_control
 from service.status import NodeStatus
 from service.storage import Storage
 
@@ -310,6 +312,15 @@ def _send_problems(node_id: int, messages: list[StoredMessage], sends: list[Op])
 
 
 # ---- small shared steps -----------------------------------------------------------------
+
+
+def with_faults(cluster: Cluster, node: NodeProcess) -> Path:
+    """Run ``node`` on the fault VFS (``service/diskfaults.py``), no fault yet;
+    returns its control file, for ``write_control``. Before the node starts."""
+    control = cluster.root / f"node{node.node_id}-disk-faults.json"
+    write_control(control, Plan("off"))
+    node.env[ENV_VAR] = str(control)
+    return control
 
 
 def start_cluster(cluster: Cluster) -> NodeProcess:

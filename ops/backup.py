@@ -12,17 +12,26 @@ copy travels over TLS, the node verified against the CA (``--ca FILE``, or the
 config's ``tls_ca``).
 
 What a backup holds: every replicated table (users, sessions, messages,
-request ids, sync set) as of the position it is tagged with, so every write
-acknowledged before the backup began when it comes from a member of the sync
-set (the primary, or a confirmed backup). ``FILE`` is a plain SQLite database
+request ids, sync set) as of the position it is tagged with. Before the copy
+begins the tool asks the nodes for the primary's watermark (what it had
+acknowledged), and it keeps the copy only if its position reaches it: a copy
+from a node that is behind (out of the sync set: cut off, its disk full, or
+catching up after its data was lost) would lack acknowledged writes, and the
+backup taken every night from the same node would silently be no backup at
+all. So a backup comes from the primary or a member of its sync set; with
+``--allow-behind`` the tool keeps any copy (when no primary answers, say) and
+its manifest says ``"complete": false``. ``FILE`` is a plain SQLite database
 (mode 0600: it holds password and token hashes); ``FILE.json`` beside it says
 where it comes from: ``position`` [epoch, seq], ``node``, ``database`` (the
-source's database id), ``bytes``, ``sha256``, ``taken_at``. The tool checks the
+source's database id), ``bytes``, ``sha256``, ``taken_at``, ``acknowledged``
+(the primary's watermark when the backup began, as [the epoch of its newest
+record, watermark]; null if none answered), ``complete`` (the copy reaches it)
+(``ops/manifest.py``). The tool checks the
 file (``PRAGMA integrity_check``) before it puts it in place; an existing FILE
 is never overwritten. Restore: ``python -m ops.restore`` (README, Operations).
 
-Exit status: 0 done, 1 the node refused or the copy is damaged, 2 bad usage,
-3 the node cannot be reached.
+Exit status: 0 done, 1 the node refused, the copy is damaged or behind the
+primary (or no primary answered), 2 bad usage, 3 the node cannot be reached.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ import json
 import os
 import ssl
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +53,81 @@ import apsw
 
 from service import config as config_module
 from service.errors import ProtocolViolation
+from service.status import NodeStatus, leading
 
 from . import manifest
-from .operator import OperatorLink, add_ca_option, ca_or_exit
+from .operator import OperatorLink, add_ca_option, ca_or_exit, exchange
+
+# How long a node has to answer the status asked before a backup.
+STATUS_TIMEOUT = 5.0
 
 
 class BackupFailed(Exception):
-    """The node refused, or what arrived is not a whole, sound copy."""
+    """The node refused, or what arrived is not a whole, sound copy of every
+    acknowledged write."""
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    """What the primary had acknowledged when the backup began."""
+
+    primary: int
+    # (the epoch of the primary's newest record, its watermark). A copy whose
+    # newest record is of that epoch or a later one, at or past the watermark,
+    # follows the primary's history through it (a record's epoch and seq name
+    # one record). Not the primary's own epoch: a primary just elected has no
+    # record of its epoch yet, and its own copy would look behind.
+    position: tuple[int, int]
+
+
+def acknowledged(
+    address: str,
+    others: tuple[str, ...],
+    secret: bytes,
+    timeout: float,
+    context: ssl.SSLContext | None,
+) -> tuple[Acknowledged | None, NodeStatus]:
+    """The leading primary's watermark among the node at ``address``, the nodes at
+    ``others`` and the primaries they name, those that answer; and the status of
+    the node at ``address`` (which must answer: OSError or ProtocolViolation). A
+    primary in the highest epoch, as ``chatctl status`` finds it: one deposed but
+    not yet told names an older epoch, and a copy is compared with the newest."""
+    source = _status(address, secret, timeout, context)
+    answers = [source]
+    asked = {address}
+    queue = [*others, *([source.primary] if source.primary else [])]
+    while queue:
+        other = queue.pop(0)
+        if other in asked:
+            continue
+        asked.add(other)
+        try:
+            status = _status(other, secret, timeout, context)
+        except (OSError, ProtocolViolation):
+            continue  # down, frozen or not a node: the others decide
+        answers.append(status)
+        if status.primary is not None:
+            queue.append(status.primary)
+    primary = leading(answers)
+    if primary is None or primary.watermark is None:
+        return None, source
+    return Acknowledged(primary.node_id, (primary.position[0], primary.watermark)), source
+
+
+def _status(
+    address: str, secret: bytes, timeout: float, context: ssl.SSLContext | None
+) -> NodeStatus:
+    reply = exchange(address, secret, {"type": "status"}, timeout, context)
+    return NodeStatus.from_wire(reply.get("result"))
+
+
+def _behind(node: object, position: tuple[int, int], ack: Acknowledged) -> str:
+    return (
+        f"node {node}'s copy is at {list(position)}, behind what the primary (node "
+        f"{ack.primary}) had acknowledged when the backup began ({list(ack.position)}): "
+        "it lacks acknowledged writes. Take the backup from the primary or a member of its "
+        "sync set, or give --allow-behind to keep a copy of this node as it is"
+    )
 
 
 def receive(link: OperatorLink, out: Any, digest: hashlib._Hash) -> dict[str, Any]:
@@ -107,8 +185,25 @@ def take(
     dest: Path,
     timeout: float,
     context: ssl.SSLContext | None = None,
+    others: tuple[str, ...] = (),
+    allow_behind: bool = False,
 ) -> dict[str, Any]:
-    """Stream a backup from the node at ``address`` into ``dest`` (and ``dest.json``)."""
+    """Stream a backup from the node at ``address`` into ``dest`` (and ``dest.json``),
+    kept only if it reaches what the primary had acknowledged (found by asking
+    ``address`` and ``others``), unless ``allow_behind``."""
+    ack, source = acknowledged(address, others, secret, min(timeout, STATUS_TIMEOUT), context)
+    if not allow_behind:
+        if ack is None:
+            raise BackupFailed(
+                "no primary answered, so nothing shows that the copy would hold every "
+                "acknowledged write; give --allow-behind to take it all the same"
+            )
+        if source.node_id != ack.primary:
+            # Its position read again, after the watermark: a backup in the sync set
+            # had not yet applied what the primary acknowledged meanwhile.
+            source = _status(address, secret, min(timeout, STATUS_TIMEOUT), context)
+        if source.position < ack.position:
+            raise BackupFailed(_behind(source.node_id, source.position, ack))  # before copying
     partial = dest.with_name(dest.name + ".partial")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     received = hashlib.sha256()  # of the bytes the node sent, as they arrive
@@ -118,6 +213,10 @@ def take(
             header = receive(link, out, received)
             out.flush()
             os.fsync(out.fileno())
+        epoch, seq = header["position"]
+        complete = ack is not None and (epoch, seq) >= ack.position
+        if ack is not None and not complete and not allow_behind:
+            raise BackupFailed(_behind(header["node"], (epoch, seq), ack))
         check(partial)
         # Read back: the manifest vouches for the file only if the disk kept what
         # arrived (a restore checks the file against it).
@@ -138,6 +237,8 @@ def take(
         "database": header["database"],
         "bytes": header["bytes"],
         "sha256": stored,
+        "acknowledged": None if ack is None else list(ack.position),
+        "complete": complete,
         "taken_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "from": address,
     }
@@ -155,14 +256,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret-file", type=Path, help="the cluster secret (instead of --config)")
     add_ca_option(parser)
     parser.add_argument("--timeout", type=float, default=30.0, help="socket timeout, seconds")
+    parser.add_argument(
+        "--allow-behind",
+        action="store_true",
+        help="keep the copy even if it lacks writes the primary acknowledged, "
+        "or no primary answers (the manifest says complete: false)",
+    )
     args = parser.parse_args(argv)
     config = None
     if args.config is not None:
         config = config_module.load(args.config, {})
         address = next(p.address for p in config.nodes if p.node_id == config.node_id)
+        others = tuple(p.address for p in config.nodes if p.node_id != config.node_id)
         secret_file = config.secret_file
     elif args.address and args.secret_file:
-        address, secret_file = args.address, args.secret_file
+        address, secret_file, others = args.address, args.secret_file, ()
     else:
         parser.error("give --config, or both --address and --secret-file")
     context = ca_or_exit(parser, args.ca, config)
@@ -173,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no folder {dest.parent}")
     secret = secret_file.read_bytes().strip()
     try:
-        tag = take(address, secret, dest, args.timeout, context)
+        tag = take(address, secret, dest, args.timeout, context, others, args.allow_behind)
     except (OSError, ProtocolViolation) as exc:
         print(f"could not take a backup from {address}: {exc}", file=sys.stderr)
         return 3

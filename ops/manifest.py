@@ -11,7 +11,11 @@ it installs only a file that is, byte for byte, the one the manifest describes.
 
 Fields (all written by ``ops.backup``): ``file`` (the name it was taken as),
 ``position`` [epoch, seq], ``node``, ``database`` (the source's database id),
-``bytes``, ``sha256``, ``taken_at``, ``from`` (the node's address).
+``bytes``, ``sha256``, ``taken_at``, ``from`` (the node's address),
+``acknowledged`` (the primary's watermark when the backup began, as [the epoch
+of its newest record, watermark], or null) and ``complete`` (the copy's
+position reaches it: it holds every write acknowledged before the backup
+began). Manifests written before the last two existed lack them.
 
 Invariant: a manifest is written only after its file is in place and fsync'ed,
 and never overwritten (nor is the file).
@@ -42,6 +46,7 @@ class Manifest:
     position: tuple[int, int]
     size: int
     sha256: str
+    complete: bool | None  # None: a manifest from before ops.backup checked it
 
 
 def path_of(backup: Path) -> Path:
@@ -76,14 +81,17 @@ def read(backup: Path) -> Manifest | None:
         position = tag["position"]
         epoch, seq = position
         size, sha256 = tag["bytes"], tag["sha256"]
-    except (ValueError, TypeError, KeyError):
+        complete = tag.get("complete")
+    except (ValueError, TypeError, KeyError, AttributeError):
         raise Mismatch(f"{path} is not a backup's manifest") from None
     numbers = (epoch, seq, size)
     if not all(type(n) is int and n >= 0 for n in numbers) or not (
-        isinstance(sha256, str) and _SHA256.fullmatch(sha256)
+        isinstance(sha256, str)
+        and _SHA256.fullmatch(sha256)
+        and (complete is None or isinstance(complete, bool))
     ):
         raise Mismatch(f"{path} is not a backup's manifest")
-    return Manifest(path, (epoch, seq), size, sha256)
+    return Manifest(path, (epoch, seq), size, sha256, complete)
 
 
 def sha256_of(path: Path) -> str:

@@ -97,6 +97,19 @@ class OperatorLink:
         return self._ready.pop(0)
 
 
+def exchange(
+    address: str,
+    secret: bytes,
+    frame: protocol.Frame,
+    timeout: float,
+    context: ssl.SSLContext | None = None,
+) -> protocol.Frame:
+    """Send one command to the node at ``address``; its one answer."""
+    with OperatorLink(address, secret, timeout, context) as link:
+        link.send(frame)
+        return link.receive()
+
+
 def add_ca_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ca",

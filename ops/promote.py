@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import ssl
 import sys
 from pathlib import Path
 
 from service import config as config_module
-from service import protocol
 from service.errors import ProtocolViolation
 
-from .operator import OperatorLink, add_ca_option, ca_or_exit
+from .operator import add_ca_option, ca_or_exit, exchange
 
 WARNING = (
     "WARNING: forcing node {node} to become primary skips the checks that protect "
@@ -35,18 +33,6 @@ WARNING = (
     "member of the sync set may be lost for good; when that node returns it is rewound "
     "to node {node}'s history (what it removes is kept in its rollback folder)."
 )
-
-
-def exchange(
-    address: str,
-    secret: bytes,
-    frame: protocol.Frame,
-    timeout: float,
-    context: ssl.SSLContext | None = None,
-) -> protocol.Frame:
-    with OperatorLink(address, secret, timeout, context) as link:
-        link.send(frame)
-        return link.receive()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,9 @@ The backup must be the file its manifest (``FILE.json``, written by
 size or SHA-256 differs is not installed (``ops/manifest.py``: SQLite's checks
 cannot see a row changed on the backup's disk, and the restored node would hand
 it to every other node). A file without a manifest is restored only with
-``--unverified``, with SQLite's checks alone.
+``--unverified``, with SQLite's checks alone. A backup taken with
+``--allow-behind`` (its manifest says ``"complete": false``) is restored with a
+warning: it lacks writes that were acknowledged.
 
 The data dir must hold no database (move an old one aside first); it is made
 private (0700) if missing. The backup is copied, never changed in place. The
@@ -89,6 +91,7 @@ def restore(
         "database": database_id,
         "sha256": sha256,
         "verified": expected is not None,
+        "complete": None if expected is None else expected.complete,
     }
 
 
@@ -139,6 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"not restored: {exc.message}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2))
+    if result["complete"] is False:
+        print(
+            "WARNING: this backup was taken with --allow-behind from a node that lacked "
+            "writes the primary had acknowledged; they are not in the restored database.",
+            file=sys.stderr,
+        )
     print(
         f"Start node {node_id} with the other nodes' data dirs empty: they catch up from it.",
         file=sys.stderr,

@@ -7,6 +7,10 @@ first and the two others with empty data dirs: the others catch up by
 snapshot, every message acknowledged before the backup began is there, the
 nodes' per-table checksums agree, and the replicated tables are the backup's
 (but for the sync set, which now names the new cluster's nodes).
+
+A backup must hold every acknowledged write: a copy from a node that the
+primary dropped from its sync set (here: its disk full) lacks some, and the
+tool refuses it unless told otherwise, and says so in the manifest.
 """
 
 from __future__ import annotations
@@ -18,16 +22,21 @@ import sys
 from pathlib import Path
 
 from ops.cluster.history import OK
+from ops.cluster.waiting import wait_for
+from service.diskfaults import Plan, write_control
 from service.storage import Storage
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import REPO_ROOT
 from tests.helpers.workload import (
+    Sender,
     Workload,
     finish,
     start_cluster,
     stored_messages,
     view_of,
     wait_settled,
+    wait_view,
+    with_faults,
 )
 
 TOOL_TIMEOUT = 120.0
@@ -117,3 +126,62 @@ def test_a_backup_taken_under_load_brings_up_a_new_cluster(
     missing = sorted(set(acked_before) - set(stored))
     assert not missing, f"{len(missing)} messages acknowledged before the backup are missing"
     assert all(stored[i] == body for i, body in acked_before.items())
+
+
+def test_a_backup_from_a_node_behind_the_primary_is_refused(
+    cluster_factory: ClusterFactory, tmp_path: Path
+) -> None:
+    cluster = cluster_factory()
+    behind = cluster[3]
+    control = with_faults(cluster, behind)
+    assert start_cluster(cluster) is cluster[1]
+    sender = Sender(cluster)
+    sender.acked(3)
+    # Node 3's own database refuses writes; the copy it makes for a backup does not.
+    write_control(control, Plan("full", files=("chat.db", "chat.db-wal")))
+
+    def stuck() -> bool:
+        sender.send()
+        return "cannot write" in str(view_of(behind).reason or "")
+
+    wait_for(stuck, 20.0, "node 3 to say it cannot write")
+    wait_view(cluster[1], lambda v: v.members == (1, 2), "the primary dropping node 3")
+    sender.acked(5)  # acknowledged by nodes 1 and 2 alone
+    lag = view_of(behind).position
+    acked = view_of(cluster[1])
+    assert acked.watermark is not None
+    assert lag < (acked.epoch, acked.watermark)
+
+    refused = _tool(
+        "ops.backup", "--to", str(tmp_path / "n3.db"), "--config", str(behind.config_path)
+    )
+    assert refused.returncode == 1, refused.stderr
+    assert "behind what the primary (node 1) had acknowledged" in refused.stderr, refused.stderr
+    assert not list(tmp_path.glob("n3.db*")), "nothing is left of a refused backup"
+
+    kept = _tool(
+        "ops.backup", "--to", str(tmp_path / "n3.db"), "--config", str(behind.config_path),
+        "--allow-behind",
+    )  # fmt: skip
+    assert kept.returncode == 0, kept.stderr
+    tag = json.loads(kept.stdout)
+    assert tag["complete"] is False
+    assert tag["position"] < tag["acknowledged"]
+
+    member = _tool(
+        "ops.backup", "--to", str(tmp_path / "n2.db"), "--config", str(cluster[2].config_path)
+    )
+    assert member.returncode == 0, member.stderr
+    assert json.loads(member.stdout)["complete"] is True, "a member of the sync set is complete"
+
+    restored = _tool(
+        "ops.restore", "--from", str(tmp_path / "n3.db"), "--data-dir", str(tmp_path / "r"),
+        "--node-id", "1",
+    )  # fmt: skip
+    assert restored.returncode == 0, restored.stderr
+    assert json.loads(restored.stdout)["complete"] is False
+    assert "WARNING: this backup was taken with --allow-behind" in restored.stderr
+
+    write_control(control, Plan("off"))
+    wait_view(cluster[1], lambda v: v.members == (1, 2, 3), "node 3 back in the sync set")
+    finish(cluster, sender.history)

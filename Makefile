@@ -30,8 +30,18 @@ run: install
 up: install
 	$(SUPERVISORD)
 
+# supervisorctl's shutdown returns before supervisord has stopped the nodes: wait for
+# it to exit (it removes its pidfile), so that what follows `make down` (moving var/
+# aside for a restore, say) never races a node still writing its files.
+WAIT_EXITED = pid=$$(cat $(1) 2>/dev/null); waited=0; \
+	while [ -n "$$pid" ] && kill -0 "$$pid" 2>/dev/null; do \
+	  if [ $$waited -ge 600 ]; then echo "supervisord (pid $$pid) still runs after 60 s" >&2; exit 1; fi; \
+	  sleep 0.1; waited=$$((waited + 1)); \
+	done
+
 down: install
 	-$(SUPERVISORCTL) shutdown
+	@$(call WAIT_EXITED,var/supervisord.pid)
 
 status: install
 	-$(SUPERVISORCTL) status
@@ -122,6 +132,7 @@ up-hosts: install-hosts
 
 down-hosts: install
 	-$(HOSTS_SUPERVISORCTL) shutdown
+	@$(call WAIT_EXITED,var/hosts/supervisord.pid)
 
 status-hosts: install
 	-$(HOSTS_SUPERVISORCTL) status

@@ -108,6 +108,7 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .committed_position() -> Position                  the writer's, kept in memory
         .epoch_history() -> list[tuple[int, int]]          (epoch, first seq), ascending
         .node_state() / .save_node_state(state)             durable on return
+        .restored -> bool / .clear_restored()               made by prepare_restore, not settled
         .sync_set() -> SyncSet
         .begin_batch() -> Batch
         .apply_records(records) -> Position                 backup: one transaction
@@ -527,6 +528,15 @@ def _parse_sync_set(text: str | None) -> SyncSet:
 def _read_database_id(db: Db) -> str | None:
     value = _read_json(db, "node_state", "database_id")
     return None if value is None else str(value)
+
+
+def _read_restored(db: Db) -> bool:
+    """Whether ``prepare_restore`` made this database and it leads no sync set with
+    another member yet (``Storage.restored``)."""
+    value = _read_json(db, "node_state", "restored")
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    raise _unparsable("node_state restored", TypeError(f"not a boolean: {value!r}"))
 
 
 def _write_node_state(db: Db, state: NodeState) -> None:
@@ -990,6 +1000,10 @@ class Storage:
             _read_node_state(self._db)
             _read_position(self._db)
             _read_sync_set(self._db)
+            # Made by ops.restore: its sync set of this node alone was written by the
+            # restore, not by a primary, so it proves nothing about the other nodes
+            # (election.py: a restored node leads only with a majority behind it).
+            self.restored = _read_restored(self._db)
         except BaseException:
             os.close(self._file)
             raise
@@ -1146,6 +1160,13 @@ class Storage:
         """Durable on return even with synchronous=NORMAL: a vote must survive power loss."""
         with self._transaction(durable=True, conn=self._control):
             _write_node_state(self._control_db, state)
+
+    def clear_restored(self) -> None:
+        """The restore is settled (a sync set with another member is in effect):
+        from now on this database is an ordinary member's. Durable on return."""
+        with self._transaction(durable=True, conn=self._control):
+            self._control_db.execute("DELETE FROM node_state WHERE key = 'restored'")
+        self.restored = False
 
     def probe_write(self, state: NodeState) -> None:
         """A small durable write that changes a page (and the node state, which a
@@ -1347,6 +1368,9 @@ class Storage:
                 _write_node_state(copy_db, merged)
                 # The copy holds the sender's database id: this database stays ours.
                 _write_json(copy_db, "node_state", "database_id", self.database_id)
+                # A restored sender's mark is its own: this node now follows a history
+                # that a primary sent it, and its sync set is that primary's.
+                copy_db.execute("DELETE FROM node_state WHERE key = 'restored'")
                 _copy_database(copy, self._conn)
             finally:
                 copy.close()
@@ -1356,6 +1380,7 @@ class Storage:
             self._sync_files()
         self._read_schema()
         self._log_size = None
+        self.restored = False
         return self.position()
 
     # ---- checks ----------------------------------------------------------------------
@@ -1547,9 +1572,13 @@ def prepare_restore(
     * no votes, the current epoch kept (never below the position's);
     * an empty log: the new cluster's other nodes catch up by snapshot, and no
       record of the old cluster is sent to anyone;
-    * the sync set becomes this node alone, naming its new database: the node
-      starts like the last survivor of a sync set (alone, R6) and takes the
-      others in as they catch up.
+    * the sync set becomes this node alone, naming its new database, and the
+      node is marked ``restored``: that set was written here, not by a primary,
+      and nodes left with the old cluster's data may hold newer acknowledged
+      writes in a newer epoch. So the node leads only once a majority of the
+      nodes are empty or already follow it (``election.py``), and takes the
+      others in as they catch up; the mark goes once a sync set with another
+      member is in effect.
 
     ``migrations``: the application's, run first (as ``Storage`` does); None leaves
     that to the node's first start.
@@ -1577,6 +1606,7 @@ def prepare_restore(
                 _write_json(db, "node_state", "last_position", [position.epoch, position.seq])
                 _write_node_state(db, NodeState(max(state.current_epoch, position.epoch), 0, None))
                 _write_json(db, "node_state", "database_id", made)
+                _write_json(db, "node_state", "restored", True)
                 sync_set = {
                     "version": old.version + 1,
                     "members": [node_id],

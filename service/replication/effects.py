@@ -91,6 +91,12 @@ class DatabaseProven:
 
 
 @dataclass(frozen=True)
+class RestoreSettled:
+    """A node made by ``ops.restore`` leads a sync set with another member, in
+    effect: forget the restore's mark durably (see ``ReplicaCore.restored``)."""
+
+
+@dataclass(frozen=True)
 class ExpectSnapshot:
     """Backup: the primary will send a snapshot; install it, then ``on_log_replaced``."""
 
@@ -175,6 +181,7 @@ Effect = (
     | Rewind
     | ExpectSnapshot
     | DatabaseProven
+    | RestoreSettled
     | ReceiveSnapshot
     | AnswerVerify
     | VerifyAnswered

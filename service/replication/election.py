@@ -14,6 +14,9 @@ An electing node probes its peers, then decides from what it hears:
 4. R6: nobody is confirmed → the newest sync set any reachable node knows is
    examined; once all its members answer (and each is the very member the set
    recorded: ``member_problem``), its most current member wins.
+5. A node made by ``ops.restore`` wins only with a majority of the nodes empty
+   or holding its history behind it (``_restore_backed``): its sync set was
+   written by the restore, not by a primary.
 
 The winner takes epoch = highest seen + 1, persists it with its own vote, and
 asks every node that answered for its vote. A voter grants once per epoch
@@ -298,7 +301,50 @@ class PeerVoting(Arbiter):
             for peer in sorted(silent):
                 out.append(Send(peer, Probe(core.epoch, self.round)))
             return
+        if core.restored and not self._restore_backed(views):
+            return
         self._campaign(now, force=False, out=out)
+
+    def _restore_backed(self, views: dict[int, ProbeView]) -> bool:
+        """A node made by ops.restore (``ReplicaCore.restored``) leads only when a
+        majority of the nodes, itself included, answered empty or holding its own
+        history (a sync set that names its database). Its sync set of itself alone
+        was written by the restore, not by a primary: alone it would lead at once,
+        even before its links are up, while nodes left with the old cluster's data
+        lead in the same epochs (two primaries, and a backup rewinding acknowledged
+        writes to follow the restored one). Says why not, and returns False."""
+        core = self.core
+        backing = [core.node_id]
+        others = []
+        for node, view in sorted(views.items()):
+            if node == core.node_id:
+                continue
+            empty = view.position == Position.ZERO and not view.sync_set.members
+            if empty or view.sync_set.database_of(core.node_id) == core.database:
+                backing.append(node)
+            else:
+                others.append(view)
+        if 2 * len(backing) > len(core.nodes):
+            return True
+        if others:
+            view = others[0]
+            position = [view.position.epoch, view.position.seq]
+            core.explain(
+                f"this node was restored from a backup, and node {view.node} holds other "
+                f"data (position {position}, sync set version {view.sync_set.version}): "
+                "it leads only once a majority of the nodes are empty or follow it; empty "
+                f"node {view.node}'s data dir to make the backup the cluster's data, or move "
+                "this node's database aside to keep the other nodes' data",
+                waiting_for=tuple(v.node for v in others),
+            )
+        else:
+            missing = tuple(n for n in core.nodes if n not in views)
+            core.explain(
+                "this node was restored from a backup: it leads only once a majority of the "
+                "nodes answer with empty data dirs (or follow it)",
+                waiting_for=missing,
+            )
+        return False
 
     def _log_waiting(self, out: list[Effect]) -> None:
         core = self.core

@@ -69,6 +69,8 @@ class Follower:
         self.scheduled = False
         # The snapshot being received: its file and how many bytes are in.
         self.incoming_snapshot: tuple[Path, int] | None = None
+        # The first seq of records that did not apply, until records apply again.
+        self.failed_at: int | None = None
 
     def buffer(self, records: list[LogRecord]) -> None:
         """Records of an ``append`` (checked at the edge: ``messages.from_wire``)."""
@@ -98,7 +100,13 @@ class Follower:
         try:
             new_position = self.storage.apply_records(records)
         except Diverged as exc:
-            self.shell.run(self.core.rejoin(self.shell.now(), str(exc)))
+            # The same records failing again after the rejoin: our rows are not what
+            # the primary's records expect at this position (a history that shares
+            # its (epoch, seq) with another one, or rows changed underneath). Asking
+            # again would spin; a snapshot replaces them with the primary's.
+            again = self.failed_at == records[0].seq
+            self.failed_at = records[0].seq
+            self.shell.run(self.core.rejoin(self.shell.now(), str(exc), snapshot=again))
             return
         except StorageFault as exc:
             # A full or failing disk is never a divergence: stop applying, no rewind.
@@ -113,6 +121,7 @@ class Follower:
             return
         except StorageCorrupt as exc:
             self.shell.damaged(str(exc))
+        self.failed_at = None
         # Records that began an epoch: the core's epoch history is storage's again.
         history = self.storage.epoch_history() if new_position.epoch != was_epoch else None
         self.metrics.applied_records.observe(len(records))
@@ -169,6 +178,7 @@ class Follower:
             storage.sync_set(),
             storage.epoch_history(),
             storage.first_log_seq(),
+            storage.restored,
         )
 
     def _request_snapshot(self) -> list[Effect]:

@@ -195,6 +195,11 @@ class Join(Message):
     history: tuple[tuple[int, int], ...]
     join_no: int
     database: str
+    # Send a snapshot, whatever the histories say: this database does not continue
+    # the history its position names (a node made by ops.restore, whose position
+    # another cluster's records may share), or a rewind found the log too short. A
+    # field of later versions: a join without it asks for none.
+    snapshot: bool = False
 
 
 @dataclass(frozen=True)
@@ -352,6 +357,8 @@ def from_wire(frame: Wire) -> Message:
         if spec.name in values:
             continue
         if spec.name not in frame:
+            if spec.default is not dataclasses.MISSING:
+                continue  # a field added later: a node of an earlier version omits it
             raise ProtocolViolation(f"peer message {kind!r} has a bad field {spec.name!r}")
         try:
             values[spec.name] = spec.decode(frame[spec.name])
@@ -386,6 +393,7 @@ class _Field:
     json_types: tuple[type, ...]
     decode: Callable[[Any], Any]
     encode: Callable[[Any], Any]
+    default: Any = dataclasses.MISSING  # a field that may be missing, and its value then
 
 
 def _strict(kind: type) -> Callable[[Any], Any]:
@@ -491,7 +499,7 @@ def _specs(cls: type[Message]) -> tuple[_Field, ...]:
     for field in dataclasses.fields(cls):
         # Annotations compare by value (``int | None == int | None``), so they key the table.
         json_types, decode, encode = _CODECS[hints[field.name]]
-        specs.append(_Field(field.name, json_types, decode, encode))
+        specs.append(_Field(field.name, json_types, decode, encode, field.default))
     return tuple(specs)
 
 
@@ -500,4 +508,9 @@ _SPECS: dict[type[Message], tuple[_Field, ...]] = {cls: _specs(cls) for cls in M
 # For the protocol tests and documentation: each message's fields and their JSON types.
 WIRE_TYPES: dict[str, dict[str, tuple[type, ...]]] = {
     cls.TYPE: {spec.name: spec.json_types for spec in _SPECS[cls]} for cls in MESSAGES
+}
+# The fields a message may lack (added in a later version), with the value they take then.
+WIRE_DEFAULTS: dict[str, dict[str, Any]] = {
+    cls.TYPE: {s.name: s.default for s in _SPECS[cls] if s.default is not dataclasses.MISSING}
+    for cls in MESSAGES
 }

@@ -55,6 +55,7 @@ from .effects import (
     Persist,
     ReceiveSnapshot,
     ReleaseLeader,
+    RestoreSettled,
     Resynchronize,
     Rewind,
     Send,
@@ -125,6 +126,7 @@ class Replicator:
             unproven=unproven,
             first_log_seq=storage.first_log_seq(),
             arbiter=arbiter,
+            restored=storage.restored,
         )
         # SPEC section 10: the leader key and the sync set live in etcd.
         self.etcd = (
@@ -383,6 +385,13 @@ class Replicator:
             case DatabaseProven():
                 for proven in self.proven_hooks:
                     proven()
+            case RestoreSettled():
+                try:
+                    self.storage.clear_restored()
+                except StorageFault as exc:
+                    # The mark stays on disk: after a restart the node waits for a
+                    # majority once more before it leads alone, nothing worse.
+                    log.warning("could not clear the restore mark: %s", exc.message)
             case AnswerVerify(request=request):
                 primary = self.core.primary
                 if primary is not None:

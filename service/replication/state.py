@@ -76,6 +76,7 @@ from .effects import (
     Log,
     Persist,
     ReceiveSnapshot,
+    RestoreSettled,
     Resynchronize,
     Rewind,
     Send,
@@ -210,6 +211,7 @@ class ReplicaCore:
         unproven: str | None = None,
         first_log_seq: int | None = None,
         arbiter: Arbiter | None = None,
+        restored: bool = False,
     ) -> None:
         self.node_id = node_id
         # This node's database id, and the ids it learned of its peers' (probes and
@@ -221,6 +223,15 @@ class ReplicaCore:
         # None. Such a node never counts as a sync set member in an election until it
         # has joined a primary and continues its history.
         self.unproven = unproven
+        # Made by ops.restore (``Storage.restored``): its sync set of this node alone
+        # was written by the restore, not by a primary, and the other nodes may still
+        # hold the old cluster's data with newer acknowledged writes in a newer epoch.
+        # Such a node leads only with a majority of the nodes empty or following its
+        # history (``PeerVoting``), until a sync set with another member is in effect.
+        self.restored = restored
+        # Backup: the next join asks for a snapshot (``Join.snapshot``): the log could
+        # not be rewound, or the same records failed to apply after a fresh join.
+        self.want_snapshot = False
         # Why this node's storage refuses to write (disk full, read-only, I/O error),
         # or None. Such a node takes no part in the sync set: a backup stops applying
         # (the primary drops it), a primary steps aside or refuses writes, and no
@@ -569,9 +580,14 @@ class ReplicaCore:
         sync_set: SyncSet,
         history: History,
         first_log_seq: int | None,
+        restored: bool | None = None,
     ) -> list[Effect]:
-        """Backup: after a rewind or a snapshot install the local log is at ``position``."""
+        """Backup: after a rewind or a snapshot install the local log is at ``position``
+        (``restored``: the storage's mark now, which a snapshot install removes)."""
         out: list[Effect] = []
+        if restored is not None:
+            self.restored = restored
+        self.want_snapshot = False
         self.position = position
         self.durable_seq = position.seq
         self.history = list(history)
@@ -591,10 +607,12 @@ class ReplicaCore:
         self.history = []
         self.position = Position.ZERO
         self.durable_seq = 0
-        return self.rejoin(now, why)
+        return self.rejoin(now, why, snapshot=True)
 
-    def rejoin(self, now: float, why: str) -> list[Effect]:
-        """Backup: the stream did not fit our log (a gap); ask the primary where to resume."""
+    def rejoin(self, now: float, why: str, snapshot: bool = False) -> list[Effect]:
+        """Backup: the stream did not fit our log (a gap); ask the primary where to
+        resume (``snapshot``: ask it for a snapshot instead)."""
+        self.want_snapshot = self.want_snapshot or snapshot
         out: list[Effect] = [Log("rejoin", {"node": self.node_id, "why": why})]
         if self._follower is not None:
             self._send_join(now, out)
@@ -801,6 +819,13 @@ class ReplicaCore:
 
     def _advance_watermark(self, now: float, lead: PrimaryState, out: list[Effect]) -> None:
         lead.acks.advance(self.durable_seq, self.arbiter.change_in_effect)
+        if self.restored and len(lead.acks.effective) > 1:
+            # Another node holds this history on disk, its sync set naming us: the
+            # restore is an ordinary cluster now.
+            self.restored = False
+            members = ",".join(map(str, lead.acks.effective))
+            out.append(Log("restore settled", {"node": self.node_id, "members": members}))
+            out.append(RestoreSettled())
         self._release(now, lead, out)
 
     def _release(self, now: float, lead: PrimaryState, out: list[Effect]) -> None:
@@ -833,6 +858,8 @@ class ReplicaCore:
         snapshot = self.first_log_seq is None or self.first_log_seq > diverge + 1
         if self.position.seq == diverge:
             snapshot = False
+        if msg.snapshot:
+            snapshot = True  # its database does not continue its position's history
         progress = lead.acks.backup(sender, now)
         progress.joined = True
         # A join starts a new incarnation of the backup: nothing it acked before counts.
@@ -943,6 +970,10 @@ class ReplicaCore:
                     tuple(self.history),
                     self.join_no,
                     self.database,
+                    # A restored database's position may name another cluster's
+                    # records (its sync set row, at least, is not theirs): it
+                    # follows another primary only by its snapshot.
+                    self.want_snapshot or self.restored,
                 ),
             )
         )

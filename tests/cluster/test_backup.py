@@ -11,6 +11,11 @@ nodes' per-table checksums agree, and the replicated tables are the backup's
 A backup must hold every acknowledged write: a copy from a node that the
 primary dropped from its sync set (here: its disk full) lacks some, and the
 tool refuses it unless told otherwise, and says so in the manifest.
+
+A restore into one node while the others still hold the cluster's newer data
+(against the README's procedure) must not make two primaries: the restored
+node leads only with a majority of empty nodes behind it, so here it follows
+the others' history and loses nothing they acknowledged.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from tests.helpers.cluster import REPO_ROOT
 from tests.helpers.workload import (
     Sender,
     Workload,
+    assert_stays,
     finish,
     start_cluster,
     stored_messages,
@@ -185,3 +191,39 @@ def test_a_backup_from_a_node_behind_the_primary_is_refused(
     write_control(control, Plan("off"))
     wait_view(cluster[1], lambda v: v.members == (1, 2, 3), "node 3 back in the sync set")
     finish(cluster, sender.history)
+
+
+def test_a_node_restored_while_the_others_hold_newer_data_does_not_lead(
+    cluster_factory: ClusterFactory, tmp_path: Path
+) -> None:
+    cluster = cluster_factory()
+    restored = cluster[1]
+    assert start_cluster(cluster) is restored
+    sender = Sender(cluster)
+    sender.acked(3)
+    backup = tmp_path / "backup.db"
+    taken = _tool("ops.backup", "--to", str(backup), "--config", str(restored.config_path))
+    assert taken.returncode == 0, taken.stderr
+    restored.stop()
+    primary = cluster.wait_for_primary()
+    wait_view(primary, lambda v: v.members == (2, 3), "nodes 2 and 3 going on without node 1")
+    sender.acked(5)  # newer than the backup, on nodes 2 and 3 alone
+    shutil.rmtree(restored.data_dir)
+    done = _tool("ops.restore", "--from", str(backup), "--config", str(restored.config_path))
+    assert done.returncode == 0, done.stderr
+    restored.start()
+
+    def leads() -> str | None:
+        view = restored.view()
+        return (
+            f"the restored node 1 leads: {view}" if view is not None and view.is_primary else None
+        )
+
+    # Alone in the sync set the restore wrote, it would lead at once, in the
+    # epoch the others lead in.
+    assert_stays(leads, 2.0, "node 1 restored while nodes 2 and 3 hold newer data")
+    sender.acked(2)
+    # It follows the others' history: the backup gave way to the newer data.
+    wait_view(primary, lambda v: v.members == (1, 2, 3), "node 1 back in the sync set")
+    assert "became primary" not in restored.log_text().split("=== harness")[-1]
+    finish(cluster, sender.history)  # one primary per epoch; every acknowledged send held

@@ -120,6 +120,37 @@ def test_a_backup_whose_rows_differ_is_found_by_checksums_and_resyncs(
     finish(cluster)
 
 
+async def delete_as_bob(servers: list[str], message_id: int) -> None:
+    async with Client(servers) as client:
+        await client.login("bob", PASSWORD)
+        await client.delete_messages([message_id])
+
+
+def test_a_record_that_never_applies_to_a_backups_rows_brings_a_snapshot(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """One row of a stopped backup is changed behind SQLite's back, and then a record
+    updates that row (its deletion). SQLite's apply refuses the record there (the
+    row's old values differ), and a rejoin streams the same record again: the backup
+    once rejoined and failed forever, thousands of times a second. Now it asks for a
+    snapshot when the same records fail a second time, and holds the primary's rows."""
+    cluster, _ = loaded_cluster(cluster_factory)  # no checksum round in this test
+    odd = cluster[3]
+    odd.stop()
+    with contextlib.closing(sqlite3.connect(odd.db_path)) as conn:
+        (newest,) = conn.execute("SELECT max(id) FROM messages").fetchone()
+        conn.execute("UPDATE messages SET body = 'tampered' WHERE id = ?", (newest,))
+        conn.commit()
+    odd.start()
+    cluster.wait_in_sync()
+    run(delete_as_bob(cluster.servers, newest))
+    wait_logged(odd, "snapshot installed")
+    cluster.wait_in_sync()
+    rejoins = odd.log_text().count(" rejoin ")
+    assert rejoins <= 3, f"node 3 rejoined {rejoins} times"
+    finish(cluster)
+
+
 def test_a_node_whose_own_state_does_not_parse_moves_its_database_aside(
     cluster_factory: ClusterFactory,
 ) -> None:

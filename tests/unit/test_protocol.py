@@ -583,6 +583,7 @@ PEER_EXAMPLES: dict[str, protocol.Frame] = {
         "history": [[1, 1], [2, 5]],
         "join_no": 1,
         "database": "5f0c1d2e3a4b5c6d7e8f90a1b2c3d4e5",
+        "snapshot": False,
     },
     "join_reply": {
         "type": "join_reply",
@@ -652,7 +653,9 @@ def _bad_variants(kind: str, field: str) -> dict[str, protocol.Frame]:
     """The example of ``kind`` with ``field`` missing, and with every JSON type it refuses."""
     example = PEER_EXAMPLES[kind]
     types = messages.WIRE_TYPES[kind][field]
-    variants = {"missing": {k: v for k, v in example.items() if k != field}}
+    variants = {}
+    if field not in messages.WIRE_DEFAULTS[kind]:
+        variants["missing"] = {k: v for k, v in example.items() if k != field}
     for label, value in JSON_VALUES.items():
         if not _json_type_allowed(value, types):
             variants[label] = {**example, field: value}
@@ -679,6 +682,24 @@ def test_unknown_members_of_a_peer_message_are_ignored(kind: str) -> None:
 
 
 PEER_FIELDS = [(kind, field) for kind, schema in messages.WIRE_TYPES.items() for field in schema]
+OPTIONAL_FIELDS = [
+    (kind, field) for kind, fields in messages.WIRE_DEFAULTS.items() for field in fields
+]
+
+
+@pytest.mark.parametrize(("kind", "field"), OPTIONAL_FIELDS)
+def test_a_field_added_later_may_be_missing_and_takes_its_default(kind: str, field: str) -> None:
+    # A node of an earlier version sends the message without it.
+    earlier = {k: v for k, v in PEER_EXAMPLES[kind].items() if k != field}
+    message = messages.from_wire(earlier)
+    assert getattr(message, field) == messages.WIRE_DEFAULTS[kind][field]
+
+
+def test_only_the_joins_snapshot_request_is_optional() -> None:
+    assert messages.WIRE_DEFAULTS["join"] == {"snapshot": False}
+    assert not [
+        kind for kind, fields in messages.WIRE_DEFAULTS.items() if fields and kind != "join"
+    ]
 
 
 @pytest.mark.parametrize(("kind", "field"), PEER_FIELDS, ids=[f"{k}.{f}" for k, f in PEER_FIELDS])

@@ -37,7 +37,7 @@ import pytest
 
 from service.replication.effects import Effect, Persist, Send, StepDown
 from service.replication.election import PeerVoting, ProbeView, member_problem
-from service.replication.messages import Ack, Append, Join, JoinReply, Reject
+from service.replication.messages import Ack, Append, Join, JoinReply, ProbeReply, Reject
 from service.replication.state import ReplicaCore, Timing, divergence_point, epoch_end
 from service.replication.types import LogRecord, NodeState, Position, Role, SyncSet
 from tests.unit.sim import ClientWrite, SimNetwork
@@ -1351,3 +1351,103 @@ def test_the_core_loads_without_storage_or_chat() -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     )
     assert done.stdout.strip() == "[]"
+
+
+# ---- a node made by ops.restore -------------------------------------------------------
+
+RESTORED_DB = "r" * 32
+
+
+def restored_core() -> ReplicaCore:
+    """Node 1 as ``prepare_restore`` leaves it: at the backup's position (epoch 4),
+    alone in a sync set it wrote itself, naming its new database."""
+    alone = SyncSet(8, (1,), 4, ((1, RESTORED_DB),))
+    return ReplicaCore(
+        1, (1, 2, 3), TIMING, NodeState(4, 0, None), Position(4, 20), alone, 10.0,
+        history=[(1, 1), (4, 12)], database=RESTORED_DB, restored=True,
+    )  # fmt: skip
+
+
+def probe_reply(core: ReplicaCore, position: Position, sync_set: SyncSet, db: str) -> ProbeReply:
+    return ProbeReply(
+        epoch=position.epoch, round=peer_voting(core).round, role="electing", primary=None,
+        position=position, eligible=False, sync_set=sync_set, database=db, unproven=None,
+        fault=None,
+    )  # fmt: skip
+
+
+def campaigned(effects: list[Effect]) -> bool:
+    return any(isinstance(e, Persist) and e.state.voted_for == 1 for e in effects)
+
+
+def test_a_restored_node_alone_in_its_sync_set_does_not_lead_by_itself() -> None:
+    """Unlike a lone survivor (``test_r6_node_whose_newest_sync_set_is_only_itself_...``):
+    the restore wrote that set, and the other nodes may hold newer data."""
+    core = restored_core()
+    effects = [e for t in range(20) for e in core.tick(10.0 + t * 0.1)]
+    assert not campaigned(effects)
+    assert core.role is Role.ELECTING
+    assert "restored from a backup" in core.reason
+    assert core.waiting_for == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("position", "sync_set"),
+    [
+        # Newer than the backup: R6 itself waits for that set's members.
+        (Position(9, 38), SyncSet(24, (2, 3), 9, ((2, "b" * 32), (3, "c" * 32)))),
+        # Older than the backup (a sync set the restored one outranks): the restore
+        # rule alone keeps node 1 from leading over it.
+        (Position(3, 15), SyncSet(5, (1, 2, 3), 3, ((2, "b" * 32),))),
+    ],
+)
+def test_a_restored_node_waits_while_another_node_holds_other_data(
+    position: Position, sync_set: SyncSet
+) -> None:
+    core = restored_core()
+    core.on_link(10.0, 2, up=True)
+    effects = core.tick(10.0)
+    effects += core.on_message(10.01, 2, probe_reply(core, position, sync_set, "b" * 32))
+    effects += core.tick(10.02)
+    assert not campaigned(effects)
+    assert core.role is Role.ELECTING
+    if position == Position(3, 15):
+        assert "node 2 holds other data (position [3, 15]" in core.reason, core.reason
+
+
+def test_a_restored_node_leads_once_an_empty_node_makes_a_majority() -> None:
+    core = restored_core()
+    core.on_link(10.0, 2, up=True)
+    core.tick(10.0)
+    empty = probe_reply(core, Position.ZERO, SyncSet(0, (), 0), "e" * 32)
+    effects = core.on_message(10.01, 2, empty)
+    effects += [e for t in range(10) for e in core.tick(10.02 + t * 0.1)]
+    assert campaigned(effects), core.reason
+
+
+def test_a_restored_nodes_join_asks_for_a_snapshot() -> None:
+    """Following the old cluster's primary, its position may name their records while
+    its rows differ (its sync set row, at least): only a snapshot makes them theirs."""
+    core = restored_core()
+    heard = Append(
+        epoch=9, seq=38, watermark=38, records=[], sync_set=SyncSet(24, (2, 3), 9),
+        in_sync=(2, 3), echo=-1,
+    )  # fmt: skip
+    sent = [e.message for e in core.on_message(10.0, 2, heard) if isinstance(e, Send)]
+    assert core.role is Role.BACKUP
+    joins = [m for m in sent if isinstance(m, Join)]
+    assert joins, sent
+    assert all(join.snapshot for join in joins)
+
+
+def test_a_primary_answers_a_join_asking_for_a_snapshot_with_one() -> None:
+    sim = started()
+    write_acked(sim, 1, count=3)
+    core = sim.nodes[1].core
+    assert core is not None
+    position = core.position
+    join = Join(
+        core.epoch, position, position.seq, tuple(core.history), 99, "x" * 32, snapshot=True
+    )
+    replies = [e.message for e in core.on_message(sim.now, 2, join) if isinstance(e, Send)]
+    assert [r.snapshot for r in replies if isinstance(r, JoinReply)] == [True]

@@ -17,7 +17,10 @@ it to every other node). A file without a manifest is restored only with
 warning: it lacks writes that were acknowledged.
 
 The data dir must hold no database (move an old one aside first); it is made
-private (0700) if missing. The backup is copied, never changed in place. The
+private (0700) if missing. With ``--config``, no other node of the cluster may be
+running (one that accepts a connection at its address): a restore makes a new
+cluster, and a node restored beside running ones would not lead anyway
+(``election.py``), but give way to their data. The backup is copied, never changed in place. The
 copy keeps every replicated table as it was and loses what described the
 node it came from (``storage.prepare_restore``): it gets a new database id,
 no votes, an empty log, and a sync set of this node alone. It is checked
@@ -34,12 +37,14 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 
 from ops import manifest
 from service import config as config_module
 from service import identity
+from service.config import NodeConfig
 from service.datadir import make_private_dirs
 from service.errors import ChatError
 from service.storage import prepare_restore
@@ -53,6 +58,21 @@ def occupied(data_dir: Path) -> str | None:
         if (data_dir / name).exists():
             return f"{data_dir / name} exists"
     return None
+
+
+def running_peers(config: NodeConfig, timeout: float = 1.0) -> list[str]:
+    """The other nodes of ``config`` that accept a connection: they are running."""
+    running = []
+    for peer in config.nodes:
+        if peer.node_id == config.node_id:
+            continue
+        host, port = config_module.parse_address(peer.address)
+        try:
+            with socket.create_connection((host.strip("[]"), port), timeout=timeout):
+                running.append(f"node {peer.node_id} at {peer.address}")
+        except OSError:
+            continue
+    return running
 
 
 def restore(
@@ -109,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         help="restore a file that has no manifest (FILE.json), with SQLite's checks alone",
     )
     args = parser.parse_args(argv)
+    config: NodeConfig | None = None
     if args.config is not None:
         config = config_module.load(args.config, {})
         data_dir, node_id = config.data_dir, config.node_id
@@ -123,6 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     problem = occupied(data_dir)
     if problem is not None:
         parser.error(f"{problem}: restore into an empty data dir (move the old one aside)")
+    running = running_peers(config) if config is not None else []
+    if running:
+        parser.error(
+            f"{', '.join(running)} is running: a restore makes a new cluster; stop every "
+            "node first and empty the other nodes' data dirs (to replace only this node's "
+            "lost data, start it with an empty data dir instead: it catches up)"
+        )
     try:
         expected = manifest.read(args.source)
         if expected is None and not args.unverified:

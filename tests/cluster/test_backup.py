@@ -209,7 +209,15 @@ def test_a_node_restored_while_the_others_hold_newer_data_does_not_lead(
     wait_view(primary, lambda v: v.members == (2, 3), "nodes 2 and 3 going on without node 1")
     sender.acked(5)  # newer than the backup, on nodes 2 and 3 alone
     shutil.rmtree(restored.data_dir)
-    done = _tool("ops.restore", "--from", str(backup), "--config", str(restored.config_path))
+    refused = _tool("ops.restore", "--from", str(backup), "--config", str(restored.config_path))
+    assert refused.returncode == 2, refused.stderr
+    assert f"node 2 at {cluster[2].address}" in refused.stderr, refused.stderr
+    assert not restored.data_dir.exists()
+    # The tool knows the other nodes only from a config; without one it cannot look.
+    done = _tool(
+        "ops.restore", "--from", str(backup), "--data-dir", str(restored.data_dir),
+        "--node-id", "1",
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
     restored.start()
 

@@ -112,7 +112,7 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .sync_set() -> SyncSet
         .begin_batch() -> Batch
         .apply_records(records) -> Position                 backup: one transaction
-        .log_range(after_seq, limit) -> list[LogRecord]   each checked (LogDamaged)
+        .log_range(after_seq, limit, max_bytes=None) -> list[LogRecord]   each checked
         .first_log_seq() -> int | None
         .prune_log(keep, keep_bytes=None) -> int           the oldest records go
         .drop_log_through(seq) -> int                       a damaged record and older
@@ -1242,10 +1242,27 @@ class Storage:
 
     # ---- the log ---------------------------------------------------------------------
 
-    def log_range(self, after_seq: int, limit: int) -> list[LogRecord]:
-        """At most ``limit`` records after ``after_seq``, each checked against its
-        checksum: ``LogDamaged`` names the first that fails (records of a version
-        before the checksums have none, and pass)."""
+    def log_range(
+        self, after_seq: int, limit: int, max_bytes: int | None = None
+    ) -> list[LogRecord]:
+        """At most ``limit`` records after ``after_seq``, and with ``max_bytes`` only
+        as many as fit in it (at least one), each checked against its checksum:
+        ``LogDamaged`` names the first that fails (records of a version before the
+        checksums have none, and pass)."""
+        if max_bytes is not None:
+            # The sizes first (``length`` of a blob reads no overflow page): a catch-up
+            # reads what it sends, not the whole log behind it at every chunk.
+            sizes = self._reader_db.execute(
+                "SELECT seq, length(changeset) FROM txlog WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after_seq, limit),
+            )
+            total, fitting = 0, 0
+            for _seq, size in sizes:
+                total += int(size or 0)
+                if total > max_bytes and fitting:
+                    break
+                fitting += 1
+            limit = fitting
         rows = self._reader_db.execute(
             "SELECT epoch, seq, changeset, crc FROM txlog WHERE seq > ? ORDER BY seq LIMIT ?",
             (after_seq, limit),

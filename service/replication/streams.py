@@ -135,7 +135,7 @@ class Streams:
             start = seq - self.tail[0].seq
             records = [self.tail[i] for i in range(start, min(len(self.tail), start + limit))]
         else:
-            records = self.storage.log_range(seq - 1, limit)
+            records = self.storage.log_range(seq - 1, limit, CHUNK_BYTES)
         size = 0
         for count, record in enumerate(records):
             size += len(record.changeset)
@@ -203,6 +203,11 @@ class Streams:
                 return
             stream.next_seq = records[-1].seq + 1
             await self.links.drain(stream.peer)
+            # drain returns at once while the socket takes more: without this the
+            # whole catch-up (tens of MiB of the largest messages) ran in one step of
+            # the loop, no heartbeat went out, and the backups in the sync set took
+            # the primary for dead.
+            await asyncio.sleep(0)
 
     def _drop_link(self, stream: Stream, event: str, why: str | None = None) -> None:
         """Drop the link to this stream's backup: it joins again, and the core's
@@ -220,8 +225,12 @@ class Streams:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         started = time.monotonic()
-        position = self.storage.make_snapshot(path)
-        damage = self.storage.check_file(path)
+        # Off the event loop: copying and checking a database of tens of MiB takes
+        # longer than ``suspect_timeout``, and the primary must keep sending
+        # heartbeats and serving meanwhile (both read through connections of their
+        # own; SQLite releases the GIL while it copies and checks pages).
+        position = await asyncio.to_thread(self.storage.make_snapshot, path)
+        damage = await asyncio.to_thread(self.storage.check_file, path)
         if damage is not None:
             # The copy is of our own pages: never ship them (a backup would install
             # them and the damage would spread to every node).
@@ -250,6 +259,7 @@ class Streams:
                         raise ConnectionError("link lost during the snapshot")
                     offset += len(data)
                     await self.links.drain(stream.peer)
+                    await asyncio.sleep(0)  # as in a catch-up: let heartbeats out
                     if done:
                         break
         finally:

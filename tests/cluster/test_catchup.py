@@ -204,6 +204,54 @@ def test_backup_down_past_the_log_retention_catches_up_from_a_snapshot(
     finish(cluster, load.history)
 
 
+async def send_large(servers: list[str], token: str, count: int) -> None:
+    """``count`` messages of the largest legal body, a few hundred in flight at a time."""
+    body = "x" * 4000
+    async with Client(servers, token=token, timeout=30.0) as client:
+        for start in range(0, count, 400):
+            await asyncio.gather(
+                *(client.send("alice", body) for _ in range(start, min(count, start + 400)))
+            )
+
+
+def test_a_large_catch_up_does_not_stall_the_primary(cluster_factory: ClusterFactory) -> None:
+    """A backup that missed tens of MiB of the largest messages catches up from the
+    log, then, down past the log's bound in bytes, from a snapshot, and the primary
+    goes on sending heartbeats throughout. The catch-up once read and sent the
+    whole log in one step of the primary's event loop (1.5 to 1.8 s here), and the
+    snapshot's copy was made and checked on the loop: the backup in the sync set
+    took the primary for dead, an election for a backup's catch-up."""
+    cluster = cluster_factory(heartbeat_interval=0.05, suspect_timeout=0.3)
+    primary = start_cluster(cluster)
+    token = run(new_user(cluster.servers, "alice"))
+    epoch = view_of(primary).epoch
+    behind = cluster[3] if primary is not cluster[3] else cluster[2]
+
+    behind.stop()
+    run(send_large(cluster.servers, token, 6_000))  # about 24 MiB: the log keeps it
+    behind.start()
+    cluster.wait_in_sync()
+    assert "snapshot=false" in primary.log_text().split("catch-up start")[-1].split("\n")[0]
+
+    behind.stop()
+    with stopped_storage(behind) as storage:
+        position = storage.position().seq
+    run(send_large(cluster.servers, token, 10_000))  # about 40 MiB: past the 32 MiB bound
+
+    def pruned_past_it() -> bool:
+        first = first_log_seq(primary)
+        return first is not None and first > position + 1
+
+    wait_for(pruned_past_it, 20.0, f"the primary's log to start after seq {position + 1}")
+    behind.start()
+    wait_logged(behind, "snapshot installed", timeout=60.0)
+    for node in cluster.nodes.values():
+        view = view_of(node)
+        assert view.epoch == epoch, f"an election during the catch-ups: {view}"
+    assert view_of(primary).is_primary
+    finish(cluster)
+
+
 def test_messages_deleted_while_a_node_is_down_stay_deleted(
     cluster_factory: ClusterFactory,
 ) -> None:

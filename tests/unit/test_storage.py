@@ -292,6 +292,16 @@ def test_batches_get_contiguous_seqs_and_positions(primary: Storage) -> None:
     assert primary.log_range(1, 1) == [records[1]]
 
 
+def test_a_log_range_in_bytes_holds_what_fits_and_at_least_one_record(primary: Storage) -> None:
+    records = [add_user(primary, name * 300) for name in ("a", "b", "c", "d")]
+    size = len(records[0].changeset)
+    assert all(len(r.changeset) == size for r in records)
+    assert primary.log_range(0, 10, max_bytes=2 * size) == records[:2]
+    assert primary.log_range(0, 10, max_bytes=2 * size + size // 2) == records[:2]
+    assert primary.log_range(1, 10, max_bytes=1) == [records[1]], "one record, whatever its size"
+    assert primary.log_range(0, 3, max_bytes=100 * size) == records[:3], "the count still bounds"
+
+
 def test_empty_batch_seals_to_none_and_logs_nothing(primary: Storage) -> None:
     batch = primary.begin_batch()
     batch.db.execute("SELECT count(*) FROM users")

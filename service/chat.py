@@ -686,20 +686,21 @@ def search(
     return {"users": [str(row[0]) for row in rows[:limit]], "more": len(rows) > limit}
 
 
-def messages_after(db: Db, user_id: int, after_id: int) -> list[Result]:
-    """Messages received by ``user_id`` with an id above ``after_id``, oldest first."""
-    return _message_dicts(
-        db, "m.recipient_id = ? AND m.deleted_at IS NULL AND m.id > ?", [user_id, after_id]
-    )
+# ``listen`` reads its backlog this many messages at a time (at most about 1 MiB
+# of bodies): an inbox may hold any number, and one read of all of them held the
+# primary's event loop for seconds and their bodies in memory at once.
+BACKLOG_PAGE = 256
 
 
-def backlog(db: Db, user_id: int, after: int | None) -> list[Result]:
-    """What ``listen`` shows first: unread messages, or everything after ``after``."""
+def backlog(db: Db, user_id: int, after: int | None, past: int = 0) -> list[Result]:
+    """One page of what ``listen`` shows first, oldest first, ids above ``past``:
+    unread messages, or (given ``after``) every message after ``after``. The page
+    is full (``BACKLOG_PAGE``) when more may follow."""
     if after is not None:
-        return messages_after(db, user_id, after)
-    return _message_dicts(
-        db, "m.recipient_id = ? AND m.deleted_at IS NULL AND m.read_at IS NULL", [user_id]
-    )
+        where = "m.recipient_id = ? AND m.deleted_at IS NULL AND m.id > ?"
+        return _message_dicts(db, where, [user_id, max(after, past)], limit=BACKLOG_PAGE)
+    where = "m.recipient_id = ? AND m.deleted_at IS NULL AND m.read_at IS NULL AND m.id > ?"
+    return _message_dicts(db, where, [user_id, past], limit=BACKLOG_PAGE)
 
 
 # ---- write operations --------------------------------------------------------------------

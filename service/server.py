@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import resource
 import secrets
@@ -92,7 +93,7 @@ from .errors import (
     StorageCorrupt,
     StorageFault,
 )
-from .peer import OPERATOR_ID, FrameReader
+from .peer import OPERATOR_ID, FrameFeed, FrameReader
 from .replication.types import Role
 from .storage import Db
 from .throttle import ThrottledLog
@@ -523,6 +524,8 @@ class ClientSession:
         self.loop = asyncio.get_running_loop()
         self.last_frame = self.loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
+        # The connection's frames and write side, once ``run`` handed it off.
+        self.feed: FrameFeed | None = None
 
     def close(self) -> None:
         self.writer.close()
@@ -551,7 +554,8 @@ class ClientSession:
         try:
             # Frames are dispatched as they arrive, those already received before any
             # request is served (see the module docstring: the in-flight limit).
-            violation = await self.frames.hand_off(self.writer, self._on_frame).violation()
+            self.feed = self.frames.hand_off(self.writer, self._on_frame)
+            violation = await self.feed.violation()
             if violation is not None:
                 self.send(protocol.error(None, violation.to_wire()))
         finally:
@@ -792,9 +796,10 @@ class ClientSession:
             user = chat.session_user(db, token_hash, now)
             return user, chat.backlog(db, user[0], after)
 
-        # Read the backlog and register in one synchronous step: a message committed
-        # after the read is acknowledged (and pushed) only after we listen, so it is
-        # either in the backlog or pushed, never lost (duplicates are dropped by id).
+        # Read the backlog's first page and register in one synchronous step: a
+        # message committed after the read is acknowledged (and pushed) only after we
+        # listen, so it is either in the backlog or pushed, never lost (duplicates are
+        # dropped by id). Pushes wait in the listener's queue until the backlog is out.
         (user, backlog), seen = self.database.read(start)
         listener = Listener(self, request_id, user, token_hash)
         self.server.listeners.setdefault(listener.user_id, set()).add(listener)
@@ -805,8 +810,24 @@ class ClientSession:
             answer(protocol.reply(request_id, {"listening": True}))
             if after is not None:
                 listener.last_id = after
-            for message in backlog:
-                self._push(listener, message)
+            while True:
+                for message in backlog:
+                    self._push(listener, message)
+                if len(backlog) < chat.BACKLOG_PAGE:
+                    break
+                # The next page once the client has taken this one (a backlog of any
+                # size never sits in memory, nor in the socket's buffer, at once).
+                if self.feed is not None:
+                    await self.feed.drain()
+                await self._require_session(listener)  # a logout meanwhile ends it
+                backlog = await replicator.read(
+                    functools.partial(
+                        chat.backlog,
+                        user_id=listener.user_id,
+                        after=after,
+                        past=int(backlog[-1]["id"]),
+                    )
+                )
             while True:
                 await self._push_queued(listener)
         finally:

@@ -151,6 +151,7 @@ class WritePath:
         self.batches = 0
         self.writes = 0
         self.reads = 0
+        self._read_turn = asyncio.Lock()  # one read query per turn of the loop (``read``)
 
     def primary_address(self) -> str | None:
         primary = self.core.primary
@@ -212,10 +213,21 @@ class WritePath:
         return await future
 
     async def read(self, query: Callable[[Db], T]) -> T:
-        """Run a query on the primary and release it once nothing it saw is unacked (R7)."""
+        """Run a query on the primary and release it once nothing it saw is unacked (R7).
+
+        One query per turn of the event loop: a read of the largest page (1,000
+        messages of 4,000 characters) takes milliseconds of the loop, and fifty
+        connections of one user asking for such pages at once ran fifty of them
+        in one turn, again and again: the primary sent no heartbeat for longer
+        than ``suspect_timeout`` and the backups elected another. Queued on a
+        lock, each read waits for the loop to turn (timers, heartbeats, acks)
+        before its query."""
         self.require_primary()
         self.reads += 1
-        result, seq = self.storage.read(query)
+        async with self._read_turn:
+            await asyncio.sleep(0)
+            self.require_primary()
+            result, seq = self.storage.read(query)
         await self.wait_acked(seq)
         return result
 

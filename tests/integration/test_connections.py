@@ -41,7 +41,7 @@ from typing import Any
 import pytest
 
 from ops.cluster.waiting import wait_for
-from service import protocol
+from service import chat, protocol
 from service.client import Client, new_request_id
 from service.config import parse_address
 from tests.conftest import ClusterFactory
@@ -155,6 +155,47 @@ def test_a_listen_stream_ends_when_its_token_logs_out(cluster_factory: ClusterFa
             # The other session's stream is still served.
             third = (await setup.send("alice", "still listening"))["message"]
             assert (await pushed(kept, kept_id))["message"] == third
+        await user.wait_progress()
+
+    run(cluster, scenario)
+
+
+async def next_messages(stream: Any, count: int) -> list[dict[str, Any]]:
+    return [await asyncio.wait_for(anext(stream), ANSWER_TIMEOUT) for _ in range(count)]
+
+
+def test_a_backlog_of_many_pages_streams_in_order_then_live_messages(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """``listen`` reads its backlog a page at a time (``chat.BACKLOG_PAGE``): every
+    message comes once, in order, across the pages, with a live one after them;
+    and so for a listen that resumes after a given id."""
+    cluster = single(cluster_factory)
+    total = 2 * chat.BACKLOG_PAGE + 7
+
+    async def scenario(user: Bystander) -> None:
+        async with Client(cluster.servers, timeout=ANSWER_TIMEOUT) as bob:
+            await bob.register("alice", PASSWORD)
+            await bob.register("bob", PASSWORD)
+            await bob.login("bob", PASSWORD)
+            sent = []
+            for start in range(0, total, 100):
+                results = await asyncio.gather(
+                    *(bob.send("alice", f"note {i}") for i in range(start, min(total, start + 100)))
+                )
+                sent += sorted(int(r["message"]["id"]) for r in results)
+            async with Client(cluster.servers, timeout=ANSWER_TIMEOUT) as alice:
+                await alice.login("alice", PASSWORD)
+                stream = alice.listen()
+                backlog = await next_messages(stream, total)
+                assert [m["id"] for m in backlog] == sent
+                live = int((await bob.send("alice", "live"))["message"]["id"])
+                assert [m["id"] for m in await next_messages(stream, 1)] == [live]
+                await stream.aclose()
+                resumed = alice.listen(after=sent[chat.BACKLOG_PAGE - 1])
+                rest = await next_messages(resumed, total - chat.BACKLOG_PAGE + 1)
+                assert [m["id"] for m in rest] == [*sent[chat.BACKLOG_PAGE :], live]
+                await resumed.aclose()
         await user.wait_progress()
 
     run(cluster, scenario)

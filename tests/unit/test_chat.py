@@ -903,7 +903,7 @@ def test_read_limits_range(svc: Service, ann: str) -> None:
     assert len(svc.ids(ann, limit=1000)) == 25
 
 
-# ---- mark_read, backlog, messages_after (listen) -----------------------------------------
+# ---- mark_read, backlog (listen) -----------------------------------------
 
 
 def test_mark_read_marks_only_the_callers_unread_messages(
@@ -941,14 +941,32 @@ def test_backlog_after_an_id_resumes_a_listen_stream(
     svc.read(ann, limit=100)  # everything read: resuming still shows what came later
     inbox = sorted(talk["bob_to_ann"] + talk["carol_to_ann"])
     assert [m["id"] for m in chat.backlog(svc.db, 1, inbox[1])] == inbox[2:]
-    assert chat.messages_after(svc.db, 1, inbox[1]) == chat.backlog(svc.db, 1, inbox[1])
     svc.write("delete_messages", {"ids": [inbox[-1]]}, ann)
-    assert [m["id"] for m in chat.messages_after(svc.db, 1, inbox[1])] == inbox[2:-1]
+    assert [m["id"] for m in chat.backlog(svc.db, 1, inbox[1])] == inbox[2:-1]
 
 
-def test_messages_after_has_the_pushed_shape(svc: Service, ann: str, bob: str) -> None:
+def test_the_backlog_comes_in_pages_past_an_id(
+    svc: Service, ann: str, bob: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent = [
+        svc.write("send", {"to": "ann", "body": f"n{i}"}, bob)["message"]["id"] for i in range(5)
+    ]
+    monkeypatch.setattr(chat, "BACKLOG_PAGE", 2)
+    for after in (None, 0):
+        pages, past = [], 0
+        while True:
+            page = [m["id"] for m in chat.backlog(svc.db, 1, after, past)]
+            pages.append(page)
+            if len(page) < chat.BACKLOG_PAGE:
+                break
+            past = page[-1]
+        assert pages == [sent[:2], sent[2:4], sent[4:]]
+    assert [m["id"] for m in chat.backlog(svc.db, 1, sent[3], past=sent[1])] == [sent[4]]
+
+
+def test_the_backlog_has_the_pushed_shape(svc: Service, ann: str, bob: str) -> None:
     sent = svc.write("send", {"to": "ann", "body": "yo"}, bob)["message"]
-    assert chat.messages_after(svc.db, 1, 0) == [sent]
+    assert chat.backlog(svc.db, 1, 0) == [sent]
 
 
 # ---- delete messages ---------------------------------------------------------------------

@@ -159,6 +159,13 @@ def receive(link: OperatorLink, out: Any, digest: hashlib._Hash) -> dict[str, An
             break
     if written != header["bytes"]:
         raise BackupFailed(f"{written} bytes arrived of {header['bytes']}")
+    position = header["position"]
+    if not (
+        isinstance(position, list)
+        and len(position) == 2
+        and all(type(n) is int and n >= 0 for n in position)
+    ):
+        raise BackupFailed(f"the copy's position is {position!r}, not [epoch, seq]")
     return header
 
 

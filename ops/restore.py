@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 1
         result = restore(args.source, data_dir, node_id, expected)
-    except manifest.Mismatch as exc:
+    except (manifest.Mismatch, OSError) as exc:
         print(f"not restored: {exc}", file=sys.stderr)
         return 1
     except ChatError as exc:

@@ -692,15 +692,30 @@ def search(
 BACKLOG_PAGE = 256
 
 
-def backlog(db: Db, user_id: int, after: int | None, past: int = 0) -> list[Result]:
-    """One page of what ``listen`` shows first, oldest first, ids above ``past``:
-    unread messages, or (given ``after``) every message after ``after``. The page
-    is full (``BACKLOG_PAGE``) when more may follow."""
+def backlog(
+    db: Db, user_id: int, after: int | None, past: int = 0, upto: int | None = None
+) -> list[Result]:
+    """One page of what ``listen`` shows first, oldest first, ids above ``past``
+    and up to ``upto``: unread messages, or (given ``after``) every message after
+    ``after``. The page is full (``BACKLOG_PAGE``) when more may follow.
+
+    ``upto`` is ``newest_message_id`` when the listen began: a later message is
+    pushed to the stream when it commits, never read here, so that one marked read
+    elsewhere meanwhile is not skipped by a later page."""
+    bound = 2**63 - 1 if upto is None else upto  # SQLite's largest integer
     if after is not None:
-        where = "m.recipient_id = ? AND m.deleted_at IS NULL AND m.id > ?"
-        return _message_dicts(db, where, [user_id, max(after, past)], limit=BACKLOG_PAGE)
-    where = "m.recipient_id = ? AND m.deleted_at IS NULL AND m.read_at IS NULL AND m.id > ?"
-    return _message_dicts(db, where, [user_id, past], limit=BACKLOG_PAGE)
+        where = "m.recipient_id = ? AND m.deleted_at IS NULL AND m.id > ? AND m.id <= ?"
+        return _message_dicts(db, where, [user_id, max(after, past), bound], limit=BACKLOG_PAGE)
+    where = (
+        "m.recipient_id = ? AND m.deleted_at IS NULL AND m.read_at IS NULL "
+        "AND m.id > ? AND m.id <= ?"
+    )
+    return _message_dicts(db, where, [user_id, past, bound], limit=BACKLOG_PAGE)
+
+
+def newest_message_id(db: Db) -> int:
+    """The id of the newest message (0: none), the bound of a listen's backlog."""
+    return int(db.value("SELECT max(id) FROM messages", default=0) or 0)
 
 
 # ---- write operations --------------------------------------------------------------------

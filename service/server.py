@@ -792,15 +792,16 @@ class ClientSession:
 
         now = time.time()
 
-        def start(db: Db) -> tuple[tuple[int, str], list[dict[str, Any]]]:
+        def start(db: Db) -> tuple[tuple[int, str], list[dict[str, Any]], int]:
             user = chat.session_user(db, token_hash, now)
-            return user, chat.backlog(db, user[0], after)
+            upto = chat.newest_message_id(db)
+            return user, chat.backlog(db, user[0], after, upto=upto), upto
 
         # Read the backlog's first page and register in one synchronous step: a
         # message committed after the read is acknowledged (and pushed) only after we
         # listen, so it is either in the backlog or pushed, never lost (duplicates are
         # dropped by id). Pushes wait in the listener's queue until the backlog is out.
-        (user, backlog), seen = self.database.read(start)
+        (user, backlog, upto), seen = self.database.read(start)
         listener = Listener(self, request_id, user, token_hash)
         self.server.listeners.setdefault(listener.user_id, set()).add(listener)
         self.listeners.append(listener)
@@ -826,6 +827,7 @@ class ClientSession:
                         user_id=listener.user_id,
                         after=after,
                         past=int(backlog[-1]["id"]),
+                        upto=upto,
                     )
                 )
             while True:

@@ -962,6 +962,9 @@ def test_the_backlog_comes_in_pages_past_an_id(
             past = page[-1]
         assert pages == [sent[:2], sent[2:4], sent[4:]]
     assert [m["id"] for m in chat.backlog(svc.db, 1, sent[3], past=sent[1])] == [sent[4]]
+    # Bounded by the newest message when the listen began: later ones are pushed.
+    assert chat.newest_message_id(svc.db) == sent[4]
+    assert [m["id"] for m in chat.backlog(svc.db, 1, None, past=sent[1], upto=sent[2])] == [sent[2]]
 
 
 def test_the_backlog_has_the_pushed_shape(svc: Service, ann: str, bob: str) -> None:

@@ -13,7 +13,10 @@ An electing node probes its peers, then decides from what it hears:
    lowest id);
 4. R6: nobody is confirmed → the newest sync set any reachable node knows is
    examined; once all its members answer (and each is the very member the set
-   recorded: ``member_problem``), its most current member wins.
+   recorded: ``member_problem``), its most current member wins. A node just
+   started waits up to ``election_timeout`` for its links before its first
+   round: alone in its set, it would otherwise decide before seeing a primary
+   that others elected without it.
 5. A node made by ``ops.restore`` wins only with a majority of the nodes empty
    or holding its history behind it (``_restore_backed``): its sync set was
    written by the restore, not by a primary.
@@ -131,6 +134,10 @@ class PeerVoting(Arbiter):
         self.last_primary: int | None = None
         self.logged_waiting: tuple[int, ...] = ()
         self.spell: Spell | None = None
+        # Until this time (None: passed) the first round waits for links to every
+        # peer (``electing_tick``); set by the first electing spell, at start.
+        self.linking_until: float | None = None
+        self._started = False
 
     # ---- entering and leaving -----------------------------------------------------------
 
@@ -138,6 +145,9 @@ class PeerVoting(Arbiter):
         self.spell = Spell(next_round_at=now)
         if previous_primary is not None:
             self.last_primary = previous_primary
+        if not self._started:
+            self._started = True
+            self.linking_until = now + self.core.timing.election_timeout
 
     def leave_electing(self) -> None:
         self.spell = None
@@ -227,6 +237,16 @@ class PeerVoting(Arbiter):
             self._decide(now, out)
             return
         if now >= spell.next_round_at:
+            if self.linking_until is not None:
+                # Just started: the links to running peers come up within
+                # milliseconds. Deciding before them, a node alone in its sync set
+                # led at once, though the others may have moved on without it (a
+                # forced promotion while it was away: two primaries in one epoch).
+                core = self.core
+                if now < self.linking_until and not set(core.peers) <= core.links:
+                    core.explain("starting: connecting to the other nodes")
+                    return
+                self.linking_until = None
             self.round += 1
             spell.round_started = now
             spell.probes = {}

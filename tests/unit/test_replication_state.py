@@ -1406,9 +1406,9 @@ def test_a_restored_node_waits_while_another_node_holds_other_data(
 ) -> None:
     core = restored_core()
     core.on_link(10.0, 2, up=True)
-    effects = core.tick(10.0)
-    effects += core.on_message(10.01, 2, probe_reply(core, position, sync_set, "b" * 32))
-    effects += core.tick(10.02)
+    effects = core.tick(10.4)  # past the start's wait for links (node 3 is down)
+    effects += core.on_message(10.41, 2, probe_reply(core, position, sync_set, "b" * 32))
+    effects += core.tick(10.42)
     assert not campaigned(effects)
     assert core.role is Role.ELECTING
     if position == Position(3, 15):
@@ -1418,10 +1418,10 @@ def test_a_restored_node_waits_while_another_node_holds_other_data(
 def test_a_restored_node_leads_once_an_empty_node_makes_a_majority() -> None:
     core = restored_core()
     core.on_link(10.0, 2, up=True)
-    core.tick(10.0)
+    core.tick(10.4)  # past the start's wait for links (node 3 is down)
     empty = probe_reply(core, Position.ZERO, SyncSet(0, (), 0), "e" * 32)
-    effects = core.on_message(10.01, 2, empty)
-    effects += [e for t in range(10) for e in core.tick(10.02 + t * 0.1)]
+    effects = core.on_message(10.41, 2, empty)
+    effects += [e for t in range(10) for e in core.tick(10.42 + t * 0.1)]
     assert campaigned(effects), core.reason
 
 

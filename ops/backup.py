@@ -56,7 +56,7 @@ from service.errors import ProtocolViolation
 from service.status import NodeStatus, leading
 
 from . import manifest
-from .operator import OperatorLink, add_ca_option, ca_or_exit, exchange
+from .operator import OperatorLink, add_ca_option, ca_or_exit, status_of
 
 # How long a node has to answer the status asked before a backup.
 STATUS_TIMEOUT = 5.0
@@ -92,7 +92,7 @@ def acknowledged(
     the node at ``address`` (which must answer: OSError or ProtocolViolation). A
     primary in the highest epoch, as ``chatctl status`` finds it: one deposed but
     not yet told names an older epoch, and a copy is compared with the newest."""
-    source = _status(address, secret, timeout, context)
+    source = status_of(address, secret, timeout, context)
     answers = [source]
     asked = {address}
     queue = [*others, *([source.primary] if source.primary else [])]
@@ -102,7 +102,7 @@ def acknowledged(
             continue
         asked.add(other)
         try:
-            status = _status(other, secret, timeout, context)
+            status = status_of(other, secret, timeout, context)
         except (OSError, ProtocolViolation):
             continue  # down, frozen or not a node: the others decide
         answers.append(status)
@@ -112,13 +112,6 @@ def acknowledged(
     if primary is None or primary.watermark is None:
         return None, source
     return Acknowledged(primary.node_id, (primary.position[0], primary.watermark)), source
-
-
-def _status(
-    address: str, secret: bytes, timeout: float, context: ssl.SSLContext | None
-) -> NodeStatus:
-    reply = exchange(address, secret, {"type": "status"}, timeout, context)
-    return NodeStatus.from_wire(reply.get("result"))
 
 
 def _behind(node: object, position: tuple[int, int], ack: Acknowledged) -> str:
@@ -208,7 +201,7 @@ def take(
         if source.node_id != ack.primary:
             # Its position read again, after the watermark: a backup in the sync set
             # had not yet applied what the primary acknowledged meanwhile.
-            source = _status(address, secret, min(timeout, STATUS_TIMEOUT), context)
+            source = status_of(address, secret, min(timeout, STATUS_TIMEOUT), context)
         if source.position < ack.position:
             raise BackupFailed(_behind(source.node_id, source.position, ack))  # before copying
     partial = dest.with_name(dest.name + ".partial")

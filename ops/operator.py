@@ -23,6 +23,7 @@ from service import config as config_module
 from service import protocol, tls
 from service.config import NodeConfig
 from service.errors import InvalidInput
+from service.status import NodeStatus
 
 # The largest frame accepted from the node: a backup chunk is 1 MiB of base64.
 MAX_FRAME = 16 * 1024 * 1024
@@ -108,6 +109,15 @@ def exchange(
     with OperatorLink(address, secret, timeout, context) as link:
         link.send(frame)
         return link.receive()
+
+
+def status_of(
+    address: str, secret: bytes, timeout: float, context: ssl.SSLContext | None = None
+) -> NodeStatus:
+    """The node's status (its ``status`` op's node object); OSError or
+    ProtocolViolation when it cannot be had."""
+    reply = exchange(address, secret, {"type": "status"}, timeout, context)
+    return NodeStatus.from_wire(reply.get("result"))
 
 
 def add_ca_option(parser: argparse.ArgumentParser) -> None:

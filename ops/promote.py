@@ -10,6 +10,11 @@ acknowledged writes that only the missing node holds are lost, and when it
 returns it is rewound to the promoted node's history (its removed records go to
 a rollback file). The command says so and asks for confirmation.
 
+Before it asks, the tool compares the node's position with those of the other
+configured nodes that answer: promoting a node while another holds a newer
+position would rewind that one too (the forced election takes every vote), so it
+refuses and names the newer node (``--even-if-behind`` to go on all the same).
+
 The tool connects as node 0, the operator, with the cluster secret: a client
 without the secret cannot promote anything. On a TLS cluster it verifies the
 node against the CA (``--ca FILE``, or the config's ``tls_ca``).
@@ -19,13 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 from pathlib import Path
 
 from service import config as config_module
 from service.errors import ProtocolViolation
+from service.status import NodeStatus
 
-from .operator import add_ca_option, ca_or_exit, exchange
+from .operator import add_ca_option, ca_or_exit, exchange, status_of
 
 WARNING = (
     "WARNING: forcing node {node} to become primary skips the checks that protect "
@@ -33,6 +40,29 @@ WARNING = (
     "member of the sync set may be lost for good; when that node returns it is rewound "
     "to node {node}'s history (what it removes is kept in its rollback folder)."
 )
+
+
+def newer_nodes(
+    target: NodeStatus,
+    others: tuple[str, ...],
+    secret: bytes,
+    timeout: float,
+    context: ssl.SSLContext | None,
+) -> list[NodeStatus]:
+    """The nodes at ``others`` that answer with a position newer than ``target``'s,
+    the newest first. Forced, the target's election grants it every vote whatever
+    the positions: such a node would then be rewound to the target's history, and
+    what it held beyond it (writes acknowledged by it and the missing member, say)
+    would be gone."""
+    ahead = []
+    for address in others:
+        try:
+            status = status_of(address, secret, timeout, context)
+        except (OSError, ProtocolViolation):
+            continue  # down or not a node: the warning covers what it may hold
+        if status.position > target.position:
+            ahead.append(status)
+    return sorted(ahead, key=lambda s: s.position, reverse=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,25 +75,51 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--secret-file", type=Path, help="the cluster secret (instead of --config)")
     add_ca_option(parser)
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    parser.add_argument(
+        "--even-if-behind",
+        action="store_true",
+        help="promote it even though another node that answers holds a newer position",
+    )
     parser.add_argument("--timeout", type=float, default=5.0)
     args = parser.parse_args(argv)
     config = None
     if args.config is not None:
         config = config_module.load(args.config, {})
-        address = next(p.address for p in config.nodes if p.node_id == args.node)
+        addresses = {p.node_id: p.address for p in config.nodes}
+        if args.node not in addresses:
+            parser.error(f"node {args.node} is not one of {args.config}'s nodes")
+        address = addresses[args.node]
+        others = tuple(a for n, a in sorted(addresses.items()) if n != args.node)
         secret_file = config.secret_file
     elif args.address and args.secret_file:
-        address, secret_file = args.address, args.secret_file
+        address, secret_file, others = args.address, args.secret_file, ()
     else:
         parser.error("give --config, or both --address and --secret-file")
     context = ca_or_exit(parser, args.ca, config)
+    secret = secret_file.read_bytes().strip()
+    try:
+        target = status_of(address, secret, args.timeout, context)
+    except (OSError, ProtocolViolation) as exc:
+        print(f"could not reach node {args.node} at {address}: {exc}", file=sys.stderr)
+        return 3
+    ahead = newer_nodes(target, others, secret, args.timeout, context)
+    if ahead and not args.even_if_behind:
+        best = ahead[0]
+        print(
+            f"not promoted: node {best.node_id} holds a newer position "
+            f"{list(best.position)} than node {args.node} ({list(target.position)}): "
+            f"promoting node {args.node} would discard what node {best.node_id} holds "
+            f"beyond it, acknowledged writes among them. Promote node {best.node_id}, "
+            "or give --even-if-behind",
+            file=sys.stderr,
+        )
+        return 1
     print(WARNING.format(node=args.node), file=sys.stderr)
     if not args.yes:
         answer = input(f"Type 'promote {args.node}' to go on: ")
         if answer.strip() != f"promote {args.node}":
             print("not promoted", file=sys.stderr)
             return 1
-    secret = secret_file.read_bytes().strip()
     try:
         reply = exchange(address, secret, {"type": "force_promote"}, args.timeout, context)
     except (OSError, ProtocolViolation) as exc:

@@ -28,6 +28,7 @@ from service.status import NodeStatus
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import REPO_ROOT, Cluster, NodeProcess
 from tests.helpers.workload import (
+    Sender,
     Workload,
     check_messages,
     finish,
@@ -133,10 +134,47 @@ def test_old_primary_with_an_unreplicated_write_is_rewound(
 
 def force_promotion(node: NodeProcess) -> None:
     """``python -m ops.promote`` as an operator runs it."""
+    done = promote(node)
+    assert done.returncode == 0, f"promote failed: {done.stdout}{done.stderr}"
+
+
+def test_a_forced_promotion_of_a_node_behind_another_is_refused(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """The cluster waits for its last member (G5) and the operator promotes one of
+    the others. Node 2 missed writes that nodes 1 and 3 acknowledged: forced, its
+    election takes every vote whatever the positions, and node 3 would be rewound
+    to its history, those writes with it. ``ops.promote`` refuses and names node 3;
+    promoting node 3 keeps them."""
+    cluster = cluster_factory()
+    assert start_cluster(cluster) is cluster[1]
+    sender = Sender(cluster)
+    sender.acked(2)
+    cluster[2].stop()
+    wait_view(cluster[1], lambda v: v.members == (1, 3), "node 2 dropped from the sync set")
+    sender.acked(3)  # on nodes 1 and 3 only
+    cluster[3].stop()
+    wait_view(cluster[1], lambda v: v.members == (1,), "node 3 dropped from the sync set")
+    cluster[1].stop()
+    cluster.start([2, 3])
+    for node in (cluster[2], cluster[3]):
+        wait_view(node, lambda v: 1 in waiting_for(v), "waiting for node 1 (G5)")
+    behind, ahead = view_of(cluster[2]).position, view_of(cluster[3]).position
+    assert behind < ahead
+    refused = promote(cluster[2])
+    assert refused.returncode == 1, refused.stderr
+    assert f"node 3 holds a newer position {list(ahead)} than node 2" in refused.stderr
+    assert not view_of(cluster[2]).is_primary
+    force_promotion(cluster[3])
+    assert cluster.wait_for_primary() is cluster[3]
+    cluster[1].start()
+    finish(cluster, sender.history)  # every acknowledged send, on every node
+
+
+def promote(node: NodeProcess) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "ops.promote", str(node.node_id)]
     command += ["--config", str(node.config_path), "--yes"]
-    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, f"promote failed: {done.stdout}{done.stderr}"
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
 
 
 def test_write_in_flight_to_frozen_backups_survives_the_primary_crash(

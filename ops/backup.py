@@ -56,7 +56,7 @@ from service.errors import ProtocolViolation
 from service.status import NodeStatus, leading
 
 from . import manifest
-from .operator import OperatorLink, add_ca_option, ca_or_exit, status_of
+from .operator import OperatorLink, add_ca_option, ca_or_exit, status_if_answering, status_of
 
 # How long a node has to answer the status asked before a backup.
 STATUS_TIMEOUT = 5.0
@@ -101,10 +101,9 @@ def acknowledged(
         if other in asked:
             continue
         asked.add(other)
-        try:
-            status = status_of(other, secret, timeout, context)
-        except (OSError, ProtocolViolation):
-            continue  # down, frozen or not a node: the others decide
+        status = status_if_answering(other, secret, timeout, context)
+        if status is None:
+            continue  # the others decide
         answers.append(status)
         if status.primary is not None:
             queue.append(status.primary)

@@ -95,21 +95,20 @@ def read(backup: Path) -> Manifest | None:
 
 
 def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as source:
-        for block in iter(lambda: source.read(_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return copy_checked(source, None, None)
 
 
-def copy_checked(source: BinaryIO, out: BinaryIO, manifest: Manifest | None) -> str:
-    """Copy ``source`` into ``out``, hashing the bytes copied; with a manifest,
-    raise ``Mismatch`` unless they are the bytes it describes. Returns the SHA-256."""
+def copy_checked(source: BinaryIO, out: BinaryIO | None, manifest: Manifest | None) -> str:
+    """Copy ``source`` into ``out`` (None: only read it), hashing the bytes; with a
+    manifest, raise ``Mismatch`` unless they are the bytes it describes. Returns the
+    SHA-256."""
     digest = hashlib.sha256()
     size = 0
     for block in iter(lambda: source.read(_BLOCK), b""):
         digest.update(block)
-        out.write(block)
+        if out is not None:
+            out.write(block)
         size += len(block)
     sha256 = digest.hexdigest()
     if manifest is not None and (size, sha256) != (manifest.size, manifest.sha256):

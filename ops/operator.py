@@ -22,7 +22,7 @@ from types import TracebackType
 from service import config as config_module
 from service import protocol, tls
 from service.config import NodeConfig
-from service.errors import InvalidInput
+from service.errors import InvalidInput, ProtocolViolation
 from service.status import NodeStatus
 
 # The largest frame accepted from the node: a backup chunk is 1 MiB of base64.
@@ -118,6 +118,17 @@ def status_of(
     ProtocolViolation when it cannot be had."""
     reply = exchange(address, secret, {"type": "status"}, timeout, context)
     return NodeStatus.from_wire(reply.get("result"))
+
+
+def status_if_answering(
+    address: str, secret: bytes, timeout: float, context: ssl.SSLContext | None = None
+) -> NodeStatus | None:
+    """``status_of``, or None when the node is down, frozen or not a node: for the
+    tools that ask the other nodes of a cluster what they hold."""
+    try:
+        return status_of(address, secret, timeout, context)
+    except (OSError, ProtocolViolation):
+        return None
 
 
 def add_ca_option(parser: argparse.ArgumentParser) -> None:

@@ -32,7 +32,7 @@ from service import config as config_module
 from service.errors import ProtocolViolation
 from service.status import NodeStatus
 
-from .operator import add_ca_option, ca_or_exit, exchange, status_of
+from .operator import add_ca_option, ca_or_exit, exchange, status_if_answering, status_of
 
 WARNING = (
     "WARNING: forcing node {node} to become primary skips the checks that protect "
@@ -54,14 +54,9 @@ def newer_nodes(
     the positions: such a node would then be rewound to the target's history, and
     what it held beyond it (writes acknowledged by it and the missing member, say)
     would be gone."""
-    ahead = []
-    for address in others:
-        try:
-            status = status_of(address, secret, timeout, context)
-        except (OSError, ProtocolViolation):
-            continue  # down or not a node: the warning covers what it may hold
-        if status.position > target.position:
-            ahead.append(status)
+    # One that does not answer is covered by the warning, like the missing member.
+    answers = [status_if_answering(address, secret, timeout, context) for address in others]
+    ahead = [s for s in answers if s is not None and s.position > target.position]
     return sorted(ahead, key=lambda s: s.position, reverse=True)
 
 

@@ -149,6 +149,7 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -172,6 +173,10 @@ BUSY_TIMEOUT_MS = 5000
 CHECKPOINT_WAL_PAGES = 8000
 # prune_log reads the sizes of the oldest records this many at a time.
 PRUNE_CHUNK = 1000
+# A copy of the database (a snapshot, a backup) is made only if the data dir keeps
+# this much free beside it (a tenth of the database when that is more), so that
+# the node's own commits go on while the copy exists.
+COPY_SPARE_BYTES = 16 * 1024 * 1024
 T = TypeVar("T")
 SYNCHRONOUS_LEVELS = ("FULL", "EXTRA", "NORMAL")
 
@@ -281,7 +286,10 @@ def storage_fault(exc: apsw.Error) -> StorageFault | None:
     """The StorageFault an apsw error stands for, or None if it is not a disk fault."""
     for kind, what in _FAULTS.items():
         if isinstance(exc, kind):
-            return StorageFault(f"{what} ({exc})")
+            # SQLite's online backup reports a full destination with the message of
+            # code 0 ("not an error"): the kind says it all then.
+            detail = str(exc)
+            return StorageFault(f"{what} ({detail})" if detail != "not an error" else what)
     return None
 
 
@@ -360,9 +368,12 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def _connect(path: Path, synchronous: str, vfs: str | None = None) -> apsw.Connection:
+def _connect(
+    path: Path, synchronous: str, vfs: str | None = None, journal: str = "WAL"
+) -> apsw.Connection:
     """Open a connection with every PRAGMA this project relies on; ``vfs`` None is
-    SQLite's default VFS (another one only in tests: ``service.diskfaults``)."""
+    SQLite's default VFS (another one only in tests: ``service.diskfaults``);
+    ``journal`` other than WAL only for a new file that is thrown away if cut short."""
     _create_private(path)
     with _translated():
         conn = apsw.Connection(str(path), vfs=vfs)
@@ -370,7 +381,7 @@ def _connect(path: Path, synchronous: str, vfs: str | None = None) -> apsw.Conne
         # for each other briefly instead of failing at once with SQLITE_BUSY.
         conn.set_busy_timeout(BUSY_TIMEOUT_MS)
         # WAL: readers never block the single writer, and a commit is one append.
-        conn.execute("PRAGMA journal_mode=WAL").fetchall()
+        conn.execute(f"PRAGMA journal_mode={journal}").fetchall()
         # FULL: a commit is on disk before it is acknowledged, even if the power
         # fails (G1). NORMAL (opt-in) keeps the database consistent but may lose
         # the last commits on power loss.
@@ -745,6 +756,51 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise os_fault(exc, "cannot sync a copy of the database") from exc
+    finally:
+        os.close(fd)
+
+
+def _database_bytes(conn: apsw.Connection) -> int:
+    """The size of a copy of ``conn``'s database: every page, free ones too."""
+    with _translated():
+        db = Db(conn)
+        return int(db.value("PRAGMA page_count", default=0)) * int(
+            db.value("PRAGMA page_size", default=4096)
+        )
+
+
+def copy_room(folder: Path, size: int) -> str | None:
+    """Why ``folder`` has no room for a file of ``size`` bytes beside the spare a node
+    keeps for its own commits, or None when it has."""
+    spare = max(COPY_SPARE_BYTES, size // 10)
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        return f"cannot tell the free space in {folder.name}: {exc.strerror or exc}"
+    if free >= size + spare:
+        return None
+    return (
+        f"no room for a copy of the database: it needs {_mib(size + spare)} free in the "
+        f"data dir ({_mib(size)} and {_mib(spare)} to spare), {_mib(free)} are free"
+    )
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):.1f} MiB"
+
+
+def remove_database_files(path: Path) -> None:
+    """Remove the database file ``path`` and its -wal, -shm and -journal, if any: a
+    copy that SQLite opened (to check it, to read it) leaves the first two."""
+    _remove_db_files(path)
 
 
 def _remove_db_files(path: Path) -> None:
@@ -1335,23 +1391,43 @@ class Storage:
 
         Reads through a connection of its own, so a batch open on the writer is not
         copied and the call may run in a thread while the writer keeps committing.
+        ``StorageFault`` (nothing left behind) when ``dest``'s folder has no room for
+        the copy and ``COPY_SPARE_BYTES`` besides (``copy_room``): a copy that filled
+        the disk would make the node's own commits fail.
         """
         dest = Path(dest)
         partial = dest.with_name(dest.name + ".partial")
         _remove_db_files(partial)
         source = _connect(self.path, self._synchronous, self._vfs)
         try:
-            copy = _connect(partial, "FULL", self._vfs)
+            problem = copy_room(dest.parent, _database_bytes(source))
+            if problem is not None:
+                raise StorageFault(problem)
+            # No journal: a copy cut short is thrown away, never used. In WAL mode
+            # every page would be written twice, and need room twice.
+            copy = _connect(partial, "OFF", self._vfs, journal="OFF")
             try:
                 _copy_database(source, copy)
                 position = _read_position(Db(copy))
             finally:
                 copy.close()
+            _fsync_file(partial)
+            os.replace(partial, dest)
+            _fsync_dir(dest.parent)
+        except BaseException:
+            _remove_db_files(partial)
+            raise
         finally:
             source.close()
-        os.replace(partial, dest)
-        _fsync_dir(dest.parent)
         return position
+
+    def install_bytes(self, size: int) -> int:
+        """The most room an install of a snapshot of ``size`` bytes takes in the data
+        dir, the received file included: that file, its staging copy, the WAL that
+        takes every page of it, and the database's growth to its size."""
+        with _translated():
+            current = _database_bytes(self._conn)
+        return 3 * size + max(0, size - current)
 
     def install_snapshot(self, src: Path) -> Position:
         """Replace all of this database with ``src``, keeping this node's own votes.
@@ -1369,7 +1445,8 @@ class Storage:
         staging = self.path.with_name(self.path.name + ".installing")
         _remove_db_files(staging)
         try:
-            copy = _connect(staging, "OFF", self._vfs)
+            # No journal: a staging copy cut short is thrown away (as make_snapshot's).
+            copy = _connect(staging, "OFF", self._vfs, journal="OFF")
             try:
                 source = _connect(Path(src), self._synchronous, self._vfs)
                 try:
@@ -1395,6 +1472,10 @@ class Storage:
             _remove_db_files(staging)
         if self._writer_synchronous == "NORMAL":
             self._sync_files()
+        # The WAL took every page of the snapshot: give its room back now rather
+        # than keep a second database's worth of disk until the WAL wraps.
+        with _translated():
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         self._read_schema()
         self._log_size = None
         self.restored = False

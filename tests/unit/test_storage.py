@@ -6,6 +6,7 @@ import base64
 import contextlib
 import json
 import os
+import shutil
 import sqlite3
 import stat
 import subprocess
@@ -30,6 +31,8 @@ from service.storage import (
     SchemaMismatch,
     Storage,
     changes_cluster,
+    check_database_file,
+    copy_room,
     prune_rollback_files,
     schema_migrations,
 )
@@ -1109,6 +1112,33 @@ def test_snapshot_leaves_out_an_open_batch(primary: Storage, tmp_path: Path) -> 
     copy = Storage(tmp_path / "s.db", migrations=MIGRATIONS)
     assert names(copy) == ["ann"]
     copy.close()
+
+
+def test_a_snapshot_without_room_beside_it_is_refused_and_leaves_nothing(
+    primary: Storage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy that would leave the data dir less than its spare is not begun: the
+    node's own commits need the room."""
+    add_user(primary, "ann")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    free = shutil.disk_usage(folder).free
+    monkeypatch.setattr(storage_module, "COPY_SPARE_BYTES", free)
+    with pytest.raises(StorageFault, match=r"no room for a copy of the database: it needs"):
+        primary.make_snapshot(folder / "s.db")
+    assert list(folder.iterdir()) == []
+    monkeypatch.setattr(storage_module, "COPY_SPARE_BYTES", 0)
+    assert primary.make_snapshot(folder / "s.db") == Position(1, 1)
+    assert sorted(p.name for p in folder.iterdir()) == ["s.db"]  # no journal, no WAL
+    assert check_database_file(folder / "s.db") is None
+
+
+def test_copy_room_names_what_is_needed_and_what_is_free(tmp_path: Path) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    problem = copy_room(tmp_path, free)
+    assert problem is not None
+    assert "MiB are free" in problem, problem
+    assert "to spare" in problem, problem
 
 
 def test_snapshot_of_a_pruned_log_keeps_its_position(

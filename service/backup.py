@@ -40,7 +40,7 @@ from pathlib import Path
 
 from . import protocol
 from .errors import ChatError, Internal
-from .storage import Storage
+from .storage import Storage, remove_database_files
 
 log = logging.getLogger("service.backup")
 
@@ -90,8 +90,7 @@ async def frames(storage: Storage, folder: Path, node_id: int) -> AsyncIterator[
         log.info("backup sent node=%s seq=%s", node_id, position.seq)
     finally:
         _in_progress.discard(path)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_database_files(path)
 
 
 def _remove_leftovers(folder: Path) -> None:

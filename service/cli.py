@@ -1009,6 +1009,7 @@ class ClusterView:
                 sync_set=status.sync_set_wire(),
                 waiting_for=None if status.waiting_for is None else list(status.waiting_for),
                 reason=status.reason,
+                snapshot_waits={str(k): v for k, v in sorted(status.snapshot_waits.items())},
                 checksums=None if status.checksums is None else status.checksums.to_status(),
             )
             if status.arbiter is not None:  # only with an arbiter: default output unchanged
@@ -1019,7 +1020,7 @@ class ClusterView:
 # The fields of a node in ``status --json``, in their order.
 STATUS_FIELDS = (
     "address", "up", "id", "role", "epoch", "seq", "lag", "primary", "sync_set",
-    "waiting_for", "reason", "checksums", "error",
+    "waiting_for", "reason", "snapshot_waits", "checksums", "error",
 )  # fmt: skip
 
 
@@ -1042,7 +1043,7 @@ def render_status(view: ClusterView, session: Result | None) -> str:
                 str(status.seq),
                 _cell(view.lag(status)),
                 f"v{status.sync_set.version} [{members}]",
-                _waiting(status),
+                _note(status),
             ]
         )
     lines = [table(headers, rows), ""]
@@ -1099,6 +1100,16 @@ def _ids(ids: Sequence[int]) -> str:
 
 def _cell(value: object) -> str:
     return "-" if value is None else str(value)
+
+
+def _note(status: NodeStatus) -> str:
+    """Why a node waits, and (on a primary) which backups' snapshots wait, and why."""
+    notes = [_waiting(status)] if status.reason or status.waiting_for else []
+    notes.extend(
+        f"snapshot for node {peer} waits: {why}"
+        for peer, why in sorted(status.snapshot_waits.items())
+    )
+    return "; ".join(notes)
 
 
 def _waiting(status: NodeStatus) -> str:

@@ -41,11 +41,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 from wsgiref.simple_server import WSGIServer
 
@@ -98,6 +100,10 @@ class NodeSample:
     # Backup only: confirmed in the sync set, so it may take over (R5).
     confirmed: bool | None = None
     storage_fault: bool = False
+    # Free bytes in the data dir (None: unknown); primary only: backups whose
+    # snapshot waits (no room for the copy, a disk that refuses it).
+    data_dir_free: int | None = None
+    snapshots_waiting: int | None = None
     unproven: bool = False
     waiting_for: tuple[int, ...] = ()
     batches: int = 0
@@ -132,6 +138,10 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         links=tuple(sorted(core.links)),
         confirmed=bool(stats["confirmed"]) if core.role is Role.BACKUP else None,
         storage_fault=core.fault is not None,
+        data_dir_free=_free_bytes(replicator.config.data_dir),
+        snapshots_waiting=len(replicator.streams.snapshot_waits)
+        if core.role is Role.PRIMARY
+        else None,
         unproven=core.unproven is not None,
         waiting_for=tuple(core.waiting_for),
         batches=replicator.batches,
@@ -144,6 +154,13 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         client_limit=server.client_limit,
         listen_streams=sum(len(group) for group in server.listeners.values()),
     )
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def _per_node(name: str, doc: str, label: str, values: dict[int, float]) -> GaugeMetricFamily:
@@ -176,6 +193,16 @@ def _plain(sample: NodeSample) -> list[tuple[str, str, float | None]]:
         ),
         # The storage health an operator alerts on first.
         ("chat_storage_fault", "1 while this node's disk refuses writes", sample.storage_fault),
+        (
+            "chat_data_dir_free_bytes",
+            "Bytes free in the data dir's file system (a snapshot or a backup copies the database)",
+            sample.data_dir_free,
+        ),
+        (
+            "chat_snapshots_waiting",
+            "Primary: backups whose snapshot cannot be made yet (no room, or the disk refused it)",
+            sample.snapshots_waiting,
+        ),
         (
             "chat_database_unproven",
             "1 while this node's database may lack commits it made (it counts in no election)",

@@ -128,6 +128,8 @@ class NodeStatus:
     waiting_for: tuple[int, ...] | None = None
     reason: str | None = None
     lag: Mapping[int, int] = field(default_factory=dict)  # on the primary: behind by
+    # On the primary: backups whose snapshot cannot be made yet, and why.
+    snapshot_waits: Mapping[int, str] = field(default_factory=dict)
     links: tuple[int, ...] = ()  # the peers it has a live connection to
     database: str | None = None
     unproven: str | None = None
@@ -165,6 +167,7 @@ class NodeStatus:
             waiting_for=_optional_ints(data, "waiting_for"),
             reason=_optional_str(data, "reason"),
             lag=_lag(data.get("lag")),
+            snapshot_waits=_snapshot_waits(data.get("snapshot_waits")),
             links=_optional_ints(data, "links") or (),
             database=_optional_str(data, "database"),
             unproven=_optional_str(data, "unproven"),
@@ -320,6 +323,18 @@ def _checksums(value: object) -> Checksums | None:
         damaged=_ints(data, "damaged"),
         at=_number(data, "at"),
     )
+
+
+def _snapshot_waits(value: object) -> dict[int, str]:
+    if value is None:
+        return {}
+    data = _object(value, "snapshot_waits")
+    waits: dict[int, str] = {}
+    for key in data:
+        if not str(key).isdigit():
+            raise _bad("snapshot_waits", value, "node ids mapped to reasons")
+        waits[int(key)] = _str(data, key)
+    return waits
 
 
 def _lag(value: object) -> dict[int, int]:

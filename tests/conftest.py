@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from ops.etcd import Etcd
+from tests.helpers import disks
 from tests.helpers.cluster import Cluster
+from tests.helpers.disks import SmallDisk
 from tests.helpers.etcd import running_etcd
 
 ClusterFactory = Callable[..., Cluster]
@@ -96,3 +98,18 @@ def etcd(tmp_path: Path) -> Iterator[Etcd]:
     teardown."""
     with running_etcd(tmp_path) as member:
         yield member
+
+
+@pytest.fixture
+def small_disks() -> Iterator[list[SmallDisk]]:
+    """A list the test appends its ``SmallDisk``s (``tests/helpers/disks.py``) to; each
+    is unmounted at the end. Skips, saying why, where tmpfs cannot be mounted."""
+    why = disks.unavailable()
+    if why is not None:
+        pytest.skip(f"cannot mount small disks here: {why}")
+    mounted: list[SmallDisk] = []
+    try:
+        yield mounted
+    finally:
+        for disk in mounted:
+            disk.unmount()

@@ -17,7 +17,6 @@ After either, the core hears ``on_log_replaced`` with the new log's facts.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -31,8 +30,10 @@ from ..storage import (
     SchemaMismatch,
     Storage,
     changes_cluster,
+    copy_room,
     os_fault,
     prune_rollback_files,
+    remove_database_files,
 )
 from .durability import Durability
 from .effects import Effect
@@ -187,8 +188,7 @@ class Follower:
 
     def expect_snapshot(self) -> None:
         path = self.config.data_dir / "snapshot-in.db"
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_database_files(path)
         self.incoming_snapshot = (path, 0)
         log.info(
             format_fields(
@@ -217,6 +217,16 @@ class Follower:
             self.incoming_snapshot = None
             return self.core.rejoin(self.shell.now(), "snapshot chunk out of order")
         data = chunk.data
+        if chunk.offset == 0 and chunk.size is not None:
+            # Say so before taking any of it, and wait for room before joining again:
+            # a disk that filled mid-way made the primary copy and send the whole
+            # database again every few hundred milliseconds, and never enough.
+            needed = self.storage.install_bytes(chunk.size)
+            problem = copy_room(path.parent, needed)
+            if problem is not None:
+                self.incoming_snapshot = None
+                self.shell.fault(f"cannot install the snapshot: {problem}", room=needed)
+                return []
         try:
             self._receive_chunk(path, data, chunk.done)
             self.incoming_snapshot = (path, expected + len(data))
@@ -246,8 +256,7 @@ class Follower:
             return []
         finally:
             if self.incoming_snapshot is None:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+                remove_database_files(path)
         self.forget_tail()
         self.durability.forget()
         self.metrics.snapshots_installed.inc()

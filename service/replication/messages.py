@@ -217,7 +217,8 @@ class JoinReply(Message):
 @dataclass(frozen=True)
 class Snapshot(Message):
     """Primary → backup: one chunk (``data`` at ``offset``, base64 on the wire) of a
-    snapshot file."""
+    snapshot file of ``size`` bytes in all (None from a sender of an earlier version),
+    so that a backup without room for it says so before taking any of it."""
 
     TYPE: ClassVar[str] = "snapshot"
     BULK: ClassVar[str | None] = "data"
@@ -226,6 +227,7 @@ class Snapshot(Message):
     offset: int
     data: bytes
     done: bool
+    size: int | None = None
 
 
 @dataclass(frozen=True)

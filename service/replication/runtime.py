@@ -37,7 +37,7 @@ from ..config import NodeConfig
 from ..errors import StorageCorrupt, StorageFault, Unavailable
 from ..metrics import Metrics
 from ..peer import OPERATOR_ID, OperatorAnswer, PeerLinks
-from ..storage import Db, Storage
+from ..storage import Db, Storage, copy_room
 from .app import Application
 from .arbiter import ArbiterEvent
 from .durability import Durability
@@ -79,6 +79,9 @@ from .writer import Done, MessageHook, SessionHook, WritePath
 # A node whose disk refused a write tries again after this, doubling up to the max.
 RECOVER_FIRST = 0.2
 RECOVER_MAX = 10.0
+# Waiting for room (a snapshot this node has no room for) polls the free space,
+# a system call: often enough that the snapshot comes soon after room is made.
+ROOM_RETRY = 2.0
 TICK = 0.02
 PRUNE_EVERY = 5.0
 T = TypeVar("T")
@@ -311,6 +314,7 @@ class Replicator:
             "database": stats["database"],
             "unproven": stats["unproven"],
             "lag": {str(k): v for k, v in stats["lag"].items()},
+            "snapshot_waits": {str(k): v for k, v in sorted(self.streams.snapshot_waits.items())},
             "links": sorted(self.core.links),
             "checksums": None if self.verifier.last is None else self.verifier.last.to_status(),
             "batches": self.writer.batches,
@@ -429,12 +433,14 @@ class Replicator:
 
     # ---- storage faults and damage ---------------------------------------------------------
 
-    def fault(self, why: str, lasting: bool = False) -> StorageFault:
+    def fault(self, why: str, lasting: bool = False, room: int | None = None) -> StorageFault:
         """The disk refused a write: tell the core (it steps aside or stops applying)
         and try again with backoff until a write goes through. Returns the error
         that waiting writes get (retriable). ``lasting``: a write going through
         would not end it (a backup whose schema cannot hold the primary's records):
-        no retries; the node stays out, saying why, until it restarts upgraded."""
+        no retries; the node stays out, saying why, until it restarts upgraded.
+        ``room``: no retry until the data dir has that many bytes free (and the
+        spare ``copy_room`` keeps): a snapshot this node has no room for."""
         first = self.core.fault is None
         self.run(self.core.on_storage_fault(self.now(), why))
         refusal = StorageFault(f"node {self.config.node_id} cannot write: {why}; retry later")
@@ -443,7 +449,7 @@ class Replicator:
         if first:
             self.metrics.storage_faults.inc()
             if not lasting:
-                self.spawn(self._recover())
+                self.spawn(self._recover(room))
         return refusal
 
     def damaged(self, why: str) -> None:
@@ -458,16 +464,21 @@ class Replicator:
         logging.shutdown()
         os._exit(71)
 
-    async def _recover(self) -> None:
+    async def _recover(self, room: int | None = None) -> None:
         delay, last_log = RECOVER_FIRST, self.now()
         while self.core.fault is not None:
             await asyncio.sleep(delay)
             try:
+                # A probe write would go through, and the primary would send the
+                # whole snapshot again only for it to find no room again.
+                problem = None if room is None else copy_room(self.config.data_dir, room)
+                if problem is not None:
+                    raise StorageFault(problem)
                 # The vote and epoch the core holds, which a failed Persist may not
                 # have written: the probe write doubles as their recovery.
                 self.storage.probe_write(self.core.state)
             except StorageFault as exc:
-                delay = min(delay * 2, RECOVER_MAX)
+                delay = min(delay * 2, RECOVER_MAX if room is None else ROOM_RETRY)
                 if self.now() - last_log >= RECOVER_MAX:
                     last_log = self.now()
                     log_event(

@@ -35,10 +35,11 @@ class Shell(Protocol):
         """Carry out the core's effects, in order."""
         ...
 
-    def fault(self, why: str, lasting: bool = False) -> StorageFault:
+    def fault(self, why: str, lasting: bool = False, room: int | None = None) -> StorageFault:
         """The disk refused a write: tell the core, retry until it recovers; the
         error for the writes that waited. ``lasting``: no retry will do (records
-        this node's schema cannot hold): it stays so until the node restarts."""
+        this node's schema cannot hold): it stays so until the node restarts.
+        ``room``: bytes the data dir must have free (and its spare) before a retry."""
         ...
 
     def damaged(self, why: str) -> None:

@@ -26,17 +26,18 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ..config import NodeConfig
 from ..errors import StorageCorrupt, StorageFault
 from ..metrics import Metrics
 from ..peer import PeerLinks
-from ..storage import LogDamaged, Storage
+from ..storage import LogDamaged, Storage, remove_database_files
 from .effects import StartStream
 from .messages import Snapshot
 from .shell import Shell, format_fields, log
 from .state import ReplicaCore
-from .types import LogRecord
+from .types import LogRecord, Position
 
 WINDOW = 4096
 CHUNK_RECORDS = 512
@@ -45,6 +46,9 @@ CHUNK_RECORDS = 512
 CHUNK_BYTES = 1024 * 1024
 SNAPSHOT_CHUNK = 1024 * 1024
 TAIL_BYTES = 4 * 1024 * 1024
+# How often a snapshot that could not be made (no room for the copy, a disk that
+# refused it) is tried again, while its backup stays linked and waits.
+SNAPSHOT_RETRY = 2.0
 
 
 @dataclass
@@ -84,6 +88,8 @@ class Streams:
         # Bounded in bytes: with group commit a record may hold hundreds of writes.
         self.tail: deque[LogRecord] = deque()
         self.tail_bytes = 0
+        # Backups whose snapshot waits, and why (status and metrics tell the operator).
+        self.snapshot_waits: dict[int, str] = {}
 
     def acked(self, peer: int) -> None:
         """``peer`` acknowledged: its window may have room again."""
@@ -165,8 +171,8 @@ class Streams:
             self.core.on_log_pruned(first if first is None or first > exc.seq else exc.seq + 1)
             self._drop_link(stream, "log record damaged, asking the backup to join again")
         except (StorageFault, StorageCorrupt) as exc:
-            # No room (or no sound file) for the snapshot this backup needs: drop the
-            # link, so that it joins again and the snapshot is tried afresh.
+            # The log could not be read (an I/O error, a damaged page): drop the
+            # link, so that it joins again and the stream starts afresh.
             self._drop_link(stream, "stream to backup failed", str(exc))
         except (ConnectionError, OSError) as exc:
             log.info(
@@ -209,6 +215,31 @@ class Streams:
             # the primary for dead.
             await asyncio.sleep(0)
 
+    async def _copy_for(self, peer: int, path: Path) -> Position:
+        """A copy of the database in ``path`` for ``peer``'s snapshot, made once the
+        disk lets it be made. Until then the backup stays linked and waits: giving
+        up dropped the link, the backup joined again at once, and the primary, its
+        data dir short of room for the copy, tried again twenty times a second,
+        filling its disk each time and flooding its log."""
+        while True:
+            try:
+                # Off the event loop: copying and checking a database of tens of MiB
+                # takes longer than ``suspect_timeout``, and the primary must keep
+                # sending heartbeats and serving meanwhile (both read through
+                # connections of their own; SQLite releases the GIL as it copies).
+                return await asyncio.to_thread(self.storage.make_snapshot, path)
+            except StorageFault as exc:
+                why = str(exc)
+            if peer not in self.snapshot_waits:
+                log.warning(
+                    format_fields(
+                        "snapshot waits",
+                        {"node": self.config.node_id, "backup": peer, "why": why},
+                    )
+                )
+            self.snapshot_waits[peer] = why
+            await asyncio.sleep(SNAPSHOT_RETRY)
+
     def _drop_link(self, stream: Stream, event: str, why: str | None = None) -> None:
         """Drop the link to this stream's backup: it joins again, and the core's
         answer tells it whether a snapshot comes."""
@@ -222,14 +253,12 @@ class Streams:
 
     async def _send_snapshot(self, stream: Stream) -> None:
         path = self.config.data_dir / f"snapshot-out-{stream.peer}.db"
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        remove_database_files(path)
         started = time.monotonic()
-        # Off the event loop: copying and checking a database of tens of MiB takes
-        # longer than ``suspect_timeout``, and the primary must keep sending
-        # heartbeats and serving meanwhile (both read through connections of their
-        # own; SQLite releases the GIL while it copies and checks pages).
-        position = await asyncio.to_thread(self.storage.make_snapshot, path)
+        try:
+            position = await self._copy_for(stream.peer, path)
+        finally:
+            self.snapshot_waits.pop(stream.peer, None)
         damage = await asyncio.to_thread(self.storage.check_file, path)
         if damage is not None:
             # The copy is of our own pages: never ship them (a backup would install
@@ -254,7 +283,7 @@ class Streams:
                 while True:
                     data = source.read(SNAPSHOT_CHUNK)
                     done = len(data) < SNAPSHOT_CHUNK
-                    chunk = Snapshot(self.core.epoch, position, offset, data, done)
+                    chunk = Snapshot(self.core.epoch, position, offset, data, done, size)
                     if not self.shell.send(stream.peer, chunk):
                         raise ConnectionError("link lost during the snapshot")
                     offset += len(data)
@@ -263,8 +292,7 @@ class Streams:
                     if done:
                         break
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            remove_database_files(path)
         stream.next_seq = position.seq + 1
         stream.snapshot = False
         self.snapshot_sent(stream.peer)

@@ -36,6 +36,7 @@ from tests.helpers.workload import (
     new_user,
     read_inbox,
     run,
+    send_large,
     send_recorded,
     start_cluster,
     stopped_storage,
@@ -240,16 +241,6 @@ def test_backup_down_past_the_log_retention_catches_up_from_a_snapshot(
         wait_for(sent, 10.0, "the primary to count the snapshot it sent")
         load.wait_progress(20, "with the backup back")
     finish(cluster, load.history)
-
-
-async def send_large(servers: list[str], token: str, count: int) -> None:
-    """``count`` messages of the largest legal body, a few hundred in flight at a time."""
-    body = "x" * 4000
-    async with Client(servers, token=token, timeout=30.0) as client:
-        for start in range(0, count, 400):
-            await asyncio.gather(
-                *(client.send("alice", body) for _ in range(start, min(count, start + 400)))
-            )
 
 
 def test_a_large_catch_up_does_not_stall_the_primary(cluster_factory: ClusterFactory) -> None:

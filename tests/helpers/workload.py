@@ -367,6 +367,16 @@ async def send_each(servers: list[str], token: str, to: str, bodies: list[str]) 
             await client.send(to, body)
 
 
+async def send_large(servers: list[str], token: str, count: int) -> None:
+    """``count`` messages of the largest legal body, a few hundred in flight at a time."""
+    body = "x" * 4000
+    async with Client(servers, token=token, timeout=30.0) as client:
+        for start in range(0, count, 400):
+            await asyncio.gather(
+                *(client.send("alice", body) for _ in range(start, min(count, start + 400)))
+            )
+
+
 def first_log_seq(node: NodeProcess) -> int | None:
     """The oldest seq still in a node's log (a running node's database may be read: WAL)."""
     with node.open_storage() as storage:

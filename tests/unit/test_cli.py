@@ -668,9 +668,23 @@ def test_status_json_and_the_unread_count_of_the_session(
     assert [n["lag"] for n in summary["nodes"]] == [0, 3, None]
     assert set(summary["nodes"][0]) == {
         "address", "up", "id", "role", "epoch", "seq", "lag", "primary", "sync_set",
-        "waiting_for", "reason", "checksums", "error",
+        "waiting_for", "reason", "snapshot_waits", "checksums", "error",
     }  # fmt: skip
     assert summary["nodes"][2]["up"] is False
+
+
+def test_status_names_the_backups_whose_snapshot_waits_and_why(service: FakeService) -> None:
+    why = "no room for a copy of the database: it needs 63.3 MiB free"
+    service.statuses = [
+        _status("127.0.0.1:7001", 1, "primary", 120, snapshot_waits={"3": why}),
+        _status("127.0.0.1:7002", 2, "backup", 120),
+    ]
+    result = chatctl("status")
+    assert result.exit_code == 0, result.stderr
+    primary_row = result.stdout.splitlines()[1]
+    assert primary_row.endswith(f"snapshot for node 3 waits: {why}"), primary_row
+    nodes = as_json(chatctl("status", "--json"))["nodes"]
+    assert [n["snapshot_waits"] for n in nodes] == [{"3": why}, {}]
 
 
 def test_status_exits_3_and_says_why_when_no_primary_is_known(service: FakeService) -> None:

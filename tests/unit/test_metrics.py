@@ -164,6 +164,7 @@ def test_a_primarys_state_becomes_gauges() -> None:
     assert seen.value("chat_batches_total") == 50
     assert seen.value("chat_clients") == 7
     assert seen.value("chat_storage_fault") == 0
+    assert seen.get("chat_data_dir_free_bytes") is None, "unknown: not made up"
     assert seen.value("chat_database_unproven") == 0
     assert seen.value("chat_checksum_mismatches_total") == 0
     # No comparison completed yet: no verdict, rather than a made-up one.
@@ -180,6 +181,7 @@ def test_storage_health_and_a_checksum_mismatch_become_gauges() -> None:
             acknowledged_seq=None,
             lag={},
             storage_fault=True,
+            data_dir_free=5_000_000,
             unproven=True,
             waiting_for=(2, 3),
             checksums=differ,
@@ -192,6 +194,8 @@ def test_storage_health_and_a_checksum_mismatch_become_gauges() -> None:
     assert seen.get("chat_acknowledged_seq") is None
     assert seen.get("chat_in_sync_size") is None
     assert seen.value("chat_storage_fault") == 1
+    assert seen.value("chat_data_dir_free_bytes") == 5_000_000
+    assert seen.get("chat_snapshots_waiting") is None, "a primary's to tell"
     assert seen.value("chat_database_unproven") == 1
     assert seen.value("chat_waiting_for_members") == 2
     assert seen.value("chat_checksums_agreed") == 0

@@ -599,6 +599,7 @@ PEER_EXAMPLES: dict[str, protocol.Frame] = {
         "offset": 0,
         "data": protocol.b64(b"SQLite format 3"),
         "done": True,
+        "size": 15,
     },
     "reject": {"type": "reject", "epoch": 3},
     "probe": {"type": "probe", "epoch": 2, "round": 1},
@@ -695,10 +696,13 @@ def test_a_field_added_later_may_be_missing_and_takes_its_default(kind: str, fie
     assert getattr(message, field) == messages.WIRE_DEFAULTS[kind][field]
 
 
-def test_only_the_joins_snapshot_request_is_optional() -> None:
+def test_only_the_joins_snapshot_request_and_the_snapshots_size_are_optional() -> None:
     assert messages.WIRE_DEFAULTS["join"] == {"snapshot": False}
+    assert messages.WIRE_DEFAULTS["snapshot"] == {"size": None}
     assert not [
-        kind for kind, fields in messages.WIRE_DEFAULTS.items() if fields and kind != "join"
+        kind
+        for kind, fields in messages.WIRE_DEFAULTS.items()
+        if fields and kind not in ("join", "snapshot")
     ]
 
 
@@ -842,7 +846,7 @@ RECORDS = [LogRecord(2, 10, b"changeset \x00\xff"), LogRecord(2, 11, b""), LogRe
 BULKY: list[messages.Message] = [
     messages.Append(2, 12, 9, RECORDS, messages.sync_set_from_wire(SYNC_SET), (1, 2), 0),
     messages.Append(2, 12, 9, [], messages.sync_set_from_wire(SYNC_SET), (1, 2), -1),
-    messages.Snapshot(2, Position(2, 10), 0, b"SQLite format 3\x00", True),
+    messages.Snapshot(2, Position(2, 10), 0, b"SQLite format 3\x00", True, 16),
 ]
 
 

@@ -157,6 +157,9 @@ class NodeConfig:
     session_idle: float = 7 * 86400.0
     # A login beyond this many live sessions of the user ends the oldest one.
     sessions_per_user: int = 20
+    # A listen beyond this many live streams of the user (on this node) ends the
+    # oldest one: each message to a user is pushed to every stream of the user.
+    listens_per_user: int = 10
     # HOST:PORT where the node serves Prometheus metrics over HTTP (service/metrics.py);
     # empty: not served.
     metrics_address: str = ""
@@ -345,6 +348,8 @@ class NodeConfig:
             raise InvalidInput(
                 "session_lifetime, session_idle and sessions_per_user must be positive"
             )
+        if self.listens_per_user < 1:
+            raise InvalidInput("listens_per_user must be positive")
 
 
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(NodeConfig) if f.type in ("float", float)}

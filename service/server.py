@@ -74,6 +74,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import resource
 import secrets
@@ -90,6 +91,7 @@ from .errors import (
     Internal,
     InvalidInput,
     ProtocolViolation,
+    Refused,
     StorageCorrupt,
     StorageFault,
 )
@@ -214,6 +216,7 @@ class Listener:
         self.user_id, self.user_name = user
         self.token_hash = token_hash
         self.last_id = 0
+        self.number = next(_listener_numbers)  # the oldest of a user's streams: the lowest
         # Messages to push; a ChatError ends the stream with that error.
         self.queue: asyncio.Queue[dict[str, Any] | ChatError] = asyncio.Queue(LISTEN_QUEUE)
 
@@ -232,6 +235,9 @@ class Listener:
             self.queue.put_nowait(reason)
         except asyncio.QueueFull:
             self.session.close()
+
+
+_listener_numbers = itertools.count()
 
 
 def session_ended() -> ChatError:
@@ -803,7 +809,21 @@ class ClientSession:
         # dropped by id). Pushes wait in the listener's queue until the backlog is out.
         (user, backlog, upto), seen = self.database.read(start)
         listener = Listener(self, request_id, user, token_hash)
-        self.server.listeners.setdefault(listener.user_id, set()).add(listener)
+        group = self.server.listeners.setdefault(listener.user_id, set())
+        cap = self.server.config.listens_per_user
+        while len(group) >= cap:
+            # Every message to a user is pushed to each of its streams: one account's
+            # thousand streams made each send to it a thousand pushes, and a burst of
+            # sends silenced the primary past suspect_timeout. The oldest goes, as
+            # with sessions: a stream whose client vanished must not lock out a new one.
+            oldest = min(group, key=lambda other: other.number)
+            oldest.end(
+                Refused(
+                    f"{user[1]} has {cap} listen streams on this node, the most it serves "
+                    "(listens_per_user): this one, the oldest, ended"
+                )
+            )
+        group.add(listener)
         self.listeners.append(listener)
         await self._keep_alive(token_hash, now)
         try:

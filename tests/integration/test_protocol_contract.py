@@ -330,6 +330,51 @@ def test_a_second_listen_on_a_connection_is_refused(single_node: Cluster) -> Non
     scenario(single_node, body)
 
 
+def test_a_listen_past_the_users_cap_ends_that_users_oldest_stream(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """Every message to a user is pushed to each of the user's streams: one account's
+    thousand streams made each send to it a thousand pushes, and a burst of 2,000
+    sends silenced the primary past ``suspect_timeout`` (an election). Past
+    ``listens_per_user`` a new listen ends the user's oldest stream, as a login past
+    ``sessions_per_user`` ends the oldest session; other users' streams do not count."""
+    cluster = cluster_factory(n=1, listens_per_user=3)
+    cluster.start()
+    cluster.wait_for_primary()
+    address = cluster.servers[0]
+
+    async def fence(raw: Raw) -> list[tuple[str, str]]:
+        raw.send(protocol.request("status", "fence", {}))
+        frames = await frames_until(raw, "fence")
+        return [(f["request_id"], f["message"]["body"]) for f in frames if f["type"] == "message"]
+
+    async def body() -> None:
+        ann, bob, cy = [await user(address, name) for name in ("ann", "bob", "cy")]
+        streams = []
+        for n in range(4):
+            raw = await Raw.client(address)
+            reply = await raw.answer(protocol.request("listen", f"L{n}", {}, ann))
+            assert reply["type"] == "reply", reply
+            streams.append(raw)
+        ended = await streams[0].first_answer("the end of ann's oldest stream")
+        assert (ended["type"], ended["request_id"], ended["code"]) == ("error", "L0", "refused")
+        assert "listens_per_user" in ended["message"], ended
+        other = await Raw.client(address)
+        assert (await other.answer(protocol.request("listen", "C", {}, cy)))["type"] == "reply"
+        async with Client([address], token=bob, timeout=ANSWER_TIMEOUT) as sender:
+            await sender.send("ann", "hello")
+            await sender.send("cy", "hi")
+        assert [await fence(raw) for raw in streams] == [
+            [],  # ended: no push, and the connection serves other requests
+            [("L1", "hello")],
+            [("L2", "hello")],
+            [("L3", "hello")],
+        ]
+        assert await fence(other) == [("C", "hi")]
+
+    scenario(cluster, body)
+
+
 def test_the_client_library_listens_again_after_giving_up_a_stream(single_node: Cluster) -> None:
     """``Client.listen`` closes the connection of a stream it gives up, so listening
     again through the same client is not a second listen on that connection."""

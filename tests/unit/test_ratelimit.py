@@ -158,6 +158,7 @@ def test_the_login_settings_come_from_the_ini_file(tmp_path: Path) -> None:
     assert defaults.scrypt_n == 2**17
     assert (defaults.hash_workers, defaults.hash_queue) == (2, 2)
     assert (defaults.session_lifetime, defaults.session_idle) == (30 * 86400, 7 * 86400)
+    assert (defaults.sessions_per_user, defaults.listens_per_user) == (20, 10)
 
 
 @pytest.mark.parametrize(
@@ -173,6 +174,7 @@ def test_the_login_settings_come_from_the_ini_file(tmp_path: Path) -> None:
         {"login_backoff_cap": 1000},  # longer than the failures are remembered
         {"session_idle": 0},
         {"sessions_per_user": 0},
+        {"listens_per_user": 0},
     ],
 )
 def test_bad_login_settings_are_refused(tmp_path: Path, setting: dict[str, object]) -> None:

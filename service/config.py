@@ -157,6 +157,9 @@ class NodeConfig:
     session_idle: float = 7 * 86400.0
     # A login beyond this many live sessions of the user ends the oldest one.
     sessions_per_user: int = 20
+    # Bytes of replies and pushes that clients have not read yet, over all
+    # connections; beyond, the connection holding the most is dropped.
+    max_client_unread: int = 256 * 1024 * 1024
     # A listen beyond this many live streams of the user (on this node) ends the
     # oldest one: each message to a user is pushed to every stream of the user.
     listens_per_user: int = 10
@@ -350,6 +353,8 @@ class NodeConfig:
             )
         if self.listens_per_user < 1:
             raise InvalidInput("listens_per_user must be positive")
+        if self.max_client_unread < 1024 * 1024:
+            raise InvalidInput("max_client_unread must be at least 1 MiB (1048576)")
 
 
 _FLOAT_FIELDS = {f.name for f in dataclasses.fields(NodeConfig) if f.type in ("float", float)}

@@ -115,6 +115,8 @@ class NodeSample:
     clients: int = 0
     client_limit: int = 0
     listen_streams: int = 0
+    client_unread: int = 0
+    clients_dropped: int = 0
 
 
 def sample_node(replicator: Replicator, server: Server) -> NodeSample:
@@ -153,6 +155,8 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         clients=len(server.sessions),
         client_limit=server.client_limit,
         listen_streams=sum(len(group) for group in server.listeners.values()),
+        client_unread=server.unread.total,
+        clients_dropped=server.drops,
     )
 
 
@@ -232,6 +236,11 @@ def _plain(sample: NodeSample) -> list[tuple[str, str, float | None]]:
         ("chat_clients", "Client connections open", sample.clients),
         ("chat_client_limit", "Client connections this node serves at most", sample.client_limit),
         ("chat_listen_streams", "Live listen streams", sample.listen_streams),
+        (
+            "chat_client_unread_bytes",
+            "Bytes clients have not read, over connections holding more than 1 MiB",
+            sample.client_unread,
+        ),
     ]
 
 
@@ -241,6 +250,11 @@ def _counted(sample: NodeSample) -> list[tuple[str, str, float]]:
         ("chat_batches", "Primary: records sealed (one transaction each)", sample.batches),
         ("chat_client_writes", "Primary: client writes executed in records", sample.writes),
         ("chat_client_reads", "Primary: client reads served", sample.reads),
+        (
+            "chat_clients_dropped",
+            "Client connections dropped for what they did not read (16 MiB, max_client_unread)",
+            sample.clients_dropped,
+        ),
         (
             "chat_checksum_rounds",
             "Primary: cross-node checksum comparisons completed",

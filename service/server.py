@@ -99,6 +99,7 @@ from .peer import OPERATOR_ID, FrameFeed, FrameReader
 from .replication.types import Role
 from .storage import Db
 from .throttle import ThrottledLog
+from .unread import HEAVY, UnreadBudget
 
 log = logging.getLogger("service.server")
 
@@ -288,6 +289,10 @@ class Server:
         )
         self._bad_hello = ThrottledLog(log, logging.INFO, "connection refused at hello", interval)
         self._bad_peer = ThrottledLog(log, logging.WARNING, "peer hello refused", interval)
+        self.dropped = ThrottledLog(log, logging.WARNING, "client dropped", interval)
+        self.drops = 0  # connections dropped for what their clients did not read
+        # What clients have not read yet, over every connection (service/unread.py).
+        self.unread = UnreadBudget(config.max_client_unread)
         self.scrypt = chat.ScryptParams(n=config.scrypt_n)
         self.limiter = ratelimit.LoginLimiter.from_config(config)
         self.hashing = ratelimit.HashPool(config.hash_workers, config.hash_queue)
@@ -536,6 +541,16 @@ class ClientSession:
     def close(self) -> None:
         self.writer.close()
 
+    def unread(self) -> int:
+        return self.transport.get_write_buffer_size()
+
+    def abort(self, why: str) -> None:
+        """Close at once, dropping what the client has not read: a close would keep it
+        in memory until the client reads, which such a client never does."""
+        self.server.drops += 1
+        self.server.dropped.note(address=self.address, why=why)
+        self.transport.abort()
+
     def forget(self, listener: Listener) -> None:
         """``listener`` gets no more pushes."""
         self.server.listeners.get(listener.user_id, set()).discard(listener)
@@ -548,10 +563,13 @@ class ClientSession:
             return
         if transport.get_write_buffer_size() > MAX_UNREAD:
             # The client does not read its replies: drop it rather than buffer forever.
-            log.info("closing a client that does not read its replies")
-            self.close()
+            self.abort(f"its client has not read {MAX_UNREAD} bytes of replies")
             return
         transport.write(protocol.encode_frame(frame))
+        unread = self.server.unread
+        size = transport.get_write_buffer_size()
+        if size > HEAVY or self in unread.sizes:
+            unread.wrote(self, size)
 
     async def run(self) -> None:
         self._idle_timer = self.loop.call_later(
@@ -566,6 +584,7 @@ class ClientSession:
                 self.send(protocol.error(None, violation.to_wire()))
         finally:
             self._idle_timer.cancel()
+            self.server.unread.forget(self)
             for listener in list(self.listeners):
                 self.forget(listener)
             for task in list(self.tasks):

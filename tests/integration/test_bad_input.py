@@ -570,6 +570,50 @@ def test_many_idle_connections_do_not_disturb_others(single_node: Cluster) -> No
         )
 
 
+def test_clients_that_never_read_are_dropped_and_their_buffers_freed(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """What a node writes waits in memory until its client reads it. A connection
+    holding 16 MiB unread was closed, but a close keeps the buffer until the client
+    reads, which such a client never does; and nothing bounded the sum over
+    connections: one account's 200 connections, each pipelining the largest
+    ``read`` and never reading, grew the primary by 2.6 GB in 20 s. Now such a
+    connection is dropped at once, and past ``max_client_unread`` over all clients
+    the one holding the most goes (each of these asks for about 12 MB, under the
+    16 MiB a connection may hold alone)."""
+    cluster = cluster_factory(n=1, metrics=True, max_client_unread=2 * 1024 * 1024)
+    cluster.start()
+    cluster.wait_for_primary()
+    address = cluster.servers[0]
+    node = cluster[1]
+
+    def dropped() -> float:
+        scrape = node.metrics()
+        return 0 if scrape is None else scrape.value("chat_clients_dropped_total")
+
+    async def scenario(user: Bystander) -> None:
+        async with Client([address], timeout=ANSWER_TIMEOUT) as hog:
+            await hog.register("hog", PASSWORD)
+            await hog.login("hog", PASSWORD)
+            for _ in range(3):  # an inbox whose read replies are 1.2 MB each
+                await asyncio.gather(*(hog.send("hog", "x" * 4000) for _ in range(100)))
+            token = hog.token
+        hogs = [await Raw.client(address) for _ in range(3)]
+        for n, raw in enumerate(hogs):
+            for k in range(10):
+                raw.send(protocol.request("read", f"r{n}.{k}", {"limit": 1000}, token))
+        await asyncio.to_thread(
+            wait_for, lambda: dropped() >= len(hogs), 20.0, "the node to drop the three readers"
+        )
+        for raw in hogs:
+            frames = await raw.closed_by_node(CLOSE_MARGIN)
+            assert len(frames) < 10, f"a reader that never reads got all {len(frames)} replies"
+        assert "max_client_unread" in node.log_text()
+        await user.wait_progress()
+
+    run(cluster, scenario)
+
+
 # ---- bad requests on a good connection ---------------------------------------------------
 
 

@@ -777,8 +777,8 @@ def _database_bytes(conn: apsw.Connection) -> int:
         )
 
 
-def copy_room(folder: Path, size: int) -> str | None:
-    """Why ``folder`` has no room for a file of ``size`` bytes beside the spare a node
+def copy_room(folder: Path, size: int, what: str = "a copy of the database") -> str | None:
+    """Why ``folder`` has no room for ``what`` (``size`` bytes) beside the spare a node
     keeps for its own commits, or None when it has."""
     spare = max(COPY_SPARE_BYTES, size // 10)
     try:
@@ -788,7 +788,7 @@ def copy_room(folder: Path, size: int) -> str | None:
     if free >= size + spare:
         return None
     return (
-        f"no room for a copy of the database: it needs {_mib(size + spare)} free in the "
+        f"no room for {what}: it needs {_mib(size + spare)} free in the "
         f"data dir ({_mib(size)} and {_mib(spare)} to spare), {_mib(free)} are free"
     )
 
@@ -1421,13 +1421,13 @@ class Storage:
             source.close()
         return position
 
-    def install_bytes(self, size: int) -> int:
+    @staticmethod
+    def install_bytes(size: int) -> int:
         """The most room an install of a snapshot of ``size`` bytes takes in the data
-        dir, the received file included: that file, its staging copy, the WAL that
-        takes every page of it, and the database's growth to its size."""
-        with _translated():
-            current = _database_bytes(self._conn)
-        return 3 * size + max(0, size - current)
+        dir beside what the node holds, the received file included: that file, its
+        staging copy and the WAL that takes every page of it (the staging copy is
+        gone before the checkpoint grows the database to the snapshot's size)."""
+        return 3 * size
 
     def install_snapshot(self, src: Path) -> Position:
         """Replace all of this database with ``src``, keeping this node's own votes.

@@ -222,7 +222,9 @@ class Follower:
             # a disk that filled mid-way made the primary copy and send the whole
             # database again every few hundred milliseconds, and never enough.
             needed = self.storage.install_bytes(chunk.size)
-            problem = copy_room(path.parent, needed)
+            problem = copy_room(
+                path.parent, needed, "the snapshot, a staging copy and the WAL of its install"
+            )
             if problem is not None:
                 self.incoming_snapshot = None
                 self.shell.fault(f"cannot install the snapshot: {problem}", room=needed)

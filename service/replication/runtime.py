@@ -471,7 +471,11 @@ class Replicator:
             try:
                 # A probe write would go through, and the primary would send the
                 # whole snapshot again only for it to find no room again.
-                problem = None if room is None else copy_room(self.config.data_dir, room)
+                problem = (
+                    None
+                    if room is None
+                    else copy_room(self.config.data_dir, room, "the snapshot it waits for")
+                )
                 if problem is not None:
                     raise StorageFault(problem)
                 # The vote and epoch the core holds, which a failed Persist may not

@@ -10,7 +10,10 @@ the copy is sound: damaged pages are never shipped. Nor is a record of the log
 that fails its checksum (``LogDamaged``: the disk changed it): it leaves the log
 with the records before it, and the backup, asked to join again, gets a snapshot.
 A backup takes a snapshot only when the answer to its join announced one, so a
-stream that finds the log no longer reaching back also has it join again.
+stream that finds the log no longer reaching back also has it join again. A
+snapshot the disk does not let the primary make (no room for the copy beside the
+database) waits, its backup linked, and is tried again every ``SNAPSHOT_RETRY``
+seconds; ``snapshot_waits`` says why to status and metrics.
 
 Invariants: ``tail`` holds the newest records in seq order, at most
 ``TAIL_BYTES`` of changesets (at least one record); a stream's ``next_seq`` is

@@ -549,6 +549,7 @@ class ClientSession:
         in memory until the client reads, which such a client never does."""
         self.server.drops += 1
         self.server.dropped.note(address=self.address, why=why)
+        self.server.unread.forget(self)
         self.transport.abort()
 
     def forget(self, listener: Listener) -> None:

@@ -118,7 +118,8 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .drop_log_through(seq) -> int                       a damaged record and older
         .log_bytes() -> int                                 bytes of changesets in the log
         .rewind(to_seq, rollback_path) -> int
-        .make_snapshot(dest) -> Position
+        .make_snapshot(dest) -> Position                   StorageFault: no room (copy_room)
+        .install_bytes(size) -> int                         room an install of a snapshot takes
         .install_snapshot(src) -> Position
         .checksums() -> dict[str, str]
         .integrity_check() -> str
@@ -127,6 +128,8 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .close()
 
     prune_rollback_files(folder, max_files, max_bytes) -> list[Path]   the oldest go
+    copy_room(folder, size, what) -> str | None     why a copy of size bytes does not fit
+    remove_database_files(path)                     a copy with its -wal, -shm, -journal
     prepare_restore(path, node_id, migrations=None) -> (Position, database_id)
                                               a backup made node-local
     schema_migrations(app_migrations) -> tuple[str, ...]    what user_version counts

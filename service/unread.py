@@ -53,7 +53,6 @@ class UnreadBudget:
         self.budget = budget
         self.sizes: dict[Connection, int] = {}
         self.total = 0
-        self.aborted = 0  # connections aborted to keep the bound
 
     def wrote(self, conn: Connection, size: int) -> None:
         """``conn``'s buffer holds ``size`` bytes after a write to it."""
@@ -81,7 +80,6 @@ class UnreadBudget:
             largest = max(self.sizes, key=self.sizes.__getitem__)
             held = self.sizes[largest]
             self.forget(largest)
-            self.aborted += 1
             largest.abort(
                 f"its client has not read {held} bytes, and the clients of this node "
                 f"hold more than max_client_unread ({self.budget}) unread"

@@ -49,7 +49,6 @@ def test_past_the_budget_the_largest_holders_are_dropped_down_to_the_refill_mark
     assert budget.total == int(6.5 * MIB) <= budget.budget * REFILL
     assert conns[2] not in budget.sizes
     assert "max_client_unread" in (conns[2].aborted or "")
-    assert budget.aborted == 1
 
 
 def test_sizes_are_read_again_before_anyone_is_dropped() -> None:

@@ -64,6 +64,7 @@ from . import protocol, tls
 from .config import NodeConfig
 from .errors import ProtocolViolation
 from .throttle import ThrottledLog
+from .turns import TurnBudget
 
 log = logging.getLogger("service.peer")
 
@@ -357,6 +358,9 @@ class FrameFeed(asyncio.Protocol):
     end of stream), the error that closed the transport, or whatever ``on_frame``
     raised. After that no frame is handed on; its owner answers and closes.
     ``drain`` waits while the transport's write buffer is over its high-water mark.
+    With a ``budget`` (a client's connection: ``turns.TurnBudget``) it hands on no
+    more frames in a turn of the loop than the budget has left; the rest wait, with
+    reading paused, for a later turn.
     """
 
     def __init__(
@@ -364,31 +368,74 @@ class FrameFeed(asyncio.Protocol):
         decoder: protocol.FrameDecoder,
         on_frame: Callable[[protocol.Frame], None],
         over_tls: bool = False,
+        budget: TurnBudget | None = None,
     ) -> None:
         self.decoder = decoder
         self.on_frame = on_frame
         self.over_tls = over_tls
+        self.budget = budget
+        self.transport: asyncio.Transport | None = None  # set by hand_off
         self._loop = asyncio.get_running_loop()
         self.ended: asyncio.Future[BaseException | None] = self._loop.create_future()
         self._writable: asyncio.Future[None] | None = None
+        self._waiting = False  # frames held for a later turn, reading paused
+        self._eof_held = False  # the end of stream came while frames were held
 
     def data_received(self, data: bytes) -> None:
         if self.ended.done():
             return
         self.decoder.push(data)
+        if not self._waiting:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        budget = self.budget
         try:
-            while not self.ended.done() and (frame := self.decoder.pop()) is not None:
+            while not self.ended.done():
+                if budget is not None and not budget.take():
+                    self._wait(budget)
+                    return
+                frame = self.decoder.pop()
+                if frame is None:
+                    if budget is not None:
+                        budget.give_back()
+                    return
                 self.on_frame(frame)
         except Exception as exc:
             self._end(exc)
 
+    def _wait(self, budget: TurnBudget) -> None:
+        self._waiting = True
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        budget.wait(self)
+
+    def go_on(self) -> None:
+        """A later turn: hand on what is held, then read again (unless held again)."""
+        self._waiting = False
+        self._hand_on()
+        if self._waiting:
+            return
+        if self._eof_held:
+            self._at_eof()
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
     def eof_received(self) -> bool:
-        if self.decoder.pending and not self.ended.done():
-            self._end(ProtocolViolation("connection closed in the middle of a frame"))
-        self._end(None)
+        if self._waiting:
+            self._eof_held = True  # the frames before it first
+        else:
+            self._at_eof()
         # Half-closed: the owner may still answer (an error frame) before it closes.
         # TLS has no half-close (its transport closes whatever this returns).
         return not self.over_tls
+
+    def _at_eof(self) -> None:
+        if self.decoder.pending and not self.ended.done():
+            self._end(ProtocolViolation("connection closed in the middle of a frame"))
+        self._end(None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._end(exc)
@@ -463,13 +510,17 @@ class FrameReader:
         return frame
 
     def hand_off(
-        self, writer: asyncio.StreamWriter, on_frame: Callable[[protocol.Frame], None]
+        self,
+        writer: asyncio.StreamWriter,
+        on_frame: Callable[[protocol.Frame], None],
+        budget: TurnBudget | None = None,
     ) -> FrameFeed:
         """Once the handshake is over: every later frame goes to ``on_frame`` as it
-        arrives (``FrameFeed``), the ones already here first, in order. Call it with
-        nothing awaited since the last frame taken, and read nothing from this
-        reader after."""
-        feed = FrameFeed(self.decoder, on_frame, writer.get_extra_info("sslcontext") is not None)
+        arrives (``FrameFeed``, under ``budget`` if given), the ones already here
+        first, in order. Call it with nothing awaited since the last frame taken,
+        and read nothing from this reader after."""
+        over_tls = writer.get_extra_info("sslcontext") is not None
+        feed = FrameFeed(self.decoder, on_frame, over_tls, budget)
         # What the stream reader holds beyond the bytes read so far (a peer may send
         # its first frames right behind its welcome) comes before anything newer.
         held: bytearray = getattr(self.reader, "_buffer", bytearray())
@@ -477,6 +528,7 @@ class FrameReader:
         held.clear()
         lost = self.reader.at_eof() or writer.is_closing()
         transport = cast(asyncio.Transport, writer.transport)  # uvloop's: not a subclass
+        feed.transport = transport
         transport.set_protocol(feed)
         # The stream reader pauses the transport when its buffer is full; the feed
         # decodes as it goes and never needs that.

@@ -99,6 +99,7 @@ from .peer import OPERATOR_ID, FrameFeed, FrameReader
 from .replication.types import Role
 from .storage import Db
 from .throttle import ThrottledLog
+from .turns import TurnBudget
 from .unread import HEAVY, UnreadBudget
 
 log = logging.getLogger("service.server")
@@ -293,6 +294,8 @@ class Server:
         self.drops = 0  # connections dropped for what their clients did not read
         # What clients have not read yet, over every connection (service/unread.py).
         self.unread = UnreadBudget(config.max_client_unread)
+        # The client frames taken in one turn of the loop (service/turns.py).
+        self.turns = TurnBudget()
         self.scrypt = chat.ScryptParams(n=config.scrypt_n)
         self.limiter = ratelimit.LoginLimiter.from_config(config)
         self.hashing = ratelimit.HashPool(config.hash_workers, config.hash_queue)
@@ -579,7 +582,7 @@ class ClientSession:
         try:
             # Frames are dispatched as they arrive, those already received before any
             # request is served (see the module docstring: the in-flight limit).
-            self.feed = self.frames.hand_off(self.writer, self._on_frame)
+            self.feed = self.frames.hand_off(self.writer, self._on_frame, self.server.turns)
             violation = await self.feed.violation()
             if violation is not None:
                 self.send(protocol.error(None, violation.to_wire()))

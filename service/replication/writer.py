@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 from .. import protocol
 from ..config import NodeConfig
 from ..errors import (
+    Busy,
     ChatError,
     Internal,
     InvalidInput,
@@ -62,6 +63,11 @@ from .types import Position, Role
 # (a record too large for the stream would stop replication for good).
 RECORD_BUDGET = 2 * 1024 * 1024
 YIELDS_BETWEEN_BATCHES = 3
+# Writes waiting for a batch, at most this many batches' worth (max_batch each):
+# past it a write is refused with busy, so that clients pipelining writes on many
+# connections (256 each) cannot hold the primary's memory without bound.
+QUEUED_BATCHES = 8
+QUEUE_FULL_RETRY = 0.1  # seconds: a few batches
 PRUNE_INTERVAL = 0.5  # seconds
 
 MessageHook = Callable[[int, dict[str, Any]], None]
@@ -186,6 +192,12 @@ class WritePath:
         if self.core.fault is not None:
             raise StorageFault(
                 f"node {self.config.node_id} cannot write: {self.core.fault}; retry later"
+            )
+        if len(self.queue) >= QUEUED_BATCHES * self.config.max_batch:
+            raise Busy(
+                f"node {self.config.node_id} has {len(self.queue)} writes waiting for a "
+                "batch, the most it queues; retry in a moment",
+                retry_after=QUEUE_FULL_RETRY,
             )
         self.queue.append(PendingWrite(op, args, token_hash, request_id, done, fingerprint))
         self.work.set()

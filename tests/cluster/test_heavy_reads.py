@@ -8,6 +8,13 @@ heartbeat for seconds (the slowest read took 8.8 s) and the backups elected
 another primary, for as long as the reads went on. Reads now take turns, one
 query per turn of the loop (``WritePath.read``), and the heartbeats go out
 between them.
+
+The largest legal ``send`` (4,000 characters, each written as a JSON escape pair:
+a 48 KB frame), 256 of them unanswered on each of many connections, put about a
+thousand such frames into one turn of the loop (0.7 s without a heartbeat: an
+election within a second), and queued writes without bound (a GB in seconds).
+Client frames now share a budget per turn (``service/turns.py``), and a write
+beyond eight batches' worth of queued ones is refused with ``busy``.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import time
 
 import pytest
 
+from service import protocol
 from service.client import Client
 from tests.conftest import ClusterFactory
 from tests.helpers.workload import finish, new_user, run, start_cluster, view_of
@@ -64,4 +72,76 @@ def test_many_connections_reading_the_largest_pages_cause_no_election(
     for node in cluster.nodes.values():
         view = view_of(node)
         assert view.epoch == epoch, f"an election while the reads went on: {view}"
+    finish(cluster)
+
+
+# The most requests a connection may leave unanswered (PROTOCOL.md section 3).
+PIPELINED = 256
+
+
+async def send_flood(address: str, token: str, connections: int, seconds: float) -> dict[str, int]:
+    """``connections`` connections each keeping ``PIPELINED`` of the largest sends
+    unanswered for ``seconds``; returns the answers by kind (``reply``, ``busy``...)."""
+    body = protocol.encode_frame(
+        protocol.request("send", "ID", {"to": "mallory", "body": "\U0001f600" * 4000}, token)
+    )[protocol.HEADER.size :]
+    head, tail = body.split(b'"ID"')
+    answers: dict[str, int] = {}
+    deadline = time.monotonic() + seconds
+
+    def frame(request_id: str) -> bytes:
+        data = head + f'"{request_id}"'.encode() + tail
+        return protocol.HEADER.pack(len(data)) + data
+
+    async def one(n: int) -> None:
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        decoder = protocol.FrameDecoder()
+        pending: list[protocol.Frame] = []
+
+        async def next_frame() -> protocol.Frame:
+            while not pending:
+                data = await reader.read(65536)
+                assert data, "the node closed the connection"
+                decoder.push(data)
+                while (got := decoder.pop()) is not None:
+                    pending.append(got)
+            return pending.pop(0)
+
+        await next_frame()  # the node's hello
+        writer.write(protocol.encode_frame(protocol.client_hello(1)))
+        assert (await next_frame())["type"] == "welcome"
+        sent = unanswered = 0
+        try:
+            while time.monotonic() < deadline:
+                while unanswered < PIPELINED:
+                    writer.write(frame(f"f{n}.{sent}"))
+                    sent += 1
+                    unanswered += 1
+                await writer.drain()
+                answer = await next_frame()
+                unanswered -= 1
+                kind = answer.get("code") or answer["type"]
+                answers[kind] = answers.get(kind, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one(n) for n in range(connections)))
+    return answers
+
+
+def test_many_connections_pipelining_the_largest_sends_cause_no_election(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory(heartbeat_interval=0.05, suspect_timeout=0.3)
+    primary = start_cluster(cluster)
+    token = run(new_user(cluster.servers, "mallory"))
+    epoch = view_of(primary).epoch
+    answers = run(send_flood(primary.address, token, CONNECTIONS * 2, SECONDS))
+    assert answers.get("reply", 0) > 0, answers
+    assert answers.get("busy", 0) > 0, f"the queue of writes never filled: {answers}"
+    assert set(answers) <= {"reply", "busy"}, answers
+    for node in cluster.nodes.values():
+        view = view_of(node)
+        assert view.epoch == epoch, f"an election while the sends went on: {view}"
     finish(cluster)

@@ -34,6 +34,7 @@ import pytest
 
 from service import protocol
 from service.client import Client, new_request_id
+from service.turns import FRAMES_PER_TURN
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster
 from tests.integration.test_bad_input import Raw, assert_node_unharmed, close_all
@@ -243,16 +244,22 @@ def test_every_operation_refuses_an_unknown_argument(single_node: Cluster) -> No
 def test_requests_beyond_the_in_flight_limit_are_refused(single_node: Cluster) -> None:
     address = single_node.servers[0]
     limit = protocol.MAX_IN_FLIGHT
-    # Pipelined in one write: the node holds them all unanswered at once, however
-    # quickly it could answer each (a status takes no time).
+    # Pipelined in one write. Reads take turns on the primary, one per turn of its
+    # loop, while it takes up to 256 client frames per turn: more than 256 of them
+    # are soon unanswered at once, however quickly it could answer each.
     sent = 4 * limit
 
-    def burst(prefix: str, count: int) -> tuple[list[str], bytes]:
-        ids = [f"{prefix}{i}" for i in range(count)]
-        data = b"".join(protocol.encode_frame(protocol.request("status", i, {})) for i in ids)
-        return ids, data
-
     async def body() -> None:
+        token = await user(address, "ann")
+
+        def burst(prefix: str, count: int) -> tuple[list[str], bytes]:
+            ids = [f"{prefix}{i}" for i in range(count)]
+            data = b"".join(
+                protocol.encode_frame(protocol.request("read", i, {"limit": 1}, token))
+                for i in ids
+            )
+            return ids, data
+
         raw = await Raw.client(address)
         ids, data = burst("a", sent)
         raw.send_bytes(data)
@@ -301,6 +308,30 @@ def test_a_refused_write_is_not_stored_and_a_reused_id_must_repeat_its_request(
         assert refusal["code"] == "conflict", refusal
         page = await raw.answer(protocol.request("read", "r1", {"box": "sent"}, token))
         assert [m["body"] for m in page["result"]["messages"]] == ["hello"]
+
+    scenario(single_node, body)
+
+
+def test_frames_past_a_turns_budget_are_answered_in_order_then_the_end_of_stream(
+    single_node: Cluster,
+) -> None:
+    """A node takes at most ``turns.FRAMES_PER_TURN`` client frames in one turn of its
+    loop; the rest of what arrived waits, reading paused, for later turns. Nothing
+    of it is lost or reordered, and an end of stream behind it comes after it."""
+    address = single_node.servers[0]
+    count = 4 * FRAMES_PER_TURN
+
+    async def body() -> None:
+        raw = await Raw.client(address)
+        raw.send_bytes(
+            b"".join(
+                protocol.encode_frame(protocol.request("status", f"s{n}", {})) for n in range(count)
+            )
+        )
+        raw.writer.write_eof()  # in the same burst as the frames
+        frames = await raw.closed_by_node(CLOSE_TIMEOUT)
+        assert [f.get("request_id") for f in frames] == [f"s{n}" for n in range(count)]
+        assert all(f["type"] == "reply" for f in frames), frames[:3]
 
     scenario(single_node, body)
 

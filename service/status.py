@@ -29,13 +29,15 @@ Invariants
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ProtocolViolation
 from .replication.types import NO_SYNC_SET, SyncSet
 from .replication.verify import Outcome as Checksums
+
+V = TypeVar("V")
 
 ROLES = ("primary", "backup", "electing")
 
@@ -325,25 +327,24 @@ def _checksums(value: object) -> Checksums | None:
     )
 
 
-def _snapshot_waits(value: object) -> dict[int, str]:
+def _by_node(
+    value: object, name: str, what: str, read: Callable[[Mapping[str, Any], str], V]
+) -> dict[int, V]:
+    """An object of node ids (as strings) mapped to ``what``, each value ``read``."""
     if value is None:
         return {}
-    data = _object(value, "snapshot_waits")
-    waits: dict[int, str] = {}
+    data = _object(value, name)
+    found: dict[int, V] = {}
     for key in data:
         if not str(key).isdigit():
-            raise _bad("snapshot_waits", value, "node ids mapped to reasons")
-        waits[int(key)] = _str(data, key)
-    return waits
+            raise _bad(name, value, f"node ids mapped to {what}")
+        found[int(key)] = read(data, key)
+    return found
+
+
+def _snapshot_waits(value: object) -> dict[int, str]:
+    return _by_node(value, "snapshot_waits", "reasons", _str)
 
 
 def _lag(value: object) -> dict[int, int]:
-    if value is None:
-        return {}
-    data = _object(value, "lag")
-    lag: dict[int, int] = {}
-    for key in data:
-        if not str(key).isdigit():
-            raise _bad("lag", value, "node ids mapped to counts")
-        lag[int(key)] = _int(data, key)
-    return lag
+    return _by_node(value, "lag", "counts", _int)

@@ -27,12 +27,30 @@ import pytest
 from service import protocol
 from service.client import Client
 from tests.conftest import ClusterFactory
+from tests.helpers.cluster import Cluster, NodeProcess
 from tests.helpers.workload import finish, new_user, run, start_cluster, view_of
 
 pytestmark = pytest.mark.cluster
 
 CONNECTIONS = 50
 SECONDS = 3.0
+
+
+def quick_to_suspect(cluster_factory: ClusterFactory) -> tuple[Cluster, NodeProcess, str]:
+    """A cluster whose backups take a primary for dead after 0.3 s of silence, its
+    primary, and the token of mallory, the heavy user."""
+    cluster = cluster_factory(heartbeat_interval=0.05, suspect_timeout=0.3)
+    primary = start_cluster(cluster)
+    return cluster, primary, run(new_user(cluster.servers, "mallory"))
+
+
+def assert_no_election(cluster: Cluster, epoch: int, what: str) -> None:
+    """Every node still in ``epoch`` (nobody was elected while ``what`` went on), then
+    the checks after every scenario."""
+    for node in cluster.nodes.values():
+        view = view_of(node)
+        assert view.epoch == epoch, f"an election while {what} went on: {view}"
+    finish(cluster)
 
 
 async def load_inbox(servers: list[str], token: str, count: int) -> None:
@@ -63,16 +81,11 @@ async def read_flood(servers: list[str], token: str) -> int:
 def test_many_connections_reading_the_largest_pages_cause_no_election(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory(heartbeat_interval=0.05, suspect_timeout=0.3)
-    primary = start_cluster(cluster)
-    token = run(new_user(cluster.servers, "mallory"))
+    cluster, primary, token = quick_to_suspect(cluster_factory)
     run(load_inbox(cluster.servers, token, 1000))
     epoch = view_of(primary).epoch
     assert run(read_flood(cluster.servers, token)) > 0
-    for node in cluster.nodes.values():
-        view = view_of(node)
-        assert view.epoch == epoch, f"an election while the reads went on: {view}"
-    finish(cluster)
+    assert_no_election(cluster, epoch, "the reads")
 
 
 # The most requests a connection may leave unanswered (PROTOCOL.md section 3).
@@ -133,15 +146,10 @@ async def send_flood(address: str, token: str, connections: int, seconds: float)
 def test_many_connections_pipelining_the_largest_sends_cause_no_election(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster = cluster_factory(heartbeat_interval=0.05, suspect_timeout=0.3)
-    primary = start_cluster(cluster)
-    token = run(new_user(cluster.servers, "mallory"))
+    cluster, primary, token = quick_to_suspect(cluster_factory)
     epoch = view_of(primary).epoch
     answers = run(send_flood(primary.address, token, CONNECTIONS * 2, SECONDS))
     assert answers.get("reply", 0) > 0, answers
     assert answers.get("busy", 0) > 0, f"the queue of writes never filled: {answers}"
     assert set(answers) <= {"reply", "busy"}, answers
-    for node in cluster.nodes.values():
-        view = view_of(node)
-        assert view.epoch == epoch, f"an election while the sends went on: {view}"
-    finish(cluster)
+    assert_no_election(cluster, epoch, "the sends")

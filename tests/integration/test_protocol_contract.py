@@ -255,8 +255,7 @@ def test_requests_beyond_the_in_flight_limit_are_refused(single_node: Cluster) -
         def burst(prefix: str, count: int) -> tuple[list[str], bytes]:
             ids = [f"{prefix}{i}" for i in range(count)]
             data = b"".join(
-                protocol.encode_frame(protocol.request("read", i, {"limit": 1}, token))
-                for i in ids
+                protocol.encode_frame(protocol.request("read", i, {"limit": 1}, token)) for i in ids
             )
             return ids, data
 

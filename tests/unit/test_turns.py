@@ -1,4 +1,8 @@
-"""The budget of client frames per turn of the event loop (service/turns.py)."""
+"""The budget of client frames per turn of the event loop (service/turns.py).
+
+``await asyncio.sleep(0)`` here is not a wait for some state: it is exactly one
+turn of the loop, the unit the budget counts in (the refill is a ``call_soon``).
+"""
 
 from __future__ import annotations
 

@@ -56,12 +56,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .errors import ChatError
 from .replication.types import Role
 from .replication.verify import Outcome
 
 if TYPE_CHECKING:
     from .replication.runtime import Replicator
     from .server import Server
+    from .storage import Storage
 
 log = logging.getLogger("service.metrics")
 
@@ -103,6 +105,7 @@ class NodeSample:
     # Free bytes in the data dir (None: unknown); primary only: backups whose
     # snapshot waits (no room for the copy, a disk that refuses it).
     data_dir_free: int | None = None
+    database_bytes: int | None = None
     snapshots_waiting: int | None = None
     unproven: bool = False
     waiting_for: tuple[int, ...] = ()
@@ -141,6 +144,7 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         confirmed=bool(stats["confirmed"]) if core.role is Role.BACKUP else None,
         storage_fault=core.fault is not None,
         data_dir_free=_free_bytes(replicator.config.data_dir),
+        database_bytes=_database_bytes(replicator.storage),
         snapshots_waiting=len(replicator.streams.snapshot_waits)
         if core.role is Role.PRIMARY
         else None,
@@ -158,6 +162,13 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         client_unread=server.unread.total,
         clients_dropped=server.drops,
     )
+
+
+def _database_bytes(storage: Storage) -> int | None:
+    try:
+        return storage.database_bytes()
+    except ChatError:  # a disk that fails reads: the storage fault says so
+        return None
 
 
 def _free_bytes(folder: Path) -> int | None:
@@ -201,6 +212,11 @@ def _plain(sample: NodeSample) -> list[tuple[str, str, float | None]]:
             "chat_data_dir_free_bytes",
             "Bytes free in the data dir's file system (a snapshot or a backup copies the database)",
             sample.data_dir_free,
+        ),
+        (
+            "chat_database_bytes",
+            "Bytes of this node's database, every page: what a snapshot or a backup copies",
+            sample.database_bytes,
         ),
         (
             "chat_snapshots_waiting",

@@ -120,6 +120,7 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .rewind(to_seq, rollback_path) -> int
         .make_snapshot(dest) -> Position                   StorageFault: no room (copy_room)
         .install_bytes(size) -> int                         room an install of a snapshot takes
+        .database_bytes() -> int                            what a copy of the database takes
         .install_snapshot(src) -> Position
         .checksums() -> dict[str, str]
         .integrity_check() -> str
@@ -1163,6 +1164,11 @@ class Storage:
     @property
     def reader(self) -> Db:
         return self._reader_db
+
+    def database_bytes(self) -> int:
+        """The size of a copy of the database (every page): what a snapshot or a
+        backup needs room for."""
+        return _database_bytes(self._reader)
 
     def read(self, query: Callable[[Db], T]) -> tuple[T, int]:
         """Run ``query`` on one consistent committed state; also return its seq.

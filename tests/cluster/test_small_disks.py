@@ -109,6 +109,7 @@ def test_a_snapshot_the_primary_has_no_room_for_waits_and_goes_through_once_ther
     assert scrape is not None
     assert scrape.value("chat_snapshots_waiting") == 1
     assert scrape.value("chat_data_dir_free_bytes") < size + MIB
+    assert scrape.value("chat_database_bytes") >= size
 
     # It waits: no copy left on the disk, no retries in the log, the primary leads on.
     mark = primary.log_size()

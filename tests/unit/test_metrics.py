@@ -182,6 +182,7 @@ def test_storage_health_and_a_checksum_mismatch_become_gauges() -> None:
             lag={},
             storage_fault=True,
             data_dir_free=5_000_000,
+            database_bytes=7_000_000,
             unproven=True,
             waiting_for=(2, 3),
             checksums=differ,
@@ -195,6 +196,8 @@ def test_storage_health_and_a_checksum_mismatch_become_gauges() -> None:
     assert seen.get("chat_in_sync_size") is None
     assert seen.value("chat_storage_fault") == 1
     assert seen.value("chat_data_dir_free_bytes") == 5_000_000
+    # No room for a copy of the database: what an alert compares.
+    assert seen.value("chat_database_bytes") == 7_000_000
     assert seen.get("chat_snapshots_waiting") is None, "a primary's to tell"
     assert seen.value("chat_database_unproven") == 1
     assert seen.value("chat_waiting_for_members") == 2

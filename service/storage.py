@@ -804,10 +804,6 @@ def _mib(size: int) -> str:
 def remove_database_files(path: Path) -> None:
     """Remove the database file ``path`` and its -wal, -shm and -journal, if any: a
     copy that SQLite opened (to check it, to read it) leaves the first two."""
-    _remove_db_files(path)
-
-
-def _remove_db_files(path: Path) -> None:
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
@@ -1406,7 +1402,7 @@ class Storage:
         """
         dest = Path(dest)
         partial = dest.with_name(dest.name + ".partial")
-        _remove_db_files(partial)
+        remove_database_files(partial)
         source = _connect(self.path, self._synchronous, self._vfs)
         try:
             problem = copy_room(dest.parent, _database_bytes(source))
@@ -1424,7 +1420,7 @@ class Storage:
             os.replace(partial, dest)
             _fsync_dir(dest.parent)
         except BaseException:
-            _remove_db_files(partial)
+            remove_database_files(partial)
             raise
         finally:
             source.close()
@@ -1452,7 +1448,7 @@ class Storage:
         self._committed = None
         own = self.node_state()
         staging = self.path.with_name(self.path.name + ".installing")
-        _remove_db_files(staging)
+        remove_database_files(staging)
         try:
             # No journal: a staging copy cut short is thrown away (as make_snapshot's).
             copy = _connect(staging, "OFF", self._vfs, journal="OFF")
@@ -1478,7 +1474,7 @@ class Storage:
             finally:
                 copy.close()
         finally:
-            _remove_db_files(staging)
+            remove_database_files(staging)
         if self._writer_synchronous == "NORMAL":
             self._sync_files()
         # The WAL took every page of the snapshot: give its room back now rather

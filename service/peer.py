@@ -388,19 +388,33 @@ class FrameFeed(asyncio.Protocol):
         if not self._waiting:
             self._hand_on()
 
-    def _hand_on(self) -> None:
+    def _hand_on(self, most: int | None = None) -> None:
+        """Hand on the whole frames held, as far as the budget goes (and, waiting in
+        line, at most ``most`` before going to the back of it)."""
         budget = self.budget
+        taken = 0
         try:
             while not self.ended.done():
-                if budget is not None and not budget.take():
-                    self._wait(budget)
-                    return
-                frame = self.decoder.pop()
-                if frame is None:
-                    if budget is not None:
+                if budget is None:
+                    frame = self.decoder.pop()
+                    if frame is None:
+                        return
+                else:
+                    if not budget.take():
+                        self._wait(budget)
+                        return
+                    held = self.decoder.pending
+                    frame = self.decoder.pop()
+                    if frame is None:
                         budget.give_back()
-                    return
+                        return
+                    budget.spend(held - self.decoder.pending)
                 self.on_frame(frame)
+                taken += 1
+                if most is not None and taken >= most and budget is not None:
+                    if self.decoder.pending and not self.ended.done():
+                        self._wait(budget)
+                    return
         except Exception as exc:
             self._end(exc)
 
@@ -411,9 +425,10 @@ class FrameFeed(asyncio.Protocol):
         budget.wait(self)
 
     def go_on(self) -> None:
-        """A later turn: hand on what is held, then read again (unless held again)."""
+        """A later turn: hand on what is held, one frame (the others waiting take
+        theirs in turn), then read again once nothing is held."""
         self._waiting = False
-        self._hand_on()
+        self._hand_on(most=1)
         if self._waiting:
             return
         if self._eof_held:

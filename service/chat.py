@@ -120,7 +120,7 @@ import re
 import secrets
 import string
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
@@ -128,7 +128,7 @@ from typing import Any
 import orjson
 
 from .config import MAX_SCRYPT_N
-from .errors import AuthFailed, Conflict, Gone, Internal, InvalidInput, NotFound
+from .errors import AuthFailed, ChatError, Conflict, Gone, Internal, InvalidInput, NotFound
 from .protocol import MAX_REQUEST_ID, OPS, SESSION_ENDING_OPS, WRITE_OPS
 from .storage import ConstraintViolation, Db
 
@@ -553,6 +553,11 @@ class SessionCache(Sessions):
             self._accounts[key] = found
         return found
 
+    def owner(self, token_hash: str) -> int | None:
+        """The account of a session the writer has read (None: not read, or forgotten)."""
+        row = self._rows.get(token_hash)
+        return row.user_id if row is not None else None
+
     def user(self, db: Db, token_hash: str | None, now: float) -> tuple[int, str]:
         row = self._live(db, token_hash, now)
         return row.user_id, row.name
@@ -591,6 +596,17 @@ class SessionCache(Sessions):
         if not row.ends_at > now:
             raise AuthFailed(SESSION_ENDED)
         return row
+
+
+# The keys of ``ChatApplication.share_key`` that are no account (accounts are ints).
+NO_SESSION = "no session"
+UNKNOWN_SESSION = "unknown session"
+
+
+def session_owner(db: Db, token_hash: str) -> Hashable:
+    """The account that holds the session ``token_hash``, live or not; or UNKNOWN_SESSION."""
+    found = db.value("SELECT user_id FROM sessions WHERE token_hash = ?", (token_hash,))
+    return int(found) if found is not None else UNKNOWN_SESSION
 
 
 def user_auth(db: Db, username: str) -> tuple[int, str] | None:
@@ -1375,6 +1391,22 @@ class ChatApplication:
             self.sessions,
             self.request_retention,
         )
+
+    def share_key(self, db: Db, token_hash: str | None) -> Hashable:
+        # The account, so that one account's sessions share one line. A write without
+        # a session (register, login: hashed first, and bounded there) or with a token
+        # no session has shares the line of its kind: made-up tokens cost no more room
+        # than one account's writes. A disk that fails the query fails the write in
+        # its batch, as before.
+        if token_hash is None:
+            return NO_SESSION
+        owner = self.sessions.owner(token_hash)
+        if owner is not None:
+            return owner
+        try:
+            return session_owner(db, token_hash)
+        except ChatError:
+            return UNKNOWN_SESSION
 
     def reset(self) -> None:
         self.sessions.forget()

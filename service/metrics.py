@@ -112,6 +112,8 @@ class NodeSample:
     batches: int = 0
     writes: int = 0
     reads: int = 0
+    writes_waiting: int | None = None
+    writes_refused_busy: int = 0
     checksums: Outcome | None = None
     checksum_rounds: int = 0
     checksum_mismatches: int = 0
@@ -153,6 +155,8 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         batches=replicator.batches,
         writes=replicator.writes,
         reads=replicator.reads,
+        writes_waiting=replicator.writes_waiting if core.role is Role.PRIMARY else None,
+        writes_refused_busy=replicator.writes_refused_busy,
         checksums=verifier.last,
         checksum_rounds=verifier.completed,
         checksum_mismatches=verifier.mismatches,
@@ -253,6 +257,11 @@ def _plain(sample: NodeSample) -> list[tuple[str, str, float | None]]:
         ("chat_client_limit", "Client connections this node serves at most", sample.client_limit),
         ("chat_listen_streams", "Live listen streams", sample.listen_streams),
         (
+            "chat_writes_waiting",
+            "Primary: client writes queued for a batch (at most eight batches' worth)",
+            sample.writes_waiting,
+        ),
+        (
             "chat_client_unread_bytes",
             "Bytes clients have not read, over connections holding more than 1 MiB",
             sample.client_unread,
@@ -266,6 +275,12 @@ def _counted(sample: NodeSample) -> list[tuple[str, str, float]]:
         ("chat_batches", "Primary: records sealed (one transaction each)", sample.batches),
         ("chat_client_writes", "Primary: client writes executed in records", sample.writes),
         ("chat_client_reads", "Primary: client reads served", sample.reads),
+        (
+            "chat_writes_refused_busy",
+            "Primary: client writes refused busy, the queue full and their account's "
+            "writes among the most waiting",
+            sample.writes_refused_busy,
+        ),
         (
             "chat_clients_dropped",
             "Client connections dropped for what they did not read (16 MiB, max_client_unread)",

@@ -22,6 +22,7 @@ fails; a bug raised after its changes leaves them in the batch, answered
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, Protocol
 
 from ..storage import Db
@@ -39,6 +40,14 @@ class Application(Protocol):
         fingerprint: str | None,
     ) -> dict[str, Any]:
         """Apply one client write (``op`` one of ``protocol.WRITE_OPS``); its result."""
+        ...
+
+    def share_key(self, db: Db, token_hash: str | None) -> Hashable:
+        """Who a queued write counts against, for the writer's queue to share its room
+        and its batches out fairly (``writequeue.py``): the chat says the account.
+        Called on the event loop when the write arrives, with the primary's reader
+        (outside any batch); it decides nothing but the write's turn, so a stale
+        answer costs fairness, never correctness."""
         ...
 
     def reset(self) -> None:

@@ -253,6 +253,14 @@ class Replicator:
         return self.writer.writes
 
     @property
+    def writes_waiting(self) -> int:
+        return len(self.writer.queue)
+
+    @property
+    def writes_refused_busy(self) -> int:
+        return self.writer.refused_busy
+
+    @property
     def reads(self) -> int:
         return self.writer.reads
 

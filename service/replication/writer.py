@@ -1,7 +1,8 @@
 """The primary's write path (R2, R7): batches, group commit, and the replies' waiters.
 
-Client writes queue up while the previous batch runs; the writer takes all of
-them (up to ``max_batch``) into one SQLite transaction, each in its own
+Client writes queue up while the previous batch runs, each account's in a line
+of its own (``writequeue.py``); the writer takes them, in turns between the lines
+and up to ``max_batch``, into one SQLite transaction, each in its own
 savepoint (but the ops that need none: ``Application.unguarded_bound``),
 applies each through the ``Application`` (the chat), seals one
 record (one seq), commits without syncing, sends the record to every backup
@@ -30,7 +31,6 @@ import contextlib
 import copy
 import heapq
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -54,6 +54,7 @@ from .shell import Shell, log
 from .state import ReplicaCore
 from .streams import Streams
 from .types import Position, Role
+from .writequeue import QueueFull, WriteQueue
 
 # No record's changeset grows past this: the writer ends a batch before an operation
 # would take it further (that operation goes first into the next batch), and an
@@ -64,8 +65,10 @@ from .types import Position, Role
 RECORD_BUDGET = 2 * 1024 * 1024
 YIELDS_BETWEEN_BATCHES = 3
 # Writes waiting for a batch, at most this many batches' worth (max_batch each):
-# past it a write is refused with busy, so that clients pipelining writes on many
-# connections (256 each) cannot hold the primary's memory without bound.
+# past it a write of the account with the most waiting is refused with busy
+# (writequeue.py), so that clients pipelining writes on many connections (256
+# each) cannot hold the primary's memory without bound, nor the queue against
+# other users.
 QUEUED_BATCHES = 8
 QUEUE_FULL_RETRY = 0.1  # seconds: a few batches
 PRUNE_INTERVAL = 0.5  # seconds
@@ -141,7 +144,8 @@ class WritePath:
         self.durability = durability
         self.streams = streams
         self.metrics = metrics
-        self.queue: deque[PendingWrite] = deque()
+        # Writes waiting for a batch, in turns between accounts (writequeue.py).
+        self.queue: WriteQueue[PendingWrite] = WriteQueue(QUEUED_BATCHES * config.max_batch)
         self.work = asyncio.Event()
         self.waiters: list[Waiter] = []  # a heap
         self._order = 0
@@ -157,6 +161,7 @@ class WritePath:
         self.batches = 0
         self.writes = 0
         self.reads = 0
+        self.refused_busy = 0  # writes refused because the queue was full
         self._read_turn = asyncio.Lock()  # one read query per turn of the loop (``read``)
 
     def primary_address(self) -> str | None:
@@ -193,14 +198,23 @@ class WritePath:
             raise StorageFault(
                 f"node {self.config.node_id} cannot write: {self.core.fault}; retry later"
             )
-        if len(self.queue) >= QUEUED_BATCHES * self.config.max_batch:
-            raise Busy(
-                f"node {self.config.node_id} has {len(self.queue)} writes waiting for a "
-                "batch, the most it queues; retry in a moment",
-                retry_after=QUEUE_FULL_RETRY,
-            )
-        self.queue.append(PendingWrite(op, args, token_hash, request_id, done, fingerprint))
+        write = PendingWrite(op, args, token_hash, request_id, done, fingerprint)
+        try:
+            evicted = self.queue.push(self.app.share_key(self.storage.reader, token_hash), write)
+        except QueueFull:
+            raise self._queue_full() from None
+        if evicted is not None:
+            evicted.finish(self._queue_full())
         self.work.set()
+
+    def _queue_full(self) -> Busy:
+        self.refused_busy += 1
+        return Busy(
+            f"node {self.config.node_id} has {len(self.queue)} writes waiting for a "
+            "batch, the most it queues, and this account's are among the most of them; "
+            "retry in a moment",
+            retry_after=QUEUE_FULL_RETRY,
+        )
 
     async def submit(
         self,
@@ -303,9 +317,7 @@ class WritePath:
                         )
                     )
                     break
-                items = [
-                    self.queue.popleft() for _ in range(min(len(self.queue), self.config.max_batch))
-                ]
+                items = self.queue.take(self.config.max_batch)
                 members, self.sync_change = self.sync_change, None
                 self._write_batch(items, members)
                 # A request needs a few loop turns from its socket to this queue (read,
@@ -402,7 +414,7 @@ class WritePath:
                     outcomes.append((item, InvalidInput("this request is too large to replicate")))
                     continue
                 # The rest waits for the next batch, first in line, in order.
-                self.queue.extendleft(reversed(items[index:]))
+                self.queue.put_back(items[index:])
                 self.work.set()
                 break
             except ChatError as exc:
@@ -479,10 +491,10 @@ class WritePath:
             heapq.heappop(self.waiters).fire(None)
 
     def fail_queue(self, exc: ChatError) -> None:
-        while self.queue:
+        for write in self.queue.drain():
             # A fresh exception per write: one instance raised in several tasks
             # would carry one task's traceback into another's.
-            self.queue.popleft().finish(copy.copy(exc))
+            write.finish(copy.copy(exc))
 
     def fail_all(self, exc: ChatError) -> None:
         self.fail_queue(exc)

@@ -1,0 +1,155 @@
+"""The primary's writes waiting for a batch, shared out between accounts.
+
+Why
+---
+The queue is bounded (``WritePath``: eight batches' worth), and it was one line,
+first come first served. One account pipelining the largest ``send`` on a hundred
+connections kept it full: the primary answered some 900 writes a second, 4,096
+waited, and every other user's write was either refused ``busy`` or let in behind
+the flood's, about five seconds of batches, longer than a client waits for one
+attempt (2 s). The client sent it again, to wait again: nobody else wrote while
+the flood went on.
+
+How
+---
+Each write counts against a key, its account (``Application.share_key``), and
+waits in that key's own line. A batch takes the lines in turns, one write from
+each (round robin; a line that had its turn goes to the back), so a write of an
+account with nothing waiting goes into the next batch however long the others'
+lines are. When the queue is full, a write whose line is shorter than the
+longest by two or more is let in, and the newest write of the longest line is
+refused (``busy``, which changes nothing) to make room; any other write is
+refused itself. So a flood, from one account or from many, holds the queue only
+against itself: anyone with fewer writes waiting gets in. What one user's writes
+keep is their order: a line is first in, first out.
+
+Writes put back (a batch that ran out of room in its record) go first, before
+every line, in their order.
+
+Invariants: ``len`` is the writes in ``_front`` and in the lines; every line is
+non-empty and its key is in ``_rotation`` exactly once; ``_by_length[n]`` is the
+set of keys whose line holds ``n`` writes, never empty; ``_longest`` is the
+largest such ``n`` (0 when no line holds any).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Hashable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """The write was not let in: its account holds (nearly) the most of the queue."""
+
+
+class WriteQueue(Generic[T]):
+    """Writes by key, at most ``limit`` of them, taken in turns between keys."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._front: deque[T] = deque()
+        self._lines: dict[Hashable, deque[T]] = {}
+        self._rotation: deque[Hashable] = deque()
+        self._by_length: dict[int, set[Hashable]] = {}
+        self._longest = 0
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def waiting(self, key: Hashable) -> int:
+        """How many of ``key``'s writes wait in its line."""
+        line = self._lines.get(key)
+        return len(line) if line is not None else 0
+
+    def push(self, key: Hashable, item: T) -> T | None:
+        """Queue ``item`` at the end of ``key``'s line. When the queue is full, the
+        newest write of the longest line is taken out to make room and returned (its
+        client is to be refused); raises ``QueueFull`` if ``item`` is refused instead."""
+        evicted: T | None = None
+        if self._count >= self.limit:
+            if self.waiting(key) + 2 > self._longest:
+                raise QueueFull
+            evicted = self._evict_newest_of_longest()
+        line = self._lines.get(key)
+        if line is None:
+            line = self._lines[key] = deque()
+            self._rotation.append(key)
+        line.append(item)
+        self._count += 1
+        self._moved(key, len(line) - 1, len(line))
+        return evicted
+
+    def take(self, most: int) -> list[T]:
+        """Up to ``most`` writes: those put back first, then one from each line in turn."""
+        taken: list[T] = []
+        front = self._front
+        while front and len(taken) < most:
+            taken.append(front.popleft())
+        rotation, lines = self._rotation, self._lines
+        while rotation and len(taken) < most:
+            key = rotation.popleft()
+            line = lines[key]
+            taken.append(line.popleft())
+            length = len(line)
+            if length:
+                rotation.append(key)
+            else:
+                del lines[key]
+            self._moved(key, length + 1, length)
+        self._count -= len(taken)
+        return taken
+
+    def put_back(self, items: list[T]) -> None:
+        """``items`` (taken, not written) go first in line, in their order."""
+        self._front.extendleft(reversed(items))
+        self._count += len(items)
+
+    def drain(self) -> list[T]:
+        """Every write, the queue left empty."""
+        items = list(self._front)
+        for key in self._rotation:
+            items.extend(self._lines[key])
+        self._front.clear()
+        self._lines.clear()
+        self._rotation.clear()
+        self._by_length.clear()
+        self._longest = 0
+        self._count = 0
+        return items
+
+    def _evict_newest_of_longest(self) -> T:
+        key = next(iter(self._by_length[self._longest]))
+        line = self._lines[key]
+        item = line.pop()
+        self._count -= 1
+        self._moved(key, len(line) + 1, len(line))
+        if not line:  # not reached: a longest line lets in only when it holds two or more
+            del self._lines[key]
+            self._rotation.remove(key)
+        return item
+
+    def _moved(self, key: Hashable, old: int, new: int) -> None:
+        """``key``'s line went from ``old`` writes to ``new`` (one more or one fewer)."""
+        by_length = self._by_length
+        if old:
+            keys = by_length[old]
+            keys.discard(key)
+            if not keys:
+                del by_length[old]
+                if old == self._longest and new < old:
+                    self._longest = new
+        if new:
+            keys_new = by_length.get(new)
+            if keys_new is None:
+                by_length[new] = {key}
+            else:
+                keys_new.add(key)
+            if new > self._longest:
+                self._longest = new

@@ -1,0 +1,97 @@
+"""The primary's queue of writes, shared out between accounts (replication/writequeue.py)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from service.replication.writequeue import QueueFull, WriteQueue
+
+
+def test_a_batch_takes_one_write_of_each_account_in_turn() -> None:
+    queue: WriteQueue[str] = WriteQueue(limit=100)
+    for n in range(5):
+        queue.push("mallory", f"m{n}")
+    queue.push("alice", "a0")
+    queue.push("bob", "b0")
+    queue.push("alice", "a1")
+    # alice's writes, behind five of mallory's, go in the first batch; each line
+    # keeps its order; a line that had its turn goes to the back.
+    assert queue.take(4) == ["m0", "a0", "b0", "m1"]
+    assert queue.take(10) == ["a1", "m2", "m3", "m4"]
+    assert len(queue) == 0
+    assert not queue
+
+
+def test_a_full_queue_lets_in_a_smaller_account_and_refuses_the_floods_newest() -> None:
+    queue: WriteQueue[str] = WriteQueue(limit=4)
+    for n in range(4):
+        queue.push("mallory", f"m{n}")
+    # alice holds nothing: mallory's newest makes room for her write.
+    assert queue.push("alice", "a0") == "m3"
+    # mallory, the longest line, is refused; so is a write that would only swap
+    # places (alice's second would make her line as long as mallory's was).
+    with pytest.raises(QueueFull):
+        queue.push("mallory", "m4")
+    assert queue.push("bob", "b0") == "m2"
+    with pytest.raises(QueueFull):
+        queue.push("alice", "a1")
+    assert len(queue) == 4
+    assert queue.take(10) == ["m0", "a0", "b0", "m1"]
+
+
+def test_writes_put_back_go_first_in_their_order() -> None:
+    queue: WriteQueue[str] = WriteQueue(limit=10)
+    for item in ("a0", "a1", "a2"):
+        queue.push("alice", item)
+    queue.push("bob", "b0")
+    taken = queue.take(3)
+    assert taken == ["a0", "b0", "a1"]
+    queue.put_back(taken[1:])  # the batch's record had no room for these
+    assert len(queue) == 3
+    assert queue.take(10) == ["b0", "a1", "a2"]
+
+
+def test_drain_returns_every_write_and_empties_the_queue() -> None:
+    queue: WriteQueue[str] = WriteQueue(limit=10)
+    queue.push("alice", "a0")
+    queue.push("bob", "b0")
+    queue.push("alice", "a1")
+    queue.put_back(["x"])
+    assert sorted(queue.drain()) == ["a0", "a1", "b0", "x"]
+    assert len(queue) == 0
+    assert queue.take(10) == []
+    queue.push("carol", "c0")  # usable again
+    assert queue.take(10) == ["c0"]
+
+
+def test_random_operations_keep_the_bound_the_counts_and_each_lines_order() -> None:
+    rng = random.Random(7)
+    queue: WriteQueue[tuple[str, int]] = WriteQueue(limit=50)
+    held: dict[str, list[int]] = {}
+    sent = {key: 0 for key in "abcdefg"}
+    for _ in range(20_000):
+        if rng.random() < 0.7:
+            key = rng.choice("aaaaabcdefg")  # a is the flood
+            item = (key, sent[key])
+            sent[key] += 1
+            try:
+                evicted = queue.push(key, item)
+            except QueueFull:
+                # Refused only when full, and only an account among the longest.
+                assert len(queue) == 50
+                assert len(held.get(key, [])) + 2 > max(map(len, held.values()))
+                continue
+            held.setdefault(key, []).append(item[1])
+            if evicted is not None:
+                longest = max(map(len, held.values()))
+                assert len(held[evicted[0]]) == longest or evicted[0] == key
+                assert held[evicted[0]].pop() == evicted[1]  # its newest
+        else:
+            for key, n in queue.take(rng.randrange(1, 20)):
+                assert held[key].pop(0) == n  # each line in its order
+        held = {key: line for key, line in held.items() if line}
+        assert len(queue) == sum(map(len, held.values())) <= 50
+        for key, line in held.items():
+            assert queue.waiting(key) == len(line)

@@ -114,6 +114,8 @@ class NodeSample:
     reads: int = 0
     writes_waiting: int | None = None
     writes_refused_busy: int = 0
+    reads_waiting: int | None = None
+    reads_refused_busy: int = 0
     checksums: Outcome | None = None
     checksum_rounds: int = 0
     checksum_mismatches: int = 0
@@ -157,6 +159,8 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         reads=replicator.reads,
         writes_waiting=replicator.writes_waiting if core.role is Role.PRIMARY else None,
         writes_refused_busy=replicator.writes_refused_busy,
+        reads_waiting=replicator.reads_waiting if core.role is Role.PRIMARY else None,
+        reads_refused_busy=replicator.reads_refused_busy,
         checksums=verifier.last,
         checksum_rounds=verifier.completed,
         checksum_mismatches=verifier.mismatches,
@@ -262,6 +266,11 @@ def _plain(sample: NodeSample) -> list[tuple[str, str, float | None]]:
             sample.writes_waiting,
         ),
         (
+            "chat_reads_waiting",
+            "Primary: client reads waiting for their turn (one query per turn of the loop)",
+            sample.reads_waiting,
+        ),
+        (
             "chat_client_unread_bytes",
             "Bytes clients have not read, over connections holding more than 1 MiB",
             sample.client_unread,
@@ -280,6 +289,12 @@ def _counted(sample: NodeSample) -> list[tuple[str, str, float]]:
             "Primary: client writes refused busy, the queue full and their account's "
             "writes among the most waiting",
             sample.writes_refused_busy,
+        ),
+        (
+            "chat_reads_refused_busy",
+            "Primary: client reads refused busy, 4,096 waiting and their account's reads "
+            "among the most of them",
+            sample.reads_refused_busy,
         ),
         (
             "chat_clients_dropped",

@@ -169,7 +169,7 @@ class Replica(Protocol):
         fingerprint: str | None = None,
     ) -> dict[str, Any]: ...
 
-    async def read(self, query: Callable[[Db], T]) -> T: ...
+    async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T: ...
 
     async def wait_acked(self, seq: int) -> None: ...
 
@@ -706,7 +706,9 @@ class ClientSession:
             # A query on the primary, released once acknowledged (R7); the inbox
             # messages it shows become read through a small write of their ids.
             now = time.time()
-            shown, to_mark = await replicator.read(lambda db: chat.read(db, token_hash, args, now))
+            shown, to_mark = await replicator.read(
+                lambda db: chat.read(db, token_hash, args, now), token_hash
+            )
             if to_mark:
                 # A primary whose disk refuses writes still serves reads; what they
                 # show stays unread until it can write again.
@@ -724,11 +726,11 @@ class ClientSession:
             return shown
         now = time.time()
         if op == "whoami":
-            result = await replicator.read(lambda db: chat.whoami(db, token_hash, now))
+            result = await replicator.read(lambda db: chat.whoami(db, token_hash, now), token_hash)
         elif op == "search":
             pattern, limit = args.get("pattern"), args.get("limit")
             result = await replicator.read(
-                lambda db: chat.search(db, token_hash, now, pattern, limit)
+                lambda db: chat.search(db, token_hash, now, pattern, limit), token_hash
             )
         else:
             raise InvalidInput(f"unknown operation {op!r}")
@@ -871,7 +873,8 @@ class ClientSession:
                         after=after,
                         past=int(backlog[-1]["id"]),
                         upto=upto,
-                    )
+                    ),
+                    listener.token_hash,
                 )
             while True:
                 await self._push_queued(listener)

@@ -44,7 +44,7 @@ class Application(Protocol):
 
     def share_key(self, db: Db, token_hash: str | None) -> Hashable:
         """Who a queued write counts against, for the writer's queue to share its room
-        and its batches out fairly (``writequeue.py``): the chat says the account.
+        and its batches out fairly (``fairqueue.py``): the chat says the account.
         Called on the event loop when the write arrives, with the primary's reader
         (outside any batch); it decides nothing but the write's turn, so a stale
         answer costs fairness, never correctness."""

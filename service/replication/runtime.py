@@ -261,6 +261,14 @@ class Replicator:
         return self.writer.refused_busy
 
     @property
+    def reads_waiting(self) -> int:
+        return len(self.writer.read_line)
+
+    @property
+    def reads_refused_busy(self) -> int:
+        return self.writer.reads_refused_busy
+
+    @property
     def reads(self) -> int:
         return self.writer.reads
 
@@ -294,9 +302,10 @@ class Replicator:
         """Run one write on the primary; returns once it is durable on the sync set."""
         return await self.writer.submit(op, args, token_hash, request_id, fingerprint)
 
-    async def read(self, query: Callable[[Db], T]) -> T:
-        """Run a query on the primary and release it once nothing it saw is unacked (R7)."""
-        return await self.writer.read(query)
+    async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T:
+        """Run a query on the primary and release it once nothing it saw is unacked (R7);
+        ``token_hash``'s account waits in a line of its own for the query's turn."""
+        return await self.writer.read(query, token_hash)
 
     async def wait_acked(self, seq: int) -> None:
         await self.writer.wait_acked(seq)

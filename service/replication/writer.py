@@ -1,7 +1,7 @@
 """The primary's write path (R2, R7): batches, group commit, and the replies' waiters.
 
 Client writes queue up while the previous batch runs, each account's in a line
-of its own (``writequeue.py``); the writer takes them, in turns between the lines
+of its own (``fairqueue.py``); the writer takes them, in turns between the lines
 and up to ``max_batch``, into one SQLite transaction, each in its own
 savepoint (but the ops that need none: ``Application.unguarded_bound``),
 applies each through the ``Application`` (the chat), seals one
@@ -50,11 +50,11 @@ from ..metrics import Metrics
 from ..storage import Batch, Db, Storage
 from .app import Application
 from .durability import Durability
+from .fairqueue import FairQueue, QueueFull
 from .shell import Shell, log
 from .state import ReplicaCore
 from .streams import Streams
 from .types import Position, Role
-from .writequeue import QueueFull, WriteQueue
 
 # No record's changeset grows past this: the writer ends a batch before an operation
 # would take it further (that operation goes first into the next batch), and an
@@ -66,11 +66,16 @@ RECORD_BUDGET = 2 * 1024 * 1024
 YIELDS_BETWEEN_BATCHES = 3
 # Writes waiting for a batch, at most this many batches' worth (max_batch each):
 # past it a write of the account with the most waiting is refused with busy
-# (writequeue.py), so that clients pipelining writes on many connections (256
+# (fairqueue.py), so that clients pipelining writes on many connections (256
 # each) cannot hold the primary's memory without bound, nor the queue against
 # other users.
 QUEUED_BATCHES = 8
 QUEUE_FULL_RETRY = 0.1  # seconds: a few batches
+# Reads waiting for their turn (one query per turn of the loop), at most this many:
+# past it a read of the account with the most waiting is refused with busy. Each
+# holds a task: a hundred connections of one account with 256 reads each put
+# 25,600 in line.
+QUEUED_READS = 4096
 PRUNE_INTERVAL = 0.5  # seconds
 
 MessageHook = Callable[[int, dict[str, Any]], None]
@@ -144,8 +149,8 @@ class WritePath:
         self.durability = durability
         self.streams = streams
         self.metrics = metrics
-        # Writes waiting for a batch, in turns between accounts (writequeue.py).
-        self.queue: WriteQueue[PendingWrite] = WriteQueue(QUEUED_BATCHES * config.max_batch)
+        # Writes waiting for a batch, in turns between accounts (fairqueue.py).
+        self.queue: FairQueue[PendingWrite] = FairQueue(QUEUED_BATCHES * config.max_batch)
         self.work = asyncio.Event()
         self.waiters: list[Waiter] = []  # a heap
         self._order = 0
@@ -162,7 +167,11 @@ class WritePath:
         self.writes = 0
         self.reads = 0
         self.refused_busy = 0  # writes refused because the queue was full
-        self._read_turn = asyncio.Lock()  # one read query per turn of the loop (``read``)
+        self.reads_refused_busy = 0  # and reads, because their line was
+        # Reads waiting for their turn, one query per turn of the loop (``read``), in
+        # turns between accounts; the callback that gives the next turn, if due.
+        self.read_line: FairQueue[asyncio.Future[None]] = FairQueue(QUEUED_READS)
+        self._read_turn: asyncio.Handle | None = None
 
     def primary_address(self) -> str | None:
         primary = self.core.primary
@@ -238,24 +247,56 @@ class WritePath:
         self.enqueue(op, args, token_hash, request_id, done, fingerprint)
         return await future
 
-    async def read(self, query: Callable[[Db], T]) -> T:
+    async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T:
         """Run a query on the primary and release it once nothing it saw is unacked (R7).
 
         One query per turn of the event loop: a read of the largest page (1,000
         messages of 4,000 characters) takes milliseconds of the loop, and fifty
         connections of one user asking for such pages at once ran fifty of them
         in one turn, again and again: the primary sent no heartbeat for longer
-        than ``suspect_timeout`` and the backups elected another. Queued on a
-        lock, each read waits for the loop to turn (timers, heartbeats, acks)
-        before its query."""
+        than ``suspect_timeout`` and the backups elected another. Each read waits
+        in its account's line (``read_line``) for a turn of its own, after the
+        loop turned (timers, heartbeats, acks): the lines take turns, so one
+        account's thousands of reads delay another's by one query each."""
+        self.require_primary()
+        turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            evicted = self.read_line.push(self.app.share_key(self.storage.reader, token_hash), turn)
+        except QueueFull:
+            raise self._reads_full() from None
+        if evicted is not None and not evicted.done():
+            evicted.set_exception(self._reads_full())
+        self._next_read_turn()
+        await turn
         self.require_primary()
         self.reads += 1
-        async with self._read_turn:
-            await asyncio.sleep(0)
-            self.require_primary()
-            result, seq = self.storage.read(query)
+        result, seq = self.storage.read(query)
         await self.wait_acked(seq)
         return result
+
+    def _next_read_turn(self) -> None:
+        if self._read_turn is None and self.read_line:
+            self._read_turn = asyncio.get_running_loop().call_soon(self._give_read_turn)
+
+    def _give_read_turn(self) -> None:
+        """The first read in turn whose client still waits runs its query in the next
+        turn of the loop (its task wakes then); the next one, the turn after."""
+        self._read_turn = None
+        while self.read_line:
+            (turn,) = self.read_line.take(1)
+            if not turn.done():  # a cancelled one: its connection closed
+                turn.set_result(None)
+                break
+        self._next_read_turn()
+
+    def _reads_full(self) -> Busy:
+        self.reads_refused_busy += 1
+        return Busy(
+            f"node {self.config.node_id} has {len(self.read_line)} reads waiting for their "
+            "turn, the most it queues, and this account's are among the most of them; "
+            "retry in a moment",
+            retry_after=QUEUE_FULL_RETRY,
+        )
 
     async def wait_acked(self, seq: int) -> None:
         if self.core.acknowledged(seq, self.shell.now()):

@@ -103,13 +103,25 @@ async def send_flood(
     stop: threading.Event | None = None,
     body: str = "\U0001f600" * 4000,
 ) -> dict[str, int]:
-    """``connections`` connections each keeping ``PIPELINED`` of the largest sends
-    unanswered for ``seconds`` (or until ``stop``); returns the answers by kind
-    (``reply``, ``busy``...), counted into ``answers`` as they come. By default the
-    largest sends: 4,000 characters written as JSON escape pairs, 48 KB frames."""
-    encoded = protocol.encode_frame(
-        protocol.request("send", "ID", {"to": "mallory", "body": body}, token)
-    )[protocol.HEADER.size :]
+    """``pipelined`` sends, by default the largest: 4,000 characters written as JSON
+    escape pairs, 48 KB frames."""
+    request = protocol.request("send", "ID", {"to": "mallory", "body": body}, token)
+    return await pipelined(address, request, connections, seconds, answers, stop)
+
+
+async def pipelined(
+    address: str,
+    request: protocol.Frame,
+    connections: int,
+    seconds: float,
+    answers: dict[str, int] | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, int]:
+    """``connections`` connections each keeping ``PIPELINED`` copies of ``request``
+    (request id ``ID``, made unique) unanswered for ``seconds`` (or until ``stop``);
+    returns the answers by kind (``reply``, ``busy``...), counted into ``answers`` as
+    they come."""
+    encoded = protocol.encode_frame(request)[protocol.HEADER.size :]
     head, tail = encoded.split(b'"ID"')
     answers = {} if answers is None else answers
     deadline = time.monotonic() + seconds
@@ -171,7 +183,7 @@ def test_many_connections_pipelining_the_largest_sends_cause_no_election(
 def test_another_users_writes_are_answered_while_one_account_floods_the_queue(
     cluster_factory: ClusterFactory,
 ) -> None:
-    """The queue of writes is shared out between accounts (writequeue.py): with one
+    """The queue of writes is shared out between accounts (fairqueue.py): with one
     account keeping it full, another's write gets in and goes into the next batch.
     Before, it was refused ``busy`` or let in behind some five seconds of the flood's
     writes, past its client's attempt: no send of alice's was answered while
@@ -206,5 +218,42 @@ def test_another_users_writes_are_answered_while_one_account_floods_the_queue(
     assert len(set(sent)) == 3, sent
     # The queue stayed full while alice was served: mallory's writes were refused.
     assert refused_during > 0, f"the flood never filled the queue while alice sent: {answers}"
+    assert set(answers) <= {"reply", "busy"}, answers
+    finish(cluster)
+
+
+def test_another_users_reads_are_answered_while_one_account_floods_reads(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """Reads take turns between accounts (fairqueue.py), one query per turn of the
+    loop, and at most 4,096 wait: one account's hundred connections with 256
+    ``whoami`` each delay another account's read by a query or so. Before, they
+    waited in one line, first come first served, behind the 25,600 of the flood."""
+    cluster = cluster_factory()
+    primary = start_cluster(cluster)
+    mallory = run(new_user(cluster.servers, "mallory"))
+    alice = run(new_user(cluster.servers, "alice"))
+    answers: dict[str, int] = {}
+    stop = threading.Event()
+    request = protocol.request("whoami", "ID", {}, mallory)
+    flood = threading.Thread(
+        target=lambda: run(
+            pipelined(primary.address, request, CONNECTIONS * 2, 60.0, answers, stop)
+        )
+    )
+    flood.start()
+    try:
+        wait_for(lambda: sum(answers.values()) >= 1000, 30.0, "mallory's reads to be answered")
+
+        async def alice_reads() -> list[str]:
+            async with Client(cluster.servers, token=alice, timeout=10.0) as client:
+                return [(await client.whoami())["user"] for _ in range(3)]
+
+        names = run(alice_reads())
+    finally:
+        stop.set()
+        flood.join()
+    assert names == ["alice"] * 3, names
+    assert answers.get("busy", 0) > 0, f"the flood's reads never filled the line: {answers}"
     assert set(answers) <= {"reply", "busy"}, answers
     finish(cluster)

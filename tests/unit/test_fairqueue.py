@@ -1,4 +1,4 @@
-"""The primary's queue of writes, shared out between accounts (replication/writequeue.py)."""
+"""The primary's queue of writes, shared out between accounts (replication/fairqueue.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import random
 
 import pytest
 
-from service.replication.writequeue import QueueFull, WriteQueue
+from service.replication.fairqueue import FairQueue, QueueFull
 
 
 def test_a_batch_takes_one_write_of_each_account_in_turn() -> None:
-    queue: WriteQueue[str] = WriteQueue(limit=100)
+    queue: FairQueue[str] = FairQueue(limit=100)
     for n in range(5):
         queue.push("mallory", f"m{n}")
     queue.push("alice", "a0")
@@ -25,7 +25,7 @@ def test_a_batch_takes_one_write_of_each_account_in_turn() -> None:
 
 
 def test_a_full_queue_lets_in_a_smaller_account_and_refuses_the_floods_newest() -> None:
-    queue: WriteQueue[str] = WriteQueue(limit=4)
+    queue: FairQueue[str] = FairQueue(limit=4)
     for n in range(4):
         queue.push("mallory", f"m{n}")
     # alice holds nothing: mallory's newest makes room for her write.
@@ -42,7 +42,7 @@ def test_a_full_queue_lets_in_a_smaller_account_and_refuses_the_floods_newest() 
 
 
 def test_writes_put_back_go_first_in_their_order() -> None:
-    queue: WriteQueue[str] = WriteQueue(limit=10)
+    queue: FairQueue[str] = FairQueue(limit=10)
     for item in ("a0", "a1", "a2"):
         queue.push("alice", item)
     queue.push("bob", "b0")
@@ -54,7 +54,7 @@ def test_writes_put_back_go_first_in_their_order() -> None:
 
 
 def test_drain_returns_every_write_and_empties_the_queue() -> None:
-    queue: WriteQueue[str] = WriteQueue(limit=10)
+    queue: FairQueue[str] = FairQueue(limit=10)
     queue.push("alice", "a0")
     queue.push("bob", "b0")
     queue.push("alice", "a1")
@@ -68,7 +68,7 @@ def test_drain_returns_every_write_and_empties_the_queue() -> None:
 
 def test_random_operations_keep_the_bound_the_counts_and_each_lines_order() -> None:
     rng = random.Random(7)
-    queue: WriteQueue[tuple[str, int]] = WriteQueue(limit=50)
+    queue: FairQueue[tuple[str, int]] = FairQueue(limit=50)
     held: dict[str, list[int]] = {}
     sent = {key: 0 for key in "abcdefg"}
     for _ in range(20_000):

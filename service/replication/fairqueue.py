@@ -1,34 +1,37 @@
-"""The primary's writes waiting for a batch, shared out between accounts.
+"""What the primary's accounts wait for, shared out between them: batches and reads.
 
 Why
 ---
-The queue is bounded (``WritePath``: eight batches' worth), and it was one line,
-first come first served. One account pipelining the largest ``send`` on a hundred
-connections kept it full: the primary answered some 900 writes a second, 4,096
-waited, and every other user's write was either refused ``busy`` or let in behind
-the flood's, about five seconds of batches, longer than a client waits for one
-attempt (2 s). The client sent it again, to wait again: nobody else wrote while
-the flood went on.
+The primary serves what its clients ask in shared lines: the writes waiting for a
+batch (``WritePath``: eight batches' worth) and the reads waiting for their turn
+of the loop (one query per turn). Both were first come, first served. One
+account pipelining the largest ``send`` on a hundred connections kept the write
+queue full (4,096 writes, some five seconds of batches): every other user's
+write was either refused ``busy`` or let in behind the flood's, longer than a
+client waits for one attempt (2 s); the client sent it again, to wait again, and
+nobody else wrote while the flood went on. Reads had no bound at all: a hundred
+connections with 256 reads each put 25,600 in line before anyone else's, and
+each waiting read held a task.
 
 How
 ---
-Each write counts against a key, its account (``Application.share_key``), and
-waits in that key's own line. A batch takes the lines in turns, one write from
-each (round robin; a line that had its turn goes to the back), so a write of an
-account with nothing waiting goes into the next batch however long the others'
-lines are. When the queue is full, a write whose line is shorter than the
-longest by two or more is let in, and the newest write of the longest line is
-refused (``busy``, which changes nothing) to make room; any other write is
-refused itself. So a flood, from one account or from many, holds the queue only
-against itself: anyone with fewer writes waiting gets in. What one user's writes
-keep is their order: a line is first in, first out.
+Each item counts against a key, its account (``Application.share_key``), and
+waits in that key's own line. The lines are taken in turns, one item from each
+(round robin; a line that had its turn goes to the back), so an account with
+nothing waiting is served next however long the others' lines are. When the
+queue is full, an item whose line is shorter than the longest by two or more is
+let in, and the newest item of the longest line is refused (``busy``, which
+changes nothing) to make room; any other item is refused itself. So a flood,
+from one account or from many, holds the queue only against itself: anyone with
+fewer waiting gets in. What one account's items keep is their order: a line is
+first in, first out.
 
-Writes put back (a batch that ran out of room in its record) go first, before
+Items put back (a batch that ran out of room in its record) go first, before
 every line, in their order.
 
-Invariants: ``len`` is the writes in ``_front`` and in the lines; every line is
+Invariants: ``len`` is the items in ``_front`` and in the lines; every line is
 non-empty and its key is in ``_rotation`` exactly once; ``_by_length[n]`` is the
-set of keys whose line holds ``n`` writes, never empty; ``_longest`` is the
+set of keys whose line holds ``n`` items, never empty; ``_longest`` is the
 largest such ``n`` (0 when no line holds any).
 """
 
@@ -42,11 +45,11 @@ T = TypeVar("T")
 
 
 class QueueFull(Exception):
-    """The write was not let in: its account holds (nearly) the most of the queue."""
+    """The item was not let in: its account holds (nearly) the most of the queue."""
 
 
-class WriteQueue(Generic[T]):
-    """Writes by key, at most ``limit`` of them, taken in turns between keys."""
+class FairQueue(Generic[T]):
+    """Items by key, at most ``limit`` of them, taken in turns between keys."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -64,13 +67,13 @@ class WriteQueue(Generic[T]):
         return self._count > 0
 
     def waiting(self, key: Hashable) -> int:
-        """How many of ``key``'s writes wait in its line."""
+        """How many of ``key``'s items wait in its line."""
         line = self._lines.get(key)
         return len(line) if line is not None else 0
 
     def push(self, key: Hashable, item: T) -> T | None:
         """Queue ``item`` at the end of ``key``'s line. When the queue is full, the
-        newest write of the longest line is taken out to make room and returned (its
+        newest item of the longest line is taken out to make room and returned (its
         client is to be refused); raises ``QueueFull`` if ``item`` is refused instead."""
         evicted: T | None = None
         if self._count >= self.limit:
@@ -87,7 +90,7 @@ class WriteQueue(Generic[T]):
         return evicted
 
     def take(self, most: int) -> list[T]:
-        """Up to ``most`` writes: those put back first, then one from each line in turn."""
+        """Up to ``most`` items: those put back first, then one from each line in turn."""
         taken: list[T] = []
         front = self._front
         while front and len(taken) < most:
@@ -112,7 +115,7 @@ class WriteQueue(Generic[T]):
         self._count += len(items)
 
     def drain(self) -> list[T]:
-        """Every write, the queue left empty."""
+        """Every item, the queue left empty."""
         items = list(self._front)
         for key in self._rotation:
             items.extend(self._lines[key])
@@ -136,7 +139,7 @@ class WriteQueue(Generic[T]):
         return item
 
     def _moved(self, key: Hashable, old: int, new: int) -> None:
-        """``key``'s line went from ``old`` writes to ``new`` (one more or one fewer)."""
+        """``key``'s line went from ``old`` items to ``new`` (one more or one fewer)."""
         by_length = self._by_length
         if old:
             keys = by_length[old]

@@ -24,15 +24,15 @@ client), and waits in line; one turn later the budget is full again and the
 waiting connections hand on one frame each, in turns (one that holds more goes
 to the back of the line), for as long as it lasts: a connection that comes in
 behind a hundred others holding hundreds of frames each waits for a hundred
-frames, not for all of theirs. The budget is
-refilled only after it ran out (a callback for the next turn), so a node that
-never takes more than ``frames_per_turn`` frames in a turn pays nothing but a
-count. Peer links have no budget: replication never waits behind clients.
+frames, not for all of theirs. The budget is refilled only after it ran out (a
+callback for the next turn), so a node that never takes more than a turn's
+budget pays nothing but a count. Peer links have no budget: replication never
+waits behind clients.
 
 Invariants: ``left`` is never negative (``bytes_left`` may be, after a large
-frame: the turn is over); a connection is in ``waiting`` at most
-once, and only while its reading is paused; the refill is scheduled whenever a
-connection waits.
+frame: the turn is over); a connection is in ``waiting`` at most once, and only
+while its reading is paused; whenever a connection waits, a refill is scheduled
+(once the refill running now has handed on its turn's frames).
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from typing import Protocol
 # Far above what a busy cluster's clients send in one turn (64 clients: 64), far
 # below what stood the loop still (about a thousand frames of 48 KB).
 FRAMES_PER_TURN = 256
-# A few milliseconds of decoding: 22 of the largest sends (48 KB), thousands of the
-# usual frames (a few hundred bytes).
+# A few milliseconds of decoding: 22 of the largest sends (48 KB); never reached by
+# 256 of the usual frames (a few hundred bytes each).
 BYTES_PER_TURN = 1024 * 1024
 
 

@@ -34,8 +34,12 @@ memory because of strangers (the limits are in ``NodeConfig``):
   beyond that closes the oldest (with a ``busy`` error frame), so stalled
   handshakes cannot lock out a peer, whose handshake takes one round trip;
 * a client hello beyond ``client_limit`` connected clients gets a ``busy``
-  error frame instead of a welcome (the client tries another node); peers are
-  never refused for capacity, they are authenticated by their hello instead;
+  error frame instead of a welcome (the client tries another node), unless its
+  IP address holds at least two fewer connections than the address holding the
+  most, whose oldest connection is then closed (``busy``) to make room
+  (``slots.ClientSlots``: strangers' idle connections from one host cannot lock
+  everyone out); peers are never refused for capacity, they are authenticated
+  by their hello instead;
 * frames are limited to ``MAX_HELLO_FRAME`` until the hello, then
   ``max_client_frame`` for a client, ``max_frame`` for a peer; a declared
   length over the limit is refused from its header, before any body is read.
@@ -97,6 +101,7 @@ from .errors import (
 )
 from .peer import OPERATOR_ID, FrameFeed, FrameReader
 from .replication.types import Role
+from .slots import ClientSlots, SlotsFull
 from .storage import Db
 from .throttle import ThrottledLog
 from .turns import TurnBudget
@@ -285,6 +290,11 @@ class Server:
         self._checker: asyncio.Task[None] | None = None
         interval = config.log_interval
         self._busy = ThrottledLog(log, logging.WARNING, "client refused: busy", interval)
+        self._gave_way = ThrottledLog(
+            log, logging.WARNING, "client closed to make room for another address", interval
+        )
+        # Client connections by IP address, and who gives way when full (slots.py).
+        self.slots: ClientSlots[ClientSession] = ClientSlots(self.client_limit)
         self._crowded = ThrottledLog(
             log, logging.WARNING, "closed the oldest unfinished handshake", interval
         )
@@ -422,10 +432,12 @@ class Server:
         frames.limit(self.config.max_client_frame)
         session = ClientSession(self, frames, writer)
         self.sessions.add(session)
+        self.slots.add(session.address, session)
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
+            self.slots.remove(session.address, session)
 
     async def _handshake(
         self, frames: FrameReader, writer: asyncio.StreamWriter, address: str
@@ -459,7 +471,9 @@ class Server:
         if role != "client":
             raise ProtocolViolation("hello 'role' must be 'client' or 'peer'")
         _nothing_before_welcome(frames)
-        if len(self.sessions) >= self.client_limit:
+        try:
+            crowded = self.slots.make_room(client_address(writer))
+        except SlotsFull:
             self._busy.note(address=address, clients=len(self.sessions))
             _refuse(
                 writer,
@@ -469,6 +483,18 @@ class Server:
                 ),
             )
             return None
+        if crowded is not None:
+            # Full, and this address holds fewer than the one holding the most: that
+            # one's oldest connection gives way (service/slots.py).
+            self._gave_way.note(address=crowded.address, clients=len(self.sessions))
+            _refuse(
+                crowded.writer,
+                Busy(
+                    f"node {self.config.node_id} serves as many clients as it can "
+                    f"({self.client_limit}) and this address holds the most of them: "
+                    "its oldest connection was closed to make room for another address"
+                ),
+            )
         writer.write(protocol.encode_frame(self._welcome()))
         return "client", 0
 

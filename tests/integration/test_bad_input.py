@@ -231,10 +231,13 @@ class Raw:
         Raw.opened.append(self)
 
     @classmethod
-    async def connect(cls, address: str) -> Raw:
-        """Connect and read the node's hello (the server speaks first)."""
+    async def connect(cls, address: str, source: str | None = None) -> Raw:
+        """Connect (from the loopback address ``source``, if given) and read the node's
+        hello (the server speaks first)."""
         host, port = address.rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await asyncio.open_connection(
+            host, int(port), local_addr=None if source is None else (source, 0)
+        )
         raw = cls(reader, writer)
         hello = await raw.next_frame()
         assert hello is not None, "the node closed before its hello"

@@ -12,7 +12,9 @@ Real node processes, raw sockets where a client would misbehave:
   clients already connected keep working, and the cluster's own nodes still get
   through (a restarted backup links to full nodes whose handshake slots are
   taken by silent connections, and catches up). Refusals are logged with the
-  dialer's address, a line per interval with a count.
+  dialer's address, a line per interval with a count. A full node welcomes a
+  client from an address holding fewer connections than the most crowded one,
+  whose oldest connection gives way with ``busy``.
 * A frame declared longer than the limit is refused from its header at once,
   before and after the handshake (the node does not wait for a body it would
   buffer), and the node's memory does not grow; the largest legal requests
@@ -234,9 +236,9 @@ def test_deleting_the_account_ends_every_stream_of_the_user(
 # ---- the client cap; peers always get through ------------------------------------------------
 
 
-async def client_hello(address: str) -> tuple[Raw, Frame | None]:
-    """Connect, say hello as a client; the node's answer (None: it closed)."""
-    raw = await Raw.connect(address)
+async def client_hello(address: str, source: str | None = None) -> tuple[Raw, Frame | None]:
+    """Connect (from ``source``), say hello as a client; the node's answer (None: it closed)."""
+    raw = await Raw.connect(address, source)
     raw.send(protocol.client_hello(protocol.choose_version(raw.hello)))
     return raw, await raw.next_frame()
 
@@ -353,6 +355,44 @@ def test_clients_over_the_cap_are_refused_and_peers_still_get_through(
     asyncio.run(main())
     wait_settled(cluster)
     cluster.check_invariants()
+
+
+def test_a_full_node_makes_room_for_another_address_by_closing_the_crowds_oldest(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """A hello needs no account: one host's idle connections used to take every
+    slot, and a client from anywhere else was refused ``busy`` (service/slots.py)."""
+    max_clients = 6
+    cluster = single(cluster_factory, max_clients=max_clients, idle_client_timeout=LONG_IDLE)
+    (node,) = cluster.nodes.values()
+
+    async def main() -> None:
+        try:
+            crowd = await fill(node.address, max_clients)  # all from 127.0.0.1
+            assert len(crowd) >= max_clients - 2, len(crowd)
+            newcomer, answer = await client_hello(node.address, source="127.0.0.2")
+            assert answer is not None, "the node closed the newcomer's hello unanswered"
+            assert answer["type"] == "welcome", answer
+            # The crowd's oldest connection gave way, with a busy error frame.
+            await expect_busy(crowd[0], await crowd[0].next_frame(), "the crowd's oldest")
+            # Another from the crowd's address is still refused; the rest of the
+            # crowd and the newcomer are served.
+            raw, answer = await client_hello(node.address)
+            await expect_busy(raw, answer, "one more from the crowd's address")
+            for served in (newcomer, crowd[-1]):
+                reply = await served.answer(protocol.request("status", new_request_id(), {}))
+                assert reply["type"] == "reply", reply
+            # A second newcomer from yet another address gets in too.
+            _, answer = await client_hello(node.address, source="127.0.0.3")
+            assert answer is not None
+            assert answer["type"] == "welcome", answer
+            await expect_busy(crowd[1], await crowd[1].next_frame(), "the crowd's next oldest")
+        finally:
+            await close_all(Raw.opened)
+
+    asyncio.run(main())
+    lines = wait_all_logged(node, "client closed to make room for another address", 2)
+    assert all(address == "127.0.0.1" for address, _ in lines), lines
 
 
 def wait_in_sync_by_operator(primary: NodeProcess, node: NodeProcess, secret: bytes) -> None:

@@ -19,15 +19,16 @@ refused ``busy``, as before. So connections from one address, or from a few,
 hold slots only against themselves: a newcomer from elsewhere gets in. Users
 behind one address (a NAT, one host) share its count.
 
-Invariants: ``len`` is the sum of the addresses' counts; ``_by_count[n]`` is
-the set of addresses with ``n`` connections, for every ``n`` that has any;
-``_most`` is the largest such ``n`` (0 when there is none).
+Invariants: ``len`` is the sum of the addresses' counts; ``_counts`` tallies
+each address by its connections (``tally.Tally``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable
 from typing import Generic, TypeVar
+
+from .tally import Tally
 
 C = TypeVar("C", bound=Hashable)
 
@@ -43,8 +44,7 @@ class ClientSlots(Generic[C]):
         self.limit = limit
         # Each address's connections, oldest first (a dict keeps insertion order).
         self._by_address: dict[str, dict[C, None]] = {}
-        self._by_count: dict[int, set[str]] = {}
-        self._most = 0
+        self._counts = Tally()
         self._count = 0
 
     def __len__(self) -> int:
@@ -61,9 +61,9 @@ class ClientSlots(Generic[C]):
         ``SlotsFull`` when the newcomer is the one refused."""
         if self._count < self.limit:
             return None
-        if self.held_by(address) + 2 > self._most:
+        if self.held_by(address) + 2 > self._counts.most:
             raise SlotsFull
-        crowd = next(iter(self._by_count[self._most]))
+        crowd = str(self._counts.one_of_the_most())
         oldest = next(iter(self._by_address[crowd]))
         self.remove(crowd, oldest)
         return oldest
@@ -72,7 +72,7 @@ class ClientSlots(Generic[C]):
         held = self._by_address.setdefault(address, {})
         held[connection] = None
         self._count += 1
-        self._moved(address, len(held) - 1, len(held))
+        self._counts.moved(address, len(held) - 1, len(held))
 
     def remove(self, address: str, connection: C) -> None:
         """Forget ``connection`` (closed, or given way); nothing if it is not here."""
@@ -83,19 +83,4 @@ class ClientSlots(Generic[C]):
         self._count -= 1
         if not held:
             del self._by_address[address]
-        self._moved(address, len(held) + 1, len(held))
-
-    def _moved(self, address: str, old: int, new: int) -> None:
-        """``address`` went from ``old`` connections to ``new`` (one more or fewer)."""
-        by_count = self._by_count
-        if old:
-            addresses = by_count[old]
-            addresses.discard(address)
-            if not addresses:
-                del by_count[old]
-                if old == self._most and new < old:
-                    self._most = new
-        if new:
-            by_count.setdefault(new, set()).add(address)
-            if new > self._most:
-                self._most = new
+        self._counts.moved(address, len(held) + 1, len(held))

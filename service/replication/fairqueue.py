@@ -30,9 +30,8 @@ Items put back (a batch that ran out of room in its record) go first, before
 every line, in their order.
 
 Invariants: ``len`` is the items in ``_front`` and in the lines; every line is
-non-empty and its key is in ``_rotation`` exactly once; ``_by_length[n]`` is the
-set of keys whose line holds ``n`` items, never empty; ``_longest`` is the
-largest such ``n`` (0 when no line holds any).
+non-empty and its key is in ``_rotation`` exactly once; ``_lengths`` tallies each
+key by the length of its line (``tally.Tally``).
 """
 
 from __future__ import annotations
@@ -40,6 +39,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
+
+from ..tally import Tally
 
 T = TypeVar("T")
 
@@ -56,8 +57,7 @@ class FairQueue(Generic[T]):
         self._front: deque[T] = deque()
         self._lines: dict[Hashable, deque[T]] = {}
         self._rotation: deque[Hashable] = deque()
-        self._by_length: dict[int, set[Hashable]] = {}
-        self._longest = 0
+        self._lengths = Tally()
         self._count = 0
 
     def __len__(self) -> int:
@@ -77,7 +77,7 @@ class FairQueue(Generic[T]):
         client is to be refused); raises ``QueueFull`` if ``item`` is refused instead."""
         evicted: T | None = None
         if self._count >= self.limit:
-            if self.waiting(key) + 2 > self._longest:
+            if self.waiting(key) + 2 > self._lengths.most:
                 raise QueueFull
             evicted = self._evict_newest_of_longest()
         line = self._lines.get(key)
@@ -86,7 +86,7 @@ class FairQueue(Generic[T]):
             self._rotation.append(key)
         line.append(item)
         self._count += 1
-        self._moved(key, len(line) - 1, len(line))
+        self._lengths.moved(key, len(line) - 1, len(line))
         return evicted
 
     def take(self, most: int) -> list[T]:
@@ -105,7 +105,7 @@ class FairQueue(Generic[T]):
                 rotation.append(key)
             else:
                 del lines[key]
-            self._moved(key, length + 1, length)
+            self._lengths.moved(key, length + 1, length)
         self._count -= len(taken)
         return taken
 
@@ -122,37 +122,17 @@ class FairQueue(Generic[T]):
         self._front.clear()
         self._lines.clear()
         self._rotation.clear()
-        self._by_length.clear()
-        self._longest = 0
+        self._lengths.clear()
         self._count = 0
         return items
 
     def _evict_newest_of_longest(self) -> T:
-        key = next(iter(self._by_length[self._longest]))
+        key = self._lengths.one_of_the_most()
         line = self._lines[key]
         item = line.pop()
         self._count -= 1
-        self._moved(key, len(line) + 1, len(line))
+        self._lengths.moved(key, len(line) + 1, len(line))
         if not line:  # not reached: a longest line lets in only when it holds two or more
             del self._lines[key]
             self._rotation.remove(key)
         return item
-
-    def _moved(self, key: Hashable, old: int, new: int) -> None:
-        """``key``'s line went from ``old`` items to ``new`` (one more or one fewer)."""
-        by_length = self._by_length
-        if old:
-            keys = by_length[old]
-            keys.discard(key)
-            if not keys:
-                del by_length[old]
-                if old == self._longest and new < old:
-                    self._longest = new
-        if new:
-            keys_new = by_length.get(new)
-            if keys_new is None:
-                by_length[new] = {key}
-            else:
-                keys_new.add(key)
-            if new > self._longest:
-                self._longest = new

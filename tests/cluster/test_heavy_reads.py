@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -94,19 +96,12 @@ def test_many_connections_reading_the_largest_pages_cause_no_election(
 PIPELINED = 256
 
 
-async def send_flood(
-    address: str,
-    token: str,
-    connections: int,
-    seconds: float,
-    answers: dict[str, int] | None = None,
-    stop: threading.Event | None = None,
-    body: str = "\U0001f600" * 4000,
-) -> dict[str, int]:
-    """``pipelined`` sends, by default the largest: 4,000 characters written as JSON
+async def send_flood(address: str, token: str, connections: int, seconds: float) -> dict[str, int]:
+    """``pipelined`` copies of the largest send: 4,000 characters written as JSON
     escape pairs, 48 KB frames."""
+    body = "\U0001f600" * 4000
     request = protocol.request("send", "ID", {"to": "mallory", "body": body}, token)
-    return await pipelined(address, request, connections, seconds, answers, stop)
+    return await pipelined(address, request, connections, seconds)
 
 
 async def pipelined(
@@ -180,6 +175,31 @@ def test_many_connections_pipelining_the_largest_sends_cause_no_election(
     assert_no_election(cluster, epoch, "the sends")
 
 
+@contextmanager
+def flooding(address: str, request: protocol.Frame) -> Iterator[dict[str, int]]:
+    """``pipelined`` copies of ``request`` on ``CONNECTIONS * 2`` connections, from a
+    thread, until the block ends; yields the answers as they are counted."""
+    answers: dict[str, int] = {}
+    stop = threading.Event()
+    flood = threading.Thread(
+        target=lambda: run(pipelined(address, request, CONNECTIONS * 2, 60.0, answers, stop))
+    )
+    flood.start()
+    try:
+        yield answers
+    finally:
+        stop.set()
+        flood.join()
+
+
+def mallory_and_alice(cluster_factory: ClusterFactory) -> tuple[Cluster, NodeProcess, str, str]:
+    """A cluster, its primary, and the tokens of mallory (the flood) and alice."""
+    cluster = cluster_factory()
+    primary = start_cluster(cluster)
+    mallory = run(new_user(cluster.servers, "mallory"))
+    return cluster, primary, mallory, run(new_user(cluster.servers, "alice"))
+
+
 def test_another_users_writes_are_answered_while_one_account_floods_the_queue(
     cluster_factory: ClusterFactory,
 ) -> None:
@@ -188,19 +208,9 @@ def test_another_users_writes_are_answered_while_one_account_floods_the_queue(
     Before, it was refused ``busy`` or let in behind some five seconds of the flood's
     writes, past its client's attempt: no send of alice's was answered while
     mallory's flood went on."""
-    cluster = cluster_factory()
-    primary = start_cluster(cluster)
-    mallory = run(new_user(cluster.servers, "mallory"))
-    alice = run(new_user(cluster.servers, "alice"))
-    answers: dict[str, int] = {}
-    stop = threading.Event()
-    flood = threading.Thread(
-        target=lambda: run(
-            send_flood(primary.address, mallory, CONNECTIONS * 2, 60.0, answers, stop, "x" * 1000)
-        )
-    )
-    flood.start()
-    try:
+    cluster, primary, mallory, alice = mallory_and_alice(cluster_factory)
+    request = protocol.request("send", "ID", {"to": "mallory", "body": "x" * 1000}, mallory)
+    with flooding(primary.address, request) as answers:
         wait_for(lambda: answers.get("busy", 0) > 0, 30.0, "mallory's flood to fill the queue")
         refused_before = answers["busy"]
 
@@ -212,9 +222,6 @@ def test_another_users_writes_are_answered_while_one_account_floods_the_queue(
 
         sent = run(alice_sends())
         refused_during = answers["busy"] - refused_before
-    finally:
-        stop.set()
-        flood.join()
     assert len(set(sent)) == 3, sent
     # The queue stayed full while alice was served: mallory's writes were refused.
     assert refused_during > 0, f"the flood never filled the queue while alice sent: {answers}"
@@ -229,20 +236,9 @@ def test_another_users_reads_are_answered_while_one_account_floods_reads(
     loop, and at most 4,096 wait: one account's hundred connections with 256
     ``whoami`` each delay another account's read by a query or so. Before, they
     waited in one line, first come first served, behind the 25,600 of the flood."""
-    cluster = cluster_factory()
-    primary = start_cluster(cluster)
-    mallory = run(new_user(cluster.servers, "mallory"))
-    alice = run(new_user(cluster.servers, "alice"))
-    answers: dict[str, int] = {}
-    stop = threading.Event()
+    cluster, primary, mallory, alice = mallory_and_alice(cluster_factory)
     request = protocol.request("whoami", "ID", {}, mallory)
-    flood = threading.Thread(
-        target=lambda: run(
-            pipelined(primary.address, request, CONNECTIONS * 2, 60.0, answers, stop)
-        )
-    )
-    flood.start()
-    try:
+    with flooding(primary.address, request) as answers:
         wait_for(lambda: sum(answers.values()) >= 1000, 30.0, "mallory's reads to be answered")
 
         async def alice_reads() -> list[str]:
@@ -250,9 +246,6 @@ def test_another_users_reads_are_answered_while_one_account_floods_reads(
                 return [(await client.whoami())["user"] for _ in range(3)]
 
         names = run(alice_reads())
-    finally:
-        stop.set()
-        flood.join()
     assert names == ["alice"] * 3, names
     assert answers.get("busy", 0) > 0, f"the flood's reads never filled the line: {answers}"
     assert set(answers) <= {"reply", "busy"}, answers

@@ -258,7 +258,7 @@ class Replicator:
 
     @property
     def writes_refused_busy(self) -> int:
-        return self.writer.refused_busy
+        return self.writer.writes_refused_busy
 
     @property
     def reads_waiting(self) -> int:

@@ -166,7 +166,7 @@ class WritePath:
         self.batches = 0
         self.writes = 0
         self.reads = 0
-        self.refused_busy = 0  # writes refused because the queue was full
+        self.writes_refused_busy = 0  # writes refused because the queue was full
         self.reads_refused_busy = 0  # and reads, because their line was
         # Reads waiting for their turn, one query per turn of the loop (``read``), in
         # turns between accounts; the callback that gives the next turn, if due.
@@ -217,7 +217,7 @@ class WritePath:
         self.work.set()
 
     def _queue_full(self) -> Busy:
-        self.refused_busy += 1
+        self.writes_refused_busy += 1
         return Busy(
             f"node {self.config.node_id} has {len(self.queue)} writes waiting for a "
             "batch, the most it queues, and this account's are among the most of them; "

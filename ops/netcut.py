@@ -15,7 +15,8 @@ make ``send`` fail with EPERM, which no real network does; dropped on input, ope
 connections stall and resume when the rule goes, as over a real partition).
 ``heal`` removes every cut, whatever made them; ``clear`` deletes the table. A tool
 that cuts while tests may cut too (the chaos tool, the benchmark) passes a
-``table`` of its own, so that each heals and clears only its own cuts.
+``table`` of its own, so that each heals and clears only its own cuts; so does
+each run of the tests (``tests/helpers/loopback.py``), two of which may run at once.
 
 A one-way cut from A to B drops the packets from A to B of connections A opened
 (conntrack's "original" direction): A cannot connect to B, and what A sends on a

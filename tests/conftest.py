@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from ops.etcd import Etcd
-from tests.helpers import disks
+from tests.helpers import disks, loopback
 from tests.helpers.cluster import Cluster
 from tests.helpers.disks import SmallDisk
 from tests.helpers.etcd import running_etcd
@@ -98,6 +98,15 @@ def etcd(tmp_path: Path) -> Iterator[Etcd]:
     teardown."""
     with running_etcd(tmp_path) as member:
         yield member
+
+
+@pytest.fixture
+def cuts() -> Iterator[None]:
+    """nft cuts for the test, in this run's own table and on its own loopback addresses
+    (``tests/helpers/loopback.py``: cut with ``loopback.cut``); every cut removed at the
+    end. Skips, saying why, where nft or root is missing."""
+    with loopback.cutting():
+        yield
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """Each node on an address of its own: it listens there and dials its peers from there.
 
-Three nodes on one machine, on 127.0.0.11, .12 and .13 (the whole of 127/8 is
-loopback on Linux). What is checked is what the kernel says, not what the
+Three nodes on one machine, on 127.N.0.11, .12 and .13 (the whole of 127/8 is
+loopback on Linux; N is this run's block, ``tests/helpers/loopback.py``, which no
+other run's cuts touch). What is checked is what the kernel says, not what the
 node believes: the established TCP connections of each node process, read
 from ``/proc`` (its socket inodes in ``/proc/PID/fd``, their endpoints in
 ``/proc/net/tcp``). A connection a node opened to a peer's listening address
@@ -21,10 +22,11 @@ import pytest
 
 from ops.cluster.probe import probe_status
 from tests.conftest import ClusterFactory
+from tests.helpers import loopback
 from tests.helpers.cluster import NodeProcess
 from tests.helpers.workload import start_cluster, wait_settled
 
-HOSTS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
+HOSTS = (loopback.address(11), loopback.address(12), loopback.address(13))
 _ESTABLISHED = "01"
 
 Endpoint = tuple[str, int]

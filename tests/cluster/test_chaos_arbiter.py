@@ -10,9 +10,11 @@ acknowledging per epoch included, with etcd's leader key and sync set in
 agreement with the converged cluster.
 
 The cuts are nft rules (``ops/netcut.py``): root and nft are needed; CI runs
-as root, elsewhere the test is skipped with the reason. The addresses are not
-the rehearsal's (127.0.0.10-13), so that no other test's cuts touch this
-cluster, nor this run's theirs.
+as root, elsewhere the test is skipped with the reason. The addresses are this
+run's own (127.N.0.40-43, ``tests/helpers/loopback.py``), not the rehearsal's
+(127.0.0.10-13) nor another run's, and the chaos tool names its nft table after
+its etcd address: no other test's or run's cuts touch this cluster, nor this
+run's theirs.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from ops import netcut
+from tests.helpers import loopback
 
 pytestmark = pytest.mark.cluster
 
@@ -34,8 +37,8 @@ pytestmark = pytest.mark.cluster
 SEED = 40
 DURATION = 60
 DEADLINE = DURATION + 240
-HOSTS = "127.0.0.41,127.0.0.42,127.0.0.43"
-ETCD_HOST = "127.0.0.40"
+HOSTS = ",".join(loopback.address(last) for last in (41, 42, 43))
+ETCD_HOST = loopback.address(40)
 
 
 @pytest.mark.timeout(DEADLINE + 60)

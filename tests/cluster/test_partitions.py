@@ -1,11 +1,12 @@
 """Partitions with etcd as the arbiter, on real processes (SPEC section 10, E1 to E6).
 
-The rehearsal of hosts on one machine, on addresses of its own (etcd on
-127.0.0.30, the nodes on .31, .32 and .33, apart from the rehearsal's .10 to .13
-that an operator may be running here): each node dials its peers and etcd from
-its own address, so that ``ops/netcut.py`` (nft on ``lo``) can cut any pair, one
-way or both. The test's clients connect from 127.0.0.1, which no cut touches: they are
-the clients "that can still reach" a node cut from the others.
+The rehearsal of hosts on one machine, on addresses of this run's own (etcd on
+127.N.0.30, the nodes on .31, .32 and .33, in a block that no other run of the
+tests, nor a rehearsal an operator runs here, uses: ``tests/helpers/loopback.py``):
+each node dials its peers and etcd from its own address, so that
+``ops/netcut.py`` (nft on ``lo``, in this run's table) can cut any pair, one way
+or both. The test's clients connect from 127.0.0.1, which no cut touches: they
+are the clients "that can still reach" a node cut from the others.
 
 Each scenario runs a workload (``tests/helpers/workload.py``) and ends with the
 checks of SPEC section 8 (``finish``): every acknowledged write on every node
@@ -31,13 +32,13 @@ from pathlib import Path
 
 import pytest
 
-from ops import netcut
 from ops.cluster.history import OK, History
 from ops.cluster.waiting import wait_for
 from ops.etcd import Etcd
 from service.client import Client
 from service.status import NodeStatus
 from tests.conftest import ClusterFactory
+from tests.helpers import loopback
 from tests.helpers.cluster import Cluster, NodeProcess
 from tests.helpers.etcd import running_etcd
 from tests.helpers.pinned import Pinned
@@ -57,8 +58,8 @@ from tests.helpers.workload import (
 
 pytestmark = pytest.mark.cluster
 
-ETCD_HOST = "127.0.0.30"
-HOSTS = ("127.0.0.31", "127.0.0.32", "127.0.0.33")
+ETCD_HOST = loopback.address(30)
+HOSTS = (loopback.address(31), loopback.address(32), loopback.address(33))
 LEASE_TTL = 2.0
 CLOCK_DRIFT = 0.01
 # Wider than the default, so that the deadline comes well before the lease surely ran
@@ -91,19 +92,6 @@ def arbiter(tmp_path: Path) -> Iterator[Etcd]:
         yield member
 
 
-@pytest.fixture
-def cuts() -> Iterator[None]:
-    why = netcut.unavailable()
-    if why is not None:
-        pytest.skip(f"cannot cut loopback traffic here: {why}")
-    netcut.clear()
-    netcut.track()  # before the nodes connect: a one-way cut needs to know who dialed
-    try:
-        yield
-    finally:
-        netcut.clear()
-
-
 def start(cluster_factory: ClusterFactory, arbiter: Etcd) -> tuple[Cluster, NodeProcess]:
     """Three nodes with etcd as their arbiter, settled; returns the cluster and its primary."""
     cluster = cluster_factory(hosts=HOSTS, etcd_endpoints=arbiter.client, **SETTINGS)
@@ -118,12 +106,12 @@ def others(cluster: Cluster, node: NodeProcess) -> list[NodeProcess]:
 def isolate(cluster: Cluster, node: NodeProcess) -> None:
     """Cut ``node`` from every other node and from etcd, both ways."""
     cut_from_peers(cluster, node)
-    netcut.cut(node.host, ETCD_HOST, both=True)
+    loopback.cut(node.host, ETCD_HOST, both=True)
 
 
 def cut_from_peers(cluster: Cluster, node: NodeProcess) -> None:
     for other in others(cluster, node):
-        netcut.cut(node.host, other.host, both=True)
+        loopback.cut(node.host, other.host, both=True)
 
 
 def pinned(
@@ -183,7 +171,7 @@ def test_primary_cut_from_everything_is_fenced_and_replaced(
             load.wait_progress(20, f"on node {new.node_id} while the old primary is cut off")
             wait_view(old, lambda v: not v.is_primary, "stepped down without its lease")
         assert_fenced(probe, cut_at, "cut from everything")
-        netcut.heal()
+        loopback.heal()
         wait_view(old, lambda v: v.epoch >= view_of(new).epoch, "in the new epoch")
         assert wait_settled(cluster) is new
         load.wait_progress(10, "after the heal")
@@ -211,7 +199,7 @@ def test_primary_cut_from_its_backups_but_not_from_etcd_goes_on_alone(
         for backup in backups:
             wait_view(backup, lambda v: v.role == "electing", "no longer following the primary")
             assert f"node {primary.node_id} holds the leader key" in (view_of(backup).reason or "")
-        netcut.heal()
+        loopback.heal()
         assert wait_settled(cluster) is primary
         load.wait_progress(10, "after the heal")
     for backup in backups:
@@ -231,7 +219,7 @@ def test_backup_cut_off_is_dropped_and_rejoins(
         wait_view(primary, lambda v: backup.node_id not in (v.in_sync or ()), "the backup dropped")
         load.wait_progress(20, "without the backup")
         wait_view(backup, lambda v: "arbiter unreachable" in (v.reason or ""), "says why it waits")
-        netcut.heal()
+        loopback.heal()
         assert wait_settled(cluster) is primary
         load.wait_progress(10, "with the backup back")
     finish(cluster, load.history)
@@ -249,10 +237,10 @@ def test_one_way_cut_from_primary_to_backup(cluster_factory: ClusterFactory, arb
     mark = backup.log_size()
     with Workload(cluster.servers) as load:
         load.wait_progress(10, "before the cut")
-        netcut.cut(primary.host, backup.host)
+        loopback.cut(primary.host, backup.host)
         wait_view(primary, lambda v: backup.node_id not in (v.in_sync or ()), "the backup dropped")
         load.wait_progress(20, "without the backup")
-        netcut.heal()
+        loopback.heal()
         assert wait_settled(cluster) is primary
         load.wait_progress(10, "after the heal")
     assert not became_primary_since(backup, mark)
@@ -271,13 +259,13 @@ def test_primary_cut_from_etcd_only_stops_at_its_deadline(
     with Workload(cluster.servers) as load:
         with pinned(cluster, old, load.history) as probe:
             probe.wait_answered(5, "before the cut")
-            netcut.cut(old.host, ETCD_HOST, both=True)
+            loopback.cut(old.host, ETCD_HOST, both=True)
             cut_at = load.history.now()  # renewals sent from now on are lost
             new = wait_new_primary(others(cluster, old), epoch, "the old primary cut from etcd")
             wait_view(old, lambda v: v.primary_id == new.node_id, "following the new primary")
         assert_fenced(probe, cut_at, "cut from etcd")
         load.wait_progress(20, f"on node {new.node_id}")
-        netcut.heal()
+        loopback.heal()
         assert wait_settled(cluster) is new
         load.wait_progress(10, "after the heal")
     assert "arbiter unreachable" in old.log_text()
@@ -425,11 +413,11 @@ def test_rolling_partitions_while_writing(cluster_factory: ClusterFactory, arbit
             elif round_ == 1:
                 isolate(cluster, backup)
             elif round_ == 2:
-                netcut.cut(primary.host, ETCD_HOST, both=True)
+                loopback.cut(primary.host, ETCD_HOST, both=True)
             else:
                 cut_from_peers(cluster, primary)
             time.sleep(LEASE_TTL + 1.0)  # stays cut past a lease, on purpose
-            netcut.heal()
+            loopback.heal()
         wait_settled(cluster)
         load.wait_progress(10, "after the last heal")
     finish(cluster, load.history)

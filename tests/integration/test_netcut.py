@@ -1,39 +1,30 @@
 """``ops/netcut.py``: nft cuts between loopback addresses, seen by real TCP connections.
 
-Two asyncio echo servers listen on 127.0.0.11 and 127.0.0.12; each connection
-binds its source address, as the nodes of the rehearsal do, so that the filter can
-tell the ends apart. Needs nft and root: without them every test is skipped with
+Two asyncio echo servers listen on 127.N.0.11 and 127.N.0.12 (this run's block);
+each connection binds its source address, as the nodes of the rehearsal do, so
+that the filter can tell the ends apart. Needs nft and root: without them every test is skipped with
 the reason (``netcut.unavailable``); CI runs as root and ``.ci/run`` installs nft.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 
 from ops import netcut
 from ops.cluster.ports import free_port
+from tests.helpers import loopback
 
-A, B = "127.0.0.11", "127.0.0.12"
+# This run's own addresses and table (``tests/helpers/loopback.py``; the ``cuts``
+# fixture makes the table, tracking connections, before the test's first one).
+A, B = loopback.address(11), loopback.address(12)
+TABLE = loopback.table()
 # Long enough for a loopback connection to be made many times over; a cut one is
 # still not made then (its SYN is dropped and retried after a second).
 CONNECT_TIMEOUT = 0.5
-
-
-@pytest.fixture
-def cuts() -> Iterator[None]:
-    why = netcut.unavailable()
-    if why is not None:
-        pytest.skip(f"cannot cut loopback traffic here: {why}")
-    netcut.clear()
-    netcut.track()  # before any connection to cut is made
-    try:
-        yield
-    finally:
-        netcut.clear()
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -78,11 +69,11 @@ def test_a_one_way_cut_stops_connections_from_a_to_b_only():
     async def scenario() -> None:
         async with servers() as ports:
             assert await both_ways(ports) == (True, True)
-            netcut.cut(A, B)
-            assert netcut.cuts() == [netcut.Cut(A, B)]
+            netcut.cut(A, B, table=TABLE)
+            assert netcut.cuts(TABLE) == [netcut.Cut(A, B)]
             assert await both_ways(ports) == (False, True)
-            netcut.heal()
-            assert netcut.cuts() == []
+            netcut.heal(TABLE)
+            assert netcut.cuts(TABLE) == []
             assert await both_ways(ports) == (True, True)
 
     asyncio.run(scenario())
@@ -93,9 +84,9 @@ def test_a_cut_both_ways_stops_both_and_an_open_connection_stalls_until_healed()
     async def scenario() -> None:
         async with servers() as ports:
             reader, writer = await asyncio.open_connection(B, ports[B], local_addr=(A, 0))
-            netcut.cut(A, B, both=True)
-            netcut.cut(A, B, both=True)  # once is enough: not added twice
-            assert netcut.cuts() == [netcut.Cut(A, B, both=True)]
+            netcut.cut(A, B, both=True, table=TABLE)
+            netcut.cut(A, B, both=True, table=TABLE)  # once is enough: not added twice
+            assert netcut.cuts(TABLE) == [netcut.Cut(A, B, both=True)]
             assert await both_ways(ports) == (False, False)
             # The open connection is not reset: what is sent waits in the kernel...
             writer.write(b"held\n")
@@ -103,7 +94,7 @@ def test_a_cut_both_ways_stops_both_and_an_open_connection_stalls_until_healed()
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     await reader.readline()
             # ...and arrives once the partition heals (TCP retransmits it).
-            netcut.heal()
+            netcut.heal(TABLE)
             async with asyncio.timeout(10):
                 assert await reader.readline() == b"held\n"
             writer.close()
@@ -130,8 +121,8 @@ def test_a_one_way_cut_holds_on_an_open_connection_whichever_end_speaks_first():
         try:
             a_reader, a_writer = await asyncio.open_connection(B, port, local_addr=(A, 0))
             b_reader, b_writer = await accepted.get()
-            netcut.heal()  # connections stay tracked across a heal
-            netcut.cut(A, B)
+            netcut.heal(TABLE)  # connections stay tracked across a heal
+            netcut.cut(A, B, table=TABLE)
             b_writer.write(b"from B\n")  # the first packet after the cut is B's
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 assert await a_reader.readline() == b"from B\n"
@@ -150,6 +141,6 @@ def test_a_one_way_cut_holds_on_an_open_connection_whichever_end_speaks_first():
 
 def test_only_loopback_addresses_are_cut():
     with pytest.raises(netcut.NetcutError, match="not a loopback address"):
-        netcut.cut(A, "192.0.2.1")
+        netcut.cut(A, "192.0.2.1", table=TABLE)
     with pytest.raises(netcut.NetcutError, match="not an IP address"):
-        netcut.cut("node1", B)
+        netcut.cut("node1", B, table=TABLE)

@@ -6,7 +6,7 @@ of each kind planted, and expect exactly that check to fail.
 
 The short run (``ops/chaos/README.md``):
 
-About two minutes of random faults (every kind of ``ops.chaos.schedule``:
+A minute of random faults (every kind of ``ops.chaos.schedule``:
 SIGKILL of the primary, a backup, two nodes and all three restarted stalest
 first, SIGSTOP for shorter and longer than the timeouts, a SIGKILL during a
 catch-up) under a concurrent workload, then every check of SPEC section 8.
@@ -33,8 +33,11 @@ from ops.chaos import checker, schedule
 from ops.chaos.snapshot import MessageRow, NodeData, UserRow
 from ops.cluster.history import FAILED, OK, History
 
-SEED = 8
-DURATION = 100
+# Seed 1022 draws 13 faults in 60 s, every kind among them, all three killed and
+# restarted stalest first, a catch-up's joiner and its primary killed: what the
+# test below asks of the schedule. (Seed 8 needed 100 s for as much.)
+SEED = 1022
+DURATION = 60
 # The run itself, plus start, drain, convergence and the checks, with room for a slow machine.
 DEADLINE = DURATION + 300
 

@@ -1408,6 +1408,10 @@ class ChatApplication:
         except ChatError:
             return UNKNOWN_SESSION
 
+    def rate_limited(self, op: str, key: Hashable) -> bool:
+        # Accounts are ints; NO_SESSION and UNKNOWN_SESSION writes fail in their batch.
+        return op == "send" and isinstance(key, int)
+
     def reset(self) -> None:
         self.sessions.forget()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import configparser
 import dataclasses
 import ipaddress
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,11 @@ class NodeConfig:
     # A listen beyond this many live streams of the user (on this node) ends the
     # oldest one: each message to a user is pushed to every stream of the user.
     listens_per_user: int = 10
+    # Messages an account may send, on average per second and at once
+    # (service/sendrate.py): beyond, its sends are answered busy until it slows
+    # down. 0: no limit.
+    send_rate: float = 10.0
+    send_burst: int = 50
     # HOST:PORT where the node serves Prometheus metrics over HTTP (service/metrics.py);
     # empty: not served.
     metrics_address: str = ""
@@ -353,6 +359,8 @@ class NodeConfig:
             )
         if self.listens_per_user < 1:
             raise InvalidInput("listens_per_user must be positive")
+        if not (0 <= self.send_rate < math.inf and self.send_burst >= 1):
+            raise InvalidInput("send_rate must be 0 (no limit) or more, send_burst positive")
         if self.max_client_unread < 1024 * 1024:
             raise InvalidInput("max_client_unread must be at least 1 MiB (1048576)")
 

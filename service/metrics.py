@@ -116,6 +116,7 @@ class NodeSample:
     writes_refused_busy: int = 0
     reads_waiting: int | None = None
     reads_refused_busy: int = 0
+    sends_refused_rate: int = 0
     checksums: Outcome | None = None
     checksum_rounds: int = 0
     checksum_mismatches: int = 0
@@ -161,6 +162,7 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         writes_refused_busy=replicator.writes_refused_busy,
         reads_waiting=replicator.reads_waiting if core.role is Role.PRIMARY else None,
         reads_refused_busy=replicator.reads_refused_busy,
+        sends_refused_rate=replicator.writer.send_rate.refused,
         checksums=verifier.last,
         checksum_rounds=verifier.completed,
         checksum_mismatches=verifier.mismatches,
@@ -295,6 +297,11 @@ def _counted(sample: NodeSample) -> list[tuple[str, str, float]]:
             "Primary: client reads refused busy, 4,096 waiting and their account's reads "
             "among the most of them",
             sample.reads_refused_busy,
+        ),
+        (
+            "chat_sends_refused_rate",
+            "Primary: sends refused busy, their account past send_rate and send_burst",
+            sample.sends_refused_rate,
         ),
         (
             "chat_clients_dropped",

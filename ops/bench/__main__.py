@@ -35,6 +35,7 @@ from service.client import status_all
 from service.errors import ChatError
 
 from . import baseline, bigstate, catchup, failover, load, machine, report
+from .load import UNLIMITED
 
 SECTIONS = ("throughput", "failover", "catchup", "snapshot", "big")
 CATCHUP_CLIENTS = 32
@@ -174,7 +175,7 @@ class Bench:
         """The cluster to measure; with ``--arbiter etcd``, on addresses of its own, with
         an etcd member started first (SPEC section 10)."""
         if self.args.arbiter != "etcd":
-            return Cluster(self.root / "cluster", tag="bench")
+            return Cluster(self.root / "cluster", settings=UNLIMITED, tag="bench")
         host = self.args.etcd_host
         client, peer = free_ports(2, host)
         self.etcd = Etcd(self.root / "etcd", f"{host}:{client}", f"{host}:{peer}")
@@ -182,7 +183,7 @@ class Bench:
             self.etcd.start()
         except EtcdError as exc:
             raise RuntimeError(f"etcd did not start: {exc}") from None
-        settings = {"arbiter": "etcd", "etcd_endpoints": self.etcd.client}
+        settings = {**UNLIMITED, "arbiter": "etcd", "etcd_endpoints": self.etcd.client}
         return Cluster(self.root / "cluster", hosts=self.args.hosts, settings=settings, tag="bench")
 
     async def run_once(self) -> Run:
@@ -321,7 +322,7 @@ class Bench:
         n = self.args.catchup
         retention = max(10, n // 100)
         folder = Path(tempfile.mkdtemp(prefix="snapshot-cluster-", dir=self.root))
-        side = Cluster(folder, settings={"log_retention": retention}, tag="bench")
+        side = Cluster(folder, settings={**UNLIMITED, "log_retention": retention}, tag="bench")
         try:
             side.start(wait=False)
             await asyncio.to_thread(side.wait_in_sync, IN_SYNC_TIMEOUT)

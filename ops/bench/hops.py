@@ -51,6 +51,7 @@ from pathlib import Path
 from ..cluster.nodes import Cluster
 from ..cluster.waiting import StopWaiting, wait_for
 from . import load
+from .load import UNLIMITED
 from .machine import children, command_line
 
 TRACEPOINTS = (
@@ -241,7 +242,7 @@ def record(roles: Roles, secs: float, folder: Path) -> list[Call]:
 
 def trace_cluster(secs: float, folder: Path) -> list[dict[str, float]]:
     """Our cluster at one client: each write's milestones over ``secs`` of its window."""
-    cluster = Cluster(folder / "cluster", tag="hops")
+    cluster = Cluster(folder / "cluster", settings=UNLIMITED, tag="hops")
     cluster.start()
     try:
         cluster.wait_in_sync(timeout=APPEAR_TIMEOUT)

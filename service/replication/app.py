@@ -50,6 +50,12 @@ class Application(Protocol):
         answer costs fairness, never correctness."""
         ...
 
+    def rate_limited(self, op: str, key: Hashable) -> bool:
+        """Whether a write of ``op`` counts against its account's send rate
+        (``sendrate.py``); ``key`` is its ``share_key``. The chat: a send of a
+        session's account."""
+        ...
+
     def reset(self) -> None:
         """Forget whatever the application remembers of the database between calls
         (the chat: the sessions it has read): the rows may have changed without it,

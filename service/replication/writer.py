@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import copy
 import heapq
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,7 +48,9 @@ from ..errors import (
     StorageFault,
 )
 from ..metrics import Metrics
+from ..sendrate import SendRate
 from ..storage import Batch, Db, Storage
+from ..throttle import ThrottledLog
 from .app import Application
 from .durability import Durability
 from .fairqueue import FairQueue, QueueFull
@@ -168,6 +171,12 @@ class WritePath:
         self.reads = 0
         self.writes_refused_busy = 0  # writes refused because the queue was full
         self.reads_refused_busy = 0  # and reads, because their line was
+        # Each account's sends, at most send_rate a second (sendrate.py), and a line
+        # now and then naming who was slowed down.
+        self.send_rate = SendRate(config.send_rate, config.send_burst, time.monotonic)
+        self._too_fast_log = ThrottledLog(
+            log, logging.WARNING, "send refused: account past send_rate", config.log_interval
+        )
         # Reads waiting for their turn, one query per turn of the loop (``read``), in
         # turns between accounts; the callback that gives the next turn, if due.
         self.read_line: FairQueue[asyncio.Future[None]] = FairQueue(QUEUED_READS)
@@ -208,13 +217,28 @@ class WritePath:
                 f"node {self.config.node_id} cannot write: {self.core.fault}; retry later"
             )
         write = PendingWrite(op, args, token_hash, request_id, done, fingerprint)
+        key = self.app.share_key(self.storage.reader, token_hash)
+        limited = self.app.rate_limited(op, key)
+        if limited and (wait := self.send_rate.take(key)) > 0:
+            self._too_fast_log.note(node=self.config.node_id, user_id=key)
+            raise self._too_fast(wait)
         try:
-            evicted = self.queue.push(self.app.share_key(self.storage.reader, token_hash), write)
+            evicted = self.queue.push(key, write)
         except QueueFull:
+            if limited:
+                self.send_rate.give_back(key)
             raise self._queue_full() from None
         if evicted is not None:
             evicted.finish(self._queue_full())
         self.work.set()
+
+    def _too_fast(self, wait: float) -> Busy:
+        return Busy(
+            f"this account sends faster than node {self.config.node_id} allows "
+            f"({self.config.send_rate:g} messages a second, {self.config.send_burst} at "
+            f"once: send_rate, send_burst); retry in {wait:.2f} s",
+            retry_after=wait,
+        )
 
     def _queue_full(self) -> Busy:
         self.writes_refused_busy += 1

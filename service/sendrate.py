@@ -1,0 +1,96 @@
+"""How fast one account may send: a token bucket per account, on the primary.
+
+Why
+---
+The fair queue (``replication/fairqueue.py``) keeps one account's flood from
+shutting other users' writes out, but not from being written: an account with
+many connections, each pipelining the largest ``send``, had its share of every
+batch, and its share was most of the primary's write rate, tens of megabytes a
+minute stored on every node, for as long as it kept on. A disk that fills
+refuses everyone's writes (SPEC's storage faults), and an inbox buried under
+one sender's messages is lost to its owner just as surely. So each account may
+send ``send_rate`` messages a second on average and ``send_burst`` at once, as
+chat services limit their users (Matrix's ``rc_message``, Slack's message rate);
+a send beyond is answered ``busy`` with the ``retry_after`` at which the account
+may send again, and is neither queued nor stored. Clients wait that long and send
+again (``service/client.py``), so a person or a bot within the rate never sees it,
+and one beyond it is slowed to it.
+
+Invariants
+----------
+* A refused send changes nothing: the check runs before the write is queued. A
+  send let in whose write is then refused anyway (a full queue) gets its token
+  back.
+* Only sends count, and only a session's: a write without a session, or whose
+  token names none, is refused by its batch before anything is stored.
+* The buckets are the primary's memory, not the database's: a node that becomes
+  primary knows nothing of what accounts sent through another, so a failover can
+  let an account send one more burst. An account whose bucket has filled again
+  is forgotten at the next sweep (every ``SWEEP_EVERY`` sends), so the memory
+  held is one small entry per account that sent since about then: never more
+  than the accounts there are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+# Entries whose bucket has filled again are dropped every this many sends.
+SWEEP_EVERY = 4096
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    at: float  # when ``tokens`` was counted
+
+
+class SendRate:
+    """``rate`` sends a second per key on average, ``burst`` at once; ``rate`` 0: no limit."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.clock = clock
+        self.refused = 0  # sends answered busy since start
+        self._buckets: dict[Hashable, _Bucket] = {}
+        self._checks = 0
+
+    def __len__(self) -> int:
+        """Accounts whose bucket is not full (what memory the limiter holds)."""
+        return len(self._buckets)
+
+    def take(self, key: Hashable) -> float:
+        """Spend one of ``key``'s sends: 0.0 when it may send now, otherwise the
+        seconds until it may (nothing is spent then)."""
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        self._checks += 1
+        if self._checks % SWEEP_EVERY == 0:
+            self._sweep(now)
+        bucket = self._buckets.get(key)
+        tokens = self.burst if bucket is None else self._refilled(bucket, now)
+        if tokens < 1.0:
+            self.refused += 1
+            return (1.0 - tokens) / self.rate
+        if bucket is None:
+            self._buckets[key] = _Bucket(tokens - 1.0, now)
+        else:
+            bucket.tokens, bucket.at = tokens - 1.0, now
+        return 0.0
+
+    def give_back(self, key: Hashable) -> None:
+        """Return the send ``take`` spent, for a write refused after it."""
+        bucket = self._buckets.get(key)
+        if bucket is not None:
+            bucket.tokens = min(self.burst, bucket.tokens + 1.0)
+
+    def _refilled(self, bucket: _Bucket, now: float) -> float:
+        return min(self.burst, bucket.tokens + max(0.0, now - bucket.at) * self.rate)
+
+    def _sweep(self, now: float) -> None:
+        full = [key for key, b in self._buckets.items() if self._refilled(b, now) >= self.burst]
+        for key in full:
+            del self._buckets[key]

@@ -1,0 +1,98 @@
+"""An account's send rate (``service/sendrate.py``) on real nodes, and with ``chatctl``.
+
+A cluster whose accounts may send a message every 4 s and 5 at once. Mallory
+pipelines 8 sends on one connection: 5 are stored, 3 are answered ``busy`` with
+the time to wait, and nothing of those 3 reaches anyone's inbox. Then ``chatctl
+send``, run as mallory while her bucket is still empty (a new token takes 4 s;
+the command starts in well under that), is told ``busy`` too, waits the time
+the node names and is stored: a user within the rate never sees the limit, one
+beyond it is slowed to it. Alice, another account, sends as if nothing
+happened. The primary counts the refusals in ``chat_sends_refused_rate_total``
+and its log names the account.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ops.cluster.scrape import scrape
+from service import protocol
+from service.client import Client
+from tests.conftest import ClusterFactory
+from tests.helpers.workload import new_user, run, start_cluster
+from tests.integration.test_bad_input import Raw
+from tests.integration.test_client_cli import PASSWORD, User
+
+pytestmark = pytest.mark.cluster
+
+RATE = 0.25
+BURST = 5
+SENT = 8
+
+
+async def mallory_pipelines(address: str, token: str) -> dict[str, protocol.Frame]:
+    """``SENT`` sends to alice at once on one connection; the answers by request id."""
+    raw = await Raw.client(address)
+    try:
+        for n in range(SENT):
+            args = {"to": "alice", "body": f"spam {n}"}
+            raw.send(protocol.request("send", f"spam-{n}", args, token))
+        answers: dict[str, protocol.Frame] = {}
+        while len(answers) < SENT:
+            frame = await raw.next_frame()
+            assert frame is not None, f"the node closed the connection after {answers}"
+            answers[str(frame["request_id"])] = frame
+        return answers
+    finally:
+        raw.close()
+
+
+async def inbox(servers: list[str], token: str) -> list[str]:
+    async with Client(servers, token=token) as client:
+        page = await client.read(limit=100)
+    return [message["body"] for message in page["messages"]]
+
+
+def test_an_account_past_its_send_rate_is_answered_busy_and_nothing_of_it_is_stored(
+    cluster_factory: ClusterFactory, tmp_path: Path
+) -> None:
+    cluster = cluster_factory(send_rate=RATE, send_burst=BURST, metrics=True)
+    primary = start_cluster(cluster)
+    assert primary.metrics_address is not None
+    mallory_token = run(new_user(cluster.servers, "mallory", PASSWORD))
+    alice_token = run(new_user(cluster.servers, "alice", PASSWORD))
+    mallory = User(tmp_path, "mallory", cluster.servers)
+    mallory.ok("login", "mallory", CHATCTL_PASSWORD=PASSWORD)  # before her bucket empties
+
+    answers = run(mallory_pipelines(primary.address, mallory_token))
+    replies = {rid for rid, frame in answers.items() if frame["type"] == "reply"}
+    busy = {rid: frame for rid, frame in answers.items() if frame["type"] == "error"}
+    assert len(replies) == BURST, answers
+    assert len(busy) == SENT - BURST, answers
+    for frame in busy.values():
+        assert frame["code"] == "busy", frame
+        assert "send_rate" in frame["message"], frame
+        # The bucket gives one send every 1/RATE s, and is empty now.
+        assert 0 < frame["retry_after"] <= 1 / RATE + 0.05, frame
+
+    # chatctl is refused too, waits the retry_after it is told and sends again.
+    assert mallory.ok("send", "alice", "one more", "--timeout", "30").startswith("sent message")
+    scraped = scrape(primary.metrics_address)
+    assert scraped is not None, "the primary serves no metrics"
+    assert scraped.value("chat_sends_refused_rate_total") >= SENT - BURST + 1, (
+        "chatctl's send was never refused: it came 4 s after the burst, or the limit let it in"
+    )
+
+    # The primary's log names the account (at most a line per log_interval).
+    assert "send refused: account past send_rate" in primary.log_text()
+
+    async def alice_sends() -> None:
+        async with Client(cluster.servers, token=alice_token) as client:
+            await client.send("mallory", "hello mallory")
+
+    run(alice_sends())  # another account: its own bucket, full
+    stored = run(inbox(cluster.servers, alice_token))
+    spam = {f"spam {rid.removeprefix('spam-')}" for rid in replies}
+    assert sorted(stored) == sorted([*spam, "one more"])

@@ -1,0 +1,122 @@
+"""An account's send rate (service/sendrate.py): the bucket, its refill, its memory,
+and the settings that size it."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from service.config import load
+from service.errors import InvalidInput
+from service.sendrate import SWEEP_EVERY, SendRate
+from tests.unit.test_ratelimit import node_conf
+
+
+class Clock:
+    """The limiter's clock, moved by hand: refills are exact, not timed."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_burst_then_one_send_per_refill() -> None:
+    clock = Clock()
+    rate = SendRate(rate=2.0, burst=3, clock=clock)
+    assert [rate.take("alice") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert rate.take("alice") == pytest.approx(0.5)  # one send every 1/rate s
+    assert rate.take("alice") == pytest.approx(0.5)  # a refusal spends nothing
+    assert rate.refused == 2
+    clock.now += 0.25
+    assert rate.take("alice") == pytest.approx(0.25)
+    clock.now += 0.25
+    assert rate.take("alice") == 0.0
+    assert rate.take("alice") > 0
+    clock.now += 3600  # a long pause refills the burst, never more
+    assert [rate.take("alice") for _ in range(4)][-1] == pytest.approx(0.5)
+
+
+def test_accounts_have_buckets_of_their_own() -> None:
+    clock = Clock()
+    rate = SendRate(rate=1.0, burst=2, clock=clock)
+    assert rate.take("mallory") == rate.take("mallory") == 0.0
+    assert rate.take("mallory") > 0
+    assert rate.take("alice") == rate.take("alice") == 0.0
+
+
+def test_a_send_given_back_can_be_sent_again() -> None:
+    clock = Clock()
+    rate = SendRate(rate=1.0, burst=1, clock=clock)
+    assert rate.take(7) == 0.0
+    rate.give_back(7)  # its write was refused after all (a full queue)
+    assert rate.take(7) == 0.0
+    assert rate.take(7) > 0
+    rate.give_back(8)  # an account that never sent: nothing to give back
+    rate.give_back(7)
+    rate.give_back(7)  # never more than the burst
+    assert rate.take(7) == 0.0
+    assert rate.take(7) > 0
+
+
+def test_no_limit_at_rate_zero() -> None:
+    rate = SendRate(rate=0.0, burst=1, clock=Clock())
+    assert all(rate.take("bot") == 0.0 for _ in range(10_000))
+    assert len(rate) == 0
+
+
+def test_accounts_whose_bucket_filled_again_are_forgotten() -> None:
+    clock = Clock()
+    rate = SendRate(rate=10.0, burst=5, clock=clock)
+    for account in range(SWEEP_EVERY - 1):
+        rate.take(account)
+    assert len(rate) == SWEEP_EVERY - 1
+    clock.now += 0.5  # every bucket full again
+    rate.take("last")  # the sweep's turn
+    assert len(rate) == 1
+
+
+def test_random_sends_against_a_model() -> None:
+    """The bucket against its definition: tokens = min(burst, tokens + elapsed * rate)."""
+    rng = random.Random(7)
+    clock = Clock()
+    rate = SendRate(rate=3.0, burst=4, clock=clock)
+    tokens = {key: 4.0 for key in "abc"}
+    last = {key: clock.now for key in "abc"}
+    for _ in range(20_000):
+        clock.now += rng.choice([0.0, 0.0, 0.01, 0.1, 0.4, 2.0])
+        key = rng.choice("abc")
+        have = min(4.0, tokens[key] + (clock.now - last[key]) * 3.0)
+        wait = rate.take(key)
+        if have >= 1.0:
+            assert wait == 0.0
+            tokens[key], last[key] = have - 1.0, clock.now
+        else:
+            assert wait == pytest.approx((1.0 - have) / 3.0)
+
+
+def test_the_send_rate_settings(tmp_path: Path) -> None:
+    defaults = load(node_conf(tmp_path), {})
+    assert (defaults.send_rate, defaults.send_burst) == (10.0, 50)
+    config = load(node_conf(tmp_path, send_rate=0.5, send_burst=3), {})
+    assert (config.send_rate, config.send_burst) == (0.5, 3)
+    assert load(node_conf(tmp_path, send_rate=0), {}).send_rate == 0.0
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"send_rate": -1},
+        {"send_rate": "nan"},
+        {"send_rate": "inf"},
+        {"send_rate": "fast"},
+        {"send_burst": 0},
+        {"send_burst": 1.5},
+    ],
+)
+def test_bad_send_rate_settings_are_refused(tmp_path: Path, setting: dict[str, object]) -> None:
+    with pytest.raises(InvalidInput):
+        load(node_conf(tmp_path, **setting), {})

@@ -72,6 +72,10 @@ Invariants
   undone (``LogDamaged``).
 * ``epochs`` holds, for each epoch that wrote at least one record here, the
   seq of its first record; epochs grow with seqs.
+* Every ``node_state`` value and ``epochs`` row this version writes carries a
+  ``crc``, checked whenever it is read (at open too): a value the disk changed
+  but that still parses stops the node as a damaged page does (``StorageCorrupt``),
+  never becomes its position, its vote or its history.
 * Every PRIMARY KEY is explicit (the session extension ignores tables without
   one; a replicated table without one is refused at open) and no table uses
   AUTOINCREMENT: ids are ``max + 1`` of replicated rows, and rows are never
@@ -217,6 +221,26 @@ CREATE TABLE node_state (
 # gain the column at their next open, and their records (crc NULL) are not checked.
 # Whether the column is there is this change's version: no counter is needed for it.
 _LOG_CHECKS = "ALTER TABLE txlog ADD COLUMN crc INTEGER"
+# The node's own values get a checksum for the same reason, made as they are written
+# and checked whenever they are read: a digit the disk changed in ``last_position``
+# or ``voted_epoch`` still parses, and a node that claims a longer history than it
+# holds, or forgets a vote, may lead with lost writes or vote twice in one epoch.
+# ``node_state.crc`` is the CRC-32 of the key, a NUL and the value's text;
+# ``epochs.crc`` of the epoch and start seq as text ("3:120"). Rows written before
+# the columns (crc NULL) are not checked. A version of this service from before them
+# updates a value and keeps its crc (an older backup installs a newer primary's
+# snapshot; a downgrade): the trigger then forgets the crc, which would otherwise
+# no longer match a value nobody damaged; the row is checked again from its next write.
+_STATE_CHECKS = {
+    "node_state": "ALTER TABLE node_state ADD COLUMN crc INTEGER",
+    "epochs": "ALTER TABLE epochs ADD COLUMN crc INTEGER",
+}
+_STATE_TRIGGER = "node_state_crc_forgotten"
+_STATE_TRIGGER_SQL = (
+    f"CREATE TRIGGER {_STATE_TRIGGER} AFTER UPDATE OF value ON node_state "
+    "WHEN NEW.crc IS OLD.crc AND NEW.value IS NOT OLD.value "
+    "BEGIN UPDATE node_state SET crc = NULL WHERE key = NEW.key; END"
+)
 # Replicated although storage's: the sync set record (``Batch.set_sync_set``).
 OWN_REPLICATED: dict[str, str] = {"cluster": "key"}
 # Never in a changeset: they describe this node's copy, not the chat state.
@@ -336,6 +360,7 @@ class Db:
 
     def __init__(self, conn: apsw.Connection) -> None:
         self._conn = conn
+        self._state_checked: bool | None = None
 
     def execute(self, sql: str, params: Params = ()) -> list[tuple[Any, ...]]:
         # _translated() inlined: this is the hot path of every write and read.
@@ -360,6 +385,15 @@ class Db:
     def changes(self) -> int:
         """Rows changed by the last INSERT, UPDATE or DELETE."""
         return int(self._conn.changes())
+
+    def state_checked(self) -> bool:
+        """Whether ``node_state`` and ``epochs`` have their ``crc`` columns (made
+        together, in one transaction): a database opened as it is, without the
+        application's migrations, may be from before them. Asked once."""
+        if self._state_checked is None:
+            columns = self.execute("PRAGMA table_info(node_state)")
+            self._state_checked = any(row[1] == "crc" for row in columns)
+        return self._state_checked
 
 
 def _create_private(path: Path) -> None:
@@ -410,7 +444,7 @@ def _migrate(conn: apsw.Connection, app: Sequence[str] | None) -> None:
             if version == 0:
                 raise Internal("the database has no schema yet: open it with the application's")
             return
-        if version == len(app) and _has_log_checks(conn):
+        if version == len(app) and not _missing_checks(conn):
             return
         migrations = schema_migrations(app)
         if version > len(migrations):
@@ -425,8 +459,8 @@ def _migrate(conn: apsw.Connection, app: Sequence[str] | None) -> None:
             version = int(Db(conn).value("PRAGMA user_version", default=0))
             for number in range(version, len(migrations)):
                 conn.execute(migrations[number])
-            if not _has_log_checks(conn):
-                conn.execute(_LOG_CHECKS)
+            for change in _missing_checks(conn):
+                conn.execute(change)
             conn.execute(f"PRAGMA user_version={len(migrations)}")
             conn.execute("COMMIT")
         except BaseException:
@@ -436,8 +470,18 @@ def _migrate(conn: apsw.Connection, app: Sequence[str] | None) -> None:
             raise
 
 
-def _has_log_checks(conn: apsw.Connection) -> bool:
-    return any(row[1] == "crc" for row in conn.execute("PRAGMA table_info(txlog)"))
+def _missing_checks(conn: apsw.Connection) -> list[str]:
+    """What makes the checksums of the log and of the node's own values, where missing."""
+
+    def has_crc(table: str) -> bool:
+        return any(row[1] == "crc" for row in conn.execute(f"PRAGMA table_info({table})"))
+
+    missing = [] if has_crc("txlog") else [_LOG_CHECKS]
+    missing += [change for table, change in _STATE_CHECKS.items() if not has_crc(table)]
+    trigger = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND name = ?", (_STATE_TRIGGER,)
+    ).fetchall()
+    return missing if trigger else [*missing, _STATE_TRIGGER_SQL]
 
 
 def _replicated_tables(db: Db) -> dict[str, str]:
@@ -479,7 +523,15 @@ def _unparsable(what: str, exc: Exception) -> StorageCorrupt:
 
 
 def _read_json(db: Db, table: str, key: str) -> Any:
-    text = db.value(f"SELECT value FROM {table} WHERE key = ?", (key,))
+    if table == "node_state" and db.state_checked():
+        row = db.one("SELECT value, crc FROM node_state WHERE key = ?", (key,))
+        text, crc = (None, None) if row is None else row
+        if crc is not None and text is not None and crc != _state_crc(key, text):
+            raise StorageCorrupt(
+                f"the database is damaged: node_state {key} fails its checksum ({text!r})"
+            )
+    else:
+        text = db.value(f"SELECT value FROM {table} WHERE key = ?", (key,))
     if text is None:
         return None
     try:
@@ -489,11 +541,42 @@ def _read_json(db: Db, table: str, key: str) -> Any:
 
 
 def _write_json(db: Db, table: str, key: str, value: Any) -> None:
+    text = json.dumps(value)
+    if table == "node_state" and db.state_checked():
+        db.execute(
+            "INSERT INTO node_state(key, value, crc) VALUES (?, ?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value, crc = excluded.crc",
+            (key, text, _state_crc(key, text)),
+        )
+        return
     db.execute(
         f"INSERT INTO {table}(key, value) VALUES (?, ?) "
         "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        (key, json.dumps(value)),
+        (key, text),
     )
+
+
+def _state_crc(key: str, text: str) -> int:
+    return zlib.crc32(f"{key}\x00{text}".encode())
+
+
+def _epoch_crc(epoch: int, start_seq: int) -> int:
+    return zlib.crc32(f"{epoch}:{start_seq}".encode())
+
+
+def _read_epochs(db: Db) -> list[tuple[int, int]]:
+    """The epochs table, each row checked against its checksum."""
+    if not db.state_checked():
+        rows = db.execute("SELECT epoch, start_seq FROM epochs ORDER BY epoch")
+        return [(int(epoch), int(start)) for epoch, start in rows]
+    history = []
+    for epoch, start, crc in db.execute("SELECT epoch, start_seq, crc FROM epochs ORDER BY epoch"):
+        if crc is not None and crc != _epoch_crc(int(epoch), int(start)):
+            raise StorageCorrupt(
+                f"the database is damaged: the epochs row {epoch}:{start} fails its checksum"
+            )
+        history.append((int(epoch), int(start)))
+    return history
 
 
 def _read_position(db: Db) -> Position:
@@ -568,7 +651,13 @@ def _append_record(
     ``save_position=False`` defers writing ``last_position`` to the caller, which
     must write it before its transaction commits (many records, one write)."""
     if record.epoch > position.epoch:
-        db.execute("INSERT INTO epochs(epoch, start_seq) VALUES (?, ?)", (record.epoch, record.seq))
+        if db.state_checked():
+            db.execute(
+                "INSERT INTO epochs(epoch, start_seq, crc) VALUES (?, ?, ?)",
+                (record.epoch, record.seq, _epoch_crc(record.epoch, record.seq)),
+            )
+        else:
+            db.execute("INSERT INTO epochs VALUES (?, ?)", (record.epoch, record.seq))
     db.execute(
         "INSERT INTO txlog(seq, epoch, changeset, crc) VALUES (?, ?, ?, ?)",
         (record.seq, record.epoch, record.changeset, zlib.crc32(record.changeset)),
@@ -857,7 +946,7 @@ class Batch:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self._conn = storage._conn
-        self._db = Db(self._conn)
+        self._db = storage._db
         self._sealed = False
         # The position of the record sealed, the storage's once committed.
         self._sealed_at: Position | None = None
@@ -1055,6 +1144,7 @@ class Storage:
             # at start (and the node moves the database aside), not at some later read.
             _read_node_state(self._db)
             _read_position(self._db)
+            _read_epochs(self._db)
             _read_sync_set(self._db)
             # Made by ops.restore: its sync set of this node alone was written by the
             # restore, not by a primary, so it proves nothing about the other nodes
@@ -1211,8 +1301,7 @@ class Storage:
         return self._committed
 
     def epoch_history(self) -> list[tuple[int, int]]:
-        rows = self._reader_db.execute("SELECT epoch, start_seq FROM epochs ORDER BY epoch")
-        return [(int(epoch), int(start)) for epoch, start in rows]
+        return _read_epochs(self._reader_db)
 
     def node_state(self) -> NodeState:
         return _read_node_state(self._reader_db)

@@ -99,11 +99,12 @@ def corrupt_page(path: Path, pick: int, size: int) -> Damage:
     return Damage(path, page, pages, owner, owner_type, page_type, offset, size, rowids)
 
 
-def flip_payload(path: Path, table: str, needle: bytes) -> int:
-    """Flip bit 0x20 of the first byte of ``needle`` where it is stored on a leaf
-    page of ``table`` in the stopped database ``path`` (an ASCII letter changes
-    case: the row still parses). ``needle`` must occur exactly once among that
-    table's leaf pages, on a page with no frame in the WAL. Returns the offset."""
+def flip_payload(path: Path, table: str, needle: bytes, bit: int = 0x20, at: int = 0) -> int:
+    """Flip ``bit`` of byte ``at`` of ``needle`` where it is stored on a leaf page
+    of ``table`` in the stopped database ``path`` (0x20: an ASCII letter changes
+    case; 0x02: a digit 5 becomes 7; either way the row still parses). ``needle``
+    must occur exactly once among that table's leaf pages, on a page with no frame
+    in the WAL. Returns the offset of the flipped byte."""
     path = Path(path)
     page_size, _, candidates = _candidates(path)
     in_wal = _wal_pages(path.with_name(path.name + "-wal"))
@@ -114,7 +115,7 @@ def flip_payload(path: Path, table: str, needle: bytes) -> int:
                 continue
             db.seek((page - 1) * page_size)
             data = db.read(page_size)
-            found += [(page, (page - 1) * page_size + at) for at in find_all(data, needle)]
+            found += [(page, (page - 1) * page_size + i + at) for i in find_all(data, needle)]
         if len(found) != 1:
             raise ValueError(f"{needle!r} is on {len(found)} places of {table}'s leaf pages, not 1")
         page, offset = found[0]
@@ -123,7 +124,7 @@ def flip_payload(path: Path, table: str, needle: bytes) -> int:
         db.seek(offset)
         (byte,) = db.read(1)
         db.seek(offset)
-        db.write(bytes([byte ^ 0x20]))
+        db.write(bytes([byte ^ bit]))
         db.flush()
         os.fsync(db.fileno())
     return offset

@@ -20,7 +20,7 @@ import sqlite3
 
 import pytest
 
-from ops.chaos.corrupt import corrupt_page
+from ops.chaos.corrupt import corrupt_page, flip_payload
 from ops.cluster.waiting import wait_for
 from service.client import Client
 from tests.conftest import ClusterFactory
@@ -169,4 +169,53 @@ def test_a_node_whose_own_state_does_not_parse_moves_its_database_aside(
     cluster.wait_in_sync()
     assert sent <= message_bodies(odd)
     assert odd.is_running, "node 3 exited"
+    finish(cluster)
+
+
+async def login(servers: list[str], name: str) -> str:
+    async with Client(servers) as client:
+        await client.login(name, PASSWORD)
+        assert client.token is not None
+        return client.token
+
+
+async def send_after(servers: list[str], token: str) -> set[str]:
+    bodies = {f"after {i}" for i in range(20)}
+    async with Client(servers, token=token) as client:
+        for body in sorted(bodies):
+            await client.send("bob", body)
+    return bodies
+
+
+def test_a_node_whose_position_the_disk_raised_does_not_lead_with_it(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """One bit of a stopped backup's ``last_position``, flipped in the file so that it
+    still parses: epoch 1 becomes epoch 9, which nobody reached. Meanwhile the others
+    acknowledge more messages, then the primary dies, and the damaged node comes back.
+    It used to believe the value: it came up claiming position (9, N), a history no
+    node has, and asked the new primary to catch up from there. Only the sync set
+    kept it from leading (it had left it while stopped), and the snapshot it then got
+    replaced its rows. Now the value's checksum (made when it was written) no longer
+    matches: the node says its database is damaged, moves it aside and catches up,
+    and the node that holds every acknowledged message leads."""
+    cluster, sent = loaded_cluster(cluster_factory)
+    odd, keeper = cluster[3], cluster[2]
+    odd.stop()  # SIGTERM: checkpointed, so the flip is in the file SQLite reads
+    with contextlib.closing(sqlite3.connect(odd.db_path)) as conn:
+        query = "SELECT value FROM node_state WHERE key = 'last_position'"
+        (text,) = conn.execute(query).fetchone()
+    assert text.startswith("[1, "), text
+    flip_payload(odd.db_path, "node_state", text.encode(), bit=0x08, at=1)  # 1 -> 9
+    alice = run(login(cluster.servers, "alice"))
+    sent |= run(send_after(cluster.servers, alice))  # acknowledged by nodes 1 and 2
+    cluster[1].kill()
+    odd.start()
+    wait_logged(odd, "database damaged, moved aside")
+    assert "node_state_last_position_fails_its_checksum" in odd.log_text()  # the why
+    assert cluster.wait_for_primary() is keeper
+    assert set(run(bobs_inbox([keeper.address]))) == sent
+    cluster.start()
+    cluster.wait_in_sync()
+    assert sent <= message_bodies(odd)
     finish(cluster)

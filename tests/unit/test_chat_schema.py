@@ -3,9 +3,11 @@
 The schema moved out of storage without changing a byte, and a migration never
 changes once released: a database at v4 holds exactly the schema released as v4,
 and a new database and one migrated from any earlier version the one of v5. Since
-then storage's log has one column more (each record's checksum), which every
-database gains at its open, whatever its version: the released schemas are
-compared with that column taken out, and the column is checked on its own.
+then storage's log has one column more (each record's checksum), and so have its
+node-local ``node_state`` and ``epochs`` (each value's checksum), with a trigger
+beside them; every database gains them at its open, whatever its version: the
+released schemas are compared with them taken out, and they are checked on their
+own.
 """
 
 from __future__ import annotations
@@ -28,21 +30,31 @@ RELEASED_V4_SCHEMA = "67aec5c15402a2afaf790f6ee0850d5b469ffd595c4ee14e14dd974bbe
 RELEASED_V5_SCHEMA = "9de13389bd79d88e065e4555d7cca1d93322bb9b2c350572b21e0da5ad750faa"
 
 
-# What storage's ALTER TABLE (``_LOG_CHECKS``) appends to the log's CREATE statement.
-LOG_CHECKS = "\n, crc INTEGER)"
+# What storage's ALTER TABLEs (``_LOG_CHECKS``, ``_STATE_CHECKS``) append to the CREATE
+# statements of the tables that gained a checksum column, and the trigger made with them.
+CHECKS = "\n, crc INTEGER)"
+CHECKED_TABLES = ("txlog", "node_state", "epochs")
+STATE_TRIGGER = "node_state_crc_forgotten"
 
 
 def schema_rows(storage: Storage) -> list[tuple[object, ...]]:
-    """The schema as released: the log's checksum column taken out (checked on its own)."""
+    """The schema as released: the checksum columns and their trigger taken out (each
+    of them checked here on its own)."""
     rows = storage.db.execute(
         "SELECT type, name, tbl_name, rootpage, sql FROM sqlite_master ORDER BY rowid"
     )
     released: list[tuple[object, ...]] = []
+    checks = []
     for kind, name, table, root, sql in rows:
-        if name == "txlog":
-            assert str(sql).endswith(LOG_CHECKS), sql
-            sql = str(sql).removesuffix(LOG_CHECKS) + "\n)"
+        if name in CHECKED_TABLES:
+            assert str(sql).endswith(CHECKS), sql
+            sql = str(sql).removesuffix(CHECKS) + "\n)"
+            checks.append(name)
+        if kind == "trigger" and name == STATE_TRIGGER:
+            checks.append(name)
+            continue
         released.append((kind, name, table, root, sql))
+    assert sorted(checks) == sorted([*CHECKED_TABLES, STATE_TRIGGER]), checks
     return released
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.chaos.corrupt import flip_payload
 from service import storage as storage_module
 from service.chat_schema import MIGRATIONS, TABLES
 from service.errors import Internal, StorageCorrupt, StorageFault
@@ -863,6 +864,115 @@ def test_a_snapshot_from_before_the_checksums_gains_them(tmp_path: Path, backup:
     assert backup.log_range(0, 10) == [first]
     second = add_user(backup, "bob")
     assert backup.db.value("SELECT crc FROM txlog WHERE seq = 2") == zlib.crc32(second.changeset)
+
+
+# ---- the node's own values' checksums --------------------------------------------------------
+
+
+def state_crc(storage: Storage, key: str) -> object:
+    return storage.db.value("SELECT crc FROM node_state WHERE key = ?", (key,))
+
+
+def test_the_nodes_own_values_and_epochs_are_written_with_their_checksums(
+    primary: Storage,
+) -> None:
+    add_user(primary, "ann")
+    add_user(primary, "bob", epoch=2)
+    primary.save_node_state(NodeState(current_epoch=2, voted_epoch=2, voted_for=1))
+    rows = primary.db.execute("SELECT key, value, crc FROM node_state")
+    assert {key for key, _, _ in rows} >= {"last_position", "voted_epoch", "database_id"}
+    for key, value, crc in rows:
+        assert crc == zlib.crc32(f"{key}\x00{value}".encode()), key
+    epochs = primary.db.execute("SELECT epoch, start_seq, crc FROM epochs")
+    assert epochs == [(1, 1, zlib.crc32(b"1:1")), (2, 2, zlib.crc32(b"2:2"))]
+
+
+@pytest.mark.parametrize(
+    ("needle", "at", "what"),
+    [
+        # seq 5 becomes 7: the node would claim two records it does not hold.
+        (b"5]", 0, "node_state last_position fails its checksum"),
+        # The vote of epoch 7 becomes one of epoch 5: it could vote again in 7.
+        (b"voted_epoch7", len("voted_epoch"), "node_state voted_epoch fails its checksum"),
+    ],
+)
+def test_a_value_the_disk_changed_that_still_parses_is_damage_found_at_open(
+    tmp_path: Path, needle: bytes, at: int, what: str
+) -> None:
+    """One bit of a row's payload, flipped in the file as a bad sector would: every
+    page stays well formed and the value still parses. The open says the database
+    is damaged (the node moves it aside) instead of taking it as its position or
+    its vote."""
+    path = tmp_path / "chat.db"
+    storage = Storage(path, migrations=MIGRATIONS)
+    for name in ("ann", "bob", "cy", "dee", "eve"):
+        add_user(storage, name)
+    storage.save_node_state(NodeState(current_epoch=7, voted_epoch=7, voted_for=3))
+    storage.close()
+    flip_payload(path, "node_state", needle, bit=0x02, at=at)
+    with pytest.raises(StorageCorrupt, match=what):
+        Storage(path, migrations=MIGRATIONS)
+
+
+def test_an_epochs_row_the_disk_changed_is_damage_found_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "chat.db"
+    storage = Storage(path, migrations=MIGRATIONS)
+    add_user(storage, "ann")
+    add_user(storage, "bob", epoch=2)
+    storage.close()
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # the disk, not this module
+        conn.execute("UPDATE epochs SET start_seq = 3 WHERE epoch = 2")
+        conn.commit()
+    with pytest.raises(StorageCorrupt, match="the epochs row 2:3 fails its checksum"):
+        Storage(path, migrations=MIGRATIONS)
+
+
+def test_a_value_an_older_version_rewrote_is_unchecked_until_written_again(
+    primary: Storage,
+) -> None:
+    """A version from before the checksums updates a value and keeps the crc (an older
+    backup installing this version's snapshot, a downgrade): the trigger forgets the
+    crc rather than leave one that no longer matches a sound value."""
+    add_user(primary, "ann")
+    primary.db.execute(  # what the older version writes
+        "INSERT INTO node_state(key, value) VALUES ('last_position', '[1, 1]') "
+        "ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+    )
+    assert state_crc(primary, "last_position") is not None  # the same value: still sound
+    primary.db.execute("UPDATE node_state SET value = '[1, 2]' WHERE key = 'last_position'")
+    assert state_crc(primary, "last_position") is None
+    assert primary.position() == Position(1, 2)  # read as it is
+    primary.db.execute("UPDATE node_state SET value = '[1, 1]' WHERE key = 'last_position'")
+    add_user(primary, "bob")  # this version's next write
+    assert state_crc(primary, "last_position") == zlib.crc32(b"last_position\x00[1, 2]")
+
+
+def test_a_database_from_before_the_state_checksums_gains_them_and_reads_its_values(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "chat.db"
+    old = Storage(path, migrations=MIGRATIONS)
+    add_user(old, "ann")
+    old.save_node_state(NodeState(current_epoch=1, voted_epoch=1, voted_for=1))
+    for statement in (
+        "DROP TRIGGER node_state_crc_forgotten",
+        "ALTER TABLE node_state DROP COLUMN crc",
+        "ALTER TABLE epochs DROP COLUMN crc",
+    ):
+        old.db.execute(statement)  # the layout before
+    old.close()
+    opened_as_is = Storage(path)  # a tool's open changes nothing, and reads the values
+    assert opened_as_is.position() == Position(1, 1)
+    assert opened_as_is.epoch_history() == [(1, 1)]
+    opened_as_is.close()
+    again = Storage(path, migrations=MIGRATIONS)
+    assert again.node_state() == NodeState(current_epoch=1, voted_epoch=1, voted_for=1)
+    assert state_crc(again, "voted_epoch") is None  # from before: not checked
+    add_user(again, "bob", epoch=2)
+    assert state_crc(again, "last_position") == zlib.crc32(b"last_position\x00[2, 2]")
+    assert again.epoch_history() == [(1, 1), (2, 2)]
+    assert again.db.value("SELECT crc FROM epochs WHERE epoch = 2") == zlib.crc32(b"2:2")
+    again.close()
 
 
 # ---- rewind ------------------------------------------------------------------------------

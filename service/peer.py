@@ -360,7 +360,8 @@ class FrameFeed(asyncio.Protocol):
     ``drain`` waits while the transport's write buffer is over its high-water mark.
     With a ``budget`` (a client's connection: ``turns.TurnBudget``) it hands on no
     more frames in a turn of the loop than the budget has left; the rest wait, with
-    reading paused, for a later turn.
+    reading paused, for a later turn. ``hold`` stops handing on (and reading) for a
+    while: its owner answered ``busy`` and told the client how long to wait.
     """
 
     def __init__(
@@ -379,13 +380,14 @@ class FrameFeed(asyncio.Protocol):
         self.ended: asyncio.Future[BaseException | None] = self._loop.create_future()
         self._writable: asyncio.Future[None] | None = None
         self._waiting = False  # frames held for a later turn, reading paused
+        self._held: asyncio.TimerHandle | None = None  # frames held by ``hold``, until
         self._eof_held = False  # the end of stream came while frames were held
 
     def data_received(self, data: bytes) -> None:
         if self.ended.done():
             return
         self.decoder.push(data)
-        if not self._waiting:
+        if not self._waiting and self._held is None:
             self._hand_on()
 
     def _hand_on(self, most: int | None = None) -> None:
@@ -410,6 +412,8 @@ class FrameFeed(asyncio.Protocol):
                         return
                     budget.spend(held - self.decoder.pending)
                 self.on_frame(frame)
+                if self._held is not None:
+                    return  # the owner said to hand on nothing more for a while
                 taken += 1
                 if most is not None and taken >= most and budget is not None:
                     if self.decoder.pending and not self.ended.done():
@@ -428,8 +432,30 @@ class FrameFeed(asyncio.Protocol):
         """A later turn: hand on what is held, one frame (the others waiting take
         theirs in turn), then read again once nothing is held."""
         self._waiting = False
-        self._hand_on(most=1)
-        if self._waiting:
+        if self._held is None:
+            self._hand_on(most=1)
+        self._read_again()
+
+    def hold(self, seconds: float) -> None:
+        """Hand on no frame, and read none, for ``seconds``: the client was answered
+        ``busy`` and told to wait that long. A client that waits loses nothing; one
+        that does not is pushed back by TCP, and what it sends meanwhile costs the
+        node nothing (it was decoded, looked up and refused frame by frame before)."""
+        if self.ended.done() or self._held is not None:
+            return
+        self._held = self._loop.call_later(seconds, self._release)
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def _release(self) -> None:
+        self._held = None
+        if not self._waiting:
+            self._hand_on()
+        self._read_again()
+
+    def _read_again(self) -> None:
+        """Read again unless frames are still held (by the budget or by ``hold``)."""
+        if self._waiting or self._held is not None:
             return
         if self._eof_held:
             self._at_eof()
@@ -439,7 +465,7 @@ class FrameFeed(asyncio.Protocol):
             transport.resume_reading()
 
     def eof_received(self) -> bool:
-        if self._waiting:
+        if self._waiting or self._held is not None:
             self._eof_held = True  # the frames before it first
         else:
             self._at_eof()
@@ -481,6 +507,9 @@ class FrameFeed(asyncio.Protocol):
         raise why
 
     def _end(self, why: BaseException | None) -> None:
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         if not self.ended.done():
             self.ended.set_result(why)
 

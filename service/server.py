@@ -115,6 +115,10 @@ LISTEN_QUEUE = 10_000
 # burst the event loop has not got to yet; the transport stops reading at twice this.
 STREAM_LIMIT = 256 * 1024
 MAX_ID = 2**63 - 1
+# After answering a request ``busy``, a connection is not read for the retry_after it
+# was told, up to this long (``FrameFeed.hold``): a client that does not wait is
+# pushed back by TCP instead of being refused frame by frame, thousands a second.
+BUSY_HOLD_CAP = 1.0
 # The arguments of the operations the server reads itself (the writes it passes on
 # are checked by chat.apply_write): anything else is refused, as for writes.
 CLIENT_FIELDS: dict[str, frozenset[str]] = {
@@ -672,6 +676,7 @@ class ClientSession:
             self.unanswered -= 1
             if isinstance(outcome, ChatError):
                 self.send(protocol.error(request_id, outcome.to_wire()))
+                self._hold_if_busy(outcome)
             else:
                 self.send(protocol.reply(request_id, _client_result(outcome)))
 
@@ -680,6 +685,11 @@ class ClientSession:
             self.replicator.enqueue(op, args, token_hash, request_id, done)
         except ChatError as exc:
             done(exc)
+
+    def _hold_if_busy(self, error: ChatError) -> None:
+        """Read nothing more from this client for the time it was told to wait."""
+        if isinstance(error, Busy) and error.retry_after > 0 and self.feed is not None:
+            self.feed.hold(min(error.retry_after, BUSY_HOLD_CAP))
 
     async def _serve(
         self, request_id: str, op: str, args: dict[str, Any], token: str | None
@@ -708,6 +718,7 @@ class ClientSession:
             self.replicator.damaged(str(exc))
         except ChatError as exc:
             answer(protocol.error(request_id, exc.to_wire()))
+            self._hold_if_busy(exc)
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -29,6 +29,7 @@ import uvloop
 from service import protocol
 from service.errors import ProtocolViolation
 from service.peer import FrameFeed, FrameReader
+from service.turns import TurnBudget
 
 DEADLINE = 10.0
 T = TypeVar("T")
@@ -193,5 +194,37 @@ def test_drain_waits_while_the_other_end_does_not_read(filled: str) -> None:
             while not drained.done():
                 await dial_reader.read(1 << 20)
             await drained
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("budget", [None, 2], ids=["alone", "with a turn budget"])
+def test_a_hold_hands_on_nothing_until_it_ends_and_the_end_of_stream_waits_for_it(
+    budget: int | None,
+) -> None:
+    """``hold``: the owner answered busy and told the client to wait. The frames behind
+    the one that was refused are handed on only after the hold, in order, under the
+    turn budget too; an end of stream that came meanwhile ends the feed after them."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        async with connected() as (reader, writer, _, dialer):
+            got: list[tuple[int, float]] = []
+            feed: FrameFeed | None = None
+
+            def on_frame(f: protocol.Frame) -> None:
+                got.append((f["n"], loop.time()))
+                if f["n"] == 2 and feed is not None:
+                    feed.hold(0.3)
+
+            turns = None if budget is None else TurnBudget(frames_per_turn=budget)
+            feed = FrameReader(reader, 1024).hand_off(writer, on_frame, turns)
+            sent = loop.time()
+            dialer.write(b"".join(protocol.encode_frame(frame(n)) for n in range(1, 7)))
+            dialer.write_eof()
+            assert await feed.ended is None, "a clean end, after the held frames"
+            assert [n for n, _ in got] == [1, 2, 3, 4, 5, 6]
+            held = [at - sent for n, at in got if n > 2]
+            assert min(held) >= 0.29, f"handed on during the hold: {got}"
 
     run(scenario)

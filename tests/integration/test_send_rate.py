@@ -13,6 +13,7 @@ and its log names the account.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,49 @@ def test_an_account_past_its_send_rate_is_answered_busy_and_nothing_of_it_is_sto
     stored = run(inbox(cluster.servers, alice_token))
     spam = {f"spam {rid.removeprefix('spam-')}" for rid in replies}
     assert sorted(stored) == sorted([*spam, "one more"])
+
+
+async def answer_times(address: str, token: str, count: int) -> dict[str, tuple[float, str]]:
+    """``count`` sends at once on one connection (``s0``, ``s1``...), ignoring every
+    ``retry_after``: when each answer came (seconds after the sends) and its kind."""
+    raw = await Raw.client(address)
+    loop = asyncio.get_running_loop()
+    try:
+        start = loop.time()
+        for n in range(count):
+            raw.send(protocol.request("send", f"s{n}", {"to": "alice", "body": "x"}, token))
+        times: dict[str, tuple[float, str]] = {}
+        while len(times) < count:
+            frame = await raw.next_frame(timeout=30.0)
+            assert frame is not None, f"the node closed the connection after {times}"
+            times[str(frame["request_id"])] = (loop.time() - start, str(frame.get("code", "reply")))
+        return times
+    finally:
+        raw.close()
+
+
+def test_a_client_that_does_not_wait_after_busy_is_not_read_meanwhile(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """Answered ``busy`` with a ``retry_after``, a connection is not read for that
+    long (at most a second): what it sends meanwhile waits in TCP, and the node
+    spends nothing on it. It used to decode, look up and refuse every frame at once:
+    a flood of the largest sends that ignored retry_after got 178,693 refusals in 20 s.
+
+    One send a second: s0 is stored, s1 refused (wait 1 s). s2 is read only after
+    that second, when the account may send again: stored; s3 right after it, refused."""
+    cluster = cluster_factory(send_rate=1, send_burst=1)
+    primary = start_cluster(cluster)
+    mallory = run(new_user(cluster.servers, "mallory", PASSWORD))
+    alice = run(new_user(cluster.servers, "alice", PASSWORD))
+    times = run(answer_times(primary.address, mallory, 4))
+    kinds = {rid: kind for rid, (_, kind) in times.items()}
+    assert kinds == {"s0": "reply", "s1": "busy", "s2": "reply", "s3": "busy"}, times
+    waited = times["s2"][0] - times["s1"][0]
+    assert waited >= 0.8, f"read again {waited:.2f} s after busy, told 1 s: {times}"
+
+    async def alice_sends() -> None:
+        async with Client(cluster.servers, token=alice) as client:
+            await client.send("mallory", "hello")
+
+    run(alice_sends())  # another connection, another account: never held

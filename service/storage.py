@@ -223,8 +223,9 @@ CREATE TABLE node_state (
 _LOG_CHECKS = "ALTER TABLE txlog ADD COLUMN crc INTEGER"
 # The node's own values get a checksum for the same reason, made as they are written
 # and checked whenever they are read: a digit the disk changed in ``last_position``
-# or ``voted_epoch`` still parses, and a node that claims a longer history than it
-# holds, or forgets a vote, may lead with lost writes or vote twice in one epoch.
+# or ``voted_epoch`` still parses, and a node that believed it would claim a history
+# no node has (only the sync set keeps it from leading with it) or vote twice in one
+# epoch.
 # ``node_state.crc`` is the CRC-32 of the key, a NUL and the value's text;
 # ``epochs.crc`` of the epoch and start seq as text ("3:120"). Rows written before
 # the columns (crc NULL) are not checked. A version of this service from before them

@@ -132,6 +132,7 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
     core = replicator.core
     stats = core.statistics()
     verifier = replicator.verifier
+    writer = replicator.writer  # its counters, read where they are kept
     return NodeSample(
         node_id=core.node_id,
         nodes=core.nodes,
@@ -158,15 +159,15 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         batches=replicator.batches,
         writes=replicator.writes,
         reads=replicator.reads,
-        writes_waiting=replicator.writes_waiting if core.role is Role.PRIMARY else None,
-        writes_refused_busy=replicator.writes_refused_busy,
-        reads_waiting=replicator.reads_waiting if core.role is Role.PRIMARY else None,
-        reads_refused_busy=replicator.reads_refused_busy,
-        sends_refused_rate=replicator.writer.send_rate.refused,
+        writes_waiting=len(writer.queue) if core.role is Role.PRIMARY else None,
+        writes_refused_busy=writer.writes_refused_busy,
+        reads_waiting=len(writer.read_line) if core.role is Role.PRIMARY else None,
+        reads_refused_busy=writer.reads_refused_busy,
+        sends_refused_rate=writer.send_rate.refused,
         checksums=verifier.last,
         checksum_rounds=verifier.completed,
         checksum_mismatches=verifier.mismatches,
-        clients=len(server.sessions),
+        clients=len(server.slots),
         client_limit=server.client_limit,
         listen_streams=sum(len(group) for group in server.listeners.values()),
         client_unread=server.unread.total,

@@ -283,7 +283,6 @@ class Server:
         self.database = database
         self.peers = peers
         self.listeners: dict[int, set[Listener]] = {}
-        self.sessions: set[ClientSession] = set()
         # Connections in their handshake, oldest first, with the dialer's address.
         self.handshakes: dict[asyncio.StreamWriter, str] = {}
         self.open_files = open_file_limit()
@@ -347,7 +346,7 @@ class Server:
             self._checker.cancel()
         if self._server is not None:
             self._server.close()
-        for session in list(self.sessions):
+        for session in self.slots:
             session.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
@@ -435,12 +434,10 @@ class Server:
             return
         frames.limit(self.config.max_client_frame)
         session = ClientSession(self, frames, writer)
-        self.sessions.add(session)
         self.slots.add(session.address, session)
         try:
             await session.run()
         finally:
-            self.sessions.discard(session)
             self.slots.remove(session.address, session)
 
     async def _handshake(
@@ -478,7 +475,7 @@ class Server:
         try:
             crowded = self.slots.make_room(client_address(writer))
         except SlotsFull:
-            self._busy.note(address=address, clients=len(self.sessions))
+            self._busy.note(address=address, clients=len(self.slots))
             _refuse(
                 writer,
                 Busy(
@@ -490,7 +487,7 @@ class Server:
         if crowded is not None:
             # Full, and this address holds fewer than the one holding the most: that
             # one's oldest connection gives way (service/slots.py).
-            self._gave_way.note(address=crowded.address, clients=len(self.sessions))
+            self._gave_way.note(address=crowded.address, clients=len(self.slots))
             _refuse(
                 crowded.writer,
                 Busy(

@@ -25,7 +25,7 @@ each address by its connections (``tally.Tally``).
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
 from typing import Generic, TypeVar
 
 from .tally import Tally
@@ -49,6 +49,10 @@ class ClientSlots(Generic[C]):
 
     def __len__(self) -> int:
         return self._count
+
+    def __iter__(self) -> Iterator[C]:
+        """Every connection held (a copy: closing them may change the slots)."""
+        return iter([c for held in self._by_address.values() for c in held])
 
     def held_by(self, address: str) -> int:
         """How many connections ``address`` holds."""

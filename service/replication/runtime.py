@@ -257,22 +257,6 @@ class Replicator:
         return self.writer.writes
 
     @property
-    def writes_waiting(self) -> int:
-        return len(self.writer.queue)
-
-    @property
-    def writes_refused_busy(self) -> int:
-        return self.writer.writes_refused_busy
-
-    @property
-    def reads_waiting(self) -> int:
-        return len(self.writer.read_line)
-
-    @property
-    def reads_refused_busy(self) -> int:
-        return self.writer.reads_refused_busy
-
-    @property
     def reads(self) -> int:
         return self.writer.reads
 

@@ -57,6 +57,7 @@ import math
 import random
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
@@ -75,6 +76,8 @@ MAX_REDIAL = 0.25
 READ_CHUNK = 256 * 1024
 # A peer that stops reading (frozen) must not make us buffer without bound.
 MAX_BUFFERED = 64 * 1024 * 1024
+# The least a hold that fired early waits again (uvloop's timers count milliseconds).
+HOLD_TICK = 0.001
 
 FrameHandler = Callable[[int, protocol.Frame], None]
 LinkHandler = Callable[[int, bool, bool], None]
@@ -381,6 +384,7 @@ class FrameFeed(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._waiting = False  # frames held for a later turn, reading paused
         self._held: asyncio.TimerHandle | None = None  # frames held by ``hold``, until
+        self._held_until = 0.0  # when the hold ends, by time.monotonic
         self._eof_held = False  # the end of stream came while frames were held
 
     def data_received(self, data: bytes) -> None:
@@ -443,11 +447,19 @@ class FrameFeed(asyncio.Protocol):
         node nothing (it was decoded, looked up and refused frame by frame before)."""
         if self.ended.done() or self._held is not None:
             return
+        self._held_until = time.monotonic() + seconds
         self._held = self._loop.call_later(seconds, self._release)
         if self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
     def _release(self) -> None:
+        # The owner decided the wait by ``time.monotonic`` (an account's send
+        # rate); uvloop counts timers in whole milliseconds of a clock read at the
+        # loop's turns and can fire up to one early: the rest is waited again.
+        early = self._held_until - time.monotonic()
+        if early > 0:
+            self._held = self._loop.call_later(max(early, HOLD_TICK), self._release)
+            return
         self._held = None
         if not self._waiting:
             self._hand_on()

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import heapq
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -233,6 +234,9 @@ class WritePath:
         self.work.set()
 
     def _too_fast(self, wait: float) -> Busy:
+        # Rounded up to the hundredth the wire carries: a client that waits what it
+        # is told is let in, never refused once more for a few milliseconds.
+        wait = math.ceil(wait * 100) / 100
         return Busy(
             f"this account sends faster than node {self.config.node_id} allows "
             f"({self.config.send_rate:g} messages a second, {self.config.send_burst} at "

@@ -13,13 +13,16 @@ frame to a callback as it arrives. What a connection must not notice:
   refuses, stops the feed at once;
 * ``drain`` waits while the other end does not read, and returns once it reads
   (catch-up and snapshot streams pace themselves with it), also when the write
-  buffer passed its mark before the hand-off.
+  buffer passed its mark before the hand-off;
+* a hold hands on nothing for its seconds, counted by ``time.monotonic`` (the
+  clock the node decides a wait by), however uvloop's timers round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -226,5 +229,44 @@ def test_a_hold_hands_on_nothing_until_it_ends_and_the_end_of_stream_waits_for_i
             assert [n for n, _ in got] == [1, 2, 3, 4, 5, 6]
             held = [at - sent for n, at in got if n > 2]
             assert min(held) >= 0.29, f"handed on during the hold: {got}"
+
+    run(scenario)
+
+
+def test_a_hold_lasts_its_seconds_by_the_clock_the_node_decides_with() -> None:
+    """The node decides when an account may send again by ``time.monotonic`` and
+    holds the connection that long. uvloop counts a timer in whole milliseconds of a
+    clock it reads at the loop's turns, so a loop busy with other connections fired
+    it up to a millisecond early: the client's next frame was read before the
+    account could send, answered busy at once, and the frame behind it let in
+    (seen in CI). Twenty holds of 10 ms while the loop turns without pause: each
+    lasts its 10 ms by ``time.monotonic`` (before, most of them ended early)."""
+
+    async def scenario() -> None:
+        async with connected() as (reader, writer, _, dialer):
+            got: dict[int, float] = {}
+            held: dict[int, float] = {}
+            feed: FrameFeed | None = None
+
+            def on_frame(f: protocol.Frame) -> None:
+                got[f["n"]] = time.monotonic()
+                if feed is not None:
+                    held[f["n"]] = time.monotonic()
+                    feed.hold(0.01)
+
+            async def other_connections() -> None:  # the loop never waits long
+                while not feed_ended.done():
+                    await asyncio.sleep(0)
+
+            feed = FrameReader(reader, 1024).hand_off(writer, on_frame)
+            feed_ended = feed.ended
+            busy = asyncio.ensure_future(other_connections())
+            dialer.write(b"".join(protocol.encode_frame(frame(n)) for n in range(1, 22)))
+            dialer.write_eof()
+            assert await feed.ended is None
+            await busy
+            gaps = [got[n + 1] - held[n] for n in range(1, 21)]
+            short = [round(gap, 5) for gap in gaps if gap < 0.01]
+            assert not short, f"holds of 0.01 s that ended early: {short}"
 
     run(scenario)

@@ -22,7 +22,7 @@ import secrets
 import signal
 from pathlib import Path
 
-from . import chat, chat_schema, datadir, identity
+from . import chat, chat_schema, datadir, identity, throttle
 from .config import NodeConfig
 from .errors import StorageCorrupt
 from .metrics import Metrics, sample_node
@@ -206,6 +206,7 @@ class Node:
             await self.metrics.close()
         await self.server.close()
         await self.replicator.close()
+        throttle.close_windows()  # the counts of the last windows, before "stopped"
         # Nothing writes any more: the WAL that close() removes is no loss.
         self._write_identity(clean=True, suspect=self.replicator.core.unproven)
         self.storage.close()

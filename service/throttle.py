@@ -8,7 +8,8 @@ writes the first event of a kind at once, then at most one line per
 ``interval``: further events in the window are counted, and the count
 (``suppressed=N``) comes with the next line. A window that ends with events
 left out is closed by a line of its own (the last event's fields and the
-count), so no count is lost when the events stop.
+count), so no count is lost when the events stop, nor when the node stops
+inside a window (``close_windows``, on the way out).
 
 Invariant: over any stretch of time, the lines of one ``ThrottledLog`` account
 for every event: the sum over its lines of ``1 + suppressed`` is the number of
@@ -20,6 +21,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+
+# The logs whose window has events left out: closed early when the node stops.
+_open: set[ThrottledLog] = set()
+
+
+def close_windows() -> None:
+    """Write now the closing line of every window with events left out: the node is
+    stopping, and its timers will not fire."""
+    for throttled in list(_open):
+        throttled._close_window()
 
 
 class ThrottledLog:
@@ -46,9 +57,13 @@ class ThrottledLog:
             # Close the window with its count even if nothing else happens.
             loop = asyncio.get_running_loop()
             self._flush = loop.call_later(self._window_end - now, self._close_window)
+            _open.add(self)
 
     def _close_window(self) -> None:
-        self._flush = None
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        _open.discard(self)
         if self._suppressed:
             # The count is of events before this line: this line is one of them.
             self._suppressed -= 1
@@ -58,6 +73,7 @@ class ThrottledLog:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
+            _open.discard(self)
         parts = [self.event, *(f"{key}={_value(value)}" for key, value in fields.items())]
         parts.append(f"suppressed={self._suppressed}")
         self.logger.log(self.level, " ".join(parts))

@@ -8,7 +8,8 @@
 * ``NodeConfig.client_limit`` leaves room for the database, peers and
   handshakes under the file limit, and an explicit ``max_clients`` wins.
 * ``ThrottledLog`` writes the first event at once and then one line per
-  interval, and its lines account for every event.
+  interval, and its lines account for every event, also when the node stops
+  inside a window.
 * ``ended_sessions`` names exactly the token hashes without a live session
   (logged out, account deleted, never logged in), on a real database.
 """
@@ -31,7 +32,7 @@ from service.config import MIN_CLIENT_FRAME, RESERVED_FILES, NodeConfig, Peer, l
 from service.errors import FrameTooLarge, InvalidInput
 from service.server import ended_sessions
 from service.storage import Storage
-from service.throttle import ThrottledLog
+from service.throttle import ThrottledLog, close_windows
 
 # ---- frames -------------------------------------------------------------------------------------
 
@@ -153,6 +154,31 @@ def test_a_throttled_log_writes_one_line_per_interval_and_counts_the_rest(
     with caplog.at_level(logging.WARNING, logger="tests.throttle"):
         asyncio.run(main())
     assert lines()[:2] == [("a0", 0), ("a9", 8)]
+
+
+def test_a_node_stopping_inside_a_window_still_logs_its_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The node stops (``close_windows``) before a window's timer fires: its closing
+    line comes then, so the lines still account for every event; once, however
+    often the windows are closed."""
+    logger = logging.getLogger("tests.throttle")
+
+    def lines() -> list[tuple[str, int]]:
+        return [(m[1], int(m[2])) for r in caplog.records if (m := _LINE.search(r.getMessage()))]
+
+    async def main() -> None:
+        throttle = ThrottledLog(logger, logging.WARNING, "refused", 3600.0)
+        for index in range(5):
+            throttle.note(address=f"a{index}")
+        assert lines() == [("a0", 0)]
+        close_windows()
+        close_windows()
+        assert lines() == [("a0", 0), ("a4", 3)]
+        assert sum(1 + suppressed for _, suppressed in lines()) == 5
+
+    with caplog.at_level(logging.WARNING, logger="tests.throttle"):
+        asyncio.run(main())
 
 
 # ---- ended sessions -----------------------------------------------------------------------------

@@ -130,6 +130,7 @@ import orjson
 from .config import MAX_SCRYPT_N
 from .errors import AuthFailed, ChatError, Conflict, Gone, Internal, InvalidInput, NotFound
 from .protocol import MAX_REQUEST_ID, OPS, SESSION_ENDING_OPS, WRITE_OPS
+from .replication.app import RateKind
 from .storage import ConstraintViolation, Db
 
 MAX_USERNAME = 50
@@ -1408,9 +1409,12 @@ class ChatApplication:
         except ChatError:
             return UNKNOWN_SESSION
 
-    def rate_limited(self, op: str, key: Hashable) -> bool:
-        # Accounts are ints; NO_SESSION and UNKNOWN_SESSION writes fail in their batch.
-        return op == "send" and isinstance(key, int)
+    def rate_kind(self, op: str, key: Hashable) -> RateKind | None:
+        # Accounts are ints; NO_SESSION and UNKNOWN_SESSION writes fail in their batch
+        # (register and login have no session: their password hashing bounds them).
+        if not isinstance(key, int):
+            return None
+        return "send" if op == "send" else "write"
 
     def reset(self) -> None:
         self.sessions.forget()

@@ -165,10 +165,15 @@ class NodeConfig:
     # oldest one: each message to a user is pushed to every stream of the user.
     listens_per_user: int = 10
     # Messages an account may send, on average per second and at once
-    # (service/sendrate.py): beyond, its sends are answered busy until it slows
+    # (service/writerate.py): beyond, its sends are answered busy until it slows
     # down. 0: no limit.
     send_rate: float = 10.0
     send_burst: int = 50
+    # The same for the account's other writes (touch, mark_read, delete_messages,
+    # logout, delete_account), each of which keeps a request row for
+    # request_retention. 0: no limit.
+    write_rate: float = 20.0
+    write_burst: int = 100
     # HOST:PORT where the node serves Prometheus metrics over HTTP (service/metrics.py);
     # empty: not served.
     metrics_address: str = ""
@@ -361,6 +366,8 @@ class NodeConfig:
             raise InvalidInput("listens_per_user must be positive")
         if not (0 <= self.send_rate < math.inf and self.send_burst >= 1):
             raise InvalidInput("send_rate must be 0 (no limit) or more, send_burst positive")
+        if not (0 <= self.write_rate < math.inf and self.write_burst >= 1):
+            raise InvalidInput("write_rate must be 0 (no limit) or more, write_burst positive")
         if self.max_client_unread < 1024 * 1024:
             raise InvalidInput("max_client_unread must be at least 1 MiB (1048576)")
 

@@ -117,6 +117,7 @@ class NodeSample:
     reads_waiting: int | None = None
     reads_refused_busy: int = 0
     sends_refused_rate: int = 0
+    writes_refused_rate: int = 0
     checksums: Outcome | None = None
     checksum_rounds: int = 0
     checksum_mismatches: int = 0
@@ -164,6 +165,7 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         reads_waiting=len(writer.read_line) if core.role is Role.PRIMARY else None,
         reads_refused_busy=writer.reads_refused_busy,
         sends_refused_rate=writer.send_rate.refused,
+        writes_refused_rate=writer.write_rate.refused,
         checksums=verifier.last,
         checksum_rounds=verifier.completed,
         checksum_mismatches=verifier.mismatches,
@@ -303,6 +305,12 @@ def _counted(sample: NodeSample) -> list[tuple[str, str, float]]:
             "chat_sends_refused_rate",
             "Primary: sends refused busy, their account past send_rate and send_burst",
             sample.sends_refused_rate,
+        ),
+        (
+            "chat_writes_refused_rate",
+            "Primary: writes other than sends refused busy, their account past write_rate "
+            "and write_burst",
+            sample.writes_refused_rate,
         ),
         (
             "chat_clients_dropped",

@@ -1,4 +1,4 @@
-"""How fast one account may send: a token bucket per account, on the primary.
+"""How fast one account may write: a token bucket per account, on the primary.
 
 Why
 ---
@@ -16,18 +16,29 @@ may send again, and is neither queued nor stored. Clients wait that long and sen
 again (``service/client.py``), so a person or a bot within the rate never sees it,
 and one beyond it is slowed to it.
 
+An account's other writes store less, but store it all the same: each keeps a
+request row (its id, op and result) for ``request_retention``, an hour by
+default, so that a retry is answered and not done twice. A flood of ``touch``
+stored thousands of such rows a second, every one kept for an hour on every
+node. Those writes have a bucket of their own, ``write_rate`` and
+``write_burst``: more generous (a client reading fast marks what it read, and
+moves its session's idle clock), and apart from the sends', so that an account
+that sent its burst can still mark its messages read.
+
 Invariants
 ----------
-* A refused send changes nothing: the check runs before the write is queued. A
-  send let in whose write is then refused anyway (a full queue) gets its token
-  back.
-* Only sends count, and only a session's: a write without a session, or whose
-  token names none, is refused by its batch before anything is stored.
+* A refused write changes nothing: the check runs before the write is queued. A
+  write let in and then refused anyway (a full queue, or taken out of a full
+  queue for another account's) gets its token back.
+* Only a session's writes count, each against its account's bucket of its kind
+  (``Application.rate_kind``): a write without a session, or whose token names
+  none, is refused by its batch before anything is stored; ``register`` and
+  ``login`` are bounded by their password hashing instead.
 * The buckets are the primary's memory, not the database's: a node that becomes
   primary knows nothing of what accounts sent through another, so a failover can
-  let an account send one more burst. An account whose bucket has filled again
-  is forgotten at the next sweep (every ``SWEEP_EVERY`` sends), so the memory
-  held is one small entry per account that sent since about then: never more
+  let an account write one more burst. An account whose bucket has filled again
+  is forgotten at the next sweep (every ``SWEEP_EVERY`` writes), so the memory
+  held is one small entry per account that wrote since about then: never more
   than the accounts there are.
 """
 
@@ -36,7 +47,7 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
-# Entries whose bucket has filled again are dropped every this many sends.
+# Entries whose bucket has filled again are dropped every this many writes.
 SWEEP_EVERY = 4096
 
 
@@ -46,14 +57,14 @@ class _Bucket:
     at: float  # when ``tokens`` was counted
 
 
-class SendRate:
-    """``rate`` sends a second per key on average, ``burst`` at once; ``rate`` 0: no limit."""
+class WriteRate:
+    """``rate`` writes a second per key on average, ``burst`` at once; ``rate`` 0: no limit."""
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float]) -> None:
         self.rate = rate
         self.burst = float(burst)
         self.clock = clock
-        self.refused = 0  # sends answered busy since start
+        self.refused = 0  # writes answered busy since start
         self._buckets: dict[Hashable, _Bucket] = {}
         self._checks = 0
 
@@ -62,7 +73,7 @@ class SendRate:
         return len(self._buckets)
 
     def take(self, key: Hashable) -> float:
-        """Spend one of ``key``'s sends: 0.0 when it may send now, otherwise the
+        """Spend one of ``key``'s writes: 0.0 when it may write now, otherwise the
         seconds until it may (nothing is spent then)."""
         if self.rate <= 0:
             return 0.0
@@ -82,7 +93,7 @@ class SendRate:
         return 0.0
 
     def give_back(self, key: Hashable) -> None:
-        """Return the send ``take`` spent, for a write refused after it."""
+        """Return the write ``take`` spent, for a write refused after it."""
         bucket = self._buckets.get(key)
         if bucket is not None:
             bucket.tokens = min(self.burst, bucket.tokens + 1.0)

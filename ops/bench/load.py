@@ -69,8 +69,8 @@ from . import machine, stats
 BODY_BYTES = 100
 # The settings of the clusters the benchmark starts: each of its few accounts sends
 # hundreds of messages a second, which the nodes' default send_rate (10 a second)
-# would refuse; pgbench, its peer, meets no such limit either.
-UNLIMITED: dict[str, object] = {"send_rate": 0}
+# would refuse; pgbench, its peer, meets no such limit either. Nor any write_rate.
+UNLIMITED: dict[str, object] = {"send_rate": 0, "write_rate": 0}
 CALL_TIMEOUT = 30.0
 READY_TIMEOUT = 120.0
 START_DELAY = 0.3  # seconds between "go" and the start: every worker gets the message first

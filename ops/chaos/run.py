@@ -131,8 +131,9 @@ def run(options: Options, out: Callable[[str], None] = print) -> int:
 def _cluster(options: Options, root: Path, kinds: tuple[str, ...]) -> nodes.Nodes:
     if options.supervisord is not None:
         return nodes.SupervisedCluster(options.supervisord)
-    # The workload's few writers send as fast as the cluster takes them: no send_rate.
-    settings = {"log_retention": str(options.log_retention), "send_rate": "0"}
+    # The workload's few writers write as fast as the cluster takes them: no send_rate,
+    # no write_rate.
+    settings = {"log_retention": str(options.log_retention), "send_rate": "0", "write_rate": "0"}
     # Nodes run on the disk fault VFS only when a fault needs it.
     disk = bool({"disk-full", "io-error"} & set(kinds))
     if options.arbiter == "etcd":

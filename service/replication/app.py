@@ -23,9 +23,12 @@ fails; a bug raised after its changes leaves them in the batch, answered
 from __future__ import annotations
 
 from collections.abc import Hashable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ..storage import Db
+
+# The two rates of an account (``writerate.py``): its sends, and its other writes.
+RateKind = Literal["send", "write"]
 
 
 class Application(Protocol):
@@ -50,10 +53,11 @@ class Application(Protocol):
         answer costs fairness, never correctness."""
         ...
 
-    def rate_limited(self, op: str, key: Hashable) -> bool:
-        """Whether a write of ``op`` counts against its account's send rate
-        (``sendrate.py``); ``key`` is its ``share_key``. The chat: a send of a
-        session's account."""
+    def rate_kind(self, op: str, key: Hashable) -> RateKind | None:
+        """Which of its account's rates a write of ``op`` counts against
+        (``writerate.py``), if any; ``key`` is its ``share_key``. The chat: a
+        session's send, its ``send_rate``; the session's other writes, its
+        ``write_rate``."""
         ...
 
     def reset(self) -> None:

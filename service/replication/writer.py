@@ -33,7 +33,7 @@ import heapq
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -49,10 +49,10 @@ from ..errors import (
     StorageFault,
 )
 from ..metrics import Metrics
-from ..sendrate import SendRate
 from ..storage import Batch, Db, Storage
 from ..throttle import ThrottledLog
-from .app import Application
+from ..writerate import WriteRate
+from .app import Application, RateKind
 from .durability import Durability
 from .fairqueue import FairQueue, QueueFull
 from .shell import Shell, log
@@ -172,12 +172,23 @@ class WritePath:
         self.reads = 0
         self.writes_refused_busy = 0  # writes refused because the queue was full
         self.reads_refused_busy = 0  # and reads, because their line was
-        # Each account's sends, at most send_rate a second (sendrate.py), and a line
-        # now and then naming who was slowed down.
-        self.send_rate = SendRate(config.send_rate, config.send_burst, time.monotonic)
-        self._too_fast_log = ThrottledLog(
-            log, logging.WARNING, "send refused: account past send_rate", config.log_interval
-        )
+        # Each account's sends, at most send_rate a second, and its other writes, at
+        # most write_rate (writerate.py); a line now and then naming who was slowed.
+        self.send_rate = WriteRate(config.send_rate, config.send_burst, time.monotonic)
+        self.write_rate = WriteRate(config.write_rate, config.write_burst, time.monotonic)
+        self._rates: dict[RateKind | None, WriteRate] = {
+            "send": self.send_rate,
+            "write": self.write_rate,
+        }
+        self._too_fast_log = {
+            kind: ThrottledLog(
+                log,
+                logging.WARNING,
+                f"{kind} refused: account past {kind}_rate",
+                config.log_interval,
+            )
+            for kind in ("send", "write")
+        }
         # Reads waiting for their turn, one query per turn of the loop (``read``), in
         # turns between accounts; the callback that gives the next turn, if due.
         self.read_line: FairQueue[asyncio.Future[None]] = FairQueue(QUEUED_READS)
@@ -219,28 +230,53 @@ class WritePath:
             )
         write = PendingWrite(op, args, token_hash, request_id, done, fingerprint)
         key = self.app.share_key(self.storage.reader, token_hash)
-        limited = self.app.rate_limited(op, key)
-        if limited and (wait := self.send_rate.take(key)) > 0:
-            self._too_fast_log.note(node=self.config.node_id, user_id=key)
-            raise self._too_fast(wait)
+        rate = self._rates.get(self.app.rate_kind(op, key))
+        if rate is not None and (wait := rate.take(key)) > 0:
+            raise self._too_fast(op, key, wait)
         try:
             evicted = self.queue.push(key, write)
         except QueueFull:
-            if limited:
-                self.send_rate.give_back(key)
+            if rate is not None:
+                rate.give_back(key)
             raise self._queue_full() from None
         if evicted is not None:
+            self._give_back(evicted)
             evicted.finish(self._queue_full())
         self.work.set()
 
-    def _too_fast(self, wait: float) -> Busy:
+    def _give_back(self, write: PendingWrite) -> None:
+        """The token of a write taken out of the full queue for another account's:
+        its account did not get that write, so it keeps its rate (rare: looked up
+        again, mostly from the sessions cache)."""
+        key = self.app.share_key(self.storage.reader, write.token_hash)
+        rate = self._rates.get(self.app.rate_kind(write.op, key))
+        if rate is not None:
+            rate.give_back(key)
+
+    def _too_fast(self, op: str, key: Hashable, wait: float) -> Busy:
         # Rounded up to the hundredth the wire carries: a client that waits what it
         # is told is let in, never refused once more for a few milliseconds.
         wait = math.ceil(wait * 100) / 100
+        config = self.config
+        if op == "send":
+            self._too_fast_log["send"].note(node=config.node_id, user_id=key)
+            allowed = (
+                f"{config.send_rate:g} messages a second, {config.send_burst} at once: "
+                "send_rate, send_burst"
+            )
+            return Busy(
+                f"this account sends faster than node {config.node_id} allows ({allowed}); "
+                f"retry in {wait:.2f} s",
+                retry_after=wait,
+            )
+        self._too_fast_log["write"].note(node=config.node_id, user_id=key, op=op)
+        allowed = (
+            f"{config.write_rate:g} writes a second besides its sends, {config.write_burst} "
+            "at once: write_rate, write_burst"
+        )
         return Busy(
-            f"this account sends faster than node {self.config.node_id} allows "
-            f"({self.config.send_rate:g} messages a second, {self.config.send_burst} at "
-            f"once: send_rate, send_burst); retry in {wait:.2f} s",
+            f"this account writes faster than node {config.node_id} allows ({allowed}); "
+            f"retry in {wait:.2f} s",
             retry_after=wait,
         )
 

@@ -4,8 +4,8 @@ A test's clusters live in its ``tmp_path`` (``cluster-1``, ``cluster-2``, ...:
 several may share one test) and hash passwords at the cheapest cost scrypt
 allows, so that the suite's many registrations and logins stay quick; a test
 of the cost sets ``scrypt_n`` itself. Nor do they limit how fast an account
-sends (``send_rate`` 0): the workloads' few writers send hundreds of messages a
-second each, and a test of the limit sets it. Everything else is
+sends or writes (``send_rate`` and ``write_rate`` 0): the workloads' few writers
+send hundreds of messages a second each, and a test of a limit sets it. Everything else is
 ``ops.cluster``'s.
 """
 
@@ -43,7 +43,7 @@ class Cluster(nodes.Cluster):
             n,
             hosts=hosts,
             metrics=metrics,
-            settings={"scrypt_n": TEST_SCRYPT_N, "send_rate": 0, **settings},
+            settings={"scrypt_n": TEST_SCRYPT_N, "send_rate": 0, "write_rate": 0, **settings},
             tls=tls,
             node_settings=node_settings,
         )

@@ -1,4 +1,5 @@
-"""An account's send rate (``service/sendrate.py``) on real nodes, and with ``chatctl``.
+"""An account's send and write rates (``service/writerate.py``) on real nodes, and
+with ``chatctl``.
 
 A cluster whose accounts may send a message every 4 s and 5 at once. Mallory
 pipelines 8 sends on one connection: 5 are stored, 3 are answered ``busy`` with
@@ -9,11 +10,17 @@ the node names and is stored: a user within the rate never sees the limit, one
 beyond it is slowed to it. Alice, another account, sends as if nothing
 happened. The primary counts the refusals in ``chat_sends_refused_rate_total``
 and its log names the account.
+
+An account's other writes have a bucket of their own: pipelined ``touch``es
+past ``write_burst`` are refused ``busy`` and leave no request row, and the
+account can still send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -143,3 +150,61 @@ def test_a_client_that_does_not_wait_after_busy_is_not_read_meanwhile(
             await client.send("mallory", "hello")
 
     run(alice_sends())  # another connection, another account: never held
+
+
+async def touches(address: str, token: str, count: int) -> dict[str, protocol.Frame]:
+    """``count`` touches at once on one connection (``t0``, ``t1``...); the answers."""
+    raw = await Raw.client(address)
+    try:
+        for n in range(count):
+            raw.send(protocol.request("touch", f"t{n}", {}, token))
+        answers: dict[str, protocol.Frame] = {}
+        while len(answers) < count:
+            frame = await raw.next_frame(timeout=30.0)
+            assert frame is not None, f"the node closed the connection after {answers}"
+            answers[str(frame["request_id"])] = frame
+        return answers
+    finally:
+        raw.close()
+
+
+def test_writes_other_than_sends_have_their_own_rate_and_refused_ones_store_nothing(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """Each write keeps a request row for ``request_retention`` (an hour), so a flood
+    of ``touch``es stored thousands of rows a second on every node. Past
+    ``write_burst`` they are refused ``busy`` with the time to wait and store
+    nothing; the account's sends, counted apart, still go through."""
+    cluster = cluster_factory(write_rate=0.25, write_burst=3, metrics=True)
+    primary = start_cluster(cluster)
+    assert primary.metrics_address is not None
+    mallory = run(new_user(cluster.servers, "mallory", PASSWORD))
+    run(new_user(cluster.servers, "alice", PASSWORD))
+
+    answers = run(touches(primary.address, mallory, 5))
+    kinds = {rid: str(frame.get("code", frame["type"])) for rid, frame in answers.items()}
+    assert kinds == {"t0": "reply", "t1": "reply", "t2": "reply", "t3": "busy", "t4": "busy"}
+    for rid in ("t3", "t4"):
+        frame = answers[rid]
+        assert "write_rate" in frame["message"], frame
+        assert 0 < frame["retry_after"] <= 1 / 0.25 + 0.05, frame
+
+    async def mallory_sends() -> None:
+        async with Client(cluster.servers, token=mallory) as client:
+            await client.send("alice", "still here")
+
+    run(mallory_sends())  # the send rate's bucket, not the one just emptied
+
+    uri = f"file:{primary.db_path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        stored = sorted(
+            str(row[0])
+            for row in conn.execute("SELECT request_id FROM requests WHERE op = 'touch'")
+        )
+    assert stored == ["t0", "t1", "t2"], "a refused touch left its request row"
+
+    scraped = scrape(primary.metrics_address)
+    assert scraped is not None, "the primary serves no metrics"
+    assert scraped.value("chat_writes_refused_rate_total") == 2
+    assert scraped.value("chat_sends_refused_rate_total") == 0
+    assert "write refused: account past write_rate" in primary.log_text()

@@ -1,5 +1,5 @@
-"""An account's send rate (service/sendrate.py): the bucket, its refill, its memory,
-and the settings that size it."""
+"""An account's send and write rates (service/writerate.py): the bucket, its refill,
+its memory, the settings that size it, and which writes count against which."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from service.chat import NO_SESSION, UNKNOWN_SESSION, ChatApplication
 from service.config import load
 from service.errors import InvalidInput
-from service.sendrate import SWEEP_EVERY, SendRate
+from service.protocol import WRITE_OPS
+from service.writerate import SWEEP_EVERY, WriteRate
 from tests.unit.test_ratelimit import node_conf
 
 
@@ -26,7 +28,7 @@ class Clock:
 
 def test_a_burst_then_one_send_per_refill() -> None:
     clock = Clock()
-    rate = SendRate(rate=2.0, burst=3, clock=clock)
+    rate = WriteRate(rate=2.0, burst=3, clock=clock)
     assert [rate.take("alice") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert rate.take("alice") == pytest.approx(0.5)  # one send every 1/rate s
     assert rate.take("alice") == pytest.approx(0.5)  # a refusal spends nothing
@@ -42,7 +44,7 @@ def test_a_burst_then_one_send_per_refill() -> None:
 
 def test_accounts_have_buckets_of_their_own() -> None:
     clock = Clock()
-    rate = SendRate(rate=1.0, burst=2, clock=clock)
+    rate = WriteRate(rate=1.0, burst=2, clock=clock)
     assert rate.take("mallory") == rate.take("mallory") == 0.0
     assert rate.take("mallory") > 0
     assert rate.take("alice") == rate.take("alice") == 0.0
@@ -50,7 +52,7 @@ def test_accounts_have_buckets_of_their_own() -> None:
 
 def test_a_send_given_back_can_be_sent_again() -> None:
     clock = Clock()
-    rate = SendRate(rate=1.0, burst=1, clock=clock)
+    rate = WriteRate(rate=1.0, burst=1, clock=clock)
     assert rate.take(7) == 0.0
     rate.give_back(7)  # its write was refused after all (a full queue)
     assert rate.take(7) == 0.0
@@ -63,14 +65,14 @@ def test_a_send_given_back_can_be_sent_again() -> None:
 
 
 def test_no_limit_at_rate_zero() -> None:
-    rate = SendRate(rate=0.0, burst=1, clock=Clock())
+    rate = WriteRate(rate=0.0, burst=1, clock=Clock())
     assert all(rate.take("bot") == 0.0 for _ in range(10_000))
     assert len(rate) == 0
 
 
 def test_accounts_whose_bucket_filled_again_are_forgotten() -> None:
     clock = Clock()
-    rate = SendRate(rate=10.0, burst=5, clock=clock)
+    rate = WriteRate(rate=10.0, burst=5, clock=clock)
     for account in range(SWEEP_EVERY - 1):
         rate.take(account)
     assert len(rate) == SWEEP_EVERY - 1
@@ -83,7 +85,7 @@ def test_random_sends_against_a_model() -> None:
     """The bucket against its definition: tokens = min(burst, tokens + elapsed * rate)."""
     rng = random.Random(7)
     clock = Clock()
-    rate = SendRate(rate=3.0, burst=4, clock=clock)
+    rate = WriteRate(rate=3.0, burst=4, clock=clock)
     tokens = {key: 4.0 for key in "abc"}
     last = {key: clock.now for key in "abc"}
     for _ in range(20_000):
@@ -98,12 +100,16 @@ def test_random_sends_against_a_model() -> None:
             assert wait == pytest.approx((1.0 - have) / 3.0)
 
 
-def test_the_send_rate_settings(tmp_path: Path) -> None:
+def test_the_rate_settings(tmp_path: Path) -> None:
     defaults = load(node_conf(tmp_path), {})
     assert (defaults.send_rate, defaults.send_burst) == (10.0, 50)
+    assert (defaults.write_rate, defaults.write_burst) == (20.0, 100)
     config = load(node_conf(tmp_path, send_rate=0.5, send_burst=3), {})
     assert (config.send_rate, config.send_burst) == (0.5, 3)
     assert load(node_conf(tmp_path, send_rate=0), {}).send_rate == 0.0
+    config = load(node_conf(tmp_path, write_rate=2.5, write_burst=7), {})
+    assert (config.write_rate, config.write_burst) == (2.5, 7)
+    assert load(node_conf(tmp_path, write_rate=0), {}).write_rate == 0.0
 
 
 @pytest.mark.parametrize(
@@ -115,8 +121,25 @@ def test_the_send_rate_settings(tmp_path: Path) -> None:
         {"send_rate": "fast"},
         {"send_burst": 0},
         {"send_burst": 1.5},
+        {"write_rate": -1},
+        {"write_rate": "inf"},
+        {"write_burst": 0},
+        {"write_burst": 2.5},
     ],
 )
-def test_bad_send_rate_settings_are_refused(tmp_path: Path, setting: dict[str, object]) -> None:
+def test_bad_rate_settings_are_refused(tmp_path: Path, setting: dict[str, object]) -> None:
     with pytest.raises(InvalidInput):
         load(node_conf(tmp_path, **setting), {})
+
+
+def test_which_writes_count_against_which_rate() -> None:
+    """A session's sends against its send rate, its other writes against its write
+    rate; writes without an account (register, login, a token naming no session)
+    against neither: their password hashing, or their batch's refusal, bounds them."""
+    app = ChatApplication(request_retention=3600.0)
+    assert app.rate_kind("send", 7) == "send"
+    for op in sorted(WRITE_OPS - {"send", "register", "login"}):
+        assert app.rate_kind(op, 7) == "write", op
+    for op in sorted(WRITE_OPS):
+        assert app.rate_kind(op, NO_SESSION) is None, op
+        assert app.rate_kind(op, UNKNOWN_SESSION) is None, op

@@ -132,6 +132,10 @@ class NodeConfig:
     # The newest file is always kept, even when it alone is larger.
     rollback_max_files: int = 20
     rollback_max_bytes: int = 64 * 1024 * 1024
+    # A database found damaged is moved aside into damaged/ for inspection; only the
+    # newest this many are kept (a disk that keeps damaging it would otherwise fill
+    # up with copies, deleted messages in them).
+    damaged_max_files: int = 2
     # How often the primary re-checks the session of every listen stream, so that a
     # session ended any other way than by logout or account deletion ends its stream.
     listen_check_interval: float = 5.0
@@ -270,6 +274,8 @@ class NodeConfig:
             raise InvalidInput("log_retention, log_retention_bytes and max_batch must be positive")
         if self.rollback_max_files < 1 or self.rollback_max_bytes < 1:
             raise InvalidInput("rollback_max_files and rollback_max_bytes must be positive")
+        if self.damaged_max_files < 1:
+            raise InvalidInput("damaged_max_files must be positive")
         if not MIN_CLIENT_FRAME <= self.max_client_frame <= self.max_frame:
             raise InvalidInput(
                 f"max_client_frame must be from {MIN_CLIENT_FRAME} to max_frame ({self.max_frame})"

@@ -28,7 +28,7 @@ from .errors import StorageCorrupt
 from .metrics import Metrics, sample_node
 from .replication.runtime import Replicator
 from .server import Server
-from .storage import Storage, move_aside, prune_rollback_files
+from .storage import Storage, move_aside, prune_moved_aside, prune_rollback_files
 
 log = logging.getLogger("service.node")
 
@@ -73,7 +73,8 @@ class Node:
         before = identity.observe(config.db_path)
         damage = self._open_checked(recorded)
         if damage is not None:
-            moved = move_aside(config.db_path, config.data_dir / "damaged")
+            damaged = config.data_dir / "damaged"
+            moved = move_aside(config.db_path, damaged)
             # WARNING, not an error: the node has contained it; nothing acknowledged
             # is lost while the others hold it (and status says if they do not).
             log.warning(
@@ -82,6 +83,14 @@ class Node:
                 moved,
                 damage.replace(" ", "_"),
             )
+            # A disk that keeps damaging it would otherwise fill with copies.
+            gone = prune_moved_aside(damaged, config.db_path.name, config.damaged_max_files)
+            if gone:
+                log.info(
+                    "damaged copies pruned node=%s files=%s",
+                    config.node_id,
+                    ",".join(p.name for p in gone),
+                )
             # A new, empty database: not the member any sync set names (E4). It
             # rejoins by snapshot from a healthy primary, and never leads meanwhile.
             self.storage = self._open_storage()

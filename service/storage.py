@@ -1656,18 +1656,53 @@ def _table_checksums(db: Db, tables: Mapping[str, str]) -> dict[str, str]:
     return sums
 
 
+# The files of one copy moved aside: the database, its WAL and its shared memory.
+_COPY_SUFFIXES = ("-wal", "-shm", "")
+
+
 def move_aside(path: Path, folder: Path) -> Path:
     """Move the database ``path`` and its WAL into ``folder`` (made 0700), under a
-    name with the time, for an operator to inspect; the node starts afresh."""
+    name with the time, for an operator to inspect; the node starts afresh. A copy
+    moved aside in the same second before keeps its name: this one gets a number."""
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     target = folder / f"{path.name}.{stamp}"
-    for suffix in ("-wal", "-shm", ""):
+    again = 1
+    while any(Path(f"{target}{suffix}").exists() for suffix in _COPY_SUFFIXES):
+        again += 1
+        target = folder / f"{path.name}.{stamp}-{again}"
+    for suffix in _COPY_SUFFIXES:
         source = Path(f"{path}{suffix}")
         if source.exists():
             os.replace(source, f"{target}{suffix}")
     _fsync_dir(path.parent)
     return target
+
+
+def prune_moved_aside(folder: Path, name: str, keep: int) -> list[Path]:
+    """Delete the copies of database ``name`` moved aside into ``folder``
+    (``move_aside``) but the newest ``keep``, each with its WAL and shared memory;
+    returns the deleted copies' paths, oldest first. Newest by the time in the
+    name, the order they were moved aside in (not the files' times: a move keeps
+    the time the database was last written)."""
+    try:
+        copies = [p for p in folder.glob(f"{name}.*") if not p.name.endswith(("-wal", "-shm"))]
+    except FileNotFoundError:
+        return []
+    # "chat.db.20261207T101010" before "chat.db.20261207T101010-2" before "...T101011".
+    copies.sort(key=lambda p: _moved_at(p.name[len(name) + 1 :]))
+    doomed = copies[: max(0, len(copies) - keep)]
+    for copy in doomed:
+        for suffix in _COPY_SUFFIXES:
+            Path(f"{copy}{suffix}").unlink(missing_ok=True)
+    if doomed:
+        _fsync_dir(folder)
+    return doomed
+
+
+def _moved_at(stamp: str) -> tuple[str, int]:
+    base, _, again = stamp.partition("-")
+    return base, int(again) if again.isdigit() else 1
 
 
 def check_database_file(path: Path, vfs: str | None = None) -> str | None:

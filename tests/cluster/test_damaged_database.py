@@ -70,16 +70,25 @@ async def bobs_inbox(servers: list[str]) -> list[str]:
 def test_a_damaged_backup_moves_its_database_aside_and_rejoins_by_snapshot(
     cluster_factory: ClusterFactory,
 ) -> None:
-    cluster, sent = loaded_cluster(cluster_factory)
+    cluster, sent = loaded_cluster(cluster_factory, damaged_max_files=1)
     damaged = cluster[3]
     damaged.stop()  # SIGTERM: checkpointed, so the damage is in the file SQLite reads
+    # A copy moved aside at an earlier damage: only the newest is kept.
+    folder = damaged.db_path.parent / "damaged"
+    folder.mkdir(mode=0o700)
+    for suffix in ("", "-wal"):
+        (folder / f"chat.db.20260101T000000{suffix}").write_bytes(b"an older damage")
     damage = corrupt_page(damaged.db_path, pick=7, size=16)
     damaged.start()
     wait_logged(damaged, "database damaged, moved aside")
     # Empty now: it catches up from the primary's log (or a snapshot, were the log
     # pruned), like a node whose disk was replaced.
     wait_logged(damaged, "database proven")
-    assert list((damaged.db_path.parent / "damaged").glob("chat.db.*")), damage.describe()
+    files = sorted(p.name for p in folder.iterdir())
+    copies = [name for name in files if not name.endswith(("-wal", "-shm"))]
+    assert len(copies) == 1, f"{files}: {damage.describe()}"
+    assert not any(name.startswith("chat.db.20260101T000000") for name in files), files
+    assert "damaged copies pruned" in damaged.log_text()
     assert wait_settled(cluster) is cluster[1]
     cluster.wait_in_sync()
     # The healed node alone serves every acknowledged message.

@@ -119,6 +119,15 @@ def test_the_log_retention_in_bytes_is_a_setting_and_must_be_positive() -> None:
             _config(log_retention_bytes=bad)
 
 
+def test_the_damaged_copies_kept_are_a_setting_and_must_be_positive() -> None:
+    assert _config().damaged_max_files == 2
+    required = {"node_id": "1", "data_dir": "d", "nodes": "1=127.0.0.1:7001"}
+    assert load(None, {**required, "damaged_max_files": "5"}).damaged_max_files == 5
+    for bad in (0, -1):
+        with pytest.raises(InvalidInput, match="damaged_max_files"):
+            _config(damaged_max_files=bad)
+
+
 # ---- throttled log lines ------------------------------------------------------------------------
 
 _LINE = re.compile(r"refused address=(\S+) suppressed=(\d+)")

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,8 @@ from service.storage import (
     changes_cluster,
     check_database_file,
     copy_room,
+    move_aside,
+    prune_moved_aside,
     prune_rollback_files,
     schema_migrations,
 )
@@ -1082,6 +1085,61 @@ def test_the_newest_rollback_file_is_kept_whatever_its_size(
 
 def test_pruning_a_missing_rollback_folder_does_nothing(tmp_path: Path) -> None:
     assert prune_rollback_files(tmp_path / "rollback", max_files=1, max_bytes=1) == []
+
+
+def _damaged_database(path: Path, tag: str) -> None:
+    """A database and its WAL and shared memory, as a node leaves them when it stops
+    (the contents are the test's: what is moved is the files)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").write_text(f"{tag}{suffix}")
+
+
+def test_databases_moved_aside_in_one_second_keep_a_name_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node restarted at once after a move aside can find its new database
+    damaged within the same second: the second copy used to replace the first."""
+    monkeypatch.setattr(time, "strftime", lambda _: "20261207T101010")
+    db, folder = tmp_path / "chat.db", tmp_path / "damaged"
+    moved = []
+    for tag in ("first", "second", "third"):
+        _damaged_database(db, tag)
+        moved.append(move_aside(db, folder))
+    assert [p.name for p in moved] == [
+        "chat.db.20261207T101010",
+        "chat.db.20261207T101010-2",
+        "chat.db.20261207T101010-3",
+    ]
+    for path, tag in zip(moved, ("first", "second", "third"), strict=True):
+        assert path.read_text() == tag
+        assert Path(f"{path}-wal").read_text() == f"{tag}-wal"
+    assert not db.exists()
+    assert not Path(f"{db}-wal").exists()
+
+
+def test_only_the_newest_damaged_copies_are_kept(tmp_path: Path) -> None:
+    """Ordered by when they were moved aside (the name), with their WAL and shared
+    memory; other files are left alone."""
+    folder = tmp_path / "damaged"
+    folder.mkdir()
+    stamps = ["20261207T101011", "20261207T101010-2", "20261206T235959", "20261207T101010"]
+    for stamp in stamps:
+        _damaged_database(folder / f"chat.db.{stamp}", stamp)
+    (folder / "notes.txt").write_text("the operator's")
+    gone = prune_moved_aside(folder, "chat.db", keep=2)
+    assert [p.name for p in gone] == ["chat.db.20261206T235959", "chat.db.20261207T101010"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [
+            *(
+                f"chat.db.{stamp}{suffix}"
+                for stamp in ("20261207T101010-2", "20261207T101011")
+                for suffix in ("", "-wal", "-shm")
+            ),
+            "notes.txt",
+        ]
+    )
+    assert prune_moved_aside(folder, "chat.db", keep=2) == []
+    assert prune_moved_aside(tmp_path / "nowhere", "chat.db", keep=1) == []
 
 
 # ---- the log -----------------------------------------------------------------------------

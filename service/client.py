@@ -30,10 +30,12 @@ at once, and replies are matched by ``request_id``.
   (``min(attempt_timeout, remaining)``; a frozen node accepts TCP connections
   but never answers): back off (20 ms doubling to 250 ms, with jitter) and
   retry, on another server when the connection was the problem.
-* ``busy`` (the primary will not hash a password now: too many failed logins,
-  or its hashing is full): wait the ``retry_after`` it names, times 1 to 1.5,
-  and retry; raise it at once when that wait would pass the deadline, and raise
-  it (not "no primary reachable") when the deadline passes after it.
+* ``busy`` (the primary will not do it now: too many failed logins, its hashing
+  or its queue full, the account past its rate): wait the ``retry_after`` it
+  names, and a little more at random (up to half of it, at most ``BUSY_SPREAD``:
+  a rate tells each refused write its own time, and a long spread would waste
+  it), and retry; raise it at once when that wait would pass the deadline, and
+  raise it (not "no primary reachable") when the deadline passes after it.
 * no reply yet after ``hedge_after`` (0.2 s, a small part of the attempt
   timeout): while the attempt goes on waiting, ask the other nodes who leads
   (``status`` over one connection each, every 0.1 s). The answer that counts
@@ -94,6 +96,8 @@ ATTEMPT_TIMEOUT = 2.0
 # An election takes tens of milliseconds: poll at that pace, not slower.
 BACKOFF_START = 0.01
 BACKOFF_CAP = 0.1
+# At most this much is added to a busy answer's retry_after (at most half of it).
+BUSY_SPREAD = 0.5
 # An idle listen stream checks its node this often (a frozen node sends nothing).
 KEEPALIVE = 1.0
 # A request unanswered this long starts asking the other nodes who leads; then
@@ -515,13 +519,16 @@ class Client:
                     self._hint = None
                     self._advance(address)
             except errors.Busy as exc:
-                # The primary would not spend a password hash now and said when to
-                # come back: wait that long (spread, so that clients told the same
-                # time do not all return at once), unless it is past the deadline.
+                # The primary would not do it now (a password hash, a full queue, the
+                # account's rate) and said when to come back: wait that long (a little
+                # more, so that clients told the same time do not all return at once;
+                # not much more: a rate tells each refused write its own time), unless
+                # it is past the deadline.
                 if loop.time() + exc.retry_after >= deadline:
                     raise
                 busy = exc
-                pause = max(exc.retry_after, BACKOFF_CAP) * random.uniform(1.0, 1.5)
+                wait = max(exc.retry_after, BACKOFF_CAP)
+                pause = wait + random.uniform(0.0, min(wait / 2, BUSY_SPREAD))
                 await asyncio.sleep(min(pause, deadline - loop.time()))
                 continue
             except errors.Unavailable as exc:

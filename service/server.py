@@ -119,6 +119,13 @@ MAX_ID = 2**63 - 1
 # was told, up to this long (``FrameFeed.hold``): a client that does not wait is
 # pushed back by TCP instead of being refused frame by frame, thousands a second.
 BUSY_HOLD_CAP = 1.0
+# But not for the first refusals: a client may have as many requests in flight as it
+# may leave unanswered, all sent before it could learn of the first ``busy``, and
+# holding the connection after each would keep the others waiting in TCP past the
+# client's patience. So a connection is held only once it was refused more than
+# that many times at once, or more than REFUSALS_PER_SECOND after.
+REFUSALS_AT_ONCE = protocol.MAX_IN_FLIGHT
+REFUSALS_PER_SECOND = 10.0
 # The arguments of the operations the server reads itself (the writes it passes on
 # are checked by chat.apply_write): anything else is refused, as for writes.
 CLIENT_FIELDS: dict[str, frozenset[str]] = {
@@ -567,6 +574,9 @@ class ClientSession:
         self._idle_timer: asyncio.TimerHandle | None = None
         # The connection's frames and write side, once ``run`` handed it off.
         self.feed: FrameFeed | None = None
+        # The refusals it may still be answered without a hold, counted when.
+        self._spare_refusals = float(REFUSALS_AT_ONCE)
+        self._refusals_at = 0.0
 
     def close(self) -> None:
         self.writer.close()
@@ -684,9 +694,19 @@ class ClientSession:
             done(exc)
 
     def _hold_if_busy(self, error: ChatError) -> None:
-        """Read nothing more from this client for the time it was told to wait."""
-        if isinstance(error, Busy) and error.retry_after > 0 and self.feed is not None:
-            self.feed.hold(min(error.retry_after, BUSY_HOLD_CAP))
+        """Read nothing more from this client for the time it was told to wait, once
+        it was refused more often than a client that waits would be."""
+        if not isinstance(error, Busy) or error.retry_after <= 0 or self.feed is None:
+            return
+        now = self.loop.time()
+        elapsed = now - self._refusals_at
+        spare = min(REFUSALS_AT_ONCE, self._spare_refusals + elapsed * REFUSALS_PER_SECOND)
+        self._refusals_at = now
+        if spare >= 1.0:
+            self._spare_refusals = spare - 1.0
+            return
+        self._spare_refusals = spare
+        self.feed.hold(min(error.retry_after, BUSY_HOLD_CAP))
 
     async def _serve(
         self, request_id: str, op: str, args: dict[str, Any], token: str | None

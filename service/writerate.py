@@ -30,16 +30,20 @@ Invariants
 * A refused write changes nothing: the check runs before the write is queued. A
   write let in and then refused anyway (a full queue, or taken out of a full
   queue for another account's) gets its token back.
+* The line is a promise of times, not of tokens: a refused write that comes back
+  at its time takes a token like any other (the node cannot tell it from a new
+  one), so one that comes back late, or never, costs nobody anything; a new write
+  that takes the token first only sends one of those in line to its back.
 * Only a session's writes count, each against its account's bucket of its kind
   (``Application.rate_kind``): a write without a session, or whose token names
   none, is refused by its batch before anything is stored; ``register`` and
   ``login`` are bounded by their password hashing instead.
 * The buckets are the primary's memory, not the database's: a node that becomes
   primary knows nothing of what accounts sent through another, so a failover can
-  let an account write one more burst. An account whose bucket has filled again
-  is forgotten at the next sweep (every ``SWEEP_EVERY`` writes), so the memory
-  held is one small entry per account that wrote since about then: never more
-  than the accounts there are.
+  let an account write one more burst. An account whose bucket has filled again,
+  with nobody in its line, is forgotten at the next sweep (every ``SWEEP_EVERY``
+  writes), so the memory held is one small entry per account that wrote since
+  about then: never more than the accounts there are.
 """
 
 from __future__ import annotations
@@ -49,12 +53,17 @@ from dataclasses import dataclass
 
 # Entries whose bucket has filled again are dropped every this many writes.
 SWEEP_EVERY = 4096
+# The longest an account is told to wait, however many of its writes are in line.
+MAX_WAIT = 60.0
 
 
 @dataclass
 class _Bucket:
     tokens: float
-    at: float  # when ``tokens`` was counted
+    at: float  # when ``tokens`` and ``owed`` were counted
+    # Writes refused and told to come back later, each at its own time: the line
+    # moves on at ``rate`` as the tokens for them come in.
+    owed: float = 0.0
 
 
 class WriteRate:
@@ -74,7 +83,14 @@ class WriteRate:
 
     def take(self, key: Hashable) -> float:
         """Spend one of ``key``'s writes: 0.0 when it may write now, otherwise the
-        seconds until it may (nothing is spent then)."""
+        seconds until it may (nothing is spent then).
+
+        Refused writes wait in line: each is told the time of the token after those
+        promised to the writes refused before it (at most ``MAX_WAIT``). A client
+        that hands the library many writes at once has them all refused together;
+        told the same time, they came back together, one got in, and the others
+        were refused again, round after round. Told a time each, they come back
+        one at a time, as the tokens come in."""
         if self.rate <= 0:
             return 0.0
         now = self.clock()
@@ -82,15 +98,19 @@ class WriteRate:
         if self._checks % SWEEP_EVERY == 0:
             self._sweep(now)
         bucket = self._buckets.get(key)
-        tokens = self.burst if bucket is None else self._refilled(bucket, now)
-        if tokens < 1.0:
-            self.refused += 1
-            return (1.0 - tokens) / self.rate
-        if bucket is None:
-            self._buckets[key] = _Bucket(tokens - 1.0, now)
-        else:
-            bucket.tokens, bucket.at = tokens - 1.0, now
-        return 0.0
+        if bucket is None:  # a full bucket (``burst`` is at least 1)
+            self._buckets[key] = _Bucket(self.burst - 1.0, now)
+            return 0.0
+        tokens = self._refilled(bucket, now)
+        owed = max(0.0, bucket.owed - (now - bucket.at) * self.rate)
+        bucket.at = now
+        if tokens >= 1.0:
+            bucket.tokens, bucket.owed = tokens - 1.0, owed
+            return 0.0
+        self.refused += 1
+        wait = min(MAX_WAIT, (owed + 1.0 - tokens) / self.rate)
+        bucket.tokens, bucket.owed = tokens, min(owed + 1.0, MAX_WAIT * self.rate)
+        return wait
 
     def give_back(self, key: Hashable) -> None:
         """Return the write ``take`` spent, for a write refused after it."""
@@ -102,6 +122,10 @@ class WriteRate:
         return min(self.burst, bucket.tokens + max(0.0, now - bucket.at) * self.rate)
 
     def _sweep(self, now: float) -> None:
-        full = [key for key, b in self._buckets.items() if self._refilled(b, now) >= self.burst]
+        full = [
+            key
+            for key, b in self._buckets.items()
+            if self._refilled(b, now) >= self.burst and b.owed <= (now - b.at) * self.rate
+        ]
         for key in full:
             del self._buckets[key]

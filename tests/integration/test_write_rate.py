@@ -3,13 +3,15 @@ with ``chatctl``.
 
 A cluster whose accounts may send a message every 4 s and 5 at once. Mallory
 pipelines 8 sends on one connection: 5 are stored, 3 are answered ``busy`` with
-the time to wait, and nothing of those 3 reaches anyone's inbox. Then ``chatctl
-send``, run as mallory while her bucket is still empty (a new token takes 4 s;
-the command starts in well under that), is told ``busy`` too, waits the time
-the node names and is stored: a user within the rate never sees the limit, one
-beyond it is slowed to it. Alice, another account, sends as if nothing
-happened. The primary counts the refusals in ``chat_sends_refused_rate_total``
-and its log names the account.
+the time to wait, each its own (4, 8 and 12 s: in line), and nothing of those 3
+reaches anyone's inbox. Then ``chatctl send``, run as mallory while her bucket
+is still empty (a new token takes 4 s; the command starts in well under that),
+is told ``busy`` too, waits the time the node names (behind the three) and is
+stored: a user within the rate never sees the limit, one beyond it is slowed to
+it. Alice, another account, sends as if nothing happened. The primary counts the
+refusals in ``chat_sends_refused_rate_total`` and its log names the account. A
+program handing the client library many sends at once gets them all through, at
+the rate; only a connection refused more often than that is held.
 
 An account's other writes have a bucket of their own: pipelined ``touch``es
 past ``write_burst`` are refused ``busy`` and leave no request row, and the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import sqlite3
 from pathlib import Path
 
@@ -28,6 +31,7 @@ import pytest
 from ops.cluster.scrape import scrape
 from service import protocol
 from service.client import Client
+from service.server import REFUSALS_AT_ONCE
 from tests.conftest import ClusterFactory
 from tests.helpers.workload import new_user, run, start_cluster
 from tests.integration.test_bad_input import Raw
@@ -59,7 +63,7 @@ async def mallory_pipelines(address: str, token: str) -> dict[str, protocol.Fram
 
 async def inbox(servers: list[str], token: str) -> list[str]:
     async with Client(servers, token=token) as client:
-        page = await client.read(limit=100)
+        page = await client.read(limit=1000)
     return [message["body"] for message in page["messages"]]
 
 
@@ -82,8 +86,10 @@ def test_an_account_past_its_send_rate_is_answered_busy_and_nothing_of_it_is_sto
     for frame in busy.values():
         assert frame["code"] == "busy", frame
         assert "send_rate" in frame["message"], frame
-        # The bucket gives one send every 1/RATE s, and is empty now.
-        assert 0 < frame["retry_after"] <= 1 / RATE + 0.05, frame
+    # The bucket gives one send every 1/RATE s, and is empty now: the refused are
+    # told a time each, in line, 1/RATE s apart.
+    waits = sorted(frame["retry_after"] for frame in busy.values())
+    assert waits == pytest.approx([n / RATE for n in range(1, SENT - BURST + 1)], abs=0.05)
 
     # chatctl is refused too, waits the retry_after it is told and sends again.
     assert mallory.ok("send", "alice", "one more", "--timeout", "30").startswith("sent message")
@@ -128,28 +134,69 @@ async def answer_times(address: str, token: str, count: int) -> dict[str, tuple[
 def test_a_client_that_does_not_wait_after_busy_is_not_read_meanwhile(
     cluster_factory: ClusterFactory,
 ) -> None:
-    """Answered ``busy`` with a ``retry_after``, a connection is not read for that
-    long (at most a second): what it sends meanwhile waits in TCP, and the node
-    spends nothing on it. It used to decode, look up and refuse every frame at once:
-    a flood of the largest sends that ignored retry_after got 178,693 refusals in 20 s.
+    """Answered ``busy`` with a ``retry_after`` more often than a client that waits
+    would be, a connection is not read for that long (at most a second): what it
+    sends meanwhile waits in TCP, and the node spends nothing on it. It used to
+    decode, look up and refuse every frame at once: a flood of the largest sends that
+    ignored retry_after got 178,693 refusals in 20 s.
 
-    One send a second: s0 is stored, s1 refused (wait 1 s). s2 is read only after
-    that second, when the account may send again: stored; s3 right after it, refused."""
-    cluster = cluster_factory(send_rate=1, send_burst=1)
+    One send every 4 s: s0 is stored; the next ``REFUSALS_AT_ONCE`` + 1 are refused
+    at once (as many as a client may have in flight, sent before it could know);
+    the one after is read only a second later."""
+    cluster = cluster_factory(send_rate=0.25, send_burst=1)
     primary = start_cluster(cluster)
     mallory = run(new_user(cluster.servers, "mallory", PASSWORD))
     alice = run(new_user(cluster.servers, "alice", PASSWORD))
-    times = run(answer_times(primary.address, mallory, 4))
+    count = REFUSALS_AT_ONCE + 3
+    times = run(answer_times(primary.address, mallory, count))
     kinds = {rid: kind for rid, (_, kind) in times.items()}
-    assert kinds == {"s0": "reply", "s1": "busy", "s2": "reply", "s3": "busy"}, times
-    waited = times["s2"][0] - times["s1"][0]
-    assert waited >= 0.8, f"read again {waited:.2f} s after busy, told 1 s: {times}"
+    assert kinds == {"s0": "reply"} | {f"s{n}": "busy" for n in range(1, count)}, kinds
+    at = [times[f"s{n}"][0] for n in range(1, count)]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(at)]
+    last = gaps.pop()
+    assert max(gaps) < 0.8, f"held within the first refusals: {max(gaps):.2f} s"
+    assert last >= 0.8, f"read again {last:.2f} s after its refusals ran out, told 1 s"
 
     async def alice_sends() -> None:
         async with Client(cluster.servers, token=alice) as client:
             await client.send("mallory", "hello")
 
     run(alice_sends())  # another connection, another account: never held
+
+
+def test_a_client_sending_past_its_rate_at_once_gets_every_send_through_at_the_rate(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """A program that hands the client library many sends at once, past its rate: the
+    sends beyond the burst are refused ``busy``, each told a later time than the one
+    before (its place in line), so they come back one at a time and get in at the
+    rate. Refused all at once, they were all told the same tenth of a second and
+    came back together, one getting in; the connection was held after each refusal,
+    so the requests behind waited past the client's attempt timeout, and the client
+    closed the connection and failed them (``no primary reachable``)."""
+    rate, burst, count = 10, 10, 150
+    cluster = cluster_factory(send_rate=rate, send_burst=burst)
+    start_cluster(cluster)
+    mallory = run(new_user(cluster.servers, "mallory", PASSWORD))
+    alice = run(new_user(cluster.servers, "alice", PASSWORD))
+
+    async def mallory_sends() -> tuple[float, list[str]]:
+        loop = asyncio.get_running_loop()
+        async with Client(cluster.servers, token=mallory, timeout=30.0) as client:
+            start = loop.time()
+            outcomes = await asyncio.gather(
+                *(client.send("alice", f"bulk {n}") for n in range(count)),
+                return_exceptions=True,
+            )
+            failed = [repr(o) for o in outcomes if isinstance(o, BaseException)]
+            return loop.time() - start, failed
+
+    took, failed = run(mallory_sends())
+    assert not failed, f"{len(failed)} of {count} sends failed: {failed[:3]}"
+    # The rate holds: the burst at once, then one every 1/rate s.
+    assert took >= (count - burst) / rate - 0.5, f"{count} sends in {took:.2f} s"
+    stored = run(inbox(cluster.servers, alice))
+    assert sorted(stored) == sorted(f"bulk {n}" for n in range(count))
 
 
 async def touches(address: str, token: str, count: int) -> dict[str, protocol.Frame]:
@@ -184,13 +231,13 @@ def test_writes_other_than_sends_have_their_own_rate_and_refused_ones_store_noth
     answers = run(touches(primary.address, mallory, 5))
     kinds = {rid: str(frame.get("code", frame["type"])) for rid, frame in answers.items()}
     assert kinds == {"t0": "reply", "t1": "reply", "t2": "reply", "t3": "busy", "t4": "busy"}
-    for rid in ("t3", "t4"):
+    for rid, wait in (("t3", 4.0), ("t4", 8.0)):  # in line, 1/rate apart
         frame = answers[rid]
         assert "write_rate" in frame["message"], frame
-        assert 0 < frame["retry_after"] <= 1 / 0.25 + 0.05, frame
+        assert frame["retry_after"] == pytest.approx(wait, abs=0.05), frame
 
     async def mallory_sends() -> None:
-        async with Client(cluster.servers, token=mallory) as client:
+        async with Client(cluster.servers, token=mallory, timeout=30.0) as client:
             await client.send("alice", "still here")
 
     run(mallory_sends())  # the send rate's bucket, not the one just emptied

@@ -12,7 +12,7 @@ from service.chat import NO_SESSION, UNKNOWN_SESSION, ChatApplication
 from service.config import load
 from service.errors import InvalidInput
 from service.protocol import WRITE_OPS
-from service.writerate import SWEEP_EVERY, WriteRate
+from service.writerate import MAX_WAIT, SWEEP_EVERY, WriteRate
 from tests.unit.test_ratelimit import node_conf
 
 
@@ -31,15 +31,42 @@ def test_a_burst_then_one_send_per_refill() -> None:
     rate = WriteRate(rate=2.0, burst=3, clock=clock)
     assert [rate.take("alice") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert rate.take("alice") == pytest.approx(0.5)  # one send every 1/rate s
-    assert rate.take("alice") == pytest.approx(0.5)  # a refusal spends nothing
-    assert rate.refused == 2
+    assert rate.refused == 1
+    clock.now += 0.5  # the one told to wait comes back: its token is there
+    assert rate.take("alice") == 0.0
+    assert rate.take("alice") == pytest.approx(0.5)
     clock.now += 0.25
-    assert rate.take("alice") == pytest.approx(0.25)
+    assert rate.take("alice") == pytest.approx(0.5)  # in line behind the one before
     clock.now += 0.25
     assert rate.take("alice") == 0.0
-    assert rate.take("alice") > 0
-    clock.now += 3600  # a long pause refills the burst, never more
+    clock.now += 3600  # a long pause refills the burst, never more, and ends the line
     assert [rate.take("alice") for _ in range(4)][-1] == pytest.approx(0.5)
+
+
+def test_writes_refused_together_are_told_a_time_each() -> None:
+    """Many writes at once past the burst: each is told the time of its own token,
+    in turn, so that coming back as told they get in one by one."""
+    clock = Clock()
+    rate = WriteRate(rate=4.0, burst=2, clock=clock)
+    assert rate.take("bot") == rate.take("bot") == 0.0
+    waits = [rate.take("bot") for _ in range(6)]
+    assert waits == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.25, 1.5])
+    for wait in waits:  # each comes back at its time, and gets in
+        clock.now = 1000.0 + wait
+        assert rate.take("bot") == 0.0
+    assert rate.take("bot") == pytest.approx(0.25)  # the line is empty again
+
+
+def test_a_line_never_promises_more_than_max_wait() -> None:
+    """A client that never waits is told ever later times, up to ``MAX_WAIT``."""
+    clock = Clock()
+    rate = WriteRate(rate=10.0, burst=1, clock=clock)
+    assert rate.take("flood") == 0.0
+    waits = [rate.take("flood") for _ in range(5_000)]
+    assert waits[0] == pytest.approx(0.1)
+    assert max(waits) == MAX_WAIT
+    clock.now += MAX_WAIT  # the whole line has had its tokens
+    assert rate.take("flood") == 0.0
 
 
 def test_accounts_have_buckets_of_their_own() -> None:
@@ -82,22 +109,28 @@ def test_accounts_whose_bucket_filled_again_are_forgotten() -> None:
 
 
 def test_random_sends_against_a_model() -> None:
-    """The bucket against its definition: tokens = min(burst, tokens + elapsed * rate)."""
+    """The bucket against its definition: tokens = min(burst, tokens + elapsed * rate);
+    the line, ``owed``, goes down by ``rate`` a second and up by one per refusal."""
     rng = random.Random(7)
     clock = Clock()
     rate = WriteRate(rate=3.0, burst=4, clock=clock)
     tokens = {key: 4.0 for key in "abc"}
+    owed = {key: 0.0 for key in "abc"}
     last = {key: clock.now for key in "abc"}
     for _ in range(20_000):
         clock.now += rng.choice([0.0, 0.0, 0.01, 0.1, 0.4, 2.0])
         key = rng.choice("abc")
-        have = min(4.0, tokens[key] + (clock.now - last[key]) * 3.0)
+        elapsed = clock.now - last[key]
+        have = min(4.0, tokens[key] + elapsed * 3.0)
+        line = max(0.0, owed[key] - elapsed * 3.0)
         wait = rate.take(key)
+        last[key] = clock.now
         if have >= 1.0:
             assert wait == 0.0
-            tokens[key], last[key] = have - 1.0, clock.now
+            tokens[key], owed[key] = have - 1.0, line
         else:
-            assert wait == pytest.approx((1.0 - have) / 3.0)
+            assert wait == pytest.approx(min(MAX_WAIT, (line + 1.0 - have) / 3.0))
+            tokens[key], owed[key] = have, min(line + 1.0, MAX_WAIT * 3.0)
 
 
 def test_the_rate_settings(tmp_path: Path) -> None:

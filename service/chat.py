@@ -1412,7 +1412,9 @@ class ChatApplication:
     def rate_kind(self, op: str, key: Hashable) -> RateKind | None:
         # Accounts are ints; NO_SESSION and UNKNOWN_SESSION writes fail in their batch
         # (register and login have no session: their password hashing bounds them).
-        if not isinstance(key, int):
+        # logout and delete_account end a session or an account, each once: bounded
+        # by the logins before them, and never to be held up by a flood of touches.
+        if not isinstance(key, int) or op in SESSION_ENDING_OPS:
             return None
         return "send" if op == "send" else "write"
 

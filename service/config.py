@@ -173,9 +173,8 @@ class NodeConfig:
     # down. 0: no limit.
     send_rate: float = 10.0
     send_burst: int = 50
-    # The same for the account's other writes (touch, mark_read, delete_messages,
-    # logout, delete_account), each of which keeps a request row for
-    # request_retention. 0: no limit.
+    # The same for the account's other writes (touch, mark_read, delete_messages),
+    # each of which keeps a request row for request_retention. 0: no limit.
     write_rate: float = 20.0
     write_burst: int = 100
     # HOST:PORT where the node serves Prometheus metrics over HTTP (service/metrics.py);

@@ -84,13 +84,17 @@ class Node:
                 damage.replace(" ", "_"),
             )
             # A disk that keeps damaging it would otherwise fill with copies.
-            gone = prune_moved_aside(damaged, config.db_path.name, config.damaged_max_files)
-            if gone:
-                log.info(
-                    "damaged copies pruned node=%s files=%s",
-                    config.node_id,
-                    ",".join(p.name for p in gone),
-                )
+            try:
+                gone = prune_moved_aside(damaged, moved, config.damaged_max_files)
+            except OSError as exc:  # the node starts all the same: the copies wait
+                log.warning("damaged copies not pruned node=%s why=%s", config.node_id, exc)
+            else:
+                if gone:
+                    log.info(
+                        "damaged copies pruned node=%s files=%s",
+                        config.node_id,
+                        ",".join(p.name for p in gone),
+                    )
             # A new, empty database: not the member any sync set names (E4). It
             # rejoins by snapshot from a healthy primary, and never leads meanwhile.
             self.storage = self._open_storage()

@@ -183,6 +183,7 @@ class Replica(Protocol):
         token_hash: str | None,
         request_id: str,
         fingerprint: str | None = None,
+        rated: bool = True,
     ) -> dict[str, Any]: ...
 
     async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T: ...
@@ -774,6 +775,9 @@ class ClientSession:
                         request_id,
                         # The read's own: a reused id is told apart by what was read.
                         chat.request_fingerprint("read", args),
+                        # Not counted against the account's write rate: what a read
+                        # marks is what came in unread, bounded by the senders' rates.
+                        rated=False,
                     )
             else:
                 await self._keep_alive(token_hash, now)
@@ -854,7 +858,10 @@ class ClientSession:
         small replicated write per session and that much time, not one per read."""
         due = chat.session_refresh_due(self.database.reader, token_hash, now)
         if due:
-            await self.replicator.submit("touch", {}, token_hash, f"touch-{secrets.token_hex(16)}")
+            # Not counted against the write rate: due once per session and interval.
+            await self.replicator.submit(
+                "touch", {}, token_hash, f"touch-{secrets.token_hex(16)}", rated=False
+            )
 
     async def _listen(
         self,

@@ -156,6 +156,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -1679,19 +1680,32 @@ def move_aside(path: Path, folder: Path) -> Path:
     return target
 
 
-def prune_moved_aside(folder: Path, name: str, keep: int) -> list[Path]:
-    """Delete the copies of database ``name`` moved aside into ``folder``
-    (``move_aside``) but the newest ``keep``, each with its WAL and shared memory;
-    returns the deleted copies' paths, oldest first. Newest by the time in the
-    name, the order they were moved aside in (not the files' times: a move keeps
-    the time the database was last written)."""
+# The name ``move_aside`` gives a copy, after the database's name and a dot.
+_MOVED_STAMP = re.compile(r"\d{8}T\d{6}(-\d+)?")
+
+
+def prune_moved_aside(folder: Path, moved: Path, keep: int) -> list[Path]:
+    """Delete the copies moved aside into ``folder`` (``move_aside``) of the database
+    ``moved`` is the newest copy of, but the newest ``keep``, each with its WAL and
+    shared memory; returns the deleted copies' paths, oldest first. Newest by the
+    time in the name, the order they were moved aside in (not the files' times: a
+    move keeps the time the database was last written); ``moved`` itself is always
+    kept (a clock set back would sort it oldest). Files not named as a copy are
+    left alone: an operator's notes or exports may live there."""
+    name = moved.name.rsplit(".", 1)[0]
     try:
-        copies = [p for p in folder.glob(f"{name}.*") if not p.name.endswith(("-wal", "-shm"))]
+        copies = [
+            path
+            for path in folder.glob(f"{name}.*")
+            if _MOVED_STAMP.fullmatch(path.name[len(name) + 1 :])
+            and path != moved
+            and path.is_file()
+        ]
     except FileNotFoundError:
         return []
     # "chat.db.20261207T101010" before "chat.db.20261207T101010-2" before "...T101011".
     copies.sort(key=lambda p: _moved_at(p.name[len(name) + 1 :]))
-    doomed = copies[: max(0, len(copies) - keep)]
+    doomed = copies[: max(0, len(copies) - (keep - 1))]
     for copy in doomed:
         for suffix in _COPY_SUFFIXES:
             Path(f"{copy}{suffix}").unlink(missing_ok=True)

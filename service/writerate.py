@@ -20,10 +20,13 @@ An account's other writes store less, but store it all the same: each keeps a
 request row (its id, op and result) for ``request_retention``, an hour by
 default, so that a retry is answered and not done twice. A flood of ``touch``
 stored thousands of such rows a second, every one kept for an hour on every
-node. Those writes have a bucket of their own, ``write_rate`` and
-``write_burst``: more generous (a client reading fast marks what it read, and
-moves its session's idle clock), and apart from the sends', so that an account
-that sent its burst can still mark its messages read.
+node. Those writes (``touch``, ``mark_read``, ``delete_messages``) have a bucket
+of their own, ``write_rate`` and ``write_burst``: more generous, and apart from
+the sends', so that an account that sent its burst can still mark its messages
+read. Not counted: ``logout`` and ``delete_account``, each of which ends something
+once (bounded by the logins before them, and never to be held up by a flood of
+touches), and the writes a node makes for a read (its marks, bounded by the
+messages that came in unread; a session's keep-alive, by its interval).
 
 Invariants
 ----------
@@ -32,14 +35,17 @@ Invariants
   queue for another account's) gets its token back.
 * The line is a promise of times, not of tokens: a refused write that comes back
   at its time takes a token like any other (the node cannot tell it from a new
-  one), so one that comes back late, or never, costs nobody anything; a new write
-  that takes the token first only sends one of those in line to its back.
+  one), and a new write that takes the token first sends one of those in line to
+  its back. A write that never comes back leaves its token to whoever comes
+  first, but its place in line stays until its time: writes refused meanwhile
+  are told later times (at most ``MAX_WAIT`` ahead).
 * Only a session's writes count, each against its account's bucket of its kind
-  (``Application.rate_kind``): a write without a session, or whose token names
-  none, is refused by its batch before anything is stored; ``register`` and
-  ``login`` are bounded by their password hashing instead.
+  (``Application.rate_kind``, and only when the client asked for it:
+  ``WritePath.enqueue``'s ``rated``): a write without a session, or whose token
+  names none, is refused by its batch before anything is stored; ``register``
+  and ``login`` are bounded by their password hashing instead.
 * The buckets are the primary's memory, not the database's: a node that becomes
-  primary knows nothing of what accounts sent through another, so a failover can
+  primary knows nothing of what accounts wrote through another, so a failover can
   let an account write one more burst. An account whose bucket has filled again,
   with nobody in its line, is forgotten at the next sweep (every ``SWEEP_EVERY``
   writes), so the memory held is one small entry per account that wrote since
@@ -53,17 +59,18 @@ from dataclasses import dataclass
 
 # Entries whose bucket has filled again are dropped every this many writes.
 SWEEP_EVERY = 4096
-# The longest an account is told to wait, however many of its writes are in line.
+# The line reaches at most this far ahead: however many writes are in it, an account
+# is told to wait no longer (unless its very next token is further off).
 MAX_WAIT = 60.0
 
 
 @dataclass
 class _Bucket:
     tokens: float
-    at: float  # when ``tokens`` and ``owed`` were counted
-    # Writes refused and told to come back later, each at its own time: the line
-    # moves on at ``rate`` as the tokens for them come in.
-    owed: float = 0.0
+    at: float  # when ``tokens`` was counted
+    # When the token promised to the last write refused arrives: the end of the line
+    # of writes told to come back later, each at its own time.
+    line_end: float = float("-inf")
 
 
 class WriteRate:
@@ -85,8 +92,9 @@ class WriteRate:
         """Spend one of ``key``'s writes: 0.0 when it may write now, otherwise the
         seconds until it may (nothing is spent then).
 
-        Refused writes wait in line: each is told the time of the token after those
-        promised to the writes refused before it (at most ``MAX_WAIT``). A client
+        Refused writes wait in line: each is told the time of the first token not
+        promised to a write refused before it (the line reaches at most
+        ``MAX_WAIT`` ahead). A client
         that hands the library many writes at once has them all refused together;
         told the same time, they came back together, one got in, and the others
         were refused again, round after round. Told a time each, they come back
@@ -102,15 +110,17 @@ class WriteRate:
             self._buckets[key] = _Bucket(self.burst - 1.0, now)
             return 0.0
         tokens = self._refilled(bucket, now)
-        owed = max(0.0, bucket.owed - (now - bucket.at) * self.rate)
-        bucket.at = now
+        bucket.tokens, bucket.at = tokens, now
         if tokens >= 1.0:
-            bucket.tokens, bucket.owed = tokens - 1.0, owed
+            bucket.tokens = tokens - 1.0
             return 0.0
         self.refused += 1
-        wait = min(MAX_WAIT, (owed + 1.0 - tokens) / self.rate)
-        bucket.tokens, bucket.owed = tokens, min(owed + 1.0, MAX_WAIT * self.rate)
-        return wait
+        # The next token, unless it is promised to a write refused before: then the
+        # one after the last promised.
+        next_token = now + (1.0 - tokens) / self.rate
+        after_line = min(bucket.line_end + 1.0 / self.rate, now + MAX_WAIT)
+        bucket.line_end = max(next_token, after_line)
+        return bucket.line_end - now
 
     def give_back(self, key: Hashable) -> None:
         """Return the write ``take`` spent, for a write refused after it."""
@@ -125,7 +135,7 @@ class WriteRate:
         full = [
             key
             for key, b in self._buckets.items()
-            if self._refilled(b, now) >= self.burst and b.owed <= (now - b.at) * self.rate
+            if self._refilled(b, now) >= self.burst and b.line_end <= now
         ]
         for key in full:
             del self._buckets[key]

@@ -56,8 +56,8 @@ class Application(Protocol):
     def rate_kind(self, op: str, key: Hashable) -> RateKind | None:
         """Which of its account's rates a write of ``op`` counts against
         (``writerate.py``), if any; ``key`` is its ``share_key``. The chat: a
-        session's send, its ``send_rate``; the session's other writes, its
-        ``write_rate``."""
+        session's send, its ``send_rate``; the session's other writes but those
+        that end it (``logout``, ``delete_account``), its ``write_rate``."""
         ...
 
     def reset(self) -> None:

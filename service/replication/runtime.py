@@ -286,9 +286,11 @@ class Replicator:
         token_hash: str | None,
         request_id: str,
         fingerprint: str | None = None,
+        rated: bool = True,
     ) -> dict[str, Any]:
-        """Run one write on the primary; returns once it is durable on the sync set."""
-        return await self.writer.submit(op, args, token_hash, request_id, fingerprint)
+        """Run one write on the primary; returns once it is durable on the sync set.
+        ``rated``: counted against its account's rate (``WritePath.enqueue``)."""
+        return await self.writer.submit(op, args, token_hash, request_id, fingerprint, rated)
 
     async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T:
         """Run a query on the primary and release it once nothing it saw is unacked (R7);

@@ -110,6 +110,10 @@ class PendingWrite:
     # The client's request, when the server wrote other args for it (Application.apply_write).
     fingerprint: str | None = None
     finished: bool = False
+    # The account's rate it took a token of, and the account: given back if the
+    # write is taken out of the full queue for another account's.
+    rate: WriteRate | None = None
+    rate_key: Hashable = None
 
     def finish(self, outcome: Outcome) -> None:
         if self.finished:
@@ -176,7 +180,7 @@ class WritePath:
         # most write_rate (writerate.py); a line now and then naming who was slowed.
         self.send_rate = WriteRate(config.send_rate, config.send_burst, time.monotonic)
         self.write_rate = WriteRate(config.write_rate, config.write_burst, time.monotonic)
-        self._rates: dict[RateKind | None, WriteRate] = {
+        self._rates: dict[RateKind, WriteRate] = {
             "send": self.send_rate,
             "write": self.write_rate,
         }
@@ -219,10 +223,12 @@ class WritePath:
         request_id: str,
         done: Done,
         fingerprint: str | None = None,
+        rated: bool = True,
     ) -> None:
         """Queue one write on the primary; ``done`` gets its outcome once it is durable
         on the sync set (or its refusal). Raises at once, calling nothing, if this node
-        cannot take writes now."""
+        cannot take writes now. ``rated``: counted against its account's rate (not
+        the writes the server makes for a read, bounded by what there is to mark)."""
         self.require_primary()
         if self.core.fault is not None:
             raise StorageFault(
@@ -230,35 +236,32 @@ class WritePath:
             )
         write = PendingWrite(op, args, token_hash, request_id, done, fingerprint)
         key = self.app.share_key(self.storage.reader, token_hash)
-        rate = self._rates.get(self.app.rate_kind(op, key))
-        if rate is not None and (wait := rate.take(key)) > 0:
-            raise self._too_fast(op, key, wait)
+        kind = self.app.rate_kind(op, key) if rated else None
+        if kind is not None:
+            rate = self._rates[kind]
+            if (wait := rate.take(key)) > 0:
+                raise self._too_fast(kind, op, key, wait)
+            write.rate, write.rate_key = rate, key
         try:
             evicted = self.queue.push(key, write)
         except QueueFull:
-            if rate is not None:
-                rate.give_back(key)
+            if write.rate is not None:
+                write.rate.give_back(key)
             raise self._queue_full() from None
         if evicted is not None:
-            self._give_back(evicted)
+            # Its account did not get that write: it keeps its token.
+            if evicted.rate is not None:
+                evicted.rate.give_back(evicted.rate_key)
             evicted.finish(self._queue_full())
         self.work.set()
 
-    def _give_back(self, write: PendingWrite) -> None:
-        """The token of a write taken out of the full queue for another account's:
-        its account did not get that write, so it keeps its rate (rare: looked up
-        again, mostly from the sessions cache)."""
-        key = self.app.share_key(self.storage.reader, write.token_hash)
-        rate = self._rates.get(self.app.rate_kind(write.op, key))
-        if rate is not None:
-            rate.give_back(key)
-
-    def _too_fast(self, op: str, key: Hashable, wait: float) -> Busy:
+    def _too_fast(self, kind: RateKind, op: str, key: Hashable, wait: float) -> Busy:
         # Rounded up to the hundredth the wire carries: a client that waits what it
-        # is told is let in, never refused once more for a few milliseconds.
-        wait = math.ceil(wait * 100) / 100
+        # is told is let in, never refused once more for a few milliseconds (less a
+        # hair, so that 1.1 s, 110.00000000000001 hundredths, stays 1.1 s).
+        wait = math.ceil(wait * 100 - 1e-6) / 100
         config = self.config
-        if op == "send":
+        if kind == "send":
             self._too_fast_log["send"].note(node=config.node_id, user_id=key)
             allowed = (
                 f"{config.send_rate:g} messages a second, {config.send_burst} at once: "
@@ -296,6 +299,7 @@ class WritePath:
         token_hash: str | None,
         request_id: str,
         fingerprint: str | None = None,
+        rated: bool = True,
     ) -> dict[str, Any]:
         """``enqueue`` for a coroutine: returns the result, raises the refusal."""
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -308,7 +312,7 @@ class WritePath:
             else:
                 future.set_result(outcome)
 
-        self.enqueue(op, args, token_hash, request_id, done, fingerprint)
+        self.enqueue(op, args, token_hash, request_id, done, fingerprint, rated)
         return await future
 
     async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T:

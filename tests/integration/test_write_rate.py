@@ -140,22 +140,24 @@ def test_a_client_that_does_not_wait_after_busy_is_not_read_meanwhile(
     decode, look up and refuse every frame at once: a flood of the largest sends that
     ignored retry_after got 178,693 refusals in 20 s.
 
-    One send every 4 s: s0 is stored; the next ``REFUSALS_AT_ONCE`` + 1 are refused
-    at once (as many as a client may have in flight, sent before it could know);
-    the one after is read only a second later."""
+    One send every 4 s: s0 is stored; the next ``REFUSALS_AT_ONCE`` are refused at
+    once (as many as a client may have in flight, sent before it could know); past
+    them (and the few the allowance gained meanwhile, 10 a second), the frame after
+    a refusal is read only a second later."""
     cluster = cluster_factory(send_rate=0.25, send_burst=1)
     primary = start_cluster(cluster)
     mallory = run(new_user(cluster.servers, "mallory", PASSWORD))
     alice = run(new_user(cluster.servers, "alice", PASSWORD))
-    count = REFUSALS_AT_ONCE + 3
+    count = REFUSALS_AT_ONCE + 12
     times = run(answer_times(primary.address, mallory, count))
     kinds = {rid: kind for rid, (_, kind) in times.items()}
     assert kinds == {"s0": "reply"} | {f"s{n}": "busy" for n in range(1, count)}, kinds
     at = [times[f"s{n}"][0] for n in range(1, count)]
+    # gaps[i]: from the answer to refusal i + 1 to the next one's.
     gaps = [later - earlier for earlier, later in itertools.pairwise(at)]
-    last = gaps.pop()
-    assert max(gaps) < 0.8, f"held within the first refusals: {max(gaps):.2f} s"
-    assert last >= 0.8, f"read again {last:.2f} s after its refusals ran out, told 1 s"
+    held = [i for i, gap in enumerate(gaps) if gap >= 0.8]
+    assert held, f"never held: the longest wait between refusals {max(gaps):.2f} s"
+    assert held[0] >= REFUSALS_AT_ONCE, f"held after refusal {held[0] + 1}: {gaps[held[0]]:.2f} s"
 
     async def alice_sends() -> None:
         async with Client(cluster.servers, token=alice) as client:
@@ -222,12 +224,20 @@ def test_writes_other_than_sends_have_their_own_rate_and_refused_ones_store_noth
     of ``touch``es stored thousands of rows a second on every node. Past
     ``write_burst`` they are refused ``busy`` with the time to wait and store
     nothing; the account's sends, counted apart, still go through."""
-    cluster = cluster_factory(write_rate=0.25, write_burst=3, metrics=True)
+    cluster = cluster_factory(
+        write_rate=0.25, write_burst=3, send_rate=1, send_burst=1, metrics=True
+    )
     primary = start_cluster(cluster)
     assert primary.metrics_address is not None
     mallory = run(new_user(cluster.servers, "mallory", PASSWORD))
     run(new_user(cluster.servers, "alice", PASSWORD))
 
+    async def mallory_sends(body: str) -> None:
+        # Told to wait past the deadline, the client raises busy at once.
+        async with Client(cluster.servers, token=mallory, timeout=5.0) as client:
+            await client.send("alice", body)
+
+    run(mallory_sends("first"))  # the send rate's burst spent: writes go on
     answers = run(touches(primary.address, mallory, 5))
     kinds = {rid: str(frame.get("code", frame["type"])) for rid, frame in answers.items()}
     assert kinds == {"t0": "reply", "t1": "reply", "t2": "reply", "t3": "busy", "t4": "busy"}
@@ -236,11 +246,8 @@ def test_writes_other_than_sends_have_their_own_rate_and_refused_ones_store_noth
         assert "write_rate" in frame["message"], frame
         assert frame["retry_after"] == pytest.approx(wait, abs=0.05), frame
 
-    async def mallory_sends() -> None:
-        async with Client(cluster.servers, token=mallory, timeout=30.0) as client:
-            await client.send("alice", "still here")
-
-    run(mallory_sends())  # the send rate's bucket, not the one just emptied
+    # The send rate's bucket (a token within a second), not the write line (12 s on).
+    run(mallory_sends("still here"))
 
     uri = f"file:{primary.db_path}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
@@ -253,5 +260,4 @@ def test_writes_other_than_sends_have_their_own_rate_and_refused_ones_store_noth
     scraped = scrape(primary.metrics_address)
     assert scraped is not None, "the primary serves no metrics"
     assert scraped.value("chat_writes_refused_rate_total") == 2
-    assert scraped.value("chat_sends_refused_rate_total") == 0
     assert "write refused: account past write_rate" in primary.log_text()

@@ -1119,27 +1119,38 @@ def test_databases_moved_aside_in_one_second_keep_a_name_each(
 
 def test_only_the_newest_damaged_copies_are_kept(tmp_path: Path) -> None:
     """Ordered by when they were moved aside (the name), with their WAL and shared
-    memory; other files are left alone."""
+    memory; the copy just moved aside is kept whatever its name says (a clock set
+    back), and files not named as a copy are left alone."""
     folder = tmp_path / "damaged"
     folder.mkdir()
     stamps = ["20261207T101011", "20261207T101010-2", "20261206T235959", "20261207T101010"]
     for stamp in stamps:
         _damaged_database(folder / f"chat.db.{stamp}", stamp)
     (folder / "notes.txt").write_text("the operator's")
-    gone = prune_moved_aside(folder, "chat.db", keep=2)
+    (folder / "chat.db.20261201T000000.sql").write_text("an export")
+    (folder / "chat.db.20261201T000001").mkdir()  # not a copy: a folder
+    just_moved = folder / "chat.db.20261207T101010-2"
+    gone = prune_moved_aside(folder, just_moved, keep=2)
     assert [p.name for p in gone] == ["chat.db.20261206T235959", "chat.db.20261207T101010"]
+    copies = ("20261207T101010-2", "20261207T101011")
     assert sorted(p.name for p in folder.iterdir()) == sorted(
         [
-            *(
-                f"chat.db.{stamp}{suffix}"
-                for stamp in ("20261207T101010-2", "20261207T101011")
-                for suffix in ("", "-wal", "-shm")
-            ),
+            *(f"chat.db.{stamp}{suffix}" for stamp in copies for suffix in ("", "-wal", "-shm")),
             "notes.txt",
+            "chat.db.20261201T000000.sql",
+            "chat.db.20261201T000001",
         ]
     )
-    assert prune_moved_aside(folder, "chat.db", keep=2) == []
-    assert prune_moved_aside(tmp_path / "nowhere", "chat.db", keep=1) == []
+    assert prune_moved_aside(folder, just_moved, keep=2) == []
+    # Moved aside under a clock set back: the oldest name, kept all the same.
+    back = folder / "chat.db.20200101T000000"
+    _damaged_database(back, "back")
+    assert [p.name for p in prune_moved_aside(folder, back, keep=1)] == [
+        "chat.db.20261207T101010-2",
+        "chat.db.20261207T101011",
+    ]
+    assert back.exists()
+    assert prune_moved_aside(tmp_path / "nowhere", back, keep=1) == []
 
 
 # ---- the log -----------------------------------------------------------------------------

@@ -36,9 +36,9 @@ def test_a_burst_then_one_send_per_refill() -> None:
     assert rate.take("alice") == 0.0
     assert rate.take("alice") == pytest.approx(0.5)
     clock.now += 0.25
-    assert rate.take("alice") == pytest.approx(0.5)  # in line behind the one before
+    assert rate.take("alice") == pytest.approx(0.75)  # in line behind the one before
     clock.now += 0.25
-    assert rate.take("alice") == 0.0
+    assert rate.take("alice") == 0.0  # that one's token: whoever comes first takes it
     clock.now += 3600  # a long pause refills the burst, never more, and ends the line
     assert [rate.take("alice") for _ in range(4)][-1] == pytest.approx(0.5)
 
@@ -57,16 +57,39 @@ def test_writes_refused_together_are_told_a_time_each() -> None:
     assert rate.take("bot") == pytest.approx(0.25)  # the line is empty again
 
 
-def test_a_line_never_promises_more_than_max_wait() -> None:
-    """A client that never waits is told ever later times, up to ``MAX_WAIT``."""
+def test_writes_refused_apart_are_told_the_tokens_after_the_line() -> None:
+    """Refusals at different times: each is told the first token not promised to one
+    refused before it, whenever it came."""
+    clock = Clock()
+    rate = WriteRate(rate=10.0, burst=1, clock=clock)
+    assert rate.take("bot") == 0.0
+    told = []
+    for at in (0.0, 0.05, 0.09):
+        clock.now = 1000.0 + at
+        told.append(at + rate.take("bot"))
+    assert told == pytest.approx([0.1, 0.2, 0.3])
+
+
+def test_a_line_reaches_at_most_max_wait_ahead() -> None:
+    """A client that never waits is told ever later times, up to ``MAX_WAIT``; once
+    the line's time has passed, a refusal is told the next token again."""
     clock = Clock()
     rate = WriteRate(rate=10.0, burst=1, clock=clock)
     assert rate.take("flood") == 0.0
     waits = [rate.take("flood") for _ in range(5_000)]
     assert waits[0] == pytest.approx(0.1)
-    assert max(waits) == MAX_WAIT
-    clock.now += MAX_WAIT  # the whole line has had its tokens
+    assert max(waits) == pytest.approx(MAX_WAIT)
+    clock.now += MAX_WAIT  # the whole line has had its time
     assert rate.take("flood") == 0.0
+    assert rate.take("flood") == pytest.approx(0.1)
+
+
+def test_a_slow_rate_is_never_told_to_come_back_before_its_token() -> None:
+    """One write a hundred seconds: the wait is the token's, past ``MAX_WAIT``."""
+    clock = Clock()
+    rate = WriteRate(rate=0.01, burst=1, clock=clock)
+    assert rate.take("slow") == 0.0
+    assert rate.take("slow") == pytest.approx(100.0)
 
 
 def test_accounts_have_buckets_of_their_own() -> None:
@@ -110,27 +133,28 @@ def test_accounts_whose_bucket_filled_again_are_forgotten() -> None:
 
 def test_random_sends_against_a_model() -> None:
     """The bucket against its definition: tokens = min(burst, tokens + elapsed * rate);
-    the line, ``owed``, goes down by ``rate`` a second and up by one per refusal."""
+    a refusal is told the later of its next token and one token after the time told
+    the refusal before (that one at most ``MAX_WAIT`` ahead)."""
     rng = random.Random(7)
     clock = Clock()
     rate = WriteRate(rate=3.0, burst=4, clock=clock)
     tokens = {key: 4.0 for key in "abc"}
-    owed = {key: 0.0 for key in "abc"}
+    told = {key: float("-inf") for key in "abc"}
     last = {key: clock.now for key in "abc"}
     for _ in range(20_000):
         clock.now += rng.choice([0.0, 0.0, 0.01, 0.1, 0.4, 2.0])
         key = rng.choice("abc")
-        elapsed = clock.now - last[key]
-        have = min(4.0, tokens[key] + elapsed * 3.0)
-        line = max(0.0, owed[key] - elapsed * 3.0)
+        have = min(4.0, tokens[key] + (clock.now - last[key]) * 3.0)
         wait = rate.take(key)
         last[key] = clock.now
         if have >= 1.0:
             assert wait == 0.0
-            tokens[key], owed[key] = have - 1.0, line
+            tokens[key] = have - 1.0
         else:
-            assert wait == pytest.approx(min(MAX_WAIT, (line + 1.0 - have) / 3.0))
-            tokens[key], owed[key] = have, min(line + 1.0, MAX_WAIT * 3.0)
+            own = (1.0 - have) / 3.0
+            after = min(told[key] + 1 / 3.0 - clock.now, MAX_WAIT)
+            assert wait == pytest.approx(max(own, after))
+            tokens[key], told[key] = have, clock.now + wait
 
 
 def test_the_rate_settings(tmp_path: Path) -> None:
@@ -167,12 +191,21 @@ def test_bad_rate_settings_are_refused(tmp_path: Path, setting: dict[str, object
 
 def test_which_writes_count_against_which_rate() -> None:
     """A session's sends against its send rate, its other writes against its write
-    rate; writes without an account (register, login, a token naming no session)
-    against neither: their password hashing, or their batch's refusal, bounds them."""
+    rate, but for those that end it (each once: bounded by the logins before them);
+    writes without an account (register, login, a token naming no session) against
+    neither: their password hashing, or their batch's refusal, bounds them."""
     app = ChatApplication(request_retention=3600.0)
     assert app.rate_kind("send", 7) == "send"
-    for op in sorted(WRITE_OPS - {"send", "register", "login"}):
+    for op in ("touch", "mark_read", "delete_messages"):
         assert app.rate_kind(op, 7) == "write", op
+    for op in ("logout", "delete_account"):
+        assert app.rate_kind(op, 7) is None, op
+    assert {"send", "touch", "mark_read", "delete_messages"} | {
+        "logout",
+        "delete_account",
+        "register",
+        "login",
+    } == WRITE_OPS, "a new write: say which rate it counts against"
     for op in sorted(WRITE_OPS):
         assert app.rate_kind(op, NO_SESSION) is None, op
         assert app.rate_kind(op, UNKNOWN_SESSION) is None, op

@@ -106,6 +106,7 @@ from .storage import Db
 from .throttle import ThrottledLog
 from .turns import TurnBudget
 from .unread import HEAVY, UnreadBudget
+from .writerate import Tokens
 
 log = logging.getLogger("service.server")
 
@@ -575,9 +576,8 @@ class ClientSession:
         self._idle_timer: asyncio.TimerHandle | None = None
         # The connection's frames and write side, once ``run`` handed it off.
         self.feed: FrameFeed | None = None
-        # The refusals it may still be answered without a hold, counted when.
-        self._spare_refusals = float(REFUSALS_AT_ONCE)
-        self._refusals_at = 0.0
+        # The refusals it may still be answered without a hold.
+        self._spare_refusals = Tokens(float(REFUSALS_AT_ONCE), 0.0)
 
     def close(self) -> None:
         self.writer.close()
@@ -700,13 +700,8 @@ class ClientSession:
         if not isinstance(error, Busy) or error.retry_after <= 0 or self.feed is None:
             return
         now = self.loop.time()
-        elapsed = now - self._refusals_at
-        spare = min(REFUSALS_AT_ONCE, self._spare_refusals + elapsed * REFUSALS_PER_SECOND)
-        self._refusals_at = now
-        if spare >= 1.0:
-            self._spare_refusals = spare - 1.0
+        if self._spare_refusals.take(now, REFUSALS_PER_SECOND, REFUSALS_AT_ONCE):
             return
-        self._spare_refusals = spare
         self.feed.hold(min(error.retry_after, BUSY_HOLD_CAP))
 
     async def _serve(

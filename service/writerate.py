@@ -65,9 +65,27 @@ MAX_WAIT = 60.0
 
 
 @dataclass
-class _Bucket:
+class Tokens:
+    """A token bucket: ``tokens`` as counted at ``at``, filling at a rate up to a burst
+    (given by the owner, the same at every call)."""
+
     tokens: float
-    at: float  # when ``tokens`` was counted
+    at: float
+
+    def refilled(self, now: float, rate: float, burst: float) -> float:
+        return min(burst, self.tokens + max(0.0, now - self.at) * rate)
+
+    def take(self, now: float, rate: float, burst: float) -> bool:
+        """Count the tokens at ``now`` and spend one, if there is one."""
+        self.tokens, self.at = self.refilled(now, rate, burst), now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass
+class _Bucket(Tokens):
     # When the token promised to the last write refused arrives: the end of the line
     # of writes told to come back later, each at its own time.
     line_end: float = float("-inf")
@@ -94,11 +112,11 @@ class WriteRate:
 
         Refused writes wait in line: each is told the time of the first token not
         promised to a write refused before it (the line reaches at most
-        ``MAX_WAIT`` ahead). A client
-        that hands the library many writes at once has them all refused together;
-        told the same time, they came back together, one got in, and the others
-        were refused again, round after round. Told a time each, they come back
-        one at a time, as the tokens come in."""
+        ``MAX_WAIT`` ahead). A client that hands the library many writes at once
+        has them all refused together; told the same time, they came back
+        together, one got in, and the others were refused again, round after
+        round. Told a time each, they come back one at a time, as the tokens come
+        in."""
         if self.rate <= 0:
             return 0.0
         now = self.clock()
@@ -109,15 +127,12 @@ class WriteRate:
         if bucket is None:  # a full bucket (``burst`` is at least 1)
             self._buckets[key] = _Bucket(self.burst - 1.0, now)
             return 0.0
-        tokens = self._refilled(bucket, now)
-        bucket.tokens, bucket.at = tokens, now
-        if tokens >= 1.0:
-            bucket.tokens = tokens - 1.0
+        if bucket.take(now, self.rate, self.burst):
             return 0.0
         self.refused += 1
         # The next token, unless it is promised to a write refused before: then the
         # one after the last promised.
-        next_token = now + (1.0 - tokens) / self.rate
+        next_token = now + (1.0 - bucket.tokens) / self.rate
         after_line = min(bucket.line_end + 1.0 / self.rate, now + MAX_WAIT)
         bucket.line_end = max(next_token, after_line)
         return bucket.line_end - now
@@ -128,14 +143,11 @@ class WriteRate:
         if bucket is not None:
             bucket.tokens = min(self.burst, bucket.tokens + 1.0)
 
-    def _refilled(self, bucket: _Bucket, now: float) -> float:
-        return min(self.burst, bucket.tokens + max(0.0, now - bucket.at) * self.rate)
-
     def _sweep(self, now: float) -> None:
         full = [
             key
             for key, b in self._buckets.items()
-            if self._refilled(b, now) >= self.burst and b.line_end <= now
+            if b.refilled(now, self.rate, self.burst) >= self.burst and b.line_end <= now
         ]
         for key in full:
             del self._buckets[key]

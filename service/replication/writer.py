@@ -262,24 +262,19 @@ class WritePath:
         wait = math.ceil(wait * 100 - 1e-6) / 100
         config = self.config
         if kind == "send":
-            self._too_fast_log["send"].note(node=config.node_id, user_id=key)
+            self._too_fast_log[kind].note(node=config.node_id, user_id=key)
+            does = "sends"
+            allowed = f"{config.send_rate:g} messages a second, {config.send_burst} at once"
+        else:
+            self._too_fast_log[kind].note(node=config.node_id, user_id=key, op=op)
+            does = "writes"
             allowed = (
-                f"{config.send_rate:g} messages a second, {config.send_burst} at once: "
-                "send_rate, send_burst"
+                f"{config.write_rate:g} writes a second besides its sends, "
+                f"{config.write_burst} at once"
             )
-            return Busy(
-                f"this account sends faster than node {config.node_id} allows ({allowed}); "
-                f"retry in {wait:.2f} s",
-                retry_after=wait,
-            )
-        self._too_fast_log["write"].note(node=config.node_id, user_id=key, op=op)
-        allowed = (
-            f"{config.write_rate:g} writes a second besides its sends, {config.write_burst} "
-            "at once: write_rate, write_burst"
-        )
         return Busy(
-            f"this account writes faster than node {config.node_id} allows ({allowed}); "
-            f"retry in {wait:.2f} s",
+            f"this account {does} faster than node {config.node_id} allows ({allowed}: "
+            f"{kind}_rate, {kind}_burst); retry in {wait:.2f} s",
             retry_after=wait,
         )
 

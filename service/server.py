@@ -781,10 +781,12 @@ class ClientSession:
         if op == "whoami":
             result = await replicator.read(lambda db: chat.whoami(db, token_hash, now), token_hash)
         elif op == "search":
-            pattern, limit = args.get("pattern"), args.get("limit")
-            result = await replicator.read(
-                lambda db: chat.search(db, token_hash, now, pattern, limit), token_hash
-            )
+            # A chunk of names per read turn (chat.SearchScan): a pattern that matches
+            # few names looks at all of them, and must not hold the loop meanwhile.
+            scan = chat.SearchScan(args.get("pattern"), args.get("limit"))
+            while not await replicator.read(lambda db: scan.step(db, token_hash, now), token_hash):
+                pass
+            result = scan.result()
         else:
             raise InvalidInput(f"unknown operation {op!r}")
         await self._keep_alive(token_hash, now)

@@ -1121,6 +1121,78 @@ def test_search_refuses_bad_arguments(svc: Service, people: str, pattern: Any, l
         chat.search(svc.db, people, svc.now, pattern, limit)
 
 
+def _glob_at_once(svc: Service, pattern: str | None, limit: int) -> dict[str, Any]:
+    """The search as one query over every name: what a scan by chunks must answer."""
+    glob = (pattern or "*").lower().replace("[", "[[]")
+    rows = svc.db.execute(
+        "SELECT name FROM users WHERE deleted_at IS NULL AND name_key GLOB ? "
+        "ORDER BY name_key LIMIT ?",
+        (glob, limit + 1),
+    )
+    return {"users": [str(row[0]) for row in rows[:limit]], "more": len(rows) > limit}
+
+
+def test_a_search_looks_at_a_chunk_of_names_per_step_and_answers_as_one_query(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pattern that matches few names must not make one query look at all of them
+    (a tenth of a second of the primary's loop at a million accounts): each step
+    looks at ``SEARCH_CHUNK`` names at most, from the pattern's literal start on."""
+    monkeypatch.setattr(chat, "SEARCH_CHUNK", 4)
+    names = [f"{a}{b}{n}" for a in "AbC" for b in "xY" for n in range(6)]  # 36
+    for name in names:
+        svc.register(name)
+    token = svc.login("Ax0")
+    for gone in ("bx3", "bY0", "CY5"):
+        svc.write("delete_account", {}, svc.login(gone))
+    patterns = [None, "", "*", "b*", "B?1", "*y*", "*3", "c*5", "zz*", "*q*", "bx", "a%", "[b*"]
+    for pattern in patterns:
+        for limit in (1, 2, 5, 50):
+            scan = chat.SearchScan(pattern, limit)
+            steps = 1
+            while not scan.step(svc.db, token, svc.now):
+                steps += 1
+            assert scan.result() == _glob_at_once(svc, pattern, limit), (pattern, limit)
+            start = (pattern or "").lower().split("*")[0].split("?")[0]
+            in_range = sum(name.lower().startswith(start) for name in names)
+            # The chunks of names from the literal start on, and one more step when
+            # the last chunk was full (the scan learns the range ended then).
+            assert steps <= in_range // chat.SEARCH_CHUNK + 1, (pattern, limit, steps)
+    scan = chat.SearchScan("*q*", 10)
+    steps = 1
+    while not scan.step(svc.db, token, svc.now):
+        steps += 1
+    assert steps == len(names) // chat.SEARCH_CHUNK + 1
+
+
+def test_a_search_sees_each_name_once_whatever_is_registered_between_its_steps(
+    svc: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chat, "SEARCH_CHUNK", 2)
+    for name in ("b1", "b2", "b3", "b4", "b5"):
+        svc.register(name)
+    token = svc.login("b1")
+    scan = chat.SearchScan("*", 50)
+    assert scan.step(svc.db, token, svc.now) is False  # b1, b2
+    svc.register("a1")  # behind the scan: a search a moment earlier would miss it too
+    svc.register("b0")
+    svc.register("c1")  # ahead of it
+    while not scan.step(svc.db, token, svc.now):
+        pass
+    assert scan.result() == {"users": ["b1", "b2", "b3", "b4", "b5", "c1"], "more": False}
+
+
+def test_a_search_whose_session_ends_between_steps_is_refused(
+    svc: Service, people: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(chat, "SEARCH_CHUNK", 2)
+    scan = chat.SearchScan("*", 50)
+    assert scan.step(svc.db, people, svc.now) is False
+    svc.write("logout", {}, people)
+    with pytest.raises(AuthFailed):
+        scan.step(svc.db, people, svc.now)
+
+
 # ---- dispatch and idempotency ------------------------------------------------------------
 
 

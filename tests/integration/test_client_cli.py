@@ -788,7 +788,15 @@ def test_a_command_that_talks_to_no_node_does_not_load_the_client(
 
 
 def test_shell_completion_can_be_shown_and_completes_commands(tmp_path: Path) -> None:
-    env = {**os.environ, "CHATCTL_HOME": str(tmp_path)}
+    # Typer takes the shell from the processes above chatctl (a shell a user types
+    # in), and a test run whose parents hold no shell (started by `timeout`, say) got
+    # "Shell  not supported". Typer's switch for its own tests makes the option take
+    # the shell named here instead.
+    env = {
+        **os.environ,
+        "CHATCTL_HOME": str(tmp_path),
+        "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1",
+    }
     shown = subprocess.run(
         [*CHATCTL, "--show-completion", "bash"],
         env=env,

@@ -111,6 +111,7 @@ Invariants
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -132,6 +133,7 @@ from .errors import AuthFailed, ChatError, Conflict, Gone, Internal, InvalidInpu
 from .protocol import MAX_REQUEST_ID, OPS, SESSION_ENDING_OPS, WRITE_OPS
 from .replication.app import RateKind
 from .storage import ConstraintViolation, Db
+from .windows import Range, Windows, inbox, sent
 
 MAX_USERNAME = 50
 MIN_PASSWORD, MAX_PASSWORD = 8, 256
@@ -636,27 +638,80 @@ def _account_by_key(db: Db, key: str, name: str) -> tuple[int, str, bool]:
     return int(row[0]), str(row[1]), bool(row[2])
 
 
-def _unread_count(db: Db, user_id: int) -> int:
-    return int(
-        db.value(
-            "SELECT count(*) FROM messages "
-            "WHERE recipient_id = ? AND read_at IS NULL AND deleted_at IS NULL",
-            (user_id,),
-            default=0,
+class UnreadCount:
+    """An account's unread messages, counted a window of its inbox per step
+    (``service/windows.py``): an inbox may hold millions."""
+
+    def __init__(self, user_id: int) -> None:
+        self.user_id = user_id
+        self.count = 0
+        self._windows = Windows([[inbox(user_id)]], ascending=True)
+
+    def step(self, db: Db) -> bool:
+        """Count the next window; True once every window is counted."""
+        window, params, _ = self._windows.next(db)
+        self.count += int(
+            db.value(
+                "SELECT count(*) FROM messages m INDEXED BY messages_by_recipient "
+                f"WHERE m.recipient_id = ? AND {window} "
+                "AND m.read_at IS NULL AND m.deleted_at IS NULL",
+                [self.user_id, *params],
+                default=0,
+            )
         )
-    )
+        return self._windows.done
 
 
-_MESSAGE_SELECT = (
-    "SELECT m.id, s.name, r.name, m.body, m.sent_at, m.read_at IS NOT NULL "
-    "FROM messages m JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id "
+def unread_count(db: Db, user_id: int) -> int:
+    """``UnreadCount`` at once."""
+    counter = UnreadCount(user_id)
+    while not counter.step(db):
+        pass
+    return counter.count
+
+
+_MESSAGE_COLUMNS = (
+    "SELECT m.id, s.name, r.name, m.body, m.sent_at, m.read_at IS NOT NULL FROM messages m"
 )
+_MESSAGE_JOINS = " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id "
 
 
-def _message_dicts(
-    db: Db, where: str, params: list[Any], order: str = "m.id", limit: int = -1
+# What a read selects, one way (``service/windows.py``'s term): the account columns
+# of its messages and their values ({"recipient_id": 1, "sender_id": 2}).
+Term = dict[str, int]
+
+
+def _term_ranges(term: Term) -> list[Range]:
+    return [inbox(v) if column == "recipient_id" else sent(v) for column, v in term.items()]
+
+
+def _window_messages(
+    db: Db,
+    terms: list[Term],
+    where: str,
+    params: list[Any],
+    windows: Windows,
+    limit: int,
 ) -> list[Result]:
-    rows = db.execute(f"{_MESSAGE_SELECT} WHERE {where} ORDER BY {order} LIMIT ?", [*params, limit])
+    """The messages of the next window of ``windows``, in its order, at most ``limit``:
+    each term read through the index of the range the window chose for it (the other
+    columns written ``+m.column``, which no index serves), with ``where`` besides."""
+    window, window_params, chosen = windows.next(db)
+    selects, values = [], []
+    for term, through in zip(terms, chosen, strict=True):
+        conditions = [f"m.{through.column} = ?"]
+        values.append(through.account)
+        for column, account in term.items():
+            if column != through.column:
+                conditions.append(f"+m.{column} = ?")
+                values.append(account)
+        selects.append(
+            f"{_MESSAGE_COLUMNS} INDEXED BY {through.index}{_MESSAGE_JOINS}"
+            f"WHERE {' AND '.join(conditions)} AND {where} AND {window}"
+        )
+        values += [*params, *window_params]
+    order = "" if windows.ascending else " DESC"
+    rows = db.execute(f"{' UNION ALL '.join(selects)} ORDER BY 1{order} LIMIT ?", [*values, limit])
     return [_message_dict(r[0], r[1], r[2], r[3], r[4], read=bool(r[5])) for r in rows]
 
 
@@ -679,7 +734,7 @@ def _message_dict(
 
 def whoami(db: Db, token_hash: str | None, now: float) -> Result:
     user_id, name = session_user(db, token_hash, now)
-    return {"user": name, "user_id": user_id, "unread": _unread_count(db, user_id)}
+    return {"user": name, "user_id": user_id, "unread": unread_count(db, user_id)}
 
 
 def search(
@@ -789,23 +844,28 @@ BACKLOG_PAGE = 256
 
 def backlog(
     db: Db, user_id: int, after: int | None, past: int = 0, upto: int | None = None
-) -> list[Result]:
+) -> tuple[list[Result], int | None]:
     """One page of what ``listen`` shows first, oldest first, ids above ``past``
     and up to ``upto``: unread messages, or (given ``after``) every message after
-    ``after``. The page is full (``BACKLOG_PAGE``) when more may follow.
+    ``after``; and the ``past`` of the next page, None when none follows.
+
+    A page holds at most ``BACKLOG_PAGE`` messages, from one window of the inbox
+    (``service/windows.py``): an inbox of millions read long ago has a backlog of
+    none, found a window per page, not in one query.
 
     ``upto`` is ``newest_message_id`` when the listen began: a later message is
     pushed to the stream when it commits, never read here, so that one marked read
     elsewhere meanwhile is not skipped by a later page."""
-    bound = 2**63 - 1 if upto is None else upto  # SQLite's largest integer
-    if after is not None:
-        where = "m.recipient_id = ? AND m.deleted_at IS NULL AND m.id > ? AND m.id <= ?"
-        return _message_dicts(db, where, [user_id, max(after, past), bound], limit=BACKLOG_PAGE)
-    where = (
-        "m.recipient_id = ? AND m.deleted_at IS NULL AND m.read_at IS NULL "
-        "AND m.id > ? AND m.id <= ?"
-    )
-    return _message_dicts(db, where, [user_id, past, bound], limit=BACKLOG_PAGE)
+    start = max(after, past) if after is not None else past
+    stop = None if upto is None else upto + 1
+    windows = Windows([[inbox(user_id)]], ascending=True, start=start, stop=stop)
+    if windows.done:
+        return [], None
+    where = "m.deleted_at IS NULL" + ("" if after is not None else " AND m.read_at IS NULL")
+    page = _window_messages(db, [{"recipient_id": user_id}], where, [], windows, limit=BACKLOG_PAGE)
+    if len(page) == BACKLOG_PAGE:
+        return page, int(page[-1]["id"])
+    return page, None if windows.done else windows.cursor
 
 
 def newest_message_id(db: Db) -> int:
@@ -876,7 +936,9 @@ def login(
         (new_hash, user_id, request_id, now, now + lifetime, idle, now + min(lifetime, idle)),
     )
     _end_surplus_sessions(db, user_id, new_hash, now, cap)
-    return {"user": stored_name, "user_id": user_id, "unread": _unread_count(db, user_id)}
+    # The unread count is the server's to add, read after the write: counted here it
+    # would hold the writer's batch as long as a large inbox takes.
+    return {"user": stored_name, "user_id": user_id}
 
 
 def _end_surplus_sessions(db: Db, user_id: int, kept: str, now: float, cap: int) -> None:
@@ -959,7 +1021,7 @@ def send(
         ),
     )
     assert row is not None
-    # The row as _message_dicts would read it back, without reading it back.
+    # The row as a read would show it, without reading it back.
     message = _message_dict(row[0], sender, recipient, body, now, read=False)
     return {"message": message, "recipient_id": recipient_id}
 
@@ -970,25 +1032,63 @@ READ_FIELDS = frozenset(
 
 
 def read(db: Db, token_hash: str | None, args: Args, now: float) -> tuple[Result, list[int]]:
-    """List messages (see the module docstring for the order): a query, not a write.
+    """List messages (see the module docstring for the order): a query, not a write;
+    ``ReadScan`` at once.
 
     Returns the reply and the ids of the inbox messages it shows that are unread:
     the server marks those read with a small ``mark_read`` write of their ids, so
     the replicated record holds ids, never the listing (a listing of 1,000 long
     messages would not fit in one record of the replication stream)."""
-    if not isinstance(args, dict):
-        raise InvalidInput("the arguments must be an object")
-    unknown = sorted(set(args) - READ_FIELDS)
-    if unknown:
-        raise InvalidInput(f"unknown field '{unknown[0]}' for read")
-    user_id, _ = session_user(db, token_hash, now)
-    where, params, marks = _read_filter(db, args, user_id)
-    limit = _int(_optional(args, "limit", DEFAULT_READ_LIMIT), "limit", 1, MAX_LIMIT)
-    order = "m.id" if _bool(args, "oldest_first") else "m.id DESC"
-    rows = _message_dicts(db, where, params, order, limit + 1)
-    shown = _within_reply_budget(rows[:limit])
-    to_mark = [m["id"] for m in shown if not m["read"]] if marks else []
-    return {"messages": shown, "more": len(rows) > len(shown)}, to_mark
+    scan = ReadScan(args)
+    while not scan.step(db, token_hash, now):
+        pass
+    return scan.result()
+
+
+class ReadScan:
+    """A ``read`` run a window of the account's messages per step
+    (``service/windows.py``), newest first unless ``oldest_first``, until it has
+    ``limit`` messages and one more (to say ``more``) or has passed every window.
+
+    A message that changes while the scan runs is shown as it was when its window
+    was read; one that arrives meanwhile is shown if the scan has not passed its
+    id yet, as a read a moment earlier or later would."""
+
+    def __init__(self, args: Args) -> None:
+        self._args = args
+        self._filter: _ReadFilter | None = None  # made in the first step
+        self._found: list[Result] = []
+        self._limit = 0
+
+    def step(self, db: Db, token_hash: str | None, now: float) -> bool:
+        """Read the next window; True once the read has its answer."""
+        if self._filter is None:
+            args = self._args
+            if not isinstance(args, dict):
+                raise InvalidInput("the arguments must be an object")
+            unknown = sorted(set(args) - READ_FIELDS)
+            if unknown:
+                raise InvalidInput(f"unknown field '{unknown[0]}' for read")
+            user_id, _ = session_user(db, token_hash, now)
+            self._filter = _read_filter(db, args, user_id)
+            self._limit = _int(_optional(args, "limit", DEFAULT_READ_LIMIT), "limit", 1, MAX_LIMIT)
+        else:
+            session_user(db, token_hash, now)
+        scan = self._filter
+        windows = scan.windows
+        if not windows.done:
+            self._found += _window_messages(
+                db, scan.terms, scan.where, scan.params, windows, self._limit + 1 - len(self._found)
+            )
+        return len(self._found) > self._limit or windows.done
+
+    def result(self) -> tuple[Result, list[int]]:
+        """The reply, and the ids of the inbox messages it shows that were unread."""
+        assert self._filter is not None, "the read has not run"
+        found = self._found
+        shown = _within_reply_budget(found[: self._limit])
+        to_mark = [m["id"] for m in shown if not m["read"]] if self._filter.marks else []
+        return {"messages": shown, "more": len(found) > len(shown)}, to_mark
 
 
 def _within_reply_budget(messages: list[Result]) -> list[Result]:
@@ -1003,8 +1103,19 @@ def _within_reply_budget(messages: list[Result]) -> list[Result]:
     return messages
 
 
-def _read_filter(db: Db, args: Args, user_id: int) -> tuple[str, list[Any], bool]:
-    """WHERE clause, its parameters, and whether shown messages become read."""
+@dataclasses.dataclass
+class _ReadFilter:
+    """What a read selects: its terms (``Term``), ``where`` on ``m`` besides them and
+    the ids, whether the inbox messages shown become read, and its scan's windows."""
+
+    terms: list[Term]
+    where: str
+    params: list[Any]
+    marks: bool
+    windows: Windows
+
+
+def _read_filter(db: Db, args: Args, user_id: int) -> _ReadFilter:
     box = _optional(args, "box", "inbox")
     if box not in ("inbox", "sent"):
         raise InvalidInput("the field 'box' must be 'inbox' or 'sent'")
@@ -1013,32 +1124,30 @@ def _read_filter(db: Db, args: Args, user_id: int) -> tuple[str, list[Any], bool
         raise InvalidInput("'with' and 'from' cannot be combined with the sent box")
     if with_name is not None and from_name is not None:
         raise InvalidInput("use either 'with' or 'from', not both")
-    # A deleted account's inbox is gone for its senders too, even before the purge
-    # has tombstoned every message of it (purge_deleted_inboxes).
-    conditions, params = ["m.deleted_at IS NULL", "r.deleted_at IS NULL"], []
+    terms: list[Term]
     if with_name is not None:
         other = _find_user(db, with_name, "with")[0]
-        conditions.append(
-            "((m.sender_id = ? AND m.recipient_id = ?) OR (m.sender_id = ? AND m.recipient_id = ?))"
-        )
-        params += [user_id, other, other, user_id]
+        terms = [{"recipient_id": user_id, "sender_id": other}]
+        if other != user_id:  # notes to self are one term
+            terms.append({"sender_id": user_id, "recipient_id": other})
     elif box == "sent":
-        conditions.append("m.sender_id = ?")
-        params.append(user_id)
+        terms = [{"sender_id": user_id}]
+    elif from_name is not None:
+        terms = [{"recipient_id": user_id, "sender_id": _find_user(db, from_name, "from")[0]}]
     else:
-        conditions.append("m.recipient_id = ?")
-        params.append(user_id)
-        if from_name is not None:
-            conditions.append("m.sender_id = ?")
-            params.append(_find_user(db, from_name, "from")[0])
+        terms = [{"recipient_id": user_id}]
+    # A deleted account's inbox is gone for its senders too, even before the purge
+    # has tombstoned every message of it (purge_deleted_inboxes).
+    conditions = ["m.deleted_at IS NULL", "r.deleted_at IS NULL"]
     if _bool(args, "unread"):
         conditions.append("m.read_at IS NULL")
-    for field, operator in (("before", "<"), ("after", ">")):
-        bound = _optional_id(args, field)
-        if bound is not None:
-            conditions.append(f"m.id {operator} ?")
-            params.append(bound)
-    return " AND ".join(conditions), params, box != "sent"
+    before, after = _optional_id(args, "before"), _optional_id(args, "after")
+    ranges = [_term_ranges(term) for term in terms]
+    if _bool(args, "oldest_first"):
+        windows = Windows(ranges, ascending=True, start=after, stop=before)
+    else:
+        windows = Windows(ranges, ascending=False, start=before, stop=after)
+    return _ReadFilter(terms, " AND ".join(conditions), [], box != "sent", windows)
 
 
 def _mark_read(db: Db, user_id: int, ids: list[int], now: float) -> int:

@@ -189,6 +189,10 @@ class Replica(Protocol):
 
     async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T: ...
 
+    async def read_seen(
+        self, query: Callable[[Db], T], token_hash: str | None
+    ) -> tuple[T, int]: ...
+
     async def wait_acked(self, seq: int) -> None: ...
 
     def status(self) -> dict[str, Any]: ...
@@ -756,9 +760,11 @@ class ClientSession:
             # A query on the primary, released once acknowledged (R7); the inbox
             # messages it shows become read through a small write of their ids.
             now = time.time()
-            shown, to_mark = await replicator.read(
-                lambda db: chat.read(db, token_hash, args, now), token_hash
-            )
+            # A window of the account's messages per read turn (chat.ReadScan): a
+            # filter that matches few of millions must not hold the loop meanwhile.
+            scan = chat.ReadScan(args)
+            await self._scan(lambda db: scan.step(db, token_hash, now), token_hash)
+            shown, to_mark = scan.result()
             if to_mark:
                 # A primary whose disk refuses writes still serves reads; what they
                 # show stays unread until it can write again.
@@ -779,14 +785,17 @@ class ClientSession:
             return shown
         now = time.time()
         if op == "whoami":
-            result = await replicator.read(lambda db: chat.whoami(db, token_hash, now), token_hash)
+            user_id, name = await replicator.read(
+                lambda db: chat.session_user(db, token_hash, now), token_hash
+            )
+            unread = await self._unread(user_id, token_hash)
+            result: dict[str, Any] = {"user": name, "user_id": user_id, "unread": unread}
         elif op == "search":
             # A chunk of names per read turn (chat.SearchScan): a pattern that matches
             # few names looks at all of them, and must not hold the loop meanwhile.
-            scan = chat.SearchScan(args.get("pattern"), args.get("limit"))
-            while not await replicator.read(lambda db: scan.step(db, token_hash, now), token_hash):
-                pass
-            result = scan.result()
+            search = chat.SearchScan(args.get("pattern"), args.get("limit"))
+            await self._scan(lambda db: search.step(db, token_hash, now), token_hash)
+            result = search.result()
         else:
             raise InvalidInput(f"unknown operation {op!r}")
         await self._keep_alive(token_hash, now)
@@ -844,7 +853,27 @@ class ClientSession:
         if check.new_hash is not None:
             write["password_hash"] = check.new_hash
         result = await replicator.submit("login", write, None, request_id)
-        return {**result, "token": new_token}
+        unread = await self._unread(int(result["user_id"]), new_hash)
+        return {**result, "unread": unread, "token": new_token}
+
+    async def _unread(self, user_id: int, token_hash: str | None) -> int:
+        """The account's unread messages, a window of its inbox per read turn."""
+        counter = chat.UnreadCount(user_id)
+        await self._scan(counter.step, token_hash)
+        return counter.count
+
+    async def _scan(self, step: Callable[[Db], bool], token_hash: str | None) -> None:
+        """Run a scan (``service/windows.py``) a step per read turn until ``step`` says
+        it is done; then wait, once, until nothing any step saw is unacknowledged (R7).
+        A wait per step made a scan of a large inbox wait for a batch's acks hundreds
+        of times while others wrote, longer than a client's attempt."""
+        seen = 0
+        while True:
+            done, seq = await self.replicator.read_seen(step, token_hash)
+            seen = max(seen, seq)
+            if done:
+                break
+        await self.replicator.wait_acked(seen)
 
     async def _keep_alive(self, token_hash: str | None, now: float) -> None:
         """After a read that used a session: move its idle clock on when due.
@@ -881,16 +910,17 @@ class ClientSession:
 
         now = time.time()
 
-        def start(db: Db) -> tuple[tuple[int, str], list[dict[str, Any]], int]:
+        def start(db: Db) -> tuple[tuple[int, str], list[dict[str, Any]], int | None, int]:
             user = chat.session_user(db, token_hash, now)
             upto = chat.newest_message_id(db)
-            return user, chat.backlog(db, user[0], after, upto=upto), upto
+            backlog, following = chat.backlog(db, user[0], after, upto=upto)
+            return user, backlog, following, upto
 
         # Read the backlog's first page and register in one synchronous step: a
         # message committed after the read is acknowledged (and pushed) only after we
         # listen, so it is either in the backlog or pushed, never lost (duplicates are
         # dropped by id). Pushes wait in the listener's queue until the backlog is out.
-        (user, backlog, upto), seen = self.database.read(start)
+        (user, backlog, following, upto), seen = self.database.read(start)
         listener = Listener(self, request_id, user, token_hash)
         group = self.server.listeners.setdefault(listener.user_id, set())
         cap = self.server.config.listens_per_user
@@ -917,19 +947,19 @@ class ClientSession:
             while True:
                 for message in backlog:
                     self._push(listener, message)
-                if len(backlog) < chat.BACKLOG_PAGE:
+                if following is None:
                     break
                 # The next page once the client has taken this one (a backlog of any
                 # size never sits in memory, nor in the socket's buffer, at once).
                 if self.feed is not None:
                     await self.feed.drain()
                 await self._require_session(listener)  # a logout meanwhile ends it
-                backlog = await replicator.read(
+                backlog, following = await replicator.read(
                     functools.partial(
                         chat.backlog,
                         user_id=listener.user_id,
                         after=after,
-                        past=int(backlog[-1]["id"]),
+                        past=following,
                         upto=upto,
                     ),
                     listener.token_hash,

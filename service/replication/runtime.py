@@ -297,6 +297,11 @@ class Replicator:
         ``token_hash``'s account waits in a line of its own for the query's turn."""
         return await self.writer.read(query, token_hash)
 
+    async def read_seen(self, query: Callable[[Db], T], token_hash: str | None) -> tuple[T, int]:
+        """``read`` without the wait: the result and the newest seq it may have seen,
+        which the caller must see acknowledged (``wait_acked``) before it shows it."""
+        return await self.writer.read_seen(query, token_hash)
+
     async def wait_acked(self, seq: int) -> None:
         await self.writer.wait_acked(seq)
 

@@ -321,6 +321,13 @@ class WritePath:
         in its account's line (``read_line``) for a turn of its own, after the
         loop turned (timers, heartbeats, acks): the lines take turns, so one
         account's thousands of reads delay another's by one query each."""
+        result, seq = await self.read_seen(query, token_hash)
+        await self.wait_acked(seq)
+        return result
+
+    async def read_seen(self, query: Callable[[Db], T], token_hash: str | None) -> tuple[T, int]:
+        """``read`` without the wait for what it saw to be acknowledged: a scan of many
+        turns waits once, at its end, for the newest seq of them all."""
         self.require_primary()
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         try:
@@ -333,9 +340,7 @@ class WritePath:
         await turn
         self.require_primary()
         self.reads += 1
-        result, seq = self.storage.read(query)
-        await self.wait_acked(seq)
-        return result
+        return self.storage.read(query)
 
     def _next_read_turn(self) -> None:
         if self._read_turn is None and self.read_line:

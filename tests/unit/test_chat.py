@@ -356,14 +356,18 @@ def test_register_refuses_bad_arguments(svc: Service, args: dict[str, Any]) -> N
 # ---- login, sessions, logout -------------------------------------------------------------
 
 
-def test_login_opens_a_session_and_reports_unread(svc: Service, bob: str) -> None:
+def test_login_opens_a_session_and_its_unread_count_is_read_after_it(
+    svc: Service, bob: str
+) -> None:
     svc.register("Ann")
     svc.send(bob, "ann")
     svc.send(bob, "ann")
     _, token_hash = chat.new_token()
     result = svc.write("login", {"username": "ANN", "token_hash": token_hash, **SESSION_LIMITS})
-    assert result == {"user": "Ann", "user_id": 2, "unread": 2}
+    # Not counted in the write: a large inbox would hold the writer's batch.
+    assert result == {"user": "Ann", "user_id": 2}
     assert chat.session_user(svc.db, token_hash, svc.now) == (2, "Ann")
+    assert chat.unread_count(svc.db, 2) == 2
 
 
 def test_several_sessions_per_user(svc: Service) -> None:
@@ -932,7 +936,7 @@ def test_backlog_is_the_unread_inbox_oldest_first(
 ) -> None:
     svc.read(ann, limit=1)  # marks the newest
     inbox = sorted(talk["bob_to_ann"] + talk["carol_to_ann"])
-    assert [m["id"] for m in chat.backlog(svc.db, 1, None)] == inbox[:-1]
+    assert backlog_ids(svc, None) == inbox[:-1]
 
 
 def test_backlog_after_an_id_resumes_a_listen_stream(
@@ -940,9 +944,21 @@ def test_backlog_after_an_id_resumes_a_listen_stream(
 ) -> None:
     svc.read(ann, limit=100)  # everything read: resuming still shows what came later
     inbox = sorted(talk["bob_to_ann"] + talk["carol_to_ann"])
-    assert [m["id"] for m in chat.backlog(svc.db, 1, inbox[1])] == inbox[2:]
+    assert backlog_ids(svc, inbox[1]) == inbox[2:]
     svc.write("delete_messages", {"ids": [inbox[-1]]}, ann)
-    assert [m["id"] for m in chat.backlog(svc.db, 1, inbox[1])] == inbox[2:-1]
+    assert backlog_ids(svc, inbox[1]) == inbox[2:-1]
+
+
+def backlog_ids(
+    svc: Service, after: int | None, past: int = 0, upto: int | None = None
+) -> list[int]:
+    """The ids of ann's (user 1) backlog from ``past`` on, every page of it."""
+    ids: list[int] = []
+    following: int | None = past
+    while following is not None:
+        page, following = chat.backlog(svc.db, 1, after, following, upto)
+        ids += [m["id"] for m in page]
+    return ids
 
 
 def test_the_backlog_comes_in_pages_past_an_id(
@@ -953,23 +969,21 @@ def test_the_backlog_comes_in_pages_past_an_id(
     ]
     monkeypatch.setattr(chat, "BACKLOG_PAGE", 2)
     for after in (None, 0):
-        pages, past = [], 0
-        while True:
-            page = [m["id"] for m in chat.backlog(svc.db, 1, after, past)]
-            pages.append(page)
-            if len(page) < chat.BACKLOG_PAGE:
-                break
-            past = page[-1]
+        pages: list[list[int]] = []
+        following: int | None = 0
+        while following is not None:
+            page, following = chat.backlog(svc.db, 1, after, following)
+            pages.append([m["id"] for m in page])
         assert pages == [sent[:2], sent[2:4], sent[4:]]
-    assert [m["id"] for m in chat.backlog(svc.db, 1, sent[3], past=sent[1])] == [sent[4]]
+    assert backlog_ids(svc, sent[3], past=sent[1]) == [sent[4]]
     # Bounded by the newest message when the listen began: later ones are pushed.
     assert chat.newest_message_id(svc.db) == sent[4]
-    assert [m["id"] for m in chat.backlog(svc.db, 1, None, past=sent[1], upto=sent[2])] == [sent[2]]
+    assert backlog_ids(svc, None, past=sent[1], upto=sent[2]) == [sent[2]]
 
 
 def test_the_backlog_has_the_pushed_shape(svc: Service, ann: str, bob: str) -> None:
     sent = svc.write("send", {"to": "ann", "body": "yo"}, bob)["message"]
-    assert chat.backlog(svc.db, 1, 0) == [sent]
+    assert chat.backlog(svc.db, 1, 0) == ([sent], None)
 
 
 # ---- delete messages ---------------------------------------------------------------------

@@ -312,6 +312,8 @@ class ChatAgainstModel(RuleBasedStateMachine):
             raise
         if op != "login":
             self.done.append((op, args, token, request_id, result))
+        else:  # as the server does: counted after the write
+            result = {**result, "unread": chat.unread_count(self.storage.db, result["user_id"])}
         return result
 
     def agree(self, service: Any, model: Any) -> tuple[str, Any]:

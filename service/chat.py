@@ -676,22 +676,17 @@ _MESSAGE_COLUMNS = (
 _MESSAGE_JOINS = " JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id "
 
 
-# What a read selects, one way (``service/windows.py``'s term): the account columns
-# of its messages and their values ({"recipient_id": 1, "sender_id": 2}).
-Term = dict[str, int]
+# What a read selects, one way (a term of ``service/windows.py``): the account
+# columns of its messages and their values ({"recipient_id": 1, "sender_id": 2}).
+TermColumns = dict[str, int]
 
 
-def _term_ranges(term: Term) -> list[Range]:
+def _term_ranges(term: TermColumns) -> list[Range]:
     return [inbox(v) if column == "recipient_id" else sent(v) for column, v in term.items()]
 
 
 def _window_messages(
-    db: Db,
-    terms: list[Term],
-    where: str,
-    params: list[Any],
-    windows: Windows,
-    limit: int,
+    db: Db, terms: list[TermColumns], where: str, windows: Windows, limit: int
 ) -> list[Result]:
     """The messages of the next window of ``windows``, in its order, at most ``limit``:
     each term read through the index of the range the window chose for it (the other
@@ -709,7 +704,7 @@ def _window_messages(
             f"{_MESSAGE_COLUMNS} INDEXED BY {through.index}{_MESSAGE_JOINS}"
             f"WHERE {' AND '.join(conditions)} AND {where} AND {window}"
         )
-        values += [*params, *window_params]
+        values += window_params
     order = "" if windows.ascending else " DESC"
     rows = db.execute(f"{' UNION ALL '.join(selects)} ORDER BY 1{order} LIMIT ?", [*values, limit])
     return [_message_dict(r[0], r[1], r[2], r[3], r[4], read=bool(r[5])) for r in rows]
@@ -733,8 +728,32 @@ def _message_dict(
 
 
 def whoami(db: Db, token_hash: str | None, now: float) -> Result:
-    user_id, name = session_user(db, token_hash, now)
-    return {"user": name, "user_id": user_id, "unread": unread_count(db, user_id)}
+    """``WhoamiScan`` at once."""
+    scan = WhoamiScan(token_hash, now)
+    while not scan.step(db):
+        pass
+    return scan.result()
+
+
+class WhoamiScan:
+    """``whoami``: the session's account and its unread count, a window of its inbox
+    per step; the session is checked in every step (a logout midway ends it)."""
+
+    def __init__(self, token_hash: str | None, now: float) -> None:
+        self._token_hash, self._now = token_hash, now
+        self._user: tuple[int, str] | None = None
+        self._count: UnreadCount | None = None
+
+    def step(self, db: Db) -> bool:
+        self._user = session_user(db, self._token_hash, self._now)
+        if self._count is None:
+            self._count = UnreadCount(self._user[0])
+        return self._count.step(db)
+
+    def result(self) -> Result:
+        assert self._user is not None, "whoami has not run"
+        assert self._count is not None
+        return {"user": self._user[1], "user_id": self._user[0], "unread": self._count.count}
 
 
 def search(
@@ -862,7 +881,7 @@ def backlog(
     if windows.done:
         return [], None
     where = "m.deleted_at IS NULL" + ("" if after is not None else " AND m.read_at IS NULL")
-    page = _window_messages(db, [{"recipient_id": user_id}], where, [], windows, limit=BACKLOG_PAGE)
+    page = _window_messages(db, [{"recipient_id": user_id}], where, windows, BACKLOG_PAGE)
     if len(page) == BACKLOG_PAGE:
         return page, int(page[-1]["id"])
     return page, None if windows.done else windows.cursor
@@ -936,8 +955,8 @@ def login(
         (new_hash, user_id, request_id, now, now + lifetime, idle, now + min(lifetime, idle)),
     )
     _end_surplus_sessions(db, user_id, new_hash, now, cap)
-    # The unread count is the server's to add, read after the write: counted here it
-    # would hold the writer's batch as long as a large inbox takes.
+    # The unread count is the server's to add, read before the write: counted here
+    # it would hold the writer's batch as long as a large inbox takes.
     return {"user": stored_name, "user_id": user_id}
 
 
@@ -1071,14 +1090,14 @@ class ReadScan:
                 raise InvalidInput(f"unknown field '{unknown[0]}' for read")
             user_id, _ = session_user(db, token_hash, now)
             self._filter = _read_filter(db, args, user_id)
-            self._limit = _int(_optional(args, "limit", DEFAULT_READ_LIMIT), "limit", 1, MAX_LIMIT)
+            self._limit = self._filter.limit
         else:
             session_user(db, token_hash, now)
         scan = self._filter
         windows = scan.windows
         if not windows.done:
             self._found += _window_messages(
-                db, scan.terms, scan.where, scan.params, windows, self._limit + 1 - len(self._found)
+                db, scan.terms, scan.where, windows, self._limit + 1 - len(self._found)
             )
         return len(self._found) > self._limit or windows.done
 
@@ -1105,13 +1124,14 @@ def _within_reply_budget(messages: list[Result]) -> list[Result]:
 
 @dataclasses.dataclass
 class _ReadFilter:
-    """What a read selects: its terms (``Term``), ``where`` on ``m`` besides them and
-    the ids, whether the inbox messages shown become read, and its scan's windows."""
+    """What a read selects: its terms (``TermColumns``), ``where`` on ``m`` besides
+    them and the ids, whether the inbox messages shown become read, how many it
+    shows at most, and its scan's windows."""
 
-    terms: list[Term]
+    terms: list[TermColumns]
     where: str
-    params: list[Any]
     marks: bool
+    limit: int
     windows: Windows
 
 
@@ -1124,7 +1144,7 @@ def _read_filter(db: Db, args: Args, user_id: int) -> _ReadFilter:
         raise InvalidInput("'with' and 'from' cannot be combined with the sent box")
     if with_name is not None and from_name is not None:
         raise InvalidInput("use either 'with' or 'from', not both")
-    terms: list[Term]
+    terms: list[TermColumns]
     if with_name is not None:
         other = _find_user(db, with_name, "with")[0]
         terms = [{"recipient_id": user_id, "sender_id": other}]
@@ -1142,12 +1162,13 @@ def _read_filter(db: Db, args: Args, user_id: int) -> _ReadFilter:
     if _bool(args, "unread"):
         conditions.append("m.read_at IS NULL")
     before, after = _optional_id(args, "before"), _optional_id(args, "after")
+    limit = _int(_optional(args, "limit", DEFAULT_READ_LIMIT), "limit", 1, MAX_LIMIT)
     ranges = [_term_ranges(term) for term in terms]
     if _bool(args, "oldest_first"):
         windows = Windows(ranges, ascending=True, start=after, stop=before)
     else:
         windows = Windows(ranges, ascending=False, start=before, stop=after)
-    return _ReadFilter(terms, " AND ".join(conditions), [], box != "sent", windows)
+    return _ReadFilter(terms, " AND ".join(conditions), box != "sent", limit, windows)
 
 
 def _mark_read(db: Db, user_id: int, ids: list[int], now: float) -> int:

@@ -94,6 +94,7 @@ from .errors import (
     ChatError,
     Internal,
     InvalidInput,
+    NotPrimary,
     ProtocolViolation,
     Refused,
     StorageCorrupt,
@@ -192,6 +193,8 @@ class Replica(Protocol):
     async def read_seen(
         self, query: Callable[[Db], T], token_hash: str | None
     ) -> tuple[T, int]: ...
+
+    def reign(self) -> int: ...
 
     async def wait_acked(self, seq: int) -> None: ...
 
@@ -785,11 +788,9 @@ class ClientSession:
             return shown
         now = time.time()
         if op == "whoami":
-            user_id, name = await replicator.read(
-                lambda db: chat.session_user(db, token_hash, now), token_hash
-            )
-            unread = await self._unread(user_id, token_hash)
-            result: dict[str, Any] = {"user": name, "user_id": user_id, "unread": unread}
+            whoami = chat.WhoamiScan(token_hash, now)
+            await self._scan(whoami.step, token_hash)
+            result = whoami.result()
         elif op == "search":
             # A chunk of names per read turn (chat.SearchScan): a pattern that matches
             # few names looks at all of them, and must not hold the loop meanwhile.
@@ -852,28 +853,31 @@ class ClientSession:
         }
         if check.new_hash is not None:
             write["password_hash"] = check.new_hash
+        # Counted before the write, which changes no message: once the session is
+        # made, nothing may fail the login (a busy read line, say) and leave it behind.
+        assert auth is not None, "a login whose password checked has an account"
+        counter = chat.UnreadCount(auth[0])
+        await self._scan(counter.step, None)
         result = await replicator.submit("login", write, None, request_id)
-        unread = await self._unread(int(result["user_id"]), new_hash)
-        return {**result, "unread": unread, "token": new_token}
-
-    async def _unread(self, user_id: int, token_hash: str | None) -> int:
-        """The account's unread messages, a window of its inbox per read turn."""
-        counter = chat.UnreadCount(user_id)
-        await self._scan(counter.step, token_hash)
-        return counter.count
+        return {**result, "unread": counter.count, "token": new_token}
 
     async def _scan(self, step: Callable[[Db], bool], token_hash: str | None) -> None:
         """Run a scan (``service/windows.py``) a step per read turn until ``step`` says
         it is done; then wait, once, until nothing any step saw is unacknowledged (R7).
         A wait per step made a scan of a large inbox wait for a batch's acks hundreds
         of times while others wrote, longer than a client's attempt."""
-        seen = 0
+        replicator = self.replicator
+        reign, seen = replicator.reign(), 0
         while True:
-            done, seq = await self.replicator.read_seen(step, token_hash)
+            done, seq = await replicator.read_seen(step, token_hash)
+            if replicator.reign() != reign:
+                # Primary again between two steps, having stepped down: what the
+                # earlier steps saw may have been rewound, and its seqs used again.
+                raise NotPrimary("this node stepped down during the read", primary=None)
             seen = max(seen, seq)
             if done:
                 break
-        await self.replicator.wait_acked(seen)
+        await replicator.wait_acked(seen)
 
     async def _keep_alive(self, token_hash: str | None, now: float) -> None:
         """After a read that used a session: move its idle clock on when due.
@@ -954,7 +958,7 @@ class ClientSession:
                 if self.feed is not None:
                     await self.feed.drain()
                 await self._require_session(listener)  # a logout meanwhile ends it
-                backlog, following = await replicator.read(
+                (backlog, following), seen = await replicator.read_seen(
                     functools.partial(
                         chat.backlog,
                         user_id=listener.user_id,
@@ -964,6 +968,10 @@ class ClientSession:
                     ),
                     listener.token_hash,
                 )
+                if backlog:
+                    # Shown once nothing it saw is unacked (R7); the window of a mostly
+                    # read inbox often holds nothing to show, and waits for nothing.
+                    await replicator.wait_acked(seen)
             while True:
                 await self._push_queued(listener)
         finally:

@@ -3,7 +3,7 @@
 An account's inbox may hold millions of messages (anyone may send to anyone, and
 tombstones stay), and a read that filters it (its unread messages, those with
 one other user, the unread count) made SQLite look at every one of them when few
-match: 35 to 70 ms at 300,000 messages here, longer than ``suspect_timeout`` at a
+match: 35 to 120 ms at 300,000 messages here, longer than ``suspect_timeout`` at a
 few million, during which the primary's event loop would neither write, nor
 answer, nor send a heartbeat. A login counted the unread messages inside the
 writer's batch, holding every write as long.

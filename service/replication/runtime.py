@@ -302,6 +302,11 @@ class Replicator:
         which the caller must see acknowledged (``wait_acked``) before it shows it."""
         return await self.writer.read_seen(query, token_hash)
 
+    def reign(self) -> int:
+        """How many times this node has become primary: a read of several turns that
+        sees it change has lost what it saw (``WritePath.reign``)."""
+        return self.writer.reign
+
     async def wait_acked(self, seq: int) -> None:
         await self.writer.wait_acked(seq)
 

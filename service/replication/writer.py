@@ -174,6 +174,7 @@ class WritePath:
         self.batches = 0
         self.writes = 0
         self.reads = 0
+        self.reign = 0  # times this node became primary (a scan's steps must share one)
         self.writes_refused_busy = 0  # writes refused because the queue was full
         self.reads_refused_busy = 0  # and reads, because their line was
         # Each account's sends, at most send_rate a second, and its other writes, at
@@ -390,6 +391,7 @@ class WritePath:
     def become_primary(self, members: tuple[int, ...]) -> None:
         """The first batch of a new reign seals its sync set; writes left behind by
         an earlier reign (deleted accounts' inboxes) are looked for once."""
+        self.reign += 1
         self.metrics.forget_sealed()
         self.app.reset()
         self.purge_due = True

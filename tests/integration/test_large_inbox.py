@@ -6,7 +6,8 @@ counts them made SQLite look at all of them in one query: tens of milliseconds
 at 300,000 messages, longer than ``suspect_timeout`` at a few million, the
 primary's event loop held meanwhile; a login counted them inside the writer's
 batch, holding every write. The node now reads an inbox in windows
-(``service/windows.py``), one query per read turn.
+(``service/windows.py``), one query per read turn, and a login counts before its
+write.
 
 Alice's inbox holds a little over two windows of messages from bob, all read,
 then two unread from carol. On one connection a ``whoami`` (or a ``read`` of
@@ -96,7 +97,7 @@ def test_reads_of_a_large_inbox_take_turns_with_other_reads(
 
     heavy: list[tuple[str, dict[str, Any], int, dict[str, Any]]] = [
         # op, args, read turns (the light read's one included), the answer
-        ("whoami", {}, 5, {"user": "alice", "user_id": 4, "unread": 2}),
+        ("whoami", {}, 4, {"user": "alice", "user_id": 4, "unread": 2}),
         ("read", {"unread": True}, 4, {"messages": ["new 2", "new 1"], "more": False}),
         ("read", {"with": "bob", "unread": True}, 4, {"messages": [], "more": False}),
     ]
@@ -114,7 +115,7 @@ def test_reads_of_a_large_inbox_take_turns_with_other_reads(
         assert result == expected
         assert client_reads(primary) - before == turns, f"{op} {args}: {turns} read turns"
 
-    # A login counts the unread messages after its write: a window per read turn,
+    # A login counts the unread messages before its write: a window per read turn,
     # none of it in the writer's batch. (The read above marked carol's two read.)
     async def carol_sends() -> None:
         async with Client(servers, token=carol) as client:

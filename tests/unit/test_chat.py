@@ -356,7 +356,7 @@ def test_register_refuses_bad_arguments(svc: Service, args: dict[str, Any]) -> N
 # ---- login, sessions, logout -------------------------------------------------------------
 
 
-def test_login_opens_a_session_and_its_unread_count_is_read_after_it(
+def test_login_opens_a_session_and_leaves_its_unread_count_to_a_read(
     svc: Service, bob: str
 ) -> None:
     svc.register("Ann")

@@ -40,7 +40,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from service import chat
+from service import chat, windows
 from service.chat_schema import MIGRATIONS
 from service.errors import (
     AuthFailed,
@@ -285,8 +285,13 @@ class ChatAgainstModel(RuleBasedStateMachine):
         self.now = 1000.0  # the clock of the last write
         self.request_ids = itertools.count(1)
         self.done: list[tuple[str, dict[str, Any], str | None, str, dict[str, Any]]] = []
+        # Windows of two messages and chunks of two names, so that the few a run makes
+        # cross their edges: every read, count and search runs in several steps.
+        self.chunks = windows.SCAN_CHUNK, chat.SEARCH_CHUNK
+        windows.SCAN_CHUNK, chat.SEARCH_CHUNK = 2, 2
 
     def teardown(self) -> None:
+        windows.SCAN_CHUNK, chat.SEARCH_CHUNK = self.chunks
         self.storage.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
@@ -312,7 +317,7 @@ class ChatAgainstModel(RuleBasedStateMachine):
             raise
         if op != "login":
             self.done.append((op, args, token, request_id, result))
-        else:  # as the server does: counted after the write
+        else:  # as the server adds it (it counts just before the write)
             result = {**result, "unread": chat.unread_count(self.storage.db, result["user_id"])}
         return result
 

@@ -4,13 +4,16 @@ bounded number of rows, and the answers are those of one query over everything.
 A real database file: ann's inbox holds far more messages than a window (most read
 long ago, a few unread from carol, some deleted), and she sent some. Each read,
 count and backlog runs twice through its own connection: with windows of
-``CHUNK`` messages, and as one window (the query the node ran before). SQLite's
-own count of the steps each statement took (``SQLITE_STMTSTATUS_VM_STEP``,
-through apsw's profile trace) shows how much of the inbox a query looked at.
+``CHUNK`` messages, and as one window (all of it in one query, as before); reads
+are also checked against the single query the node ran before windows
+(``read_at_once``). SQLite's own count of the steps each statement took
+(``SQLITE_STMTSTATUS_VM_STEP``, through apsw's profile trace) shows how much of
+the inbox a query looked at.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,6 +110,46 @@ def token_of(path: Path, name: str) -> str:
     return token_hash
 
 
+def read_at_once(db: Db, user_id: int, args: ReadArgs) -> dict[str, Any]:
+    """The read as the node ran it before windows: one query over every message."""
+    conditions, params = ["m.deleted_at IS NULL", "r.deleted_at IS NULL"], []
+    user = {name: uid for uid, name in db.execute("SELECT id, name_key FROM users")}
+    if "with" in args:
+        other = user[args["with"]]
+        conditions.append(
+            "((m.sender_id = ? AND m.recipient_id = ?) OR (m.sender_id = ? AND m.recipient_id = ?))"
+        )
+        params += [user_id, other, other, user_id]
+    elif args.get("box") == "sent":
+        conditions.append("m.sender_id = ?")
+        params.append(user_id)
+    else:
+        conditions.append("m.recipient_id = ?")
+        params.append(user_id)
+        if "from" in args:
+            conditions.append("m.sender_id = ?")
+            params.append(user[args["from"]])
+    if args.get("unread"):
+        conditions.append("m.read_at IS NULL")
+    for field, operator in (("before", "<"), ("after", ">")):
+        if args.get(field) is not None:
+            conditions.append(f"m.id {operator} ?")
+            params.append(args[field])
+    limit = args.get("limit", chat.DEFAULT_READ_LIMIT)
+    rows = db.execute(
+        "SELECT m.id, s.name, r.name, m.body, m.sent_at, m.read_at IS NOT NULL FROM messages m "
+        "JOIN users s ON s.id = m.sender_id JOIN users r ON r.id = m.recipient_id "
+        f"WHERE {' AND '.join(conditions)} "
+        f"ORDER BY m.id{'' if args.get('oldest_first') else ' DESC'} LIMIT ?",
+        [*params, limit + 1],
+    )
+    messages = [
+        {"id": r[0], "from": r[1], "to": r[2], "body": r[3], "sent_at": r[4], "read": bool(r[5])}
+        for r in rows
+    ]
+    return {"messages": messages[:limit], "more": len(messages) > limit}
+
+
 READS: list[ReadArgs] = [
     {},
     {"unread": True},
@@ -135,6 +178,11 @@ def test_a_read_looks_at_a_window_per_query_and_answers_as_one_query(
     token = token_of(inbox, "ann")
     answer, most, _ = both_ways(inbox, monkeypatch, lambda db: chat.read(db, token, args, 1.0))
     assert most[0] <= MOST_STEPS, f"a query of {args} took {most[0]} steps: {most[1]}"
+    profiled = Profiled(inbox)
+    try:
+        assert answer[0] == read_at_once(profiled.db, 1, args)
+    finally:
+        profiled.close()
     if args.get("unread") and "before" not in args:
         assert [m["body"] for m in answer[0]["messages"]][-1].startswith("new")
 
@@ -226,5 +274,37 @@ def test_a_read_of_a_sparse_conversation_takes_one_window(
             scan = chat.ReadScan(args)
             assert scan.step(profiled.db, token, 1.0), f"{args} took more than one window"
         assert profiled.most()[0] <= MOST_STEPS
+    finally:
+        profiled.close()
+
+
+def test_random_reads_in_windows_answer_as_the_single_query_did(
+    inbox: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every filter, bound, order and limit at random, with windows of 1 to CHUNK
+    messages, against ``read_at_once``; bob and carol read too."""
+    rng = random.Random(20261207)
+    tokens = {1: token_of(inbox, "ann"), 2: token_of(inbox, "bob"), 3: token_of(inbox, "carol")}
+    profiled = Profiled(inbox)
+    newest = int(profiled.db.value("SELECT max(id) FROM messages"))
+    try:
+        for _ in range(300):
+            monkeypatch.setattr(windows, "SCAN_CHUNK", rng.choice([1, 2, 3, 7, CHUNK]))
+            user_id = rng.choice(list(tokens))
+            args: ReadArgs = {}
+            kind = rng.choice(["inbox", "sent", "with", "from"])
+            if kind == "sent":
+                args["box"] = "sent"
+            elif kind != "inbox":
+                args[kind] = rng.choice(["ann", "bob", "carol", "dave"])
+            for flag in ("unread", "oldest_first"):
+                if rng.random() < 0.4:
+                    args[flag] = True
+            for bound in ("before", "after"):
+                if rng.random() < 0.3:
+                    args[bound] = rng.randint(0, newest + 2)
+            args["limit"] = rng.choice([1, 2, 5, 20, 1000])
+            shown, _ = chat.read(profiled.db, tokens[user_id], args, 1.0)
+            assert shown == read_at_once(profiled.db, user_id, args), (user_id, args)
     finally:
         profiled.close()

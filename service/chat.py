@@ -1272,8 +1272,8 @@ def delete_account(
     return {"user": name, "deleted": True}
 
 
-# A purge looks at this many of an inbox's messages (tombstones included) at most
-# in one batch, and as many accounts in its sweep.
+# A purge looks at this many of an inbox's messages (tombstones included) and
+# account ids (in its sweep) together at most in one batch.
 PURGE_SCAN = 4096
 
 
@@ -1328,7 +1328,8 @@ class PurgeWork:
 
 def purge_deleted_inboxes(db: Db, now: float, work: PurgeWork, limit: int = PURGE_CHUNK) -> bool:
     """Tombstone up to ``limit`` messages still in deleted accounts' inboxes, looking
-    at ``PURGE_SCAN`` messages and as many account ids at most; whether work is left.
+    at ``PURGE_SCAN`` messages, and account ids with what is left of that, at most;
+    whether work is left.
 
     The primary runs this inside an ordinary batch while work is left (after an
     account deletion, and on becoming primary, when the sweep looks through every
@@ -1337,6 +1338,11 @@ def purge_deleted_inboxes(db: Db, now: float, work: PurgeWork, limit: int = PURG
     budget, left = PURGE_SCAN, limit
     while work.inboxes and budget > 0 and left > 0:
         user_id, after = next(iter(work.inboxes.items()))
+        if not db.value("SELECT deleted_at IS NOT NULL FROM users WHERE id = ?", (user_id,)):
+            # A delete_account undone after it was noted (its savepoint rolled back
+            # when the record was full): the account lives, its inbox stays.
+            del work.inboxes[user_id]
+            continue
         looked, done, upto = _tombstone_window(db, user_id, after, now, budget, left)
         budget, left = budget - looked - 1, left - done
         if upto is None:
@@ -1693,6 +1699,9 @@ class ChatApplication:
         if not isinstance(key, int) or op in SESSION_ENDING_OPS:
             return None
         return "send" if op == "send" else "write"
+
+    def forget_reads(self) -> None:
+        self.sessions.forget()
 
     def reset(self) -> None:
         self.sessions.forget()

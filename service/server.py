@@ -83,7 +83,7 @@ import logging
 import resource
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Protocol, TypeVar
 
 from . import chat, protocol, ratelimit, tls
@@ -191,7 +191,7 @@ class Replica(Protocol):
     async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T: ...
 
     async def read_seen(
-        self, query: Callable[[Db], T], token_hash: str | None
+        self, query: Callable[[Db], T], token_hash: str | None, account: Hashable = None
     ) -> tuple[T, int]: ...
 
     def reign(self) -> int: ...
@@ -857,19 +857,25 @@ class ClientSession:
         # made, nothing may fail the login (a busy read line, say) and leave it behind.
         assert auth is not None, "a login whose password checked has an account"
         counter = chat.UnreadCount(auth[0])
-        await self._scan(counter.step, None)
+        await self._scan(counter.step, None, account=auth[0])
         result = await replicator.submit("login", write, None, request_id)
         return {**result, "unread": counter.count, "token": new_token}
 
-    async def _scan(self, step: Callable[[Db], bool], token_hash: str | None) -> None:
+    async def _scan(
+        self, step: Callable[[Db], bool], token_hash: str | None, account: Hashable = None
+    ) -> None:
         """Run a scan (``service/windows.py``) a step per read turn until ``step`` says
         it is done; then wait, once, until nothing any step saw is unacknowledged (R7).
         A wait per step made a scan of a large inbox wait for a batch's acks hundreds
-        of times while others wrote, longer than a client's attempt."""
+        of times while others wrote, longer than a client's attempt. ``account``: the
+        read line to wait in, when not the session's."""
         replicator = self.replicator
-        reign, seen = replicator.reign(), 0
+        reign: int | None = None
+        seen = 0
         while True:
-            done, seq = await replicator.read_seen(step, token_hash)
+            done, seq = await replicator.read_seen(step, token_hash, account)
+            # The reign the step ran in: nothing awaits between its query and here.
+            reign = replicator.reign() if reign is None else reign
             if replicator.reign() != reign:
                 # Primary again between two steps, having stepped down: what the
                 # earlier steps saw may have been rewound, and its seqs used again.

@@ -62,9 +62,15 @@ class Application(Protocol):
 
     def reset(self) -> None:
         """Forget whatever the application remembers of the database between calls
-        (the chat: the sessions it has read): the rows may have changed without it,
-        because a batch was rolled back whole or other primaries wrote them (called
-        on becoming primary)."""
+        (the chat: the sessions it has read, and how far its ``purge`` got): the rows
+        may have changed without it, because a batch was rolled back whole or other
+        primaries wrote them (called on becoming primary)."""
+        ...
+
+    def forget_reads(self) -> None:
+        """Forget what the application read in a batch that wrote nothing and is rolled
+        back (the chat: the sessions it has read). No row changed, so what it knows
+        of work left for ``purge`` stays true."""
         ...
 
     def unguarded_bound(self, op: str) -> int | None:

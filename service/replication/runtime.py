@@ -29,7 +29,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import backup, protocol
@@ -297,10 +297,13 @@ class Replicator:
         ``token_hash``'s account waits in a line of its own for the query's turn."""
         return await self.writer.read(query, token_hash)
 
-    async def read_seen(self, query: Callable[[Db], T], token_hash: str | None) -> tuple[T, int]:
+    async def read_seen(
+        self, query: Callable[[Db], T], token_hash: str | None, account: Hashable = None
+    ) -> tuple[T, int]:
         """``read`` without the wait: the result and the newest seq it may have seen,
-        which the caller must see acknowledged (``wait_acked``) before it shows it."""
-        return await self.writer.read_seen(query, token_hash)
+        which the caller must see acknowledged (``wait_acked``) before it shows it.
+        ``account``: the line it waits in, if not the session's."""
+        return await self.writer.read_seen(query, token_hash, account)
 
     def reign(self) -> int:
         """How many times this node has become primary: a read of several turns that

@@ -326,13 +326,18 @@ class WritePath:
         await self.wait_acked(seq)
         return result
 
-    async def read_seen(self, query: Callable[[Db], T], token_hash: str | None) -> tuple[T, int]:
+    async def read_seen(
+        self, query: Callable[[Db], T], token_hash: str | None, account: Hashable = None
+    ) -> tuple[T, int]:
         """``read`` without the wait for what it saw to be acknowledged: a scan of many
-        turns waits once, at its end, for the newest seq of them all."""
+        turns waits once, at its end, for the newest seq of them all. ``account``: the
+        line to wait in, when the read has no session of it yet (a login's count)."""
         self.require_primary()
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if account is None:
+            account = self.app.share_key(self.storage.reader, token_hash)
         try:
-            evicted = self.read_line.push(self.app.share_key(self.storage.reader, token_hash), turn)
+            evicted = self.read_line.push(account, turn)
         except QueueFull:
             raise self._reads_full() from None
         if evicted is not None and not evicted.done():
@@ -463,11 +468,14 @@ class WritePath:
                 if record is not None:
                     batch.commit()
                 else:
-                    self.app.reset()
+                    self.app.forget_reads()
                     batch.rollback()
             except BaseException:
-                # What the application read in this batch is undone with it.
+                # What the application read in this batch is undone with it, and the
+                # purge it did: looked for again once the disk lets it (a batch that
+                # ended a purge would otherwise leave its last tombstones undone).
                 self.app.reset()
+                self.purge_due = True
                 with contextlib.suppress(Exception):
                     batch.rollback()
                 raise

@@ -255,6 +255,22 @@ class Raw:
         assert welcome["type"] == "welcome", welcome
         return raw
 
+    @classmethod
+    async def pipelined(cls, address: str, frames: list[Frame]) -> list[Frame]:
+        """``frames`` sent in one write on a new client connection: as many answers,
+        in the order the node sent them."""
+        raw = await cls.client(address)
+        try:
+            raw.send_bytes(b"".join(protocol.encode_frame(frame) for frame in frames))
+            answers: list[Frame] = []
+            for _ in frames:
+                frame = await raw.next_frame()
+                assert frame is not None, f"the node closed the connection after {answers}"
+                answers.append(frame)
+            return answers
+        finally:
+            raw.close()
+
     def send_bytes(self, data: bytes) -> None:
         self.writer.write(data)
 

@@ -61,20 +61,9 @@ async def heavy_then_light(
 ) -> list[protocol.Frame]:
     """``op`` and then a read that needs one query (nothing before id 1), in one write
     on one connection: the answers in the order the node sent them."""
-    raw = await Raw.client(address)
-    try:
-        raw.send_bytes(
-            protocol.encode_frame(protocol.request(op, "heavy", args, token))
-            + protocol.encode_frame(protocol.request("read", "light", {"before": 1}, token))
-        )
-        answers: list[protocol.Frame] = []
-        for _ in range(2):
-            frame = await raw.next_frame()
-            assert frame is not None, f"the node closed the connection after {answers}"
-            answers.append(frame)
-        return answers
-    finally:
-        raw.close()
+    heavy = protocol.request(op, "heavy", args, token)
+    light = protocol.request("read", "light", {"before": 1}, token)
+    return await Raw.pipelined(address, [heavy, light])
 
 
 def client_reads(node: NodeProcess) -> float:

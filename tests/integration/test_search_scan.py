@@ -48,20 +48,8 @@ async def register_many(servers: list[str], names: list[str]) -> None:
 async def search_then_whoami(address: str, token: str, pattern: str) -> list[protocol.Frame]:
     """A search and a whoami in one write on one connection: the answers in the order
     the node sent them."""
-    raw = await Raw.client(address)
-    try:
-        raw.send_bytes(
-            protocol.encode_frame(protocol.request("search", "s", {"pattern": pattern}, token))
-            + protocol.encode_frame(protocol.request("whoami", "w", {}, token))
-        )
-        answers: list[protocol.Frame] = []
-        for _ in range(2):
-            frame = await raw.next_frame()
-            assert frame is not None, f"the node closed the connection after {answers}"
-            answers.append(frame)
-        return answers
-    finally:
-        raw.close()
+    search = protocol.request("search", "s", {"pattern": pattern}, token)
+    return await Raw.pipelined(address, [search, protocol.request("whoami", "w", {}, token)])
 
 
 async def search(servers: list[str], token: str, pattern: str, limit: int) -> dict[str, object]:

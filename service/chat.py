@@ -662,11 +662,16 @@ class UnreadCount:
         return self._windows.done
 
 
+def _at_once(db: Db, step: Callable[[Db], bool]) -> None:
+    """Run a scan's steps to its end in one go (tests, and callers with no loop)."""
+    while not step(db):
+        pass
+
+
 def unread_count(db: Db, user_id: int) -> int:
     """``UnreadCount`` at once."""
     counter = UnreadCount(user_id)
-    while not counter.step(db):
-        pass
+    _at_once(db, counter.step)
     return counter.count
 
 
@@ -730,8 +735,7 @@ def _message_dict(
 def whoami(db: Db, token_hash: str | None, now: float) -> Result:
     """``WhoamiScan`` at once."""
     scan = WhoamiScan(token_hash, now)
-    while not scan.step(db):
-        pass
+    _at_once(db, scan.step)
     return scan.result()
 
 
@@ -761,9 +765,8 @@ def search(
 ) -> Result:
     """Live accounts whose name matches a ``*``/``?`` glob, without regard to case: a
     ``SearchScan`` run to its end at once (the node runs it a chunk per turn)."""
-    scan = SearchScan(pattern, limit)
-    while not scan.step(db, token_hash, now):
-        pass
+    scan = SearchScan(token_hash, now, pattern, limit)
+    _at_once(db, scan.step)
     return scan.result()
 
 
@@ -788,23 +791,24 @@ class SearchScan:
     later. The pattern's literal start (before its first ``*`` or ``?``) bounds the
     range, so ``al*`` looks only at names from ``al``."""
 
-    def __init__(self, pattern: object, limit: object) -> None:
+    def __init__(self, token_hash: str | None, now: float, pattern: object, limit: object) -> None:
+        self._token_hash, self._now = token_hash, now
         self._pattern, self._limit = pattern, limit
         self._glob: str | None = None  # checked in the first step, after the session
         self._after: str | None = None  # the last name key looked at
-        self._high = ""
+        self._low = self._high = ""  # the keys from the literal start, and past them
         self._users: list[str] = []
         self._want = 0
         self._done = False
 
-    def step(self, db: Db, token_hash: str | None, now: float) -> bool:
+    def step(self, db: Db) -> bool:
         """Look at the next chunk of names; True once the search has its answer."""
-        session_user(db, token_hash, now)
+        session_user(db, self._token_hash, self._now)
         if self._glob is None:
             self._start()
         assert self._glob is not None
         if self._after is None:
-            bound, after = ">=", self._high[:-1]  # the literal start: names from it on
+            bound, after = ">=", self._low
         else:
             bound, after = ">", self._after
         chunk = (
@@ -847,7 +851,8 @@ class SearchScan:
         self._glob = lowered.replace("[", "[[]")
         # Every name key is made of ASCII below DEL: those starting with the literal
         # start sort before it followed by DEL.
-        self._high = lowered.split("*", 1)[0].split("?", 1)[0] + "\x7f"
+        self._low = lowered.split("*", 1)[0].split("?", 1)[0]
+        self._high = self._low + "\x7f"
 
     def result(self) -> Result:
         assert self._done, "the search has not run to its end"
@@ -1058,9 +1063,8 @@ def read(db: Db, token_hash: str | None, args: Args, now: float) -> tuple[Result
     the server marks those read with a small ``mark_read`` write of their ids, so
     the replicated record holds ids, never the listing (a listing of 1,000 long
     messages would not fit in one record of the replication stream)."""
-    scan = ReadScan(args)
-    while not scan.step(db, token_hash, now):
-        pass
+    scan = ReadScan(token_hash, now, args)
+    _at_once(db, scan.step)
     return scan.result()
 
 
@@ -1073,13 +1077,12 @@ class ReadScan:
     was read; one that arrives meanwhile is shown if the scan has not passed its
     id yet, as a read a moment earlier or later would."""
 
-    def __init__(self, args: Args) -> None:
-        self._args = args
+    def __init__(self, token_hash: str | None, now: float, args: Args) -> None:
+        self._token_hash, self._now, self._args = token_hash, now, args
         self._filter: _ReadFilter | None = None  # made in the first step
         self._found: list[Result] = []
-        self._limit = 0
 
-    def step(self, db: Db, token_hash: str | None, now: float) -> bool:
+    def step(self, db: Db) -> bool:
         """Read the next window; True once the read has its answer."""
         if self._filter is None:
             args = self._args
@@ -1088,24 +1091,23 @@ class ReadScan:
             unknown = sorted(set(args) - READ_FIELDS)
             if unknown:
                 raise InvalidInput(f"unknown field '{unknown[0]}' for read")
-            user_id, _ = session_user(db, token_hash, now)
+            user_id, _ = session_user(db, self._token_hash, self._now)
             self._filter = _read_filter(db, args, user_id)
-            self._limit = self._filter.limit
         else:
-            session_user(db, token_hash, now)
+            session_user(db, self._token_hash, self._now)
         scan = self._filter
         windows = scan.windows
         if not windows.done:
             self._found += _window_messages(
-                db, scan.terms, scan.where, windows, self._limit + 1 - len(self._found)
+                db, scan.terms, scan.where, windows, scan.limit + 1 - len(self._found)
             )
-        return len(self._found) > self._limit or windows.done
+        return len(self._found) > scan.limit or windows.done
 
     def result(self) -> tuple[Result, list[int]]:
         """The reply, and the ids of the inbox messages it shows that were unread."""
         assert self._filter is not None, "the read has not run"
         found = self._found
-        shown = _within_reply_budget(found[: self._limit])
+        shown = _within_reply_budget(found[: self._filter.limit])
         to_mark = [m["id"] for m in shown if not m["read"]] if self._filter.marks else []
         return {"messages": shown, "more": len(found) > len(shown)}, to_mark
 
@@ -1704,7 +1706,7 @@ class ChatApplication:
         self.sessions.forget()
 
     def reset(self) -> None:
-        self.sessions.forget()
+        self.forget_reads()
         # A new reign, or a batch undone whole: what the work was may have changed
         # under it. The sweep finds every inbox left, whatever wrote it.
         self.purging.restart()

@@ -188,8 +188,6 @@ class Replica(Protocol):
         rated: bool = True,
     ) -> dict[str, Any]: ...
 
-    async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T: ...
-
     async def read_seen(
         self, query: Callable[[Db], T], token_hash: str | None, account: Hashable = None
     ) -> tuple[T, int]: ...
@@ -765,8 +763,8 @@ class ClientSession:
             now = time.time()
             # A window of the account's messages per read turn (chat.ReadScan): a
             # filter that matches few of millions must not hold the loop meanwhile.
-            scan = chat.ReadScan(args)
-            await self._scan(lambda db: scan.step(db, token_hash, now), token_hash)
+            scan = chat.ReadScan(token_hash, now, args)
+            await self._scan(scan.step, token_hash)
             shown, to_mark = scan.result()
             if to_mark:
                 # A primary whose disk refuses writes still serves reads; what they
@@ -794,8 +792,8 @@ class ClientSession:
         elif op == "search":
             # A chunk of names per read turn (chat.SearchScan): a pattern that matches
             # few names looks at all of them, and must not hold the loop meanwhile.
-            search = chat.SearchScan(args.get("pattern"), args.get("limit"))
-            await self._scan(lambda db: search.step(db, token_hash, now), token_hash)
+            search = chat.SearchScan(token_hash, now, args.get("pattern"), args.get("limit"))
+            await self._scan(search.step, token_hash)
             result = search.result()
         else:
             raise InvalidInput(f"unknown operation {op!r}")

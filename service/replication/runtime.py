@@ -292,17 +292,13 @@ class Replicator:
         ``rated``: counted against its account's rate (``WritePath.enqueue``)."""
         return await self.writer.submit(op, args, token_hash, request_id, fingerprint, rated)
 
-    async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T:
-        """Run a query on the primary and release it once nothing it saw is unacked (R7);
-        ``token_hash``'s account waits in a line of its own for the query's turn."""
-        return await self.writer.read(query, token_hash)
-
     async def read_seen(
         self, query: Callable[[Db], T], token_hash: str | None, account: Hashable = None
     ) -> tuple[T, int]:
-        """``read`` without the wait: the result and the newest seq it may have seen,
-        which the caller must see acknowledged (``wait_acked``) before it shows it.
-        ``account``: the line it waits in, if not the session's."""
+        """Run a query on the primary: the result and the newest seq it may have seen,
+        which the caller must see acknowledged (``wait_acked``, R7) before it shows
+        it. ``token_hash``'s account (or ``account``) waits in a line of its own for
+        the query's turn."""
         return await self.writer.read_seen(query, token_hash, account)
 
     def reign(self) -> int:

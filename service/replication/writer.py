@@ -311,8 +311,12 @@ class WritePath:
         self.enqueue(op, args, token_hash, request_id, done, fingerprint, rated)
         return await future
 
-    async def read(self, query: Callable[[Db], T], token_hash: str | None) -> T:
-        """Run a query on the primary and release it once nothing it saw is unacked (R7).
+    async def read_seen(
+        self, query: Callable[[Db], T], token_hash: str | None, account: Hashable = None
+    ) -> tuple[T, int]:
+        """Run a query on the primary; its result and the newest seq it may have seen,
+        which the caller releases nothing of before it is acknowledged (``wait_acked``,
+        R7). A scan of many queries waits once, at its end, for the newest of them.
 
         One query per turn of the event loop: a read of the largest page (1,000
         messages of 4,000 characters) takes milliseconds of the loop, and fifty
@@ -321,17 +325,9 @@ class WritePath:
         than ``suspect_timeout`` and the backups elected another. Each read waits
         in its account's line (``read_line``) for a turn of its own, after the
         loop turned (timers, heartbeats, acks): the lines take turns, so one
-        account's thousands of reads delay another's by one query each."""
-        result, seq = await self.read_seen(query, token_hash)
-        await self.wait_acked(seq)
-        return result
-
-    async def read_seen(
-        self, query: Callable[[Db], T], token_hash: str | None, account: Hashable = None
-    ) -> tuple[T, int]:
-        """``read`` without the wait for what it saw to be acknowledged: a scan of many
-        turns waits once, at its end, for the newest seq of them all. ``account``: the
-        line to wait in, when the read has no session of it yet (a login's count)."""
+        account's thousands of reads delay another's by one query each.
+        ``account``: the line to wait in, when the read has no session of it yet
+        (a login's count)."""
         self.require_primary()
         turn: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if account is None:

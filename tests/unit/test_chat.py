@@ -1162,9 +1162,9 @@ def test_a_search_looks_at_a_chunk_of_names_per_step_and_answers_as_one_query(
     patterns = [None, "", "*", "b*", "B?1", "*y*", "*3", "c*5", "zz*", "*q*", "bx", "a%", "[b*"]
     for pattern in patterns:
         for limit in (1, 2, 5, 50):
-            scan = chat.SearchScan(pattern, limit)
+            scan = chat.SearchScan(token, svc.now, pattern, limit)
             steps = 1
-            while not scan.step(svc.db, token, svc.now):
+            while not scan.step(svc.db):
                 steps += 1
             assert scan.result() == _glob_at_once(svc, pattern, limit), (pattern, limit)
             start = (pattern or "").lower().split("*")[0].split("?")[0]
@@ -1172,9 +1172,9 @@ def test_a_search_looks_at_a_chunk_of_names_per_step_and_answers_as_one_query(
             # The chunks of names from the literal start on, and one more step when
             # the last chunk was full (the scan learns the range ended then).
             assert steps <= in_range // chat.SEARCH_CHUNK + 1, (pattern, limit, steps)
-    scan = chat.SearchScan("*q*", 10)
+    scan = chat.SearchScan(token, svc.now, "*q*", 10)
     steps = 1
-    while not scan.step(svc.db, token, svc.now):
+    while not scan.step(svc.db):
         steps += 1
     assert steps == len(names) // chat.SEARCH_CHUNK + 1
 
@@ -1186,12 +1186,12 @@ def test_a_search_sees_each_name_once_whatever_is_registered_between_its_steps(
     for name in ("b1", "b2", "b3", "b4", "b5"):
         svc.register(name)
     token = svc.login("b1")
-    scan = chat.SearchScan("*", 50)
-    assert scan.step(svc.db, token, svc.now) is False  # b1, b2
+    scan = chat.SearchScan(token, svc.now, "*", 50)
+    assert scan.step(svc.db) is False  # b1, b2
     svc.register("a1")  # behind the scan: a search a moment earlier would miss it too
     svc.register("b0")
     svc.register("c1")  # ahead of it
-    while not scan.step(svc.db, token, svc.now):
+    while not scan.step(svc.db):
         pass
     assert scan.result() == {"users": ["b1", "b2", "b3", "b4", "b5", "c1"], "more": False}
 
@@ -1200,11 +1200,11 @@ def test_a_search_whose_session_ends_between_steps_is_refused(
     svc: Service, people: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(chat, "SEARCH_CHUNK", 2)
-    scan = chat.SearchScan("*", 50)
-    assert scan.step(svc.db, people, svc.now) is False
+    scan = chat.SearchScan(people, svc.now, "*", 50)
+    assert scan.step(svc.db) is False
     svc.write("logout", {}, people)
     with pytest.raises(AuthFailed):
-        scan.step(svc.db, people, svc.now)
+        scan.step(svc.db)
 
 
 # ---- dispatch and idempotency ------------------------------------------------------------

@@ -271,8 +271,8 @@ def test_a_read_of_a_sparse_conversation_takes_one_window(
     profiled = Profiled(inbox)
     try:
         for args in ({"from": "carol"}, {"with": "carol"}, {"with": "dave"}, {"from": "dave"}):
-            scan = chat.ReadScan(args)
-            assert scan.step(profiled.db, token, 1.0), f"{args} took more than one window"
+            scan = chat.ReadScan(token, 1.0, args)
+            assert scan.step(profiled.db), f"{args} took more than one window"
         assert profiled.most()[0] <= MOST_STEPS
     finally:
         profiled.close()

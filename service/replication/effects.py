@@ -191,3 +191,11 @@ Effect = (
     | ReleaseLeader
     | Log
 )
+
+# Carried out even when a ``Persist`` before them in the same list failed: each only
+# brings this node's own parts (its writer, streams, server, log) in line with the
+# role the core has already taken, or gives something up. Every other effect tells
+# a peer or the arbiter what the disk has not taken (a vote, an epoch: R1), or
+# writes; it is dropped, and the core's fault input makes up for it (a backup joins
+# afresh once the disk takes writes again; a primary seals its reign then).
+IN_STEP_WITH_ROLE = (Log, BecomePrimary, ChangeSyncSet, StepDown, StopStream, ReleaseLeader)

@@ -42,6 +42,7 @@ from .app import Application
 from .arbiter import ArbiterEvent
 from .durability import Durability
 from .effects import (
+    IN_STEP_WITH_ROLE,
     Acknowledge,
     AnswerVerify,
     ApplyRecords,
@@ -347,20 +348,28 @@ class Replicator:
 
     def run(self, effects: list[Effect]) -> None:
         pending = deque(effects)
+        refused: StorageFault | None = None
         while pending:
             effect = pending.popleft()
+            if refused is not None and not isinstance(effect, IN_STEP_WITH_ROLE):
+                continue
             try:
                 more = self._carry_out(effect)
             except StorageFault as exc:
-                # Persist failed (a vote, an epoch): what follows it (its sends) must
-                # not happen. The core's view is ahead of the disk until it recovers,
-                # when the recovery write persists it (_recover).
-                self.fault(str(exc))
-                return
+                # Persist failed (a vote, an epoch): what follows it and tells the
+                # world (its sends, a claim, a stream) must not happen, but the
+                # writer and server must still follow the role the core took (a
+                # promotion, a step-down) or they disagree with it for good. The
+                # core's view is ahead of the disk until it recovers, when the
+                # recovery write persists it (_recover), before any batch.
+                refused = refused or exc
+                continue
             except StorageCorrupt as exc:
                 self.damaged(str(exc))
             if more:
                 pending.extendleft(reversed(more))
+        if refused is not None:
+            self.fault(str(refused))
 
     def _carry_out(self, effect: Effect) -> list[Effect]:
         match effect:

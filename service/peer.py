@@ -579,7 +579,11 @@ class FrameReader:
         feed = FrameFeed(self.decoder, on_frame, over_tls, budget)
         # What the stream reader holds beyond the bytes read so far (a peer may send
         # its first frames right behind its welcome) comes before anything newer.
-        held: bytearray = getattr(self.reader, "_buffer", bytearray())
+        # asyncio has no public way to take it: a Python whose StreamReader keeps it
+        # elsewhere must fail here, loudly, not lose those frames.
+        held = self.reader._buffer  # type: ignore[attr-defined]
+        if not isinstance(held, bytearray):
+            raise TypeError(f"StreamReader._buffer is a {type(held).__name__}, not a bytearray")
         early = bytes(held)
         held.clear()
         lost = self.reader.at_eof() or writer.is_closing()

@@ -177,6 +177,10 @@ class NodeConfig:
     # each of which keeps a request row for request_retention. 0: no limit.
     write_rate: float = 20.0
     write_burst: int = 100
+    # Accounts one client address (an IPv6 /64) may register, on average per second
+    # and at once: each new account brings a send_rate of its own. 0: no limit.
+    register_rate: float = 0.1
+    register_burst: int = 10
     # HOST:PORT where the node serves Prometheus metrics over HTTP (service/metrics.py);
     # empty: not served.
     metrics_address: str = ""
@@ -373,6 +377,10 @@ class NodeConfig:
             raise InvalidInput("send_rate must be 0 (no limit) or more, send_burst positive")
         if not (0 <= self.write_rate < math.inf and self.write_burst >= 1):
             raise InvalidInput("write_rate must be 0 (no limit) or more, write_burst positive")
+        if not (0 <= self.register_rate < math.inf and self.register_burst >= 1):
+            raise InvalidInput(
+                "register_rate must be 0 (no limit) or more, register_burst positive"
+            )
         if self.max_client_unread < 1024 * 1024:
             raise InvalidInput("max_client_unread must be at least 1 MiB (1048576)")
 

@@ -118,6 +118,7 @@ class NodeSample:
     reads_refused_busy: int = 0
     sends_refused_rate: int = 0
     writes_refused_rate: int = 0
+    registers_refused_rate: int = 0
     checksums: Outcome | None = None
     checksum_rounds: int = 0
     checksum_mismatches: int = 0
@@ -166,6 +167,7 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         reads_refused_busy=writer.reads_refused_busy,
         sends_refused_rate=writer.send_rate.refused,
         writes_refused_rate=writer.write_rate.refused,
+        registers_refused_rate=server.registrations.refused,
         checksums=verifier.last,
         checksum_rounds=verifier.completed,
         checksum_mismatches=verifier.mismatches,
@@ -311,6 +313,12 @@ def _counted(sample: NodeSample) -> list[tuple[str, str, float]]:
             "Primary: writes other than sends refused busy, their account past write_rate "
             "and write_burst",
             sample.writes_refused_rate,
+        ),
+        (
+            "chat_registers_refused_rate",
+            "Primary: registrations refused busy, their client address past register_rate "
+            "and register_burst",
+            sample.registers_refused_rate,
         ),
         (
             "chat_clients_dropped",

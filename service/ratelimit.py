@@ -31,6 +31,14 @@ mechanisms, both in front of the hashing, bound that:
   ``workers // 2`` (at least one) together, so the rest of the pool, a core
   included when there are two, stays free for everyone else.
 
+* Registrations are counted per client address (``register_rate`` and
+  ``register_burst``, a token bucket of ``writerate.py``), before the hash: every
+  new account brings its own ``send_rate``, so without this one address
+  registering account after account (two a second, its share of the hashing)
+  multiplied its rate of writes, and of disk filled on every node, by as many
+  accounts as it made. An IPv6 address counts as its /64 (``address_key``): one
+  subscriber's usual share, any of whose 2**64 addresses it may use.
+
 Decisions a user can see
 ------------------------
 * While an account is in a backoff window, its right password is refused too,
@@ -48,7 +56,9 @@ Decisions a user can see
 Invariants
 ----------
 * A ``busy`` answer changes nothing and costs no hash; the same request may be sent
-  again, with the same request id.
+  again, with the same request id. A registration the hashing refused gives its
+  address's token back; one refused later (its name taken) does not: a client
+  that closed its connection after the hash may still get its account made.
 * A hash's slot is freed when its thread finishes, not when the request waiting for
   it is cancelled (a closed connection): the bound is on the threads' real work.
 """
@@ -57,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import math
 import threading
 import time
@@ -231,6 +242,20 @@ class HashPool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def address_key(address: str) -> str:
+    """The key of a per-address registration limit: the address itself, or for IPv6
+    its /64 (an IPv4 address mapped into IPv6 is that IPv4 address)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address  # "unknown": no peer name (the limit still applies, shared)
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def _seconds(wait: float) -> str:

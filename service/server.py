@@ -107,7 +107,7 @@ from .storage import Db
 from .throttle import ThrottledLog
 from .turns import TurnBudget
 from .unread import HEAVY, UnreadBudget
-from .writerate import Tokens
+from .writerate import Tokens, WriteRate, told
 
 log = logging.getLogger("service.server")
 
@@ -326,9 +326,26 @@ class Server:
         self.scrypt = chat.ScryptParams(n=config.scrypt_n)
         self.limiter = ratelimit.LoginLimiter.from_config(config)
         self.hashing = ratelimit.HashPool(config.hash_workers, config.hash_queue)
+        # Accounts registered per client address (ratelimit.address_key), before the
+        # hash: each new account is another send_rate.
+        self.registrations = WriteRate(config.register_rate, config.register_burst, time.monotonic)
+        self._registering_fast = ThrottledLog(
+            log, logging.WARNING, "register refused: address past register_rate", interval
+        )
         replicator.message_hooks.append(self._on_message)
         replicator.role_hooks.append(self._on_role)
         replicator.session_hooks.append(self._on_session_end)
+
+    def registering_too_fast(self, key: str, wait: float) -> Busy:
+        config = self.config
+        wait = told(wait)
+        self._registering_fast.note(node=config.node_id, address=key)
+        return Busy(
+            f"this address registers accounts faster than node {config.node_id} allows "
+            f"({config.register_rate:g} a second, {config.register_burst} at once: "
+            f"register_rate, register_burst); retry in {wait:.2f} s",
+            retry_after=wait,
+        )
 
     async def start(self) -> None:
         me = self.config.me
@@ -801,15 +818,26 @@ class ClientSession:
         return dict(result)
 
     async def _register(self, args: dict[str, Any], request_id: str) -> dict[str, Any]:
+        """Checked in the order of their cost: the arguments, the address's rate of
+        registrations, then the hash (see service/ratelimit.py)."""
+        server = self.server
         self.replicator.require_primary()
         name = chat.validate_username(args.get("username"))
         password = chat.validate_password(args.get("password"))
-        params = self.server.scrypt
-        password_hash = await self.server.hashing.run(
-            self.address,
-            lambda: chat.hash_password(password, params),
-            self.server.limiter.suspect(self.address),
-        )
+        key = ratelimit.address_key(self.address)
+        wait = server.registrations.take(key)
+        if wait > 0:
+            raise server.registering_too_fast(key, wait)
+        params = server.scrypt
+        try:
+            password_hash = await server.hashing.run(
+                self.address,
+                lambda: chat.hash_password(password, params),
+                server.limiter.suspect(self.address),
+            )
+        except Busy:
+            server.registrations.give_back(key)  # nothing was done: the pool refused it
+            raise
         return await self.replicator.submit(
             "register", {"username": name, "password_hash": password_hash}, None, request_id
         )

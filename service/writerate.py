@@ -54,6 +54,7 @@ Invariants
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -89,6 +90,13 @@ class _Bucket(Tokens):
     # When the token promised to the last write refused arrives: the end of the line
     # of writes told to come back later, each at its own time.
     line_end: float = float("-inf")
+
+
+def told(wait: float) -> float:
+    """``wait`` rounded up to the hundredth the wire carries: a client that waits what
+    it is told is let in, never refused once more for a few milliseconds (less a
+    hair, so that 1.1 s, 110.00000000000001 hundredths, stays 1.1 s)."""
+    return math.ceil(wait * 100 - 1e-6) / 100
 
 
 class WriteRate:

@@ -64,13 +64,11 @@ from service import errors, protocol
 from service.client import ATTEMPT_TIMEOUT, BACKOFF_CAP, BACKOFF_START, Client
 from service.config import is_loopback, parse_address
 
+# The settings of the clusters it loads, re-exported for its callers.
+from ..cluster.nodes import UNLIMITED as UNLIMITED
 from . import machine, stats
 
 BODY_BYTES = 100
-# The settings of the clusters the benchmark starts: each of its few accounts sends
-# hundreds of messages a second, which the nodes' default send_rate (10 a second)
-# would refuse; pgbench, its peer, meets no such limit either. Nor any write_rate.
-UNLIMITED: dict[str, object] = {"send_rate": 0, "write_rate": 0}
 CALL_TIMEOUT = 30.0
 READY_TIMEOUT = 120.0
 START_DELAY = 0.3  # seconds between "go" and the start: every worker gets the message first

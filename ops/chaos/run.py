@@ -132,8 +132,14 @@ def _cluster(options: Options, root: Path, kinds: tuple[str, ...]) -> nodes.Node
     if options.supervisord is not None:
         return nodes.SupervisedCluster(options.supervisord)
     # The workload's few writers write as fast as the cluster takes them: no send_rate,
-    # no write_rate.
-    settings = {"log_retention": str(options.log_retention), "send_rate": "0", "write_rate": "0"}
+    # no write_rate; its registrar registers fresh names all the run long, from one
+    # address: no register_rate.
+    settings = {
+        "log_retention": str(options.log_retention),
+        "send_rate": "0",
+        "write_rate": "0",
+        "register_rate": "0",
+    }
     # Nodes run on the disk fault VFS only when a fault needs it.
     disk = bool({"disk-full", "io-error"} & set(kinds))
     if options.arbiter == "etcd":

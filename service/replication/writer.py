@@ -31,7 +31,6 @@ import contextlib
 import copy
 import heapq
 import logging
-import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ from ..errors import (
 from ..metrics import Metrics
 from ..storage import Batch, Db, Storage
 from ..throttle import ThrottledLog
-from ..writerate import WriteRate
+from ..writerate import WriteRate, told
 from .app import Application, RateKind
 from .durability import Durability
 from .fairqueue import FairQueue, QueueFull
@@ -257,10 +256,7 @@ class WritePath:
         self.work.set()
 
     def _too_fast(self, kind: RateKind, op: str, key: Hashable, wait: float) -> Busy:
-        # Rounded up to the hundredth the wire carries: a client that waits what it
-        # is told is let in, never refused once more for a few milliseconds (less a
-        # hair, so that 1.1 s, 110.00000000000001 hundredths, stays 1.1 s).
-        wait = math.ceil(wait * 100 - 1e-6) / 100
+        wait = told(wait)
         config = self.config
         if kind == "send":
             self._too_fast_log[kind].note(node=config.node_id, user_id=key)

@@ -4,9 +4,10 @@ A test's clusters live in its ``tmp_path`` (``cluster-1``, ``cluster-2``, ...:
 several may share one test) and hash passwords at the cheapest cost scrypt
 allows, so that the suite's many registrations and logins stay quick; a test
 of the cost sets ``scrypt_n`` itself. Nor do they limit how fast an account
-sends or writes (``send_rate`` and ``write_rate`` 0): the workloads' few writers
-send hundreds of messages a second each, and a test of a limit sets it. Everything else is
-``ops.cluster``'s.
+sends or writes (``send_rate`` and ``write_rate`` 0), or how many accounts an
+address registers (``register_rate`` 0): the workloads' few writers send hundreds
+of messages a second each, all from one address, and a test of a limit sets it.
+Everything else is ``ops.cluster``'s.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Cluster(nodes.Cluster):
             n,
             hosts=hosts,
             metrics=metrics,
-            settings={"scrypt_n": TEST_SCRYPT_N, "send_rate": 0, "write_rate": 0, **settings},
+            settings={"scrypt_n": TEST_SCRYPT_N, **nodes.UNLIMITED, **settings},
             tls=tls,
             node_settings=node_settings,
         )

@@ -246,9 +246,9 @@ class Raw:
         return raw
 
     @classmethod
-    async def client(cls, address: str) -> Raw:
-        """Connect and finish the client handshake."""
-        raw = await cls.connect(address)
+    async def client(cls, address: str, source: str | None = None) -> Raw:
+        """Connect (from ``source``, as ``connect``) and finish the client handshake."""
+        raw = await cls.connect(address, source)
         raw.send(protocol.client_hello(protocol.choose_version(raw.hello)))
         welcome = await raw.next_frame()
         assert welcome is not None, "the node closed instead of welcoming a client"

@@ -18,7 +18,7 @@ import pytest
 from service import chat
 from service.config import NodeConfig, Peer, load
 from service.errors import Busy, InvalidInput
-from service.ratelimit import FailureBackoff, HashPool, LoginLimiter
+from service.ratelimit import FailureBackoff, HashPool, LoginLimiter, address_key
 
 T = TypeVar("T")
 FAST = chat.ScryptParams(n=2**10)
@@ -159,6 +159,10 @@ def test_the_login_settings_come_from_the_ini_file(tmp_path: Path) -> None:
     assert (defaults.hash_workers, defaults.hash_queue) == (2, 2)
     assert (defaults.session_lifetime, defaults.session_idle) == (30 * 86400, 7 * 86400)
     assert (defaults.sessions_per_user, defaults.listens_per_user) == (20, 10)
+    assert (defaults.register_rate, defaults.register_burst) == (0.1, 10)
+    config = load(node_conf(tmp_path, register_rate=0.5, register_burst=3), {})
+    assert (config.register_rate, config.register_burst) == (0.5, 3)
+    assert load(node_conf(tmp_path, register_rate=0), {}).register_rate == 0.0
 
 
 @pytest.mark.parametrize(
@@ -175,11 +179,38 @@ def test_the_login_settings_come_from_the_ini_file(tmp_path: Path) -> None:
         {"session_idle": 0},
         {"sessions_per_user": 0},
         {"listens_per_user": 0},
+        {"register_rate": -1},
+        {"register_rate": "inf"},
+        {"register_burst": 0},
+        {"register_burst": 1.5},
     ],
 )
 def test_bad_login_settings_are_refused(tmp_path: Path, setting: dict[str, object]) -> None:
     with pytest.raises(InvalidInput):
         load(node_conf(tmp_path, **setting), {})
+
+
+# ---- the key of a per-address limit ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("10.0.0.1", "10.0.0.1"),
+        ("127.0.0.2", "127.0.0.2"),
+        # One subscriber's IPv6 share is a /64: any address in it is the same key.
+        ("2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:3::1", "2001:db8:1:3::/64"),
+        ("::1", "::/64"),
+        # An IPv4 client of a dual-stack socket is its IPv4 address.
+        ("::ffff:10.0.0.1", "10.0.0.1"),
+        # No peer name: one shared key, still limited.
+        ("unknown", "unknown"),
+    ],
+)
+def test_an_address_is_its_own_key_and_an_ipv6_one_its_64(address: str, key: str) -> None:
+    assert address_key(address) == key
 
 
 # ---- the hashing pool --------------------------------------------------------------------

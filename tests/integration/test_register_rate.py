@@ -1,0 +1,95 @@
+"""How many accounts one client address may register (``register_rate``,
+``register_burst``: service/ratelimit.py) on real nodes, and with ``chatctl``.
+
+Each account may send ``send_rate`` messages a second, so an address that could
+register accounts as fast as passwords hash (two a second, its share of the
+hashing) multiplied its rate by as many accounts as it made. A cluster whose
+addresses may register three accounts at once and then one every 4 s: the
+fourth registration from 127.0.0.1 is answered ``busy`` with the time to wait,
+before any hash, and stores nothing; ``chatctl register`` from the same address
+is refused too, waits what it is told, and gets its account; 127.0.0.2 registers
+at once (a bucket of its own). The primary counts the refusals in
+``chat_registers_refused_rate_total`` and its log names the address.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ops.cluster.scrape import scrape
+from service import protocol
+from service.client import Client
+from tests.conftest import ClusterFactory
+from tests.helpers.workload import run, start_cluster
+from tests.integration.test_bad_input import Raw
+from tests.integration.test_client_cli import PASSWORD, User
+
+pytestmark = pytest.mark.cluster
+
+RATE = 0.25
+BURST = 3
+
+
+async def register(
+    address: str, names: list[str], source: str = "127.0.0.1"
+) -> list[protocol.Frame]:
+    """Register ``names`` one after the other on one connection from ``source``."""
+    raw = await Raw.client(address, source)
+    try:
+        answers: list[protocol.Frame] = []
+        for name in names:
+            args = {"username": name, "password": PASSWORD}
+            raw.send(protocol.request("register", f"register-{name}", args, None))
+            answer = await raw.next_frame(timeout=30.0)
+            assert answer is not None, f"the node closed the connection after {answers}"
+            answers.append(answer)
+        return answers
+    finally:
+        raw.close()
+
+
+async def names_like(servers: list[str], user: str, pattern: str) -> list[str]:
+    async with Client(servers) as client:
+        await client.login(user, PASSWORD)
+        found = await client.search(pattern)
+    return sorted(str(name) for name in found["users"])
+
+
+def test_an_address_past_its_register_rate_is_answered_busy_and_nothing_is_stored(
+    cluster_factory: ClusterFactory, tmp_path: Path
+) -> None:
+    cluster = cluster_factory(register_rate=RATE, register_burst=BURST, metrics=True)
+    primary = start_cluster(cluster)
+    assert primary.metrics_address is not None
+
+    answers = run(register(primary.address, ["u1", "u2", "u3", "u4"]))
+    assert [a["type"] for a in answers[:BURST]] == ["reply"] * BURST, answers
+    refused = answers[BURST]
+    assert refused["type"] == "error", refused
+    assert refused["code"] == "busy", refused
+    assert "register_rate" in refused["message"], refused
+    # The bucket is empty: its next token comes 1/RATE s after the burst was spent.
+    assert 0 < refused["retry_after"] <= 1 / RATE, refused
+
+    # chatctl, from the same address at once, is refused too (behind u4's time in
+    # line), waits what it is told, and registers.
+    out = User(tmp_path, "u5", cluster.servers).ok(
+        "register", "u5", "--timeout", "30", CHATCTL_PASSWORD=PASSWORD
+    )
+    assert out.startswith("registered u5"), out
+    scraped = scrape(primary.metrics_address)
+    assert scraped is not None, "the primary serves no metrics"
+    assert scraped.value("chat_registers_refused_rate_total") >= 2, (
+        "chatctl's register was never refused: it came 4 s after u4's, or the limit let it in"
+    )
+    assert "register refused: address past register_rate" in primary.log_text()
+    assert "address=127.0.0.1" in primary.log_text()
+
+    # Another address has a bucket of its own, full.
+    (other,) = run(register(primary.address, ["v1"], source="127.0.0.2"))
+    assert other["type"] == "reply", other
+
+    # Nothing of the refused registration was stored.
+    assert run(names_like(cluster.servers, "v1", "u*")) == ["u1", "u2", "u3", "u5"]

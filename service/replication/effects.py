@@ -192,10 +192,13 @@ Effect = (
     | Log
 )
 
-# Carried out even when a ``Persist`` before them in the same list failed: each only
-# brings this node's own parts (its writer, streams, server, log) in line with the
-# role the core has already taken, or gives something up. Every other effect tells
-# a peer or the arbiter what the disk has not taken (a vote, an epoch: R1), or
-# writes; it is dropped, and the core's fault input makes up for it (a backup joins
-# afresh once the disk takes writes again; a primary seals its reign then).
+# Of a list in which a ``Persist`` failed, the effects after it still carried out:
+# each only brings this node's own parts (its writer, streams, server, log) in line
+# with the role the core has already taken, or gives something up. Every other
+# effect of that list tells a peer or the arbiter what the disk has not taken (a
+# vote, an epoch: R1), or writes; it is dropped, and the core's fault input makes up
+# for it (a campaign is abandoned, a backup joins afresh once the disk takes writes
+# again, a primary seals its reign then). Later inputs' messages (heartbeats, probe
+# answers) may name the epoch the disk has not taken yet: nothing is sealed in it
+# before the recovery writes it (the writer refuses batches while the fault lasts).
 IN_STEP_WITH_ROLE = (Log, BecomePrimary, ChangeSyncSet, StepDown, StopStream, ReleaseLeader)

@@ -529,14 +529,27 @@ class PeerVoting(Arbiter):
     def _finish_campaign(self, now: float, out: list[Effect]) -> None:
         spell = self.spell
         campaign = spell.campaign if spell is not None else None
-        if campaign is None:
+        if spell is None or campaign is None:
+            return
+        core = self.core
+        if core.fault is not None:
+            # The disk refused our vote: its requests never went out (the runtime
+            # sends nothing that depends on a refused write), so the peers' silence
+            # says nothing of them, and they may give this epoch to another node.
+            out.append(
+                Log(
+                    "campaign abandoned",
+                    {"node": core.node_id, "epoch": campaign.epoch, "why": core.fault},
+                )
+            )
+            spell.campaign = None
+            spell.next_round_at = now + core.timing.election_timeout
             return
         # A peer that answered the probe but not the vote is frozen or died; when it
         # comes back it has a clock gap or a restart, so we proceed without it.
-        core = self.core
         members = [core.node_id]
         for peer in sorted(campaign.granted):
-            view = spell.probes.get(peer) if spell is not None else None
+            view = spell.probes.get(peer)
             if view is not None and view.position == core.position:
                 members.append(peer)
         core.become_primary(now, campaign.epoch, tuple(sorted(members)), campaign.force, out)

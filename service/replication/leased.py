@@ -331,6 +331,12 @@ class LeasedArbiter(Arbiter):
             # claim was settled: leading it would take our epoch backwards (R1).
             out.append(ReleaseLeader())
             return
+        if core.fault is not None:
+            # The disk refused a write since the claim: a node that cannot write is
+            # made primary by no election; another member may take the key.
+            out.append(Log("claim given back", {"node": core.node_id, "why": core.fault}))
+            out.append(ReleaseLeader())
+            return
         view = self.view
         stored = view.sync_set if view is not None else None
         self.stored_revision = view.sync_revision if view is not None else 0

@@ -532,6 +532,20 @@ def test_e1_a_claim_settled_after_the_node_saw_a_newer_epoch_is_given_back() -> 
     assert ReleaseLeader() in effects
 
 
+def test_a_claim_settled_after_the_disk_refused_a_write_is_given_back() -> None:
+    """No election makes a node whose disk refuses writes primary: one whose disk
+    failed between its claim and the answer gives the key back for another member
+    to take, rather than lead a reign it cannot write (with heirs it would not even
+    step aside: it took the role after the fault was reported)."""
+    core = leased_core()
+    claim(core, 0.1)
+    core.on_storage_fault(0.11, "the disk is full")
+    effects = core.on_arbiter(0.12, Claimed(2))
+    assert core.statistics()["role"] == "electing", effects
+    assert not any(isinstance(e, BecomePrimary) for e in effects)
+    assert ReleaseLeader() in effects
+
+
 def test_e3_an_answer_to_a_previous_reign_sync_set_write_is_ignored() -> None:
     core = leased_core()
     claim(core, 0.1)

@@ -35,9 +35,9 @@ from collections.abc import Callable
 
 import pytest
 
-from service.replication.effects import Effect, Persist, Send, StepDown
+from service.replication.effects import BecomePrimary, Effect, Persist, Send, StepDown
 from service.replication.election import PeerVoting, ProbeView, member_problem
-from service.replication.messages import Ack, Append, Join, JoinReply, ProbeReply, Reject
+from service.replication.messages import Ack, Append, Join, JoinReply, Probe, ProbeReply, Reject
 from service.replication.state import ReplicaCore, Timing, divergence_point, epoch_end
 from service.replication.types import LogRecord, NodeState, Position, Role, SyncSet
 from tests.unit.sim import ClientWrite, SimNetwork
@@ -1451,3 +1451,50 @@ def test_a_primary_answers_a_join_asking_for_a_snapshot_with_one() -> None:
     )
     replies = [e.message for e in core.on_message(sim.now, 2, join) if isinstance(e, Send)]
     assert [r.snapshot for r in replies if isinstance(r, JoinReply)] == [True]
+
+
+# ---- storage faults during an election ---------------------------------------------------------
+
+
+def test_a_campaign_whose_vote_the_disk_refused_does_not_win_by_its_deadline() -> None:
+    """The runtime drops a campaign's vote requests when the Persist of its own vote
+    fails (nothing that depends on a write the disk refused goes out), and reports
+    the fault. Its peers were never asked, so they answer nothing, and the campaign
+    must not take their silence, at the deadline, for peers gone frozen: it would
+    lead alone in an epoch its peers may give to another node (two primaries in one
+    epoch), stuck with a disk that cannot write meanwhile. It gives up instead."""
+    sync_set = SyncSet(1, (1, 2, 3), 1)
+    cores = {
+        n: ReplicaCore(n, (1, 2, 3), TIMING, NodeState(1, 1, 1), Position(1, 5), sync_set, 10.0)
+        for n in (1, 2, 3)
+    }
+    candidate = cores[1]
+    now = 10.0
+    candidate.started(now)
+    for peer in (2, 3):
+        candidate.on_link(now, peer, True)
+    # Probe rounds until node 1 (the lowest id among equals) campaigns.
+    voted: list[Effect] = []
+    for _ in range(200):
+        now += 0.02
+        for effect in candidate.tick(now):
+            if isinstance(effect, Send) and isinstance(effect.message, Probe):
+                voter = cores[effect.to].arbiter
+                assert isinstance(voter, PeerVoting)
+                reply = voter.probe_reply(effect.message.round)
+                voted += candidate.on_message(now, effect.to, reply)
+            elif isinstance(effect, Persist):
+                voted.append(effect)
+        if any(isinstance(e, Persist) for e in voted):
+            break
+    assert any(isinstance(e, Persist) for e in voted), "node 1 never campaigned"
+    assert candidate.state.voted_for == 1
+
+    # The Persist of its vote failed: its requests never left.
+    candidate.on_storage_fault(now, "the disk is full")
+    later: list[Effect] = []
+    for _ in range(100):
+        now += 0.02
+        later += candidate.tick(now)
+    assert candidate.role is Role.ELECTING, later
+    assert not [e for e in later if isinstance(e, BecomePrimary)], later

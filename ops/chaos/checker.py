@@ -67,13 +67,10 @@ from ops.cluster.history import FAILED, OK, UNKNOWN, History, Op
 
 from .snapshot import NodeData
 
-# The refusals the workload provokes on purpose; any other refusal is a finding. A
-# register may also be refused busy past the address's register_rate: the clusters
-# chaos starts have none, but a --supervisord cluster keeps its own settings, and the
-# registrar (all from one address) outruns the default's one account every 10 s.
+# The refusals the workload provokes on purpose; any other refusal is a finding.
 EXPECTED_REFUSALS = {
     "delete": {"not_found"},
-    "register": {"conflict", "busy"},
+    "register": {"conflict"},
     "stale-token": {"auth_failed"},
 }
 _ERROR_LINE = re.compile(r"^\S+ (ERROR|CRITICAL) ")

@@ -541,6 +541,15 @@ class SupervisedCluster:
             if not self._pid(program):
                 raise RuntimeError(f"supervisord does not run {program.name} (is it up?)")
 
+    def rate_limits(self) -> list[str]:
+        """The node settings that would slow the workload (``name=value``): the
+        clusters chaos starts lift them, a supervisord's keeps what it was given."""
+        limits = []
+        for name in ("send_rate", "write_rate", "register_rate"):
+            values = {getattr(p.config, name) for p in self._programs.values()}
+            limits += [f"{name}={value:g}" for value in sorted(values) if value > 0]
+        return limits
+
     @property
     def servers(self) -> list[str]:
         return [p.config.me.address for p in self._programs.values()]

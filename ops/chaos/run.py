@@ -99,6 +99,15 @@ def run(options: Options, out: Callable[[str], None] = print) -> int:
     except (OSError, ValueError, RuntimeError, ChatError) as exc:
         out(f"chaos: BROKEN: no cluster to run against: {exc}")
         return EXIT_BROKEN
+    if isinstance(cluster, nodes.SupervisedCluster) and cluster.rate_limits():
+        # Its few writers and its registrar all write from one address, faster than
+        # the defaults let an account or an address: refusals past a client's
+        # deadline are reported as findings, though they did nothing.
+        out(
+            "chaos: WARNING: the cluster limits rates "
+            f"({', '.join(cluster.rate_limits())}); set them to 0 in its node configs, "
+            "or the workload is refused busy past its deadline and the checker says so"
+        )
     history = History()
     try:
         status, checks, nemesis = _drive(options, cluster, history, faults, prefix, out)

@@ -1543,6 +1543,13 @@ def request_check(caller: str, fingerprint: str) -> bytes:
 
 # Whether a request id (then its key) is in ``requests`` or in a message row: the
 # indexes alone, no sort, no join, a third of the time of the queries behind it.
+def registered_by(db: Db, request_id: str) -> bool:
+    """Whether ``request_id`` already made an account: a retry of it (its reply
+    lost) is answered from the stored result, and makes none (see "Requests")."""
+    found = db.one("SELECT 1 FROM requests WHERE request_id = ? AND op = 'register'", (request_id,))
+    return found is not None
+
+
 _SEEN = (
     "SELECT 1 FROM requests WHERE request_id = ? "
     "UNION ALL SELECT 1 FROM messages WHERE request_key = ? LIMIT 1"

@@ -36,8 +36,11 @@ mechanisms, both in front of the hashing, bound that:
   new account brings its own ``send_rate``, so without this one address
   registering account after account (two a second, its share of the hashing)
   multiplied its rate of writes, and of disk filled on every node, by as many
-  accounts as it made. An IPv6 address counts as its /64 (``address_key``): one
-  subscriber's usual share, any of whose 2**64 addresses it may use.
+  accounts as it made.
+
+Every per-address key here (failed logins, the hashing's share, registrations)
+is ``address_key``'s: an IPv6 address counts as its /64, one subscriber's usual
+share, any of whose 2**64 addresses it may use to start afresh.
 
 Decisions a user can see
 ------------------------

@@ -593,6 +593,9 @@ class ClientSession:
         # Requests read and not yet answered (a listen until its ``listening`` reply).
         self.unanswered = 0
         self.address = client_address(writer)
+        # The key of its address's limits on password checks and registrations: an
+        # IPv6 client counts as its /64, any of whose addresses it may use.
+        self.limit_key = ratelimit.address_key(self.address)
         self.loop = asyncio.get_running_loop()
         self.last_frame = self.loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -824,19 +827,24 @@ class ClientSession:
         self.replicator.require_primary()
         name = chat.validate_username(args.get("username"))
         password = chat.validate_password(args.get("password"))
-        key = ratelimit.address_key(self.address)
-        wait = server.registrations.take(key)
-        if wait > 0:
-            raise server.registering_too_fast(key, wait)
+        key = self.limit_key
+        # A retry of a registration that was made (its reply lost) makes no account:
+        # it takes no token, or a client would be told busy about its own account.
+        counted = not chat.registered_by(self.database.reader, request_id)
+        if counted:
+            wait = server.registrations.take(key)
+            if wait > 0:
+                raise server.registering_too_fast(key, wait)
         params = server.scrypt
         try:
             password_hash = await server.hashing.run(
-                self.address,
+                key,
                 lambda: chat.hash_password(password, params),
-                server.limiter.suspect(self.address),
+                server.limiter.suspect(key),
             )
         except Busy:
-            server.registrations.give_back(key)  # nothing was done: the pool refused it
+            if counted:  # nothing was done: the pool refused it
+                server.registrations.give_back(key)
             raise
         return await self.replicator.submit(
             "register", {"username": name, "password_hash": password_hash}, None, request_id
@@ -857,16 +865,16 @@ class ClientSession:
             raise chat_auth_failed()
         chat.validate_password(secret)
         account = user.lower()
-        server.limiter.check(account, self.address, time.monotonic())
+        server.limiter.check(account, self.limit_key, time.monotonic())
         auth = chat.user_auth(self.database.reader, user)
         params = server.scrypt
         check = await server.hashing.run(
-            self.address,
+            self.limit_key,
             lambda: chat.check_login(secret, auth, params),
-            server.limiter.suspect(self.address),
+            server.limiter.suspect(self.limit_key),
         )
         if not check.ok:
-            server.limiter.failed(account, self.address, time.monotonic())
+            server.limiter.failed(account, self.limit_key, time.monotonic())
             raise chat_auth_failed()
         server.limiter.succeeded(account)
         new_token, new_hash = chat.new_token()

@@ -43,7 +43,8 @@ Invariants
   (``Application.rate_kind``, and only when the client asked for it:
   ``WritePath.enqueue``'s ``rated``): a write without a session, or whose token
   names none, is refused by its batch before anything is stored; ``register``
-  and ``login`` are bounded by their password hashing instead.
+  and ``login`` are bounded by their password hashing instead (and ``register``
+  by its address's bucket, the server's: ``ratelimit.py``).
 * The buckets are the primary's memory, not the database's: a node that becomes
   primary knows nothing of what accounts wrote through another, so a failover can
   let an account write one more burst. An account whose bucket has filled again,

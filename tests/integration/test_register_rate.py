@@ -101,3 +101,32 @@ def test_an_address_past_its_register_rate_is_answered_busy_and_nothing_is_store
 
     # Nothing of the refused registration was stored.
     assert run(names_like(cluster.servers, "v1", "u*")) == ["u1", "u2", "u3", "u5"]
+
+
+def test_a_registration_the_hashing_refused_keeps_its_token(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """Two registrations pipelined from one address into a pool of one hashing
+    thread and one waiting place, of which an address holds one: the second is
+    refused ``busy`` by the hashing, before anything is done, and gives back the
+    token it took. So with a burst of two, a third registration after the first
+    gets in; had the refused one kept its token, the third would be refused
+    ``register_rate``."""
+    cluster = cluster_factory(
+        register_rate=0.001, register_burst=2, hash_workers=1, hash_queue=1, scrypt_n=2**14
+    )
+    primary = start_cluster(cluster)
+    frames = [
+        protocol.request("register", f"r-{name}", {"username": name, "password": PASSWORD}, None)
+        for name in ("w1", "w2")
+    ]
+    answers = run(Raw.pipelined(primary.address, frames))
+    by_id = {str(a["request_id"]): a for a in answers}
+    assert by_id["r-w1"]["type"] == "reply", answers
+    assert by_id["r-w2"]["code"] == "busy", answers
+    assert "register_rate" not in by_id["r-w2"]["message"], answers
+    (third,) = run(register(primary.address, ["w3"]))
+    assert third["type"] == "reply", third
+    (fourth,) = run(register(primary.address, ["w4"]))
+    assert fourth["code"] == "busy", fourth
+    assert "register_rate" in fourth["message"], fourth

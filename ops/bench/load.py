@@ -65,7 +65,7 @@ from service.client import ATTEMPT_TIMEOUT, BACKOFF_CAP, BACKOFF_START, Client
 from service.config import is_loopback, parse_address
 
 # The settings of the clusters it loads, re-exported for its callers.
-from ..cluster.nodes import UNLIMITED as UNLIMITED
+from ..cluster.limits import UNLIMITED as UNLIMITED
 from . import machine, stats
 
 BODY_BYTES = 100

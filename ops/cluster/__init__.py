@@ -13,4 +13,5 @@ one thing everywhere:
     logs.py       node log events; at most one primary per epoch (R1)
     history.py    the client operations of a workload and how each ended
     scrape.py     a node's Prometheus metrics, as a monitoring system reads them
+    limits.py     the settings that lift the per-account and per-address limits
 """

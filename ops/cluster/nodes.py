@@ -66,12 +66,6 @@ PACKAGE_HOME = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
 # Settings the harness owns; a caller passes any other NodeConfig field.
-# The settings of clusters whose few accounts write as fast as the nodes take them
-# (the benchmark's, the tests'): each sends hundreds of messages a second, which the
-# nodes' default send_rate (10 a second) would refuse (pgbench, the benchmark's
-# peer, meets no such limit either); nor any write_rate, nor a register_rate: their
-# accounts, up to one per client, all register from one address.
-UNLIMITED: dict[str, object] = {"send_rate": 0, "write_rate": 0, "register_rate": 0}
 _RESERVED = frozenset({"node_id", "data_dir", "nodes", "secret_file", "metrics_address"})
 
 Position = tuple[int, int]

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ops.cluster import nodes
+from ops.cluster.limits import UNLIMITED
 from ops.cluster.nodes import NodeExited, NodeProcess
 
 __all__ = ["REPO_ROOT", "Cluster", "NodeExited", "NodeProcess"]
@@ -44,7 +45,7 @@ class Cluster(nodes.Cluster):
             n,
             hosts=hosts,
             metrics=metrics,
-            settings={"scrypt_n": TEST_SCRYPT_N, **nodes.UNLIMITED, **settings},
+            settings={"scrypt_n": TEST_SCRYPT_N, **UNLIMITED, **settings},
             tls=tls,
             node_settings=node_settings,
         )

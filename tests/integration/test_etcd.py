@@ -90,10 +90,14 @@ class Node:
             await asyncio.sleep(0.02)
 
     async def view(self) -> ArbiterView:
-        """A view read after now."""
+        """A view read after now: the second reported from now on. The first may
+        come from a round begun before (a read in flight as a claim or a lease was
+        settled, which then shows the store as it was); the rounds follow one
+        another, so the second began after it."""
         count = len(self.events)
         await self.until(
-            lambda: any(isinstance(e, ArbiterView) for e in self.events[count:]), "a fresh view"
+            lambda: sum(isinstance(e, ArbiterView) for e in self.events[count:]) >= 2,
+            "a fresh view",
         )
         view: ArbiterView = self.last(ArbiterView)
         return view

@@ -1543,17 +1543,20 @@ def request_check(caller: str, fingerprint: str) -> bytes:
 
 # Whether a request id (then its key) is in ``requests`` or in a message row: the
 # indexes alone, no sort, no join, a third of the time of the queries behind it.
-def registered_by(db: Db, request_id: str) -> bool:
-    """Whether ``request_id`` already made an account: a retry of it (its reply
-    lost) is answered from the stored result, and makes none (see "Requests")."""
-    found = db.one("SELECT 1 FROM requests WHERE request_id = ? AND op = 'register'", (request_id,))
-    return found is not None
-
-
 _SEEN = (
     "SELECT 1 FROM requests WHERE request_id = ? "
     "UNION ALL SELECT 1 FROM messages WHERE request_key = ? LIMIT 1"
 )
+
+
+def registered_by(db: Db, request_id: str, username: str) -> bool:
+    """Whether ``request_id`` already registered ``username``: a retry of it (its
+    reply lost) is answered from the stored result and makes no account. The same
+    id with another name is a ``conflict`` (see "Requests"), not such a retry."""
+    row = db.one(
+        "SELECT caller FROM requests WHERE request_id = ? AND op = 'register'", (request_id,)
+    )
+    return row is not None and row[0] == request_caller("register", {"username": username}, None)
 
 
 def _sent(db: Db, key: bytes | str, since: float) -> tuple[Any, ...] | None:

@@ -49,8 +49,9 @@ Decisions a user can see
   be slowed. The price is that a guesser can keep an account's owner out while the
   guessing goes on (at most ``cap`` seconds after the last failure); the answer
   says so and when to try again.
-* Users behind one address (a NAT, or one host) share that address's limit, and
-  after one failed login there, the smaller share of the hashing.
+* Users behind one address (a NAT, or one host; with IPv6, one /64: a LAN) share
+  that address's limits, and after one failed login there, the smaller share of
+  the hashing.
 * A flood from ever new addresses, each failing once, is only bounded, not
   told apart from users: everyone then gets ``busy`` answers in turn.
 * The state is this node's memory: it starts empty on a new primary, and each table
@@ -248,7 +249,7 @@ class HashPool:
 
 
 def address_key(address: str) -> str:
-    """The key of a per-address registration limit: the address itself, or for IPv6
+    """The key of every per-address limit here: the address itself, or for IPv6
     its /64 (an IPv4 address mapped into IPv6 is that IPv4 address)."""
     try:
         ip = ipaddress.ip_address(address)

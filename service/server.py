@@ -830,7 +830,7 @@ class ClientSession:
         key = self.limit_key
         # A retry of a registration that was made (its reply lost) makes no account:
         # it takes no token, or a client would be told busy about its own account.
-        counted = not chat.registered_by(self.database.reader, request_id)
+        counted = not chat.registered_by(self.database.reader, request_id, name)
         if counted:
             wait = server.registrations.take(key)
             if wait > 0:
@@ -1099,7 +1099,8 @@ def _dialer_address(writer: asyncio.StreamWriter) -> str:
 
 
 def client_address(writer: asyncio.StreamWriter) -> str:
-    """The peer's IP address, the key of the per-address login limits."""
+    """The peer's IP address (``ratelimit.address_key`` makes the key of the
+    per-address limits from it; ``slots.py`` counts connections by it)."""
     peer = writer.get_extra_info("peername")
     if isinstance(peer, tuple) and peer and isinstance(peer[0], str):
         return peer[0]

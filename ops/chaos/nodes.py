@@ -84,6 +84,7 @@ from ops.cluster.waiting import NotYet, wait_for
 from ops.etcd import Etcd, EtcdError
 from service import config as config_module
 from service import diskfaults
+from service.__main__ import parse_args as parse_node_args
 from service.status import NodeStatus, leading
 
 NODE_IDS = (1, 2, 3)
@@ -524,8 +525,9 @@ class SupervisedCluster:
             command = shlex.split(parser.get(section, "command").replace("%(here)s", here))
             if "service" not in command or "--config" not in command:
                 continue
-            node_conf = Path(command[command.index("--config") + 1])
-            config = config_module.load(node_conf, {})
+            # The node's settings as it reads them: its file and its --set flags.
+            node_conf, overrides = parse_node_args(command[command.index("service") + 1 :])
+            config = config_module.load(node_conf, overrides)
             log = parser.get(section, "stdout_logfile").replace("%(here)s", here)
             ctl_name = f"{groups[name]}:{name}" if name in groups else name
             programs[config.node_id] = _Program(config.node_id, ctl_name, config, Path(log))

@@ -173,6 +173,10 @@ class Arbiter(abc.ABC):
     def force_promote(self, now: float, out: list[Effect]) -> None:
         """An operator's explicit, warned promotion of this node."""
 
+    def on_storage_fault(self, now: float, out: list[Effect]) -> None:  # noqa: B027
+        """The disk refused a write: whatever this node was asking for its own lead
+        depends on writes it may not have made (nothing to drop by default)."""
+
     # ---- is a sync-set change in effect ----------------------------------------------------
 
     @abc.abstractmethod

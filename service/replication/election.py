@@ -437,6 +437,27 @@ class PeerVoting(Arbiter):
     def force_promote(self, now: float, out: list[Effect]) -> None:
         self._campaign(now, force=True, out=out)
 
+    def on_storage_fault(self, now: float, out: list[Effect]) -> None:
+        """A campaign running when the disk refuses a write is given up at once: if
+        the write was its own vote, its requests never went out (the runtime sends
+        nothing that depends on a refused write), so its peers' silence says nothing
+        of them and they may give this epoch to another node. Waiting for the
+        deadline is not enough: the disk may take writes again before it, and the
+        campaign would then lead alone (two primaries in one epoch)."""
+        spell = self.spell
+        campaign = spell.campaign if spell is not None else None
+        if spell is None or campaign is None:
+            return
+        core = self.core
+        out.append(
+            Log(
+                "campaign abandoned",
+                {"node": core.node_id, "epoch": campaign.epoch, "why": core.fault},
+            )
+        )
+        spell.campaign = None
+        spell.next_round_at = now + core.timing.election_timeout
+
     def _campaign(self, now: float, force: bool, out: list[Effect]) -> None:
         core, spell = self.core, self.spell
         assert spell is not None
@@ -532,19 +553,6 @@ class PeerVoting(Arbiter):
         if spell is None or campaign is None:
             return
         core = self.core
-        if core.fault is not None:
-            # The disk refused our vote: its requests never went out (the runtime
-            # sends nothing that depends on a refused write), so the peers' silence
-            # says nothing of them, and they may give this epoch to another node.
-            out.append(
-                Log(
-                    "campaign abandoned",
-                    {"node": core.node_id, "epoch": campaign.epoch, "why": core.fault},
-                )
-            )
-            spell.campaign = None
-            spell.next_round_at = now + core.timing.election_timeout
-            return
         # A peer that answered the probe but not the vote is frozen or died; when it
         # comes back it has a clock gap or a restart, so we proceed without it.
         members = [core.node_id]

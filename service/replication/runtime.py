@@ -560,6 +560,17 @@ class Replicator:
         if frame.get("type") == "backup":
             return backup.frames(self.storage, self.config.data_dir, self.config.node_id)
         if frame.get("type") == "force_promote":
+            if self.core.fault is not None:
+                # Its campaign would be abandoned at once (no election makes a node
+                # that cannot write primary): say so rather than seem to go ahead.
+                return {
+                    "type": "error",
+                    "request_id": None,
+                    "code": "storage_fault",
+                    "message": f"node {self.config.node_id} cannot write: {self.core.fault}; "
+                    "it can be promoted once its disk takes writes again",
+                    "retriable": True,
+                }
             self.run(self.core.force_promote(self.now()))
             return {"type": "reply", "request_id": None, "result": self.status()}
         if frame.get("type") == "status":

@@ -642,6 +642,7 @@ class ReplicaCore:
         if self.fault is None:
             out.append(Log("storage fault", {"node": self.node_id, "why": why}))
         self.fault = why
+        self.arbiter.on_storage_fault(now, out)
         if self._lead is not None:
             heirs = [m for m in self._lead.acks.effective if m != self.node_id and m in self.links]
             if heirs:

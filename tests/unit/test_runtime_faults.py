@@ -157,3 +157,33 @@ def test_a_step_down_whose_epoch_the_disk_refuses_fails_the_writes_waiting(
             storage.close()
 
     asyncio.run(scenario())
+
+
+def test_a_forced_promotion_of_a_node_whose_disk_refuses_writes_is_refused(
+    tmp_path: Path, faults: DiskFaults
+) -> None:
+    """No election makes a node that cannot write primary, a forced one neither: the
+    operator is told so (ops.promote prints it), rather than shown a status as if
+    the promotion went ahead while its campaign is abandoned."""
+
+    async def scenario() -> None:
+        replicator, storage = node(tmp_path, faults)
+        try:
+            faults.set(Plan("full"))
+            out: list[Effect] = []
+            replicator.core.adopt_epoch(replicator.now(), 3, None, "a test", out)
+            replicator.run(out)  # the epoch's Persist fails: a storage fault
+            assert replicator.core.fault is not None
+            answer = replicator._on_operator({"type": "force_promote"})
+            assert isinstance(answer, dict), answer
+            assert answer["type"] == "error", answer
+            assert answer["code"] == "storage_fault", answer
+            assert "cannot write" in answer["message"], answer
+            assert replicator.core.role is Role.ELECTING
+            assert replicator.sent == [], "a campaign's requests went out"
+        finally:
+            faults.set(Plan("off"))
+            await replicator.close()
+            storage.close()
+
+    asyncio.run(scenario())

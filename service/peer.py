@@ -78,6 +78,9 @@ READ_CHUNK = 256 * 1024
 MAX_BUFFERED = 64 * 1024 * 1024
 # The least a hold that fired early waits again (uvloop's timers count milliseconds).
 HOLD_TICK = 0.001
+# A connection that failed in its handshake gets this long to close cleanly (to
+# flush the error it was told) before it is cut.
+CLOSE_WAIT = 1.0
 
 FrameHandler = Callable[[int, protocol.Frame], None]
 LinkHandler = Callable[[int, bool, bool], None]
@@ -202,7 +205,7 @@ class PeerLinks:
                 )
             except (OSError, TimeoutError, ProtocolViolation, EOFError) as exc:
                 failures.note(node=peer, error=_one_line(exc))
-                writer.close()
+                await close_after_error(writer)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, MAX_REDIAL)
                 continue
@@ -600,6 +603,21 @@ class FrameReader:
             # The connection ended before the hand-off: no callback will say so again.
             feed.eof_received()
         return feed
+
+
+async def close_after_error(writer: asyncio.StreamWriter) -> None:
+    """Close a connection that failed before its hand-off (a reset, a timeout, a bad
+    hello), taking the error it ended with. asyncio keeps that error in a second
+    place, a future of the stream's protocol that only ``wait_closed`` reads; the
+    error's traceback holds the handler's frame, and so the writer and that future:
+    a cycle. When the collector happens to free the future before the protocol
+    (the exit of the process, say), asyncio logs "Future exception was never
+    retrieved" at ERROR, with a traceback, for a client that merely went away."""
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
+    except Exception:  # the error it ended with, or a peer that reads nothing
+        writer.transport.abort()
 
 
 def source_address(mine: str, peer: str) -> tuple[str, int] | None:

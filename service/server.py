@@ -100,7 +100,7 @@ from .errors import (
     StorageCorrupt,
     StorageFault,
 )
-from .peer import OPERATOR_ID, FrameFeed, FrameReader
+from .peer import OPERATOR_ID, FrameFeed, FrameReader, close_after_error
 from .replication.types import Role
 from .slots import ClientSlots, SlotsFull
 from .storage import Db
@@ -452,7 +452,8 @@ class Server:
             if isinstance(exc, ProtocolViolation):
                 self._bad_hello.note(address=address, error=_one_line(exc))
                 _refuse(writer, exc)
-            writer.close()
+            self.handshakes.pop(writer, None)  # its place is free while it closes
+            await close_after_error(writer)
             return
         finally:
             self.handshakes.pop(writer, None)

@@ -26,15 +26,8 @@ from service.errors import Internal, StorageFault
 from service.replication.types import Position
 from service.storage import Storage
 
+# The names of the VFSes made here with a control file (the fixture names its own).
 _names = itertools.count(1)
-
-
-@pytest.fixture
-def faults() -> Iterator[DiskFaults]:
-    """A fault VFS of its own name, plan ``off``; not the process's default."""
-    vfs = DiskFaults(f"test-diskfaults-{next(_names)}")
-    yield vfs
-    vfs.close()
 
 
 @pytest.fixture
@@ -233,7 +226,7 @@ def test_flipped_read_bytes_are_seen_as_corruption(tmp_path: Path, faults: DiskF
 
 def test_a_control_file_drives_the_plan(tmp_path: Path) -> None:
     control = tmp_path / "faults.json"
-    faults = DiskFaults(f"test-diskfaults-{next(_names)}", control=control)
+    faults = DiskFaults(f"test-diskfaults-control-{next(_names)}", control=control)
     storage = Storage(tmp_path / "chat.db", vfs=faults.name, migrations=MIGRATIONS)
     try:
         send(storage, "no file yet")
@@ -256,7 +249,7 @@ def test_a_bad_control_file_keeps_the_plan_and_is_logged(
 ) -> None:
     control = tmp_path / "faults.json"
     write_control(control, Plan("full", after_bytes=7))
-    faults = DiskFaults(f"test-diskfaults-{next(_names)}", control=control)
+    faults = DiskFaults(f"test-diskfaults-control-{next(_names)}", control=control)
     try:
         assert faults.plan == Plan("full", after_bytes=7)
 

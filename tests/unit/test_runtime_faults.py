@@ -19,8 +19,7 @@ role the core took, or the two disagree for as long as the node runs:
 from __future__ import annotations
 
 import asyncio
-import itertools
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -36,15 +35,6 @@ from service.replication.messages import Message
 from service.replication.runtime import Replicator
 from service.replication.types import NodeState, Role
 from service.storage import Storage
-
-_names = itertools.count(1)
-
-
-@pytest.fixture
-def faults() -> Iterator[DiskFaults]:
-    vfs = DiskFaults(f"test-runtime-faults-{next(_names)}")
-    yield vfs
-    vfs.close()
 
 
 class Node(Replicator):
@@ -68,6 +58,24 @@ def node(tmp_path: Path, faults: DiskFaults) -> tuple[Node, Storage]:
     return replicator, storage
 
 
+def run_node(
+    tmp_path: Path, faults: DiskFaults, scenario: Callable[[Node, Storage], Awaitable[None]]
+) -> None:
+    """``scenario`` on a node of ``node``'s, in a loop of its own; the disk takes
+    writes again, and the node and its files are closed, whatever happened."""
+
+    async def main() -> None:
+        replicator, storage = node(tmp_path, faults)
+        try:
+            await scenario(replicator, storage)
+        finally:
+            faults.set(Plan("off"))
+            await replicator.close()
+            storage.close()
+
+    asyncio.run(main())
+
+
 def on_disk(path: Path) -> NodeState:
     """The node state as the files hold it, through SQLite's own VFS."""
     storage = Storage(path / "chat.db", migrations=MIGRATIONS)
@@ -89,74 +97,63 @@ def promoted(replicator: Replicator, epoch: int) -> list[Effect]:
 def test_a_promotion_whose_vote_the_disk_refuses_is_sealed_once_the_disk_recovers(
     tmp_path: Path, faults: DiskFaults
 ) -> None:
-    async def scenario() -> None:
-        replicator, storage = node(tmp_path, faults)
+    async def scenario(replicator: Node, storage: Storage) -> None:
         roles: list[Role] = []
         replicator.role_hooks.append(roles.append)
         replicator.durability.start()
         replicator.spawn(replicator.writer.run())
-        try:
-            faults.set(Plan("ioerror"))
-            replicator.run(promoted(replicator, 5))
-            assert replicator.core.role is Role.PRIMARY
-            assert replicator.core.fault is not None, "the failed vote was not reported"
-            assert roles == [Role.PRIMARY], "the server was not told the node leads"
-            assert replicator.writer.reign == 1, "the writer never began the reign"
-            assert on_disk(tmp_path).current_epoch < 5
+        faults.set(Plan("ioerror"))
+        replicator.run(promoted(replicator, 5))
+        assert replicator.core.role is Role.PRIMARY
+        assert replicator.core.fault is not None, "the failed vote was not reported"
+        assert roles == [Role.PRIMARY], "the server was not told the node leads"
+        assert replicator.writer.reign == 1, "the writer never began the reign"
+        assert on_disk(tmp_path).current_epoch < 5
 
-            faults.set(Plan("off"))
-            await asyncio.to_thread(
-                wait_for,
-                lambda: replicator.core.position.epoch == 5,
-                10.0,
-                "the reign's first record, sealed once the disk took writes again",
-            )
-            assert on_disk(tmp_path) == NodeState(5, 5, 1)
-            assert storage.sync_set().members == (1,)
-        finally:
-            await replicator.close()
-            storage.close()
+        faults.set(Plan("off"))
+        await asyncio.to_thread(
+            wait_for,
+            lambda: replicator.core.position.epoch == 5,
+            10.0,
+            "the reign's first record, sealed once the disk took writes again",
+        )
+        assert on_disk(tmp_path) == NodeState(5, 5, 1)
+        assert storage.sync_set().members == (1,)
 
-    asyncio.run(scenario())
+    run_node(tmp_path, faults, scenario)
 
 
 def test_a_step_down_whose_epoch_the_disk_refuses_fails_the_writes_waiting(
     tmp_path: Path, faults: DiskFaults
 ) -> None:
-    async def scenario() -> None:
-        replicator, storage = node(tmp_path, faults)
+    async def scenario(replicator: Node, storage: Storage) -> None:
         roles: list[Role] = []
         replicator.role_hooks.append(roles.append)
-        try:
-            replicator.run(promoted(replicator, 5))
-            assert roles == [Role.PRIMARY]
-            assert replicator.core.fault is None
-            waiting = asyncio.ensure_future(replicator.writer.wait_acked(1))
-            await asyncio.to_thread(
-                wait_for, lambda: replicator.writer.waiters, 10.0, "the write's ack waiter"
-            )
+        replicator.run(promoted(replicator, 5))
+        assert roles == [Role.PRIMARY]
+        assert replicator.core.fault is None
+        waiting = asyncio.ensure_future(replicator.writer.wait_acked(1))
+        await asyncio.to_thread(
+            wait_for, lambda: replicator.writer.waiters, 10.0, "the write's ack waiter"
+        )
 
-            faults.set(Plan("ioerror"))
-            replicator.sent.clear()
-            out: list[Effect] = []
-            replicator.core.adopt_epoch(replicator.now(), 7, 2, "node 2 leads epoch 7", out)
-            replicator.run(out)
-            assert replicator.core.role is Role.BACKUP
-            assert roles == [Role.PRIMARY, Role.BACKUP], "the server was not told"
-            with pytest.raises(Unavailable, match="retry with the same request id"):
-                await asyncio.wait_for(waiting, timeout=10)
-            # The join to the new primary names epoch 7, which the disk has not
-            # taken: it waits for the recovery.
-            assert [m for _, m in replicator.sent] == []
-            assert any(isinstance(e, Send) for e in out)
-            with pytest.raises(StorageFault):
-                storage.save_node_state(NodeState(7, 5, 1))
-        finally:
-            faults.set(Plan("off"))
-            await replicator.close()
-            storage.close()
+        faults.set(Plan("ioerror"))
+        replicator.sent.clear()
+        out: list[Effect] = []
+        replicator.core.adopt_epoch(replicator.now(), 7, 2, "node 2 leads epoch 7", out)
+        replicator.run(out)
+        assert replicator.core.role is Role.BACKUP
+        assert roles == [Role.PRIMARY, Role.BACKUP], "the server was not told"
+        with pytest.raises(Unavailable, match="retry with the same request id"):
+            await asyncio.wait_for(waiting, timeout=10)
+        # The join to the new primary names epoch 7, which the disk has not
+        # taken: it waits for the recovery.
+        assert [m for _, m in replicator.sent] == []
+        assert any(isinstance(e, Send) for e in out)
+        with pytest.raises(StorageFault):
+            storage.save_node_state(NodeState(7, 5, 1))
 
-    asyncio.run(scenario())
+    run_node(tmp_path, faults, scenario)
 
 
 def test_a_forced_promotion_of_a_node_whose_disk_refuses_writes_is_refused(
@@ -166,24 +163,18 @@ def test_a_forced_promotion_of_a_node_whose_disk_refuses_writes_is_refused(
     operator is told so (ops.promote prints it), rather than shown a status as if
     the promotion went ahead while its campaign is abandoned."""
 
-    async def scenario() -> None:
-        replicator, storage = node(tmp_path, faults)
-        try:
-            faults.set(Plan("full"))
-            out: list[Effect] = []
-            replicator.core.adopt_epoch(replicator.now(), 3, None, "a test", out)
-            replicator.run(out)  # the epoch's Persist fails: a storage fault
-            assert replicator.core.fault is not None
-            answer = replicator._on_operator({"type": "force_promote"})
-            assert isinstance(answer, dict), answer
-            assert answer["type"] == "error", answer
-            assert answer["code"] == "storage_fault", answer
-            assert "cannot write" in answer["message"], answer
-            assert replicator.core.role is Role.ELECTING
-            assert replicator.sent == [], "a campaign's requests went out"
-        finally:
-            faults.set(Plan("off"))
-            await replicator.close()
-            storage.close()
+    async def scenario(replicator: Node, storage: Storage) -> None:
+        faults.set(Plan("full"))
+        out: list[Effect] = []
+        replicator.core.adopt_epoch(replicator.now(), 3, None, "a test", out)
+        replicator.run(out)  # the epoch's Persist fails: a storage fault
+        assert replicator.core.fault is not None
+        answer = replicator._on_operator({"type": "force_promote"})
+        assert isinstance(answer, dict), answer
+        assert answer["type"] == "error", answer
+        assert answer["code"] == "storage_fault", answer
+        assert "cannot write" in answer["message"], answer
+        assert replicator.core.role is Role.ELECTING
+        assert replicator.sent == [], "a campaign's requests went out"
 
-    asyncio.run(scenario())
+    run_node(tmp_path, faults, scenario)

@@ -233,11 +233,15 @@ class PeerLinks:
         version = protocol.choose_version(hello)
         if hello.get("node") != peer:
             raise ProtocolViolation(f"expected node {peer}, reached node {hello.get('node')}")
+        nonce = hello.get("nonce")
+        if not isinstance(nonce, str):
+            # Not a KeyError: that would end this peer's dialing for good.
+            raise ProtocolViolation(f"node {peer}'s hello has no nonce")
         my_nonce = protocol.new_nonce()
         writer.write(
             protocol.encode_frame(
                 protocol.peer_hello(
-                    version, self.secret, str(hello["nonce"]), self.config.node_id, peer, my_nonce
+                    version, self.secret, nonce, self.config.node_id, peer, my_nonce
                 )
             )
         )
@@ -288,17 +292,24 @@ class PeerLinks:
     async def _stream_to_operator(
         self, answer: AsyncIterator[protocol.Frame], writer: asyncio.StreamWriter
     ) -> None:
+        failed = True
         try:
             async for frame in answer:
                 writer.write(protocol.encode_frame(frame))
                 await writer.drain()  # at the pace the operator reads
+            failed = False
         except (ConnectionError, OSError) as exc:
             log.info("operator stream ended early node=%s error=%s", self.config.node_id, exc)
         finally:
             aclose = getattr(answer, "aclose", None)
             if aclose is not None:
                 await aclose()
-            writer.close()
+            # A stream sent whole closes as usual, its tail flushed however slowly
+            # the operator reads; one that failed is closed taking its error.
+            if failed:
+                await close_after_error(writer)
+            else:
+                writer.close()
 
     # ---- a live link -----------------------------------------------------------------
 

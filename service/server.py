@@ -566,7 +566,7 @@ class Server:
         except (ProtocolViolation, EOFError, TimeoutError, ConnectionError, OSError) as exc:
             if isinstance(exc, ProtocolViolation):
                 _refuse(writer, exc)
-            writer.close()
+            await close_after_error(writer)
 
     def _welcome(self) -> protocol.Frame:
         return {

@@ -4,7 +4,8 @@ A dialer that offers no peer version (a node from before them) is welcomed in
 version 1, one that offers version 2 in version 2. Whatever an authenticated
 peer sends that breaks the protocol (a binary frame on a link of version 1, a
 binary ``append`` whose records do not add up) closes that link and nothing
-else: the node goes on answering, logs why, and never crashes.
+else: the node goes on answering, logs why, and never crashes; a bad hello to
+its dial is refused and the peer dialled again.
 """
 
 from __future__ import annotations
@@ -115,3 +116,29 @@ def test_a_peer_frame_that_breaks_the_protocol_closes_the_link_only(
     assert "Traceback" not in log
     # The same peer, well-behaved, is welcomed again.
     PeerSocket(node.address, secret, 2, offer).close()
+
+
+def test_a_peer_whose_hello_has_no_nonce_is_dialled_again(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """Something at node 2's address that answers node 1's dial with a hello without
+    a nonce: a bad hello, refused like any other, and node 2 is dialled again. It
+    was a KeyError outside what the dialer expects of a handshake, which ended its
+    task: node 1 never dialled node 2 again, not even once node 2 ran."""
+    cluster = cluster_factory()
+    host, port = parse_address(cluster[2].address)
+    listener = socket.create_server((host, port))
+    listener.settimeout(TIMEOUT * 4)
+    try:
+        cluster[1].start()
+        hello = {k: v for k, v in protocol.server_hello(2, "n").items() if k != "nonce"}
+        for attempt in (1, 2):
+            try:
+                dialled, _ = listener.accept()
+            except TimeoutError:
+                pytest.fail(f"node 1 never dialled node 2's address (attempt {attempt})")
+            dialled.sendall(protocol.encode_frame(hello))
+            dialled.close()
+        assert cluster[1].is_running, "node 1 died of the hello"
+    finally:
+        listener.close()

@@ -71,6 +71,9 @@ STATE_TIMEOUT = 2.0
 BIND_RETRY = 5.0
 # Client writes per record: group commit takes up to max_batch (512 by default).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Changeset bytes per applied transaction: the usual writes' records are a few KB,
+# the largest 2 MiB, and a backup applies at most about that much in one turn.
+APPLY_BYTES_BUCKETS = tuple(1024 * k for k in (4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384))
 FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROLES = tuple(role.value for role in Role)
@@ -407,6 +410,12 @@ class Metrics:
             "chat_applied_records",
             "Backup: records applied in one transaction",
             buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.applied_bytes = Histogram(
+            "chat_applied_bytes",
+            "Backup: changeset bytes applied in one transaction (one turn of its loop)",
+            buckets=APPLY_BYTES_BUCKETS,
             registry=registry,
         )
         self.fsync_seconds = Histogram(

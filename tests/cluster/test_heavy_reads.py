@@ -250,3 +250,33 @@ def test_another_users_reads_are_answered_while_one_account_floods_reads(
     assert answers.get("busy", 0) > 0, f"the flood's reads never filled the line: {answers}"
     assert set(answers) <= {"reply", "busy"}, answers
     finish(cluster)
+
+
+def test_a_thawed_backup_applies_the_largest_records_a_few_mib_a_turn(
+    cluster_factory: ClusterFactory,
+) -> None:
+    """A backup that was held (a stall, a busy machine) finds what the primary sent
+    meanwhile waiting in its socket, and its event loop reads all of it in one turn:
+    several of the largest records (2 MiB each, the sends of this flood; 18 MB after
+    this freeze). Applied in one transaction, as records that arrive together are, 6 MiB
+    held its loop for 0.45 s: its heartbeats unread past a suspect timeout, its
+    ``status`` unanswered. It applies at most one full record's worth a turn
+    (follower.APPLY_BYTES), and the rest in the turns after."""
+    cluster = cluster_factory(metrics=True)
+    primary = start_cluster(cluster)
+    token = run(new_user(cluster.servers, "mallory"))
+    backup = next(node for node in cluster.nodes.values() if node is not primary)
+    backup.freeze()
+    answers = run(send_flood(primary.address, token, 4, SECONDS))
+    assert answers.get("reply", 0) > 200, answers
+    backup.thaw()
+    cluster.wait_in_sync()
+    seen = backup.metrics()
+    assert seen is not None
+    applies = seen.value("chat_applied_bytes_count")
+    at_most = {float(le): n for le, n in seen.by_label("chat_applied_bytes_bucket", "le").items()}
+    over = applies - at_most[4 * 1024 * 1024]
+    assert over == 0, f"{over} of {applies} transactions applied more than 4 MiB at once"
+    large = applies - at_most[1024 * 1024]
+    assert large >= 5, f"only {large} of {applies} transactions applied the largest records"
+    finish(cluster)

@@ -54,6 +54,12 @@ means an ack answering a frame sent after the gap (it reports a record sealed
 since, or belongs to a join answered since; the primary seals its sync set
 again to have such a record at once): acks that waited in its socket while it
 was stopped predate whatever the member did since, such as taking over.
+
+Late ticks. A backup's tick later than ``heartbeat_interval`` after the node's
+previous input runs before the frames that waited meanwhile are read: a backup
+whose loop was held a few tenths of a second (applying the largest records on a
+busy machine) took the primary's unread heartbeats for silence. Such a tick
+leaves the suspicion to the next one; never twice in a row.
 """
 
 from __future__ import annotations
@@ -188,6 +194,8 @@ class BackupState:
     join_sent: float = 0.0
     # The answer was "take a snapshot": chunks are expected until it is installed.
     awaiting_snapshot: bool = False
+    # The last tick found the primary silent but came late, and left it to this one.
+    suspicion_deferred: bool = False
 
 
 # ---- the core -----------------------------------------------------------------------
@@ -398,12 +406,23 @@ class ReplicaCore:
 
     def tick(self, now: float) -> list[Effect]:
         out: list[Effect] = []
+        late = now - self.last_tick > self.timing.heartbeat_interval
         self._check_gap(now, out)
         if self._lead is not None:
             self._primary_tick(now, self._lead, out)
         elif self._follower is not None:
             follower = self._follower
-            if now - follower.last_primary_frame > self.timing.suspect_timeout:
+            silent = now - follower.last_primary_frame > self.timing.suspect_timeout
+            # A tick that comes late (this node's loop was held: a long apply, a busy
+            # machine) runs before the frames of that time are read from its socket,
+            # the primary's heartbeats among them. It leaves the judgement to the
+            # next tick, once they are read; only once, so that a node whose every
+            # tick comes late still suspects a dead primary, a tick later.
+            defer = silent and late and not follower.suspicion_deferred
+            follower.suspicion_deferred = defer
+            if defer:
+                pass
+            elif silent:
                 self.become_electing(now, "primary silent past the suspect timeout", out)
             elif (
                 not follower.joined

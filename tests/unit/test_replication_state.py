@@ -1504,3 +1504,44 @@ def test_a_campaign_whose_vote_the_disk_refused_does_not_win(
         later += candidate.tick(now)
     assert candidate.role is Role.ELECTING, later
     assert not [e for e in later if isinstance(e, BecomePrimary)], later
+
+
+def backup_held_by_its_loop() -> tuple[ReplicaCore, ReplicaCore, float]:
+    """A converged cluster's primary and a backup whose ticks came regularly until
+    ``t`` + 0.3, the primary last heard before ``t``; the backup's next tick comes
+    0.4 s late (short of a clock gap), past the suspect timeout."""
+    sim = started()
+    primary, backup = sim.core(1), sim.core(2)
+    assert backup.role is Role.BACKUP
+    t = sim.now
+    for after in (0.1, 0.2, 0.3):
+        backup.tick(t + after)
+    assert backup.role is Role.BACKUP
+    late = t + 0.7
+    assert late - (t + 0.3) < TIMING.clock_gap
+    assert late - t > TIMING.suspect_timeout
+    backup.tick(late)
+    return primary, backup, late
+
+
+def test_a_backup_reads_the_heartbeats_that_waited_before_suspecting_after_a_late_tick() -> None:
+    """A late tick runs before the frames that waited in the socket are read: the
+    primary's heartbeats were there, and the backup became electing all the same."""
+    primary, backup, late = backup_held_by_its_loop()
+    assert backup.role is Role.BACKUP, "suspected the primary before reading its socket"
+    backup.on_message(late + 0.001, 1, primary.stream_header(2, []))
+    backup.tick(late + 0.02)
+    assert backup.role is Role.BACKUP
+    assert backup.primary_live(late + 0.02)
+
+
+def test_a_backup_suspects_a_silent_primary_one_tick_after_a_late_one() -> None:
+    _, backup, late = backup_held_by_its_loop()
+    backup.tick(late + 0.02)
+    assert backup.role is Role.ELECTING
+
+
+def test_a_backup_whose_every_tick_comes_late_still_suspects_a_silent_primary() -> None:
+    _, backup, late = backup_held_by_its_loop()
+    backup.tick(late + 0.4)
+    assert backup.role is Role.ELECTING, "a second late tick deferred the suspicion again"

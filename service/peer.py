@@ -163,6 +163,18 @@ class PeerLinks:
         link = self.links.get(peer)
         return link.buffered() if link is not None else 0
 
+    def set_reading(self, peer: int, reading: bool) -> None:
+        """Read the link to ``peer``, or leave what it sends in the socket (TCP then
+        pushes back on it): a backup with more records waiting than it applies."""
+        link = self.links.get(peer)
+        if link is None or link.writer.is_closing():
+            return
+        transport = cast(asyncio.Transport, link.writer.transport)  # uvloop's: not a subclass
+        if reading:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
     async def drain(self, peer: int) -> None:
         link = self.links.get(peer)
         if link is not None and link.feed is not None and not link.writer.is_closing():

@@ -9,8 +9,11 @@ after a stall the records of that time (2 MiB each at most; 18 MB seen after a
 3 s freeze) arrive in one turn, and applying 6 MiB in one transaction held the
 loop for 0.45 s: no ``status`` answered, and the primary's heartbeats left
 unread past its suspect timeout. The rest waits for the next turn, after the
-timers and the sockets; records still waiting when a rewind or a snapshot
-answers a join belong to the stream before it and are dropped. A record that does not
+timers and the sockets. Past ``PENDING_BYTES`` waiting, the primary's link is not
+read until an apply brings them under (TCP pushes back on the primary, as when
+all that was read in a turn was applied in the next). Records still waiting when
+their stream ends (a rewind or a snapshot answering a join, a lost join, a failed
+apply, the node stopping) are dropped, never applied. A record that does not
 follow the log (a gap, an older epoch) is never applied: the backup joins
 again and the primary says where to resume (R4).
 
@@ -55,6 +58,12 @@ from .writer import RECORD_BUDGET
 # one full record (at least one record, whatever its size). Records of the usual
 # writes, a few KB each, still go hundreds to a transaction and its fsync.
 APPLY_BYTES = RECORD_BUDGET
+# Records received and not yet applied, past this many bytes of changesets: the
+# primary's link is not read until an apply brings them under again. TCP then pushes
+# back on the primary (which cuts a link it has buffered peer.MAX_BUFFERED for), as
+# it did when everything read in a turn was applied in the next one; the link is
+# read again after each apply, so the primary's frames are still heard every turn.
+PENDING_BYTES = 8 * APPLY_BYTES
 
 
 class Follower:
@@ -68,6 +77,7 @@ class Follower:
         metrics: Metrics,
         forget_tail: Callable[[], None],
         fatal: Callable[[BaseException | None], None],
+        set_reading: Callable[[int, bool], None],
     ) -> None:
         self.shell = shell
         self.config = config
@@ -79,9 +89,15 @@ class Follower:
         # for streams should this node lead) describes records that are gone.
         self.forget_tail = forget_tail
         self.fatal = fatal
-        # Records received and not yet applied (one transaction for all of them).
+        # Whether to read the link to a peer (False: leave its frames in the socket).
+        self.set_reading = set_reading
+        # Records received and not yet applied (APPLY_BYTES of them a transaction),
+        # their changesets' bytes, and the peer whose link is not read meanwhile.
         self.pending: list[LogRecord] = []
+        self.pending_bytes = 0
+        self.unread: int | None = None
         self.scheduled = False
+        self.closed = False
         # The snapshot being received: its file and how many bytes are in.
         self.incoming_snapshot: tuple[Path, int] | None = None
         # The first seq of records that did not apply, until records apply again.
@@ -89,22 +105,47 @@ class Follower:
 
     def buffer(self, records: list[LogRecord]) -> None:
         """Records of an ``append`` (checked at the edge: ``messages.from_wire``)."""
+        if self.closed:
+            return
         self.pending.extend(records)
+        self.pending_bytes += sum(len(record.changeset) for record in records)
+        primary = self.core.primary
+        if self.pending_bytes > PENDING_BYTES and self.unread is None and primary is not None:
+            self.unread = primary
+            self.set_reading(primary, False)
         if not self.scheduled:
-            # Records that arrived together are applied in one transaction: one fsync.
+            # Records that arrived together are applied together (up to APPLY_BYTES):
+            # one transaction, one fsync.
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def close(self) -> None:
+        """The node stops: nothing more is applied (the database closes next)."""
+        self.closed = True
+        self._drop()
 
     def _flush(self) -> None:
         try:
             self._apply()
         except Exception as exc:
             self.fatal(exc)
+        finally:
+            self._read_again()
+
+    def _drop(self) -> None:
+        self.pending = []
+        self.pending_bytes = 0
+        self._read_again()
+
+    def _read_again(self) -> None:
+        if self.unread is not None and self.pending_bytes <= PENDING_BYTES:
+            peer, self.unread = self.unread, None
+            self.set_reading(peer, True)
 
     def _apply(self) -> None:
         self.scheduled = False
-        if self.core.role is not Role.BACKUP or not self.core.joined:
-            self.pending = []
+        if self.closed or self.core.role is not Role.BACKUP or not self.core.joined:
+            self._drop()
             return
         records = self._take()
         if self.pending:
@@ -157,24 +198,26 @@ class Follower:
         except BaseException:
             # The records after these cannot follow them: they come again after the
             # next join, or never (a fault, a later schema).
-            self.pending = []
+            self._drop()
             raise
 
     def _take(self) -> list[LogRecord]:
         """The first pending records, up to APPLY_BYTES of changesets (at least one)."""
         size = 0
         for count, record in enumerate(self.pending):
-            size += len(record.changeset)
-            if size > APPLY_BYTES and count:
+            if size + len(record.changeset) > APPLY_BYTES and count:
                 taken, self.pending = self.pending[:count], self.pending[count:]
+                self.pending_bytes -= size
                 return taken
+            size += len(record.changeset)
         taken, self.pending = self.pending, []
+        self.pending_bytes = 0
         return taken
 
     def rewind(self, to_seq: int) -> list[Effect]:
         # A rewind answers a join: records still waiting for their turn came before
         # it, in the stream it replaces.
-        self.pending = []
+        self._drop()
         position = self.storage.position()
         rollback = self.config.rollback_dir / f"rewind-{int(time.time() * 1000)}.jsonl"
         try:
@@ -229,7 +272,7 @@ class Follower:
         return self.core.on_log_unusable(self.shell.now(), "own log too short to rewind")
 
     def expect_snapshot(self) -> None:
-        self.pending = []  # as for a rewind
+        self._drop()  # as for a rewind
         path = self.config.data_dir / "snapshot-in.db"
         remove_database_files(path)
         self.incoming_snapshot = (path, 0)

@@ -187,6 +187,7 @@ class Replicator:
             self.metrics,
             self.streams.forget_tail,
             fatal,
+            self.links.set_reading,
         )
         # Told of acknowledged sends and of writes that ended sessions (the server's
         # pushes and stream closes): the write path's lists, shared.
@@ -216,6 +217,7 @@ class Replicator:
         # backups dying (a stopping primary would shrink its sync set to itself, then
         # restart believing it was the last to fail).
         self.closing = True
+        self.follower.close()
         await self.links.close()
         for task in list(self._tasks):
             task.cancel()

@@ -55,8 +55,8 @@ since, or belongs to a join answered since; the primary seals its sync set
 again to have such a record at once): acks that waited in its socket while it
 was stopped predate whatever the member did since, such as taking over.
 
-Late ticks. A backup's tick later than ``heartbeat_interval`` after the node's
-previous input runs before the frames that waited meanwhile are read: a backup
+Late ticks. A backup's tick later than ``heartbeat_interval`` after the one
+before may run before the frames that waited meanwhile are read: a backup
 whose loop was held a few tenths of a second (applying the largest records on a
 busy machine) took the primary's unread heartbeats for silence. Such a tick
 leaves the suspicion to the next one; never twice in a row.
@@ -262,7 +262,8 @@ class ReplicaCore:
         self.sync_set = sync_set
         self.role = Role.ELECTING
         self.links: set[int] = set()
-        self.last_tick = now
+        self.last_tick = now  # of the latest input of any kind
+        self.previous_tick = now  # of the latest tick
         # Until this time (our clock) a primary's frame named us a member after it
         # counted an ack of ours: we may take over (R5). Kept across roles.
         self.confirmed_until = 0.0
@@ -401,12 +402,17 @@ class ReplicaCore:
         starting up (opening the database, waiting for the address), not to a
         freeze: it is no clock gap."""
         self.last_tick = max(self.last_tick, now)
+        self.previous_tick = max(self.previous_tick, now)
         if self.role is Role.ELECTING:
             self.arbiter.enter_electing(now, None)
 
     def tick(self, now: float) -> list[Effect]:
         out: list[Effect] = []
-        late = now - self.last_tick > self.timing.heartbeat_interval
+        # Measured from the tick before, not from the latest input: after a stall,
+        # an input may come first in the same turn (an etcd answer), still before
+        # the sockets are read.
+        late = now - self.previous_tick > self.timing.heartbeat_interval
+        self.previous_tick = max(self.previous_tick, now)
         self._check_gap(now, out)
         if self._lead is not None:
             self._primary_tick(now, self._lead, out)

@@ -1535,6 +1535,22 @@ def test_a_backup_reads_the_heartbeats_that_waited_before_suspecting_after_a_lat
     assert backup.primary_live(late + 0.02)
 
 
+def test_an_input_just_before_a_late_tick_does_not_hide_that_it_came_late() -> None:
+    """After a stall another input (an etcd answer, a link) may come first in the
+    same turn, still before the sockets are read."""
+    sim = started()
+    primary, backup = sim.core(1), sim.core(2)
+    t = sim.now
+    for after in (0.1, 0.2, 0.3):
+        backup.tick(t + after)
+    backup.on_link(t + 0.699, 3, True)
+    backup.tick(t + 0.7)
+    assert backup.role is Role.BACKUP, "suspected the primary before reading its socket"
+    backup.on_message(t + 0.701, 1, primary.stream_header(2, []))
+    backup.tick(t + 0.72)
+    assert backup.role is Role.BACKUP
+
+
 def test_a_backup_suspects_a_silent_primary_one_tick_after_a_late_one() -> None:
     _, backup, late = backup_held_by_its_loop()
     backup.tick(late + 0.02)

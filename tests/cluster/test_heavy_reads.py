@@ -96,12 +96,15 @@ def test_many_connections_reading_the_largest_pages_cause_no_election(
 PIPELINED = 256
 
 
+def largest_send(token: str) -> protocol.Frame:
+    """The largest send: 4,000 characters written as JSON escape pairs, a 48 KB
+    frame (16 KB stored)."""
+    return protocol.request("send", "ID", {"to": "mallory", "body": "\U0001f600" * 4000}, token)
+
+
 async def send_flood(address: str, token: str, connections: int, seconds: float) -> dict[str, int]:
-    """``pipelined`` copies of the largest send: 4,000 characters written as JSON
-    escape pairs, 48 KB frames."""
-    body = "\U0001f600" * 4000
-    request = protocol.request("send", "ID", {"to": "mallory", "body": body}, token)
-    return await pipelined(address, request, connections, seconds)
+    """``pipelined`` copies of the largest send."""
+    return await pipelined(address, largest_send(token), connections, seconds)
 
 
 async def pipelined(
@@ -176,13 +179,15 @@ def test_many_connections_pipelining_the_largest_sends_cause_no_election(
 
 
 @contextmanager
-def flooding(address: str, request: protocol.Frame) -> Iterator[dict[str, int]]:
-    """``pipelined`` copies of ``request`` on ``CONNECTIONS * 2`` connections, from a
+def flooding(
+    address: str, request: protocol.Frame, connections: int = CONNECTIONS * 2
+) -> Iterator[dict[str, int]]:
+    """``pipelined`` copies of ``request`` on ``connections`` connections, from a
     thread, until the block ends; yields the answers as they are counted."""
     answers: dict[str, int] = {}
     stop = threading.Event()
     flood = threading.Thread(
-        target=lambda: run(pipelined(address, request, CONNECTIONS * 2, 60.0, answers, stop))
+        target=lambda: run(pipelined(address, request, connections, 60.0, answers, stop))
     )
     flood.start()
     try:
@@ -267,8 +272,13 @@ def test_a_thawed_backup_applies_the_largest_records_a_few_mib_a_turn(
     token = run(new_user(cluster.servers, "mallory"))
     backup = next(node for node in cluster.nodes.values() if node is not primary)
     backup.freeze()
-    answers = run(send_flood(primary.address, token, 4, SECONDS))
-    assert answers.get("reply", 0) > 200, answers
+    with flooding(primary.address, largest_send(token), connections=4) as answers:
+        # About 128 of them fill a record: some eight records wait for the backup.
+        wait_for(
+            lambda: answers.get("reply", 0) >= 1000,
+            60.0,
+            "a thousand of the largest sends answered while a backup was frozen",
+        )
     backup.thaw()
     cluster.wait_in_sync()
     seen = backup.metrics()

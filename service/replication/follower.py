@@ -61,8 +61,10 @@ APPLY_BYTES = RECORD_BUDGET
 # Records received and not yet applied, past this many bytes of changesets: the
 # primary's link is not read until an apply brings them under again. TCP then pushes
 # back on the primary (which cuts a link it has buffered peer.MAX_BUFFERED for), as
-# it did when everything read in a turn was applied in the next one; the link is
-# read again after each apply, so the primary's frames are still heard every turn.
+# it did when everything read in a turn was applied in the next one. The link is
+# read again within a turn or two (a read overshoots by at most a record and what
+# came with it), so the primary's frames are still heard far within its suspect
+# timeout.
 PENDING_BYTES = 8 * APPLY_BYTES
 
 
@@ -122,6 +124,7 @@ class Follower:
     def close(self) -> None:
         """The node stops: nothing more is applied (the database closes next)."""
         self.closed = True
+        self.unread = None  # its links close next: nothing more to read
         self._drop()
 
     def _flush(self) -> None:
@@ -148,6 +151,8 @@ class Follower:
             self._drop()
             return
         records = self._take()
+        if not records:
+            return  # dropped since this turn was asked for (a rewind, a snapshot)
         if self.pending:
             self.scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)

@@ -273,7 +273,7 @@ def test_a_thawed_backup_applies_the_largest_records_a_few_mib_a_turn(
     backup = next(node for node in cluster.nodes.values() if node is not primary)
     backup.freeze()
     with flooding(primary.address, largest_send(token), connections=4) as answers:
-        # About 128 of them fill a record: some eight records wait for the backup.
+        # About 128 of them fill a record: at least eight records wait for the backup.
         wait_for(
             lambda: answers.get("reply", 0) >= 1000,
             60.0,

@@ -1,5 +1,6 @@
-"""A backup's follower (service/replication/follower.py) on real storage, driven by a
-real core that has joined its primary.
+"""A backup's follower (service/replication/follower.py) on real storage, beside a
+real core that has joined its primary (it decides whether records still apply).
+Records are handed to the follower as the runtime does with ``ApplyRecords``.
 
 Records that arrive together are applied together, but at most ``APPLY_BYTES`` a
 transaction, one transaction a turn of the event loop: after a stall a backup's
@@ -15,6 +16,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+
+import pytest
 
 from service.chat import ChatApplication
 from service.chat_schema import MIGRATIONS
@@ -124,6 +127,30 @@ def test_the_primary_is_not_read_while_more_than_pending_bytes_wait(tmp_path: Pa
         backup.follower.buffer(records[over:])
         assert (await backup.turns(over + 1))[-1] == over + 1
         assert backup.follower.pending == []
+        assert backup.reading[-1] == (1, True), "the primary's link left unread"
+
+    run_backup(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("end", ["rewind", "snapshot", "stop"])
+def test_records_dropped_while_the_primary_is_not_read_let_it_be_read_at_once(
+    tmp_path: Path, end: str
+) -> None:
+    records = primary_records(tmp_path, PENDING_BYTES // RECORD_BODY + 1)
+
+    async def scenario(backup: Backup) -> None:
+        backup.follower.buffer(records)
+        assert backup.reading == [(1, False)]
+        if end == "rewind":
+            backup.replicator.run(backup.follower.rewind(0))
+        elif end == "snapshot":
+            backup.follower.expect_snapshot()
+        else:
+            backup.follower.close()
+        # A stopping node's links close next: reading one again would be no use.
+        assert backup.reading == ([(1, False)] if end == "stop" else [(1, False), (1, True)])
+        assert (backup.follower.pending, backup.follower.unread) == ([], None)
+        assert await backup.turns(2) == [0, 0]
 
     run_backup(tmp_path, scenario)
 

@@ -195,9 +195,9 @@ class PeerLinks:
         )
         while self._running:
             try:
-                reader, writer = await asyncio.wait_for(
-                    self._open(host, port), self.config.handshake_timeout
-                )
+                # asyncio.timeout, not wait_for: see server.Server._handshake.
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    reader, writer = await self._open(host, port)
             except ssl.SSLError as exc:
                 # A peer we cannot verify: not ours, or a misconfigured one.
                 failures.note(node=peer, error=tls.describe_failure(exc))
@@ -211,16 +211,17 @@ class PeerLinks:
             try:
                 # The other end is a stranger until its welcome proves it holds the secret.
                 frames = FrameReader(reader, protocol.MAX_HELLO_FRAME)
-                version = await asyncio.wait_for(
-                    self._dial_handshake(peer, frames, writer),
-                    self.config.handshake_timeout,
-                )
+                async with asyncio.timeout(self.config.handshake_timeout):
+                    version = await self._dial_handshake(peer, frames, writer)
             except (OSError, TimeoutError, ProtocolViolation, EOFError) as exc:
                 failures.note(node=peer, error=_one_line(exc))
                 await close_after_error(writer)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, MAX_REDIAL)
                 continue
+            except asyncio.CancelledError:
+                writer.close()  # the node stops in the middle of the handshake
+                raise
             delay = 0.05
             await self.run_link(peer, frames, writer, version)
 
@@ -370,6 +371,10 @@ class PeerLinks:
                 del self.links[peer]
                 log.info("peer link down node=%s peer=%s", self.config.node_id, peer)
                 self.on_link(peer, False, link.closed_by_us)
+
+
+def _ignore_frame(frame: protocol.Frame) -> None:
+    """What an ended ``FrameFeed`` hands its frames to: it hands on none."""
 
 
 class FrameFeed(asyncio.Protocol):
@@ -548,6 +553,15 @@ class FrameFeed(asyncio.Protocol):
         if self._held is not None:
             self._held.cancel()
             self._held = None
+        if isinstance(why, (ProtocolViolation, OSError)):
+            # The other end's doing, not a bug: nobody reads its traceback, whose
+            # frames hold this protocol and so ``ended``, which holds the error: a
+            # cycle per bad connection, its buffers kept until the collector's rare
+            # full pass (FrameDecoder.pop).
+            why = why.with_traceback(None)
+        # No frame is handed on after the end: let go of the owner (its session holds
+        # this protocol, another cycle).
+        self.on_frame = _ignore_frame
         if not self.ended.done():
             self.ended.set_result(why)
 
@@ -638,7 +652,8 @@ async def close_after_error(writer: asyncio.StreamWriter) -> None:
     retrieved" at ERROR, with a traceback, for a client that merely went away."""
     writer.close()
     try:
-        await asyncio.wait_for(writer.wait_closed(), CLOSE_WAIT)
+        async with asyncio.timeout(CLOSE_WAIT):
+            await writer.wait_closed()
     except Exception:  # the error it ended with, or a peer that reads nothing
         writer.transport.abort()
 

@@ -417,6 +417,7 @@ class FrameFeed(asyncio.Protocol):
         self._held: asyncio.TimerHandle | None = None  # frames held by ``hold``, until
         self._held_until = 0.0  # when the hold ends, by time.monotonic
         self._eof_held = False  # the end of stream came while frames were held
+        self.stream_protocol: asyncio.BaseProtocol | None = None  # the one hand_off replaced
 
     def data_received(self, data: bytes) -> None:
         if self.ended.done():
@@ -524,6 +525,11 @@ class FrameFeed(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._end(exc)
         self.resume_writing()
+        # The stream's own protocol, replaced at the hand-off, lets go of its writer
+        # (which holds it: a cycle, with the transport and its TLS buffers) only here.
+        stream_protocol, self.stream_protocol = self.stream_protocol, None
+        if stream_protocol is not None:
+            stream_protocol.connection_lost(exc)
 
     def pause_writing(self) -> None:
         if self._writable is None:
@@ -559,6 +565,9 @@ class FrameFeed(asyncio.Protocol):
             # cycle per bad connection, its buffers kept until the collector's rare
             # full pass (FrameDecoder.pop).
             why = why.with_traceback(None)
+            # Its context too (a JSONDecodeError behind "not valid JSON"): its
+            # traceback's frames hold this protocol and the frame's bytes.
+            why.__context__ = why.__cause__ = None
         # No frame is handed on after the end: let go of the owner (its session holds
         # this protocol, another cycle).
         self.on_frame = _ignore_frame
@@ -629,6 +638,7 @@ class FrameReader:
         lost = self.reader.at_eof() or writer.is_closing()
         transport = cast(asyncio.Transport, writer.transport)  # uvloop's: not a subclass
         feed.transport = transport
+        feed.stream_protocol = transport.get_protocol()
         transport.set_protocol(feed)
         # The stream reader pauses the transport when its buffer is full; the feed
         # decodes as it goes and never needs that.
@@ -654,7 +664,10 @@ async def close_after_error(writer: asyncio.StreamWriter) -> None:
     try:
         async with asyncio.timeout(CLOSE_WAIT):
             await writer.wait_closed()
-    except Exception:  # the error it ended with, or a peer that reads nothing
+    except Exception as exc:  # the error it ended with, or a peer that reads nothing
+        # The stream reader keeps this error too: its traceback here (this frame
+        # and wait_closed's hold the writer, which holds the reader) made a cycle.
+        exc.__traceback__ = None
         writer.transport.abort()
 
 

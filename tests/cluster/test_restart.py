@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-from itertools import permutations
 from pathlib import Path
 
 import pytest
@@ -105,10 +104,20 @@ def restart_order(order: tuple[str, ...]) -> str:
     return "-".join(order)
 
 
-@pytest.mark.parametrize(
-    "order", list(permutations(("stale", "primary", "backup"))), ids=restart_order
-)
-def test_full_restart_in_every_order(
+# Three of the six orders: each node comes back first once, and each pair of them is
+# back together once (the two newest alone lead, any other pair waits), which are
+# every state a full restart passes through; the order within a pair only changes
+# which node was alone first. The simulator runs all six
+# (tests/unit/test_replication_state.py::test_r6_full_restart_waits_for_the_newest_sync_set).
+ORDERS = [
+    ("stale", "primary", "backup"),
+    ("backup", "stale", "primary"),
+    ("primary", "backup", "stale"),
+]
+
+
+@pytest.mark.parametrize("order", ORDERS, ids=restart_order)
+def test_full_restart_through_every_state(
     cluster_factory: ClusterFactory, order: tuple[str, ...]
 ) -> None:
     cluster = cluster_factory()

@@ -3,7 +3,7 @@
 * A backup killed under load comes back and catches up from the primary's log.
 * Any two nodes killed at once: the remaining in-sync node serves reads and
   writes alone (G2), and the two catch up when they return.
-* All three killed, restarted in every order, one of them stale (killed first
+* All three killed, restarted in orders that pass every state, one stale (killed first
   and behind): the stale node never becomes primary (G5, R6) and says which
   nodes it waits for; once the newest sync set is back a primary is elected
   and nothing acknowledged is lost (G1).

@@ -420,10 +420,11 @@ class ReplicaCore:
             follower = self._follower
             silent = now - follower.last_primary_frame > self.timing.suspect_timeout
             # A tick that comes late (this node's loop was held: a long apply, a busy
-            # machine) runs before the frames of that time are read from its socket,
-            # the primary's heartbeats among them. It leaves the judgement to the
-            # next tick, once they are read; only once, so that a node whose every
-            # tick comes late still suspects a dead primary, a tick later.
+            # machine) may run before the frames of that time are read from its
+            # socket (uvloop runs it first), the primary's heartbeats among them. It
+            # leaves the judgement to the next tick, once they are read; only once,
+            # so that a node whose every tick comes late still suspects a dead
+            # primary, a tick later.
             defer = silent and late and not follower.suspicion_deferred
             follower.suspicion_deferred = defer
             if defer:

@@ -30,6 +30,8 @@ from service.storage import Storage
 
 # Records of 1.5 MiB of message bodies: one a transaction (two exceed APPLY_BYTES).
 RECORD_BODY = APPLY_BYTES * 3 // 4
+# How many of them are more than PENDING_BYTES.
+OVER = PENDING_BYTES // RECORD_BODY + 1
 
 
 def primary_records(folder: Path, count: int, body: int = RECORD_BODY) -> list[LogRecord]:
@@ -116,16 +118,15 @@ def test_records_that_arrived_together_are_applied_one_full_record_a_turn(
 
 
 def test_the_primary_is_not_read_while_more_than_pending_bytes_wait(tmp_path: Path) -> None:
-    over = PENDING_BYTES // (RECORD_BODY) + 1
-    records = primary_records(tmp_path, over + 1)
+    records = primary_records(tmp_path, OVER + 1)
 
     async def scenario(backup: Backup) -> None:
-        backup.follower.buffer(records[:over])
+        backup.follower.buffer(records[:OVER])
         assert backup.reading == [(1, False)], "the primary read on past PENDING_BYTES"
         await backup.turns(1)
         assert backup.reading == [(1, False), (1, True)]
-        backup.follower.buffer(records[over:])
-        assert (await backup.turns(over + 1))[-1] == over + 1
+        backup.follower.buffer(records[OVER:])
+        assert (await backup.turns(OVER + 1))[-1] == OVER + 1
         assert backup.follower.pending == []
         assert backup.reading[-1] == (1, True), "the primary's link left unread"
 
@@ -136,7 +137,7 @@ def test_the_primary_is_not_read_while_more_than_pending_bytes_wait(tmp_path: Pa
 def test_records_dropped_while_the_primary_is_not_read_let_it_be_read_at_once(
     tmp_path: Path, end: str
 ) -> None:
-    records = primary_records(tmp_path, PENDING_BYTES // RECORD_BODY + 1)
+    records = primary_records(tmp_path, OVER)
 
     async def scenario(backup: Backup) -> None:
         backup.follower.buffer(records)

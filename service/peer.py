@@ -561,13 +561,8 @@ class FrameFeed(asyncio.Protocol):
             self._held = None
         if isinstance(why, (ProtocolViolation, OSError)):
             # The other end's doing, not a bug: nobody reads its traceback, whose
-            # frames hold this protocol and so ``ended``, which holds the error: a
-            # cycle per bad connection, its buffers kept until the collector's rare
-            # full pass (FrameDecoder.pop).
-            why = why.with_traceback(None)
-            # Its context too (a JSONDecodeError behind "not valid JSON"): its
-            # traceback's frames hold this protocol and the frame's bytes.
-            why.__context__ = why.__cause__ = None
+            # frames hold this protocol and so ``ended``, which holds the error.
+            _forget_frames(why)
         # No frame is handed on after the end: let go of the owner (its session holds
         # this protocol, another cycle).
         self.on_frame = _ignore_frame
@@ -665,10 +660,19 @@ async def close_after_error(writer: asyncio.StreamWriter) -> None:
         async with asyncio.timeout(CLOSE_WAIT):
             await writer.wait_closed()
     except Exception as exc:  # the error it ended with, or a peer that reads nothing
-        # The stream reader keeps this error too: its traceback here (this frame
-        # and wait_closed's hold the writer, which holds the reader) made a cycle.
-        exc.__traceback__ = None
+        # The stream reader keeps this error too, and this frame holds the writer,
+        # which holds the reader.
+        _forget_frames(exc)
         writer.transport.abort()
+
+
+def _forget_frames(exc: BaseException) -> None:
+    """Drop the traceback of an error that is kept (in a future, a reader), and
+    of its context (a JSONDecodeError behind "not valid JSON", raised ``from None``
+    but still there): their frames hold whatever keeps the error, a cycle per bad
+    connection, freed with its buffers only by the collector's rare full pass."""
+    exc.__traceback__ = None
+    exc.__context__ = exc.__cause__ = None
 
 
 def source_address(mine: str, peer: str) -> tuple[str, int] | None:

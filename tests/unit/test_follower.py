@@ -156,28 +156,20 @@ def test_records_dropped_while_the_primary_is_not_read_let_it_be_read_at_once(
     run_backup(tmp_path, scenario)
 
 
-def test_records_waiting_when_a_rewind_answers_a_join_are_never_applied(
-    tmp_path: Path,
-) -> None:
+@pytest.mark.parametrize("end", ["rewind", "join lost"])
+def test_records_waiting_when_their_stream_ends_are_never_applied(tmp_path: Path, end: str) -> None:
+    """A rewind answering a join, or a join lost (a gap): what was still waiting came
+    in the stream before."""
     records = primary_records(tmp_path, 3)
 
     async def scenario(backup: Backup) -> None:
         backup.follower.buffer(records)
         assert await backup.turns(1) == [1]
-        backup.replicator.run(backup.follower.rewind(1))
-        assert await backup.turns(3) == [1, 1, 1], "records of the stream before applied"
-
-    run_backup(tmp_path, scenario)
-
-
-def test_records_waiting_when_the_join_is_lost_are_never_applied(tmp_path: Path) -> None:
-    records = primary_records(tmp_path, 3)
-
-    async def scenario(backup: Backup) -> None:
-        backup.follower.buffer(records)
-        assert await backup.turns(1) == [1]
-        core = backup.replicator.core
-        backup.replicator.run(core.rejoin(backup.replicator.now(), "a gap in the stream"))
+        if end == "rewind":
+            backup.replicator.run(backup.follower.rewind(1))
+        else:
+            core = backup.replicator.core
+            backup.replicator.run(core.rejoin(backup.replicator.now(), "a gap in the stream"))
         assert await backup.turns(3) == [1, 1, 1], "records of the stream before applied"
         assert backup.follower.pending == []
 

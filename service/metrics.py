@@ -75,6 +75,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # the largest 2 MiB, and a backup applies at most about that much in one turn.
 APPLY_BYTES_BUCKETS = tuple(1024 * k for k in (4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384))
 FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+# A tick is due every 20 ms: a few ms late is the timer's grain, tenths of a second a
+# held loop (heartbeats unsent and unread: elections come at suspect_timeout, 0.6 s).
+LOOP_DELAY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROLES = tuple(role.value for role in Role)
 
@@ -428,6 +431,13 @@ class Metrics:
             "chat_ack_latency_seconds",
             "Primary: from sealing a record to its acknowledgement (durable on every member)",
             buckets=ACK_BUCKETS,
+            registry=registry,
+        )
+        self.loop_delay = Histogram(
+            "chat_loop_delay_seconds",
+            "How much later than due the node's periodic tick ran: its event loop was held "
+            "(a long batch, apply or read; a busy machine)",
+            buckets=LOOP_DELAY_BUCKETS,
             registry=registry,
         )
         self.catchups_started = self._counter("catchups_started", "Primary: backups joined behind")

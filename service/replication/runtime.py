@@ -586,8 +586,11 @@ class Replicator:
         }
 
     async def _tick_loop(self) -> None:
+        due: float | None = None
         while True:
             now = self.now()
+            if due is not None:
+                self.metrics.loop_delay.observe(max(0.0, now - due))
             self.run(self.core.tick(now))
             self._verify_tick(now)
             if now - self._last_prune > PRUNE_EVERY:
@@ -599,6 +602,7 @@ class Replicator:
                         self.config.log_retention, self.config.log_retention_bytes
                     )
                     self.core.on_log_pruned(self.storage.first_log_seq())
+            due = self.now() + TICK
             await asyncio.sleep(TICK)
 
     def _verify_tick(self, now: float) -> None:

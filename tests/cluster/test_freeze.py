@@ -67,7 +67,9 @@ def test_frozen_primary_is_replaced_and_steps_down_when_thawed(
 
 
 def test_frozen_backup_is_dropped_then_rejoins(cluster_factory: ClusterFactory) -> None:
-    cluster = cluster_factory()
+    """... and its metrics say how long its loop was held (``chat_loop_delay_seconds``:
+    a tick later than due by the freeze, past the sync timeout)."""
+    cluster = cluster_factory(metrics=True)
     start_cluster(cluster)
     primary = wait_settled(cluster)
     backup = next(n for n in cluster.nodes.values() if n is not primary)
@@ -86,6 +88,12 @@ def test_frozen_backup_is_dropped_then_rejoins(cluster_factory: ClusterFactory) 
         backup.thaw()
         assert wait_settled(cluster) is primary  # the sync set is whole again
         load.wait_progress(30, "with the backup back")
+    seen = backup.metrics()
+    assert seen is not None
+    held = seen.value("chat_loop_delay_seconds_count") - seen.value(
+        "chat_loop_delay_seconds_bucket", le="1.0"
+    )
+    assert held >= 1, "the frozen backup's metrics show no tick late by a second or more"
     finish(cluster, load.history)
 
 

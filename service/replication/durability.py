@@ -27,6 +27,11 @@ from .types import Position, SyncSet
 
 Fatal = Callable[[BaseException | None], None]
 
+# A lone commit larger than this goes to the group sync all the same: an fsync of
+# the WAL pages of a large record (a full batch of the largest sends, a backup's one
+# record of 512 KiB) held the event loop for 10-25 ms.
+LONE_BYTES = 64 * 1024
+
 
 class Durability:
     def __init__(
@@ -66,10 +71,10 @@ class Durability:
         """Our database holds ``position``; it counts for acks once it is on disk.
 
         The fsync goes to the group sync thread, and the loop reads the next
-        requests or records meanwhile. Only a ``lone`` commit (one write, nothing
-        else waiting: a lightly loaded node) syncs right here, when no group fsync
-        is under way: nothing would overlap it, and the hand-off to a thread and
-        back would only add latency."""
+        requests or records meanwhile. Only a ``lone`` commit (one small write,
+        nothing else waiting: a lightly loaded node; ``is_lone``) syncs right here,
+        when no group fsync is under way: nothing would overlap it, and the hand-off
+        to a thread and back would only add latency."""
         self.core.on_committed(position, sync_set, history)
         group = self.group_sync
         if group is not None and (not lone or group.busy):
@@ -80,6 +85,11 @@ class Durability:
                 group.request()  # the thread checkpoints
             self.unsynced.clear()  # all of them are on disk now
         self.shell.run(self.core.on_local_durable(self.shell.now(), position))
+
+    @staticmethod
+    def is_lone(commits: int, changeset_bytes: int, more_waiting: bool) -> bool:
+        """Whether a commit may sync inline: one small write, nothing behind it."""
+        return commits <= 1 and changeset_bytes <= LONE_BYTES and not more_waiting
 
     def forget(self) -> None:
         """A rewind or a snapshot install replaced the log, durably: pending

@@ -5,12 +5,12 @@ fsync, through ``durability.py``), up to ``APPLY_BYTES`` of them in one turn of
 the event loop, and only while the core says the backup has joined its primary
 (``ApplyRecords`` comes only then). The bound matters under a flood of the
 largest writes: the event loop reads a socket for as long as it has data, so
-after a stall the records of that time (2 MiB each at most; 18 MB seen after a
-3 s freeze) arrive in one turn, and applying 6 MiB in one transaction held the
-loop for 0.45 s: no ``status`` answered, and the primary's heartbeats left
-unread past its suspect timeout. The rest waits for the next turn, after the
-timers and the sockets. Past ``PENDING_BYTES`` waiting, the primary's link is not
-read until an apply brings them under (TCP pushes back on the primary, as when
+after a stall the records of that time (18 MB seen after a 3 s freeze) arrive in
+one turn, and applying 6 MiB in one transaction held the loop for 0.45 s: no
+``status`` answered, and the primary's heartbeats left unread past its suspect
+timeout. The rest waits for the next turn, after the timers and the sockets.
+Past ``PENDING_BYTES`` waiting, the primary's link is not read until an apply
+brings them under (TCP pushes back on the primary, as when
 all that was read in a turn was applied in the next). Records still waiting when
 their stream ends (a rewind or a snapshot answering a join, a lost join, a failed
 apply, the node stopping) are dropped, never applied. A record that does not
@@ -52,12 +52,13 @@ from .messages import Snapshot
 from .shell import Shell, format_fields, log
 from .state import ReplicaCore
 from .types import LogRecord, Position, Role
-from .writer import RECORD_BUDGET
+from .writer import BATCH_BYTES, RECORD_BUDGET
 
 # The most changeset bytes applied in one transaction, one turn of the event loop:
-# one full record (at least one record, whatever its size). Records of the usual
-# writes, a few KB each, still go hundreds to a transaction and its fsync.
-APPLY_BYTES = RECORD_BUDGET
+# one full batch of the primary's (at least one record, whatever its size: a single
+# write may still fill RECORD_BUDGET). Records of the usual writes, a few KB each,
+# still go a hundred and more to a transaction and its fsync.
+APPLY_BYTES = BATCH_BYTES
 # Records received and not yet applied, past this many bytes of changesets: the
 # primary's link is not read until an apply brings them under again. TCP then pushes
 # back on the primary (which cuts a link it has buffered peer.MAX_BUFFERED for), as
@@ -65,7 +66,7 @@ APPLY_BYTES = RECORD_BUDGET
 # read again within a turn or two (a read overshoots by at most a record and what
 # came with it), so the primary's frames are still heard far within its suspect
 # timeout.
-PENDING_BYTES = 8 * APPLY_BYTES
+PENDING_BYTES = 8 * RECORD_BUDGET
 
 
 class Follower:
@@ -190,8 +191,9 @@ class Follower:
         # Records that began an epoch: the core's epoch history is storage's again.
         history = self.storage.epoch_history() if new_position.epoch != was_epoch else None
         self.metrics.applied_records.observe(len(records))
-        self.metrics.applied_bytes.observe(sum(len(record.changeset) for record in records))
-        lone = len(records) <= 1 and not self.pending
+        applied = sum(len(record.changeset) for record in records)
+        self.metrics.applied_bytes.observe(applied)
+        lone = self.durability.is_lone(len(records), applied, bool(self.pending))
         # The sync set is in the replicated ``cluster`` table: read it only after
         # records that may have changed it (the core keeps the one it has otherwise).
         sync_set = self.storage.sync_set() if any(map(changes_cluster, records)) else None

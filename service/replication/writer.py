@@ -2,7 +2,8 @@
 
 Client writes queue up while the previous batch runs, each account's in a line
 of its own (``fairqueue.py``); the writer takes them, in turns between the lines
-and up to ``max_batch``, into one SQLite transaction, each in its own
+and up to ``max_batch`` (or ``BATCH_BYTES`` of changeset), into one SQLite
+transaction, each in its own
 savepoint (but the ops that need none: ``Application.unguarded_bound``),
 applies each through the ``Application`` (the chat), seals one
 record (one seq), commits without syncing, sends the record to every backup
@@ -66,6 +67,13 @@ from .types import Position, Role
 # below the peer frame limit, so a backup can always take what the primary sends
 # (a record too large for the stream would stop replication for good).
 RECORD_BUDGET = 2 * 1024 * 1024
+# A batch ends once its changeset has passed this (the rest of the queue goes into
+# the next one). A batch is one stretch of the event loop: 128 of the largest sends
+# filled the record budget, and executing them, sending the record to two backups and
+# answering them held the primary's loop for 0.12-0.19 s of CPU a turn, twice that
+# on a busy machine: heartbeats late by a third of the suspect timeout and more. The
+# usual writes (hundreds of bytes each) never come near it: max_batch ends theirs.
+BATCH_BYTES = RECORD_BUDGET // 4
 YIELDS_BETWEEN_BATCHES = 3
 # Writes waiting for a batch, at most this many batches' worth (max_batch each):
 # past it a write of the account with the most waiting is refused with busy
@@ -445,11 +453,15 @@ class WritePath:
         stays free (``_fault``)."""
         now = self.shell.now()
         epoch = self.core.epoch
+        # The writes this batch holds: those a full batch put back in the queue are
+        # the next one's (answered there, never here too).
+        taken = items
         try:
             batch = self.storage.begin_batch()
             try:
                 outcomes = self._execute(batch, items)
-                self._prune_requests(batch, len(items))
+                taken = [item for item, _ in outcomes]
+                self._prune_requests(batch, len(taken))
                 self._purge_inboxes(batch)
                 sync_set = (
                     batch.set_sync_set(members, epoch, self.core.member_databases(members))
@@ -477,23 +489,23 @@ class WritePath:
             if members is not None and self.sync_change is None:
                 self.sync_change = members  # proposed again once the disk recovers
             refusal = self.shell.fault(str(exc))
-            for item in items:
+            for item in taken:
                 item.finish(copy.copy(refusal))
             return
         if record is None:
             seq = self.core.position.seq
         else:
             self.shell.run(self.core.on_sealed(now, record.seq, sync_set))
-            self.metrics.sealed(record.seq, len(items))
+            self.metrics.sealed(record.seq, len(taken))
             self.streams.broadcast(record)
             self.streams.remember(record)
             self.batches += 1
-            self.writes += len(items)
+            self.writes += len(taken)
             seq = record.seq
         if outcomes:
             self._reply_after(seq, outcomes)
         if record is not None:
-            lone = len(items) <= 1 and not self.queue
+            lone = self.durability.is_lone(len(taken), len(record.changeset), bool(self.queue))
             self.durability.committed(Position(record.epoch, record.seq), lone=lone)
 
     def _execute(
@@ -517,6 +529,11 @@ class WritePath:
                 outcomes.append((item, result))
                 if self.app.starts_purge(item.op):
                     self.purge_due = True
+                if batch.size() > BATCH_BYTES and index + 1 < len(items):
+                    # Full enough: the rest goes first into the next batch, in order.
+                    self.queue.put_back(items[index + 1 :])
+                    self.work.set()
+                    break
             except (StorageFault, StorageCorrupt):
                 # The disk, not this request, failed: the whole batch is abandoned.
                 raise

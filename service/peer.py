@@ -373,6 +373,10 @@ class PeerLinks:
                 self.on_link(peer, False, link.closed_by_us)
 
 
+class HandlerFailed(RuntimeError):
+    """What a ``FrameFeed``'s owner raised handling a frame, when it was an OSError."""
+
+
 def _ignore_frame(frame: protocol.Frame) -> None:
     """What an ended ``FrameFeed`` hands its frames to: it hands on none."""
 
@@ -447,7 +451,13 @@ class FrameFeed(asyncio.Protocol):
                         budget.give_back()
                         return
                     budget.spend(held - self.decoder.pending)
-                self.on_frame(frame)
+                try:
+                    self.on_frame(frame)
+                except OSError as exc:
+                    # The owner's own I/O failed handling the frame (its disk, a
+                    # bug): not the transport's error, which ``violation`` takes
+                    # for a clean end. Raised there, so the owner logs it.
+                    raise HandlerFailed(f"handling a frame failed: {exc}") from exc
                 if self._held is not None:
                     return  # the owner said to hand on nothing more for a while
                 taken += 1

@@ -440,6 +440,11 @@ class Server:
             await self._connection(reader, writer)
         except asyncio.CancelledError:
             writer.close()
+        except Exception:
+            # A bug, or this node's own I/O failing while it served the connection
+            # (peer.HandlerFailed): said once, with its cause; the node goes on.
+            log.exception("connection failed address=%s", _dialer_address(writer))
+            writer.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         address = _dialer_address(writer)

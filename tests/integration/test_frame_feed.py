@@ -31,7 +31,7 @@ import uvloop
 
 from service import protocol
 from service.errors import ProtocolViolation
-from service.peer import FrameFeed, FrameReader
+from service.peer import FrameFeed, FrameReader, HandlerFailed
 from service.turns import TurnBudget
 
 DEADLINE = 10.0
@@ -168,6 +168,25 @@ def test_what_the_callback_raises_ends_the_feed() -> None:
             assert isinstance(why, ProtocolViolation)
             assert why.message == "not this one"
             assert [f["n"] for f in got] == [1, 2]
+
+    run(scenario)
+
+
+def test_an_os_error_of_the_callback_is_no_clean_end() -> None:
+    """A transport's OSError ends a feed as a close would (nobody's fault); the
+    callback's own (its disk, a bug) is raised by ``violation`` for its owner to log.
+    Before, it too ended the connection as if it had closed, and nothing said why."""
+
+    async def scenario() -> None:
+        async with connected() as (reader, writer, _, dialer):
+
+            def fail(f: protocol.Frame) -> None:
+                raise OSError(5, "Input/output error")
+
+            feed = FrameReader(reader, 1024).hand_off(writer, fail)
+            dialer.write(protocol.encode_frame(frame(1)))
+            with pytest.raises(HandlerFailed, match="Input/output error"):
+                await feed.violation()
 
     run(scenario)
 

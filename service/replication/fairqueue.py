@@ -26,12 +26,16 @@ from one account or from many, holds the queue only against itself: anyone with
 fewer waiting gets in. What one account's items keep is their order: a line is
 first in, first out.
 
-Items put back (a batch that ran out of room in its record) go first, before
-every line, in their order.
+Items put back (taken for a batch that ended before them: full, or its record out
+of room) go back to the front of their own lines, in their order, so each account's
+order holds; a key whose line had emptied comes first in the rotation again. They
+do not go before everyone's: a batch of the largest sends ends after some 32 of
+the 512 it took, and the other accounts' writes would wait behind the 480 put
+back, some fifteen batches, where in turns they go into the next one.
 
-Invariants: ``len`` is the items in ``_front`` and in the lines; every line is
-non-empty and its key is in ``_rotation`` exactly once; ``_lengths`` tallies each
-key by the length of its line (``tally.Tally``).
+Invariants: ``len`` is the items in the lines; every line is non-empty and its
+key is in ``_rotation`` exactly once; ``_lengths`` tallies each key by the length
+of its line (``tally.Tally``).
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ class FairQueue(Generic[T]):
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._front: deque[T] = deque()
         self._lines: dict[Hashable, deque[T]] = {}
         self._rotation: deque[Hashable] = deque()
         self._lengths = Tally()
@@ -89,17 +92,14 @@ class FairQueue(Generic[T]):
         self._lengths.moved(key, len(line) - 1, len(line))
         return evicted
 
-    def take(self, most: int) -> list[T]:
-        """Up to ``most`` items: those put back first, then one from each line in turn."""
-        taken: list[T] = []
-        front = self._front
-        while front and len(taken) < most:
-            taken.append(front.popleft())
+    def take(self, most: int) -> list[tuple[Hashable, T]]:
+        """Up to ``most`` items, one from each line in turn, each with its key."""
+        taken: list[tuple[Hashable, T]] = []
         rotation, lines = self._rotation, self._lines
         while rotation and len(taken) < most:
             key = rotation.popleft()
             line = lines[key]
-            taken.append(line.popleft())
+            taken.append((key, line.popleft()))
             length = len(line)
             if length:
                 rotation.append(key)
@@ -109,17 +109,27 @@ class FairQueue(Generic[T]):
         self._count -= len(taken)
         return taken
 
-    def put_back(self, items: list[T]) -> None:
-        """``items`` (taken, not written) go first in line, in their order."""
-        self._front.extendleft(reversed(items))
+    def put_back(self, items: list[tuple[Hashable, T]]) -> None:
+        """``items`` (taken, not written: ``take``'s pairs) go back to the front of
+        their lines, in their order; a key without a line comes first in the turns."""
+        lines = self._lines
+        returning: dict[Hashable, None] = {}
+        for key, item in reversed(items):
+            line = lines.get(key)
+            if line is None:
+                line = lines[key] = deque()
+                returning[key] = None
+            line.appendleft(item)
+            self._lengths.moved(key, len(line) - 1, len(line))
+        # ``returning`` holds them last first: each goes to the front in turn.
+        self._rotation.extendleft(returning)
         self._count += len(items)
 
     def drain(self) -> list[T]:
         """Every item, the queue left empty."""
-        items = list(self._front)
+        items: list[T] = []
         for key in self._rotation:
             items.extend(self._lines[key])
-        self._front.clear()
         self._lines.clear()
         self._rotation.clear()
         self._lengths.clear()

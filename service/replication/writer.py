@@ -93,6 +93,8 @@ MessageHook = Callable[[int, dict[str, Any]], None]
 # (op, token hash, result) of an acknowledged write that ended sessions.
 SessionHook = Callable[[str, str | None, dict[str, Any]], None]
 T = TypeVar("T")
+# A write as the queue hands it out: with its key (its account's line).
+Queued = tuple[Hashable, "PendingWrite"]
 
 
 class RecordFull(Exception):
@@ -357,7 +359,7 @@ class WritePath:
         turn of the loop (its task wakes then); the next one, the turn after."""
         self._read_turn = None
         while self.read_line:
-            (turn,) = self.read_line.take(1)
+            ((_, turn),) = self.read_line.take(1)
             if not turn.done():  # a cancelled one: its connection closed
                 turn.set_result(None)
                 break
@@ -442,8 +444,9 @@ class WritePath:
                 for _ in range(YIELDS_BETWEEN_BATCHES):
                     await asyncio.sleep(0)
 
-    def _write_batch(self, items: list[PendingWrite], members: tuple[int, ...] | None) -> None:
-        """One SQLite transaction = one seq: the writes in ``items`` and/or a sync set.
+    def _write_batch(self, items: list[Queued], members: tuple[int, ...] | None) -> None:
+        """One SQLite transaction = one seq: the writes in ``items`` (each with its
+        queue key, to be put back by) and/or a sync set.
 
         The record goes to the live backups once the local COMMIT returned (a commit
         without fsync: a write to the OS); the fsync comes later, in a group
@@ -455,7 +458,7 @@ class WritePath:
         epoch = self.core.epoch
         # The writes this batch holds: those a full batch put back in the queue are
         # the next one's (answered there, never here too).
-        taken = items
+        taken = [item for _, item in items]
         try:
             batch = self.storage.begin_batch()
             try:
@@ -508,11 +511,9 @@ class WritePath:
             lone = self.durability.is_lone(len(taken), len(record.changeset), bool(self.queue))
             self.durability.committed(Position(record.epoch, record.seq), lone=lone)
 
-    def _execute(
-        self, batch: Batch, items: list[PendingWrite]
-    ) -> list[tuple[PendingWrite, Outcome]]:
+    def _execute(self, batch: Batch, items: list[Queued]) -> list[tuple[PendingWrite, Outcome]]:
         outcomes: list[tuple[PendingWrite, Outcome]] = []
-        for index, item in enumerate(items):
+        for index, (_, item) in enumerate(items):
             try:
                 bound = self.app.unguarded_bound(item.op)
                 if bound is None:
@@ -530,7 +531,7 @@ class WritePath:
                 if self.app.starts_purge(item.op):
                     self.purge_due = True
                 if batch.size() > BATCH_BYTES and index + 1 < len(items):
-                    # Full enough: the rest goes first into the next batch, in order.
+                    # Full enough: the rest goes back to the front of their lines.
                     self.queue.put_back(items[index + 1 :])
                     self.work.set()
                     break
@@ -541,7 +542,7 @@ class WritePath:
                 if index == 0:
                     outcomes.append((item, InvalidInput("this request is too large to replicate")))
                     continue
-                # The rest waits for the next batch, first in line, in order.
+                # The rest waits for the next batch, first in their lines, in order.
                 self.queue.put_back(items[index:])
                 self.work.set()
                 break

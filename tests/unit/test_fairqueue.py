@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Hashable
 
 import pytest
 
 from service.replication.fairqueue import FairQueue, QueueFull
+
+
+def items(taken: list[tuple[Hashable, str]]) -> list[str]:
+    return [item for _, item in taken]
 
 
 def test_a_batch_takes_one_write_of_each_account_in_turn() -> None:
@@ -18,8 +23,8 @@ def test_a_batch_takes_one_write_of_each_account_in_turn() -> None:
     queue.push("alice", "a1")
     # alice's writes, behind five of mallory's, go in the first batch; each line
     # keeps its order; a line that had its turn goes to the back.
-    assert queue.take(4) == ["m0", "a0", "b0", "m1"]
-    assert queue.take(10) == ["a1", "m2", "m3", "m4"]
+    assert queue.take(4) == [("mallory", "m0"), ("alice", "a0"), ("bob", "b0"), ("mallory", "m1")]
+    assert items(queue.take(10)) == ["a1", "m2", "m3", "m4"]
     assert len(queue) == 0
     assert not queue
 
@@ -38,19 +43,31 @@ def test_a_full_queue_lets_in_a_smaller_account_and_refuses_the_floods_newest() 
     with pytest.raises(QueueFull):
         queue.push("alice", "a1")
     assert len(queue) == 4
-    assert queue.take(10) == ["m0", "a0", "b0", "m1"]
+    assert items(queue.take(10)) == ["m0", "a0", "b0", "m1"]
 
 
-def test_writes_put_back_go_first_in_their_order() -> None:
-    queue: FairQueue[str] = FairQueue(limit=10)
+def test_writes_put_back_go_first_in_their_lines_and_others_keep_their_turns() -> None:
+    """A batch ends (full, or its record out of room) before writes it took: they go
+    back to the front of their accounts' lines. A key whose line emptied comes first
+    again; a write that came meanwhile still gets its turn in the next batch, not
+    behind everything put back (a flood's 480 largest sends: fifteen batches)."""
+    queue: FairQueue[str] = FairQueue(limit=20)
     for item in ("a0", "a1", "a2"):
         queue.push("alice", item)
     queue.push("bob", "b0")
     taken = queue.take(3)
-    assert taken == ["a0", "b0", "a1"]
-    queue.put_back(taken[1:])  # the batch's record had no room for these
+    assert items(taken) == ["a0", "b0", "a1"]
+    queue.put_back(taken[1:])  # the batch ended after a0
     assert len(queue) == 3
-    assert queue.take(10) == ["b0", "a1", "a2"]
+    assert items(queue.take(10)) == ["b0", "a1", "a2"]
+
+    for n in range(8):
+        queue.push("mallory", f"m{n}")
+    taken = queue.take(8)
+    queue.put_back(taken[2:])  # the batch ended after m1
+    queue.push("carol", "c0")
+    assert items(queue.take(3)) == ["m2", "c0", "m3"]
+    assert queue.waiting("mallory") == 4
 
 
 def test_drain_returns_every_write_and_empties_the_queue() -> None:
@@ -58,15 +75,16 @@ def test_drain_returns_every_write_and_empties_the_queue() -> None:
     queue.push("alice", "a0")
     queue.push("bob", "b0")
     queue.push("alice", "a1")
-    queue.put_back(["x"])
+    queue.put_back([("dave", "x")])
     assert sorted(queue.drain()) == ["a0", "a1", "b0", "x"]
     assert len(queue) == 0
     assert queue.take(10) == []
     queue.push("carol", "c0")  # usable again
-    assert queue.take(10) == ["c0"]
+    assert items(queue.take(10)) == ["c0"]
 
 
 def test_random_operations_keep_the_bound_the_counts_and_each_lines_order() -> None:
+    """Pushes, takes and batches that end early (the rest put back), at random."""
     rng = random.Random(7)
     queue: FairQueue[tuple[str, int]] = FairQueue(limit=50)
     held: dict[str, list[int]] = {}
@@ -89,8 +107,12 @@ def test_random_operations_keep_the_bound_the_counts_and_each_lines_order() -> N
                 assert len(held[evicted[0]]) == longest or evicted[0] == key
                 assert held[evicted[0]].pop() == evicted[1]  # its newest
         else:
-            for key, n in queue.take(rng.randrange(1, 20)):
-                assert held[key].pop(0) == n  # each line in its order
+            taken = queue.take(rng.randrange(1, 20))
+            written = rng.randrange(len(taken) + 1)
+            for name, (owner, n) in taken[:written]:
+                assert name == owner
+                assert held[owner].pop(0) == n  # each line in its order
+            queue.put_back(taken[written:])  # the batch ended before these
         held = {key: line for key, line in held.items() if line}
         assert len(queue) == sum(map(len, held.values())) <= 50
         for key, line in held.items():

@@ -193,6 +193,7 @@ class PeerLinks:
         failures = ThrottledLog(
             log, logging.WARNING, "peer handshake failed", self.config.log_interval
         )
+        broken = ThrottledLog(log, logging.ERROR, "peer link failed", self.config.log_interval)
         while self._running:
             try:
                 # asyncio.timeout, not wait_for: see server.Server._handshake.
@@ -223,7 +224,15 @@ class PeerLinks:
                 writer.close()  # the node stops in the middle of the handshake
                 raise
             delay = 0.05
-            await self.run_link(peer, frames, writer, version)
+            try:
+                await self.run_link(peer, frames, writer, version)
+            except Exception as exc:
+                # A bug handling the link (the runtime's own handler takes every
+                # frame's error itself): said, and the peer dialed again, never left
+                # unlinked for good with the task's error unread.
+                broken.note(exc_info=exc, node=peer, error=_one_line(exc))
+                forget_frames(exc)
+                await asyncio.sleep(MAX_REDIAL)
 
     async def _open(
         self, host: str, port: int
@@ -394,7 +403,8 @@ class FrameFeed(asyncio.Protocol):
     ``ended`` resolves once, to why the connection ended: None (a clean end of
     stream), the ``ProtocolViolation`` of a bad frame (or of one cut short by the
     end of stream), the error that closed the transport, or whatever ``on_frame``
-    raised. After that no frame is handed on; its owner answers and closes.
+    raised (an OSError of its own as ``HandlerFailed``). After that no frame is
+    handed on; its owner answers and closes.
     ``drain`` waits while the transport's write buffer is over its high-water mark.
     With a ``budget`` (a client's connection: ``turns.TurnBudget``) it hands on no
     more frames in a turn of the loop than the budget has left; the rest wait, with
@@ -572,7 +582,7 @@ class FrameFeed(asyncio.Protocol):
         if isinstance(why, (ProtocolViolation, OSError)):
             # The other end's doing, not a bug: nobody reads its traceback, whose
             # frames hold this protocol and so ``ended``, which holds the error.
-            _forget_frames(why)
+            forget_frames(why)
         # No frame is handed on after the end: let go of the owner (its session holds
         # this protocol, another cycle).
         self.on_frame = _ignore_frame
@@ -672,11 +682,11 @@ async def close_after_error(writer: asyncio.StreamWriter) -> None:
     except Exception as exc:  # the error it ended with, or a peer that reads nothing
         # The stream reader keeps this error too, and this frame holds the writer,
         # which holds the reader.
-        _forget_frames(exc)
+        forget_frames(exc)
         writer.transport.abort()
 
 
-def _forget_frames(exc: BaseException) -> None:
+def forget_frames(exc: BaseException) -> None:
     """Drop the traceback of an error that is kept (in a future, a reader), and
     of its context (a JSONDecodeError behind "not valid JSON", raised ``from None``
     but still there): their frames hold whatever keeps the error, a cycle per bad

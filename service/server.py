@@ -100,7 +100,7 @@ from .errors import (
     StorageCorrupt,
     StorageFault,
 )
-from .peer import OPERATOR_ID, FrameFeed, FrameReader, close_after_error
+from .peer import OPERATOR_ID, FrameFeed, FrameReader, close_after_error, forget_frames
 from .replication.types import Role
 from .slots import ClientSlots, SlotsFull
 from .storage import Db
@@ -307,6 +307,7 @@ class Server:
         self._checker: asyncio.Task[None] | None = None
         interval = config.log_interval
         self._busy = ThrottledLog(log, logging.WARNING, "client refused: busy", interval)
+        self._failed = ThrottledLog(log, logging.ERROR, "connection failed", interval)
         self._gave_way = ThrottledLog(
             log, logging.WARNING, "client closed to make room for another address", interval
         )
@@ -440,10 +441,13 @@ class Server:
             await self._connection(reader, writer)
         except asyncio.CancelledError:
             writer.close()
-        except Exception:
+        except Exception as exc:
             # A bug, or this node's own I/O failing while it served the connection
-            # (peer.HandlerFailed): said once, with its cause; the node goes on.
-            log.exception("connection failed address=%s", _dialer_address(writer))
+            # (peer.HandlerFailed): said with its traceback (once a window, should a
+            # client find a way to repeat it), and the node goes on. The traceback's
+            # frames hold the connection's parts, which hold the error: let go.
+            self._failed.note(exc_info=exc, address=_dialer_address(writer), error=_one_line(exc))
+            forget_frames(exc)
             writer.close()
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

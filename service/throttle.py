@@ -46,10 +46,12 @@ class ThrottledLog:
         self._last: dict[str, object] = {}
         self._flush: asyncio.TimerHandle | None = None
 
-    def note(self, **fields: object) -> None:
+    def note(self, exc_info: BaseException | None = None, **fields: object) -> None:
+        """One event; ``exc_info``: its error, whose traceback comes with the line if
+        the event is written at once (never kept for a window's closing line)."""
         now = time.monotonic()
         if now >= self._window_end:
-            self._write(fields, now)
+            self._write(fields, now, exc_info)
             return
         self._suppressed += 1
         self._last = fields
@@ -69,14 +71,16 @@ class ThrottledLog:
             self._suppressed -= 1
             self._write(self._last, time.monotonic())
 
-    def _write(self, fields: dict[str, object], now: float) -> None:
+    def _write(
+        self, fields: dict[str, object], now: float, exc_info: BaseException | None = None
+    ) -> None:
         if self._flush is not None:
             self._flush.cancel()
             self._flush = None
             _open.discard(self)
         parts = [self.event, *(f"{key}={_value(value)}" for key, value in fields.items())]
         parts.append(f"suppressed={self._suppressed}")
-        self.logger.log(self.level, " ".join(parts))
+        self.logger.log(self.level, " ".join(parts), exc_info=exc_info)
         self._suppressed = 0
         self._window_end = now + self.interval
 

@@ -190,6 +190,39 @@ def test_a_node_stopping_inside_a_window_still_logs_its_count(
         asyncio.run(main())
 
 
+def test_a_throttled_error_brings_its_traceback_with_the_line_written(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug a client can repeat (``connection failed``): the first of a window is
+    written with its traceback; the ones counted in the window keep none (the closing
+    line has the last one's fields, not its error)."""
+    logger = logging.getLogger("tests.throttle")
+
+    def failing(index: int) -> Exception:
+        try:
+            raise RuntimeError(f"bug {index}")
+        except RuntimeError as exc:
+            return exc
+
+    async def main() -> None:
+        throttle = ThrottledLog(logger, logging.ERROR, "refused", 3600.0)
+        for index in range(3):
+            throttle.note(exc_info=failing(index), address=f"a{index}")
+        close_windows()
+
+    with caplog.at_level(logging.ERROR, logger="tests.throttle"):
+        asyncio.run(main())
+    records = [r for r in caplog.records if _LINE.search(r.getMessage())]
+    assert [r.getMessage() for r in records] == [
+        "refused address=a0 suppressed=0",
+        "refused address=a2 suppressed=1",
+    ]
+    assert records[0].exc_info is not None
+    assert str(records[0].exc_info[1]) == "bug 0"
+    assert "Traceback" in caplog.text
+    assert not records[1].exc_info
+
+
 # ---- ended sessions -----------------------------------------------------------------------------
 
 

@@ -71,8 +71,9 @@ STATE_TIMEOUT = 2.0
 BIND_RETRY = 5.0
 # Client writes per record: group commit takes up to max_batch (512 by default).
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-# Changeset bytes per applied transaction: the usual writes' records are a few KB,
-# the largest 2 MiB, and a backup applies at most about that much in one turn.
+# Changeset bytes per applied transaction: the usual writes' records are a few KB, a
+# full batch's some 512 KiB, and a backup applies about that much at most in one
+# turn (one record of up to 2 MiB when a single write fills it).
 APPLY_BYTES_BUCKETS = tuple(1024 * k for k in (4, 16, 64, 256, 1024, 2048, 4096, 8192, 16384))
 FSYNC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 # A tick is due every 20 ms: a few ms late is the timer's grain, tenths of a second a

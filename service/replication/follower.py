@@ -63,9 +63,9 @@ APPLY_BYTES = BATCH_BYTES
 # primary's link is not read until an apply brings them under again. TCP then pushes
 # back on the primary (which cuts a link it has buffered peer.MAX_BUFFERED for), as
 # it did when everything read in a turn was applied in the next one. The link is
-# read again within a turn or two (a read overshoots by at most a record and what
-# came with it), so the primary's frames are still heard far within its suspect
-# timeout.
+# read again within a few turns (a read overshoots by at most a record or a catch-up
+# frame and what came with it, applied APPLY_BYTES a turn), so the primary's frames
+# are still heard far within its suspect timeout.
 PENDING_BYTES = 8 * RECORD_BUDGET
 
 

@@ -28,7 +28,7 @@ from service.replication.runtime import Replicator
 from service.replication.types import LogRecord, Role, SyncSet
 from service.storage import Storage
 
-# Records of 1.5 MiB of message bodies: one a transaction (two exceed APPLY_BYTES).
+# Records of 384 KiB of message bodies: one a transaction (two exceed APPLY_BYTES).
 RECORD_BODY = APPLY_BYTES * 3 // 4
 # How many of them are more than PENDING_BYTES.
 OVER = PENDING_BYTES // RECORD_BODY + 1

@@ -119,6 +119,7 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .log_range(after_seq, limit, max_bytes=None) -> list[LogRecord]   each checked
         .first_log_seq() -> int | None
         .prune_log(keep, keep_bytes=None) -> int           the oldest records go
+        .prune_log_step(keep, keep_bytes, step_bytes) -> (int, bool)   a bounded part
         .drop_log_through(seq) -> int                       a damaged record and older
         .log_bytes() -> int                                 bytes of changesets in the log
         .rewind(to_seq, rollback_path) -> int
@@ -921,12 +922,20 @@ def _count_log_bytes(db: Db) -> int:
 
 
 def _log_cut(
-    db: Db, first: int, count_cut: int, last: int, total: int, keep_bytes: int | None
-) -> tuple[int, int]:
-    """The last seq ``prune_log`` deletes, and the bytes of the records up to it: every
-    record up to ``count_cut``, then the oldest while the records left (``total``
-    bytes in all) exceed ``keep_bytes``, never ``last``. Reads the log oldest first,
-    a chunk at a time, and stops at the first record that stays."""
+    db: Db,
+    first: int,
+    count_cut: int,
+    last: int,
+    total: int,
+    keep_bytes: int | None,
+    step_bytes: int | None = None,
+) -> tuple[int, int, bool]:
+    """The last seq ``prune_log`` deletes, the bytes of the records up to it, and
+    whether more were due: every record up to ``count_cut``, then the oldest while
+    the records left (``total`` bytes in all) exceed ``keep_bytes``, never ``last``;
+    with ``step_bytes``, at most one chunk of records and about that many bytes (at
+    least one record). Reads the log oldest first, a chunk at a time, and stops at
+    the first record that stays."""
     cut, dropped = first - 1, 0
     while True:
         rows = db.execute(
@@ -936,10 +945,14 @@ def _log_cut(
         for seq, size in rows:
             over_bytes = keep_bytes is not None and seq < last and total - dropped > keep_bytes
             if seq > count_cut and not over_bytes:
-                return cut, dropped
+                return cut, dropped, False
+            if step_bytes is not None and dropped + size > step_bytes and cut >= first:
+                return cut, dropped, True
             cut, dropped = int(seq), dropped + int(size)
         if len(rows) < PRUNE_CHUNK:
-            return cut, dropped
+            return cut, dropped, False
+        if step_bytes is not None:
+            return cut, dropped, True
 
 
 class Batch:
@@ -1439,19 +1452,31 @@ class Storage:
         Reads only the records it deletes (and one more): the size of the rest is
         this object's running count (``_LogSize``), topped up with the records
         appended since the last prune."""
+        return self.prune_log_step(keep, keep_bytes)[0]
+
+    def prune_log_step(
+        self, keep: int, keep_bytes: int | None, step_bytes: int | None = None
+    ) -> tuple[int, bool]:
+        """``prune_log``, deleting at most about ``step_bytes`` of changesets and
+        ``PRUNE_CHUNK`` records (at least one record); returns how many went and
+        whether more are due. The node prunes on its event loop: a flood of the
+        largest sends puts some 24 MB a second into the log, and deleting five
+        seconds' worth at once (3 ms a MiB) held the loop for a third of a second."""
         db = self._control_db
         with self._transaction(conn=self._control):
             bounds = db.one("SELECT min(seq), max(seq) FROM txlog")
             if bounds is None or bounds[0] is None:
                 self._log_size = None
-                return 0
+                return 0, False
             first, last = int(bounds[0]), int(bounds[1])
             total = self._log_bytes(db, first, last)
-            cut, dropped = _log_cut(db, first, last - max(keep, 0), last, total, keep_bytes)
+            cut, dropped, more = _log_cut(
+                db, first, last - max(keep, 0), last, total, keep_bytes, step_bytes
+            )
             if cut >= first:
                 db.execute("DELETE FROM txlog WHERE seq <= ?", (cut,))
             self._log_size = _LogSize(cut + 1, last, total - dropped)
-            return max(cut - first + 1, 0)
+            return max(cut - first + 1, 0), more
 
     def drop_log_through(self, seq: int) -> int:
         """Delete every record up to ``seq``, one of them damaged (``LogDamaged``): a

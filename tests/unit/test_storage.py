@@ -1206,6 +1206,27 @@ def test_prune_log_keeps_the_newest_record_whatever_its_size(primary: Storage) -
     assert primary.prune_log(keep=100, keep_bytes=1) == 0
 
 
+def test_prune_log_step_deletes_a_bounded_part_and_says_more_are_due(primary: Storage) -> None:
+    """The node prunes on its event loop, a part a tick (runtime.PRUNE_STEP_BYTES):
+    each step about ``step_bytes`` (at least one record), the last one says it is done,
+    and the log ends as one whole prune leaves it."""
+    records = [add_sized(primary, 3000) for _ in range(10)]
+    budget = sum(len(r.changeset) for r in records[-2:])
+    step = len(records[0].changeset) * 3
+    steps = []
+    while True:
+        pruned, more = primary.prune_log_step(100, budget, step)
+        steps.append(pruned)
+        if not more:
+            break
+    assert steps == [3, 3, 2], steps
+    assert primary.log_range(0, 100) == records[-2:]
+    # A step smaller than one record still deletes one.
+    add_sized(primary, 3000)
+    assert primary.prune_log_step(100, budget, 1) == (1, False)
+    assert primary.prune_log_step(100, budget, 1) == (0, False)
+
+
 def test_prune_log_counts_the_records_appended_since_the_last_prune(
     primary: Storage, backup: Storage
 ) -> None:

@@ -27,9 +27,9 @@ fewer waiting gets in. What one account's items keep is their order: a line is
 first in, first out.
 
 Items put back (taken for a batch that ended before them: full, or its record out
-of room) go back to the front of their own lines, in their order, so each account's
-order holds; a key whose line had emptied comes first in the rotation again. They
-do not go before everyone's: a batch of the largest sends ends after some 32 of
+of room) go back as if never taken: to the front of their own lines, in their
+order, their keys where the take found them in the turns. They do not go before
+everyone's: a batch of the largest sends ends after some 32 of
 the 512 it took, and the other accounts' writes would wait behind the 480 put
 back, some fifteen batches, where in turns they go into the next one.
 
@@ -110,19 +110,25 @@ class FairQueue(Generic[T]):
         return taken
 
     def put_back(self, items: list[tuple[Hashable, T]]) -> None:
-        """``items`` (taken, not written: ``take``'s pairs) go back to the front of
-        their lines, in their order; a key without a line comes first in the turns."""
-        lines = self._lines
-        returning: dict[Hashable, None] = {}
+        """``items``, the last ones ``take`` gave (not written), go back as if never
+        taken: each to the front of its line, its key where the take found it in the
+        turns. Undone newest first: a take sent a key that kept a line to the back of
+        the turns, where it still is (nothing comes between a take and its put-back).
+        Only the take's own keys must go back to the front: left at the back, the
+        keys a full batch passed over always came after the same ones, and with more
+        deep lines than a batch writes, some were never written."""
+        lines, rotation = self._lines, self._rotation
         for key, item in reversed(items):
             line = lines.get(key)
             if line is None:
                 line = lines[key] = deque()
-                returning[key] = None
+            elif rotation[-1] == key:
+                rotation.pop()
+            else:
+                rotation.remove(key)  # a push came between: not how the writer calls it
+            rotation.appendleft(key)
             line.appendleft(item)
             self._lengths.moved(key, len(line) - 1, len(line))
-        # ``returning`` holds them last first: each goes to the front in turn.
-        self._rotation.extendleft(returning)
         self._count += len(items)
 
     def drain(self) -> list[T]:

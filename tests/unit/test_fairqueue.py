@@ -70,6 +70,51 @@ def test_writes_put_back_go_first_in_their_lines_and_others_keep_their_turns() -
     assert queue.waiting("mallory") == 4
 
 
+def filled(rng: random.Random, keys: int, deepest: int) -> FairQueue[str]:
+    queue: FairQueue[str] = FairQueue(limit=10_000)
+    for n in range(rng.randrange(keys * deepest)):
+        key = f"k{rng.randrange(keys)}"
+        queue.push(key, f"{key}.{n}")
+    return queue
+
+
+def test_a_put_back_leaves_the_queue_as_the_shorter_take_would() -> None:
+    """take(n) with the last n - w put back is take(w): the same writes come next,
+    in the same turns (compared by what every later take gives)."""
+    for seed in range(300):
+        rng = random.Random(seed)
+        keys, deepest = rng.randrange(1, 12), rng.randrange(1, 8)
+        one = filled(random.Random(-seed), keys, deepest)
+        other = filled(random.Random(-seed), keys, deepest)
+        most = rng.randrange(1, keys * deepest + 2)
+        taken = one.take(most)
+        written = rng.randrange(len(taken) + 1)
+        one.put_back(taken[written:])
+        assert taken[:written] == other.take(written), seed
+        assert len(one) == len(other), seed
+        while other:
+            step = rng.randrange(1, 6)
+            assert one.take(step) == other.take(step), seed
+
+
+def test_deep_lines_all_get_turns_when_every_batch_ends_early() -> None:
+    """Sixty-four accounts each with many of the largest sends waiting: a batch takes
+    512 and writes some 32 (BATCH_BYTES). With the keys of the writes put back left
+    at the back of the turns, the same 32 accounts were written batch after batch and
+    the other 32 never; every account is written within a few batches."""
+    queue: FairQueue[str] = FairQueue(limit=10_000)
+    for n in range(60):
+        for account in range(64):
+            queue.push(account, f"{account}.{n}")
+    written: dict[Hashable, int] = {}
+    for _ in range(4):
+        taken = queue.take(512)
+        for key, _item in taken[:32]:
+            written[key] = written.get(key, 0) + 1
+        queue.put_back(taken[32:])
+    assert sorted(written.values()) == [2] * 64, written
+
+
 def test_drain_returns_every_write_and_empties_the_queue() -> None:
     queue: FairQueue[str] = FairQueue(limit=10)
     queue.push("alice", "a0")

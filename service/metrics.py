@@ -436,8 +436,9 @@ class Metrics:
         )
         self.loop_delay = Histogram(
             "chat_loop_delay_seconds",
-            "How much later than due the node's periodic tick ran: its event loop was held "
-            "(a long batch, apply or read; a busy machine)",
+            "How much later than due the node's periodic tick ran, counted from the "
+            "previous tick's start: its event loop was held (a long batch, apply, read or "
+            "prune; a busy machine)",
             buckets=LOOP_DELAY_BUCKETS,
             registry=registry,
         )

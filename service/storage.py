@@ -1089,8 +1089,9 @@ class Storage:
     * the **reader** answers queries (chat reads, the log for streams, the
       epoch history) from the last committed state; in WAL mode it never waits
       for the writer;
-    * the **control** connection writes the node's own state (votes, epochs)
-      and prunes the log, always synced on commit, whatever the writer does.
+    * the **control** connection writes the node's own state (votes, epochs),
+      synced on commit whatever the writer does, and prunes the log (not
+      synced: a prune lost in a crash leaves older records, all sound).
 
     After ``defer_sync()`` a fourth connection, the checkpointer, is used only
     by ``sync()`` in the group sync thread.
@@ -1463,6 +1464,19 @@ class Storage:
         largest sends puts some 24 MB a second into the log, and deleting five
         seconds' worth at once (3 ms a MiB) held the loop for a third of a second."""
         db = self._control_db
+        # Each step's commit would fsync on the event loop, some thirty in a row to
+        # catch up on a flood: a prune need not be durable (the next synced commit
+        # or group sync covers it; lost in a crash, the log is longer, and counted
+        # again at start).
+        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            return self._prune_log_step(db, keep, keep_bytes, step_bytes)
+        finally:
+            db.execute(f"PRAGMA synchronous={self._synchronous}")
+
+    def _prune_log_step(
+        self, db: Db, keep: int, keep_bytes: int | None, step_bytes: int | None
+    ) -> tuple[int, bool]:
         with self._transaction(conn=self._control):
             bounds = db.one("SELECT min(seq), max(seq) FROM txlog")
             if bounds is None or bounds[0] is None:

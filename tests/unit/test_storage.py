@@ -1225,6 +1225,8 @@ def test_prune_log_step_deletes_a_bounded_part_and_says_more_are_due(primary: St
     add_sized(primary, 3000)
     assert primary.prune_log_step(100, budget, 1) == (1, False)
     assert primary.prune_log_step(100, budget, 1) == (0, False)
+    # A prune commits without an fsync; the votes after it are synced again (FULL).
+    assert primary._control_db.value("PRAGMA synchronous") == 2
 
 
 def test_prune_log_counts_the_records_appended_since_the_last_prune(

@@ -1461,8 +1461,9 @@ class Storage:
         """``prune_log``, deleting at most about ``step_bytes`` of changesets and
         ``PRUNE_CHUNK`` records (at least one record); returns how many went and
         whether more are due. The node prunes on its event loop: a flood of the
-        largest sends puts some 24 MB a second into the log, and deleting five
-        seconds' worth at once (3 ms a MiB) held the loop for a third of a second."""
+        largest sends puts some 24 MB a second into the log, and five seconds' worth
+        deleted at once (some 120 MB, at about 3 ms a MiB) held it for tenths of a
+        second."""
         db = self._control_db
         # Each step's commit would fsync on the event loop, some thirty in a row to
         # catch up on a flood: a prune need not be durable (the next synced commit

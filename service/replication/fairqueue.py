@@ -29,9 +29,9 @@ first in, first out.
 Items put back (taken for a batch that ended before them: full, or its record out
 of room) go back as if never taken: to the front of their own lines, in their
 order, their keys where the take found them in the turns. They do not go before
-everyone's: a batch of the largest sends ends after some 32 of
-the 512 it took, and the other accounts' writes would wait behind the 480 put
-back, some fifteen batches, where in turns they go into the next one.
+everyone's: a batch of the largest sends ends after some 32 of the 512 it took,
+and the other accounts' writes would wait behind the 480 put back, some fifteen
+batches, where in turns they go into the next one.
 
 Invariants: ``len`` is the items in the lines; every line is non-empty and its
 key is in ``_rotation`` exactly once; ``_lengths`` tallies each key by the length

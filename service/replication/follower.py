@@ -10,12 +10,12 @@ one turn, and applying 6 MiB in one transaction held the loop for 0.45 s: no
 ``status`` answered, and the primary's heartbeats left unread past its suspect
 timeout. The rest waits for the next turn, after the timers and the sockets.
 Past ``PENDING_BYTES`` waiting, the primary's link is not read until an apply
-brings them under (TCP pushes back on the primary, as when
-all that was read in a turn was applied in the next). Records still waiting when
-their stream ends (a rewind or a snapshot answering a join, a lost join, a failed
-apply, the node stopping) are dropped, never applied. A record that does not
-follow the log (a gap, an older epoch) is never applied: the backup joins
-again and the primary says where to resume (R4).
+brings them under (TCP pushes back on the primary, as when all that was read in
+a turn was applied in the next). Records still waiting when their stream ends
+(a rewind or a snapshot answering a join, a lost join, a failed apply, the node
+stopping) are dropped, never applied. A record that does not follow the log (a
+gap, an older epoch) is never applied: the backup joins again and the primary
+says where to resume (R4).
 
 A rewind removes every record after the divergence point, durably, keeping
 them in a rollback file; if the log no longer reaches back that far, the

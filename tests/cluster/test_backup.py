@@ -204,6 +204,10 @@ def test_a_node_restored_while_the_others_hold_newer_data_does_not_lead(
     backup = tmp_path / "backup.db"
     taken = _tool("ops.backup", "--to", str(backup), "--config", str(restored.config_path))
     assert taken.returncode == 0, taken.stderr
+    # Nodes 2 and 3 take over only if confirmed (R5): each must have acked, linked to
+    # the other, and seen its ack echoed. Stopped 0.27 s after it led, node 1 had not
+    # echoed them yet (their link came up late), and they waited for it (R6).
+    assert wait_settled(cluster) is restored
     restored.stop()
     primary = cluster.wait_for_primary()
     wait_view(primary, lambda v: v.members == (2, 3), "nodes 2 and 3 going on without node 1")

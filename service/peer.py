@@ -215,7 +215,7 @@ class PeerLinks:
                 async with asyncio.timeout(self.config.handshake_timeout):
                     version = await self._dial_handshake(peer, frames, writer)
             except (OSError, TimeoutError, ProtocolViolation, EOFError) as exc:
-                failures.note(node=peer, error=_one_line(exc))
+                failures.note(node=peer, error=one_line(exc))
                 await close_after_error(writer)
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, MAX_REDIAL)
@@ -230,7 +230,7 @@ class PeerLinks:
                 # A bug handling the link (the runtime's own handler takes every
                 # frame's error itself): said, and the peer dialed again, never left
                 # unlinked for good with the task's error unread.
-                broken.note(exc_info=exc, node=peer, error=_one_line(exc))
+                broken.note(exc_info=exc, node=peer, error=one_line(exc))
                 forget_frames(exc)
                 await asyncio.sleep(MAX_REDIAL)
 
@@ -372,7 +372,7 @@ class PeerLinks:
             link.feed = frames.hand_off(writer, lambda frame: self.on_frame(peer, frame))
             violation = await link.feed.violation()
             if violation is not None:
-                log.warning("peer broke the protocol node=%s error=%s", peer, _one_line(violation))
+                log.warning("peer broke the protocol node=%s error=%s", peer, one_line(violation))
                 link.close()
         finally:
             writer.close()
@@ -739,7 +739,8 @@ def _chunk(max_frame: int) -> int:
     return min(READ_CHUNK, max_frame + protocol.HEADER.size)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """An error as one log field: its message on one line (or its type's name)."""
     return (str(exc) or type(exc).__name__).replace("\n", " ")
 
 

@@ -100,7 +100,14 @@ from .errors import (
     StorageCorrupt,
     StorageFault,
 )
-from .peer import OPERATOR_ID, FrameFeed, FrameReader, close_after_error, forget_frames
+from .peer import (
+    OPERATOR_ID,
+    FrameFeed,
+    FrameReader,
+    close_after_error,
+    forget_frames,
+    one_line,
+)
 from .replication.types import Role
 from .slots import ClientSlots, SlotsFull
 from .storage import Db
@@ -446,7 +453,7 @@ class Server:
             # (peer.HandlerFailed): said with its traceback (once a window, should a
             # client find a way to repeat it), and the node goes on. The traceback's
             # frames hold the connection's parts, which hold the error: let go.
-            self._failed.note(exc_info=exc, address=_dialer_address(writer), error=_one_line(exc))
+            self._failed.note(exc_info=exc, address=_dialer_address(writer), error=one_line(exc))
             forget_frames(exc)
             writer.close()
 
@@ -459,7 +466,7 @@ class Server:
             welcomed = await self._handshake(frames, writer, address)
         except (ProtocolViolation, EOFError, TimeoutError, ConnectionError, OSError) as exc:
             if isinstance(exc, ProtocolViolation):
-                self._bad_hello.note(address=address, error=_one_line(exc))
+                self._bad_hello.note(address=address, error=one_line(exc))
                 _refuse(writer, exc)
             self.handshakes.pop(writer, None)  # its place is free while it closes
             await close_after_error(writer)
@@ -509,7 +516,7 @@ class Server:
                 self._bad_peer.note(
                     address=address,
                     node=claimed if isinstance(claimed, int) else "?",
-                    error=_one_line(exc),
+                    error=one_line(exc),
                 )
                 _refuse(writer, exc)
                 return None
@@ -1123,7 +1130,3 @@ def client_address(writer: asyncio.StreamWriter) -> str:
 
 def chat_auth_failed() -> ChatError:
     return AuthFailed(chat.GENERIC_LOGIN_FAILURE)
-
-
-def _one_line(exc: BaseException) -> str:
-    return (str(exc) or type(exc).__name__).replace("\n", " ")

@@ -45,6 +45,14 @@ class Scrape:
             if sample.name == name and label in sample.labels
         }
 
+    def over(self, histogram: str, bound: float) -> float:
+        """How many observations of ``histogram`` were above ``bound``, one of its
+        bucket bounds: the count less that bucket's."""
+        buckets = {float(le): n for le, n in self.by_label(f"{histogram}_bucket", "le").items()}
+        if bound not in buckets:
+            raise AssertionError(f"{histogram} has no bucket {bound}: {sorted(buckets)}")
+        return self.value(f"{histogram}_count") - buckets[bound]
+
 
 def scrape(address: str, timeout: float = 2.0) -> Scrape | None:
     """The metrics at ``http://address/metrics``; None if nothing answers there."""

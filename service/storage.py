@@ -1560,52 +1560,51 @@ class Storage:
     @staticmethod
     def install_bytes(size: int) -> int:
         """The most room an install of a snapshot of ``size`` bytes takes in the data
-        dir beside what the node holds, the received file included: that file, its
-        staging copy and the WAL that takes every page of it (the staging copy is
-        gone before the checkpoint grows the database to the snapshot's size)."""
-        return 3 * size
+        dir beside what the node holds, the received file included: that file and
+        the WAL that takes every page of it (the file is gone before the checkpoint
+        grows the database to the snapshot's size)."""
+        return 2 * size
 
     def install_snapshot(self, src: Path) -> Position:
-        """Replace all of this database with ``src``, keeping this node's own votes.
+        """Replace all of this database with the snapshot file ``src``, keeping this
+        node's own votes. ``src`` is used up: changed, then removed.
 
-        The snapshot is first copied aside and given this node's node_state, so the
-        final copy into the live database is one transaction: a crash leaves either
-        the old database or the new one, never the sender's votes in ours. A
-        snapshot of an earlier schema is migrated to ours; one of a later schema is
-        refused (``SchemaMismatch``), nothing changed.
+        ``src`` is first given this node's node_state, so the copy into the live
+        database is one transaction: a crash leaves either the old database or the
+        new one, never the sender's votes in ours. It is changed where it lies, not
+        in a staging copy: a copy took one more snapshot's worth of disk at the peak
+        and, on a 364 MB database, another 0.6 s of the event loop. A snapshot of an
+        earlier schema is migrated to ours; one of a later schema is refused
+        (``SchemaMismatch``), nothing in this database changed.
         """
         if self._conn.in_transaction:
             raise Internal("cannot install a snapshot while a batch is open")
         self._committed = None
         own = self.node_state()
-        staging = self.path.with_name(self.path.name + ".installing")
-        remove_database_files(staging)
+        src = Path(src)
         try:
-            # No journal: a staging copy cut short is thrown away (as make_snapshot's).
-            copy = _connect(staging, "OFF", self._vfs, journal="OFF")
+            # No journal: a snapshot cut short by a crash is thrown away, never
+            # installed (the follower removes it and asks for another).
+            source = _connect(src, "OFF", self._vfs, journal="OFF")
             try:
-                source = _connect(Path(src), self._synchronous, self._vfs)
-                try:
-                    _copy_database(source, copy)
-                finally:
-                    source.close()
-                _migrate(copy, self._migrations)
-                copy_db = Db(copy)
-                theirs = _read_node_state(copy_db)
+                _migrate(source, self._migrations)
+                source_db = Db(source)
+                theirs = _read_node_state(source_db)
                 merged = NodeState(
                     max(own.current_epoch, theirs.current_epoch), own.voted_epoch, own.voted_for
                 )
-                _write_node_state(copy_db, merged)
-                # The copy holds the sender's database id: this database stays ours.
-                _write_json(copy_db, "node_state", "database_id", self.database_id)
+                _write_node_state(source_db, merged)
+                # The snapshot holds the sender's database id: this database stays ours.
+                _write_json(source_db, "node_state", "database_id", self.database_id)
                 # A restored sender's mark is its own: this node now follows a history
                 # that a primary sent it, and its sync set is that primary's.
-                copy_db.execute("DELETE FROM node_state WHERE key = 'restored'")
-                _copy_database(copy, self._conn)
+                source_db.execute("DELETE FROM node_state WHERE key = 'restored'")
+                _copy_database(source, self._conn)
             finally:
-                copy.close()
+                source.close()
         finally:
-            remove_database_files(staging)
+            # Before the checkpoint grows the database: the peak is two snapshots' worth.
+            remove_database_files(src)
         if self._writer_synchronous == "NORMAL":
             self._sync_files()
         # The WAL took every page of the snapshot: give its room back now rather

@@ -315,9 +315,7 @@ class Follower:
             # a disk that filled mid-way made the primary copy and send the whole
             # database again every few hundred milliseconds, and never enough.
             needed = self.storage.install_bytes(chunk.size)
-            problem = copy_room(
-                path.parent, needed, "the snapshot, a staging copy and the WAL of its install"
-            )
+            problem = copy_room(path.parent, needed, "the snapshot and the WAL of its install")
             if problem is not None:
                 self.incoming_snapshot = None
                 self.shell.fault(f"cannot install the snapshot: {problem}", room=needed)

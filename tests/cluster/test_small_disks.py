@@ -25,6 +25,7 @@ import pytest
 
 from ops.cluster.waiting import wait_for
 from service.client import Client
+from service.storage import COPY_SPARE_BYTES
 from tests.conftest import ClusterFactory
 from tests.helpers.cluster import Cluster, NodeProcess
 from tests.helpers.disks import MIB, SmallDisk
@@ -144,7 +145,8 @@ def test_a_backup_without_room_for_a_snapshot_says_so_and_waits_for_room(
 ) -> None:
     cluster, primary, behind, disks = loaded_with_a_wiped_backup(cluster_factory, small_disks)
     size = database_bytes(primary)
-    disks[behind.node_id].leave_free(2 * size)  # it needs about 4 copies at the peak
+    # It needs twice the snapshot at the peak (the file and the WAL), and a spare.
+    disks[behind.node_id].leave_free(2 * size)
     behind.start()
 
     wait_view(
@@ -163,7 +165,9 @@ def test_a_backup_without_room_for_a_snapshot_says_so_and_waits_for_room(
 
     assert_stays(sent_again, 3.0, "the backup waiting for room without asking again")
 
-    disks[behind.node_id].leave_free(4 * size + 64 * MIB)
+    # Room for twice the snapshot and the spare, and half a snapshot more: not for
+    # the staging copy an install used to make as well (three times the snapshot).
+    disks[behind.node_id].leave_free(2 * size + COPY_SPARE_BYTES + size // 2)
     wait_logged(behind, "snapshot installed")
     wait_whole_sync_set(cluster)
     # The install's WAL was given back: the node holds about one database, not two.

@@ -1288,6 +1288,8 @@ def test_snapshot_install_converges_and_keeps_own_node_state(
     assert backup.epoch_history() == [(2, 1)]
     assert backup.node_state() == NodeState(current_epoch=5, voted_epoch=4, voted_for=3)
     assert backup.integrity_check() == "ok"
+    # Installed where it lay, and used up: no staging copy, no file left behind.
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("snap")) == []
     assert not list(tmp_path.glob("*.installing*")) + list(tmp_path.glob("*.partial*"))
     # Catch-up continues from the snapshot's position.
     backup.apply_records([add_user(primary, "cy", epoch=2)])

@@ -238,6 +238,24 @@ class NodeConfig:
         return self.data_dir / "rollback"
 
     @property
+    def snapshot_in_path(self) -> Path:
+        """Where a backup receives a snapshot, chunk by chunk, before installing it."""
+        return self.data_dir / "snapshot-in.db"
+
+    def snapshot_out_path(self, peer: int) -> Path:
+        """Where a primary copies its database to send it to ``peer``."""
+        return self.data_dir / f"snapshot-out-{peer}.db"
+
+    def copies_in_transit(self) -> tuple[Path, ...]:
+        """Every snapshot file a node makes, gone once used: one still there at
+        start was left by a crash."""
+        outgoing = [self.snapshot_out_path(peer.node_id) for peer in self.peers]
+        partial = [path.with_name(path.name + ".partial") for path in outgoing]
+        # The staging copy an earlier version's install made (it works in place now).
+        staging = self.db_path.with_name(self.db_path.name + ".installing")
+        return (self.snapshot_in_path, *outgoing, *partial, staging)
+
+    @property
     def metrics_endpoint(self) -> tuple[str, int] | None:
         """Where to serve metrics, or None; an IPv6 host may be written ``[::1]``."""
         if not self.metrics_address:

@@ -28,7 +28,13 @@ from .errors import StorageCorrupt
 from .metrics import Metrics, sample_node
 from .replication.runtime import Replicator
 from .server import Server
-from .storage import Storage, move_aside, prune_moved_aside, prune_rollback_files
+from .storage import (
+    Storage,
+    move_aside,
+    prune_moved_aside,
+    prune_rollback_files,
+    remove_database_files,
+)
 
 log = logging.getLogger("service.node")
 
@@ -60,6 +66,25 @@ def load_or_create_secret(path: Path) -> bytes:
     if len(secret) < 16:
         raise SystemExit(f"cluster secret in {path.name} is too short (at least 16 bytes)")
     return secret
+
+
+def remove_copies_in_transit(config: NodeConfig) -> None:
+    """Remove the snapshot files a crash left (``NodeConfig.copies_in_transit``): each
+    is as large as the database, and none is used again (a snapshot is sent anew).
+    A disk that refuses is logged, and the node starts all the same."""
+    for path in config.copies_in_transit():
+        try:
+            if not path.exists():
+                continue
+            remove_database_files(path)
+        except OSError as exc:
+            log.warning(
+                "snapshot copy not removed node=%s file=%s why=%s", config.node_id, path.name, exc
+            )
+        else:
+            log.info(
+                "snapshot copy left by a crash removed node=%s file=%s", config.node_id, path.name
+            )
 
 
 class Node:
@@ -107,6 +132,7 @@ class Node:
         )
         if pruned:
             log.info("rollback files pruned files=%s", ",".join(p.name for p in pruned))
+        remove_copies_in_transit(config)
         # Commits return before the fsync; the replicator's group sync does it.
         self.storage.defer_sync()
         suspect = identity.verdict(recorded, self.storage.database_id, before)

@@ -280,7 +280,7 @@ class Follower:
 
     def expect_snapshot(self) -> None:
         self._drop()  # as for a rewind
-        path = self.config.data_dir / "snapshot-in.db"
+        path = self.config.snapshot_in_path
         remove_database_files(path)
         self.incoming_snapshot = (path, 0)
         log.info(

@@ -255,7 +255,7 @@ class Streams:
             link.close()
 
     async def _send_snapshot(self, stream: Stream) -> None:
-        path = self.config.data_dir / f"snapshot-out-{stream.peer}.db"
+        path = self.config.snapshot_out_path(stream.peer)
         remove_database_files(path)
         started = time.monotonic()
         try:

@@ -9,6 +9,8 @@
   and each change is logged.
 * Rollback files beyond ``rollback_max_files`` are pruned, oldest first, when
   the node starts (and after each rewind: ``tests/cluster/test_catchup.py``).
+* Snapshot files a crash left in transit (received, being sent, an earlier
+  version's staging copy) are removed when the node starts, and only those.
 * A looked-up name outside the charset of names (a Kelvin sign for a ``k``) is
   refused by the node as ``invalid``, not matched to an account.
 """
@@ -144,6 +146,31 @@ def test_rollback_files_beyond_the_bound_are_pruned_at_start(
     cluster.start()
     assert sorted(p.name for p in folder.iterdir()) == names[2:]
     assert f"rollback files pruned files={names[0]},{names[1]}" in node.log_text()
+
+
+def test_snapshot_copies_a_crash_left_are_removed_at_start(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = cluster_factory(n=3)
+    node = cluster[1]
+    node.data_dir.mkdir(mode=0o700, parents=True)
+    left = [
+        "snapshot-in.db",
+        "snapshot-in.db-wal",
+        "snapshot-out-3.db",
+        "snapshot-out-2.db.partial",
+        "chat.db.installing",
+    ]
+    kept = ["snapshot-out-9.db", "notes.txt"]  # no copy of this node's: not its to remove
+    for name in left + kept:
+        (node.data_dir / name).write_bytes(b"x" * 4096)
+    node.start()
+    wait_for(lambda: node.status() is not None, 20.0, "node 1 to answer status")
+    remaining = sorted(p.name for p in node.data_dir.iterdir() if p.name in left + kept)
+    assert remaining == sorted(kept)
+    log = node.log_text()
+    for name in ("snapshot-in.db", "snapshot-out-3.db", "snapshot-out-2.db.partial"):
+        assert f"snapshot copy left by a crash removed node=1 file={name}" in log
 
 
 def test_the_node_refuses_a_lookalike_name_as_invalid(cluster_factory: ClusterFactory) -> None:

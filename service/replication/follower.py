@@ -21,7 +21,9 @@ A rewind removes every record after the divergence point, durably, keeping
 them in a rollback file; if the log no longer reaches back that far, the
 backup counts its log as empty (``on_log_unusable``) so that its next join gets
 a snapshot. A snapshot arrives in chunks into ``snapshot-in.db``, is checked
-(``quick_check``) before it is installed, and is never installed damaged.
+(``quick_check``) before it is installed, and is never installed damaged; the
+install uses that file up (``Storage.install_snapshot``), and a node that
+crashed with one there removes it at its next start.
 After either, the core hears ``on_log_replaced`` with the new log's facts.
 """
 

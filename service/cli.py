@@ -928,10 +928,14 @@ def status() -> Action:
 
 
 def session_summary(opts: Options, session: Session, primary: str | None) -> Result:
-    """The logged-in user's unread count, if the primary tells it quickly."""
+    """The logged-in user's unread count, if the primary tells it quickly; ``ended``
+    when the primary says the saved session is over (logged out elsewhere, expired,
+    its account deleted, or a cluster made anew), so that status says to log in
+    rather than that the count is unavailable."""
     unread: int | None = None
+    ended = False
     if primary is not None:
-        with contextlib.suppress(errors.ChatError):
+        try:
             result = with_client(
                 opts,
                 lambda c: c.whoami(),
@@ -939,8 +943,13 @@ def session_summary(opts: Options, session: Session, primary: str | None) -> Res
                 servers=[primary],
                 timeout=min(opts.timeout, STATUS_WHOAMI_TIMEOUT),
             )
+        except errors.AuthFailed:
+            ended = True
+        except errors.ChatError:
+            pass
+        else:
             unread = int(result.get("unread") or 0)
-    return {"user": session.user, "unread": unread}
+    return {"user": session.user, "unread": unread, "ended": ended}
 
 
 @dataclass(frozen=True)
@@ -1049,7 +1058,10 @@ def render_status(view: ClusterView, session: Result | None) -> str:
     lines = [table(headers, rows), ""]
     lines.append(f"primary: {view.primary or 'none known'}")
     lines.extend(_arbiter_lines(view))
-    if session:
+    if session and session.get("ended"):
+        user = session["user"]
+        lines.append(f"logged in as {user}, but that session has ended: chatctl login {user}")
+    elif session:
         unread = session.get("unread")
         count = "unread count unavailable" if unread is None else plural(unread, "unread message")
         lines.append(f"logged in as {session['user']}: {count}")

@@ -405,8 +405,21 @@ def test_status(tmp_path: Path, node: str) -> None:
 
 def test_status_shows_the_unread_count_of_the_session(alice: User, bob: User) -> None:
     alice.ok("send", "bob", "unread")
-    assert bob.json("status")["session"] == {"user": "bob", "unread": 1}
+    assert bob.json("status")["session"] == {"user": "bob", "unread": 1, "ended": False}
     assert "logged in as bob: 1 unread message" in bob.ok("status")
+
+
+def test_status_says_when_the_saved_session_has_ended(alice: User) -> None:
+    # The session file of a session ended elsewhere (a logout from a copy of it).
+    saved = {path: path.read_bytes() for path in alice.home.rglob("*") if path.is_file()}
+    alice.ok("logout")
+    for path, data in saved.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    assert alice.json("status")["session"] == {"user": "alice", "unread": None, "ended": True}
+    assert "logged in as alice, but that session has ended: chatctl login alice" in alice.ok(
+        "status"
+    )
 
 
 def test_no_primary_reachable_exits_3(tmp_path: Path) -> None:

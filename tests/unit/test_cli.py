@@ -664,7 +664,7 @@ def test_status_json_and_the_unread_count_of_the_session(
     chatctl("login", "alice", CHATCTL_PASSWORD=PASSWORD)
     summary = as_json(chatctl("status", "--json"))
     assert summary["primary"] == "127.0.0.1:7001"
-    assert summary["session"] == {"user": "alice", "unread": 0}
+    assert summary["session"] == {"user": "alice", "unread": 0, "ended": False}
     assert [n["lag"] for n in summary["nodes"]] == [0, 3, None]
     assert set(summary["nodes"][0]) == {
         "address", "up", "id", "role", "epoch", "seq", "lag", "primary", "sync_set",

@@ -1465,6 +1465,38 @@ def test_sync_checkpoints_once_the_wal_passed_the_threshold(deferred: Storage) -
     assert names(deferred)[-1] == "after"
 
 
+def test_a_wal_grown_behind_a_long_read_is_cut_back_once_checkpointed(
+    deferred: Storage,
+) -> None:
+    """A read that lasts (a snapshot copied for a backup, an ``ops.backup`` stream)
+    keeps checkpoints from finishing while commits go on: the WAL grows past its
+    usual size. Once a checkpoint copied all of it, the next commit starts it over
+    and cuts the file back to WAL_SIZE_LIMIT, rather than keep that disk for good."""
+    add_user(deferred, "ann")
+    reader = Db(storage_module._connect(deferred.path, "FULL"))
+    reader.execute("BEGIN")
+    assert reader.value("SELECT count(*) FROM users") == 1  # its snapshot is taken
+    grown = 0
+    for commit in range(200):
+        write(
+            deferred,
+            "INSERT INTO users(name, name_key, password_hash, created_at) VALUES (?, ?, ?, 1.0)",
+            (f"huge{commit}", f"huge{commit}", "y" * 1_000_000),  # about 250 pages
+        )
+        deferred.sync()  # the checkpoints that fall due cannot pass the reader
+        grown = os.stat(deferred.wal_path).st_size
+        if grown > 1.2 * storage_module.WAL_SIZE_LIMIT:
+            break
+    assert grown > 1.2 * storage_module.WAL_SIZE_LIMIT, f"the WAL grew only to {grown} bytes"
+    reader.execute("COMMIT")
+    assert deferred.sync(checkpoint=False) is True
+    assert deferred.sync() is False, "the checkpoint that was due ran"
+    add_user(deferred, "after")  # starts the WAL over: the file is cut back
+    assert os.stat(deferred.wal_path).st_size <= storage_module.WAL_SIZE_LIMIT
+    assert deferred.integrity_check() == "ok"
+    assert names(deferred)[-1] == "after"
+
+
 def test_deferred_writer_leaves_checkpoints_to_sync(deferred: Storage) -> None:
     """SQLite's automatic checkpoint (at 1000 pages) would restart the WAL: the
     deferred writer only counts pages, so without sync() the WAL keeps growing."""

@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         diskfaults.install_from_environment()
     if not datadir.wait_until_private(config.data_dir):
         return 0
+    # Held until the process exits: nothing below may touch a data dir another
+    # node process is using.
+    if not datadir.wait_until_locked(config.data_dir):
+        return 0
     # uvloop: the same asyncio API over libuv, with a cheaper loop iteration and
     # socket path; the node's hot path is many small reads and writes.
     # A read-only file system or an unopenable database: one log line per new

@@ -23,11 +23,21 @@ Rules
   other access is tightened (0644 becomes 0600, 0755 becomes 0700) and each
   change is logged: a data dir written before these rules gets private files
   without a manual step. The cluster secret file is tightened the same way.
+* One node process at a time uses a data dir: ``python -m service`` holds an
+  exclusive ``flock`` on its ``node.lock`` (with the holder's pid in it) for as
+  long as it runs, as PostgreSQL's ``postmaster.pid`` does, before it opens or
+  removes anything there. A second process started on the same data dir (by
+  hand, a second supervisord, a copy of the config) would otherwise open the
+  same database beside the first, rewrite its identity file and remove the
+  snapshot it is receiving. It waits instead, saying which pid holds the lock,
+  and starts once that process has exited (the kernel drops the lock of a
+  process that dies, so a crash never leaves the data dir locked).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import signal
@@ -47,8 +57,17 @@ MAX_RECHECK = 30.0
 _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
+LOCK_FILE = "node.lock"
+# The descriptors of the locks this process holds: closing one would release it.
+_HELD: list[int] = []
+
+
 class NotPrivate(Exception):
     """The data dir is not private to this user; the message says how to fix it."""
+
+
+class InUse(Exception):
+    """Another process holds the data dir's lock; the message names it."""
 
 
 def make_private_dirs(path: Path) -> None:
@@ -108,6 +127,41 @@ def prepare(path: Path) -> list[Path]:
                 if tighten(entry):
                     tightened.append(entry)
     return tightened
+
+
+def lock(path: Path) -> int | None:
+    """Take the data dir's lock (``LOCK_FILE``) for this process, write its pid there,
+    and return the descriptor, which must stay open for as long as the process uses
+    the data dir. Raises InUse if another process holds it. None on a file system
+    that refuses writes where no lock file was made before: no process can change
+    anything there, and opening the database says why the node cannot start."""
+    lock_path = path / LOCK_FILE
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        writable = True
+    except OSError:
+        try:
+            fd = os.open(lock_path, os.O_RDONLY)  # flock needs no write access
+        except OSError:
+            return None
+        writable = False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise InUse(
+            f"another node process (pid {holder}) uses the data dir {path}: a data dir "
+            "is for one node at a time"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    if writable:
+        with contextlib.suppress(OSError):  # the pid only helps the message above
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _until_done(
@@ -170,3 +224,20 @@ def wait_until_private(path: Path) -> bool:
         f"stopped while the data dir was refused path={path}",
     )
     return done is not None
+
+
+def wait_until_locked(path: Path) -> bool:
+    """``lock`` the data dir for the rest of this process's life, waiting while another
+    process holds it. False when told to stop first (the node should exit)."""
+    done = _until_done(
+        lambda: lock(path),
+        InUse,
+        "refusing to start: {why} (trying again until it exits)",
+        f"data dir is free now path={path}",
+        f"stopped while another process used the data dir path={path}",
+    )
+    if done is None:
+        return False
+    if done[0] is not None:
+        _HELD.append(done[0])
+    return True

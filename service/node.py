@@ -71,15 +71,18 @@ def load_or_create_secret(path: Path) -> bytes:
 def remove_copies_in_transit(config: NodeConfig) -> None:
     """Remove the snapshot files a crash left (``NodeConfig.copies_in_transit``): each
     is as large as the database, and none is used again (a snapshot is sent anew).
-    A disk that refuses is logged, and the node starts all the same."""
+    A disk that refuses is logged, and the node starts all the same. Safe only in
+    the one process that uses the data dir (``datadir.lock``, which ``python -m
+    service`` takes first): another node's copies in transit would go too."""
     for path in config.copies_in_transit():
         try:
             if not path.exists():
                 continue
             remove_database_files(path)
         except OSError as exc:
+            why = (exc.strerror or str(exc)).replace(" ", "_")
             log.warning(
-                "snapshot copy not removed node=%s file=%s why=%s", config.node_id, path.name, exc
+                "snapshot copy not removed node=%s file=%s why=%s", config.node_id, path.name, why
             )
         else:
             log.info(
@@ -94,6 +97,9 @@ class Node:
         datadir.prepare(config.data_dir)
         self.secret = load_or_create_secret(config.secret_file)
         self.identity_path = config.data_dir / identity.FILE_NAME
+        # Before the database opens: on a disk too full to open it, a leftover
+        # copy as large as the database is what takes the room.
+        remove_copies_in_transit(config)
         recorded = identity.read(self.identity_path)
         before = identity.observe(config.db_path)
         damage = self._open_checked(recorded)
@@ -132,7 +138,6 @@ class Node:
         )
         if pruned:
             log.info("rollback files pruned files=%s", ",".join(p.name for p in pruned))
-        remove_copies_in_transit(config)
         # Commits return before the fsync; the replicator's group sync does it.
         self.storage.defer_sync()
         suspect = identity.verdict(recorded, self.storage.database_id, before)

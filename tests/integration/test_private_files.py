@@ -11,6 +11,8 @@
   the node starts (and after each rewind: ``tests/cluster/test_catchup.py``).
 * Snapshot files a crash left in transit (received, being sent, an earlier
   version's staging copy) are removed when the node starts, and only those.
+* A second node process started on a data dir in use waits, naming the pid that
+  holds it, without touching anything there, and starts once that one exits.
 * A looked-up name outside the charset of names (a Kelvin sign for a ``k``) is
   refused by the node as ``invalid``, not matched to an account.
 """
@@ -20,11 +22,15 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from ops.cluster.nodes import PACKAGE_HOME
+from ops.cluster.probe import probe_status
 from ops.cluster.waiting import wait_for
 from service.client import Client
 from service.errors import InvalidInput
@@ -171,6 +177,51 @@ def test_snapshot_copies_a_crash_left_are_removed_at_start(
     log = node.log_text()
     for name in ("snapshot-in.db", "snapshot-out-3.db", "snapshot-out-2.db.partial"):
         assert f"snapshot copy left by a crash removed node=1 file={name}" in log
+
+
+def test_a_second_process_on_a_data_dir_in_use_waits_until_the_first_exits(
+    cluster_factory: ClusterFactory, tmp_path: Path
+) -> None:
+    cluster = cluster_factory(n=1)
+    cluster.start()
+    cluster.wait_for_primary()
+    register(cluster, "ann")
+    first = cluster[1]
+    assert first.pid is not None
+    # What it must not touch: a snapshot the first node would be receiving.
+    receiving = first.data_dir / "snapshot-in.db"
+    receiving.write_bytes(b"x" * 4096)
+    identity_before = (first.data_dir / "identity.json").read_bytes()
+    second_log = tmp_path / "second.log"
+    with second_log.open("ab") as out:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "service", "--config", str(first.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=PACKAGE_HOME,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **first.env},
+        )
+    try:
+        said = f"another node process (pid {first.pid}) uses the data dir"
+        wait_for(lambda: said in second_log.read_text(), TIMEOUT, f"the second to log {said!r}")
+        assert second.poll() is None, "the second process exited instead of waiting"
+        assert receiving.exists(), "the second process removed the first's snapshot in transit"
+        assert (first.data_dir / "identity.json").read_bytes() == identity_before
+        assert first.status() is not None
+        first.stop()
+        # The second now holds the data dir: it serves the same database.
+        wait_for(
+            lambda: probe_status(first.address, 1.0),
+            20.0,
+            "the second process to serve node 1's address",
+        )
+        assert not receiving.exists(), "the second did not clean up once it was alone"
+        assert "data dir is free now" in second_log.read_text()
+        assert second_log.read_text().count(said) == 1, "the refusal was repeated"
+    finally:
+        second.terminate()
+        assert second.wait(10.0) == 0
 
 
 def test_the_node_refuses_a_lookalike_name_as_invalid(cluster_factory: ClusterFactory) -> None:

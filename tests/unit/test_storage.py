@@ -731,7 +731,21 @@ def test_a_snapshot_of_a_later_schema_is_refused_and_changes_nothing(
     assert backup.checksums() == before
     assert backup.position() == Position.ZERO
     assert backup.db.value("PRAGMA user_version") == len(MIGRATIONS)
+    assert not (tmp_path / "snap.db").exists(), "the refused snapshot was left on the disk"
     later.close()
+
+
+def test_a_snapshot_file_that_is_gone_is_refused_not_installed_as_empty(
+    tmp_path: Path, backup: Storage
+) -> None:
+    """Opening a missing file would make an empty database: installing that would
+    empty this one."""
+    add_user(backup, "ann")
+    before = (backup.checksums(), backup.position())
+    with pytest.raises(StorageFault, match=r"the snapshot received is gone: snap\.db"):
+        backup.install_snapshot(tmp_path / "snap.db")
+    assert (backup.checksums(), backup.position()) == before
+    assert not (tmp_path / "snap.db").exists()
 
 
 def test_a_text_value_that_is_not_utf8_is_damage_not_a_crash(primary: Storage) -> None:

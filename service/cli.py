@@ -929,11 +929,11 @@ def status() -> Action:
 
 def session_summary(opts: Options, session: Session, primary: str | None) -> Result:
     """The logged-in user's unread count, if the primary tells it quickly; ``ended``
-    when the primary says the saved session is over (logged out elsewhere, expired,
-    its account deleted, or a cluster made anew), so that status says to log in
-    rather than that the count is unavailable."""
+    true when the primary says the saved session is over (logged out elsewhere,
+    expired, its account deleted, or a cluster made anew), so that status says to
+    log in rather than that the count is unavailable; None when nobody said."""
     unread: int | None = None
-    ended = False
+    ended: bool | None = None
     if primary is not None:
         try:
             result = with_client(
@@ -949,6 +949,7 @@ def session_summary(opts: Options, session: Session, primary: str | None) -> Res
             pass
         else:
             unread = int(result.get("unread") or 0)
+            ended = False
     return {"user": session.user, "unread": unread, "ended": ended}
 
 

@@ -673,6 +673,22 @@ def test_status_json_and_the_unread_count_of_the_session(
     assert summary["nodes"][2]["up"] is False
 
 
+def test_status_tells_an_ended_session_from_a_primary_that_did_not_say(
+    cluster_view: FakeService, home: Path
+) -> None:
+    chatctl("register", "alice", CHATCTL_PASSWORD=PASSWORD)
+    chatctl("login", "alice", CHATCTL_PASSWORD=PASSWORD)
+    cluster_view.fail_with = errors.Unavailable("the primary is busy")
+    summary = as_json(chatctl("status", "--json"))
+    assert summary["session"] == {"user": "alice", "unread": None, "ended": None}
+    assert "logged in as alice: unread count unavailable" in chatctl("status").stdout
+    cluster_view.fail_with = None
+    cluster_view.sessions.clear()  # ended on the server: a logout elsewhere
+    summary = as_json(chatctl("status", "--json"))
+    assert summary["session"] == {"user": "alice", "unread": None, "ended": True}
+    assert "but that session has ended: chatctl login alice" in chatctl("status").stdout
+
+
 def test_status_names_the_backups_whose_snapshot_waits_and_why(service: FakeService) -> None:
     why = "no room for a copy of the database: it needs 63.3 MiB free"
     service.statuses = [

@@ -22,7 +22,7 @@ import secrets
 import signal
 from pathlib import Path
 
-from . import chat, chat_schema, datadir, identity, throttle
+from . import backup, chat, chat_schema, datadir, identity, throttle
 from .config import NodeConfig
 from .errors import StorageCorrupt
 from .metrics import Metrics, sample_node
@@ -74,7 +74,10 @@ def remove_copies_in_transit(config: NodeConfig) -> None:
     A disk that refuses is logged, and the node starts all the same. Safe only in
     the one process that uses the data dir (``datadir.lock``, which ``python -m
     service`` takes first): another node's copies in transit would go too."""
-    for path in config.copies_in_transit():
+    folder = config.data_dir
+    # And an operator's backup that was streaming (``backup.py``, names of its own).
+    streamed = [*folder.glob(f"{backup.PREFIX}*.db"), *folder.glob(f"{backup.PREFIX}*.db.partial")]
+    for path in [*config.copies_in_transit(), *sorted(streamed)]:
         try:
             if not path.exists():
                 continue

@@ -166,6 +166,8 @@ def test_snapshot_copies_a_crash_left_are_removed_at_start(
         "snapshot-out-3.db",
         "snapshot-out-2.db.partial",
         "chat.db.installing",
+        "backup-out-1a2b3c4d.db",
+        "backup-out-5e6f7a8b.db.partial",
     ]
     kept = ["snapshot-out-9.db", "notes.txt"]  # no copy of this node's: not its to remove
     for name in left + kept:
@@ -175,7 +177,7 @@ def test_snapshot_copies_a_crash_left_are_removed_at_start(
     remaining = sorted(p.name for p in node.data_dir.iterdir() if p.name in left + kept)
     assert remaining == sorted(kept)
     log = node.log_text()
-    for name in ("snapshot-in.db", "snapshot-out-3.db", "snapshot-out-2.db.partial"):
+    for name in ("snapshot-in.db", "snapshot-out-3.db", "backup-out-1a2b3c4d.db"):
         assert f"snapshot copy left by a crash removed node=1 file={name}" in log
 
 

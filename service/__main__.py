@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import config as config_module
     from . import datadir, tls
     from .errors import ChatError
-    from .node import Node
+    from .node import Node, remove_copies_in_transit
 
     # First: whatever this process creates (the database, its WAL, snapshots,
     # rollback files, the secret) is 0600, folders 0700.
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     # node process is using.
     if not datadir.wait_until_locked(config.data_dir):
         return 0
+    remove_copies_in_transit(config)
     # uvloop: the same asyncio API over libuv, with a cheaper loop iteration and
     # socket path; the node's hot path is many small reads and writes.
     # A read-only file system or an unopenable database: one log line per new

@@ -31,12 +31,15 @@ Rules
   same database beside the first, rewrite its identity file and remove the
   snapshot it is receiving. It waits instead, saying which pid holds the lock,
   and starts once that process has exited (the kernel drops the lock of a
-  process that dies, so a crash never leaves the data dir locked).
+  process that dies, so a crash never leaves the data dir locked). A lock that
+  cannot be taken for another reason is waited on the same way; only a file
+  system where nobody can write, or one that cannot lock, goes on without it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -132,36 +135,56 @@ def prepare(path: Path) -> list[Path]:
 def lock(path: Path) -> int | None:
     """Take the data dir's lock (``LOCK_FILE``) for this process, write its pid there,
     and return the descriptor, which must stay open for as long as the process uses
-    the data dir. Raises InUse if another process holds it. None on a file system
-    that refuses writes where no lock file was made before: no process can change
-    anything there, and opening the database says why the node cannot start."""
+    the data dir. Raises InUse if another process holds it, or if the lock cannot be
+    taken for another reason (the lock file unreadable, the data dir gone): the
+    caller waits and says why, as for a data dir that is not private.
+
+    Goes on without a lock (None, and a warning) only where no process can change
+    the data dir or where the file system cannot lock: a read-only file system
+    (opening the database then says why the node cannot start), or one without
+    ``flock`` (an NFS mount without its lock service), where refusing would keep
+    the node down for good."""
     lock_path = path / LOCK_FILE
+    writable = True
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        writable = True
-    except OSError:
+    except OSError as exc:
+        if exc.errno != errno.EROFS:
+            raise InUse(f"cannot open the lock file {lock_path}: {_why(exc)}") from None
         try:
             fd = os.open(lock_path, os.O_RDONLY)  # flock needs no write access
         except OSError:
+            _unlocked(lock_path, exc)
             return None
         writable = False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        holder = "unknown"
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or holder
         os.close(fd)
         raise InUse(
             f"another node process (pid {holder}) uses the data dir {path}: a data dir "
             "is for one node at a time"
         ) from None
-    except BaseException:
+    except OSError as exc:
         os.close(fd)
-        raise
+        _unlocked(lock_path, exc)
+        return None
     if writable:
         with contextlib.suppress(OSError):  # the pid only helps the message above
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc)
+
+
+def _unlocked(lock_path: Path, exc: OSError) -> None:
+    log.warning("data dir not locked path=%s why=%s", lock_path, _why(exc).replace(" ", "_"))
 
 
 def _until_done(
@@ -232,7 +255,7 @@ def wait_until_locked(path: Path) -> bool:
     done = _until_done(
         lambda: lock(path),
         InUse,
-        "refusing to start: {why} (trying again until it exits)",
+        "refusing to start: {why} (trying again)",
         f"data dir is free now path={path}",
         f"stopped while another process used the data dir path={path}",
     )

@@ -72,8 +72,9 @@ def remove_copies_in_transit(config: NodeConfig) -> None:
     """Remove the snapshot files a crash left (``NodeConfig.copies_in_transit``): each
     is as large as the database, and none is used again (a snapshot is sent anew).
     A disk that refuses is logged, and the node starts all the same. Safe only in
-    the one process that uses the data dir (``datadir.lock``, which ``python -m
-    service`` takes first): another node's copies in transit would go too."""
+    the one process that uses the data dir (``datadir.lock``): ``python -m service``
+    calls it once, right after taking the lock and before the database opens (on
+    a disk too full to open it, such a copy is what takes the room)."""
     folder = config.data_dir
     # And an operator's backup that was streaming (``backup.py``, names of its own).
     streamed = [*folder.glob(f"{backup.PREFIX}*.db"), *folder.glob(f"{backup.PREFIX}*.db.partial")]
@@ -100,9 +101,6 @@ class Node:
         datadir.prepare(config.data_dir)
         self.secret = load_or_create_secret(config.secret_file)
         self.identity_path = config.data_dir / identity.FILE_NAME
-        # Before the database opens: on a disk too full to open it, a leftover
-        # copy as large as the database is what takes the room.
-        remove_copies_in_transit(config)
         recorded = identity.read(self.identity_path)
         before = identity.observe(config.db_path)
         damage = self._open_checked(recorded)

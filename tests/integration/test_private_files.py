@@ -223,7 +223,8 @@ def test_a_second_process_on_a_data_dir_in_use_waits_until_the_first_exits(
         assert second_log.read_text().count(said) == 1, "the refusal was repeated"
     finally:
         second.terminate()
-        assert second.wait(10.0) == 0
+        returncode = second.wait(10.0)
+    assert returncode == 0, f"the second process exited with {returncode}"
 
 
 def test_the_node_refuses_a_lookalike_name_as_invalid(cluster_factory: ClusterFactory) -> None:

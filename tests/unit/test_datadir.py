@@ -89,3 +89,40 @@ def test_files_in_a_private_data_dir_are_tightened(tmp_path: Path) -> None:
     assert mode(data / "script") == 0o700
     assert {mode(p) for p in data.rglob("*.*")} == {0o600}
     assert datadir.prepare(data) == []
+
+
+# ---- one process per data dir: datadir.lock ----------------------------------------------
+
+
+def test_the_lock_names_the_pid_that_holds_it_and_is_free_once_released(tmp_path: Path) -> None:
+    fd = datadir.lock(tmp_path)
+    assert fd is not None
+    assert (tmp_path / datadir.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert mode(tmp_path / datadir.LOCK_FILE) == 0o600
+    # flock belongs to an open file: another open of it, even in this process, is
+    # refused as another process would be.
+    with pytest.raises(datadir.InUse, match=f"another node process \\(pid {os.getpid()}\\)"):
+        datadir.lock(tmp_path)
+    os.close(fd)  # as the kernel does when the holder exits
+    again = datadir.lock(tmp_path)
+    assert again is not None
+    os.close(again)
+
+
+def test_a_lock_file_held_without_a_pid_in_it_says_unknown(tmp_path: Path) -> None:
+    fd = datadir.lock(tmp_path)
+    assert fd is not None
+    os.ftruncate(fd, 0)
+    with pytest.raises(datadir.InUse, match=r"pid unknown"):
+        datadir.lock(tmp_path)
+    os.close(fd)
+
+
+def test_a_lock_that_cannot_be_taken_is_a_refusal_to_wait_on_not_a_crash(tmp_path: Path) -> None:
+    (tmp_path / datadir.LOCK_FILE).mkdir()  # as unopenable as a file of another owner
+    with pytest.raises(
+        datadir.InUse, match=r"cannot open the lock file .*node\.lock: Is a directory"
+    ):
+        datadir.lock(tmp_path)
+    with pytest.raises(datadir.InUse, match="No such file or directory"):
+        datadir.lock(tmp_path / "gone")  # the data dir moved away meanwhile

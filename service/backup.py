@@ -24,7 +24,8 @@ an ``error`` frame (``internal``) when the copy cannot be made.
 Invariants
 ----------
 * The temporary copy is removed when the stream ends, whatever ends it; one
-  left by a crash is removed by the next backup.
+  left by a crash is removed when the node starts again (``node.py``), or by
+  the next backup.
 * Every chunk carries the copy's position and size, so the receiver can check
   that all chunks belong to one copy and that it has all of it.
 """

@@ -126,7 +126,8 @@ the values it speaks in, ``Position``, ``LogRecord``, ``NodeState`` and
         .make_snapshot(dest) -> Position                   StorageFault: no room (copy_room)
         .install_bytes(size) -> int                         room an install of a snapshot takes
         .database_bytes() -> int                            what a copy of the database takes
-        .install_snapshot(src) -> Position
+        .install_snapshot(src) -> Position                  src used up
+        .truncate_wal()                                     checkpoint all, empty the WAL
         .checksums() -> dict[str, str]
         .integrity_check() -> str
         .db -> Db                                           queries outside a batch
@@ -1622,18 +1623,19 @@ class Storage:
                 remove_database_files(src)
         if self._writer_synchronous == "NORMAL":
             self._sync_files()
-        # Installed: this database is the snapshot now, whatever the checkpoint does.
         self._read_schema()
         self._log_size = None
         self.restored = False
-        # The WAL took every page of the snapshot: give its room back now rather
-        # than keep a second database's worth of disk until the WAL wraps. A disk
-        # that refuses (the database cannot grow) leaves the pages in the WAL, as
-        # durable there; the group sync's checkpoints take them later, and the
-        # node's next commits meet the full disk and say so.
-        with contextlib.suppress(StorageFault), _translated():
-            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return self.position()
+
+    def truncate_wal(self) -> None:
+        """Checkpoint the whole WAL into the database and empty the file: after a
+        snapshot install, whose WAL took every page of the snapshot, its room comes
+        back now rather than a second database's worth of disk kept until the WAL
+        starts over. ``StorageFault`` when the disk refuses (the database cannot
+        grow): the pages stay in the WAL, durable there, for a later checkpoint."""
+        with _translated():
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
     # ---- checks ----------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ After either, the core hears ``on_log_replaced`` with the new log's facts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -351,7 +352,19 @@ class Follower:
             return []
         finally:
             if self.incoming_snapshot is None:
-                remove_database_files(path)
+                # A disk that refuses even this: the next start removes it.
+                with contextlib.suppress(OSError):
+                    remove_database_files(path)
+        try:
+            self.storage.truncate_wal()
+        except StorageFault as exc:
+            # Installed all the same: the pages wait in the WAL, durable there.
+            log.warning(
+                format_fields(
+                    "WAL not truncated after the snapshot install",
+                    {"node": self.config.node_id, "why": str(exc)},
+                )
+            )
         self.forget_tail()
         self.durability.forget()
         self.metrics.snapshots_installed.inc()

@@ -77,8 +77,14 @@ def remove_copies_in_transit(config: NodeConfig) -> None:
     a disk too full to open it, such a copy is what takes the room)."""
     folder = config.data_dir
     # And an operator's backup that was streaming (``backup.py``, names of its own).
-    streamed = [*folder.glob(f"{backup.PREFIX}*.db"), *folder.glob(f"{backup.PREFIX}*.db.partial")]
-    for path in [*config.copies_in_transit(), *sorted(streamed)]:
+    try:
+        streamed = sorted(
+            [*folder.glob(f"{backup.PREFIX}*.db"), *folder.glob(f"{backup.PREFIX}*.db.partial")]
+        )
+    except OSError as exc:  # the node starts all the same; opening the database says why
+        log.warning("data dir not listed node=%s why=%s", config.node_id, exc)
+        streamed = []
+    for path in [*config.copies_in_transit(), *streamed]:
         try:
             if not path.exists():
                 continue

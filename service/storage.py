@@ -1584,9 +1584,10 @@ class Storage:
         database is one transaction: a crash leaves either the old database or the
         new one, never the sender's votes in ours. It is changed where it lies, not
         in a staging copy: a copy took one more snapshot's worth of disk at the peak
-        and a fifth of the install's time (0.79-0.91 s against 0.63-0.75 for 106-127
-        MB). A snapshot of an earlier schema is migrated to ours; one of a later
-        schema is refused (``SchemaMismatch``), nothing in this database changed.
+        and a fifth of the time (with its checkpoint, 0.79-0.91 s against 0.63-0.75
+        for 106-127 MB). A snapshot of an earlier schema is migrated to ours; one of
+        a later schema is refused (``SchemaMismatch``), nothing in this database
+        changed. The WAL keeps every page of it until ``truncate_wal``.
         """
         if self._conn.in_transaction:
             raise Internal("cannot install a snapshot while a batch is open")

@@ -82,7 +82,7 @@ def remove_copies_in_transit(config: NodeConfig) -> None:
             [*folder.glob(f"{backup.PREFIX}*.db"), *folder.glob(f"{backup.PREFIX}*.db.partial")]
         )
     except OSError as exc:  # the node starts all the same; opening the database says why
-        log.warning("data dir not listed node=%s why=%s", config.node_id, exc)
+        log.warning("data dir not listed node=%s why=%s", config.node_id, _why(exc))
         streamed = []
     for path in [*config.copies_in_transit(), *streamed]:
         try:
@@ -90,14 +90,21 @@ def remove_copies_in_transit(config: NodeConfig) -> None:
                 continue
             remove_database_files(path)
         except OSError as exc:
-            why = (exc.strerror or str(exc)).replace(" ", "_")
             log.warning(
-                "snapshot copy not removed node=%s file=%s why=%s", config.node_id, path.name, why
+                "snapshot copy not removed node=%s file=%s why=%s",
+                config.node_id,
+                path.name,
+                _why(exc),
             )
         else:
             log.info(
                 "snapshot copy left by a crash removed node=%s file=%s", config.node_id, path.name
             )
+
+
+def _why(exc: OSError) -> str:
+    """An OS error as one log field."""
+    return (exc.strerror or str(exc)).replace(" ", "_")
 
 
 class Node:

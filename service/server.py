@@ -108,7 +108,7 @@ from .peer import (
     forget_frames,
     one_line,
 )
-from .replication.types import Role
+from .replication.types import Position, Role
 from .slots import ClientSlots, SlotsFull
 from .storage import Db
 from .throttle import ThrottledLog
@@ -217,6 +217,10 @@ class CommittedState(Protocol):
 
     def read(self, query: Callable[[Db], T]) -> tuple[T, int]:
         """``query``'s answer and the seq it saw, to wait for before telling it (R7)."""
+        ...
+
+    def position(self) -> Position:
+        """The last committed transaction's position, as the reader sees it now."""
         ...
 
 
@@ -776,6 +780,8 @@ class ClientSession:
             answer(protocol.error(request_id, Internal("internal error").to_wire()))
             self.replicator.damaged(str(exc))
         except ChatError as exc:
+            if isinstance(exc, Refused) and not isinstance(exc, InvalidInput):
+                exc = await self._once_acknowledged(exc)
             answer(protocol.error(request_id, exc.to_wire()))
             self._hold_if_busy(exc)
         except asyncio.CancelledError:
@@ -786,6 +792,28 @@ class ClientSession:
         finally:
             if unanswered:  # cancelled: the connection is closing
                 self.unanswered -= 1
+
+    async def _once_acknowledged(self, refusal: Refused) -> ChatError:
+        """A refusal that tells what the primary's data showed (no such user, a
+        session ended, a name taken) is an answer like a read's: it goes out only
+        once every write it may have seen is acknowledged (R7). Scenario: a logout
+        committed on the primary, not yet on its backups; a ``whoami`` with that
+        token finds no session. Told at once, it would say ``auth_failed`` of a
+        session that a failover then brings back, the logout lost with its primary.
+        The committed position now is past anything the request saw. If the wait
+        fails (this node stepped down), its error goes out instead: retriable, and
+        the next primary answers from what survived.
+
+        ``invalid`` is not held: it judges the request, not the data, and is the
+        answer a backup gives to bad input too."""
+        try:
+            await self.replicator.wait_acked(self.database.position().seq)
+        except StorageCorrupt as exc:
+            self.replicator.damaged(str(exc))
+            return Internal("internal error")
+        except ChatError as exc:
+            return exc
+        return refusal
 
     async def _execute(
         self, op: str, args: dict[str, Any], token: str | None, request_id: str

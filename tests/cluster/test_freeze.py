@@ -10,26 +10,33 @@
   the primary goes on alone (G2).
 * A client's request that waits on a frozen primary moves to the new primary
   without waiting out its attempt timeout, and happens once.
+* With both backups frozen, a refusal that shows a write not yet acknowledged
+  (``auth_failed`` after a logout) waits for that write, as a read does (R7).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 
-from service.client import Client
+from service import protocol
+from service.client import Client, new_request_id
 from service.status import NodeStatus
 from tests.conftest import ClusterFactory
 from tests.helpers.workload import (
     Workload,
     finish,
+    new_user,
     run,
     start_cluster,
     view_of,
+    wait_committed,
     wait_settled,
     wait_view,
 )
+from tests.integration.test_bad_input import Raw
 
 pytestmark = pytest.mark.cluster
 
@@ -161,4 +168,45 @@ def test_a_request_waiting_on_a_frozen_primary_moves_to_the_new_one(
         (message_id, "while the primary is frozen"),
         (message_id - 1, "before the freeze"),
     ]
+    finish(cluster)
+
+
+def test_a_refusal_waits_for_the_write_it_saw(cluster_factory: ClusterFactory) -> None:
+    """A logout committed on the primary but on neither (frozen) backup ends no
+    session yet: a failover could lose it. A ``whoami`` with that token, sent on
+    the same connection once the primary has committed the logout, finds no
+    session; its ``auth_failed`` must not go out before the logout is
+    acknowledged (R7). The backups stay frozen until the primary drops them from
+    the sync set (R3), which acknowledges the logout: so on the connection, whose
+    answers come in the order the node sends them, the logout's reply comes first."""
+    cluster = cluster_factory()
+    start_cluster(cluster)
+    primary = wait_settled(cluster)
+    backups = [node for node in cluster.nodes.values() if node is not primary]
+
+    async def scenario() -> list[protocol.Frame]:
+        token = await new_user(cluster.servers, "alice", PASSWORD)
+        raw = await Raw.client(primary.address)
+        try:
+            before = view_of(primary).seq
+            for node in backups:
+                node.freeze()
+            logout = protocol.request("logout", new_request_id(), {}, token)
+            raw.send(logout)
+            await asyncio.to_thread(wait_committed, primary, before, "the logout committed")
+            raw.send(protocol.request("whoami", new_request_id(), {}, token))
+            # The primary drops the frozen backups after SYNC_TIMEOUT; then both answer.
+            answers = [await raw.next_frame(timeout=4 * SYNC_TIMEOUT) for _ in range(2)]
+        finally:
+            raw.close()
+            for node in backups:
+                node.thaw()
+        assert all(answer is not None for answer in answers), answers
+        return [answer for answer in answers if answer is not None]
+
+    first, second = run(scenario())
+    assert first["type"] == "reply", f"the logout was not answered first: {first}, {second}"
+    assert second["type"] == "error", second
+    assert second["code"] == "auth_failed", second
+    wait_settled(cluster)
     finish(cluster)

@@ -113,6 +113,8 @@ class NodeSample:
     # snapshot waits (no room for the copy, a disk that refuses it).
     data_dir_free: int | None = None
     database_bytes: int | None = None
+    wal_bytes: int | None = None
+    checkpoint_failures: int = 0
     snapshots_waiting: int | None = None
     unproven: bool = False
     waiting_for: tuple[int, ...] = ()
@@ -160,6 +162,8 @@ def sample_node(replicator: Replicator, server: Server) -> NodeSample:
         storage_fault=core.fault is not None,
         data_dir_free=_free_bytes(replicator.config.data_dir),
         database_bytes=_database_bytes(replicator.storage),
+        wal_bytes=replicator.storage.wal_bytes(),
+        checkpoint_failures=replicator.storage.checkpoint_failures,
         snapshots_waiting=len(replicator.streams.snapshot_waits)
         if core.role is Role.PRIMARY
         else None,
@@ -241,6 +245,12 @@ def _plain(sample: NodeSample) -> list[tuple[str, str, float | None]]:
             sample.database_bytes,
         ),
         (
+            "chat_wal_bytes",
+            "Bytes of this node's WAL: a few MiB while checkpoints keep up; it grows while "
+            "a long read holds them back, or the disk refuses them",
+            sample.wal_bytes,
+        ),
+        (
             "chat_snapshots_waiting",
             "Primary: backups whose snapshot cannot be made yet (no room, or the disk refused it)",
             sample.snapshots_waiting,
@@ -298,6 +308,12 @@ def _counted(sample: NodeSample) -> list[tuple[str, str, float]]:
         ("chat_batches", "Primary: records sealed (one transaction each)", sample.batches),
         ("chat_client_writes", "Primary: client writes executed in records", sample.writes),
         ("chat_client_reads", "Primary: client reads served", sample.reads),
+        (
+            "chat_checkpoint_failures",
+            "Checkpoints this node's disk refused: the WAL keeps every commit and grows "
+            "until one succeeds",
+            sample.checkpoint_failures,
+        ),
         (
             "chat_writes_refused_busy",
             "Primary: client writes refused busy, the queue full and their account's "

@@ -157,6 +157,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -173,6 +174,8 @@ import orjson
 
 from .errors import Internal, StorageCorrupt, StorageFault
 from .replication.types import NO_SYNC_SET, LogRecord, NodeState, Position, SyncSet
+
+log = logging.getLogger("service.storage")
 
 Params = Sequence[Any] | Mapping[str, Any]
 
@@ -1126,6 +1129,9 @@ class Storage:
         if migrations is None and not self.path.exists():
             raise FileNotFoundError(f"no database at {self.path}")
         self._synchronous = synchronous
+        # Checkpoints the disk refused (``sync``), counted and told by its thread.
+        self.checkpoint_failures = 0
+        self._checkpoint_failing = False
         self._migrations = None if migrations is None else tuple(migrations)
         # Every connection of this node's files opens on it (snapshots too).
         self._vfs = vfs
@@ -1236,12 +1242,34 @@ class Storage:
             try:
                 with _translated():
                     self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            except StorageFault:
-                # The database file cannot grow (disk full): the WAL keeps the commits,
-                # which are durable all the same; a later sync checkpoints.
+            except StorageFault as exc:
+                # The database file cannot grow (disk full) or be written (a failing
+                # disk): the WAL keeps the commits, which are durable all the same, and
+                # grows; a later sync checkpoints. Commits go on meanwhile, so this is
+                # said here, once per run of failures (a sync per batch retries it).
+                self.checkpoint_failures += 1
+                if not self._checkpoint_failing:
+                    self._checkpoint_failing = True
+                    log.warning(
+                        "checkpoint failed: %s; the WAL keeps every commit and grows "
+                        "until one succeeds (retried at each sync)",
+                        exc.message,
+                    )
                 return False
+            if self._checkpoint_failing:
+                self._checkpoint_failing = False
+                log.info("checkpoint succeeded after %d failures", self.checkpoint_failures)
             return False
         return due
+
+    def wal_bytes(self) -> int | None:
+        """The WAL file's size (None: none, or unreadable). A few MiB at most while
+        checkpoints keep up; more while a long read holds them back
+        (``WAL_SIZE_LIMIT`` shrinks it after) or the disk refuses them."""
+        try:
+            return self.wal_path.stat().st_size
+        except OSError:
+            return None
 
     def _count_wal_pages(self, _conn: apsw.Connection, _name: str, pages: int) -> int:
         # After each commit, on the committing thread; read by sync() in its thread

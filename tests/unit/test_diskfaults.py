@@ -137,6 +137,43 @@ def test_only_the_named_files_fail(storage: Storage, faults: DiskFaults) -> None
     assert bodies(storage) == ["not ours"]
 
 
+def test_a_checkpoint_the_disk_refuses_is_counted_and_told_once(
+    storage: Storage, faults: DiskFaults, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The database file fails its writes while the WAL's still go through (a bad
+    region of a failing disk): commits go on and checkpoints fail, at every sync.
+    The WAL grows meanwhile; the node must say so (a warning, once; the counter
+    behind ``chat_checkpoint_failures_total``), and say when it recovers."""
+    storage.defer_sync()
+    big = "x" * 1_000_000  # about 250 pages
+    send(storage, "first")
+    storage.sync()
+    faults.set(Plan("ioerror", files=("chat.db",), ops=("write",)))
+    caplog.set_level(logging.INFO, logger="service.storage")
+    grown = storage.wal_bytes()
+    for n in range(40):  # past CHECKPOINT_WAL_PAGES: each sync then tries a checkpoint
+        send(storage, f"{n}{big}")
+        assert storage.sync() is False
+    assert storage.checkpoint_failures >= 2, "no checkpoint was tried, or none failed"
+    failed = [r for r in caplog.records if r.getMessage().startswith("checkpoint failed")]
+    assert len(failed) == 1, [r.getMessage() for r in failed]
+    assert failed[0].levelno == logging.WARNING
+    assert "the WAL keeps every commit" in failed[0].getMessage()
+    wal = storage.wal_bytes()
+    assert grown is not None
+    assert wal is not None
+    assert wal > grown + 40 * len(big), "the WAL kept fewer bytes than the commits wrote"
+    faults.set(Plan("off"))
+    count = storage.checkpoint_failures
+    send(storage, "after")
+    assert storage.sync() is False
+    assert storage.checkpoint_failures == count, "the checkpoint failed with no fault"
+    told = [r.getMessage() for r in caplog.records if "checkpoint succeeded" in r.getMessage()]
+    assert told == [f"checkpoint succeeded after {count} failures"]
+    assert len(bodies(storage)) == 42
+    assert storage.integrity_check() == "ok"
+
+
 # ---- I/O errors --------------------------------------------------------------------------
 
 

@@ -165,6 +165,8 @@ def test_a_primarys_state_becomes_gauges() -> None:
     assert seen.value("chat_clients") == 7
     assert seen.value("chat_storage_fault") == 0
     assert seen.get("chat_data_dir_free_bytes") is None, "unknown: not made up"
+    assert seen.get("chat_wal_bytes") is None, "unknown: not made up"
+    assert seen.value("chat_checkpoint_failures_total") == 0
     assert seen.value("chat_database_unproven") == 0
     assert seen.value("chat_checksum_mismatches_total") == 0
     # No comparison completed yet: no verdict, rather than a made-up one.
@@ -183,6 +185,8 @@ def test_storage_health_and_a_checksum_mismatch_become_gauges() -> None:
             storage_fault=True,
             data_dir_free=5_000_000,
             database_bytes=7_000_000,
+            wal_bytes=900_000_000,
+            checkpoint_failures=12,
             unproven=True,
             waiting_for=(2, 3),
             checksums=differ,
@@ -198,6 +202,9 @@ def test_storage_health_and_a_checksum_mismatch_become_gauges() -> None:
     assert seen.value("chat_data_dir_free_bytes") == 5_000_000
     # No room for a copy of the database: what an alert compares.
     assert seen.value("chat_database_bytes") == 7_000_000
+    # Checkpoints refused: the WAL grows (the commits still go through).
+    assert seen.value("chat_wal_bytes") == 900_000_000
+    assert seen.value("chat_checkpoint_failures_total") == 12
     assert seen.get("chat_snapshots_waiting") is None, "a primary's to tell"
     assert seen.value("chat_database_unproven") == 1
     assert seen.value("chat_waiting_for_members") == 2

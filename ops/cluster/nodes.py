@@ -65,6 +65,9 @@ from .waiting import NotYet, StopWaiting, wait_for
 PACKAGE_HOME = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+# From a node's start to its SIGTERM handler: the interpreter's start and a few
+# imports, tens of ms; seconds on a machine busy with other work.
+HANDLER_TIMEOUT = 10.0
 # Settings the harness owns; a caller passes any other NodeConfig field.
 _RESERVED = frozenset({"node_id", "data_dir", "nodes", "secret_file", "metrics_address"})
 
@@ -198,8 +201,22 @@ class NodeProcess:
         return returncode
 
     def terminate(self) -> None:
-        """SIGTERM, as supervisord stops a node, without waiting (``reap`` waits)."""
+        """SIGTERM, as supervisord stops a node, without waiting (``reap`` waits).
+
+        Not before the process handles SIGTERM: in its first few tens of ms the
+        interpreter starts and runs none of the node's code, so nothing can catch
+        the signal, whose default action ends it with -15 as a crash would (which a
+        node survives: it is one). A stop of a node that has run any code must exit
+        0, and the checks hold it to that; so a stop that follows a start at once
+        (a fault schedule's) waits for the handler, up to ``HANDLER_TIMEOUT``."""
         process = self._require_started()
+        if not self._frozen:
+            wait_for(
+                lambda: process.poll() is not None or catches(process.pid, signal.SIGTERM),
+                HANDLER_TIMEOUT,
+                f"node {self.node_id} to handle SIGTERM",
+                interval=0.002,
+            )
         self.note("SIGTERM")
         if process.poll() is None:
             process.terminate()
@@ -645,3 +662,16 @@ def _log_problems(nodes: list[NodeProcess]) -> list[str]:
     ]
     _, breaches = logs.primary_epochs(texts)
     return problems + breaches
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler of its own for ``signum`` (its
+    ``SigCgt`` mask in ``/proc``); True once it is gone, as nothing is left to catch."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return True
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return True

@@ -8,6 +8,8 @@
   nodes it waits for; once the newest sync set is back a primary is elected
   and nothing acknowledged is lost (G1).
 * A node that does not hold the cluster secret cannot join.
+* A node stopped the moment it starts (once it runs any code) exits 0, as a
+  stop later does, and then starts as usual.
 """
 
 from __future__ import annotations
@@ -245,3 +247,20 @@ def test_a_node_without_the_cluster_secret_cannot_join(
     use_secret(intruder, cluster.secret_file)
     intruder.start()
     finish(cluster)
+
+
+def test_a_node_stopped_as_it_starts_exits_cleanly(cluster_factory: ClusterFactory) -> None:
+    """A stop that follows a start at once (a supervisor's restart and stop, a
+    fault schedule) reaches the node during its imports or while it opens its
+    database: it exits 0 (``stopped while starting``), never by SIGTERM's
+    default action (-15, a crash to a supervisor). Each stop is sent as soon as
+    the process handles SIGTERM (the harness's ``terminate``), the earliest a
+    stop can be anything but a crash; three rounds, then a start that serves."""
+    cluster = cluster_factory()
+    node = cluster[1]
+    for round_ in range(3):
+        node.start(wait=False)
+        assert node.stop() == 0, f"round {round_}: exited {node.returncode}; see {node.log_path}"
+    assert "stopped while starting" in node.log_path.read_text()
+    node.start()
+    assert node.view() is not None, "the node does not answer status after the stops"

@@ -246,8 +246,9 @@ def _plain(sample: NodeSample) -> list[tuple[str, str, float | None]]:
         ),
         (
             "chat_wal_bytes",
-            "Bytes of this node's WAL: a few MiB while checkpoints keep up; it grows while "
-            "a long read holds them back, or the disk refuses them",
+            "Bytes of this node's WAL: up to about 32 MiB while checkpoints keep up (one "
+            "each 8,000 pages); more while a long read holds them back, or the disk "
+            "refuses them",
             sample.wal_bytes,
         ),
         (

@@ -1263,9 +1263,10 @@ class Storage:
         return due
 
     def wal_bytes(self) -> int | None:
-        """The WAL file's size (None: none, or unreadable). A few MiB at most while
-        checkpoints keep up; more while a long read holds them back
-        (``WAL_SIZE_LIMIT`` shrinks it after) or the disk refuses them."""
+        """The WAL file's size (None: none, or unreadable). About
+        ``CHECKPOINT_WAL_PAGES`` pages at most while checkpoints keep up; more while
+        a long read holds them back (``WAL_SIZE_LIMIT`` cuts it back after) or the
+        disk refuses them."""
         try:
             return self.wal_path.stat().st_size
         except OSError:

@@ -767,6 +767,8 @@ class ClientSession:
                 self.unanswered -= 1
             self.send(frame)
 
+        # The reign the request began in: a refusal is told only from the same (below).
+        reign = self.replicator.reign()
         try:
             _check_fields(op, args)
             if op == "listen":
@@ -780,8 +782,10 @@ class ClientSession:
             answer(protocol.error(request_id, Internal("internal error").to_wire()))
             self.replicator.damaged(str(exc))
         except ChatError as exc:
-            if isinstance(exc, Refused) and not isinstance(exc, InvalidInput):
-                exc = await self._once_acknowledged(exc)
+            if unanswered and isinstance(exc, Refused) and not isinstance(exc, InvalidInput):
+                # (A listen's error after ``listening`` ends its stream: the end of a
+                # session once acknowledged, or the cap on streams, nothing unacked.)
+                exc = await self._once_acknowledged(exc, reign)
             answer(protocol.error(request_id, exc.to_wire()))
             self._hold_if_busy(exc)
         except asyncio.CancelledError:
@@ -793,19 +797,24 @@ class ClientSession:
             if unanswered:  # cancelled: the connection is closing
                 self.unanswered -= 1
 
-    async def _once_acknowledged(self, refusal: Refused) -> ChatError:
+    async def _once_acknowledged(self, refusal: Refused, reign: int) -> ChatError:
         """A refusal that tells what the primary's data showed (no such user, a
         session ended, a name taken) is an answer like a read's: it goes out only
         once every write it may have seen is acknowledged (R7). Scenario: a logout
         committed on the primary, not yet on its backups; a ``whoami`` with that
         token finds no session. Told at once, it would say ``auth_failed`` of a
         session that a failover then brings back, the logout lost with its primary.
-        The committed position now is past anything the request saw. If the wait
-        fails (this node stepped down), its error goes out instead: retriable, and
-        the next primary answers from what survived.
+        The committed position now is past anything the request saw, if this node
+        has been primary throughout (``reign``: a login waits for its password's
+        hash, and a node may step down, rewind what was not acknowledged and lead
+        again meanwhile). If it has not, or the wait fails (this node stepped
+        down), a retriable error goes out instead, and the next try is answered
+        from what survived.
 
         ``invalid`` is not held: it judges the request, not the data, and is the
         answer a backup gives to bad input too."""
+        if self.replicator.reign() != reign:
+            return NotPrimary("this node stepped down while it served the request", primary=None)
         try:
             await self.replicator.wait_acked(self.database.position().seq)
         except StorageCorrupt as exc:

@@ -1129,9 +1129,10 @@ class Storage:
         if migrations is None and not self.path.exists():
             raise FileNotFoundError(f"no database at {self.path}")
         self._synchronous = synchronous
-        # Checkpoints the disk refused (``sync``), counted and told by its thread.
+        # Checkpoints the disk refused (``sync``), counted and told by its thread; the
+        # count before the run of failures going on, if one is.
         self.checkpoint_failures = 0
-        self._checkpoint_failing = False
+        self._failing_since: int | None = None
         self._migrations = None if migrations is None else tuple(migrations)
         # Every connection of this node's files opens on it (snapshots too).
         self._vfs = vfs
@@ -1248,17 +1249,18 @@ class Storage:
                 # grows; a later sync checkpoints. Commits go on meanwhile, so this is
                 # said here, once per run of failures (a sync per batch retries it).
                 self.checkpoint_failures += 1
-                if not self._checkpoint_failing:
-                    self._checkpoint_failing = True
+                if self._failing_since is None:
+                    self._failing_since = self.checkpoint_failures - 1
                     log.warning(
                         "checkpoint failed: %s; the WAL keeps every commit and grows "
                         "until one succeeds (retried at each sync)",
                         exc.message,
                     )
                 return False
-            if self._checkpoint_failing:
-                self._checkpoint_failing = False
-                log.info("checkpoint succeeded after %d failures", self.checkpoint_failures)
+            if self._failing_since is not None:
+                failed = self.checkpoint_failures - self._failing_since
+                self._failing_since = None
+                log.info("checkpoint succeeded after %d failures", failed)
             return False
         return due
 

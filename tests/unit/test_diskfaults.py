@@ -172,6 +172,19 @@ def test_a_checkpoint_the_disk_refuses_is_counted_and_told_once(
     assert told == [f"checkpoint succeeded after {count} failures"]
     assert len(bodies(storage)) == 42
     assert storage.integrity_check() == "ok"
+    # A second run of failures is told as its own: one more warning, its own count.
+    faults.set(Plan("ioerror", files=("chat.db",), ops=("write",)))
+    for n in range(40):
+        send(storage, f"again {n}{big}")
+        storage.sync()
+    faults.set(Plan("off"))
+    storage.sync()
+    again = storage.checkpoint_failures - count
+    assert again >= 2, "the second run made no failed checkpoint"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if m.startswith("checkpoint failed")]) == 2
+    told = [m for m in messages if "checkpoint succeeded" in m]
+    assert told[1:] == [f"checkpoint succeeded after {again} failures"]
 
 
 # ---- I/O errors --------------------------------------------------------------------------

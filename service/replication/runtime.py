@@ -549,6 +549,7 @@ class Replicator:
             return
         try:
             self.run(self.core.on_arbiter(self.now(), event))
+            self.writer.release_acknowledged()  # a renewal may let it serve again
         except Exception as exc:
             fatal(exc)
 

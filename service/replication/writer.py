@@ -619,6 +619,17 @@ class WritePath:
         while self.waiters and self.waiters[0].seq <= watermark:
             heapq.heappop(self.waiters).fire(None)
 
+    def release_acknowledged(self) -> None:
+        """Answer the waiters whose seq is acknowledged already. Scenario: etcd slow,
+        the primary's renewals late; its fencing deadline passes with every write
+        acknowledged, and a read asked then waits (E2). A renewal lets the node
+        serve again, but nothing moves the watermark (``release``) until the next
+        write: on a quiet cluster the read would wait for that. Called after each
+        arbiter event."""
+        now = self.shell.now()
+        while self.waiters and self.core.acknowledged(self.waiters[0].seq, now):
+            heapq.heappop(self.waiters).fire(None)
+
     def fail_queue(self, exc: ChatError) -> None:
         for write in self.queue.drain():
             # A fresh exception per write: one instance raised in several tasks

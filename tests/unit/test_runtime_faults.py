@@ -14,6 +14,10 @@ role the core took, or the two disagree for as long as the node runs:
 * a primary told of a newer epoch (the epoch persisted in the same list as its
   step-down) is a backup in its core; if its writer never hears of it, writes
   waiting for their acks wait for ever.
+
+And one more transition the writer must follow without a write of its own: in
+etcd mode, the renewal after a lapsed fencing deadline (reads that asked
+meanwhile are answered then).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from service.chat_schema import MIGRATIONS
 from service.config import NodeConfig, Peer
 from service.diskfaults import DiskFaults, Plan
 from service.errors import StorageFault, Unavailable
+from service.replication.arbiter import LeaseRenewed, SyncSetStored
 from service.replication.effects import Effect, Send
+from service.replication.leased import LeasedArbiter
 from service.replication.messages import Message
 from service.replication.runtime import Replicator
 from service.replication.types import NodeState, Role
@@ -48,24 +54,31 @@ class Node(Replicator):
         return super().send(peer, message)
 
 
-def node(tmp_path: Path, faults: DiskFaults) -> tuple[Node, Storage]:
+def node(tmp_path: Path, faults: DiskFaults, arbiter: str = "peers") -> tuple[Node, Storage]:
     storage = Storage(tmp_path / "chat.db", vfs=faults.name, migrations=MIGRATIONS)
     storage.defer_sync()
     nodes = tuple(Peer(n, "127.0.0.1", 1) for n in (1, 2, 3))
-    config = NodeConfig(1, tmp_path, nodes, tmp_path / "secret")
+    # etcd mode names an endpoint, which nothing here dials (the tests play its I/O).
+    endpoints = "127.0.0.1:1" if arbiter == "etcd" else ""
+    config = NodeConfig(
+        1, tmp_path, nodes, tmp_path / "secret", arbiter=arbiter, etcd_endpoints=endpoints
+    )
     replicator = Node(config, storage, b"s" * 32, ChatApplication(config.request_retention))
     replicator.sent = []
     return replicator, storage
 
 
 def run_node(
-    tmp_path: Path, faults: DiskFaults, scenario: Callable[[Node, Storage], Awaitable[None]]
+    tmp_path: Path,
+    faults: DiskFaults,
+    scenario: Callable[[Node, Storage], Awaitable[None]],
+    arbiter: str = "peers",
 ) -> None:
     """``scenario`` on a node of ``node``'s, in a loop of its own; the disk takes
     writes again, and the node and its files are closed, whatever happened."""
 
     async def main() -> None:
-        replicator, storage = node(tmp_path, faults)
+        replicator, storage = node(tmp_path, faults, arbiter)
         try:
             await scenario(replicator, storage)
         finally:
@@ -178,3 +191,51 @@ def test_a_forced_promotion_of_a_node_whose_disk_refuses_writes_is_refused(
         assert replicator.sent == [], "a campaign's requests went out"
 
     run_node(tmp_path, faults, scenario)
+
+
+def test_a_read_that_waited_out_a_lapsed_deadline_is_answered_at_the_renewal(
+    tmp_path: Path, faults: DiskFaults
+) -> None:
+    """etcd mode (E2): past its fencing deadline a primary releases nothing, and a
+    read asked then waits, though what it saw is acknowledged. The renewal that
+    lets the node serve again moves no watermark: the read must be answered then,
+    not at the next write to anyone (on a quiet cluster: never, until its client
+    gave up). The arbiter's events are fed as its I/O reports them; nothing of
+    etcd is reached."""
+
+    async def scenario(replicator: Node, storage: Storage) -> None:
+        replicator.etcd = None  # its I/O: played here
+        arbiter = replicator.core.arbiter
+        assert isinstance(arbiter, LeasedArbiter)
+        replicator.durability.start()
+        replicator.spawn(replicator.writer.run())
+        replicator._on_arbiter(LeaseRenewed(sent_at=replicator.now()))
+        replicator.run(promoted(replicator, 5))
+        storing = await asyncio.to_thread(
+            wait_for, lambda: arbiter.storing, 10.0, "the reign's sync set sealed, to store"
+        )
+        seq, epoch = storing
+        replicator._on_arbiter(SyncSetStored(seq, 1, epoch=epoch))
+        await asyncio.to_thread(
+            wait_for,
+            lambda: replicator.core.acknowledged(seq, replicator.now()),
+            10.0,
+            "the reign's first record acknowledged",
+        )
+        seq = replicator.core.position.seq
+        await asyncio.to_thread(
+            wait_for,
+            lambda: not replicator.core.acknowledged(seq, replicator.now()),
+            10.0,
+            "the fencing deadline passed (no renewal)",
+        )
+        waiting = asyncio.ensure_future(replicator.writer.wait_acked(seq))
+        await asyncio.to_thread(
+            wait_for, lambda: replicator.writer.waiters, 10.0, "the read's ack waiter"
+        )
+        assert not waiting.done(), "a read answered past the fencing deadline"
+        replicator._on_arbiter(LeaseRenewed(sent_at=replicator.now()))
+        assert replicator.core.position.seq == seq, "a write moved the watermark"
+        await asyncio.wait_for(waiting, timeout=1.0)
+
+    run_node(tmp_path, faults, scenario, arbiter="etcd")

@@ -1251,16 +1251,18 @@ class Storage:
                 self.checkpoint_failures += 1
                 if self._failing_since is None:
                     self._failing_since = self.checkpoint_failures - 1
+                    # The node's ``event key=value`` form (``shell.format_fields``).
+                    why = exc.message.replace('"', "'")
                     log.warning(
-                        "checkpoint failed: %s; the WAL keeps every commit and grows "
-                        "until one succeeds (retried at each sync)",
-                        exc.message,
+                        "checkpoint failed, the WAL keeps every commit and grows until "
+                        'one succeeds (tried at each sync) why="%s"',
+                        why,
                     )
                 return False
             if self._failing_since is not None:
                 failed = self.checkpoint_failures - self._failing_since
                 self._failing_since = None
-                log.info("checkpoint succeeded after %d failures", failed)
+                log.info("checkpoint succeeded again failures=%d", failed)
             return False
         return due
 

@@ -21,7 +21,9 @@ import time
 
 import pytest
 
+from ops.cluster.waiting import wait_for
 from service import protocol
+from service.chat import hash_token
 from service.client import Client, new_request_id
 from service.status import NodeStatus
 from tests.conftest import ClusterFactory
@@ -32,7 +34,6 @@ from tests.helpers.workload import (
     run,
     start_cluster,
     view_of,
-    wait_committed,
     wait_settled,
     wait_view,
 )
@@ -187,13 +188,17 @@ def test_a_refusal_waits_for_the_write_it_saw(cluster_factory: ClusterFactory) -
     async def scenario() -> list[protocol.Frame]:
         token = await new_user(cluster.servers, "alice", PASSWORD)
         raw = await Raw.client(primary.address)
+        session = f"SELECT count(*) FROM sessions WHERE token_hash = '{hash_token(token)}'"
+        assert primary.query(session) == 1
         try:
-            before = view_of(primary).seq
             for node in backups:
                 node.freeze()
             logout = protocol.request("logout", new_request_id(), {}, token)
             raw.send(logout)
-            await asyncio.to_thread(wait_committed, primary, before, "the logout committed")
+            # Committed in the primary's database; frozen, the backups cannot ack it.
+            await asyncio.to_thread(
+                wait_for, lambda: primary.query(session) == 0, 10.0, "the logout committed"
+            )
             raw.send(protocol.request("whoami", new_request_id(), {}, token))
             # The primary drops the frozen backups after SYNC_TIMEOUT; then both answer.
             answers = [await raw.next_frame(timeout=4 * SYNC_TIMEOUT) for _ in range(2)]

@@ -28,9 +28,12 @@ import ipaddress
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import InvalidInput
-from .replication.leased import LeaseTiming
+
+if TYPE_CHECKING:
+    from .replication.leased import LeaseTiming
 
 # Names that are loopback without a lookup (the whole 127/8 and ::1 are, as IP literals).
 LOOPBACK_NAMES = frozenset({"localhost"})
@@ -336,6 +339,10 @@ class NodeConfig:
 
     @property
     def lease_timing(self) -> LeaseTiming:
+        # Imported here: ``chatctl`` reads this module for its address parsing, and
+        # the replication's modules behind LeaseTiming were a sixth of its start.
+        from .replication.leased import LeaseTiming
+
         return LeaseTiming(
             ttl=self.lease_ttl,
             drift=self.clock_drift,

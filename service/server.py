@@ -99,6 +99,7 @@ from .errors import (
     Refused,
     StorageCorrupt,
     StorageFault,
+    Unavailable,
 )
 from .peer import (
     OPERATOR_ID,
@@ -814,6 +815,8 @@ class ClientSession:
         ``invalid`` is not held: it judges the request, not the data, and is the
         answer a backup gives to bad input too."""
         if self.replicator.reign() != reign:
+            if self.replicator.role is Role.PRIMARY:  # and leads again: ask it again
+                return Unavailable("this node led anew while it served the request; retry")
             return NotPrimary("this node stepped down while it served the request", primary=None)
         try:
             await self.replicator.wait_acked(self.database.position().seq)
@@ -1040,8 +1043,10 @@ class ClientSession:
             )
         group.add(listener)
         self.listeners.append(listener)
-        await self._keep_alive(token_hash, now)
         try:
+            # Inside: a refused refresh (a full disk, a full queue) must not leave the
+            # stream registered, pushed to and counted, with its request answered.
+            await self._keep_alive(token_hash, now)
             await replicator.wait_acked(seen)
             answer(protocol.reply(request_id, {"listening": True}))
             if after is not None:

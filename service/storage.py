@@ -1254,8 +1254,8 @@ class Storage:
                     # The node's ``event key=value`` form (``shell.format_fields``).
                     why = exc.message.replace('"', "'")
                     log.warning(
-                        "checkpoint failed, the WAL keeps every commit and grows until "
-                        'one succeeds (tried at each sync) why="%s"',
+                        'checkpoint failed why="%s" wal="keeps every commit and grows '
+                        'until a checkpoint succeeds, tried at each sync"',
                         why,
                     )
                 return False

@@ -42,6 +42,10 @@ from tests.integration.test_bad_input import Raw
 pytestmark = pytest.mark.cluster
 
 SYNC_TIMEOUT = 1.5  # the NodeConfig default the clusters here run with
+# A sync timeout no step of a test outlasts: frozen backups stay in the sync set.
+HELD_IN_SYNC = 30.0
+# How long a held answer must stay unsent: far past the node's turn to send it.
+SILENCE = 0.5
 PASSWORD = "frozen-password"
 
 
@@ -177,10 +181,11 @@ def test_a_refusal_waits_for_the_write_it_saw(cluster_factory: ClusterFactory) -
     session yet: a failover could lose it. A ``whoami`` with that token, sent on
     the same connection once the primary has committed the logout, finds no
     session; its ``auth_failed`` must not go out before the logout is
-    acknowledged (R7). The backups stay frozen until the primary drops them from
-    the sync set (R3), which acknowledges the logout: so on the connection, whose
+    acknowledged (R7). The backups stay in the sync set while frozen (a
+    ``sync_timeout`` longer than the test), so nothing may come while they are
+    frozen; thawed, they acknowledge the logout, and on the connection, whose
     answers come in the order the node sends them, the logout's reply comes first."""
-    cluster = cluster_factory()
+    cluster = cluster_factory(sync_timeout=HELD_IN_SYNC)
     start_cluster(cluster)
     primary = wait_settled(cluster)
     backups = [node for node in cluster.nodes.values() if node is not primary]
@@ -193,19 +198,26 @@ def test_a_refusal_waits_for_the_write_it_saw(cluster_factory: ClusterFactory) -
         try:
             for node in backups:
                 node.freeze()
-            logout = protocol.request("logout", new_request_id(), {}, token)
-            raw.send(logout)
+            raw.send(protocol.request("logout", new_request_id(), {}, token))
             # Committed in the primary's database; frozen, the backups cannot ack it.
             await asyncio.to_thread(
                 wait_for, lambda: primary.query(session) == 0, 10.0, "the logout committed"
             )
+            logout_seq = (await asyncio.to_thread(view_of, primary)).seq
             raw.send(protocol.request("whoami", new_request_id(), {}, token))
-            # The primary drops the frozen backups after SYNC_TIMEOUT; then both answer.
-            answers = [await raw.next_frame(timeout=4 * SYNC_TIMEOUT) for _ in range(2)]
+            early = await silent_for(raw, SILENCE)
+            assert early is None, f"answered while the logout was not acknowledged: {early}"
+            view = await asyncio.to_thread(view_of, primary)
+            assert view.watermark is not None
+            assert view.watermark < logout_seq, "acknowledged during the silence: it proves nothing"
+        finally:
+            for node in backups:
+                if node.is_frozen:
+                    node.thaw()
+        try:
+            answers = [await raw.next_frame(timeout=10.0) for _ in range(2)]
         finally:
             raw.close()
-            for node in backups:
-                node.thaw()
         assert all(answer is not None for answer in answers), answers
         return [answer for answer in answers if answer is not None]
 
@@ -215,3 +227,13 @@ def test_a_refusal_waits_for_the_write_it_saw(cluster_factory: ClusterFactory) -
     assert second["code"] == "auth_failed", second
     wait_settled(cluster)
     finish(cluster)
+
+
+async def silent_for(raw: Raw, seconds: float) -> protocol.Frame | None:
+    """None if ``raw`` receives nothing for ``seconds``; else the frame that came
+    (or an empty frame: the node closed the connection)."""
+    try:
+        frame = await raw.next_frame(timeout=seconds)
+    except TimeoutError:
+        return None
+    return {} if frame is None else frame

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import StorageFault
+from .logline import format_fields, os_why
 
 log = logging.getLogger("service.datadir")
 
@@ -150,7 +151,7 @@ def lock(path: Path) -> int | None:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         if exc.errno != errno.EROFS:
-            raise InUse(f"cannot open the lock file {lock_path}: {_why(exc)}") from None
+            raise InUse(f"cannot open the lock file {lock_path}: {os_why(exc)}") from None
         try:
             fd = os.open(lock_path, os.O_RDONLY)  # flock needs no write access
         except OSError:
@@ -179,12 +180,8 @@ def lock(path: Path) -> int | None:
     return fd
 
 
-def _why(exc: OSError) -> str:
-    return exc.strerror or str(exc)
-
-
 def _unlocked(lock_path: Path, exc: OSError) -> None:
-    log.warning("data dir not locked path=%s why=%s", lock_path, _why(exc).replace(" ", "_"))
+    log.warning(format_fields("data dir not locked", {"path": lock_path, "why": os_why(exc)}))
 
 
 def _until_done(

@@ -25,6 +25,7 @@ from pathlib import Path
 from . import backup, chat, chat_schema, datadir, identity, throttle
 from .config import NodeConfig
 from .errors import StorageCorrupt
+from .logline import format_fields, os_why
 from .metrics import Metrics, sample_node
 from .replication.runtime import Replicator
 from .server import Server
@@ -82,7 +83,9 @@ def remove_copies_in_transit(config: NodeConfig) -> None:
             [*folder.glob(f"{backup.PREFIX}*.db"), *folder.glob(f"{backup.PREFIX}*.db.partial")]
         )
     except OSError as exc:  # the node starts all the same; opening the database says why
-        log.warning("data dir not listed node=%s why=%s", config.node_id, _why(exc))
+        log.warning(
+            format_fields("data dir not listed", {"node": config.node_id, "why": os_why(exc)})
+        )
         streamed = []
     for path in [*config.copies_in_transit(), *streamed]:
         try:
@@ -90,21 +93,12 @@ def remove_copies_in_transit(config: NodeConfig) -> None:
                 continue
             remove_database_files(path)
         except OSError as exc:
-            log.warning(
-                "snapshot copy not removed node=%s file=%s why=%s",
-                config.node_id,
-                path.name,
-                _why(exc),
-            )
+            fields = {"node": config.node_id, "file": path.name, "why": os_why(exc)}
+            log.warning(format_fields("snapshot copy not removed", fields))
         else:
             log.info(
                 "snapshot copy left by a crash removed node=%s file=%s", config.node_id, path.name
             )
-
-
-def _why(exc: OSError) -> str:
-    """An OS error as one log field."""
-    return (exc.strerror or str(exc)).replace(" ", "_")
 
 
 class Node:

@@ -173,6 +173,7 @@ import apsw
 import orjson
 
 from .errors import Internal, StorageCorrupt, StorageFault
+from .logline import format_fields
 from .replication.types import NO_SYNC_SET, LogRecord, NodeState, Position, SyncSet
 
 log = logging.getLogger("service.storage")
@@ -193,6 +194,8 @@ CHECKPOINT_WAL_PAGES = 8000
 # shrinks it, so the node kept that much disk for good. Twice the WAL of the
 # usual checkpoint interval: never cut in steady operation.
 WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# What a refused checkpoint means, in its log line (``Storage.sync``).
+_WAL_WHILE_REFUSED = "keeps every commit and grows until a checkpoint succeeds, tried at each sync"
 # prune_log reads the sizes of the oldest records this many at a time.
 PRUNE_CHUNK = 1000
 # A copy of the database (a snapshot, a backup) is made only if the data dir keeps
@@ -1251,18 +1254,13 @@ class Storage:
                 self.checkpoint_failures += 1
                 if self._failing_since is None:
                     self._failing_since = self.checkpoint_failures - 1
-                    # The node's ``event key=value`` form (``shell.format_fields``).
-                    why = exc.message.replace('"', "'")
-                    log.warning(
-                        'checkpoint failed why="%s" wal="keeps every commit and grows '
-                        'until a checkpoint succeeds, tried at each sync"',
-                        why,
-                    )
+                    fields = {"why": exc.message, "wal": _WAL_WHILE_REFUSED}
+                    log.warning(format_fields("checkpoint failed", fields))
                 return False
             if self._failing_since is not None:
                 failed = self.checkpoint_failures - self._failing_since
                 self._failing_since = None
-                log.info("checkpoint succeeded again failures=%d", failed)
+                log.info(format_fields("checkpoint succeeded again", {"failures": failed}))
             return False
         return due
 

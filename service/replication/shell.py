@@ -22,10 +22,13 @@ from collections.abc import Awaitable
 from typing import Any, Protocol
 
 from ..errors import StorageFault
+from ..logline import format_fields
 from .effects import Effect
 from .messages import Message
 
 log = logging.getLogger("service.replication")
+
+__all__ = ["Shell", "format_fields", "log", "log_event"]
 
 
 class Shell(Protocol):
@@ -51,16 +54,6 @@ class Shell(Protocol):
     def spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]: ...
 
     def send(self, peer: int, message: Message) -> bool: ...
-
-
-def format_fields(event: str, fields: dict[str, Any]) -> str:
-    parts = [event]
-    for key, value in fields.items():
-        text = str(value)
-        if " " in text or not text:
-            text = '"' + text.replace('"', "'") + '"'
-        parts.append(f"{key}={text}")
-    return " ".join(parts)
 
 
 def log_event(event: str, fields: dict[str, Any], level: int = logging.INFO) -> None:

@@ -6,11 +6,14 @@ beside the nodes. So a worker does not drive its clients through the client
 library (``service.client.Client``: a task, a timer, futures and hedging per
 call, three times the CPU per send) but through ``LeanClient``: one asyncio
 ``Protocol`` per connection speaking the wire protocol (``service/protocol.py``)
-on uvloop, one request frame written and one future resolved by the reply per
-send, request ids from a counter, and one watchdog per worker instead of a timer
-per call. Its retries keep the library's contract (same request id, follow the
-primary that ``not_primary`` names, a lost connection tries the next node), so a
-count still loads its data across a failover.
+on uvloop, request ids from a counter, and one watchdog per worker instead of a
+timer per call. Its sends run in a closed loop driven by the connection's
+callbacks (``_Pump``): the reply awaited is recognised by its first bytes and
+the next request, made from a template, is written at once; no coroutine step
+and no future per send. Anything else than that reply hands the send to the
+retries of ``LeanClient.call``, which keep the library's contract (same request
+id, follow the primary that ``not_primary`` names, a lost connection tries the
+next node), so a count still loads its data across a failover.
 
 Why processes. One event loop is one core at most, and the machine may have as
 few cores as the cluster has nodes, so the generator runs in ``workers``
@@ -54,7 +57,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
@@ -342,6 +345,10 @@ class _Link(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._decoder = protocol.FrameDecoder()
         self._hello_answered = False
+        # The closed loop's fast path (``_Pump``): the pump told of each answer, and
+        # the first bytes of the reply it expects (its frame's header included).
+        self.pump: _Pump | None = None
+        self._expect = b""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -357,8 +364,30 @@ class _Link(asyncio.Protocol):
         self._transport.write(data)
         return future
 
+    def pump_request(self, pump: _Pump, request_id: str, data: bytes) -> None:
+        """Write one request of ``pump``'s loop; ``pump`` hears of its answer."""
+        assert self._transport is not None
+        if self.failure is not None:
+            pump.failed(_Lost(f"{self.address}: {self.failure}"))
+            return
+        self.pump, self._request_id, self.sent_at = pump, request_id, self.loop.time()
+        self._expect = b'{"type":"reply","request_id":"' + request_id.encode() + b'"'
+        self._transport.write(data)
+
     def data_received(self, data: bytes) -> None:
         header = protocol.HEADER.size
+        pump = self.pump
+        if (
+            pump is not None
+            and not self._decoder.pending
+            and data.startswith(self._expect, header)
+            and protocol.HEADER.unpack_from(data)[0] == len(data) - header
+        ):
+            # The usual case of a window: the one reply awaited, whole, in one read.
+            # Nothing of it is needed but that it is this request's reply.
+            self.pump = None
+            pump.replied()
+            return
         try:
             if (
                 not self._decoder.pending
@@ -376,6 +405,14 @@ class _Link(asyncio.Protocol):
     def _frame(self, frame: protocol.Frame) -> None:
         kind = frame["type"]
         if kind == "reply" or (kind == "error" and frame.get("request_id") is not None):
+            pump = self.pump
+            if pump is not None and frame.get("request_id") == self._request_id:
+                self.pump = None
+                if kind == "error":
+                    pump.failed(errors.from_wire(frame))
+                else:
+                    pump.replied()
+                return
             future = self.pending
             if future is None or future.done() or frame.get("request_id") != self._request_id:
                 return  # not the request waited for (none is: one at a time)
@@ -403,7 +440,9 @@ class _Link(asyncio.Protocol):
 
     def check(self, now: float) -> None:
         """The watchdog's visit: a request unanswered for ATTEMPT_TIMEOUT fails the link."""
-        if self.pending is not None and now - self.sent_at > ATTEMPT_TIMEOUT:
+        if (self.pending is not None or self.pump is not None) and (
+            now - self.sent_at > ATTEMPT_TIMEOUT
+        ):
             self.fail(_Lost(f"{self.address}: no answer within {ATTEMPT_TIMEOUT:g} s"))
 
     def fail(self, reason: BaseException) -> None:
@@ -415,6 +454,9 @@ class _Link(asyncio.Protocol):
             if future is not None and not future.done():
                 future.set_exception(reason)
         self.pending = None
+        pump, self.pump = self.pump, None
+        if pump is not None:
+            pump.failed(reason)
         if self._transport is not None:
             self._transport.abort()
 
@@ -448,9 +490,12 @@ class LeanClient:
         self._tag = f"{rng.getrandbits(32):08x}"
         self._sent = 0
 
-    async def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+    def new_request_id(self) -> str:
         self._sent += 1
-        request_id = f"{time.time_ns():016x}{self._tag}{self._sent:x}"
+        return f"{time.time_ns():016x}{self._tag}{self._sent:x}"
+
+    async def call(self, op: str, args: dict[str, Any]) -> dict[str, Any]:
+        request_id = self.new_request_id()
         data = protocol.encode_frame(protocol.request(op, request_id, args, self.token))
         link = self.link
         if link is not None and link.failure is None:
@@ -463,6 +508,13 @@ class LeanClient:
             except _Lost as exc:
                 return await self._retry(request_id, data, exc)
         return await self._retry(request_id, data, None)
+
+    async def resume(self, request_id: str, data: bytes, problem: BaseException | None) -> None:
+        """Finish a send the pump gave back (or, ``problem`` None, one sent without a
+        link) as ``call`` would have."""
+        if isinstance(problem, errors.ChatError) and not problem.retriable:
+            raise problem
+        await self._retry(request_id, data, problem)
 
     async def _retry(
         self, request_id: str, data: bytes, problem: BaseException | None
@@ -545,6 +597,106 @@ class LeanClient:
 
     def close(self) -> None:
         self._drop()
+
+
+# A send the pump gave back: its request id, its frame, when it was first written, and
+# what happened to it (an error frame or a lost link).
+GivenBack = tuple[str, bytes, float, BaseException]
+
+
+class _Pump:
+    """A client's closed loop of sends, driven by its link's callbacks.
+
+    ``LeanClient.call`` costs a coroutine step, a future and their callbacks per send.
+    Here the link's ``data_received`` recognises the reply awaited by its first bytes
+    and writes the next request at once: per send, one frame made from a template,
+    one write, one read. Anything else (an error frame, a lost or stuck link) ends
+    the run, and ``run``'s future gives the send in flight back to the coroutine,
+    which finishes it with the retries of ``call`` (``LeanClient.resume``)."""
+
+    def __init__(
+        self,
+        client: LeanClient,
+        make: Callable[[str], bytes],
+        more: Callable[[], bool],
+        acked: Callable[[float], None],
+    ) -> None:
+        self._client, self._make, self._more, self._acked = client, make, more, acked
+        self._link: _Link | None = None
+        self._finished: asyncio.Future[GivenBack | None] | None = None
+        self._request_id, self._data, self._t0 = "", b"", 0.0
+
+    def run(
+        self, link: _Link, request_id: str, data: bytes, t0: float
+    ) -> asyncio.Future[GivenBack | None]:
+        """Send ``data`` on ``link``, then more while ``more()`` says so. The future
+        ends None once ``more()`` said no, or with the send given back."""
+        self._link = link
+        self._finished = link.loop.create_future()
+        self._send(request_id, data, t0)
+        return self._finished
+
+    def _send(self, request_id: str, data: bytes, t0: float) -> None:
+        assert self._link is not None
+        self._request_id, self._data, self._t0 = request_id, data, t0
+        self._link.pump_request(self, request_id, data)
+
+    def replied(self) -> None:
+        self._acked(self._t0)
+        assert self._finished is not None
+        if not self._more():
+            self._finished.set_result(None)
+            return
+        request_id = self._client.new_request_id()
+        self._send(request_id, self._make(request_id), time.perf_counter())
+
+    def failed(self, problem: BaseException) -> None:
+        assert self._finished is not None
+        if not self._finished.done():
+            self._finished.set_result((self._request_id, self._data, self._t0, problem))
+
+
+def request_template(op: str, args: dict[str, Any], token: str) -> Callable[[str], bytes]:
+    """``encode_frame(request(op, request_id, args, token))`` for any ``request_id`` of
+    hex digits, from two pieces encoded once."""
+    marker = "request-id-goes-here"
+    body = protocol.encode_frame(protocol.request(op, marker, args, token))[protocol.HEADER.size :]
+    head, tail = body.split(marker.encode())
+    size = len(head) + len(tail)
+    pack = protocol.HEADER.pack
+
+    def frame(request_id: str) -> bytes:
+        return b"".join((pack(size + len(request_id)), head, request_id.encode(), tail))
+
+    return frame
+
+
+async def _closed_loop(
+    client: LeanClient,
+    make: Callable[[str], bytes],
+    more: Callable[[], bool],
+    acked: Callable[[float], None],
+    refused: Callable[[errors.ChatError], Awaitable[None]],
+) -> None:
+    """One client's sends while ``more()`` says so: each ``make``s a request frame;
+    ``acked`` gets the start of each acknowledged one, ``refused`` each failure (the
+    send is over: ``more`` decides whether another comes)."""
+    while more():
+        request_id = client.new_request_id()
+        data, t0 = make(request_id), time.perf_counter()
+        problem: BaseException | None = None
+        link = client.link
+        if link is not None and link.failure is None:
+            given_back = await _Pump(client, make, more, acked).run(link, request_id, data, t0)
+            if given_back is None:
+                return
+            request_id, data, t0, problem = given_back
+        try:
+            await client.resume(request_id, data, problem)
+        except errors.ChatError as exc:
+            await refused(exc)
+            continue
+        acked(t0)
 
 
 def _valid(address: str) -> bool:
@@ -643,18 +795,21 @@ async def _window(spec: dict[str, Any], clients: list[LeanClient], start: float)
     rng = random.Random(spec["seed"])
     text = body(rng)
 
+    def more() -> bool:
+        return time.perf_counter() < window_end
+
+    def acked(t0: float) -> None:
+        t1 = time.perf_counter()
+        if window_start <= t1 <= window_end:
+            samples.append(t1 - t0)
+
+    async def refused(exc: errors.ChatError) -> None:
+        failures[exc.code] += 1
+        await asyncio.sleep(0.01)
+
     async def sender(client: LeanClient, seed: int) -> None:
-        pick = random.Random(seed)
-        while (t0 := time.perf_counter()) < window_end:
-            try:
-                await client.call("send", {"to": pick.choice(names), "body": text})
-            except errors.ChatError as exc:
-                failures[exc.code] += 1
-                await asyncio.sleep(0.01)
-                continue
-            t1 = time.perf_counter()
-            if window_start <= t1 <= window_end:
-                samples.append(t1 - t0)
+        make = _sends(client, names, text, random.Random(seed))
+        await _closed_loop(client, make, more, acked, refused)
 
     cpu: list[float] = []
 
@@ -675,29 +830,46 @@ async def _window(spec: dict[str, Any], clients: list[LeanClient], start: float)
     }
 
 
+def _sends(
+    client: LeanClient, names: Sequence[str], text: str, pick: random.Random
+) -> Callable[[str], bytes]:
+    """The frames of ``client``'s sends of ``text``, each to one of ``names`` at random."""
+    assert client.token is not None
+    templates = [
+        request_template("send", {"to": name, "body": text}, client.token) for name in names
+    ]
+    return lambda request_id: templates[pick.randrange(len(templates))](request_id)
+
+
 async def _count(spec: dict[str, Any], clients: list[LeanClient], start: float) -> dict[str, Any]:
     names: list[str] = spec["names"]
     remaining = int(spec["count"])
-    acked = 0
+    acked = failed = 0
     failures: Counter[str] = Counter()
     rng = random.Random(spec["seed"])
     text = body(rng)
 
-    async def sender(client: LeanClient, seed: int) -> None:
-        nonlocal remaining, acked
-        pick = random.Random(seed)
-        while (
-            remaining > 0 and sum(failures.values()) < MAX_ERRORS and time.perf_counter() < deadline
-        ):
+    def more() -> bool:
+        nonlocal remaining
+        if remaining > 0 and failed < MAX_ERRORS and time.perf_counter() < deadline:
             remaining -= 1
-            try:
-                await client.call("send", {"to": pick.choice(names), "body": text})
-            except errors.ChatError as exc:
-                failures[exc.code] += 1
-                remaining += 1  # the count is of acknowledged sends
-                await asyncio.sleep(0.01)
-                continue
-            acked += 1
+            return True
+        return False
+
+    def one_acked(t0: float) -> None:
+        nonlocal acked
+        acked += 1
+
+    async def refused(exc: errors.ChatError) -> None:
+        nonlocal remaining, failed
+        failures[exc.code] += 1
+        failed += 1
+        remaining += 1  # the count is of acknowledged sends
+        await asyncio.sleep(0.01)
+
+    async def sender(client: LeanClient, seed: int) -> None:
+        make = _sends(client, names, text, random.Random(seed))
+        await _closed_loop(client, make, more, one_acked, refused)
 
     await _sleep_until(time.perf_counter() + (start - time.time()))
     t0, cpu0 = time.perf_counter(), _cpu_now()

@@ -1,4 +1,5 @@
-"""The load generator's parent/worker exchange (``ops/bench/load.py``).
+"""The load generator (``ops/bench/load.py``): its parent/worker exchange and the
+frames its closed loop writes.
 
 A worker answers with one JSON line holding every latency sample of its window:
 hundreds of KiB, several times a pipe's capacity, so the worker blocks in the
@@ -15,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ops.bench.load import request_template
 from ops.cluster.waiting import wait_for
+from service import protocol
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # What a worker of a 10 s window at a few thousand sends per second says.
@@ -55,3 +58,16 @@ def test_a_worker_answer_survives_a_stop_in_the_middle_of_its_write() -> None:
             worker.kill()
     assert line.endswith(b"\n"), f"the line was cut after {len(line)} bytes"
     assert json.loads(line) == message
+
+
+def test_a_templated_request_is_the_frame_the_protocol_module_encodes() -> None:
+    # The closed loop writes frames made from a template: each must be the very
+    # frame ``encode_frame`` makes, length header included, for ids of any length.
+    args = {"to": 'b\u00f6b "x"', "body": "caf\u00e9 \\ 100"}
+    frame = request_template("send", args, "tok")
+    for request_id in ("1", "00000187a3f1c2d4ab12cd34", "f" * 64):
+        made = frame(request_id)
+        assert made == protocol.encode_frame(protocol.request("send", request_id, args, "tok"))
+        assert protocol.FrameDecoder().feed(made) == [
+            protocol.request("send", request_id, args, "tok")
+        ]

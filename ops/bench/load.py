@@ -8,10 +8,11 @@ call, three times the CPU per send) but through ``LeanClient``: one asyncio
 ``Protocol`` per connection speaking the wire protocol (``service/protocol.py``)
 on uvloop, request ids from a counter, and one watchdog per worker instead of a
 timer per call. Its sends run in a closed loop driven by the connection's
-callbacks (``_Pump``): the reply awaited is recognised by its first bytes and
-the next request, made from a template, is written at once; no coroutine step
-and no future per send. Anything else than that reply hands the send to the
-retries of ``LeanClient.call``, which keep the library's contract (same request
+callbacks (``_Pump``): the reply awaited is recognised by its first bytes (when
+it arrives whole in one read; decoded otherwise) and the next request, made from
+a template, is written at once; no coroutine step and no future per send. An
+error frame or a lost or stuck link hands the send to the retries that
+``LeanClient.call`` uses too, which keep the library's contract (same request
 id, follow the primary that ``not_primary`` names, a lost connection tries the
 next node), so a count still loads its data across a failover.
 
@@ -330,8 +331,9 @@ class _Link(asyncio.Protocol):
     """One handshaken connection to one node, carrying one request at a time.
 
     The handshake runs in ``data_received`` (the node's hello, our client hello, its
-    welcome); then each reply or error frame resolves the one pending future.
-    Whatever ends the connection fails that future, and the link is never used again.
+    welcome); then each reply or error frame resolves the one pending future, or
+    tells the pump whose request it answers. Whatever ends the connection fails that
+    future or tells that pump, and the link is never used again.
     """
 
     def __init__(self, address: str) -> None:
@@ -345,8 +347,8 @@ class _Link(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._decoder = protocol.FrameDecoder()
         self._hello_answered = False
-        # The closed loop's fast path (``_Pump``): the pump told of each answer, and
-        # the first bytes of the reply it expects (its frame's header included).
+        # The closed loop's (``_Pump``): the pump told of each answer, and the first
+        # bytes of the reply it expects, after the frame's length header.
         self.pump: _Pump | None = None
         self._expect = b""
 
@@ -371,7 +373,7 @@ class _Link(asyncio.Protocol):
             pump.failed(_Lost(f"{self.address}: {self.failure}"))
             return
         self.pump, self._request_id, self.sent_at = pump, request_id, self.loop.time()
-        self._expect = b'{"type":"reply","request_id":"' + request_id.encode() + b'"'
+        self._expect = reply_prefix(request_id)
         self._transport.write(data)
 
     def data_received(self, data: bytes) -> None:
@@ -394,7 +396,7 @@ class _Link(asyncio.Protocol):
                 and len(data) > header
                 and protocol.HEADER.unpack_from(data)[0] == len(data) - header
             ):
-                # The usual case, one reply in one read: decoded without the buffer.
+                # One reply in one read (``call``'s usual case): decoded without the buffer.
                 self._frame(protocol.decode_body(data[header:]))
                 return
             for frame in self._decoder.feed(data):
@@ -510,8 +512,8 @@ class LeanClient:
         return await self._retry(request_id, data, None)
 
     async def resume(self, request_id: str, data: bytes, problem: BaseException | None) -> None:
-        """Finish a send the pump gave back (or, ``problem`` None, one sent without a
-        link) as ``call`` would have."""
+        """Finish a send the pump gave back (or, ``problem`` None, one not sent yet:
+        there was no usable link) as ``call`` would have."""
         if isinstance(problem, errors.ChatError) and not problem.retriable:
             raise problem
         await self._retry(request_id, data, problem)
@@ -642,18 +644,33 @@ class _Pump:
         self._link.pump_request(self, request_id, data)
 
     def replied(self) -> None:
-        self._acked(self._t0)
-        assert self._finished is not None
-        if not self._more():
-            self._finished.set_result(None)
-            return
-        request_id = self._client.new_request_id()
-        self._send(request_id, self._make(request_id), time.perf_counter())
+        finished = self._finished
+        assert finished is not None
+        if finished.done():
+            return  # its coroutine was cancelled (a worker interrupted): send no more
+        try:
+            self._acked(self._t0)
+            if not self._more():
+                finished.set_result(None)
+                return
+            request_id = self._client.new_request_id()
+            self._send(request_id, self._make(request_id), time.perf_counter())
+        except BaseException as exc:
+            # Raised in the link's read callback, it would only close the link, which
+            # no longer knows this pump: the coroutine would wait forever.
+            if not finished.done():
+                finished.set_exception(exc)
 
     def failed(self, problem: BaseException) -> None:
         assert self._finished is not None
         if not self._finished.done():
             self._finished.set_result((self._request_id, self._data, self._t0, problem))
+
+
+def reply_prefix(request_id: str) -> bytes:
+    """The first bytes of the body of the reply to ``request_id`` (``protocol.reply``,
+    encoded by ``encode_frame``): what the closed loop recognises a reply by."""
+    return b'{"type":"reply","request_id":"' + request_id.encode() + b'"'
 
 
 def request_template(op: str, args: dict[str, Any], token: str) -> Callable[[str], bytes]:
@@ -687,7 +704,12 @@ async def _closed_loop(
         problem: BaseException | None = None
         link = client.link
         if link is not None and link.failure is None:
-            given_back = await _Pump(client, make, more, acked).run(link, request_id, data, t0)
+            pump = _Pump(client, make, more, acked)
+            try:
+                given_back = await pump.run(link, request_id, data, t0)
+            finally:
+                if link.pump is pump:
+                    link.pump = None  # cancelled: its replies are nobody's now
             if given_back is None:
                 return
             request_id, data, t0, problem = given_back

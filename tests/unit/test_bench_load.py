@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ops.bench.load import request_template
+from ops.bench.load import reply_prefix, request_template
 from ops.cluster.waiting import wait_for
 from service import protocol
 
@@ -71,3 +71,15 @@ def test_a_templated_request_is_the_frame_the_protocol_module_encodes() -> None:
         assert protocol.FrameDecoder().feed(made) == [
             protocol.request("send", request_id, args, "tok")
         ]
+
+
+def test_the_reply_prefix_is_how_the_protocol_module_encodes_a_reply() -> None:
+    # The closed loop takes a read that starts so for the reply awaited: were the
+    # protocol module to encode replies otherwise, it would never see one fast.
+    for request_id in ("1", "00000187a3f1c2d4ab12cd34"):
+        frame = protocol.encode_frame(protocol.reply(request_id, {"message": {"id": 7}}))
+        assert frame[protocol.HEADER.size :].startswith(reply_prefix(request_id))
+        other = protocol.encode_frame(protocol.reply(request_id + "0", {}))
+        assert not other[protocol.HEADER.size :].startswith(reply_prefix(request_id))
+        error = protocol.encode_frame(protocol.error(request_id, {"code": "busy"}))
+        assert not error[protocol.HEADER.size :].startswith(reply_prefix(request_id))

@@ -347,8 +347,8 @@ class _Link(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._decoder = protocol.FrameDecoder()
         self._hello_answered = False
-        # The closed loop's (``_Pump``): the pump told of each answer, and the first
-        # bytes of the reply it expects, after the frame's length header.
+        # The closed loop (``_Pump``) whose request is in flight, told of its answer,
+        # and the first bytes of the reply it expects, after the frame's length header.
         self.pump: _Pump | None = None
         self._expect = b""
 

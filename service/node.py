@@ -96,9 +96,8 @@ def remove_copies_in_transit(config: NodeConfig) -> None:
             fields = {"node": config.node_id, "file": path.name, "why": os_why(exc)}
             log.warning(format_fields("snapshot copy not removed", fields))
         else:
-            log.info(
-                "snapshot copy left by a crash removed node=%s file=%s", config.node_id, path.name
-            )
+            fields = {"node": config.node_id, "file": path.name}
+            log.info(format_fields("snapshot copy left by a crash removed", fields))
 
 
 class Node:

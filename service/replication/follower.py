@@ -38,6 +38,7 @@ from pathlib import Path
 
 from ..config import NodeConfig
 from ..errors import StorageCorrupt, StorageFault
+from ..logline import format_fields
 from ..metrics import Metrics
 from ..storage import (
     Diverged,
@@ -52,7 +53,7 @@ from ..storage import (
 from .durability import Durability
 from .effects import Effect
 from .messages import Snapshot
-from .shell import Shell, format_fields, log
+from .shell import Shell, log
 from .state import ReplicaCore
 from .types import LogRecord, Position, Role
 from .writer import BATCH_BYTES, RECORD_BUDGET

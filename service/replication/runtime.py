@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from .. import backup, protocol
 from ..config import NodeConfig
 from ..errors import StorageCorrupt, StorageFault, Unavailable
+from ..logline import format_fields
 from ..metrics import Metrics
 from ..peer import OPERATOR_ID, OperatorAnswer, PeerLinks
 from ..storage import Db, Storage, copy_room
@@ -69,7 +70,7 @@ from .effects import (
 from .follower import Follower
 from .leased import LeasedArbiter
 from .messages import Ack, Message, from_wire
-from .shell import format_fields, log, log_event
+from .shell import log, log_event
 from .state import ReplicaCore, Timing
 from .streams import Streams
 from .types import Role

@@ -28,8 +28,6 @@ from .messages import Message
 
 log = logging.getLogger("service.replication")
 
-__all__ = ["Shell", "format_fields", "log", "log_event"]
-
 
 class Shell(Protocol):
     """The runtime as its parts see it."""

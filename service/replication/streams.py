@@ -33,12 +33,13 @@ from pathlib import Path
 
 from ..config import NodeConfig
 from ..errors import StorageCorrupt, StorageFault
+from ..logline import format_fields
 from ..metrics import Metrics
 from ..peer import PeerLinks
 from ..storage import LogDamaged, Storage, remove_database_files
 from .effects import StartStream
 from .messages import Snapshot
-from .shell import Shell, format_fields, log
+from .shell import Shell, log
 from .state import ReplicaCore
 from .types import LogRecord, Position
 
